@@ -1,0 +1,1 @@
+"""qualify.bench: load benches that print JSON (run as `python -m bench SCENARIO`)."""

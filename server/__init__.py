@@ -1,0 +1,1 @@
+"""qualify.server: the Qualify gRPC server, its domain and its storage."""

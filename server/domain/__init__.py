@@ -1,0 +1,1 @@
+"""Plain-Python domain: schema, project configuration types, errors. No grpc, no lmdb."""

@@ -1,0 +1,1 @@
+"""Storage adapters: the LMDB environment and key layout, warehouse readers."""

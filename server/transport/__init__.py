@@ -1,0 +1,1 @@
+"""Transport: the only code that imports grpc or the generated qualify.v1 modules."""
