@@ -36,6 +36,7 @@ PACKAGES = [
     "qualify.server.domain",
     "qualify.server.storage",
     "qualify.server.transport",
+    "qualify.server.wire",
     "qualify.evaluator",
     "qualify.clients",
     "qualify.bench",
@@ -105,11 +106,11 @@ extra = ["-O0", "-g"] if DEBUG else ["-O3"]
 setup(
     package_dir=PACKAGE_DIR,
     packages=PACKAGES,
-    package_data={"qualify.v1": ["*.proto", "*.pyi"], "qualify.evaluator": ["*.pyi"], "qualify.server.storage": ["*.pyi"]},
+    package_data={"qualify.v1": ["*.proto", "*.pyi"], "qualify.evaluator": ["*.pyi"], "qualify.server.wire": ["*.pyi"], "qualify.clients": ["py.typed"]},
     exclude_package_data={"": ["*.c", "*.pyx", "*.html"]},
     ext_modules=[
         Extension("qualify.evaluator._evaluator", ["evaluator_ext/_evaluator.pyx"], define_macros=macros, extra_compile_args=extra),
-        Extension("qualify.server.storage._codec", ["server/storage/_codec.pyx"], define_macros=macros, extra_compile_args=extra),
+        Extension("qualify.server.wire._codec", ["server/wire/_codec.pyx"], define_macros=macros, extra_compile_args=extra),
     ],
     cmdclass={"build_py": build_py, "build_ext": build_ext},
 )

@@ -1,0 +1,43 @@
+"""qualify.clients: blocking and asyncio clients for the Qualify gRPC API.
+
+>>> from qualify.clients import Client, NotFoundError
+>>> with Client("127.0.0.1:50051") as client:
+...     try:
+...         print(client.get("user-42").to_json_dict())
+...     except NotFoundError as err:
+...         print(err.reason)  # "KEY_NOT_FOUND"
+"""
+
+from ._errors import (
+    DeadlineExceededError,
+    InvalidArgumentError,
+    AlreadyExistsError,
+    NotFoundError,
+    PermissionDeniedError,
+    QualifyError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+    UnimplementedError,
+)
+from ._records import BatchResult, Membership, Record
+from .aio import AsyncClient
+from .blocking import Client
+
+__all__ = [
+    "AsyncClient",
+    "BatchResult",
+    "Client",
+    "DeadlineExceededError",
+    "InvalidArgumentError",
+    "Membership",
+    "AlreadyExistsError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "QualifyError",
+    "Record",
+    "ResourceExhaustedError",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "UnimplementedError",
+]

@@ -1,0 +1,259 @@
+"""Composition root: project -> storage -> servicers -> grpc.aio server.
+
+Two shapes, one set of parts:
+
+- one process (``workers=1``): the gRPC server and the writer (the warehouse
+  sync) share the process; the sync runs in a thread;
+- ``workers=N``: a supervisor process is the single LMDB writer and forks N
+  serving processes *before any gRPC object exists*; each binds the same port
+  with SO_REUSEPORT and reads the same memory-mapped environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from qualify.v1 import audience_pb2, diagnostics_pb2, ingest_pb2, personalize_pb2, sync_pb2
+
+from .config import Project
+from .storage.lmdb_store import META, Reader, data_path, open_env
+from .storage.sync import Progress, SyncError, Syncer
+from .transport.personalize import Personalize
+from .transport.unimplemented import handler_for
+
+log = logging.getLogger(__name__)
+
+try:
+    VERSION = importlib.metadata.version("qualify")
+except importlib.metadata.PackageNotFoundError:  # pragma: no cover - running from a bare tree
+    VERSION = "0.0.0"
+
+SERVED = [personalize_pb2.DESCRIPTOR.services_by_name["PersonalizeService"],
+          diagnostics_pb2.DESCRIPTOR.services_by_name["DiagnosticsService"]]
+NOT_YET = [ingest_pb2.DESCRIPTOR.services_by_name["IngestService"],
+           audience_pb2.DESCRIPTOR.services_by_name["AudienceService"],
+           sync_pb2.DESCRIPTOR.services_by_name["SyncService"]]
+SERVICE_NAMES = [s.full_name for s in SERVED + NOT_YET]
+GRACE_SECONDS = 5.0
+MAX_MESSAGE_BYTES = 16 << 20
+
+
+async def create_server(reader: Reader, host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False):
+    """A configured, unstarted server: returns (server, bound port, health servicer)."""
+    server = grpc.aio.server(options=[
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ])
+    server.add_generic_rpc_handlers(Personalize(reader, VERSION).handlers() + [handler_for(s) for s in NOT_YET])
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(SERVICE_NAMES + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port} (address in use?)")
+    for name in ["", *SERVICE_NAMES]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    return server, bound, health_servicer
+
+
+async def mark_ready(reader: Reader, health_servicer, poll: float = 0.05) -> None:
+    """Health turns SERVING once the first sync has landed (seen through LMDB)."""
+    while reader.generation == 0:
+        await asyncio.sleep(poll)
+    for name in ["", *SERVICE_NAMES]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+def write_ready_file(path: str | None, host: str, port: int, workers: int) -> None:
+    if not path:
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({"address": f"{host}:{port}", "port": port, "pid": os.getpid(), "workers": workers}, f)
+    os.replace(tmp, path)
+
+
+def run_sync(env, project: Project, progress: Progress | None = None):
+    return Syncer(env, project).run(progress)
+
+
+def _stop_on_signals(loop, stop: asyncio.Event) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def serve_single(project: Project, *, ready_file: str | None = None, progress: Progress | None = None) -> int:
+    """One process serving and syncing; returns an exit code."""
+    env = open_env(data_path(project.data_dir), project.map_size, readonly=False)
+    reader = Reader(env)
+    host, port = project.server.host, project.server.port
+    server, port, health_servicer = await create_server(reader, host, port)
+    await server.start()
+    log.info("listening on %s:%d (NOT_SERVING until the first sync lands)", host, port)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    _stop_on_signals(loop, stop)
+    failed = False
+
+    async def sync_loop():
+        nonlocal failed
+        first = True
+        while True:
+            try:
+                report = await loop.run_in_executor(None, run_sync, env, project, progress if first else None)
+                if first:
+                    write_ready_file(ready_file, host, port, 1)
+                    log.info("serving %d people from %s on %s:%d", report.people,
+                             ", ".join(c.name for c in project.collections), host, port)
+            except SyncError as exc:
+                log.error("warehouse sync failed, nothing changed: %s", exc)
+                if first and reader.generation == 0:
+                    failed = True
+                    stop.set()
+                    return
+            first = False
+            if not project.server.sync_interval:
+                return
+            await asyncio.sleep(project.server.sync_interval)
+
+    tasks = [asyncio.create_task(sync_loop()), asyncio.create_task(mark_ready(reader, health_servicer))]
+    await stop.wait()
+    log.info("shutting down (grace %.0fs)", GRACE_SECONDS)
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(GRACE_SECONDS)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    env.close()
+    return 1 if failed else 0
+
+
+async def _serve_worker(project: Project, port: int) -> int:
+    env = open_env(data_path(project.data_dir), project.map_size, readonly=True)
+    reader = Reader(env)
+    server, _, health_servicer = await create_server(reader, project.server.host, port, reuse_port=True)
+    await server.start()
+    stop = asyncio.Event()
+    _stop_on_signals(asyncio.get_running_loop(), stop)
+    ready = asyncio.create_task(mark_ready(reader, health_servicer))
+    await stop.wait()
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(GRACE_SECONDS)
+    ready.cancel()
+    env.close()
+    return 0
+
+
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """Binds (without listening) so port 0 resolves to one port all workers share."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def _spawn_worker(project: Project, port: int) -> int:
+    pid = os.fork()
+    if pid == 0:  # child: becomes a serving process, never returns
+        code = 1
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            code = run_async(_serve_worker(project, port))
+        except BaseException:  # noqa: BLE001 - a child must not fall back into the parent's code
+            log.exception("worker %d failed", os.getpid())
+        finally:
+            os._exit(code)
+    return pid
+
+
+def serve_workers(project: Project, workers: int, *, ready_file: str | None = None,
+                  progress: Progress | None = None) -> int:
+    """A supervisor that writes, and ``workers`` processes that serve."""
+    path = data_path(project.data_dir)
+    env = open_env(path, project.map_size, readonly=False)
+    with env.begin(write=True) as txn:  # readers need the environment and meta to exist
+        env.open_db(META, txn=txn)
+    env.close()  # an LMDB environment must not cross fork()
+    placeholder = _reserve_port(project.server.host, project.server.port)
+    port = placeholder.getsockname()[1]
+    children = {_spawn_worker(project, port) for _ in range(workers)}
+    log.info("%d serving processes on %s:%d (SO_REUSEPORT)", workers, project.server.host, port)
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    env = open_env(path, project.map_size, readonly=False)
+    code, first, next_sync = 0, True, 0.0
+    try:
+        while not stop.is_set():
+            if time.monotonic() >= next_sync:
+                try:
+                    report = run_sync(env, project, progress if first else None)
+                    if first:
+                        write_ready_file(ready_file, project.server.host, port, workers)
+                        log.info("serving %d people on %s:%d", report.people, project.server.host, port)
+                except SyncError as exc:
+                    log.error("warehouse sync failed, nothing changed: %s", exc)
+                    if first:
+                        code = 1
+                        break
+                first = False
+                interval = project.server.sync_interval
+                next_sync = time.monotonic() + interval if interval else float("inf")
+            # Reap and replace serving processes that died.
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                pid = 0
+            if pid in children:
+                children.discard(pid)
+                log.error("serving process %d exited (status %d); starting another", pid, status)
+                children.add(_spawn_worker(project, port))
+            stop.wait(0.2)
+    finally:
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for pid in children:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        env.close()
+        placeholder.close()
+    return code
+
+
+def run_async(coro) -> int:
+    """Runs the server's event loop, on uvloop when it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def serve(project: Project, *, workers: int | None = None, ready_file: str | None = None,
+          progress: Progress | None = None) -> int:
+    workers = workers or project.server.workers
+    if workers > 1:
+        return serve_workers(project, workers, ready_file=ready_file, progress=progress)
+    return run_async(serve_single(project, ready_file=ready_file, progress=progress))

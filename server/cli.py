@@ -1,0 +1,211 @@
+"""The ``qualify`` command: serve, sync, check, get."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .config import Project, ProjectError, load_project
+
+log = logging.getLogger("qualify")
+
+
+def _project(args) -> Project:
+    """The --project file, ./qualify.toml if present, or the embedded demo."""
+    path = args.project
+    if path is None and Path("qualify.toml").is_file():
+        path = "qualify.toml"
+    if path is not None:
+        project = load_project(path)
+        log.info("project %s", Path(path).resolve())
+    else:
+        from .demo import demo_project
+
+        log.info("no project file: running the embedded demo (%d people)", args.demo_people)
+        project = demo_project(Path(args.data_dir), people=args.demo_people)
+    overrides = {}
+    if getattr(args, "port", None) is not None:
+        overrides["port"] = args.port
+    if getattr(args, "host", None) is not None:
+        overrides["host"] = args.host
+    if overrides:
+        from dataclasses import replace
+
+        project = replace(project, server=replace(project.server, **overrides))
+    return project
+
+
+class TerminalProgress:
+    """Rows synced per table, on one rewritten line when stderr is a terminal."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.started: dict[str, float] = {}
+        self.last = 0.0
+
+    def __call__(self, table: str, rows: int) -> None:
+        now = time.perf_counter()
+        start = self.started.setdefault(table, now)
+        if now - self.last < 0.2 or now - start < 0.05:
+            return
+        self.last = now
+        rate = rows / max(now - start, 1e-9)
+        line = f"syncing {table}: {rows:,} rows ({rate:,.0f} rows/s)"
+        if self.tty:
+            sys.stderr.write("\r\x1b[2K" + line)
+            sys.stderr.flush()
+        else:
+            log.info("%s", line)
+
+    def done(self) -> None:
+        if self.tty and self.started:
+            sys.stderr.write("\r\x1b[2K")
+            sys.stderr.flush()
+
+
+def cmd_serve(args) -> int:
+    from .app import serve
+
+    project = _project(args)
+    progress = TerminalProgress()
+    return serve(project, workers=args.workers, ready_file=args.ready_file, progress=progress)
+
+
+def cmd_sync(args) -> int:
+    from .storage.lmdb_store import data_path, open_env
+    from .storage.sync import SyncError, Syncer
+
+    project = _project(args)
+    env = open_env(data_path(project.data_dir), project.map_size, readonly=False)
+    progress = TerminalProgress()
+    try:
+        report = Syncer(env, project).run(progress)
+    except SyncError as exc:
+        progress.done()
+        print(f"qualify sync: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        env.close()
+    progress.done()
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(f"sync {report.generation} landed in {report.seconds:.2f}s: {report.people:,} people")
+        for t in report.tables:
+            print(f"  {t.table}: {t.rows:,} rows, {t.added:,} added, {t.changed:,} changed, "
+                  f"{t.removed:,} removed, {t.unchanged:,} unchanged"
+                  + (f", {t.duplicate_keys:,} duplicate keys" if t.duplicate_keys else "")
+                  + (f", {t.null_keys:,} null keys skipped" if t.null_keys else ""))
+    return 0
+
+
+def cmd_check(args) -> int:
+    from .storage.warehouse import WarehouseError, open_source
+
+    path = args.project or "qualify.toml"
+    try:
+        project = load_project(path)
+    except ProjectError as exc:
+        print(f"{exc.path}: {len(exc.problems)} problem(s)")
+        for p in exc.problems:
+            print(f"  {p}")
+        return 1
+    problems = []
+    try:
+        with open_source(project.warehouse) as source:
+            pm = project.parent_model
+            checks = [("parent_model.query", pm.query, [("parent_model.primary_key", pm.primary_key)]
+                       + [(f"parent_model.attributes.{a.name}", a.name) for a in pm.attributes])]
+            checks += [(f"collections.{c.name}.query", c.query, [(f"collections.{c.name}.key", c.key)])
+                       for c in project.collections if c.query]
+            for key, query, needed in checks:
+                try:
+                    columns = source.schema(query).names
+                except WarehouseError as exc:
+                    problems.append(f"{key}: the query fails: {exc}")
+                    continue
+                for k, col in needed:
+                    if col not in columns:
+                        problems.append(f"{k} = {col!r}: the query returns no such column (it returns {', '.join(columns)})")
+    except WarehouseError as exc:
+        problems.append(f"warehouse: {exc}")
+    if problems:
+        print(f"{path}: {len(problems)} problem(s)")
+        for p in problems:
+            print(f"  {p}")
+        return 1
+    print(f"{path}: ok ({len(project.parent_model.attributes)} attributes, "
+          f"collections: {', '.join(c.name for c in project.collections)})")
+    return 0
+
+
+def cmd_get(args) -> int:
+    from qualify.clients import Client, QualifyError
+
+    fields = [f for f in args.fields.split(",") if f] if args.fields else None
+    try:
+        with Client(args.address, timeout=args.timeout) as client:
+            record = client.get(args.key, collection=args.collection, fields=fields)
+    except QualifyError as exc:
+        print(f"qualify get: {exc}", file=sys.stderr)
+        return 2 if exc.code.name == "NOT_FOUND" else 1
+    print(json.dumps(record.to_json_dict(), indent=2, ensure_ascii=False, sort_keys=True))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qualify", description="Qualify: real-time audiences and a Personalization API over gRPC.")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def project_args(p):
+        p.add_argument("--project", help="the project file (default ./qualify.toml, else the embedded demo)")
+        p.add_argument("--data-dir", default="qualify-data", help="where the embedded demo keeps its data (default ./qualify-data)")
+        p.add_argument("--demo-people", type=int, default=100_000, help="people in the generated demo warehouse")
+
+    p = sub.add_parser("serve", help="run the gRPC server (syncs the warehouse first)")
+    project_args(p)
+    p.add_argument("--host", help="address to listen on (default from the project, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default from the project, 50051; 0 picks a free one)")
+    p.add_argument("--workers", type=int, help="serving processes sharing the port (default 1)")
+    p.add_argument("--ready-file", help="write {address, port, pid} as JSON here once serving")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("sync", help="run one warehouse sync now")
+    project_args(p)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=cmd_sync)
+
+    p = sub.add_parser("check", help="validate a project file and its queries")
+    p.add_argument("--project", help="the project file (default ./qualify.toml)")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("get", help="print one record and its memberships as JSON")
+    p.add_argument("key")
+    p.add_argument("--collection", default="customers", help="collection (default customers)")
+    p.add_argument("--address", default="127.0.0.1:50051", help="server address (default 127.0.0.1:50051)")
+    p.add_argument("--fields", help="comma-separated fields to return (default all)")
+    p.add_argument("--timeout", type=float, default=2.0, help="deadline in seconds (default 2)")
+    p.set_defaults(func=cmd_get)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ProjectError as exc:
+        print(f"qualify: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

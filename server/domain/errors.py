@@ -1,0 +1,77 @@
+"""Domain errors: one table of reasons, raised by plain-Python code.
+
+The transport maps each error to a gRPC status (see transport/errors.py); the
+reason names are qualify.v1.ErrorReason's, so clients can branch on them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Status(enum.Enum):
+    """The gRPC status family an error belongs to (no grpc import here)."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    UNAVAILABLE = "UNAVAILABLE"
+    UNIMPLEMENTED = "UNIMPLEMENTED"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    INTERNAL = "INTERNAL"
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad request field: its path (e.g. ``keys[3]``) and what is wrong."""
+
+    field: str
+    description: str
+
+
+@dataclass
+class QualifyError(Exception):
+    """Base of every error the server reports to a caller."""
+
+    message: str
+    violations: list[FieldViolation] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    status = Status.INTERNAL
+    reason = "INTERNAL_ERROR"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidRequest(QualifyError):
+    status, reason = Status.INVALID_ARGUMENT, "INVALID_REQUEST"
+
+
+class UnknownCollection(QualifyError):
+    status, reason = Status.INVALID_ARGUMENT, "UNKNOWN_COLLECTION"
+
+
+class UnknownField(QualifyError):
+    status, reason = Status.INVALID_ARGUMENT, "UNKNOWN_FIELD"
+
+
+class BatchTooLarge(QualifyError):
+    status, reason = Status.INVALID_ARGUMENT, "BATCH_TOO_LARGE"
+
+
+class KeyNotFound(QualifyError):
+    status, reason = Status.NOT_FOUND, "KEY_NOT_FOUND"
+
+
+class NotReady(QualifyError):
+    status, reason = Status.UNAVAILABLE, "NOT_READY"
+
+
+class NotImplementedYet(QualifyError):
+    status, reason = Status.UNIMPLEMENTED, "NOT_IMPLEMENTED"
+
+
+class StorageUnavailable(QualifyError):
+    status, reason = Status.UNAVAILABLE, "STORAGE_UNAVAILABLE"

@@ -1,0 +1,200 @@
+"""The LMDB environment and its key layout.
+
+One process writes (the warehouse sync, later ingest and evaluation); any
+number of processes read the same memory-mapped environment. Readers see the
+state of the last committed transaction and never a half-applied sync.
+
+Named databases::
+
+    meta           b"generation" -> u64 syncs landed; b"catalog" -> JSON (what is served);
+                   b"last_sync" -> JSON report; b"next_id:<table>" -> u32
+    <table>.keys   key (UTF-8) -> u32 dense id | stored record (see qualify.server.wire)
+    <table>.ids    u32 dense id (big-endian, so ids sort) -> key
+    <table>.cols   attribute name -> column array; "<name>.valid" -> uint8 array;
+                   "<name>.dict" -> JSON list (string codes); ".alive" -> uint8 array
+    members        u32 person id (little-endian, as stored) -> membership bitset
+                   (bit i = the catalog's audience i)
+
+``people`` is the parent model's table; a collection with its own query has
+the table ``c.<name>``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lmdb
+
+from ..domain.errors import FieldViolation, KeyNotFound, NotReady, UnknownCollection, UnknownField
+
+PEOPLE = "people"
+META = b"meta"
+MEMBERS = b"members"
+GENERATION = b"generation"
+CATALOG = b"catalog"
+LAST_SYNC = b"last_sync"
+U32 = struct.Struct("<I")
+U64 = struct.Struct("<Q")
+ID_KEY = struct.Struct(">I")
+
+
+def table_of_collection(name: str) -> str:
+    return f"c.{name}"
+
+
+def open_env(path: Path, map_size: int, readonly: bool, max_readers: int = 512) -> lmdb.Environment:
+    """Opens the environment; the writer creates it, readers only attach."""
+    if not readonly:
+        path.mkdir(parents=True, exist_ok=True)
+    elif not (path / "data.mdb").exists():
+        raise FileNotFoundError(f"no Qualify data in {path} (run `qualify sync` or start the server first)")
+    return lmdb.open(
+        str(path),
+        map_size=map_size,
+        max_dbs=64,
+        max_readers=max_readers,
+        readonly=readonly,
+        lock=True,  # the writer runs concurrently: readers need the lock table
+        readahead=False,  # random point reads on a large map
+        max_spare_txns=8,
+        subdir=True,
+    )
+
+
+@dataclass
+class CollectionView:
+    """What a reader needs to serve one collection, resolved once per catalog."""
+
+    name: str
+    db: object
+    columns: tuple[str, ...]
+    is_parent: bool
+    prefix: bytes  # the encoded Record.collection field
+    _masks: dict = field(default_factory=dict)
+
+    def mask_indices(self, paths: tuple[str, ...]) -> tuple[int, ...] | None:
+        """Column indices for a read mask, compiled once per distinct mask."""
+        if not paths:
+            return None
+        hit = self._masks.get(paths)
+        if hit is not None:
+            return hit
+        index = {c: i for i, c in enumerate(self.columns)}
+        bad = [p for p in paths if p not in index]
+        if bad:
+            raise UnknownField(
+                f"collection {self.name!r} has no field {bad[0]!r}",
+                violations=[FieldViolation("read_mask.paths", f"{p!r} is not a field of {self.name!r}; fields: {', '.join(self.columns)}") for p in bad],
+            )
+        compiled = tuple(index[p] for p in paths)
+        if len(self._masks) < 1024:
+            self._masks[paths] = compiled
+        return compiled
+
+
+class Reader:
+    """Point reads for PersonalizeService; safe to share across threads."""
+
+    def __init__(self, env: lmdb.Environment):
+        self.env = env
+        self._generation = -1
+        self._collections: dict[str, CollectionView] = {}
+        self.audience_ids: tuple[str, ...] = ()
+        self._meta = None
+        self._members = None
+
+    def _refresh(self, txn) -> None:
+        if self._meta is None:
+            try:
+                self._meta = self.env.open_db(META, txn=txn, create=False)
+            except lmdb.NotFoundError:
+                return  # no sync has ever run here
+
+        raw = txn.get(GENERATION, db=self._meta)
+        generation = U64.unpack(raw)[0] if raw else 0
+        if generation == self._generation:
+            return
+        catalog = json.loads(txn.get(CATALOG, db=self._meta) or b"{}")
+        from ..wire import length_delimited
+
+        views = {}
+        for name, spec in catalog.get("collections", {}).items():
+            views[name] = CollectionView(
+                name=name,
+                db=self.env.open_db(spec["db"].encode(), txn=txn, create=False),
+                columns=tuple(spec["columns"]),
+                is_parent=spec["parent"],
+                prefix=length_delimited(b"\x0a", name.encode()),
+            )
+        if self._members is None and txn.get(MEMBERS, db=None) is not None:
+            self._members = self.env.open_db(MEMBERS, txn=txn, create=False)
+        self._collections = views
+        self.audience_ids = tuple(catalog.get("audiences", ()))
+        self._generation = generation
+
+    @property
+    def generation(self) -> int:
+        """Syncs landed as of the last read (0: not ready)."""
+        with self.env.begin() as txn:
+            self._refresh(txn)
+        return max(self._generation, 0)
+
+    def collections(self) -> dict[str, CollectionView]:
+        with self.env.begin() as txn:
+            self._refresh(txn)
+        return self._collections
+
+    def view(self, name: str) -> CollectionView:
+        view = self._collections.get(name)
+        if view is None:
+            self.collections()  # maybe a sync just added it
+            view = self._collections.get(name)
+        if view is None:
+            if self._generation <= 0:
+                raise NotReady("the first warehouse sync has not landed yet")
+            known = ", ".join(sorted(self._collections)) or "none"
+            raise UnknownCollection(
+                f"unknown collection {name!r}",
+                violations=[FieldViolation("collection", f"{name!r} is not a collection; collections: {known}")],
+            )
+        return view
+
+    def get(self, name: str, keys: list[bytes]) -> tuple[CollectionView, list[tuple[bytes | None, bytes | None]]]:
+        """Stored records and membership bitsets for keys, from one snapshot."""
+        with self.env.begin() as txn:
+            self._refresh(txn)
+            view = self.view(name)
+            members = self._members
+            out = []
+            for key in keys:
+                stored = txn.get(key, db=view.db)
+                bits = None
+                if stored is not None and members is not None and view.is_parent:
+                    bits = txn.get(stored[:4], db=members)
+                out.append((stored, bits))
+            return view, out
+
+    def get_one(self, name: str, key: bytes) -> tuple[CollectionView, bytes, bytes | None]:
+        view, ((stored, bits),) = self.get(name, [key])
+        if stored is None:
+            raise KeyNotFound(f"no record with key {key.decode(errors='replace')!r} in collection {name!r}",
+                              metadata={"collection": name})
+        return view, stored, bits
+
+    def last_sync(self) -> dict | None:
+        with self.env.begin() as txn:
+            self._refresh(txn)
+            raw = txn.get(LAST_SYNC, db=self._meta) if self._meta is not None else None
+            return json.loads(raw) if raw else None
+
+    def people(self) -> int:
+        report = self.last_sync()
+        return int(report["people"]) if report else 0
+
+
+def data_path(data_dir: Path) -> Path:
+    return Path(os.fspath(data_dir)) / "lmdb"

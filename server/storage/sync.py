@@ -1,0 +1,325 @@
+"""Warehouse sync: materialises the parent model and the collections into LMDB.
+
+A sync is one LMDB write transaction, so readers see the previous version or
+the new one, never a mix. It is incremental: a row whose encoded record is
+byte-for-byte unchanged is not rewritten, and the report counts rows added,
+changed and removed. Rows stream from the warehouse in batches.
+
+People get dense integer ids, stable across syncs and never reused, which
+index the attribute column arrays the evaluator reads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..config import Attribute, Project
+from ..domain.schema import ValueType
+from ..wire import encode_records, key_part
+from .lmdb_store import CATALOG, GENERATION, ID_KEY, LAST_SYNC, META, PEOPLE, U32, U64, table_of_collection
+from .warehouse import WarehouseError, open_source
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[str, int], None]
+
+_DTYPES = {
+    ValueType.STRING: np.int32,  # dictionary codes
+    ValueType.INT: np.int64,
+    ValueType.FLOAT: np.float64,
+    ValueType.BOOL: np.uint8,
+    ValueType.TIMESTAMP: np.int64,  # microseconds since the epoch, UTC
+}
+
+
+class SyncError(Exception):
+    """A sync that could not land; nothing was changed."""
+
+
+@dataclass
+class TableReport:
+    table: str
+    rows: int = 0
+    added: int = 0
+    changed: int = 0
+    removed: int = 0
+    unchanged: int = 0
+    duplicate_keys: int = 0
+    null_keys: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class SyncReport:
+    generation: int
+    started_at: float
+    seconds: float
+    people: int
+    tables: list[TableReport] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def infer_type(t: pa.DataType) -> ValueType:
+    if pa.types.is_boolean(t):
+        return ValueType.BOOL
+    if pa.types.is_integer(t):
+        return ValueType.INT
+    if pa.types.is_floating(t) or pa.types.is_decimal(t):
+        return ValueType.FLOAT
+    if pa.types.is_timestamp(t) or pa.types.is_date(t):
+        return ValueType.TIMESTAMP
+    return ValueType.STRING
+
+
+def to_kind(arr: pa.Array, kind: ValueType, name: str):
+    """An Arrow column as (values, valid) for the codec; NULLs have valid 0."""
+    valid = arr.is_valid().to_numpy(zero_copy_only=False).view(np.uint8)
+    try:
+        if kind == ValueType.STRING:
+            if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+                arr = arr.cast(pa.string())
+            return arr.to_numpy(zero_copy_only=False), valid
+        if kind == ValueType.INT:
+            return arr.cast(pa.int64()).fill_null(0).to_numpy(), valid
+        if kind == ValueType.FLOAT:
+            return arr.cast(pa.float64()).fill_null(0).to_numpy(), valid
+        if kind == ValueType.BOOL:
+            return arr.cast(pa.bool_()).fill_null(False).to_numpy(zero_copy_only=False).view(np.uint8), valid
+        if pa.types.is_timestamp(arr.type) and arr.type.tz is not None:
+            arr = arr.cast(pa.timestamp("us", tz="UTC")).cast(pa.timestamp("us"))
+        elif not pa.types.is_timestamp(arr.type) or arr.type.unit != "us":
+            arr = arr.cast(pa.timestamp("us"))
+        return arr.cast(pa.int64()).fill_null(0).to_numpy(), valid
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise SyncError(f"column {name!r} of type {arr.type} cannot be read as {kind.name.lower()}: {exc}") from None
+
+
+class _Columns:
+    """The parent model's attribute arrays, indexed by person id."""
+
+    def __init__(self, txn, db, attributes: tuple[Attribute, ...], capacity: int):
+        self.txn, self.db = txn, db
+        self.attributes = attributes
+        self.values: dict[str, np.ndarray] = {}
+        self.valid: dict[str, np.ndarray] = {}
+        self.dicts: dict[str, list[str]] = {}
+        self.codes: dict[str, dict[str, int]] = {}
+        for a in attributes:
+            k = a.name.encode()
+            self.values[a.name] = self._load(k, _DTYPES[a.type], capacity)
+            self.valid[a.name] = self._load(k + b".valid", np.uint8, capacity)
+            if a.type == ValueType.STRING:
+                words = json.loads(txn.get(k + b".dict", db=db) or b"[]")
+                self.dicts[a.name] = words
+                self.codes[a.name] = {w: i for i, w in enumerate(words)}
+        self.alive = self._load(b".alive", np.uint8, capacity)
+
+    def _load(self, key: bytes, dtype, capacity: int) -> np.ndarray:
+        raw = self.txn.get(key, db=self.db)
+        old = np.frombuffer(raw, dtype=dtype) if raw else np.zeros(0, dtype)
+        out = np.zeros(max(capacity, len(old)), dtype)
+        out[: len(old)] = old
+        return out
+
+    def grow(self, capacity: int) -> None:
+        if capacity <= len(self.alive):
+            return
+        capacity = max(capacity, 2 * len(self.alive))
+        for d in (self.values, self.valid):
+            for name, arr in d.items():
+                grown = np.zeros(capacity, arr.dtype)
+                grown[: len(arr)] = arr
+                d[name] = grown
+        grown = np.zeros(capacity, np.uint8)
+        grown[: len(self.alive)] = self.alive
+        self.alive = grown
+
+    def update(self, ids: np.ndarray, rows: np.ndarray, batch: pa.RecordBatch) -> None:
+        """Copies the changed rows' attributes into the arrays at their ids."""
+        if len(ids) == 0:
+            return
+        take = pa.array(rows)
+        for a in self.attributes:
+            arr = batch.column(a.name).take(take)
+            if a.type == ValueType.STRING:
+                if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+                    arr = arr.cast(pa.string())
+                enc = pc.dictionary_encode(arr)
+                mapping = np.array([self._code(a.name, w) for w in enc.dictionary.to_pylist()] or [0], np.int32)
+                values = mapping[enc.indices.fill_null(0).to_numpy()]
+                valid = arr.is_valid().to_numpy(zero_copy_only=False).view(np.uint8)
+            else:
+                values, valid = to_kind(arr, a.type, a.name)
+            self.values[a.name][ids] = values
+            self.valid[a.name][ids] = valid
+
+    def _code(self, name: str, word: str) -> int:
+        codes = self.codes[name]
+        code = codes.get(word)
+        if code is None:
+            code = codes[word] = len(codes)
+            self.dicts[name].append(word)
+        return code
+
+    def save(self, size: int) -> None:
+        for a in self.attributes:
+            k = a.name.encode()
+            self.txn.put(k, self.values[a.name][:size].tobytes(), db=self.db)
+            self.txn.put(k + b".valid", self.valid[a.name][:size].tobytes(), db=self.db)
+            if a.type == ValueType.STRING:
+                self.txn.put(k + b".dict", json.dumps(self.dicts[a.name]).encode(), db=self.db)
+        self.txn.put(b".alive", self.alive[:size].tobytes(), db=self.db)
+
+
+class Syncer:
+    """Runs one sync of a project into an open (writable) LMDB environment."""
+
+    def __init__(self, env, project: Project):
+        self.env = env
+        self.project = project
+
+    def run(self, progress: Progress | None = None) -> SyncReport:
+        started = time.time()
+        t0 = time.perf_counter()
+        project = self.project
+        try:
+            with open_source(project.warehouse) as source, self.env.begin(write=True) as txn:
+                meta = self.env.open_db(META, txn=txn)
+                self.env.open_db(b"members", txn=txn)
+                pm = project.parent_model
+                served = {}
+                people_report, people_columns = self._table(
+                    txn, meta, source, PEOPLE, pm.query, pm.primary_key, pm.attributes, progress)
+                tables = [people_report]
+                for c in project.collections:
+                    if c.is_parent:
+                        served[c.name] = {"db": f"{PEOPLE}.keys", "columns": people_columns, "parent": True}
+                        continue
+                    table = table_of_collection(c.name)
+                    report, columns = self._table(txn, meta, source, table, c.query, c.key, (), progress)
+                    tables.append(report)
+                    served[c.name] = {"db": f"{table}.keys", "columns": columns, "parent": False}
+                raw = txn.get(GENERATION, db=meta)
+                generation = (U64.unpack(raw)[0] if raw else 0) + 1
+                people = people_report.rows - people_report.duplicate_keys - people_report.null_keys
+                report = SyncReport(generation, started, time.perf_counter() - t0, people, tables)
+                old = json.loads(txn.get(CATALOG, db=meta) or b"{}")
+                catalog = {"collections": served, "audiences": old.get("audiences", []),
+                           "attributes": [{"name": a.name, "type": a.type.name.lower()} for a in pm.attributes]}
+                txn.put(CATALOG, json.dumps(catalog).encode(), db=meta)
+                txn.put(LAST_SYNC, json.dumps(report.to_json()).encode(), db=meta)
+                txn.put(GENERATION, U64.pack(generation), db=meta)
+        except WarehouseError as exc:
+            raise SyncError(f"warehouse query failed: {exc}") from None
+        report.seconds = time.perf_counter() - t0
+        log.info("sync %d landed in %.2fs: %s", report.generation, report.seconds,
+                 ", ".join(f"{t.table} +{t.added} ~{t.changed} -{t.removed}" for t in report.tables))
+        return report
+
+    def _table(self, txn, meta, source, table, query, key, attributes, progress):
+        t0 = time.perf_counter()
+        report = TableReport(table)
+        keys_db = self.env.open_db(f"{table}.keys".encode(), txn=txn)
+        ids_db = self.env.open_db(f"{table}.ids".encode(), txn=txn)
+        next_key = f"next_id:{table}".encode()
+        raw = txn.get(next_key, db=meta)
+        next_id = U32.unpack(raw)[0] if raw else 0
+        cols = _Columns(txn, self.env.open_db(f"{table}.cols".encode(), txn=txn), attributes, next_id + 1024)
+        seen = np.zeros(len(cols.alive), np.uint8)
+        columns: list[str] | None = None
+        kinds = key_parts = None
+        put, get = txn.put, txn.get
+        pack = U32.pack
+        for batch in source.batches(query, self.project.sync_batch_rows):
+            if columns is None:
+                columns = batch.schema.names
+                self._check_columns(table, columns, key, attributes)
+                declared = {a.name: a.type for a in attributes}
+                kinds = [declared.get(n) or infer_type(batch.schema.field(n).type) for n in columns]
+                key_parts = [key_part(n) for n in columns]
+            n = batch.num_rows
+            cols.grow(next_id + n + 1)
+            if len(seen) < len(cols.alive):
+                seen = np.concatenate([seen, np.zeros(len(cols.alive) - len(seen), np.uint8)])
+            values, valids = [], []
+            for name, kind in zip(columns, kinds):
+                v, ok = to_kind(batch.column(name), kind, name)
+                values.append(v)
+                valids.append(ok)
+            records = encode_records(key_parts, [int(k) for k in kinds], values, valids, n)
+            key_arr = batch.column(key)
+            if not (pa.types.is_string(key_arr.type) or pa.types.is_large_string(key_arr.type)):
+                key_arr = key_arr.cast(pa.string())
+            changed_ids, changed_rows = [], []
+            for i, (k, rec) in enumerate(zip(key_arr.to_pylist(), records)):
+                if k is None:
+                    report.null_keys += 1
+                    continue
+                kb = k.encode()
+                old = get(kb, db=keys_db)
+                if old is None:
+                    pid = next_id
+                    next_id += 1
+                    report.added += 1
+                    put(ID_KEY.pack(pid), kb, db=ids_db)
+                    put(kb, pack(pid) + rec, db=keys_db)
+                else:
+                    pid = U32.unpack_from(old)[0]
+                    if seen[pid]:
+                        report.duplicate_keys += 1
+                    if len(old) == len(rec) + 4 and old.endswith(rec):
+                        report.unchanged += 1
+                        seen[pid] = 1
+                        continue
+                    report.changed += 1
+                    put(kb, old[:4] + rec, db=keys_db)
+                seen[pid] = 1
+                changed_ids.append(pid)
+                changed_rows.append(i)
+            cols.update(np.array(changed_ids, np.int64), np.array(changed_rows, np.int64), batch)
+            report.rows += n
+            if progress:
+                progress(table, report.rows)
+        if columns is None:
+            columns = self._empty_columns(source, query, table, key, attributes)
+        # Whoever was alive before and was not seen now has been removed.
+        gone = np.flatnonzero(cols.alive[: len(seen)] & (1 - seen[: len(cols.alive)]))
+        for pid in gone.tolist():
+            idk = ID_KEY.pack(pid)
+            k = get(idk, db=ids_db)
+            if k is not None:
+                txn.delete(k, db=keys_db)
+                txn.delete(idk, db=ids_db)
+        report.removed = len(gone)
+        cols.alive[: len(seen)] = seen[: len(cols.alive)]
+        for a in attributes:
+            cols.valid[a.name][gone] = 0
+        if report.added or report.changed or report.removed:
+            cols.save(next_id)
+        put(next_key, U32.pack(next_id), db=meta)
+        report.seconds = time.perf_counter() - t0
+        return report, list(columns)
+
+    def _empty_columns(self, source, query, table, key, attributes):
+        names = source.schema(query).names
+        self._check_columns(table, names, key, attributes)
+        return names
+
+    @staticmethod
+    def _check_columns(table, columns, key, attributes):
+        where = "the parent model" if table == PEOPLE else f"collection {table[2:]!r}"
+        missing = [key] if key not in columns else []
+        missing += [a.name for a in attributes if a.name not in columns]
+        if missing:
+            raise SyncError(f"{where}: the query returns no column {', '.join(map(repr, missing))} "
+                            f"(it returns {', '.join(columns)})")

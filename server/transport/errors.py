@@ -1,0 +1,83 @@
+"""Domain errors -> google.rpc.Status, from one table.
+
+Every failure leaves as a gRPC status whose details hold an ErrorInfo (reason
+from qualify.v1.ErrorReason, domain "qualify.dev") and, for invalid input, a
+BadRequest with one violation per field. Unexpected exceptions are logged with
+a request id and answered INTERNAL with that id only: no internals leak.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import uuid
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from ..domain.errors import QualifyError, Status
+
+log = logging.getLogger(__name__)
+
+DOMAIN = "qualify.dev"
+
+_CODES = {
+    Status.INVALID_ARGUMENT: code_pb2.INVALID_ARGUMENT,
+    Status.NOT_FOUND: code_pb2.NOT_FOUND,
+    Status.ALREADY_EXISTS: code_pb2.ALREADY_EXISTS,
+    Status.UNAVAILABLE: code_pb2.UNAVAILABLE,
+    Status.UNIMPLEMENTED: code_pb2.UNIMPLEMENTED,
+    Status.RESOURCE_EXHAUSTED: code_pb2.RESOURCE_EXHAUSTED,
+    Status.INTERNAL: code_pb2.INTERNAL,
+}
+
+
+def _pack(message) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def to_status(code: int, message: str, reason: str, metadata: dict[str, str] | None = None,
+              violations: list[tuple[str, str]] | None = None) -> grpc.Status:
+    status = status_pb2.Status(code=code, message=message)
+    status.details.append(_pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata or {})))
+    if violations:
+        bad = error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in violations])
+        status.details.append(_pack(bad))
+    return rpc_status.to_status(status)
+
+
+def status_of(err: QualifyError) -> grpc.Status:
+    return to_status(_CODES[err.status], err.message, err.reason, err.metadata,
+                     [(v.field, v.description) for v in err.violations])
+
+
+def internal_status(exc: BaseException, method: str) -> grpc.Status:
+    request_id = uuid.uuid4().hex[:16]
+    log.error("unexpected error in %s (request id %s)", method, request_id, exc_info=exc)
+    return to_status(code_pb2.INTERNAL, f"internal error (request id {request_id})", "INTERNAL_ERROR",
+                     {"request_id": request_id})
+
+
+def guarded(method: str):
+    """Wraps an async unary handler: domain errors and surprises become statuses."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        async def handler(request, context):
+            try:
+                return await fn(request, context)
+            except QualifyError as err:
+                await context.abort_with_status(status_of(err))
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the one place surprises are caught
+                await context.abort_with_status(internal_status(exc, method))
+
+        return handler
+
+    return wrap
