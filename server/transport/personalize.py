@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from qualify.evaluator import set_bits
 from qualify.v1 import diagnostics_pb2, personalize_pb2
@@ -26,6 +27,33 @@ MAX_KEY_BYTES = 511  # LMDB's key size limit
 
 def _identity(payload: bytes) -> bytes:
     return payload
+
+
+class Malformed:
+    """Stands in for a request whose bytes are not valid protobuf.
+
+    gRPC would answer a failing deserializer with INTERNAL; decoding here lets
+    the handler answer INVALID_ARGUMENT instead.
+    """
+
+    def __init__(self, type_name: str):
+        self.type_name = type_name
+
+
+def _lenient(message_type):
+    def parse(raw: bytes):
+        try:
+            return message_type.FromString(raw)
+        except DecodeError:
+            return Malformed(message_type.DESCRIPTOR.full_name)
+
+    return parse
+
+
+def _reject_malformed(request) -> None:
+    if type(request) is Malformed:
+        raise InvalidRequest(f"the request is not a valid {request.type_name} message",
+                             violations=[FieldViolation("(request)", f"could not be decoded as {request.type_name}")])
 
 
 def _check_key(key: str, field: str) -> bytes:
@@ -65,6 +93,7 @@ class Personalize:
         return view.mask_indices(tuple(request.read_mask.paths))
 
     async def get(self, request: personalize_pb2.GetRequest, context) -> bytes:
+        _reject_malformed(request)
         if not request.collection:
             raise InvalidRequest("collection is empty", violations=[FieldViolation("collection", "must name a collection")])
         key = _check_key(request.key, "key")
@@ -73,6 +102,7 @@ class Personalize:
         return length_delimited(b"\x0a", record)
 
     async def batch_get(self, request: personalize_pb2.BatchGetRequest, context) -> bytes:
+        _reject_malformed(request)
         if not request.collection:
             raise InvalidRequest("collection is empty", violations=[FieldViolation("collection", "must name a collection")])
         n = len(request.keys)
@@ -94,6 +124,7 @@ class Personalize:
         return b""
 
     async def server_info(self, request: diagnostics_pb2.GetServerInfoRequest, context) -> bytes:
+        _reject_malformed(request)
         return diagnostics_pb2.GetServerInfoResponse(
             version=self.version,
             sync_generation=self.reader.generation,
@@ -105,7 +136,7 @@ class Personalize:
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         def unary(fn, request_type, name):
             return grpc.unary_unary_rpc_method_handler(
-                guarded(name)(fn), request_deserializer=request_type.FromString, response_serializer=_identity)
+                guarded(name)(fn), request_deserializer=_lenient(request_type), response_serializer=_identity)
 
         return [
             grpc.method_handlers_generic_handler("qualify.v1.PersonalizeService", {

@@ -1,0 +1,167 @@
+"""Shared fixtures: real servers on port 0, real LMDB, DuckDB and PostgreSQL.
+
+``QualifyServer`` runs ``qualify serve`` as a real process (the same command
+users run), waits for its ready file and for health SERVING, and stops it
+with SIGTERM, asserting a clean exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import pg
+from qualify.server.demo import generate_demo_warehouse
+
+SMALL_DEMO = 2_000
+
+
+class QualifyServer:
+    """``qualify serve`` in a subprocess; ``address`` once started."""
+
+    def __init__(self, workdir: Path, *args: str, env: dict | None = None):
+        self.workdir = workdir
+        self.ready_file = workdir / f"ready-{time.monotonic_ns()}.json"
+        self.log_path = workdir / f"server-{time.monotonic_ns()}.log"
+        self.args = [sys.executable, "-m", "qualify.server.cli", "serve", "--port", "0",
+                     "--ready-file", str(self.ready_file), *args]
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self.address = ""
+        self.port = 0
+
+    def start(self, timeout: float = 60.0) -> "QualifyServer":
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.args, cwd=self.workdir, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
+        deadline = time.monotonic() + timeout
+        while not self.ready_file.exists():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"qualify serve exited with {self.proc.returncode}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"qualify serve not ready in {timeout}s:\n{self.log()}")
+            time.sleep(0.02)
+        info = json.loads(self.ready_file.read_text())
+        self.address, self.port = info["address"], info["port"]
+        wait_serving(self.address, deadline - time.monotonic())
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.address)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM, then the exit code (a clean shutdown is 0)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"qualify serve ignored SIGTERM for {timeout}s:\n{self.log()}")
+        finally:
+            self._log.close()
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def wait_serving(address: str, timeout: float = 30.0, service: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while True:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{address} not SERVING within {timeout}s")
+            time.sleep(0.05)
+
+
+def write_project(folder: Path, warehouse: str, extra: str = "", attributes: str | None = None,
+                  collections: str = "[collections.customers]\n") -> Path:
+    """A qualify.toml over the demo ``customers`` table in ``warehouse``."""
+    attributes = attributes if attributes is not None else textwrap.dedent("""\
+        plan = "string"
+        loyalty_tier = "string"
+        ltv = "float"
+        orders_count = "int"
+        email_opt_in = "bool"
+        signup_date = "timestamp"
+        """)
+    text = textwrap.dedent(f"""\
+        data_dir = "data"
+
+        [warehouse]
+        {warehouse}
+
+        [parent_model]
+        name = "customers"
+        query = "SELECT * FROM customers"
+        primary_key = "user_id"
+
+        [parent_model.attributes]
+        """) + attributes + "\n" + collections + "\n" + extra
+    path = folder / "qualify.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_warehouse(tmp_path_factory) -> Path:
+    """A small demo DuckDB warehouse (same generator as the embedded default)."""
+    return generate_demo_warehouse(tmp_path_factory.mktemp("warehouse") / "demo.duckdb", SMALL_DEMO)
+
+
+@pytest.fixture(scope="session")
+def demo_server(tmp_path_factory):
+    """``qualify serve`` on the embedded demo (no project file), shared by read-only tests."""
+    work = tmp_path_factory.mktemp("demo-server")
+    server = QualifyServer(work, "--demo-people", str(SMALL_DEMO)).start()
+    yield server
+    assert server.stop() == 0, server.log()
+
+
+@pytest.fixture
+def server_factory(tmp_path):
+    """Starts servers with given arguments; stops them after the test."""
+    started: list[QualifyServer] = []
+
+    def start(*args: str, workdir: Path | None = None, **kw) -> QualifyServer:
+        s = QualifyServer(workdir or tmp_path, *args, **kw).start()
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throwaway PostgreSQL cluster (initdb + pg_ctl in a temporary folder)."""
+    bin_dir = pg.find_pg_bin()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not installed; .ci/run installs them with apt")
+    cluster = pg.PostgresCluster(bin_dir)
+    cluster.start()
+    yield cluster
+    cluster.stop()
