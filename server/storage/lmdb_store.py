@@ -52,7 +52,7 @@ def open_env(path: Path, map_size: int, readonly: bool, max_readers: int = 512) 
         path.mkdir(parents=True, exist_ok=True)
     elif not (path / "data.mdb").exists():
         raise FileNotFoundError(f"no Qualify data in {path} (run `qualify sync` or start the server first)")
-    return lmdb.open(
+    env = lmdb.open(
         str(path),
         map_size=map_size,
         max_dbs=64,
@@ -63,6 +63,30 @@ def open_env(path: Path, map_size: int, readonly: bool, max_readers: int = 512) 
         max_spare_txns=8,
         subdir=True,
     )
+    if not readonly:
+        # A database handle first opened inside a read transaction dies with
+        # it. Opening every existing one now, in a committed write
+        # transaction, lets this process's readers use them safely.
+        with env.begin(write=True) as txn:
+            for name, _ in txn.cursor():
+                env.open_db(name, txn=txn, create=False)
+    return env
+
+
+def _handle(env: lmdb.Environment, name: bytes):
+    """A handle to an existing named database, valid in transactions begun later.
+
+    A handle first opened inside a read transaction dies with it, and a
+    transaction only sees handles that existed when it began. In a read-only
+    environment the handle gets a transaction of its own, which commits; in
+    the writer's environment every handle was opened by a committed write
+    transaction (see open_env and the sync), so a read transaction only looks
+    it up.
+    """
+    if env.flags()["readonly"]:
+        return env.open_db(name, create=False)
+    with env.begin() as txn:
+        return env.open_db(name, txn=txn, create=False)
 
 
 @dataclass
@@ -97,86 +121,105 @@ class CollectionView:
 
 
 class Reader:
-    """Point reads for PersonalizeService; safe to share across threads."""
+    """Point reads for PersonalizeService, each from one consistent snapshot."""
 
     def __init__(self, env: lmdb.Environment):
         self.env = env
-        self._generation = -1
+        self._generation = 0
         self._collections: dict[str, CollectionView] = {}
-        self.audience_ids: tuple[str, ...] = ()
         self._meta = None
         self._members = None
+        self._last_sync: dict | None = None
+        self.audience_ids: tuple[str, ...] = ()
 
-    def _refresh(self, txn) -> None:
+    def _snapshot(self):
+        """A read transaction whose generation is the one the catalog was loaded for."""
+        while True:
+            txn = self.env.begin()
+            if self._meta is None:
+                if txn.get(META) is None:
+                    return txn  # nothing has ever been synced here
+            else:
+                raw = txn.get(GENERATION, db=self._meta)
+                if (U64.unpack(raw)[0] if raw else 0) == self._generation:
+                    return txn
+            txn.abort()
+            self._load()
+
+    def _load(self) -> None:
         if self._meta is None:
-            try:
-                self._meta = self.env.open_db(META, txn=txn, create=False)
-            except lmdb.NotFoundError:
-                return  # no sync has ever run here
-
-        raw = txn.get(GENERATION, db=self._meta)
-        generation = U64.unpack(raw)[0] if raw else 0
-        if generation == self._generation:
-            return
-        catalog = json.loads(txn.get(CATALOG, db=self._meta) or b"{}")
+            self._meta = _handle(self.env, META)
+        with self.env.begin() as txn:
+            raw = txn.get(GENERATION, db=self._meta)
+            generation = U64.unpack(raw)[0] if raw else 0
+            catalog = json.loads(txn.get(CATALOG, db=self._meta) or b"{}")
+            last = txn.get(LAST_SYNC, db=self._meta)
+            has_members = txn.get(MEMBERS) is not None
         from ..wire import length_delimited
 
-        views = {}
-        for name, spec in catalog.get("collections", {}).items():
-            views[name] = CollectionView(
+        self._collections = {
+            name: CollectionView(
                 name=name,
-                db=self.env.open_db(spec["db"].encode(), txn=txn, create=False),
+                db=_handle(self.env, spec["db"].encode()),
                 columns=tuple(spec["columns"]),
                 is_parent=spec["parent"],
                 prefix=length_delimited(b"\x0a", name.encode()),
             )
-        if self._members is None and txn.get(MEMBERS, db=None) is not None:
-            self._members = self.env.open_db(MEMBERS, txn=txn, create=False)
-        self._collections = views
+            for name, spec in catalog.get("collections", {}).items()
+        }
+        if self._members is None and has_members:
+            self._members = _handle(self.env, MEMBERS)
         self.audience_ids = tuple(catalog.get("audiences", ()))
+        self._last_sync = json.loads(last) if last else None
         self._generation = generation
+
+    def refresh(self) -> int:
+        """Catches up with the last committed sync; returns its generation (0: none yet)."""
+        self._snapshot().abort()
+        return self._generation
 
     @property
     def generation(self) -> int:
-        """Syncs landed as of the last read (0: not ready)."""
-        with self.env.begin() as txn:
-            self._refresh(txn)
-        return max(self._generation, 0)
+        return self.refresh()
 
     def collections(self) -> dict[str, CollectionView]:
-        with self.env.begin() as txn:
-            self._refresh(txn)
+        self.refresh()
         return self._collections
 
-    def view(self, name: str) -> CollectionView:
+    def last_sync(self) -> dict | None:
+        self.refresh()
+        return self._last_sync
+
+    def people(self) -> int:
+        report = self.last_sync()
+        return int(report["people"]) if report else 0
+
+    def _view(self, name: str) -> CollectionView:
         view = self._collections.get(name)
-        if view is None:
-            self.collections()  # maybe a sync just added it
-            view = self._collections.get(name)
-        if view is None:
-            if self._generation <= 0:
-                raise NotReady("the first warehouse sync has not landed yet")
-            known = ", ".join(sorted(self._collections)) or "none"
-            raise UnknownCollection(
-                f"unknown collection {name!r}",
-                violations=[FieldViolation("collection", f"{name!r} is not a collection; collections: {known}")],
-            )
-        return view
+        if view is not None:
+            return view
+        if self._generation == 0:
+            raise NotReady("the first warehouse sync has not landed yet")
+        known = ", ".join(sorted(self._collections)) or "none"
+        raise UnknownCollection(
+            f"unknown collection {name!r}",
+            violations=[FieldViolation("collection", f"{name!r} is not a collection; collections: {known}")],
+        )
 
     def get(self, name: str, keys: list[bytes]) -> tuple[CollectionView, list[tuple[bytes | None, bytes | None]]]:
         """Stored records and membership bitsets for keys, from one snapshot."""
-        with self.env.begin() as txn:
-            self._refresh(txn)
-            view = self.view(name)
-            members = self._members
+        txn = self._snapshot()
+        try:
+            view = self._view(name)
+            members = self._members if view.is_parent else None
             out = []
             for key in keys:
                 stored = txn.get(key, db=view.db)
-                bits = None
-                if stored is not None and members is not None and view.is_parent:
-                    bits = txn.get(stored[:4], db=members)
+                bits = txn.get(stored[:4], db=members) if stored is not None and members is not None else None
                 out.append((stored, bits))
             return view, out
+        finally:
+            txn.abort()
 
     def get_one(self, name: str, key: bytes) -> tuple[CollectionView, bytes, bytes | None]:
         view, ((stored, bits),) = self.get(name, [key])
@@ -184,16 +227,6 @@ class Reader:
             raise KeyNotFound(f"no record with key {key.decode(errors='replace')!r} in collection {name!r}",
                               metadata={"collection": name})
         return view, stored, bits
-
-    def last_sync(self) -> dict | None:
-        with self.env.begin() as txn:
-            self._refresh(txn)
-            raw = txn.get(LAST_SYNC, db=self._meta) if self._meta is not None else None
-            return json.loads(raw) if raw else None
-
-    def people(self) -> int:
-        report = self.last_sync()
-        return int(report["people"]) if report else 0
 
 
 def data_path(data_dir: Path) -> Path:
