@@ -224,7 +224,9 @@ def serve_workers(project: Project, workers: int, *, ready_file: str | None = No
             if pid in children:
                 children.discard(pid)
                 log.error("serving process %d exited (status %d); starting another", pid, status)
+                env.close()  # an LMDB environment must not cross fork()
                 children.add(_spawn_worker(project, port))
+                env = open_env(path, project.map_size, readonly=False)
             stop.wait(0.2)
     finally:
         for pid in children:

@@ -71,7 +71,7 @@ cdef inline Py_ssize_t put_varint(char* p, uint64_t v) nogil:
 cdef inline void civil_from_days(int64_t z, int64_t* y, int* m, int* d) nogil:
     # Howard Hinnant's days-to-civil algorithm (proleptic Gregorian).
     z += 719468
-    cdef int64_t era = (z if z >= 0 else z - 146096) // 146097
+    cdef int64_t era = floordiv(z, 146097)
     cdef int64_t doe = z - era * 146097
     cdef int64_t yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
     cdef int64_t doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
@@ -81,11 +81,19 @@ cdef inline void civil_from_days(int64_t z, int64_t* y, int* m, int* d) nogil:
     y[0] = yoe + era * 400 + (1 if m[0] <= 2 else 0)
 
 
+cdef inline int64_t floordiv(int64_t a, int64_t b) nogil:
+    # cdivision truncates toward zero; times before 1970 need floor division.
+    cdef int64_t q = a / b
+    if (a % b != 0) and ((a < 0) != (b < 0)):
+        q -= 1
+    return q
+
+
 cdef int format_rfc3339(int64_t micros, char* out) nogil:
     """Writes e.g. 2024-05-01T12:34:56Z or ...56.250000Z; returns the length."""
-    cdef int64_t secs = micros // 1000000
+    cdef int64_t secs = floordiv(micros, 1000000)
     cdef int64_t frac = micros - secs * 1000000
-    cdef int64_t days = secs // 86400
+    cdef int64_t days = floordiv(secs, 86400)
     cdef int64_t sod = secs - days * 86400
     cdef int64_t y
     cdef int m, d

@@ -1,0 +1,170 @@
+"""``qualify serve --workers N`` and warehouse changes picked up while serving.
+
+With several workers a supervisor process syncs (the one LMDB writer) and
+forks serving processes that bind the same port with SO_REUSEPORT. The kernel
+spreads new TCP connections over them, so fresh connections (each channel
+below has its own subchannel pool, hence its own connection) reach both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import duckdb
+import grpc
+import pytest
+
+from conftest import write_project
+from qualify.v1 import diagnostics_pb2, diagnostics_pb2_grpc, personalize_pb2, personalize_pb2_grpc
+
+PEOPLE = 2_000
+# Without its own subchannel pool, a new channel to the same address reuses
+# the process-wide connection and always reaches the same worker.
+FRESH_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+
+
+def ask(address: str):
+    """GetServerInfo and one Get over a brand-new connection."""
+    with grpc.insecure_channel(address, options=FRESH_CONNECTION) as ch:
+        info = diagnostics_pb2_grpc.DiagnosticsServiceStub(ch).GetServerInfo(
+            diagnostics_pb2.GetServerInfoRequest(), timeout=5)
+        record = personalize_pb2_grpc.PersonalizeServiceStub(ch).Get(
+            personalize_pb2.GetRequest(collection="customers", key="user-1234"), timeout=5).record
+    return info, record
+
+
+def workers_seen(address: str, want: int, attempts: int = 300, exclude: frozenset = frozenset()) -> dict:
+    """worker pid -> (info, record), until `want` distinct pids (not in exclude) answered."""
+    seen: dict = {}
+    for _ in range(attempts):
+        info, record = ask(address)
+        if info.worker_pid not in exclude:
+            seen.setdefault(info.worker_pid, (info, record))
+        if len(seen) >= want:
+            break
+    return seen
+
+
+def parent_of(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[1])
+
+
+def gone(pid: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_two_workers_share_the_port_and_stop_on_sigterm(server_factory):
+    server = server_factory("--workers", "2", "--demo-people", str(PEOPLE))
+    assert json.loads(server.ready_file.read_text())["workers"] == 2
+
+    seen = workers_seen(server.address, 2)
+    assert len(seen) == 2, f"300 fresh connections all reached worker(s) {sorted(seen)}"
+    supervisor = server.proc.pid
+    records = []
+    for pid, (info, record) in seen.items():
+        assert pid != supervisor
+        assert parent_of(pid) == supervisor, f"worker {pid} is not a child of the supervisor {supervisor}"
+        assert info.people == PEOPLE and info.sync_generation >= 1
+        assert list(info.collections) == ["customers"]
+        assert record.key == "user-1234" and record.fields.fields["user_id"].string_value == "user-1234"
+        records.append(record)
+    assert records[0] == records[1]  # both read the same LMDB environment
+
+    assert server.stop() == 0, server.log()
+    for pid in seen:
+        assert gone(pid), f"worker {pid} still runs after the supervisor exited"
+
+
+def test_a_worker_that_dies_is_replaced(server_factory):
+    server = server_factory("--workers", "2", "--demo-people", str(PEOPLE))
+    first = workers_seen(server.address, 2)
+    assert len(first) == 2
+    victim = min(first)
+    os.kill(victim, signal.SIGKILL)
+    assert gone(victim)
+
+    # Two live serving processes again: the survivor and a new one.
+    deadline = time.monotonic() + 10
+    seen: dict = {}
+    while len(seen) < 2 and time.monotonic() < deadline:
+        try:
+            seen.update(workers_seen(server.address, 2, attempts=50, exclude=frozenset({victim})))
+        except grpc.RpcError:
+            time.sleep(0.1)  # the replacement may still be starting
+    assert len(seen) == 2, f"only {sorted(seen)} answered after worker {victim} was killed"
+    assert all(parent_of(pid) == server.proc.pid for pid in seen)
+    assert server.stop() == 0, server.log()
+    assert all(gone(pid) for pid in seen)
+
+
+def update_warehouse(path: Path, sql: str, timeout: float = 10.0) -> None:
+    """Runs SQL on the DuckDB file, retrying while a sync holds it open."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with duckdb.connect(str(path)) as con:
+                con.execute(sql)
+            return
+        except duckdb.IOException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sync_interval_picks_up_warehouse_changes(server_factory, demo_warehouse, tmp_path, workers):
+    warehouse = tmp_path / "warehouse.duckdb"
+    shutil.copyfile(demo_warehouse, warehouse)
+    project = write_project(tmp_path, f'type = "duckdb"\npath = "{warehouse}"', extra='[server]\nsync_interval = "1s"\n')
+    server = server_factory("--project", str(project), "--workers", str(workers))
+
+    with grpc.insecure_channel(server.address) as ch:
+        stub = personalize_pb2_grpc.PersonalizeServiceStub(ch)
+        info_stub = diagnostics_pb2_grpc.DiagnosticsServiceStub(ch)
+
+        def get(key: str):
+            try:
+                return stub.Get(personalize_pb2.GetRequest(collection="customers", key=key), timeout=5).record
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.NOT_FOUND, err.details()
+                return None
+
+        before = get("user-7")
+        assert before.fields.fields["plan"].string_value != "diamond"
+        assert get("user-100").fields.fields["plan"].string_value != "diamond"
+        assert get("user-2001") is None and get("user-8") is not None
+        generation = info_stub.GetServerInfo(diagnostics_pb2.GetServerInfoRequest(), timeout=5).sync_generation
+
+        update_warehouse(warehouse, """
+            UPDATE customers SET plan = 'diamond', ltv = 12345.5 WHERE user_id = 'user-7';
+            INSERT INTO customers SELECT * REPLACE ('user-2001' AS user_id) FROM customers WHERE user_id = 'user-1';
+            DELETE FROM customers WHERE user_id = 'user-8';
+            """)
+
+        deadline = time.monotonic() + 15
+        while True:
+            after = get("user-7")
+            if after.fields.fields["plan"].string_value == "diamond" or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert after.fields.fields["plan"].string_value == "diamond", server.log()
+        assert after.fields.fields["ltv"].number_value == 12345.5
+        # The same sync (one LMDB transaction) added and removed people.
+        added = get("user-2001")
+        assert added is not None and added.fields.fields["plan"] == get("user-1").fields.fields["plan"]
+        assert get("user-8") is None
+        assert get("user-100").fields.fields["plan"].string_value != "diamond"
+        info = info_stub.GetServerInfo(diagnostics_pb2.GetServerInfoRequest(), timeout=5)
+        assert info.sync_generation > generation
+        assert info.people == PEOPLE
