@@ -7,6 +7,8 @@ what is wrong, so that ``qualify check`` can list them all in one run.
 from __future__ import annotations
 
 import difflib
+import glob
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -129,6 +131,8 @@ def parse_duration(value: Any) -> float:
         if not m:
             raise ValueError("must be a duration such as '15m', '30s', '1h' or a number of seconds")
         seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    if not math.isfinite(seconds):
+        raise ValueError("must be a finite duration")
     if seconds < 0:
         raise ValueError("must not be negative")
     return seconds
@@ -180,6 +184,8 @@ def load_project(path: str | Path) -> Project:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ProjectError(str(path), [Problem("(file)", str(path), f"cannot be read: {exc.strerror}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ProjectError(str(path), [Problem("(file)", str(path), f"is not UTF-8 text (byte {exc.start})")]) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -197,7 +203,7 @@ def parse_project(data: dict, base: Path, path: Path | None = None) -> Project:
     wh = r.table(data, "warehouse", ("type", "path", "dsn", "tables"))
     if "warehouse" not in data:
         r.problem("warehouse", _MISSING, "is required (a [warehouse] table with type = duckdb, files or postgres)")
-    kind = r.string(wh, "type", "warehouse.type", required="warehouse" in data)
+    kind = r.string(wh, "type", "warehouse.type", required=isinstance(data.get("warehouse"), dict))
     warehouse = Warehouse(kind=kind or "duckdb")
     if kind is not None and kind not in ("duckdb", "files", "postgres"):
         r.problem("warehouse.type", kind, "must be one of duckdb, files, postgres")
@@ -215,7 +221,7 @@ def parse_project(data: dict, base: Path, path: Path | None = None) -> Project:
         tables = wh.get("tables", _MISSING)
         entries: list[tuple[str, str]] = []
         if tables is _MISSING or not isinstance(tables, dict) or not tables:
-            r.problem("warehouse.tables", None if tables is _MISSING else tables,
+            r.problem("warehouse.tables", tables,
                       "must be a table of view name = \"file.parquet\" or \"data/*.csv\"")
         else:
             for name, pattern in tables.items():
@@ -226,7 +232,7 @@ def parse_project(data: dict, base: Path, path: Path | None = None) -> Project:
                     r.problem(key, pattern, "must be a path or glob ending in .parquet, .csv, .csv.gz or .tsv")
                 else:
                     full = str((base / pattern))
-                    if not any(Path(full).parent.glob(Path(full).name)):
+                    if not glob.glob(full, recursive=True):
                         r.problem(key, pattern, "matches no file")
                     entries.append((name, full))
         warehouse = Warehouse(kind="files", tables=tuple(entries))

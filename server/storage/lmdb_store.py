@@ -11,6 +11,7 @@ Named databases::
     <table>.keys   key (UTF-8) -> u32 dense id | stored record (see qualify.server.wire)
     <table>.ids    u32 dense id (big-endian, so ids sort) -> key
     <table>.cols   attribute name -> column array; "<name>.valid" -> uint8 array;
+                   "<name>.type" -> the ValueType name the array was written with;
                    "<name>.dict" -> JSON list (string codes); ".alive" -> uint8 array
     members        u32 person id (little-endian, as stored) -> membership bitset
                    (bit i = the catalog's audience i)

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
+import lmdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -25,9 +26,11 @@ from ..config import Attribute, Project
 from ..domain.schema import ValueType
 from ..wire import encode_records, key_part
 from .lmdb_store import CATALOG, GENERATION, ID_KEY, LAST_SYNC, META, PEOPLE, U32, U64, table_of_collection
-from .warehouse import WarehouseError, open_source
+from .warehouse import WarehouseError, WarehouseUnavailable, open_source
 
 log = logging.getLogger(__name__)
+
+MAX_KEY_BYTES = 511  # LMDB's key size limit
 
 Progress = Callable[[str, int], None]
 
@@ -54,6 +57,7 @@ class TableReport:
     unchanged: int = 0
     duplicate_keys: int = 0
     null_keys: int = 0
+    invalid_keys: int = 0  # empty, or longer than LMDB's 511-byte key limit
     seconds: float = 0.0
 
 
@@ -92,6 +96,8 @@ def to_kind(arr: pa.Array, kind: ValueType, name: str):
         if kind == ValueType.INT:
             return arr.cast(pa.int64()).fill_null(0).to_numpy(), valid
         if kind == ValueType.FLOAT:
+            if pa.types.is_decimal(arr.type):  # Arrow's direct cast is not correctly rounded
+                arr = arr.cast(pa.string())
             return arr.cast(pa.float64()).fill_null(0).to_numpy(), valid
         if kind == ValueType.BOOL:
             return arr.cast(pa.bool_()).fill_null(False).to_numpy(zero_copy_only=False).view(np.uint8), valid
@@ -114,8 +120,13 @@ class _Columns:
         self.valid: dict[str, np.ndarray] = {}
         self.dicts: dict[str, list[str]] = {}
         self.codes: dict[str, dict[str, int]] = {}
+        self.fresh: list[Attribute] = []  # new or retyped: every row is (re)written
         for a in attributes:
             k = a.name.encode()
+            if txn.get(k + b".type", db=db) != a.type.name.encode():
+                self.fresh.append(a)
+                for suffix in (b"", b".valid", b".dict"):
+                    txn.delete(k + suffix, db=db)
             self.values[a.name] = self._load(k, _DTYPES[a.type], capacity)
             self.valid[a.name] = self._load(k + b".valid", np.uint8, capacity)
             if a.type == ValueType.STRING:
@@ -144,12 +155,12 @@ class _Columns:
         grown[: len(self.alive)] = self.alive
         self.alive = grown
 
-    def update(self, ids: np.ndarray, rows: np.ndarray, batch: pa.RecordBatch) -> None:
-        """Copies the changed rows' attributes into the arrays at their ids."""
-        if len(ids) == 0:
+    def update(self, ids: np.ndarray, rows: np.ndarray, batch: pa.RecordBatch, attributes) -> None:
+        """Copies rows' attributes into the arrays at their ids."""
+        if len(ids) == 0 or not attributes:
             return
         take = pa.array(rows)
-        for a in self.attributes:
+        for a in attributes:
             arr = batch.column(a.name).take(take)
             if a.type == ValueType.STRING:
                 if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
@@ -176,6 +187,7 @@ class _Columns:
             k = a.name.encode()
             self.txn.put(k, self.values[a.name][:size].tobytes(), db=self.db)
             self.txn.put(k + b".valid", self.valid[a.name][:size].tobytes(), db=self.db)
+            self.txn.put(k + b".type", a.type.name.encode(), db=self.db)
             if a.type == ValueType.STRING:
                 self.txn.put(k + b".dict", json.dumps(self.dicts[a.name]).encode(), db=self.db)
         self.txn.put(b".alive", self.alive[:size].tobytes(), db=self.db)
@@ -211,7 +223,8 @@ class Syncer:
                     served[c.name] = {"db": f"{table}.keys", "columns": columns, "parent": False}
                 raw = txn.get(GENERATION, db=meta)
                 generation = (U64.unpack(raw)[0] if raw else 0) + 1
-                people = people_report.rows - people_report.duplicate_keys - people_report.null_keys
+                people = (people_report.rows - people_report.duplicate_keys - people_report.null_keys
+                          - people_report.invalid_keys)
                 report = SyncReport(generation, started, time.perf_counter() - t0, people, tables)
                 old = json.loads(txn.get(CATALOG, db=meta) or b"{}")
                 catalog = {"collections": served, "audiences": old.get("audiences", []),
@@ -219,8 +232,14 @@ class Syncer:
                 txn.put(CATALOG, json.dumps(catalog).encode(), db=meta)
                 txn.put(LAST_SYNC, json.dumps(report.to_json()).encode(), db=meta)
                 txn.put(GENERATION, U64.pack(generation), db=meta)
+        except WarehouseUnavailable as exc:
+            raise SyncError(str(exc)) from None
         except WarehouseError as exc:
             raise SyncError(f"warehouse query failed: {exc}") from None
+        except lmdb.MapFullError:
+            raise SyncError(f"the LMDB map is full; raise storage.map_size_gb (now {project.map_size / (1 << 30):g})") from None
+        except lmdb.Error as exc:
+            raise SyncError(f"storage: {exc}") from None
         report.seconds = time.perf_counter() - t0
         log.info("sync %d landed in %.2fs: %s", report.generation, report.seconds,
                  ", ".join(f"{t.table} +{t.added} ~{t.changed} -{t.removed}" for t in report.tables))
@@ -260,12 +279,15 @@ class Syncer:
             key_arr = batch.column(key)
             if not (pa.types.is_string(key_arr.type) or pa.types.is_large_string(key_arr.type)):
                 key_arr = key_arr.cast(pa.string())
-            changed_ids, changed_rows = [], []
+            changed_ids, changed_rows, all_ids, all_rows = [], [], [], []
             for i, (k, rec) in enumerate(zip(key_arr.to_pylist(), records)):
                 if k is None:
                     report.null_keys += 1
                     continue
                 kb = k.encode()
+                if not 0 < len(kb) <= MAX_KEY_BYTES:
+                    report.invalid_keys += 1
+                    continue
                 old = get(kb, db=keys_db)
                 if old is None:
                     pid = next_id
@@ -275,18 +297,23 @@ class Syncer:
                     put(kb, pack(pid) + rec, db=keys_db)
                 else:
                     pid = U32.unpack_from(old)[0]
-                    if seen[pid]:
+                    if seen[pid]:  # the first row with a key wins
                         report.duplicate_keys += 1
+                        continue
                     if len(old) == len(rec) + 4 and old.endswith(rec):
                         report.unchanged += 1
                         seen[pid] = 1
+                        if cols.fresh:
+                            all_ids.append(pid)
+                            all_rows.append(i)
                         continue
                     report.changed += 1
                     put(kb, old[:4] + rec, db=keys_db)
                 seen[pid] = 1
                 changed_ids.append(pid)
                 changed_rows.append(i)
-            cols.update(np.array(changed_ids, np.int64), np.array(changed_rows, np.int64), batch)
+            cols.update(np.array(changed_ids, np.int64), np.array(changed_rows, np.int64), batch, attributes)
+            cols.update(np.array(all_ids, np.int64), np.array(all_rows, np.int64), batch, cols.fresh)
             report.rows += n
             if progress:
                 progress(table, report.rows)
@@ -304,7 +331,7 @@ class Syncer:
         cols.alive[: len(seen)] = seen[: len(cols.alive)]
         for a in attributes:
             cols.valid[a.name][gone] = 0
-        if report.added or report.changed or report.removed:
+        if report.added or report.changed or report.removed or cols.fresh:
             cols.save(next_id)
         put(next_key, U32.pack(next_id), db=meta)
         report.seconds = time.perf_counter() - t0

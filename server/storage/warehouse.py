@@ -22,6 +22,10 @@ class WarehouseError(Exception):
     """A query that could not run, with the warehouse's own explanation."""
 
 
+class WarehouseUnavailable(WarehouseError):
+    """The warehouse could not be opened or connected to."""
+
+
 class DuckDBSource:
     def __init__(self, warehouse: Warehouse):
         import duckdb
@@ -34,9 +38,10 @@ class DuckDBSource:
                 self.con = duckdb.connect()
                 for name, pattern in warehouse.tables:
                     reader = "read_parquet" if pattern.endswith(".parquet") else "read_csv_auto"
-                    self.con.execute(f'CREATE VIEW "{name}" AS SELECT * FROM {reader}(?)', [pattern])
+                    literal = "'" + pattern.replace("'", "''") + "'"  # DuckDB takes no parameters in DDL
+                    self.con.execute(f'CREATE VIEW "{name}" AS SELECT * FROM {reader}({literal})')
         except duckdb.Error as exc:
-            raise WarehouseError(f"cannot open the DuckDB warehouse: {exc}") from None
+            raise WarehouseUnavailable(f"cannot open the DuckDB warehouse: {exc}") from None
 
     def batches(self, query: str, rows: int) -> Iterator[pa.RecordBatch]:
         try:
@@ -55,39 +60,77 @@ class DuckDBSource:
         self.con.close()
 
 
+def _pg_arrow_type(type_name: str) -> tuple[pa.DataType, object]:
+    """The Arrow type for a PostgreSQL type name, and how to convert each value."""
+    if type_name in ("int2", "int4", "int8", "oid"):
+        return pa.int64(), None
+    if type_name in ("float4", "float8"):
+        return pa.float64(), None
+    if type_name == "numeric":
+        return pa.float64(), float  # float(Decimal) is the nearest double
+    if type_name == "bool":
+        return pa.bool_(), None
+    if type_name == "timestamp":
+        return pa.timestamp("us"), None
+    if type_name == "timestamptz":
+        return pa.timestamp("us", tz="UTC"), None
+    if type_name == "date":
+        return pa.date32(), None
+    if type_name in ("text", "varchar", "bpchar", "name", "citext"):
+        return pa.string(), None
+    return pa.string(), str  # uuid, json, arrays, ...: their text form
+
+
 class PostgresSource:
+    """Reads every query of one sync from one REPEATABLE READ snapshot."""
+
     def __init__(self, warehouse: Warehouse):
         import psycopg
 
         self._psycopg = psycopg
         try:
             self.con = psycopg.connect(warehouse.dsn, autocommit=False, connect_timeout=10)
+            self.con.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+            self.con.read_only = True
         except psycopg.Error as exc:
-            raise WarehouseError(f"cannot connect to PostgreSQL: {exc}".strip()) from None
+            raise WarehouseUnavailable(f"cannot connect to PostgreSQL: {exc}".strip()) from None
+
+    def _types(self, description) -> list[tuple[pa.DataType, object]]:
+        out = []
+        for d in description:
+            info = self.con.adapters.types.get(d.type_code)
+            out.append(_pg_arrow_type(info.name if info else ""))
+        return out
 
     def batches(self, query: str, rows: int) -> Iterator[pa.RecordBatch]:
         # A named (server-side) cursor streams; a plain one would load every row.
         try:
-            with self.con.transaction(), self.con.cursor(name="qualify_sync") as cur:
+            with self.con.cursor(name="qualify_sync") as cur:
                 cur.itersize = rows
                 cur.execute(query)
                 names = [d.name for d in cur.description]
+                types = self._types(cur.description)
                 while chunk := cur.fetchmany(rows):
-                    columns = list(zip(*chunk))
-                    yield pa.RecordBatch.from_arrays([pa.array(c) for c in columns], names=names)
+                    arrays = []
+                    for (arrow_type, convert), column in zip(types, zip(*chunk)):
+                        if convert is not None:
+                            column = [None if v is None else convert(v) for v in column]
+                        arrays.append(pa.array(column, type=arrow_type))
+                    yield pa.RecordBatch.from_arrays(arrays, names=names)
         except self._psycopg.Error as exc:
             raise WarehouseError(str(exc).strip()) from None
 
     def schema(self, query: str) -> pa.Schema:
         try:
-            with self.con.transaction(), self.con.cursor() as cur:
+            with self.con.transaction(), self.con.cursor() as cur:  # a savepoint: a failure spoils nothing
                 cur.execute(f"SELECT * FROM ({query}) AS q LIMIT 0")
-                return pa.schema([pa.field(d.name, pa.null()) for d in cur.description])
+                types = self._types(cur.description)
+                return pa.schema([pa.field(d.name, t) for d, (t, _) in zip(cur.description, types)])
         except self._psycopg.Error as exc:
             raise WarehouseError(str(exc).strip()) from None
 
     def close(self) -> None:
-        self.con.close()
+        self.con.close()  # ends the read-only snapshot
 
 
 @contextmanager
