@@ -23,12 +23,14 @@ from ._errors import (
 from ._records import BatchResult, Membership, Record
 from .aio import AsyncClient
 from .blocking import Client
+from .emitter import EventEmitter
 
 __all__ = [
     "AsyncClient",
     "BatchResult",
     "Client",
     "DeadlineExceededError",
+    "EventEmitter",
     "InvalidArgumentError",
     "Membership",
     "AlreadyExistsError",

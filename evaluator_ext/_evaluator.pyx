@@ -1,12 +1,69 @@
 # cython: language_level=3
-"""The compiled hot path: bitset membership checks over memory-mapped tables.
+"""The compiled hot path: bitset membership checks and the event-leaf evaluator.
 
 Every function takes integers and buffers (memoryviews into LMDB, numpy
 arrays) and returns plain values; nothing here knows about gRPC or LMDB.
 Bitsets are little-endian: bit ``i`` is bit ``i % 8`` of byte ``i // 8``.
+
+``CompiledEvaluator`` runs a ``Program`` (see program.py) with the semantics
+of ``reference.ReferenceEvaluator`` (same results, same interface) but keeps,
+per person and event leaf, only what the leaf can still observe, in one C
+block per person laid out once per program:
+
+- WITHIN + COUNT: the ``keep`` (= int(threshold) + 1) largest matching
+  timestamps not yet out of every window, ascending. ``min(count, keep)``
+  decides the comparison now and at every later instant, and only their
+  ``ts + window`` can flip it.
+- WITHIN + SUM/MIN/MAX/AVG: (ts, value, arrival number) of the matching
+  events still inside the window, ascending by ts.
+- SESSION: count (and n_values, min, max or an exact sum, as the aggregation
+  needs) of the matching events of the session they belong to; reset when the
+  person's session moves on.
+- EVER: the same, never reset.
+
+Per person: the current session's number, id and latest timestamp (sessions
+are decided in arrival order across all models, as in the reference), an
+arrival counter, and ``horizon``, the largest ``now`` ever passed to
+``evaluate``/``next_change``/``leaf``. Window state is pruned relative to the
+horizon, so "now" must not go backwards for a person (the server clock does
+not): a query at an instant earlier than a previous one may miss events that
+were pruned. Events too old for any window from the horizon on are not kept.
+
+Exact sums. The reference sums with ``math.fsum``, whose result is the
+correctly rounded exact sum. SESSION and EVER keep the state of CPython's own
+fsum loop (Shewchuk's non-overlapping partials, in practice one to three
+doubles, plus the inf/nan accumulators) and finish with CPython's rounding
+tail, so the value is bit-identical to ``math.fsum`` over the same values.
+WITHIN sums run the same code over the kept values. Where ``math.fsum``
+raises (intermediate overflow of finite values, ``inf + -inf``, an int too
+large for a double) the reference evaluator raises; this one answers what
+IEEE arithmetic would (±inf, nan) instead of failing the person's evaluation.
+MIN/MAX follow Python's ``min``/``max`` over arrival order, NaN included (a
+NaN first in arrival order wins, later NaNs are skipped).
+
+Cost. A WITHIN leaf's value is constant from the instant it was computed
+until its ``flips_at``: it is recomputed only when an event changes its state
+or when that instant passes, in one pass over what it keeps (COUNT: at most
+``keep`` timestamps; aggregates: the events in the window). SESSION and EVER
+leaves cost O(1). Filters run once per event, at ``observe``, on the leaves of
+the event's model only.
 """
 
-from libc.stdint cimport uint8_t
+from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBuffer_Release, PyObject_CheckBuffer,
+                             PyObject_GetBuffer)
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.dict cimport PyDict_GetItem
+from cpython.float cimport PyFloat_AS_DOUBLE
+from cpython.object cimport PyObject
+from libc.math cimport INFINITY, NAN, fabs, isfinite, isinf, isnan
+from libc.stdint cimport INT64_MAX, INT64_MIN, int32_t, int64_t, uint8_t
+from libc.stdlib cimport calloc, free, realloc
+from libc.string cimport memmove, memset
+
+cimport cython
+
+from .reference import LeafValue
 
 
 def test_bit(const uint8_t[::1] bitset, Py_ssize_t index):
@@ -42,3 +99,1075 @@ def count_bits(const uint8_t[::1] bitset):
             byte &= byte - 1
             n += 1
     return n
+
+
+# The numbers of program.Op, Scope, Aggregation, Comparison and Code.
+cdef enum:
+    OP_EQ = 1
+    OP_NE = 2
+    OP_LT = 3
+    OP_LE = 4
+    OP_GT = 5
+    OP_GE = 6
+    OP_IN = 7
+    OP_NOT_IN = 8
+    OP_BETWEEN = 9
+    OP_CONTAINS = 10
+    OP_STARTS_WITH = 11
+    OP_IS_SET = 12
+    OP_IS_NOT_SET = 13
+
+cdef enum:
+    SC_WITHIN = 1
+    SC_SESSION = 2
+    SC_EVER = 3
+
+cdef enum:
+    AG_COUNT = 1
+    AG_SUM = 2
+    AG_MIN = 3
+    AG_MAX = 4
+    AG_AVG = 5
+
+cdef enum:
+    CMP_EQ = 1
+    CMP_NE = 2
+    CMP_LT = 3
+    CMP_LE = 4
+    CMP_GT = 5
+    CMP_GE = 6
+
+cdef enum:
+    CODE_STATIC = 1
+    CODE_EVENT = 2
+    CODE_AND = 3
+    CODE_OR = 4
+    CODE_NOT = 5
+
+# A WITHIN COUNT threshold this large keeps every timestamp in the window.
+cdef int64_t KEEP_ALL = INT64_MAX
+cdef int64_t NO_FLIP = INT64_MAX
+
+
+# ---------------------------------------------------------------- exact sums
+
+cdef struct FSum:
+    # CPython math.fsum's running state: non-overlapping partials, ascending
+    # magnitude, plus the sums of the non-finite summands.
+    double* p
+    Py_ssize_t n
+    Py_ssize_t cap
+    double special
+    double inf
+
+
+cdef int _grow(void** p, Py_ssize_t* cap, Py_ssize_t need, size_t size) except -1:
+    cdef Py_ssize_t c = cap[0]
+    cdef void* q
+    if need <= c:
+        return 0
+    if c < 4:
+        c = 4
+    while c < need:
+        c *= 2
+    q = realloc(p[0], c * size)
+    if q == NULL:
+        raise MemoryError()
+    p[0] = q
+    cap[0] = c
+    return 0
+
+
+cdef inline void _fsum_reset(FSum* s) noexcept nogil:
+    s.n = 0
+    s.special = 0.0
+    s.inf = 0.0
+
+
+cdef int _fsum_add(FSum* s, double x) except -1:
+    """One iteration of CPython's fsum loop (Modules/mathmodule.c)."""
+    cdef double xsave = x, y, t, hi, lo, yr
+    cdef Py_ssize_t i = 0, j
+    for j in range(s.n):
+        y = s.p[j]
+        if fabs(x) < fabs(y):
+            t = x
+            x = y
+            y = t
+        hi = x + y
+        yr = hi - x
+        lo = y - yr
+        if lo != 0.0:
+            s.p[i] = lo
+            i += 1
+        x = hi
+    s.n = i
+    if x != 0.0:
+        if not isfinite(x):
+            if isfinite(xsave):
+                # Intermediate overflow: CPython raises OverflowError; take
+                # the infinity IEEE addition gives instead.
+                xsave = x
+            if isinf(xsave):
+                s.inf += xsave
+            s.special += xsave
+            s.n = 0
+        else:
+            if s.n >= s.cap:
+                _grow(<void**>&s.p, &s.cap, s.n + 1, sizeof(double))
+            s.p[s.n] = x
+            s.n += 1
+    return 0
+
+
+cdef double _fsum_value(const FSum* s) noexcept nogil:
+    """CPython fsum's tail: add the partials from the top, then fix half-even rounding."""
+    cdef Py_ssize_t n = s.n
+    cdef double hi = 0.0, lo = 0.0, x, y, yr
+    if s.special != 0.0:
+        if isnan(s.inf):
+            return NAN  # CPython raises ValueError("-inf + inf in fsum")
+        return s.special
+    if n > 0:
+        n -= 1
+        hi = s.p[n]
+        while n > 0:
+            x = hi
+            n -= 1
+            y = s.p[n]
+            hi = x + y
+            yr = hi - x
+            lo = y - yr
+            if lo != 0.0:
+                break
+        if n > 0 and ((lo < 0.0 and s.p[n - 1] < 0.0) or (lo > 0.0 and s.p[n - 1] > 0.0)):
+            y = lo * 2.0
+            x = hi + y
+            yr = x - hi
+            if y == yr:
+                hi = x
+    return hi
+
+
+def _fsum(values):
+    """math.fsum through the evaluator's incremental code (for tests)."""
+    cdef FSum s
+    s.p = NULL
+    s.cap = 0
+    _fsum_reset(&s)
+    try:
+        for v in values:
+            _fsum_add(&s, _as_double(v))
+        return _fsum_value(&s)
+    finally:
+        free(s.p)
+
+
+# ---------------------------------------------------------------- predicates
+
+cdef inline bint _is_number(object x) noexcept:
+    return (isinstance(x, int) or isinstance(x, float)) and type(x) is not bool
+
+
+cdef inline bint _is_str(object x) noexcept:
+    return isinstance(x, str)
+
+
+cdef double _as_double(object v) except? -1.0:
+    """A number property as the double ``float(v)`` gives; ints too large become ±inf."""
+    if type(v) is float:
+        return PyFloat_AS_DOUBLE(v)
+    try:
+        return float(v)
+    except OverflowError:
+        return INFINITY if v > 0 else -INFINITY
+
+
+cdef inline bint _eq(object v, object a) except -1:
+    # bool cannot be subclassed, and booleans equal only booleans.
+    if type(v) is bool or type(a) is bool:
+        return type(v) is bool and type(a) is bool and v is a
+    return v == a
+
+
+cdef inline bint _ordered(object v, object a) noexcept:
+    return (_is_number(v) and _is_number(a)) or (_is_str(v) and _is_str(a))
+
+
+cdef class _Filter:
+    """One ``property op values`` with reference.test_predicate's semantics."""
+
+    cdef object prop
+    cdef int op
+    cdef tuple values
+    cdef object a
+    cdef object b
+    cdef frozenset bools   # IN / NOT_IN fast path: the boolean values
+    cdef frozenset others  # ... and the others; None when a linear scan is needed
+
+    def __init__(self, f):
+        self.prop = f.property
+        self.op = int(f.op)
+        self.values = tuple(f.values)
+        if self.op < OP_EQ or self.op > OP_IS_NOT_SET:
+            raise ValueError(f"unknown filter operator {f.op!r}")
+        need = 2 if self.op == OP_BETWEEN else (0 if self.op in (OP_IN, OP_NOT_IN, OP_IS_SET, OP_IS_NOT_SET) else 1)
+        if len(self.values) < need:
+            raise ValueError(f"filter on {self.prop!r}: operator {f.op!r} needs {need} value(s)")
+        self.a = self.values[0] if self.values else None
+        self.b = self.values[1] if len(self.values) > 1 else None
+        self.bools = None
+        self.others = None
+        if self.op in (OP_IN, OP_NOT_IN) and all(
+                type(x) in (str, int, float, bool) and not (type(x) is float and x != x) for x in self.values):
+            # Sets agree with _eq here: numbers hash by value (1 == 1.0), no
+            # NaN can match by identity, and booleans are kept apart.
+            self.bools = frozenset(x for x in self.values if type(x) is bool)
+            self.others = frozenset(x for x in self.values if type(x) is not bool)
+
+    cdef bint _member(self, object v) except -1:
+        cdef object t = type(v)
+        if self.others is not None:
+            if t is bool:
+                return v in self.bools
+            if t is str or t is int or t is float:
+                return v in self.others
+        for x in self.values:
+            if _eq(v, x):
+                return True
+        return False
+
+    cdef bint test(self, object v) except -1:
+        cdef int op = self.op
+        cdef object a
+        if v is None:
+            return op == OP_IS_NOT_SET or op == OP_NE or op == OP_NOT_IN
+        if op == OP_IS_SET:
+            return True
+        if op == OP_IS_NOT_SET:
+            return False
+        if op == OP_IN:
+            return self._member(v)
+        if op == OP_NOT_IN:
+            return not self._member(v)
+        a = self.a
+        if op == OP_EQ:
+            return _eq(v, a)
+        if op == OP_NE:
+            return not _eq(v, a)
+        if op == OP_CONTAINS:
+            return _is_str(v) and _is_str(a) and a in v
+        if op == OP_STARTS_WITH:
+            return _is_str(v) and _is_str(a) and v.startswith(a)
+        if op == OP_BETWEEN:
+            return _ordered(v, a) and _ordered(v, self.b) and a <= v and v <= self.b
+        if not _ordered(v, a):
+            return False
+        if op == OP_LT:
+            return v < a
+        if op == OP_LE:
+            return v <= a
+        if op == OP_GT:
+            return v > a
+        return v >= a
+
+
+cdef inline object _get(dict d, object key):
+    cdef PyObject* p = PyDict_GetItem(d, key)
+    if p == NULL:
+        return None
+    return <object>p
+
+
+cdef class _LeafPlan:
+    """What observe needs of one event leaf."""
+
+    cdef Py_ssize_t j
+    cdef tuple filters
+    cdef object prop  # the aggregated property, None for COUNT or no property
+
+
+# ---------------------------------------------------------------- state
+
+cdef struct WEntry:
+    int64_t ts
+    int64_t seq  # arrival number * 2 + (1 when the event has the property as a number)
+    double v
+
+
+cdef struct LeafSpec:
+    int64_t model
+    int scope
+    int agg
+    int cmp
+    int64_t window
+    int64_t keep
+    double threshold
+    bint empty_holds  # the comparison's value with no events in scope
+    Py_ssize_t offset  # of the leaf's WState or SState in a person's state block
+
+
+cdef struct WState:
+    # A WITHIN leaf: buf is int64_t[cap] (COUNT: the kept timestamps) or WEntry[cap]
+    # (aggregates), n used, ascending by ts. Its holds is c_holds for c_from <= now < c_until.
+    void* buf
+    int64_t c_from
+    int64_t c_until
+    int32_t n
+    int32_t cap
+    uint8_t c_valid
+    uint8_t c_holds
+
+
+cdef struct SState:
+    # A SESSION or EVER leaf. Only a prefix is allocated: COUNT needs count and session,
+    # MIN/MAX up to vmax, SUM/AVG everything.
+    int64_t count
+    int64_t session  # SESSION: the session counted, -1 for none
+    int64_t n_values
+    double vmin
+    double vmax
+    FSum sum
+
+
+cdef inline WState* _wstate(char* block, const LeafSpec* sp) noexcept nogil:
+    return <WState*>(block + sp.offset)
+
+
+cdef inline SState* _sstate(char* block, const LeafSpec* sp) noexcept nogil:
+    return <SState*>(block + sp.offset)
+
+
+@cython.no_gc_clear  # __dealloc__ reads the layout through ``owner``
+cdef class CompiledState:
+    """One person's realtime state: one C block laid out by its CompiledEvaluator.
+
+    Made by ``CompiledEvaluator.new_state()``; only that evaluator can use it.
+    """
+
+    cdef object owner  # the evaluator: keeps specs alive
+    cdef const LeafSpec* specs
+    cdef Py_ssize_t n_leaves
+    cdef Py_ssize_t size
+    cdef char* block
+    cdef int64_t session
+    cdef object session_id
+    cdef int64_t session_last_ts
+    cdef int64_t seq
+    cdef int64_t horizon
+
+    def __cinit__(self):
+        self.owner = None
+        self.specs = NULL
+        self.n_leaves = 0
+        self.size = 0
+        self.block = NULL
+        self.session = -1
+        self.session_id = ""
+        self.session_last_ts = 0
+        self.seq = 0
+        self.horizon = INT64_MIN
+
+    def __dealloc__(self):
+        cdef Py_ssize_t j
+        cdef const LeafSpec* sp
+        if self.block == NULL:
+            return
+        for j in range(self.n_leaves):
+            sp = &self.specs[j]
+            if sp.scope == SC_WITHIN:
+                free(_wstate(self.block, sp).buf)
+            elif sp.agg == AG_SUM or sp.agg == AG_AVG:
+                free(_sstate(self.block, sp).sum.p)
+        free(self.block)
+
+    @property
+    def session_number(self):
+        """The current session's number (-1 before the first event)."""
+        return self.session
+
+    def stored(self, Py_ssize_t j):
+        """How many events leaf j keeps (timestamps or (ts, value) pairs; 0 for SESSION/EVER)."""
+        if j < 0 or j >= self.n_leaves:
+            raise IndexError("event leaf index out of range")
+        if self.specs[j].scope != SC_WITHIN:
+            return 0
+        return _wstate(self.block, &self.specs[j]).n
+
+    def nbytes(self):
+        """Bytes this state holds in C: the block and the buffers it points to (capacity)."""
+        cdef Py_ssize_t j, total = self.size
+        cdef const LeafSpec* sp
+        cdef WState* w
+        for j in range(self.n_leaves):
+            sp = &self.specs[j]
+            if sp.scope == SC_WITHIN:
+                w = _wstate(self.block, sp)
+                total += w.cap * (sizeof(int64_t) if sp.agg == AG_COUNT else sizeof(WEntry))
+            elif sp.agg == AG_SUM or sp.agg == AG_AVG:
+                total += _sstate(self.block, sp).sum.cap * sizeof(double)
+        return total
+
+
+cdef inline bint _compare(int c, double v, double t) noexcept nogil:
+    if c == CMP_EQ:
+        return v == t
+    if c == CMP_NE:
+        return v != t
+    if c == CMP_LT:
+        return v < t
+    if c == CMP_LE:
+        return v <= t
+    if c == CMP_GT:
+        return v > t
+    return v >= t
+
+
+cdef inline bint _value_holds(const LeafSpec* sp, bint has, double v) noexcept nogil:
+    # A missing aggregate satisfies only NE.
+    if not has:
+        return sp.cmp == CMP_NE
+    return _compare(sp.cmp, v, sp.threshold)
+
+
+cdef bint _scalar_value(const LeafSpec* sp, const SState* ss, double* out) noexcept nogil:
+    """SESSION/EVER aggregate; False when missing."""
+    if sp.agg == AG_COUNT:
+        out[0] = <double>ss.count
+        return True
+    if ss.n_values == 0:
+        return False
+    if sp.agg == AG_SUM:
+        out[0] = _fsum_value(&ss.sum)
+    elif sp.agg == AG_MIN:
+        out[0] = ss.vmin
+    elif sp.agg == AG_MAX:
+        out[0] = ss.vmax
+    else:
+        out[0] = _fsum_value(&ss.sum) / <double>ss.n_values
+    return True
+
+
+cdef inline int _scalar_add(const LeafSpec* sp, SState* ss, bint has, double x) except -1:
+    ss.count += 1
+    if not has:  # always so for COUNT
+        return 0
+    if sp.agg == AG_SUM or sp.agg == AG_AVG:
+        _fsum_add(&ss.sum, x)
+    elif ss.n_values == 0:
+        ss.vmin = x
+        ss.vmax = x
+    else:
+        # Python's min/max over arrival order: replace only on a strict improvement.
+        if x < ss.vmin:
+            ss.vmin = x
+        if x > ss.vmax:
+            ss.vmax = x
+    ss.n_values += 1
+    return 0
+
+
+cdef inline void _scalar_reset(const LeafSpec* sp, SState* ss) noexcept nogil:
+    ss.count = 0
+    if sp.agg != AG_COUNT:
+        ss.n_values = 0
+        ss.vmin = 0.0
+        ss.vmax = 0.0
+        if sp.agg == AG_SUM or sp.agg == AG_AVG:
+            _fsum_reset(&ss.sum)
+
+
+cdef int _reserve(WState* w, Py_ssize_t need, size_t size) except -1:
+    cdef Py_ssize_t cap = w.cap
+    if need > cap:
+        if need > 0x7fffffff:
+            raise MemoryError("too many events kept for one leaf")
+        _grow(&w.buf, &cap, need, size)
+        w.cap = <int32_t>min(cap, 0x7fffffff)
+    return 0
+
+
+cdef int _within_count_add(CompiledState st, const LeafSpec* sp, WState* w, int64_t ts) except -1:
+    """Keeps ts if it is among the ``keep`` largest timestamps."""
+    cdef int64_t* a
+    cdef Py_ssize_t i, n = w.n
+    if sp.keep == 0:
+        return 0
+    if st.horizon != INT64_MIN and ts <= st.horizon - sp.window:
+        return 0  # out of every window from now on
+    if n >= sp.keep:
+        a = <int64_t*>w.buf
+        if ts <= a[0]:
+            return 0  # not among the keep largest
+        memmove(a, a + 1, (n - 1) * sizeof(int64_t))  # drop the smallest
+        n -= 1
+    else:
+        _reserve(w, n + 1, sizeof(int64_t))
+        a = <int64_t*>w.buf
+    i = n
+    while i > 0 and a[i - 1] > ts:
+        i -= 1
+    memmove(a + i + 1, a + i, (n - i) * sizeof(int64_t))
+    a[i] = ts
+    w.n = <int32_t>(n + 1)
+    w.c_valid = False
+    return 0
+
+
+cdef int _within_agg_add(CompiledState st, const LeafSpec* sp, WState* w, int64_t ts, bint has, double x) except -1:
+    """Keeps (ts, x) in ts order, after the entries with the same ts."""
+    cdef WEntry* e
+    cdef Py_ssize_t i, n = w.n
+    if st.horizon != INT64_MIN and ts <= st.horizon - sp.window:
+        return 0
+    _reserve(w, n + 1, sizeof(WEntry))
+    e = <WEntry*>w.buf
+    i = n
+    while i > 0 and e[i - 1].ts > ts:
+        i -= 1
+    memmove(e + i + 1, e + i, (n - i) * sizeof(WEntry))
+    e[i].ts = ts
+    e[i].seq = st.seq * 2 + (1 if has else 0)
+    e[i].v = x
+    w.n = <int32_t>(n + 1)
+    w.c_valid = False
+    return 0
+
+
+# ---------------------------------------------------------------- evaluator
+
+cdef class CompiledEvaluator:
+    """Runs a Program over CompiledStates; agrees with ReferenceEvaluator."""
+
+    cdef readonly object program
+    cdef readonly int64_t timeout
+    cdef Py_ssize_t n_leaves
+    cdef Py_ssize_t n_audiences
+    cdef LeafSpec* specs
+    cdef Py_ssize_t state_size  # bytes of a person's state block
+    cdef dict plans  # model -> tuple of _LeafPlan
+    # Postfix code of every audience back to back; audience a is [starts[a], starts[a+1]).
+    cdef uint8_t* ops
+    cdef int32_t* args  # STATIC/EVENT: index; AND/OR: how many values the reference's slice pops
+    cdef Py_ssize_t* starts
+    cdef Py_ssize_t max_static  # the largest static index used, -1 for none
+    cdef uint8_t* stack
+    cdef uint8_t* memo  # per evaluate call: leaf holds, 2 = not computed yet
+    cdef uint8_t* sbuf  # static values converted from a generic sequence
+    cdef uint8_t* out  # per evaluate call: audience values
+    cdef uint8_t* scratch
+    cdef Py_ssize_t scratch_cap
+    cdef FSum tmp
+
+    def __cinit__(self):
+        self.specs = NULL
+        self.ops = NULL
+        self.args = NULL
+        self.starts = NULL
+        self.stack = NULL
+        self.memo = NULL
+        self.sbuf = NULL
+        self.out = NULL
+        self.scratch = NULL
+        self.scratch_cap = 0
+        self.tmp.p = NULL
+        self.tmp.cap = 0
+        _fsum_reset(&self.tmp)
+
+    def __dealloc__(self):
+        free(self.specs)
+        free(self.ops)
+        free(self.args)
+        free(self.starts)
+        free(self.stack)
+        free(self.memo)
+        free(self.sbuf)
+        free(self.out)
+        free(self.scratch)
+        free(self.tmp.p)
+
+    def __init__(self, program):
+        cdef Py_ssize_t j, n_code, pc, depth, max_depth, start, a
+        cdef LeafSpec* sp
+        cdef _LeafPlan plan
+        self.program = program
+        self.timeout = program.session_timeout_us
+        leaves = tuple(program.leaves)
+        self.n_leaves = len(leaves)
+        self.specs = <LeafSpec*>calloc(self.n_leaves + 1, sizeof(LeafSpec))
+        self.memo = <uint8_t*>calloc(self.n_leaves + 1, 1)
+        if self.specs == NULL or self.memo == NULL:
+            raise MemoryError()
+        by_model = {}
+        for j, leaf in enumerate(leaves):
+            sp = &self.specs[j]
+            sp.model = leaf.model
+            sp.scope = int(leaf.scope)
+            sp.agg = int(leaf.aggregation)
+            sp.cmp = int(leaf.comparison)
+            sp.window = leaf.window_us
+            sp.threshold = float(leaf.threshold)
+            if sp.scope < SC_WITHIN or sp.scope > SC_EVER:
+                raise ValueError(f"leaf {j}: unknown scope {leaf.scope!r}")
+            if sp.agg < AG_COUNT or sp.agg > AG_AVG:
+                raise ValueError(f"leaf {j}: unknown aggregation {leaf.aggregation!r}")
+            if sp.cmp < CMP_EQ or sp.cmp > CMP_GE:
+                raise ValueError(f"leaf {j}: unknown comparison {leaf.comparison!r}")
+            sp.keep = 0
+            if sp.scope == SC_WITHIN and sp.agg == AG_COUNT:
+                # min(count, keep) decides ``count cmp threshold`` (keep = leaf.keep,
+                # floored at 0: a negative threshold is beaten by every count).
+                if isnan(sp.threshold) or sp.threshold <= -1.0:
+                    sp.keep = 0
+                elif sp.threshold >= 4.0e18:
+                    sp.keep = KEEP_ALL
+                else:
+                    sp.keep = <int64_t>sp.threshold + 1
+            if sp.agg == AG_COUNT:
+                sp.empty_holds = _compare(sp.cmp, 0.0, sp.threshold)
+            else:
+                sp.empty_holds = sp.cmp == CMP_NE
+            # Each leaf's part of a person's block: only what its kind uses.
+            sp.offset = self.state_size
+            if sp.scope == SC_WITHIN:
+                self.state_size += sizeof(WState)
+            elif sp.agg == AG_COUNT:
+                self.state_size += 2 * sizeof(int64_t)  # count, session
+            elif sp.agg == AG_MIN or sp.agg == AG_MAX:
+                self.state_size += 3 * sizeof(int64_t) + 2 * sizeof(double)  # ... n_values, vmin, vmax
+            else:
+                self.state_size += sizeof(SState)
+            plan = _LeafPlan()
+            plan.j = j
+            plan.filters = tuple(_Filter(f) for f in leaf.filters)
+            plan.prop = leaf.property if (sp.agg != AG_COUNT and leaf.property) else None
+            by_model.setdefault(leaf.model, []).append(plan)
+        self.plans = {m: tuple(p) for m, p in by_model.items()}
+
+        audiences = [tuple((int(op), int(arg)) for op, arg in code) for code in program.audiences]
+        self.n_audiences = len(audiences)
+        n_code = sum(len(code) for code in audiences)
+        self.ops = <uint8_t*>calloc(n_code + 1, 1)
+        self.args = <int32_t*>calloc(n_code + 1, sizeof(int32_t))
+        self.starts = <Py_ssize_t*>calloc(self.n_audiences + 1, sizeof(Py_ssize_t))
+        if self.ops == NULL or self.args == NULL or self.starts == NULL:
+            raise MemoryError()
+        pc = 0
+        max_depth = 1
+        self.max_static = -1
+        for a, code in enumerate(audiences):
+            self.starts[a] = pc
+            depth = 0
+            for op, arg in code:
+                if op == CODE_STATIC:
+                    if arg < 0:
+                        raise ValueError(f"audience {a}: STATIC {arg}")
+                    self.max_static = max(self.max_static, arg)
+                    depth += 1
+                elif op == CODE_EVENT:
+                    if not 0 <= arg < self.n_leaves:
+                        raise ValueError(f"audience {a}: EVENT {arg} with {self.n_leaves} leaves")
+                    depth += 1
+                elif op == CODE_AND or op == CODE_OR:
+                    # reference.run pops ``stack[-arg:]``: the slice's length, whatever arg is.
+                    start = -arg
+                    if start < 0:
+                        start = max(start + depth, 0)
+                    else:
+                        start = min(start, depth)
+                    arg = depth - start
+                    depth = start + 1
+                elif op == CODE_NOT:
+                    if depth == 0:
+                        raise ValueError(f"audience {a}: NOT on an empty stack")
+                else:
+                    raise ValueError(f"audience {a}: unknown instruction {op}")
+                self.ops[pc] = op
+                self.args[pc] = arg
+                pc += 1
+                max_depth = max(max_depth, depth)
+            if depth != 1:
+                raise ValueError(f"audience {a}: malformed program")
+        self.starts[self.n_audiences] = pc
+        self.stack = <uint8_t*>calloc(max_depth + 1, 1)
+        self.sbuf = <uint8_t*>calloc(self.max_static + 2, 1)
+        self.out = <uint8_t*>calloc(self.n_audiences + 1, 1)
+        if self.stack == NULL or self.sbuf == NULL or self.out == NULL:
+            raise MemoryError()
+
+    # ------------------------------------------------------------ events
+
+    def new_state(self):
+        """A person with no events yet."""
+        cdef CompiledState st = CompiledState.__new__(CompiledState)
+        cdef Py_ssize_t j
+        st.block = <char*>calloc(self.state_size if self.state_size > 0 else 1, 1)
+        if st.block == NULL:
+            raise MemoryError()
+        st.owner = self
+        st.specs = self.specs
+        st.n_leaves = self.n_leaves
+        st.size = self.state_size
+        for j in range(self.n_leaves):
+            if self.specs[j].scope == SC_SESSION:
+                _sstate(st.block, &self.specs[j]).session = -1
+        return st
+
+    cdef inline int _check(self, CompiledState st) except -1:
+        if st.specs != self.specs:
+            raise ValueError("the state was not made by this evaluator's new_state()")
+        return 0
+
+    def observe(self, CompiledState state not None, model, int64_t ts_us, properties, session_id=""):
+        """Records one event of ``model`` (already matched to the model) for the person."""
+        cdef CompiledState st = state
+        cdef _LeafPlan plan
+        cdef _Filter f
+        cdef LeafSpec* sp
+        cdef SState* ss
+        cdef dict props
+        cdef bint ok, has
+        cdef double x
+        cdef object v
+        self._check(st)
+        if session_id is None:
+            session_id = ""
+        if (st.session < 0 or ts_us >= st.session_last_ts + self.timeout
+                or (session_id and session_id != st.session_id)):
+            st.session += 1
+            st.session_id = session_id
+            st.session_last_ts = ts_us
+        elif ts_us > st.session_last_ts:
+            st.session_last_ts = ts_us
+        st.seq += 1
+        plans = self.plans.get(model)
+        if plans is None:
+            return
+        props = properties if type(properties) is dict else dict(properties)
+        for p in <tuple>plans:
+            plan = <_LeafPlan>p
+            ok = True
+            for fo in plan.filters:
+                f = <_Filter>fo
+                if not f.test(_get(props, f.prop)):
+                    ok = False
+                    break
+            if not ok:
+                continue
+            has = False
+            x = 0.0
+            if plan.prop is not None:
+                v = _get(props, plan.prop)
+                if v is not None and _is_number(v):
+                    has = True
+                    x = _as_double(v)
+            sp = &self.specs[plan.j]
+            if sp.scope == SC_WITHIN:
+                if sp.agg == AG_COUNT:
+                    _within_count_add(st, sp, _wstate(st.block, sp), ts_us)
+                else:
+                    _within_agg_add(st, sp, _wstate(st.block, sp), ts_us, has, x)
+            else:
+                ss = _sstate(st.block, sp)
+                if sp.scope == SC_SESSION and ss.session != st.session:
+                    _scalar_reset(sp, ss)
+                    ss.session = st.session
+                _scalar_add(sp, ss, has, x)
+
+    # ------------------------------------------------------------ leaf values
+
+    cdef int _within(self, CompiledState st, const LeafSpec* sp, int64_t now,
+                     int64_t* count, bint* has, double* value) except -1:
+        """Computes a WITHIN leaf at ``now`` (<= horizon), refreshing its cache; returns holds."""
+        cdef WState* ws = _wstate(st.block, sp)
+        cdef int64_t w = sp.window, cutoff = st.horizon - sp.window
+        cdef Py_ssize_t n = ws.n, i, g
+        cdef bint holds, first_nan = False, any_num = False
+        cdef int64_t first_seq = INT64_MAX, nv = 0, flip = NO_FLIP
+        cdef double mn = 0.0, mx = 0.0, v, agg = 0.0
+        cdef int64_t* a
+        cdef WEntry* e
+        cdef uint8_t* hs
+        cdef FSum* fs = &self.tmp
+        if sp.agg == AG_COUNT:
+            a = <int64_t*>ws.buf
+            # Drop what is out of every window from the horizon on (sorted by ts).
+            i = 0
+            while i < n and a[i] <= cutoff:
+                i += 1
+            if i:
+                n -= i
+                memmove(a, a + i, n * sizeof(int64_t))
+                ws.n = <int32_t>n
+            # Every kept timestamp is inside the window now: min(count, keep) is n, and
+            # it drops at each kept ts + window.
+            holds = _compare(sp.cmp, <double>n, sp.threshold)
+            count[0] = n
+            has[0] = True
+            value[0] = <double>n
+            i = 0
+            while i < n:
+                g = i + 1
+                while g < n and a[g] == a[i]:
+                    g += 1
+                if _compare(sp.cmp, <double>(n - g), sp.threshold) != holds:
+                    flip = a[i] + w
+                    break
+                i = g
+        else:
+            e = <WEntry*>ws.buf
+            i = 0
+            while i < n and e[i].ts <= cutoff:
+                i += 1
+            if i:
+                n -= i
+                memmove(e, e + i, n * sizeof(WEntry))
+                ws.n = <int32_t>n
+            if n + 1 > self.scratch_cap:
+                _grow(<void**>&self.scratch, &self.scratch_cap, n + 1, 1)
+            hs = self.scratch
+            # One pass from the newest: hs[i] is holds over e[i:], for each i that starts
+            # a run of equal ts; e[i:] is what is left once e[i-1] has left the window.
+            hs[n] = sp.empty_holds
+            has[0] = False
+            _fsum_reset(fs)
+            i = n
+            while i > 0:
+                i -= 1
+                if e[i].seq & 1:
+                    v = e[i].v
+                    nv += 1
+                    if sp.agg == AG_SUM or sp.agg == AG_AVG:
+                        _fsum_add(fs, v)
+                    else:
+                        if e[i].seq < first_seq:
+                            first_seq = e[i].seq
+                            first_nan = isnan(v)
+                        if not isnan(v):
+                            if not any_num:
+                                mn = v
+                                mx = v
+                                any_num = True
+                            else:
+                                if v < mn:
+                                    mn = v
+                                if v > mx:
+                                    mx = v
+                if i == 0 or e[i - 1].ts != e[i].ts:
+                    if nv == 0:
+                        hs[i] = sp.empty_holds
+                    else:
+                        if sp.agg == AG_SUM:
+                            agg = _fsum_value(fs)
+                        elif sp.agg == AG_AVG:
+                            agg = _fsum_value(fs) / <double>nv
+                        elif first_nan:
+                            agg = NAN  # Python's min/max keep a NaN that comes first
+                        elif sp.agg == AG_MIN:
+                            agg = mn
+                        else:
+                            agg = mx
+                        hs[i] = _compare(sp.cmp, agg, sp.threshold)
+                        if i == 0:
+                            has[0] = True
+                            value[0] = agg
+            holds = hs[0]
+            count[0] = n
+            i = 0
+            while i < n:
+                g = i + 1
+                while g < n and e[g].ts == e[i].ts:
+                    g += 1
+                if hs[g] != holds:
+                    flip = e[i].ts + w
+                    break
+                i = g
+        ws.c_valid = True
+        ws.c_holds = holds
+        ws.c_from = now
+        ws.c_until = flip
+        return holds
+
+    cdef inline int _holds(self, CompiledState st, const LeafSpec* sp, int64_t now) except -1:
+        cdef WState* ws
+        cdef SState* ss
+        cdef int64_t count = 0
+        cdef bint has = False
+        cdef double v = 0.0
+        if sp.scope == SC_WITHIN:
+            ws = _wstate(st.block, sp)
+            if ws.c_valid and ws.c_from <= now and now < ws.c_until:
+                return ws.c_holds
+            return self._within(st, sp, now, &count, &has, &v)
+        ss = _sstate(st.block, sp)
+        if sp.scope == SC_SESSION and not (
+                st.session >= 0 and now < st.session_last_ts + self.timeout and ss.session == st.session):
+            return sp.empty_holds
+        has = _scalar_value(sp, ss, &v)
+        return _value_holds(sp, has, v)
+
+    cdef int64_t _flip(self, CompiledState st, const LeafSpec* sp, int64_t now) except? -1:
+        """The first instant after ``now`` at which the leaf flips by itself; NO_FLIP for never."""
+        cdef WState* ws
+        if sp.scope == SC_WITHIN:
+            ws = _wstate(st.block, sp)
+            if not (ws.c_valid and ws.c_from <= now and now < ws.c_until):
+                self._holds(st, sp, now)
+            return ws.c_until
+        if sp.scope == SC_SESSION and st.session >= 0 and now < st.session_last_ts + self.timeout:
+            # an open session ends at its latest timestamp + timeout, and then nothing is in scope
+            if self._holds(st, sp, now) != sp.empty_holds:
+                return st.session_last_ts + self.timeout
+        return NO_FLIP
+
+    def leaf(self, CompiledState state not None, Py_ssize_t j, int64_t now_us):
+        """Event leaf j's value at ``now_us``, and when it next flips by itself.
+
+        For WITHIN + COUNT leaves ``count`` (and ``aggregate``) is
+        min(count, max(leaf.keep, 0)): only that many timestamps are kept, and
+        that is all the comparison needs. ``holds`` and ``flips_at`` are exact.
+        """
+        cdef CompiledState st = state
+        cdef const LeafSpec* sp
+        cdef SState* ss
+        cdef int64_t count = 0, flip
+        cdef bint has = False, holds
+        cdef double v = 0.0
+        self._check(st)
+        if j < 0:
+            j += self.n_leaves  # a sequence index, as program.leaves[j] in the reference
+        if j < 0 or j >= self.n_leaves:
+            raise IndexError("event leaf index out of range")
+        if now_us > st.horizon:
+            st.horizon = now_us
+        sp = &self.specs[j]
+        if sp.scope == SC_WITHIN:
+            holds = self._within(st, sp, now_us, &count, &has, &v)
+        else:
+            ss = _sstate(st.block, sp)
+            if sp.scope == SC_SESSION and not (
+                    st.session >= 0 and now_us < st.session_last_ts + self.timeout and ss.session == st.session):
+                has = sp.agg == AG_COUNT  # nothing in scope: count 0, other aggregates missing
+            else:
+                count = ss.count
+                has = _scalar_value(sp, ss, &v)
+            holds = _value_holds(sp, has, v)
+        flip = self._flip(st, sp, now_us)
+        return LeafValue(holds, count, v if has else None, None if flip == NO_FLIP else flip)
+
+    # ------------------------------------------------------------ audiences
+
+    cdef int _run(self, CompiledState st, int64_t now, object static, uint8_t* out) except -1:
+        cdef const uint8_t* sv = NULL
+        cdef Py_ssize_t sn = 0, a, pc, end, k, sp
+        cdef uint8_t op, r
+        cdef int32_t arg
+        cdef int h
+        cdef Py_buffer view
+        cdef bint released = True
+        cdef const char* fmt
+        cdef uint8_t* stack = self.stack
+        cdef uint8_t* memo = self.memo
+        self._check(st)
+        if now > st.horizon:
+            st.horizon = now
+        # Static values: bytes, bytearray or a 1-byte buffer (numpy bool/uint8) read in place.
+        if type(static) is bytes:
+            sv = <const uint8_t*>PyBytes_AS_STRING(static)
+            sn = PyBytes_GET_SIZE(static)
+        elif type(static) is bytearray:
+            sv = <const uint8_t*>PyByteArray_AS_STRING(static)
+            sn = PyByteArray_GET_SIZE(static)
+        elif PyObject_CheckBuffer(static):
+            try:
+                PyObject_GetBuffer(static, &view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS)
+                released = False
+            except BufferError:
+                pass
+            if not released:
+                fmt = view.format
+                if fmt != NULL and fmt[0] != 0 and fmt[0] in b'@=<>!|':
+                    fmt += 1
+                if view.itemsize == 1 and (fmt == NULL or (fmt[0] in b'?Bbc' and fmt[1] == 0)):
+                    sv = <const uint8_t*>view.buf
+                    sn = view.len
+                else:
+                    PyBuffer_Release(&view)
+                    released = True
+        try:
+            if sv == NULL:
+                for k in range(self.max_static + 1):
+                    self.sbuf[k] = 1 if static[k] else 0
+                sv = self.sbuf
+                sn = self.max_static + 1
+            elif sn <= self.max_static:
+                raise IndexError(f"static has {sn} values, the program reads static[{self.max_static}]")
+            memset(memo, 2, self.n_leaves)
+            for a in range(self.n_audiences):
+                sp = 0
+                end = self.starts[a + 1]
+                for pc in range(self.starts[a], end):
+                    op = self.ops[pc]
+                    arg = self.args[pc]
+                    if op == CODE_EVENT:
+                        if memo[arg] == 2:
+                            h = self._holds(st, &self.specs[arg], now)
+                            memo[arg] = <uint8_t>h
+                        stack[sp] = memo[arg]
+                        sp += 1
+                    elif op == CODE_STATIC:
+                        stack[sp] = 1 if sv[arg] else 0
+                        sp += 1
+                    elif op == CODE_AND:
+                        r = 1
+                        for k in range(sp - arg, sp):
+                            r &= stack[k]
+                        sp -= arg
+                        stack[sp] = r
+                        sp += 1
+                    elif op == CODE_OR:
+                        r = 0
+                        for k in range(sp - arg, sp):
+                            r |= stack[k]
+                        sp -= arg
+                        stack[sp] = r
+                        sp += 1
+                    else:  # NOT
+                        stack[sp - 1] ^= 1
+                out[a] = stack[0]
+        finally:
+            if not released:
+                PyBuffer_Release(&view)
+        return 0
+
+    def evaluate(self, CompiledState state not None, int64_t now_us, static):
+        """Every audience's value for the person at ``now_us`` (a list of bools)."""
+        cdef Py_ssize_t a
+        cdef uint8_t* out = self.out
+        cdef list result
+        self._run(state, now_us, static, out)
+        result = [False] * self.n_audiences
+        for a in range(self.n_audiences):
+            if out[a]:
+                result[a] = True
+        return result
+
+    def evaluate_bytes(self, CompiledState state not None, int64_t now_us, static):
+        """Like evaluate, as bytes: one 0/1 byte per audience."""
+        self._run(state, now_us, static, self.out)
+        return PyBytes_FromStringAndSize(<char*>self.out, self.n_audiences)
+
+    def next_change(self, CompiledState state not None, int64_t now_us):
+        """The first instant after ``now_us`` at which some event leaf flips with no new event."""
+        cdef CompiledState st = state
+        cdef Py_ssize_t j
+        cdef int64_t best = NO_FLIP, t
+        self._check(st)
+        if now_us > st.horizon:
+            st.horizon = now_us
+        for j in range(self.n_leaves):
+            t = self._flip(st, &self.specs[j], now_us)
+            if t < best:
+                best = t
+        return None if best == NO_FLIP else best
+

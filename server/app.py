@@ -2,11 +2,13 @@
 
 Two shapes, one set of parts:
 
-- one process (``workers=1``): the gRPC server and the writer (the warehouse
-  sync) share the process; the sync runs in a thread;
+- one process (``workers=1``): the gRPC server and the writer share the
+  process; every write (ingest batches, the warehouse sync) runs on the one
+  writer thread (storage/writer.py);
 - ``workers=N``: a supervisor process is the single LMDB writer and forks N
   serving processes *before any gRPC object exists*; each binds the same port
-  with SO_REUSEPORT and reads the same memory-mapped environment.
+  with SO_REUSEPORT and reads the same memory-mapped environment. Ingest needs
+  the writer, so for now only ``workers=1`` serves IngestService.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import time
 from pathlib import Path
 
 import grpc
+import lmdb
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -32,6 +35,11 @@ from qualify.v1 import audience_pb2, diagnostics_pb2, ingest_pb2, personalize_pb
 from .config import Project
 from .storage.lmdb_store import META, Reader, data_path, open_env
 from .storage.sync import Progress, SyncError, Syncer
+from .domain.engine import Engine, now_us
+from .storage.realtime import RealtimeStore
+from .storage.writer import Writer
+from .transport.audience import Audiences
+from .transport.ingest import Ingest
 from .transport.personalize import Personalize
 from .transport.unimplemented import handler_for
 
@@ -44,22 +52,32 @@ except importlib.metadata.PackageNotFoundError:  # pragma: no cover - running fr
 
 SERVED = [personalize_pb2.DESCRIPTOR.services_by_name["PersonalizeService"],
           diagnostics_pb2.DESCRIPTOR.services_by_name["DiagnosticsService"]]
-NOT_YET = [ingest_pb2.DESCRIPTOR.services_by_name["IngestService"],
-           audience_pb2.DESCRIPTOR.services_by_name["AudienceService"],
-           sync_pb2.DESCRIPTOR.services_by_name["SyncService"]]
-SERVICE_NAMES = [s.full_name for s in SERVED + NOT_YET]
+# Served by the process that writes (workers=1); serving processes of
+# workers=N have a read-only environment and answer it UNIMPLEMENTED.
+INGEST = ingest_pb2.DESCRIPTOR.services_by_name["IngestService"]
+AUDIENCE = audience_pb2.DESCRIPTOR.services_by_name["AudienceService"]
+NOT_YET = [sync_pb2.DESCRIPTOR.services_by_name["SyncService"]]
+SERVICE_NAMES = [s.full_name for s in SERVED + [INGEST, AUDIENCE] + NOT_YET]
 GRACE_SECONDS = 5.0
 MAX_MESSAGE_BYTES = 16 << 20
 
 
-async def create_server(reader: Reader, host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False):
-    """A configured, unstarted server: returns (server, bound port, health servicer)."""
+async def create_server(reader: Reader, host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False,
+                        ingest: Ingest | None = None, audiences: Audiences | None = None):
+    """A configured, unstarted server: returns (server, bound port, health servicer).
+
+    ``ingest`` and ``audiences`` (the writing process only) serve
+    IngestService and AudienceService; without them those answer UNIMPLEMENTED.
+    """
     server = grpc.aio.server(options=[
         ("grpc.so_reuseport", 1 if reuse_port else 0),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ])
-    server.add_generic_rpc_handlers(Personalize(reader, VERSION).handlers() + [handler_for(s) for s in NOT_YET])
+    ingest_handlers = ingest.handlers() if ingest is not None else [handler_for(INGEST)]
+    audience_handlers = [audiences.handlers()] if audiences is not None else [handler_for(AUDIENCE)]
+    server.add_generic_rpc_handlers(Personalize(reader, VERSION).handlers() + ingest_handlers + audience_handlers
+                                    + [handler_for(s) for s in NOT_YET])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(SERVICE_NAMES + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
@@ -100,12 +118,20 @@ def _stop_on_signals(loop, stop: asyncio.Event) -> None:
 async def serve_single(project: Project, *, ready_file: str | None = None, progress: Progress | None = None) -> int:
     """One process serving and syncing; returns an exit code."""
     env = open_env(data_path(project.data_dir), project.map_size, readonly=False)
+    # Every write (ingest, sync) goes through the one writer thread.
+    writer = Writer(env)
+    writer.start()
     reader = Reader(env)
+    loop = asyncio.get_running_loop()
+    engine, store = await _start_engine(env, writer, project)
+    wake = asyncio.Event()
+    engine.on_deadline = lambda: loop.call_soon_threadsafe(wake.set)
     host, port = project.server.host, project.server.port
-    server, port, health_servicer = await create_server(reader, host, port)
+    ingest = Ingest(writer, project.event_models)
+    server, port, health_servicer = await create_server(reader, host, port, ingest=ingest,
+                                                        audiences=Audiences(engine, writer, store))
     await server.start()
     log.info("listening on %s:%d (NOT_SERVING until the first sync lands)", host, port)
-    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     _stop_on_signals(loop, stop)
     failed = False
@@ -115,12 +141,19 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
         first = True
         while True:
             try:
-                report = await loop.run_in_executor(None, run_sync, env, project, progress if first else None)
+                syncer, shown = Syncer(env, project), progress if first else None
+
+                def sync_and_reevaluate(txn):
+                    report = syncer.run(shown, txn=txn)
+                    engine.after_sync(txn, now_us())  # warehouse changes move people at once
+                    return report
+
+                report = await asyncio.wrap_future(writer.submit(sync_and_reevaluate))
                 if first:
                     write_ready_file(ready_file, host, port, 1)
                     log.info("serving %d people from %s on %s:%d", report.people,
                              ", ".join(c.name for c in project.collections), host, port)
-            except SyncError as exc:
+            except (SyncError, lmdb.Error) as exc:  # lmdb.Error: the writer's commit failed
                 log.error("warehouse sync failed, nothing changed: %s", exc)
                 if first and reader.generation == 0:
                     failed = True
@@ -131,7 +164,8 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
                 return
             await asyncio.sleep(project.server.sync_interval)
 
-    tasks = [asyncio.create_task(sync_loop()), asyncio.create_task(mark_ready(reader, health_servicer))]
+    tasks = [asyncio.create_task(sync_loop()), asyncio.create_task(mark_ready(reader, health_servicer)),
+             asyncio.create_task(_fire_timers(engine, writer, wake))]
     await stop.wait()
     log.info("shutting down (grace %.0fs)", GRACE_SECONDS)
     await health_servicer.enter_graceful_shutdown()
@@ -139,8 +173,46 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    # After the server stopped: whatever it queued is committed, then the thread ends.
+    await loop.run_in_executor(None, writer.stop)
     env.close()
     return 1 if failed else 0
+
+
+async def _start_engine(env, writer: Writer, project: Project):
+    """The realtime engine, rebuilt from LMDB on the writer thread and hooked to ingest."""
+    store = await asyncio.wrap_future(writer.submit(lambda txn: RealtimeStore(env, txn)))
+    log_ = writer.log
+    engine = Engine(
+        store, project.event_models, [(a.name, a.type) for a in project.parent_model.attributes],
+        int(project.session_timeout * 1_000_000),
+        read_event=lambda txn, seq: next(log_.read(txn, seq, 1)),
+        iter_events=lambda txn: log_.read(txn, 1))
+    t0 = time.perf_counter()
+    changes = await asyncio.wrap_future(writer.submit(lambda txn: engine.recover(txn, now_us())))
+    log.info("realtime state rebuilt from the event log in %.2fs (%d audiences, %d people, %d changes on the way)",
+             time.perf_counter() - t0, len(engine.audiences), len(engine.slots), len(changes))
+    writer.on_events = engine.apply
+    return engine, store
+
+
+async def _fire_timers(engine: Engine, writer: Writer, wake: asyncio.Event) -> None:
+    """Exits (and enters) that time alone causes, at the instant they are due."""
+    while True:
+        deadline = engine.next_deadline()
+        delay = 3600.0 if deadline is None else max(0.0, (deadline - now_us()) / 1e6)
+        wake.clear()
+        if delay > 0:
+            try:
+                await asyncio.wait_for(wake.wait(), timeout=delay)
+                continue  # an earlier deadline appeared
+            except asyncio.TimeoutError:
+                pass
+        try:
+            await asyncio.wrap_future(writer.submit(lambda txn: engine.tick(txn, now_us())))
+        except Exception:  # noqa: BLE001 - a failed tick is retried; the log says why
+            log.exception("timer tick failed; retrying")
+            await asyncio.sleep(0.1)
 
 
 async def _serve_worker(project: Project, port: int) -> int:

@@ -12,6 +12,7 @@ import math
 import re
 import sys
 from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,15 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from qualify.evaluator.program import Op
+
+from .domain.conditions import Predicate, parse_timestamp
+from .domain.events import EVENT_TYPE_NAMES, EventModel, EventType, Identifier
 from .domain.schema import TYPE_NAMES, ValueType
 
 DEFAULT_PORT = 50051
 DEFAULT_MAP_SIZE = 64 << 30  # LMDB reserves address space, not disk
+DEFAULT_SESSION_TIMEOUT = 30 * 60.0
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,62}$")
 
 
@@ -107,6 +113,14 @@ class Project:
     server: ServerSettings = field(default_factory=ServerSettings)
     map_size: int = DEFAULT_MAP_SIZE
     sync_batch_rows: int = 50_000
+    event_models: tuple[EventModel, ...] = ()  # [event_models.NAME], in file order
+    session_timeout: float = DEFAULT_SESSION_TIMEOUT  # [realtime] session_timeout, seconds
+
+    def event_model(self, name: str) -> EventModel | None:
+        for m in self.event_models:
+            if m.name == name:
+                return m
+        return None
 
     def collection(self, name: str) -> Collection | None:
         for c in self.collections:
@@ -195,7 +209,8 @@ def load_project(path: str | Path) -> Project:
 
 def parse_project(data: dict, base: Path, path: Path | None = None) -> Project:
     r = _Reader()
-    r.unknown_keys(data, ("data_dir", "warehouse", "parent_model", "collections", "server", "storage"), "")
+    r.unknown_keys(data, ("data_dir", "warehouse", "parent_model", "collections", "server", "storage",
+                          "event_models", "realtime"), "")
 
     data_dir = base / (r.string(data, "data_dir", "data_dir", required=False, default="qualify-data") or "qualify-data")
 
@@ -312,6 +327,18 @@ def parse_project(data: dict, base: Path, path: Path | None = None) -> Project:
         r.problem("storage.sync_batch_rows", batch_rows, "must be an integer from 100 to 10000000")
         batch_rows = 50_000
 
+    event_models = _event_models(r, data.get("event_models", {}))
+    rt = r.table(data, "realtime", ("session_timeout",))
+    session_timeout = DEFAULT_SESSION_TIMEOUT
+    if "session_timeout" in rt:
+        try:
+            session_timeout = parse_duration(rt["session_timeout"])
+            if session_timeout <= 0:
+                raise ValueError("must be longer than 0")
+        except ValueError as exc:
+            r.problem("realtime.session_timeout", rt["session_timeout"], str(exc))
+            session_timeout = DEFAULT_SESSION_TIMEOUT
+
     if r.problems:
         raise ProjectError(str(path or "qualify.toml"), r.problems)
     return Project(
@@ -323,4 +350,187 @@ def parse_project(data: dict, base: Path, path: Path | None = None) -> Project:
         server=ServerSettings(host=host, port=port, workers=workers, sync_interval=interval),
         map_size=int(map_gb * (1 << 30)),
         sync_batch_rows=batch_rows,
+        event_models=event_models,
+        session_timeout=session_timeout,
     )
+
+
+# -- [event_models.NAME] ---------------------------------------------------------
+
+_OPERATORS = {o.name.lower(): o for o in Op}
+_NO_VALUE_OPS = (Op.IS_SET, Op.IS_NOT_SET)
+_LIST_OPS = (Op.IN, Op.NOT_IN, Op.BETWEEN)
+_ORDERING_OPS = (Op.LT, Op.LE, Op.GT, Op.GE, Op.BETWEEN)
+_NUMERIC = (ValueType.INT, ValueType.FLOAT)
+
+
+def _literal(r: _Reader, key: str, value: Any, vtype: ValueType) -> tuple[bool, Any]:
+    """A filter value from TOML as the property's type: (ok, value)."""
+    if vtype is ValueType.STRING and isinstance(value, str):
+        return True, value
+    if vtype in _NUMERIC and isinstance(value, (int, float)) and not isinstance(value, bool):
+        # Numbers of either kind compare numerically, as in audience conditions.
+        if isinstance(value, float) and not math.isfinite(value):
+            r.problem(key, value, "must be a finite number")
+            return False, None
+        return True, value
+    if vtype is ValueType.BOOL and isinstance(value, bool):
+        return True, value
+    if vtype is ValueType.TIMESTAMP:
+        # TOML has native date-times (a naive one is taken as UTC, a date as
+        # midnight UTC); an RFC 3339 string works too.
+        if isinstance(value, datetime):
+            if value.tzinfo is None:
+                value = value.replace(tzinfo=timezone.utc)
+            return True, parse_timestamp(value.isoformat())
+        if isinstance(value, date):
+            return True, parse_timestamp(value.isoformat() + "T00:00:00+00:00")
+        if isinstance(value, str):
+            try:
+                return True, parse_timestamp(value)
+            except ValueError:
+                pass
+    want = {ValueType.STRING: "a string", ValueType.INT: "a number", ValueType.FLOAT: "a number",
+            ValueType.BOOL: "true or false", ValueType.TIMESTAMP: "a date-time such as 2024-05-01T00:00:00Z"}[vtype]
+    r.problem(key, value, f"must be {want} (the property is {vtype.name.lower()})")
+    return False, None
+
+
+def _filter(r: _Reader, key: str, spec: Any, props: dict[str, ValueType]) -> Predicate | None:
+    if not isinstance(spec, dict):
+        r.problem(key, spec, 'must be a table such as { property = "path", operator = "eq", value = "/pricing" }')
+        return None
+    r.unknown_keys(spec, ("property", "operator", "value", "values"), key + ".")
+    name = r.string(spec, "property", key + ".property")
+    op_name = r.string(spec, "operator", key + ".operator")
+    if name is None or op_name is None:
+        return None
+    vtype = props.get(name)
+    if vtype is None:
+        known = ", ".join(props) or "none"
+        r.problem(key + ".property", name, f"is not a declared property of this model (declared: {known})")
+        return None
+    op = _OPERATORS.get(op_name.lower().removeprefix("operator_"))
+    if op is None:
+        r.problem(key + ".operator", op_name, "must be one of " + ", ".join(_OPERATORS))
+        return None
+    if op in (Op.CONTAINS, Op.STARTS_WITH) and vtype is not ValueType.STRING:
+        r.problem(key + ".operator", op_name, f"applies to strings; {name!r} is {vtype.name.lower()}")
+        return None
+    if op in _ORDERING_OPS and vtype is ValueType.BOOL:
+        r.problem(key + ".operator", op_name, f"does not apply to booleans; {name!r} is bool")
+        return None
+    has_value, has_values = "value" in spec, "values" in spec
+    if op in _NO_VALUE_OPS:
+        for k in ("value", "values"):
+            if k in spec:
+                r.problem(f"{key}.{k}", spec[k], f"{op.name.lower()} takes no value")
+        return Predicate(name, op, ())
+    if op in _LIST_OPS:
+        if has_value:
+            r.problem(key + ".value", spec["value"], f"{op.name.lower()} takes a list: use values = [...]")
+            return None
+        raw = spec.get("values", _MISSING)
+        if raw is _MISSING or not isinstance(raw, list) or not raw:
+            r.problem(key + ".values", raw, f"{op.name.lower()} needs a non-empty list of values")
+            return None
+        if op is Op.BETWEEN and len(raw) != 2:
+            r.problem(key + ".values", raw, "between needs exactly two values: the lower and upper bounds")
+            return None
+        out = [_literal(r, f"{key}.values[{i}]", v, vtype) for i, v in enumerate(raw)]
+        if not all(ok for ok, _ in out):
+            return None
+        return Predicate(name, op, tuple(v for _, v in out))
+    if has_values:
+        r.problem(key + ".values", spec["values"], f"{op.name.lower()} takes one value: use value = ...")
+        return None
+    if not has_value:
+        r.problem(key + ".value", _MISSING, f"{op.name.lower()} needs a value")
+        return None
+    ok, v = _literal(r, key + ".value", spec["value"], vtype)
+    return Predicate(name, op, (v,)) if ok else None
+
+
+def _event_models(r: _Reader, raw: Any) -> tuple[EventModel, ...]:
+    if not isinstance(raw, dict):
+        r.problem("event_models", raw, "must be a table of [event_models.NAME] tables")
+        return ()
+    models: list[EventModel] = []
+    for name, spec in raw.items():
+        key = f"event_models.{name}"
+        if not NAME_RE.match(name):
+            r.problem(key, _MISSING, "the model name must start with a letter and hold only letters, digits, _ and -")
+            continue
+        if not isinstance(spec, dict):
+            r.problem(key, spec, 'must be a table with at least type = "track" (or page, screen, identify, alias)')
+            continue
+        r.unknown_keys(spec, ("type", "event", "filters", "identifier", "properties"), key + ".")
+        before = len(r.problems)
+        tname = r.string(spec, "type", key + ".type")
+        etype = None
+        if tname is not None:
+            try:
+                etype = EventType.parse(tname)
+            except KeyError:
+                r.problem(key + ".type", tname, "must be one of " + ", ".join(EVENT_TYPE_NAMES))
+        event_name = spec.get("event", "")
+        if not isinstance(event_name, str):
+            r.problem(key + ".event", event_name, "must be a string: the event name to match (absent matches any)")
+            event_name = ""
+        props: dict[str, ValueType] = {}
+        raw_props = spec.get("properties", {})
+        if not isinstance(raw_props, dict):
+            r.problem(key + ".properties", raw_props, 'must be a table of name = "type"')
+            raw_props = {}
+        for pname, ptype in raw_props.items():
+            pkey = f"{key}.properties.{pname}"
+            if not pname:
+                r.problem(pkey, _MISSING, "a property name must not be empty")
+                continue
+            try:
+                props[pname] = ValueType.parse(ptype)
+            except (KeyError, AttributeError):
+                r.problem(pkey, ptype, "must be one of " + ", ".join(TYPE_NAMES))
+        filters: list[Predicate] = []
+        raw_filters = spec.get("filters", [])
+        if not isinstance(raw_filters, list):
+            r.problem(key + ".filters", raw_filters, "must be a list of tables")
+            raw_filters = []
+        for i, f in enumerate(raw_filters):
+            p = _filter(r, f"{key}.filters[{i}]", f, props)
+            if p is not None:
+                filters.append(p)
+        ident_raw = spec.get("identifier", "user_id")
+        identifier, ident_prop = Identifier.USER_ID, ""
+        if not isinstance(ident_raw, str):
+            r.problem(key + ".identifier", ident_raw, 'must be "user_id", "anonymous_id" or "property:NAME"')
+        elif ident_raw.startswith("property:"):
+            identifier, ident_prop = Identifier.PROPERTY, ident_raw[len("property:"):]
+            if props.get(ident_prop) not in (ValueType.STRING, ValueType.INT):
+                r.problem(key + ".identifier", ident_raw,
+                          f"the property {ident_prop!r} must be declared under [{key}.properties] "
+                          "as string or int: it carries the person's user id")
+        elif ident_raw in ("user_id", "anonymous_id"):
+            identifier = Identifier(ident_raw)
+        else:
+            r.problem(key + ".identifier", ident_raw, 'must be "user_id", "anonymous_id" or "property:NAME"')
+        if len(r.problems) > before or etype is None:
+            continue
+        models.append(EventModel(name=name, type=etype, event_name=event_name, filters=tuple(filters),
+                                 properties=tuple(props.items()), identifier=identifier,
+                                 identifier_property=ident_prop))
+    # One event may match several models, and its properties are stored once:
+    # a property two overlapping models declare must have one type (int and
+    # float mix, as numbers compare numerically).
+    for j, b in enumerate(models):
+        for a in models[:j]:
+            if a.type != b.type or (a.event_name and b.event_name and a.event_name != b.event_name):
+                continue
+            at = a.property_types()
+            for pname, btype in b.properties:
+                atype = at.get(pname)
+                if atype is not None and atype != btype and not (atype in _NUMERIC and btype in _NUMERIC):
+                    r.problem(f"event_models.{b.name}.properties.{pname}", btype.name.lower(),
+                              f"event model {a.name!r} matches the same events and declares {pname!r} "
+                              f"as {atype.name.lower()}")
+    return tuple(models)

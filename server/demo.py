@@ -55,6 +55,15 @@ DEMO_ATTRIBUTES = {
 }
 
 
+# What a storefront streams: page views, product views, cart adds and searches.
+DEMO_EVENT_MODELS = {
+    "page_views": {"type": "page", "properties": {"path": "string", "title": "string"}},
+    "product_views": {"type": "track", "event": "Product Viewed", "properties": {"sku": "string", "price": "float"}},
+    "cart_adds": {"type": "track", "event": "Product Added", "properties": {"sku": "string", "price": "float"}},
+    "searches": {"type": "track", "event": "Products Searched", "properties": {"query": "string"}},
+}
+
+
 def generate_demo_warehouse(path: Path, people: int = DEMO_PEOPLE) -> Path:
     """Writes the demo DuckDB file (customers table) and returns its path."""
     import duckdb
@@ -85,6 +94,7 @@ def demo_project(data_dir: Path, people: int = DEMO_PEOPLE, port: int | None = N
             "attributes": DEMO_ATTRIBUTES,
         },
         "collections": {"customers": {}},
+        "event_models": DEMO_EVENT_MODELS,
     }
     if port is not None:
         raw["server"] = {"port": port}

@@ -75,3 +75,15 @@ class NotImplementedYet(QualifyError):
 
 class StorageUnavailable(QualifyError):
     status, reason = Status.UNAVAILABLE, "STORAGE_UNAVAILABLE"
+
+
+class InvalidAudience(QualifyError):
+    status, reason = Status.INVALID_ARGUMENT, "INVALID_AUDIENCE"
+
+
+class AudienceNotFound(QualifyError):
+    status, reason = Status.NOT_FOUND, "AUDIENCE_NOT_FOUND"
+
+
+class AudienceExists(QualifyError):
+    status, reason = Status.ALREADY_EXISTS, "AUDIENCE_ALREADY_EXISTS"

@@ -13,8 +13,12 @@ Named databases::
     <table>.cols   attribute name -> column array; "<name>.valid" -> uint8 array;
                    "<name>.type" -> the ValueType name the array was written with;
                    "<name>.dict" -> JSON list (string codes); ".alive" -> uint8 array
-    members        u32 person id (little-endian, as stored) -> membership bitset
-                   (bit i = the catalog's audience i)
+    members        person key -> memberships (see storage/realtime.py, which owns the
+                   realtime tables: audiences, members, audience_members, changelog)
+    events         u64 seq (big-endian) -> msgpack'd event: the event log
+    events.dedupe  message_id (hashed if over 480 bytes) -> u64 received_us (big-endian)
+    events.meta    b"unmatched" -> u64 events that matched no event model
+                   (the three are storage/eventlog.py's; written only by storage/writer.py)
 
 ``people`` is the parent model's table; a collection with its own query has
 the table ``c.<name>``.
@@ -207,8 +211,8 @@ class Reader:
             violations=[FieldViolation("collection", f"{name!r} is not a collection; collections: {known}")],
         )
 
-    def get(self, name: str, keys: list[bytes]) -> tuple[CollectionView, list[tuple[bytes | None, bytes | None]]]:
-        """Stored records and membership bitsets for keys, from one snapshot."""
+    def get(self, name: str, keys: list[bytes]) -> tuple[CollectionView, list[tuple[bytes | None, dict | None]]]:
+        """Stored records and memberships ({bit: enter_us}) for keys, from one snapshot."""
         txn = self._snapshot()
         try:
             view = self._view(name)
@@ -216,18 +220,25 @@ class Reader:
             out = []
             for key in keys:
                 stored = txn.get(key, db=view.db)
-                bits = txn.get(stored[:4], db=members) if stored is not None and members is not None else None
-                out.append((stored, bits))
+                raw = txn.get(key, db=members) if stored is not None and members is not None else None
+                out.append((stored, decode_membership(raw) if raw else None))
             return view, out
         finally:
             txn.abort()
 
-    def get_one(self, name: str, key: bytes) -> tuple[CollectionView, bytes, bytes | None]:
+    def get_one(self, name: str, key: bytes) -> tuple[CollectionView, bytes, dict | None]:
         view, ((stored, bits),) = self.get(name, [key])
         if stored is None:
             raise KeyNotFound(f"no record with key {key.decode(errors='replace')!r} in collection {name!r}",
                               metadata={"collection": name})
         return view, stored, bits
+
+
+def decode_membership(raw: bytes) -> dict[int, int]:
+    """Stored memberships -> {bit: enter_us} (the format is realtime.encode_membership's)."""
+    n = struct.unpack_from("<H", raw)[0]
+    bits = [i * 8 + b for i, byte in enumerate(raw[2:2 + n]) for b in range(8) if byte >> b & 1]
+    return dict(zip(bits, struct.unpack_from(f"<{len(bits)}q", raw, 2 + n)))
 
 
 def data_path(data_dir: Path) -> Path:

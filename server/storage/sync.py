@@ -11,6 +11,7 @@ index the attribute column arrays the evaluator reads.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -200,12 +201,18 @@ class Syncer:
         self.env = env
         self.project = project
 
-    def run(self, progress: Progress | None = None) -> SyncReport:
+    def run(self, progress: Progress | None = None, txn=None) -> SyncReport:
+        """One sync in its own write transaction, or inside ``txn`` (the caller commits it).
+
+        The server passes the writer thread's transaction (Writer.submit):
+        LMDB allows one write transaction per environment at a time.
+        """
         started = time.time()
         t0 = time.perf_counter()
         project = self.project
         try:
-            with open_source(project.warehouse) as source, self.env.begin(write=True) as txn:
+            with open_source(project.warehouse) as source, \
+                    (contextlib.nullcontext(txn) if txn is not None else self.env.begin(write=True)) as txn:
                 meta = self.env.open_db(META, txn=txn)
                 self.env.open_db(b"members", txn=txn)
                 pm = project.parent_model

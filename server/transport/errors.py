@@ -17,7 +17,9 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from ..domain.errors import QualifyError, Status
+from google.protobuf.message import DecodeError
+
+from ..domain.errors import FieldViolation, InvalidRequest, QualifyError, Status
 
 log = logging.getLogger(__name__)
 
@@ -81,3 +83,32 @@ def guarded(method: str):
         return handler
 
     return wrap
+
+
+class Malformed:
+    """Stands in for a request whose bytes are not valid protobuf.
+
+    gRPC would answer a failing deserializer with INTERNAL; decoding in the
+    handler lets it answer INVALID_ARGUMENT instead.
+    """
+
+    def __init__(self, type_name: str):
+        self.type_name = type_name
+
+
+def lenient(message_type):
+    """A request deserializer that never raises: bad bytes become a Malformed."""
+
+    def parse(raw: bytes):
+        try:
+            return message_type.FromString(raw)
+        except DecodeError:
+            return Malformed(message_type.DESCRIPTOR.full_name)
+
+    return parse
+
+
+def reject_malformed(request) -> None:
+    if type(request) is Malformed:
+        raise InvalidRequest(f"the request is not a valid {request.type_name} message",
+                             violations=[FieldViolation("(request)", f"could not be decoded as {request.type_name}")])

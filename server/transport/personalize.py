@@ -11,15 +11,16 @@ from __future__ import annotations
 import os
 
 import grpc
-from google.protobuf.message import DecodeError
 
-from qualify.evaluator import set_bits
+from google.protobuf import timestamp_pb2
+
 from qualify.v1 import diagnostics_pb2, personalize_pb2
 
 from ..domain.errors import BatchTooLarge, FieldViolation, InvalidRequest
+from ..storage.eventlog import EventLogView
 from ..storage.lmdb_store import Reader
 from ..wire import length_delimited, record_message
-from .errors import guarded
+from .errors import guarded, lenient, reject_malformed
 
 MAX_BATCH_KEYS = 1000
 MAX_KEY_BYTES = 511  # LMDB's key size limit
@@ -27,33 +28,6 @@ MAX_KEY_BYTES = 511  # LMDB's key size limit
 
 def _identity(payload: bytes) -> bytes:
     return payload
-
-
-class Malformed:
-    """Stands in for a request whose bytes are not valid protobuf.
-
-    gRPC would answer a failing deserializer with INTERNAL; decoding here lets
-    the handler answer INVALID_ARGUMENT instead.
-    """
-
-    def __init__(self, type_name: str):
-        self.type_name = type_name
-
-
-def _lenient(message_type):
-    def parse(raw: bytes):
-        try:
-            return message_type.FromString(raw)
-        except DecodeError:
-            return Malformed(message_type.DESCRIPTOR.full_name)
-
-    return parse
-
-
-def _reject_malformed(request) -> None:
-    if type(request) is Malformed:
-        raise InvalidRequest(f"the request is not a valid {request.type_name} message",
-                             violations=[FieldViolation("(request)", f"could not be decoded as {request.type_name}")])
 
 
 def _check_key(key: str, field: str) -> bytes:
@@ -74,17 +48,24 @@ class Personalize:
         self.version = version
         self._audience_ids: tuple[str, ...] = ()
         self._encoded_audiences: list[bytes] = []
+        self._event_log = EventLogView(reader.env)
 
-    def _memberships(self, bits) -> bytes:
-        """Encoded Record.memberships fields from a person's membership bitset."""
-        if not bits:
+    def _memberships(self, members: dict[int, int] | None) -> bytes:
+        """Encoded Record.memberships fields from a person's memberships {bit: enter_us}."""
+        if not members:
             return b""
         ids = self.reader.audience_ids
         if ids is not self._audience_ids:
             self._audience_ids = ids
-            self._encoded_audiences = [length_delimited(b"\x22", length_delimited(b"\x0a", a.encode())) for a in ids]
+            self._encoded_audiences = [length_delimited(b"\x0a", a.encode()) if a else b"" for a in ids]
         enc = self._encoded_audiences
-        return b"".join(enc[i] for i in set_bits(bits) if i < len(enc))
+        out = []
+        for bit, enter_us in sorted(members.items()):
+            if bit < len(enc) and enc[bit]:
+                seconds, micros = divmod(enter_us, 1_000_000)
+                ts = timestamp_pb2.Timestamp(seconds=seconds, nanos=micros * 1000).SerializeToString()
+                out.append(length_delimited(b"\x22", enc[bit] + length_delimited(b"\x12", ts)))
+        return b"".join(out)
 
     @staticmethod
     def _mask(view, request) -> tuple[int, ...] | None:
@@ -93,7 +74,7 @@ class Personalize:
         return view.mask_indices(tuple(request.read_mask.paths))
 
     async def get(self, request: personalize_pb2.GetRequest, context) -> bytes:
-        _reject_malformed(request)
+        reject_malformed(request)
         if not request.collection:
             raise InvalidRequest("collection is empty", violations=[FieldViolation("collection", "must name a collection")])
         key = _check_key(request.key, "key")
@@ -102,7 +83,7 @@ class Personalize:
         return length_delimited(b"\x0a", record)
 
     async def batch_get(self, request: personalize_pb2.BatchGetRequest, context) -> bytes:
-        _reject_malformed(request)
+        reject_malformed(request)
         if not request.collection:
             raise InvalidRequest("collection is empty", violations=[FieldViolation("collection", "must name a collection")])
         n = len(request.keys)
@@ -124,19 +105,22 @@ class Personalize:
         return b""
 
     async def server_info(self, request: diagnostics_pb2.GetServerInfoRequest, context) -> bytes:
-        _reject_malformed(request)
+        reject_malformed(request)
+        events_logged, events_unmatched = self._event_log.counts()
         return diagnostics_pb2.GetServerInfoResponse(
             version=self.version,
             sync_generation=self.reader.generation,
             collections=sorted(self.reader.collections()),
             people=self.reader.people(),
             worker_pid=os.getpid(),
+            events_logged=events_logged,
+            events_unmatched=events_unmatched,
         ).SerializeToString()
 
     def handlers(self) -> list[grpc.GenericRpcHandler]:
         def unary(fn, request_type, name):
             return grpc.unary_unary_rpc_method_handler(
-                guarded(name)(fn), request_deserializer=_lenient(request_type), response_serializer=_identity)
+                guarded(name)(fn), request_deserializer=lenient(request_type), response_serializer=_identity)
 
         return [
             grpc.method_handlers_generic_handler("qualify.v1.PersonalizeService", {

@@ -17,27 +17,28 @@ def _status(full_name: str) -> grpc.Status:
                      "NOT_IMPLEMENTED", {"method": full_name})
 
 
+def method_handler(service, method) -> grpc.RpcMethodHandler:
+    """A handler answering one method of a service descriptor with UNIMPLEMENTED."""
+    status = _status(f"{service.full_name}/{method.name}")
+    deserialize = lambda raw: raw  # noqa: E731 - the request is never read
+
+    async def unary(request, context):
+        await context.abort_with_status(status)
+
+    async def streaming(request, context):
+        await context.abort_with_status(status)
+        yield  # pragma: no cover - makes this an async generator
+
+    if method.client_streaming and method.server_streaming:
+        return grpc.stream_stream_rpc_method_handler(streaming, request_deserializer=deserialize)
+    if method.client_streaming:
+        return grpc.stream_unary_rpc_method_handler(unary, request_deserializer=deserialize)
+    if method.server_streaming:
+        return grpc.unary_stream_rpc_method_handler(streaming, request_deserializer=deserialize)
+    return grpc.unary_unary_rpc_method_handler(unary, request_deserializer=deserialize)
+
+
 def handler_for(service) -> grpc.GenericRpcHandler:
     """A handler answering every method of a service descriptor with UNIMPLEMENTED."""
-    methods = {}
-    for m in service.methods:
-        status = _status(f"{service.full_name}/{m.name}")
-        deserialize = lambda raw: raw  # noqa: E731 - the request is never read
-
-        async def unary(request, context, status=status):
-            await context.abort_with_status(status)
-
-        async def streaming(request, context, status=status):
-            await context.abort_with_status(status)
-            yield  # pragma: no cover - makes this an async generator
-
-        if m.client_streaming and m.server_streaming:
-            h = grpc.stream_stream_rpc_method_handler(streaming, request_deserializer=deserialize)
-        elif m.client_streaming:
-            h = grpc.stream_unary_rpc_method_handler(unary, request_deserializer=deserialize)
-        elif m.server_streaming:
-            h = grpc.unary_stream_rpc_method_handler(streaming, request_deserializer=deserialize)
-        else:
-            h = grpc.unary_unary_rpc_method_handler(unary, request_deserializer=deserialize)
-        methods[m.name] = h
-    return grpc.method_handlers_generic_handler(service.full_name, methods)
+    return grpc.method_handlers_generic_handler(
+        service.full_name, {m.name: method_handler(service, m) for m in service.methods})

@@ -1,0 +1,112 @@
+"""The evaluator's input: audiences compiled to flat programs, in plain data.
+
+The domain compiles condition trees into a ``Program``; an evaluator (the
+compiled one, or the pure-Python reference) runs it per person. Nothing here
+knows about the server: operators and scopes are small integers, values are
+str/int/float/bool (timestamps as integer microseconds), and each audience is
+a postfix program over two kinds of leaves:
+
+- ``STATIC k``: the k-th warehouse-only subtree, precomputed per person (a bit
+  of a bitset over all people) and passed in at evaluation time;
+- ``EVENT j``: the j-th event leaf, computed from the person's realtime state.
+
+Semantics are those of ``qualify.evaluator.reference``, the executable
+specification.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Op(enum.IntEnum):
+    """Predicate operators (numbers as qualify.v1.Operator)."""
+
+    EQ = 1
+    NE = 2
+    LT = 3
+    LE = 4
+    GT = 5
+    GE = 6
+    IN = 7
+    NOT_IN = 8
+    BETWEEN = 9
+    CONTAINS = 10
+    STARTS_WITH = 11
+    IS_SET = 12
+    IS_NOT_SET = 13
+
+
+class Scope(enum.IntEnum):
+    WITHIN = 1
+    SESSION = 2
+    EVER = 3
+
+
+class Aggregation(enum.IntEnum):
+    COUNT = 1
+    SUM = 2
+    MIN = 3
+    MAX = 4
+    AVG = 5
+
+
+class Comparison(enum.IntEnum):
+    EQ = 1
+    NE = 2
+    LT = 3
+    LE = 4
+    GT = 5
+    GE = 6
+
+
+class Code(enum.IntEnum):
+    """Postfix instructions; each is (code, argument)."""
+
+    STATIC = 1  # push static[arg]
+    EVENT = 2  # push the value of event leaf arg
+    AND = 3  # pop arg values, push their conjunction
+    OR = 4  # pop arg values, push their disjunction
+    NOT = 5  # negate the top
+
+
+@dataclass(frozen=True)
+class Filter:
+    """``property op values`` on an event's properties."""
+
+    property: str
+    op: Op
+    values: tuple = ()
+
+
+@dataclass(frozen=True)
+class EventLeaf:
+    """An event condition: matching events of ``model`` in a scope, compared."""
+
+    model: int
+    filters: tuple[Filter, ...]
+    scope: Scope
+    window_us: int
+    aggregation: Aggregation
+    property: str
+    comparison: Comparison
+    threshold: float
+
+    @property
+    def keep(self) -> int:
+        """How many most recent timestamps a WITHIN count needs: min(count, keep) decides it."""
+        return int(self.threshold) + 1
+
+
+@dataclass(frozen=True)
+class Program:
+    """Everything an evaluator runs. Audience i is ``audiences[i]``, a postfix code."""
+
+    leaves: tuple[EventLeaf, ...]
+    audiences: tuple[tuple[tuple[int, int], ...], ...]
+    n_static: int
+    session_timeout_us: int
+
+    def leaves_of_model(self, model: int) -> tuple[int, ...]:
+        return tuple(j for j, leaf in enumerate(self.leaves) if leaf.model == model)

@@ -1,0 +1,244 @@
+"""The reference evaluator: the executable specification of condition semantics.
+
+It keeps every event a person ever had and evaluates from scratch, written
+for clarity, not speed. The compiled evaluator must agree with it on every
+audience value and never miss an instant at which a value changes by itself;
+differential property tests hold it to that.
+
+Semantics:
+
+- Values are str, int, float, bool; timestamps are integer microseconds. None
+  is a missing value.
+- Predicates: a missing value satisfies only IS_NOT_SET, NE and NOT_IN.
+  Otherwise EQ and NE compare (booleans equal only booleans), LT LE GT GE and
+  BETWEEN (inclusive) order numbers with numbers and strings with strings and
+  are false across kinds, IN and NOT_IN test membership, CONTAINS and
+  STARTS_WITH are substring tests on strings, IS_SET holds.
+- An event leaf takes the person's events of its model that pass its
+  filters, in its scope:
+  * WITHIN w: events with ``now - w < ts`` (an event leaves at ``ts + w``;
+    timestamps ahead of now count at once);
+  * SESSION: the events of the person's current session (below), none once
+    it has ended;
+  * EVER: all of them.
+  COUNT is their number; SUM MIN MAX AVG aggregate ``property`` over those
+  events that have it as a number, and are missing when none has. The value is
+  compared with the threshold; a missing aggregate satisfies only NE.
+- Sessions, in arrival order: an event starts a new session when the person
+  has none, when its timestamp is at least ``session_timeout`` after the
+  latest timestamp of the current session, or when it carries a session_id
+  other than the current session's; otherwise it joins the current session.
+  A session ends ``session_timeout`` after its latest timestamp.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .program import Aggregation, Code, Comparison, EventLeaf, Op, Program, Scope
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _eq(v, a) -> bool:
+    if isinstance(v, bool) or isinstance(a, bool):
+        return isinstance(v, bool) and isinstance(a, bool) and v == a
+    return v == a
+
+
+def _ordered(v, a) -> bool:
+    return (_is_number(v) and _is_number(a)) or (isinstance(v, str) and isinstance(a, str))
+
+
+def test_predicate(op: Op, values: tuple, v) -> bool:
+    """Whether a value (None: missing) satisfies ``op values``."""
+    if v is None:
+        return op in (Op.IS_NOT_SET, Op.NE, Op.NOT_IN)
+    if op == Op.IS_SET:
+        return True
+    if op == Op.IS_NOT_SET:
+        return False
+    if op == Op.IN:
+        return any(_eq(v, a) for a in values)
+    if op == Op.NOT_IN:
+        return not any(_eq(v, a) for a in values)
+    a = values[0]
+    if op == Op.EQ:
+        return _eq(v, a)
+    if op == Op.NE:
+        return not _eq(v, a)
+    if op == Op.CONTAINS:
+        return isinstance(v, str) and isinstance(a, str) and a in v
+    if op == Op.STARTS_WITH:
+        return isinstance(v, str) and isinstance(a, str) and v.startswith(a)
+    if op == Op.BETWEEN:
+        b = values[1]
+        return _ordered(v, a) and _ordered(v, b) and a <= v <= b
+    if not _ordered(v, a):
+        return False
+    if op == Op.LT:
+        return v < a
+    if op == Op.LE:
+        return v <= a
+    if op == Op.GT:
+        return v > a
+    return v >= a
+
+
+def compare(comparison: Comparison, value: float | None, threshold: float) -> bool:
+    """A count or aggregate against a threshold; a missing aggregate satisfies only NE."""
+    if value is None:
+        return comparison == Comparison.NE
+    if comparison == Comparison.EQ:
+        return value == threshold
+    if comparison == Comparison.NE:
+        return value != threshold
+    if comparison == Comparison.LT:
+        return value < threshold
+    if comparison == Comparison.LE:
+        return value <= threshold
+    if comparison == Comparison.GT:
+        return value > threshold
+    return value >= threshold
+
+
+def aggregate(aggregation: Aggregation, values: list[float], count: int) -> float | None:
+    if aggregation == Aggregation.COUNT:
+        return float(count)
+    if not values:
+        return None
+    if aggregation == Aggregation.SUM:
+        return math.fsum(values)
+    if aggregation == Aggregation.MIN:
+        return float(min(values))
+    if aggregation == Aggregation.MAX:
+        return float(max(values))
+    return math.fsum(values) / len(values)
+
+
+def passes(leaf: EventLeaf, properties: dict) -> bool:
+    return all(test_predicate(f.op, f.values, properties.get(f.property)) for f in leaf.filters)
+
+
+@dataclass
+class _Event:
+    model: int
+    ts: int
+    properties: dict
+    session: int
+
+
+@dataclass
+class PersonState:
+    """Everything the reference knows about one person."""
+
+    events: list[_Event] = field(default_factory=list)
+    session: int = -1
+    session_id: str = ""
+    session_last_ts: int = 0
+
+
+@dataclass(frozen=True)
+class LeafValue:
+    """An event leaf's value for a person at an instant, with what decides it."""
+
+    holds: bool
+    count: int
+    aggregate: float | None
+    flips_at: int | None  # the first later instant at which ``holds`` changes with no new event
+
+
+class ReferenceEvaluator:
+    """Runs a Program over PersonStates; the specification the compiled evaluator matches."""
+
+    def __init__(self, program: Program):
+        self.program = program
+        self.timeout = program.session_timeout_us
+
+    def new_state(self) -> PersonState:
+        return PersonState()
+
+    def observe(self, state: PersonState, model: int, ts_us: int, properties: dict, session_id: str = "") -> None:
+        """Records one event of ``model`` (already matched to the model) for the person."""
+        if (state.session < 0 or ts_us >= state.session_last_ts + self.timeout
+                or (session_id and session_id != state.session_id)):
+            state.session += 1
+            state.session_id = session_id
+            state.session_last_ts = ts_us
+        else:
+            state.session_last_ts = max(state.session_last_ts, ts_us)
+        state.events.append(_Event(model, ts_us, properties, state.session))
+
+    def _session_open(self, state: PersonState, now_us: int) -> bool:
+        return state.session >= 0 and now_us < state.session_last_ts + self.timeout
+
+    def _value(self, state: PersonState, leaf: EventLeaf, now_us: int) -> tuple[bool, int, float | None]:
+        scoped = [e for e in state.events if e.model == leaf.model and passes(leaf, e.properties)]
+        if leaf.scope == Scope.WITHIN:
+            scoped = [e for e in scoped if now_us - leaf.window_us < e.ts]
+        elif leaf.scope == Scope.SESSION:
+            open_ = state.session >= 0 and now_us < state.session_last_ts + self.timeout
+            scoped = [e for e in scoped if open_ and e.session == state.session]
+        values = [e.properties[leaf.property] for e in scoped
+                  if leaf.property and _is_number(e.properties.get(leaf.property))]
+        value = aggregate(leaf.aggregation, values, len(scoped))
+        return compare(leaf.comparison, value, leaf.threshold), len(scoped), value
+
+    def leaf(self, state: PersonState, j: int, now_us: int) -> LeafValue:
+        """Event leaf j's value at ``now_us``, and when it next flips by itself."""
+        leaf = self.program.leaves[j]
+        holds, count, value = self._value(state, leaf, now_us)
+        # Only time passing changes anything: events leave windows, sessions end.
+        if leaf.scope == Scope.WITHIN:
+            candidates = sorted({e.ts + leaf.window_us for e in state.events
+                                 if e.model == leaf.model and e.ts + leaf.window_us > now_us})
+        elif leaf.scope == Scope.SESSION and state.session >= 0 and now_us < state.session_last_ts + self.timeout:
+            candidates = [state.session_last_ts + self.timeout]
+        else:
+            candidates = []
+        flips_at = next((t for t in candidates if self._value(state, leaf, t)[0] != holds), None)
+        return LeafValue(holds, count, value, flips_at)
+
+    def evaluate(self, state: PersonState, now_us: int, static: Sequence[bool]) -> list[bool]:
+        """Every audience's value for the person at ``now_us``."""
+        leaves = [self.leaf(state, j, now_us).holds for j in range(len(self.program.leaves))]
+        return [run(code, leaves, static) for code in self.program.audiences]
+
+    def next_change(self, state: PersonState, now_us: int) -> int | None:
+        """The first instant after ``now_us`` at which some event leaf flips with no new event.
+
+        Audience values can only change at such instants; the engine's timer
+        index re-evaluates the person then.
+        """
+        times = [v.flips_at for j in range(len(self.program.leaves))
+                 if (v := self.leaf(state, j, now_us)).flips_at is not None]
+        return min(times) if times else None
+
+
+def run(code: Sequence[tuple[int, int]], leaves: Sequence[bool], static: Sequence[bool]) -> bool:
+    """Executes one audience's postfix code."""
+    stack: list[bool] = []
+    for op, arg in code:
+        if op == Code.STATIC:
+            stack.append(bool(static[arg]))
+        elif op == Code.EVENT:
+            stack.append(bool(leaves[arg]))
+        elif op == Code.AND:
+            vals = stack[-arg:]
+            del stack[-arg:]
+            stack.append(all(vals))
+        elif op == Code.OR:
+            vals = stack[-arg:]
+            del stack[-arg:]
+            stack.append(any(vals))
+        elif op == Code.NOT:
+            stack.append(not stack.pop())
+        else:
+            raise ValueError(f"unknown instruction {op}")
+    if len(stack) != 1:
+        raise ValueError("malformed program")
+    return stack[0]

@@ -1,0 +1,67 @@
+"""Audiences -> one evaluator Program: event leaves shared, warehouse parts split off.
+
+Each audience's condition tree becomes postfix code over two kinds of leaf.
+Every maximal subtree that reads only warehouse attributes becomes a STATIC
+leaf, evaluated for all people at once over the attribute columns whenever a
+sync lands (see static.py); every event condition becomes an EVENT leaf,
+shared by all audiences that use the same one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from qualify.evaluator.program import Code, EventLeaf, Filter, Program
+
+from .conditions import And, AttributeCondition, Condition, EventCondition, Not, Or, is_static
+
+
+@dataclass(frozen=True)
+class Compiled:
+    program: Program
+    statics: tuple[Condition, ...]  # STATIC k is statics[k]
+    audience_ids: tuple[str, ...]  # audience i of the program (bit i of a membership bitset)
+    models_used: frozenset[int]  # event models some audience references
+
+
+def compile_audiences(audiences: list[tuple[str, Condition]], model_index: dict[str, int],
+                      session_timeout_us: int) -> Compiled:
+    leaves: dict[EventLeaf, int] = {}
+    statics: dict[Condition, int] = {}
+
+    def leaf_of(c: EventCondition) -> int:
+        leaf = EventLeaf(
+            model=model_index[c.event_model],
+            filters=tuple(Filter(p.field, p.op, p.values) for p in c.filters),
+            scope=c.scope, window_us=c.window_us, aggregation=c.aggregation,
+            property=c.property, comparison=c.comparison, threshold=c.threshold)
+        return leaves.setdefault(leaf, len(leaves))
+
+    def emit(c: Condition, code: list[tuple[int, int]]) -> None:
+        if is_static(c):
+            code.append((Code.STATIC, statics.setdefault(c, len(statics))))
+        elif isinstance(c, EventCondition):
+            code.append((Code.EVENT, leaf_of(c)))
+        elif isinstance(c, Not):
+            emit(c.child, code)
+            code.append((Code.NOT, 0))
+        elif isinstance(c, (And, Or)):
+            for child in c.children:
+                emit(child, code)
+            code.append((Code.AND if isinstance(c, And) else Code.OR, len(c.children)))
+        else:  # pragma: no cover - AttributeCondition is always static
+            raise TypeError(type(c))
+
+    codes = []
+    for _, condition in audiences:
+        code: list[tuple[int, int]] = []
+        emit(condition, code)
+        codes.append(tuple(code))
+    ordered_leaves = tuple(sorted(leaves, key=leaves.__getitem__))
+    program = Program(leaves=ordered_leaves, audiences=tuple(codes), n_static=len(statics),
+                      session_timeout_us=session_timeout_us)
+    return Compiled(program, tuple(sorted(statics, key=statics.__getitem__)),
+                    tuple(a for a, _ in audiences), frozenset(l.model for l in ordered_leaves))
+
+
+__all__ = ["Compiled", "compile_audiences", "AttributeCondition"]

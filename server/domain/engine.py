@@ -1,0 +1,558 @@
+"""The realtime engine: events and time in, exact membership changes out.
+
+Runs on the single writer thread. Every entry point takes the write
+transaction its cause commits in (an ingest batch, a timer tick, a warehouse
+sync, an audience change), so the changelog and the membership tables never
+disagree with the event log. It holds:
+
+- one evaluator state per person seen in events (a *slot*), bounded by what
+  the conditions can observe, and the person's memberships;
+- the warehouse parts of every audience as boolean arrays over person ids,
+  and, for people with no realtime state, their membership computed
+  vectorised from those arrays;
+- a timer index: for each slot, the next instant at which one of its event
+  leaves flips with no new event (a window lapses, a session ends).
+
+Person keys: a known person's key is their user id (the parent model's
+primary key); an anonymous person's is ``anon:<anonymous id>`` until an
+identify or alias event links it to a user id, which merges its history.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from qualify.evaluator import make_evaluator
+from qualify.evaluator.program import Aggregation, Code, EventLeaf, Filter
+from qualify.evaluator.reference import compare
+
+from .compile import Compiled, compile_audiences
+from .conditions import Condition, parse_condition
+from .explain import explain_tree
+from .errors import AudienceExists, AudienceNotFound, FieldViolation, InvalidAudience, InvalidRequest
+from .events import Event, EventModel, EventType, compile_models, matching_models
+from .schema import ValueType
+from .static import evaluate_static, evaluate_static_missing
+
+log = logging.getLogger(__name__)
+
+ENTER, EXIT = 1, 2  # qualify.v1.Direction
+CAUSE_EVENT, CAUSE_SYNC, CAUSE_LAPSE, CAUSE_SESSION_END, CAUSE_MERGE, CAUSE_AUDIENCE = 1, 2, 3, 4, 5, 6
+ANON = "anon:"
+AUDIENCE_ID_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+@dataclass
+class Audience:
+    id: str
+    display_name: str
+    description: str
+    definition: dict  # the condition in its JSON form, as given
+    condition: Condition
+    create_us: int
+    update_us: int
+
+    def record(self) -> dict:
+        return {"id": self.id, "display_name": self.display_name, "description": self.description,
+                "condition": self.definition, "create_us": self.create_us, "update_us": self.update_us}
+
+
+@dataclass(frozen=True)
+class Change:
+    audience_id: str
+    person_key: str
+    direction: int
+    effective_us: int
+    cause: int
+    message_id: str = ""
+
+
+class Engine:
+    """Realtime audience membership; every method runs on the writer thread."""
+
+    def __init__(self, store, models: list[EventModel], attributes: list[tuple[str, ValueType]],
+                 session_timeout_us: int, read_event: Callable, iter_events: Callable, reference: bool = False):
+        self.store = store
+        self.models = compile_models(models)
+        self.model_index = {m.name: i for i, m in enumerate(self.models.models)}
+        self.attributes = attributes
+        self.attribute_types = dict(attributes)
+        self.event_model_props = {m.name: dict(m.properties) for m in self.models.models}
+        self.session_timeout_us = session_timeout_us
+        self.read_event = read_event  # (txn, seq) -> Event
+        self.iter_events = iter_events  # (txn) -> Iterator[Event], in log order
+        self.reference = reference
+        self.on_deadline: Callable[[], None] | None = None  # called when an earlier timer appears
+        self.audiences: dict[str, Audience] = {}
+        self.bits: list[str | None] = []  # membership bit -> audience id
+        self.counts: dict[str, int] = {}
+        self.defaults: dict[str, np.ndarray] | None = None  # audience -> members without realtime state
+        self.columns: dict = {}
+        self.alive = np.zeros(0, bool)
+        self._reset_people()
+        self._compile()
+
+    # -- state ---------------------------------------------------------------------------
+    def _reset_people(self) -> None:
+        self.slots: dict[str, int] = {}
+        self.keys: list[str] = []
+        self.states: list = []
+        self.pids: list[int | None] = []
+        self.seqs: list[array] = []
+        self.members: list[dict[int, int]] = []  # slot -> {bit: enter_us}
+        self.statics_of: list[list[bool] | None] = []
+        self.timer_at: list[int | None] = []
+        self.timers: list[tuple[int, int]] = []
+        self.aliases: dict[str, str] = {}
+
+    def _compile(self) -> None:
+        active = sorted(self.audiences.values(), key=lambda a: self.bits.index(a.id))
+        self.compiled: Compiled = compile_audiences([(a.id, a.condition) for a in active], self.model_index,
+                                                    self.session_timeout_us)
+        self.program_bits = [self.bits.index(a.id) for a in active]
+        self.evaluator = make_evaluator(self.compiled.program, reference=self.reference)
+        self.by_model: dict[int, list[int]] = {}
+        for i, code in enumerate(self.compiled.program.audiences):
+            models = {self.compiled.program.leaves[arg].model for op, arg in code if op == Code.EVENT}
+            for m in models:
+                self.by_model.setdefault(m, []).append(i)
+
+    def _slot(self, key: str, txn) -> int:
+        slot = self.slots.get(key)
+        if slot is None:
+            slot = len(self.keys)
+            self.slots[key] = slot
+            self.keys.append(key)
+            self.states.append(self.evaluator.new_state())
+            self.pids.append(None if key.startswith(ANON) else self.store.person_id(txn, key))
+            self.seqs.append(array("q"))
+            self.members.append(self.store.membership(txn, key))
+            self.statics_of.append(None)
+            self.timer_at.append(None)
+        return slot
+
+    def _statics(self, slot: int) -> list[bool]:
+        st = self.statics_of[slot]
+        if st is None:
+            pid = self.pids[slot]
+            st = [bool(arr[pid]) if pid is not None and pid < len(arr) else miss
+                  for arr, miss in zip(self.static_arrays, self.static_missing)]
+            self.statics_of[slot] = st
+        return st
+
+    # -- warehouse parts ---------------------------------------------------------------------
+    def load_warehouse(self, txn) -> None:
+        """Reads the synced attribute columns and recomputes every static subtree."""
+        self.columns, self.alive = self.store.columns(txn, self.attributes)
+        self.static_arrays, self.static_missing = self._statics_for(self.compiled)
+        self.statics_of = [None] * len(self.keys)
+        for slot, key in enumerate(self.keys):  # people the warehouse has just learned about
+            if self.pids[slot] is None and not key.startswith(ANON):
+                self.pids[slot] = self.store.person_id(txn, key)
+
+    def _statics_for(self, compiled: Compiled) -> tuple[list[np.ndarray], list[bool]]:
+        missing = [evaluate_static_missing(c) for c in compiled.statics]
+        # Someone removed from the warehouse reads as missing everywhere.
+        arrays = [np.where(self.alive, evaluate_static(c, self.columns, len(self.alive)), miss)
+                  for c, miss in zip(compiled.statics, missing)]
+        return arrays, missing
+
+    def _default_membership(self, compiled: Compiled, static_arrays: list[np.ndarray]) -> list[np.ndarray]:
+        """Each audience's value, per person id, for someone with no realtime events."""
+        size = len(self.alive)
+        leaves = compiled.program.leaves
+        defaults = [compare(l.comparison, 0.0 if l.aggregation == Aggregation.COUNT else None, l.threshold)
+                    for l in leaves]
+        out = []
+        for code in compiled.program.audiences:
+            stack: list = []
+            for op, arg in code:
+                if op == Code.STATIC:
+                    stack.append(static_arrays[arg])
+                elif op == Code.EVENT:
+                    stack.append(np.full(size, defaults[arg]))
+                elif op == Code.NOT:
+                    stack.append(~stack.pop())
+                else:
+                    vals = stack[-arg:]
+                    del stack[-arg:]
+                    acc = vals[0].copy()
+                    for v in vals[1:]:
+                        acc = acc & v if op == Code.AND else acc | v
+                    stack.append(acc)
+            out.append(stack[0] & self.alive)
+        return out
+
+    # -- evaluation ------------------------------------------------------------------------
+    def _evaluate(self, slot: int, now_us: int, audiences, cause: int, message_id: str, out: list[Change]) -> None:
+        values = self.evaluator.evaluate(self.states[slot], now_us, self._statics(slot))
+        members = self.members[slot]
+        for i in audiences:
+            bit = self.program_bits[i]
+            if values[i] != (bit in members):
+                aid = self.bits[bit]
+                if values[i]:
+                    members[bit] = now_us
+                    out.append(Change(aid, self.keys[slot], ENTER, now_us, cause, message_id))
+                else:
+                    del members[bit]
+                    out.append(Change(aid, self.keys[slot], EXIT, now_us, cause, message_id))
+
+    def _schedule(self, slot: int, now_us: int) -> None:
+        t = self.evaluator.next_change(self.states[slot], now_us)
+        if t != self.timer_at[slot]:
+            self.timer_at[slot] = t
+            if t is not None:
+                earliest = not self.timers or t < self.timers[0][0]
+                heapq.heappush(self.timers, (t, slot))
+                if earliest and self.on_deadline is not None:
+                    self.on_deadline()
+
+    def next_deadline(self) -> int | None:
+        while self.timers and self.timers[0][0] != self.timer_at[self.timers[0][1]]:
+            heapq.heappop(self.timers)  # superseded
+        return self.timers[0][0] if self.timers else None
+
+    # -- entry points ------------------------------------------------------------------------
+    def apply(self, txn, events: list[Event], now_us: int) -> list[Change]:
+        """Evaluates durable events (the writer's hook); writes and returns the changes."""
+        changes: list[Change] = []
+        touched: dict[int, set[int]] = {}
+        everything = range(len(self.program_bits))
+        for event in events:
+            first_seen = len(self.keys)
+            self._observe(txn, event, now_us, touched, changes)
+            for slot, models in touched.items():
+                # Someone new is evaluated for every audience: the warehouse-only ones included.
+                audiences = everything if slot >= first_seen else sorted({i for m in models for i in self.by_model.get(m, ())})
+                if audiences:
+                    self._evaluate(slot, now_us, audiences, CAUSE_EVENT, event.message_id, changes)
+                self._schedule(slot, now_us)
+            touched.clear()
+        self._persist(txn, changes)
+        return changes
+
+    def _person(self, kind: str, ident: str) -> str:
+        if kind == "anonymous":
+            user = self.aliases.get(ident)
+            return user if user is not None else ANON + ident
+        return ident
+
+    def _observe(self, txn, event: Event, now_us: int, touched: dict[int, set[int]], changes: list[Change] | None,
+                 seq_record: bool = True) -> None:
+        if event.type in (EventType.IDENTIFY, EventType.ALIAS):
+            self._link(txn, event, now_us, changes)
+        matches = event.matches if event.matches is not None else matching_models(event, self.models)
+        for model, (kind, ident) in matches:
+            slot = self._slot(self._person(kind, ident), txn)
+            self.evaluator.observe(self.states[slot], model, event.timestamp_us, event.properties, event.session_id)
+            if seq_record and (not self.seqs[slot] or self.seqs[slot][-1] != event.seq):
+                self.seqs[slot].append(event.seq)
+            touched.setdefault(slot, set()).add(model)
+
+    def _link(self, txn, event: Event, now_us: int, changes: list[Change] | None) -> None:
+        user = event.user_id
+        other = event.anonymous_id if event.type == EventType.IDENTIFY else event.previous_id
+        if not user or not other or self.aliases.get(other) == user:
+            return
+        self.aliases[other] = user
+        # identify links an anonymous id; alias may also rename a known user.
+        sources = (ANON + other,) if event.type == EventType.IDENTIFY else (ANON + other, other)
+        for source in sources:
+            if source != user and source in self.slots:
+                self._merge(txn, source, user, now_us, changes, event.message_id)
+
+    def _merge(self, txn, source: str, into: str, now_us: int, changes: list[Change] | None, message_id: str) -> None:
+        """Moves source's history into ``into``: replays both from the log, in order."""
+        src = self.slots.pop(source)
+        dst = self._slot(into, txn)
+        seqs = sorted(set(self.seqs[src]) | set(self.seqs[dst]))
+        state = self.evaluator.new_state()
+        for seq in seqs:
+            ev = self.read_event(txn, seq)
+            for model, _ in matching_models(ev, self.models):
+                self.evaluator.observe(state, model, ev.timestamp_us, ev.properties, ev.session_id)
+        self.states[dst], self.seqs[dst] = state, array("q", seqs)
+        self.states[src], self.seqs[src] = self.evaluator.new_state(), array("q")
+        self.timer_at[src] = None
+        if changes is not None:
+            for bit, _ in sorted(self.members[src].items()):
+                changes.append(Change(self.bits[bit], source, EXIT, now_us, CAUSE_MERGE, message_id))
+            self.store.put_membership(txn, source, {})
+            self._evaluate(dst, now_us, range(len(self.program_bits)), CAUSE_MERGE, message_id, changes)
+        self.members[src] = {}
+        self._schedule(dst, now_us)
+
+    def tick(self, txn, now_us: int) -> list[Change]:
+        """Fires every timer due by ``now_us``, each at its own instant."""
+        changes: list[Change] = []
+        while (t := self.next_deadline()) is not None and t <= now_us:
+            _, slot = heapq.heappop(self.timers)
+            self.timer_at[slot] = None
+            cause = CAUSE_LAPSE
+            self._evaluate(slot, t, range(len(self.program_bits)), cause, "", changes)
+            self._schedule(slot, t)
+        self._persist(txn, changes)
+        return changes
+
+    def after_sync(self, txn, now_us: int) -> list[Change]:
+        """A warehouse sync landed: recompute the warehouse parts; move people at once."""
+        old_defaults = self.defaults if self.defaults is not None else self._stored_defaults(txn)
+        self.load_warehouse(txn)
+        changes = self._reconcile(txn, now_us, CAUSE_SYNC, old_defaults)
+        self._persist(txn, changes)
+        return changes
+
+    # -- whole-population reconciliation -------------------------------------------------------
+    def _reconcile(self, txn, now_us: int, cause: int, old_defaults) -> list[Change]:
+        """Brings every person's stored membership to what the definitions say now."""
+        changes: list[Change] = []
+        for slot in range(len(self.keys)):
+            if self.slots.get(self.keys[slot]) == slot:
+                self._evaluate(slot, now_us, range(len(self.program_bits)), cause, "", changes)
+                self._schedule(slot, now_us)
+        defaults = self._default_membership(self.compiled, self.static_arrays)
+        with_slot = np.zeros(len(self.alive), bool)
+        for slot, pid in enumerate(self.pids):
+            if pid is not None and pid < len(with_slot) and self.slots.get(self.keys[slot]) == slot:
+                with_slot[pid] = True
+        for i, new in enumerate(defaults):
+            bit = self.program_bits[i]
+            aid = self.bits[bit]
+            old = old_defaults.get(aid)
+            if old is None:
+                old = np.zeros(len(new), bool)
+            elif len(old) < len(new):
+                old = np.concatenate([old, np.zeros(len(new) - len(old), bool)])
+            diff = (new != old[: len(new)]) & ~with_slot
+            for pid in np.flatnonzero(diff).tolist():
+                key = self.store.person_key(txn, pid)
+                if key is None:
+                    continue
+                bits = self.store.membership(txn, key)
+                if new[pid] and bit not in bits:
+                    bits[bit] = now_us
+                    changes.append(Change(aid, key, ENTER, now_us, cause))
+                elif not new[pid] and bit in bits:
+                    del bits[bit]
+                    changes.append(Change(aid, key, EXIT, now_us, cause))
+                else:
+                    continue
+                self.store.put_membership(txn, key, bits)
+        self.defaults = {self.bits[self.program_bits[i]]: arr for i, arr in enumerate(defaults)}
+        return changes
+
+    def _persist(self, txn, changes: list[Change]) -> None:
+        """Writes realtime people's memberships, the member index, counts and the changelog.
+
+        People without realtime state had their memberships written where
+        they changed (see _reconcile and _merge).
+        """
+        if not changes:
+            return
+        written = set()
+        for c in changes:
+            self.store.index_member(txn, c.audience_id, c.person_key, c.direction == ENTER)
+            self.counts[c.audience_id] = self.counts.get(c.audience_id, 0) + (1 if c.direction == ENTER else -1)
+            slot = self.slots.get(c.person_key)
+            if slot is not None and c.person_key not in written:
+                written.add(c.person_key)
+                self.store.put_membership(txn, c.person_key, self.members[slot])
+        self.store.put_counts(txn, self.counts)
+        self.store.append_changes(txn, [[c.audience_id, c.person_key, c.direction, c.effective_us, c.cause,
+                                         c.message_id] for c in changes])
+
+    # -- recovery and audience changes ---------------------------------------------------------
+    def recover(self, txn, now_us: int) -> list[Change]:
+        """Rebuilds the in-memory state from LMDB: audiences, the log replayed, timers fired."""
+        self.bits = self.store.catalog_bits(txn)
+        for rec in self.store.load_audiences(txn):
+            cond = parse_condition(rec["condition"], self.attribute_types, self.event_model_props)
+            self.audiences[rec["id"]] = Audience(rec["id"], rec["display_name"], rec["description"],
+                                                 rec["condition"], cond, rec["create_us"], rec["update_us"])
+            if rec["id"] not in self.bits:
+                self.bits.append(rec["id"])
+        self.counts = self.store.counts(txn)
+        self._compile()
+        self.load_warehouse(txn)
+        return self._rebuild(txn, now_us, CAUSE_LAPSE, self._stored_defaults(txn), lapses=True)
+
+    def _rebuild(self, txn, now_us: int, cause: int, old_defaults: dict, lapses: bool) -> list[Change]:
+        """Replays the whole log into fresh states, then reconciles everyone at now."""
+        self._reset_people()
+        last = {}
+        touched: dict[int, set[int]] = {}
+        for event in self.iter_events(txn):
+            self._observe(txn, event, event.received_us, touched, None)
+            for slot in touched:
+                last[slot] = event.received_us
+            touched.clear()
+        changes: list[Change] = []
+        if lapses:  # windows that lapsed while no process was running, each at its own instant
+            for slot, t0 in last.items():
+                if self.slots.get(self.keys[slot]) != slot:
+                    continue
+                t = self.evaluator.next_change(self.states[slot], t0)
+                while t is not None and t <= now_us:
+                    self._evaluate(slot, t, range(len(self.program_bits)), cause, "", changes)
+                    t = self.evaluator.next_change(self.states[slot], t)
+        changes += self._reconcile(txn, now_us, cause, old_defaults)
+        self._persist(txn, changes)
+        return changes
+
+    def _stored_defaults(self, txn) -> dict[str, np.ndarray]:
+        """Who is a member per the tables, for people without realtime state (after a restart)."""
+        size = len(self.alive)
+        out = {aid: np.zeros(size, bool) for aid in self.bits if aid is not None}
+        for key, bits in self.store.all_memberships(txn):
+            if key in self.slots:
+                continue
+            pid = self.store.person_id(txn, key)
+            if pid is None or pid >= size:
+                continue
+            for bit in bits:
+                if bit < len(self.bits) and self.bits[bit] in out:
+                    out[self.bits[bit]][pid] = True
+        return out
+
+    def put_audience(self, txn, audience_id: str, display_name: str, description: str, definition: dict,
+                     now_us: int, create: bool) -> tuple[Audience, list[Change]]:
+        check_audience_id(audience_id)
+        exists = audience_id in self.audiences
+        if create and exists:
+            raise AudienceExists(f"audience {audience_id!r} already exists", violations=[FieldViolation("audience.id", "already exists")])
+        if not create and not exists:
+            raise AudienceNotFound(f"no audience {audience_id!r}", metadata={"audience": audience_id})
+        condition = parse_condition(definition, self.attribute_types, self.event_model_props, path="audience.condition")
+        created = self.audiences[audience_id].create_us if exists else now_us
+        audience = Audience(audience_id, display_name, description, definition, condition, created, now_us)
+        old_defaults = self.defaults if self.defaults is not None else self._stored_defaults(txn)
+        if not exists:
+            free = self.bits.index(None) if None in self.bits else len(self.bits)
+            if free == len(self.bits):
+                self.bits.append(audience_id)
+            else:
+                self.bits[free] = audience_id
+        self.audiences[audience_id] = audience
+        self.store.put_audience(txn, audience.record())
+        self.store.set_catalog_bits(txn, self.bits)
+        changes = self._redefine(txn, now_us, old_defaults)
+        return audience, changes
+
+    def delete_audience(self, txn, audience_id: str, now_us: int) -> list[Change]:
+        if audience_id not in self.audiences:
+            raise AudienceNotFound(f"no audience {audience_id!r}", metadata={"audience": audience_id})
+        bit = self.bits.index(audience_id)
+        changes = []
+        cur = {}
+        for key, bits in self.store.all_memberships(txn):
+            if bit in bits:
+                cur[key] = bits
+        for key, bits in cur.items():
+            del bits[bit]
+            changes.append(Change(audience_id, key, EXIT, now_us, CAUSE_AUDIENCE))
+            self.store.put_membership(txn, key, bits)
+            slot = self.slots.get(key)
+            if slot is not None:
+                self.members[slot].pop(bit, None)
+        del self.audiences[audience_id]
+        self.bits[bit] = None
+        self.counts.pop(audience_id, None)
+        self.store.delete_audience(txn, audience_id)
+        self.store.set_catalog_bits(txn, self.bits)
+        if self.defaults is not None:
+            self.defaults.pop(audience_id, None)
+        self._compile()
+        self.store.put_counts(txn, self.counts)
+        self.store.append_changes(txn, [[c.audience_id, c.person_key, c.direction, c.effective_us, c.cause, ""]
+                                        for c in changes])
+        return changes
+
+    def _redefine(self, txn, now_us: int, old_defaults: dict) -> list[Change]:
+        self._compile()
+        self.load_warehouse(txn)
+        return self._rebuild(txn, now_us, CAUSE_AUDIENCE, old_defaults, lapses=False)
+
+    # -- queries -------------------------------------------------------------------------
+    def audience(self, audience_id: str) -> Audience:
+        a = self.audiences.get(audience_id)
+        if a is None:
+            raise AudienceNotFound(f"no audience {audience_id!r}", metadata={"audience": audience_id})
+        return a
+
+    def preview(self, txn, condition: Condition, now_us: int, sample: int) -> tuple[int, list[str]]:
+        """How many people qualify now under a draft condition, and some of their keys."""
+        compiled = compile_audiences([("draft", condition)], self.model_index, self.session_timeout_us)
+        evaluator = make_evaluator(compiled.program, reference=self.reference)
+        static_arrays, static_missing = self._statics_for(compiled)
+        default = self._default_membership(compiled, static_arrays)[0].copy()
+        members: list[str] = []
+        for key, slot in self.slots.items():
+            state = evaluator.new_state()  # the person's own events, replayed into the draft
+            for seq in self.seqs[slot]:
+                ev = self.read_event(txn, seq)
+                for model, _ in matching_models(ev, self.models):
+                    evaluator.observe(state, model, ev.timestamp_us, ev.properties, ev.session_id)
+            pid = self.pids[slot]
+            statics = [bool(a[pid]) if pid is not None and pid < len(a) else m for a, m in zip(static_arrays, static_missing)]
+            if evaluator.evaluate(state, now_us, statics)[0]:
+                members.append(key)
+            if pid is not None and pid < len(default):
+                default[pid] = False
+        count = int(default.sum()) + len(members)
+        keys = sorted(members)[:sample]
+        for pid in np.flatnonzero(default)[: max(0, sample - len(keys))].tolist():
+            k = self.store.person_key(txn, pid)
+            if k is not None:
+                keys.append(k)
+        return count, keys
+
+    def explain(self, txn, audience_id: str, person_key: str, now_us: int) -> tuple[bool, dict]:
+        """Whether the person is a member now, and every node's value with what decides it."""
+        audience = self.audience(audience_id)
+        slot = self.slots.get(person_key)
+        state = self.states[slot] if slot is not None else self.evaluator.new_state()
+        pid = self.pids[slot] if slot is not None else (
+            None if person_key.startswith(ANON) else self.store.person_id(txn, person_key))
+
+        def attr_value(name: str):
+            col = self.columns.get(name)
+            alive = pid is not None and pid < len(self.alive) and self.alive[pid]
+            return col.value(pid) if col is not None and alive else None
+
+        def leaf_index(c) -> int:
+            return self.compiled.program.leaves.index(EventLeaf(
+                self.model_index[c.event_model], tuple(Filter(p.field, p.op, p.values) for p in c.filters),
+                c.scope, c.window_us, c.aggregation, c.property, c.comparison, c.threshold))
+
+        tree = explain_tree(audience.condition, self.evaluator, state, attr_value, leaf_index, now_us)
+        return self.is_member(txn, person_key, audience_id) is not None, tree
+
+    def is_member(self, txn, person_key: str, audience_id: str) -> int | None:
+        """The enter time if the person is a member now."""
+        bit = self.bits.index(audience_id) if audience_id in self.bits else None
+        if bit is None:
+            return None
+        slot = self.slots.get(person_key)
+        bits = self.members[slot] if slot is not None else self.store.membership(txn, person_key)
+        return bits.get(bit)
+
+
+def check_audience_id(audience_id: str) -> None:
+    if not audience_id or len(audience_id) > 63 or not set(audience_id) <= AUDIENCE_ID_CHARS:
+        raise InvalidRequest(f"invalid audience id {audience_id!r}",
+                             violations=[FieldViolation("audience.id", "must be 1-63 characters of a-z, 0-9, _ and -")])
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+__all__ = ["Audience", "Change", "Engine", "InvalidAudience"]

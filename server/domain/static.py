@@ -1,0 +1,143 @@
+"""Warehouse-only conditions evaluated for all people at once, over column arrays.
+
+The results are boolean arrays indexed by person id: the bitsets that make a
+warehouse sub-condition one bit test at event time. Semantics are the
+reference's (qualify.evaluator.reference.test_predicate): string predicates
+are decided once per distinct word of the column's dictionary and then looked
+up by code, so even CONTAINS costs one pass over the words, not the people.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from qualify.evaluator.program import Op
+from qualify.evaluator.reference import test_predicate
+
+from .conditions import And, AttributeCondition, Condition, EventCondition, Not, Or
+from .schema import ValueType
+
+
+@dataclass(frozen=True)
+class Column:
+    """One attribute over all person ids: values, validity, and the words of string codes."""
+
+    type: ValueType
+    values: np.ndarray
+    valid: np.ndarray  # uint8, 0 where missing
+    words: tuple[str, ...] = ()
+
+    def value(self, pid: int):
+        """The plain value at one person id (None when missing)."""
+        if pid >= len(self.valid) or not self.valid[pid]:
+            return None
+        v = self.values[pid]
+        if self.type is ValueType.STRING:
+            return self.words[v]
+        if self.type is ValueType.BOOL:
+            return bool(v)
+        if self.type is ValueType.FLOAT:
+            return float(v)
+        return int(v)
+
+
+def predicate_array(col: Column, op: Op, values: tuple, size: int) -> np.ndarray:
+    valid = _fit(col.valid.astype(bool), size)
+    if col.type is ValueType.STRING:
+        table = np.array([test_predicate(op, values, w) for w in col.words] + [False], dtype=bool)
+        codes = _fit(col.values, size)
+        present = table[np.where(valid, codes, len(col.words))]
+    else:
+        vals = _fit(col.values, size)
+        if col.type is ValueType.BOOL:
+            vals = vals.astype(bool)
+        present = _numeric(op, values, vals, col.type)
+    missing = test_predicate(op, values, None)
+    return np.where(valid, present, missing)
+
+
+def _fit(arr: np.ndarray, size: int) -> np.ndarray:
+    if len(arr) >= size:
+        return arr[:size]
+    out = np.zeros(size, arr.dtype)
+    out[: len(arr)] = arr
+    return out
+
+
+def _numeric(op: Op, values: tuple, vals: np.ndarray, vtype: ValueType) -> np.ndarray:
+    if op == Op.IS_SET:
+        return np.ones(len(vals), bool)
+    if op == Op.IS_NOT_SET:
+        return np.zeros(len(vals), bool)
+    if vtype is ValueType.BOOL:
+        # Booleans equal only booleans and do not order (reference semantics).
+        bools = [v for v in values if isinstance(v, bool)]
+        if op in (Op.EQ, Op.IN):
+            return np.isin(vals, bools) if bools else np.zeros(len(vals), bool)
+        if op in (Op.NE, Op.NOT_IN):
+            return ~np.isin(vals, bools) if bools else np.ones(len(vals), bool)
+        return np.zeros(len(vals), bool)
+    nums = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if op == Op.IN:
+        return np.isin(vals, nums) if nums else np.zeros(len(vals), bool)
+    if op == Op.NOT_IN:
+        return ~np.isin(vals, nums) if nums else np.ones(len(vals), bool)
+    if len(nums) < (2 if op == Op.BETWEEN else 1):
+        return np.full(len(vals), op == Op.NE)  # a non-number literal: never equal, never ordered
+    a = nums[0]
+    if op == Op.EQ:
+        return vals == a
+    if op == Op.NE:
+        return vals != a
+    if op == Op.LT:
+        return vals < a
+    if op == Op.LE:
+        return vals <= a
+    if op == Op.GT:
+        return vals > a
+    if op == Op.GE:
+        return vals >= a
+    if op == Op.BETWEEN:
+        return (vals >= a) & (vals <= nums[1])
+    return np.zeros(len(vals), bool)  # CONTAINS / STARTS_WITH never hold on numbers
+
+
+def evaluate_static(condition: Condition, columns: dict[str, Column], size: int) -> np.ndarray:
+    """A warehouse-only condition for person ids 0..size-1."""
+    if isinstance(condition, AttributeCondition):
+        p = condition.predicate
+        col = columns.get(p.field)
+        if col is None:  # attribute not synced yet: missing for everyone
+            return np.full(size, test_predicate(p.op, p.values, None))
+        return predicate_array(col, p.op, p.values, size)
+    if isinstance(condition, And):
+        out = np.ones(size, bool)
+        for c in condition.children:
+            out &= evaluate_static(c, columns, size)
+        return out
+    if isinstance(condition, Or):
+        out = np.zeros(size, bool)
+        for c in condition.children:
+            out |= evaluate_static(c, columns, size)
+        return out
+    if isinstance(condition, Not):
+        return ~evaluate_static(condition.child, columns, size)
+    raise TypeError(f"not a warehouse-only condition: {type(condition).__name__}")
+
+
+def evaluate_static_missing(condition: Condition) -> bool:
+    """The value for someone the warehouse does not know (every attribute missing)."""
+    if isinstance(condition, AttributeCondition):
+        return test_predicate(condition.predicate.op, condition.predicate.values, None)
+    if isinstance(condition, And):
+        return all(evaluate_static_missing(c) for c in condition.children)
+    if isinstance(condition, Or):
+        return any(evaluate_static_missing(c) for c in condition.children)
+    if isinstance(condition, Not):
+        return not evaluate_static_missing(condition.child)
+    raise TypeError(f"not a warehouse-only condition: {type(condition).__name__}")
+
+
+__all__ = ["Column", "EventCondition", "evaluate_static", "evaluate_static_missing", "predicate_array"]

@@ -1,0 +1,190 @@
+"""LMDB layout of the realtime state: audiences, memberships, the changelog.
+
+Every function takes an open transaction; the engine calls them from the
+single writer thread, inside the same write transaction as the events or the
+sync that caused the change, so memberships commit atomically with their cause.
+
+Named databases::
+
+    audiences         audience id -> JSON {id, display_name, description, condition, create_us, update_us}
+    members           person key -> membership: u16 n | bitset (n bytes) | i64 enter time per set bit
+                      (bit i = the catalog's audiences[i]; the catalog lives in meta)
+    audience_members  audience id | 0x00 | person key -> b"" (ListMembers pages through it)
+    changelog         u64 sequence (big-endian) -> JSON [audience, person, direction, effective_us, cause, message_id]
+    meta              b"changelog_seq" -> u64 last sequence; b"counts" -> JSON {audience id: members}
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+
+from ..domain.schema import ValueType
+from ..domain.static import Column
+from .lmdb_store import CATALOG, GENERATION, ID_KEY, META, PEOPLE, U32, U64
+from .lmdb_store import decode_membership as _decode
+
+AUDIENCES = b"audiences"
+MEMBERS = b"members"
+AUDIENCE_MEMBERS = b"audience_members"
+CHANGELOG = b"changelog"
+CHANGELOG_SEQ = b"changelog_seq"
+COUNTS = b"counts"
+SEQ_KEY = struct.Struct(">Q")
+_DTYPES = {ValueType.STRING: np.int32, ValueType.INT: np.int64, ValueType.FLOAT: np.float64,
+           ValueType.BOOL: np.uint8, ValueType.TIMESTAMP: np.int64}
+
+
+def encode_membership(bits: dict[int, int]) -> bytes:
+    """{bit: enter_us} -> stored membership."""
+    if not bits:
+        return b""
+    n = max(bits) // 8 + 1
+    bitset = bytearray(n)
+    for b in bits:
+        bitset[b >> 3] |= 1 << (b & 7)
+    times = [bits[b] for b in sorted(bits)]
+    return struct.pack("<H", n) + bytes(bitset) + struct.pack(f"<{len(times)}q", *times)
+
+
+def decode_membership(raw: bytes | None) -> dict[int, int]:
+    """Stored membership -> {bit: enter_us}."""
+    return _decode(raw) if raw else {}
+
+
+class RealtimeStore:
+    """The realtime tables of one LMDB environment (writer side)."""
+
+    def __init__(self, env, txn):
+        """Opens (creating) the tables in ``txn``, a write transaction of the writer."""
+        self.env = env
+        self.meta = env.open_db(META, txn=txn)
+        self.audiences = env.open_db(AUDIENCES, txn=txn)
+        self.members = env.open_db(MEMBERS, txn=txn)
+        self.audience_members = env.open_db(AUDIENCE_MEMBERS, txn=txn)
+        self.changelog = env.open_db(CHANGELOG, txn=txn)
+        self.people_keys = env.open_db(f"{PEOPLE}.keys".encode(), txn=txn)
+        self.people_ids = env.open_db(f"{PEOPLE}.ids".encode(), txn=txn)
+        self.people_cols = env.open_db(f"{PEOPLE}.cols".encode(), txn=txn)
+
+    # -- audiences ------------------------------------------------------------------
+    def load_audiences(self, txn) -> list[dict]:
+        return [json.loads(v) for _, v in txn.cursor(db=self.audiences)]
+
+    def put_audience(self, txn, record: dict) -> None:
+        txn.put(record["id"].encode(), json.dumps(record).encode(), db=self.audiences)
+
+    def delete_audience(self, txn, audience_id: str) -> None:
+        txn.delete(audience_id.encode(), db=self.audiences)
+        prefix = audience_id.encode() + b"\x00"
+        cur = txn.cursor(db=self.audience_members)
+        if cur.set_range(prefix):
+            while cur.key().startswith(prefix):
+                if not cur.delete():
+                    break
+
+    def catalog_bits(self, txn) -> list[str | None]:
+        catalog = json.loads(txn.get(CATALOG, db=self.meta) or b"{}")
+        return list(catalog.get("audiences", []))
+
+    def set_catalog_bits(self, txn, bits: list[str | None]) -> None:
+        """Publishes the audience of each membership bit; readers reload on the new generation."""
+        catalog = json.loads(txn.get(CATALOG, db=self.meta) or b"{}")
+        catalog["audiences"] = bits
+        txn.put(CATALOG, json.dumps(catalog).encode(), db=self.meta)
+        raw = txn.get(GENERATION, db=self.meta)
+        txn.put(GENERATION, U64.pack((U64.unpack(raw)[0] if raw else 0) + 1), db=self.meta)
+
+    def counts(self, txn) -> dict[str, int]:
+        return json.loads(txn.get(COUNTS, db=self.meta) or b"{}")
+
+    def put_counts(self, txn, counts: dict[str, int]) -> None:
+        txn.put(COUNTS, json.dumps(counts).encode(), db=self.meta)
+
+    # -- people and warehouse columns --------------------------------------------------
+    def person_id(self, txn, key: str) -> int | None:
+        raw = txn.get(key.encode(), db=self.people_keys)
+        return U32.unpack_from(raw)[0] if raw else None
+
+    def person_key(self, txn, pid: int) -> str | None:
+        raw = txn.get(ID_KEY.pack(pid), db=self.people_ids)
+        return raw.decode() if raw else None
+
+    def columns(self, txn, attributes: Iterable[tuple[str, ValueType]]) -> tuple[dict[str, Column], np.ndarray]:
+        """Attribute columns and the alive mask, copied out of the map."""
+        cols = {}
+        for name, vtype in attributes:
+            k = name.encode()
+            raw, valid = txn.get(k, db=self.people_cols), txn.get(k + b".valid", db=self.people_cols)
+            if raw is None or valid is None or txn.get(k + b".type", db=self.people_cols) != vtype.name.encode():
+                continue
+            words = tuple(json.loads(txn.get(k + b".dict", db=self.people_cols) or b"[]"))
+            cols[name] = Column(vtype, np.frombuffer(raw, _DTYPES[vtype]).copy(),
+                                np.frombuffer(valid, np.uint8).copy(), words)
+        alive = txn.get(b".alive", db=self.people_cols)
+        return cols, (np.frombuffer(alive, np.uint8).astype(bool) if alive else np.zeros(0, bool))
+
+    # -- memberships ---------------------------------------------------------------------
+    def membership(self, txn, person_key: str) -> dict[int, int]:
+        return decode_membership(txn.get(person_key.encode(), db=self.members))
+
+    def put_membership(self, txn, person_key: str, bits: dict[int, int]) -> None:
+        k = person_key.encode()
+        if bits:
+            txn.put(k, encode_membership(bits), db=self.members)
+        else:
+            txn.delete(k, db=self.members)
+
+    def index_member(self, txn, audience_id: str, person_key: str, member: bool) -> None:
+        k = audience_id.encode() + b"\x00" + person_key.encode()
+        if member:
+            txn.put(k, b"", db=self.audience_members)
+        else:
+            txn.delete(k, db=self.audience_members)
+
+    def list_members(self, txn, audience_id: str, after: str, limit: int) -> tuple[list[str], str]:
+        """A page of member keys in key order after ``after``; the token for the next page."""
+        prefix = audience_id.encode() + b"\x00"
+        cur = txn.cursor(db=self.audience_members)
+        keys: list[str] = []
+        if cur.set_range(prefix + after.encode()):
+            for k in cur.iternext(values=False):
+                if not k.startswith(prefix):
+                    break
+                key = k[len(prefix):].decode()
+                if after and key <= after:
+                    continue
+                if len(keys) == limit:
+                    return keys, keys[-1]
+                keys.append(key)
+        return keys, ""
+
+    def all_memberships(self, txn) -> Iterator[tuple[str, dict[int, int]]]:
+        for k, v in txn.cursor(db=self.members):
+            yield k.decode(), decode_membership(v)
+
+    # -- the changelog -------------------------------------------------------------------
+    def append_changes(self, txn, changes: list[tuple]) -> int:
+        """Appends (audience, person, direction, effective_us, cause, message_id) rows; returns the last sequence."""
+        raw = txn.get(CHANGELOG_SEQ, db=self.meta)
+        seq = U64.unpack(raw)[0] if raw else 0
+        for row in changes:
+            seq += 1
+            txn.put(SEQ_KEY.pack(seq), json.dumps(row).encode(), db=self.changelog, append=True)
+        txn.put(CHANGELOG_SEQ, U64.pack(seq), db=self.meta)
+        return seq
+
+
+def read_changelog(txn, db, after: int = 0, limit: int = 1000) -> list[tuple[int, list]]:
+    """Changelog rows with sequence > after, oldest first (any process)."""
+    out = []
+    cur = txn.cursor(db=db)
+    if cur.set_range(SEQ_KEY.pack(after + 1)):
+        for k, v in cur:
+            out.append((SEQ_KEY.unpack(k)[0], json.loads(v)))
+            if len(out) >= limit:
+                break
+    return out

@@ -1,0 +1,314 @@
+"""The single LMDB writer: one thread, group commit, acknowledgement after fsync.
+
+Every write to the environment in the serving process goes through this
+thread: ingest batches, and whatever else is handed to ``submit`` (the
+warehouse sync, timers, audience changes). LMDB allows one write transaction
+per environment at a time, and its write transactions belong to the thread
+that began them, so one owner thread is both the simplest and the only safe
+arrangement.
+
+Group commit. ``ingest`` calls from every RPC are queued; the thread takes
+everything queued (up to ``max_txn_events``) into ONE write transaction:
+append to the log, run the ``on_events`` hook (evaluation), prune the dedupe
+index, commit. The environment is opened with sync on, so the commit is the
+fsync; a hundred concurrent small batches cost one fsync, not a hundred. The
+callers' futures are resolved only after the commit returned, so an
+acknowledgement always means durable. If the hook or the commit raises, the
+transaction is aborted and every request in it fails (nothing is
+acknowledged); the thread carries on with the next transaction.
+
+Backpressure. At most ``max_pending`` events wait (queued or in the running
+transaction). Past that, ``ingest`` awaits space rather than buffering: the
+streaming RPC then stops reading its request stream and HTTP/2 flow control
+slows the sender. A single request larger than the limit is admitted when
+nothing else waits, so it cannot starve.
+
+``submit(fn)`` runs ``fn(txn)`` in a write transaction of its own, in queue
+order with the ingest batches (a submitted job is a barrier: it never shares a
+transaction, so its failure cannot fail events), and returns a
+concurrent.futures.Future of its result, set after the commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import lmdb
+
+from ..domain.errors import QualifyError, StorageUnavailable
+from ..domain.events import Event
+from .eventlog import EventLog
+
+log = logging.getLogger(__name__)
+
+EventsHook = Callable[[lmdb.Transaction, list[Event], int], None]
+
+
+def wall_clock_us() -> int:
+    return time.time_ns() // 1000
+
+
+@dataclass(frozen=True, slots=True)
+class IngestResult:
+    """Per event of one ``ingest`` call, in order: True when it was a duplicate."""
+
+    duplicate: tuple[bool, ...]
+
+    @property
+    def accepted(self) -> int:
+        return len(self.duplicate) - sum(self.duplicate)
+
+    @property
+    def duplicates(self) -> int:
+        return sum(self.duplicate)
+
+
+class _Ingest:
+    __slots__ = ("events", "loop", "future")
+
+    def __init__(self, events, loop, future):
+        self.events = events
+        self.loop = loop  # None: future is a concurrent.futures.Future
+        self.future = future
+
+
+class _Job:
+    __slots__ = ("fn", "future")
+
+    def __init__(self, fn, future):
+        self.fn = fn
+        self.future = future
+
+
+def _settle(pairs) -> None:
+    """On the event loop: resolves asyncio futures (skipping cancelled ones)."""
+    for fut, value, failed in pairs:
+        if fut.done():
+            continue
+        if failed:
+            fut.set_exception(value)
+        else:
+            fut.set_result(value)
+
+
+class Writer:
+    """The writer thread of one LMDB environment. See the module docstring."""
+
+    def __init__(self, env: lmdb.Environment, *, clock_us: Callable[[], int] = wall_clock_us,
+                 max_txn_events: int = 10_000, max_pending: int = 50_000, prune_min: int = 1_000):
+        self.env = env
+        self.clock_us = clock_us
+        self.max_txn_events = max_txn_events
+        self.max_pending = max_pending
+        self.prune_min = prune_min
+        #: Called inside the ingest transaction, right after the append, with
+        #: the accepted (non-duplicate) events, seq set, and the transaction's
+        #: clock reading. Raising fails the whole transaction.
+        self.on_events: EventsHook | None = None
+        self.log: EventLog | None = None
+        self._cond = threading.Condition()
+        self._queue: deque = deque()
+        self._pending = 0
+        self._space: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        # Counters, read without the lock (they only grow).
+        self.transactions = 0
+        self.events_logged = 0
+        self.duplicates = 0
+        self.failures = 0
+
+    # -- life cycle ----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Starts the thread and creates the event log's databases (committed before returning)."""
+        if self._thread is not None:
+            raise RuntimeError("the writer is already running")
+        self._thread = threading.Thread(target=self._run, name="qualify-writer", daemon=True)
+        self._thread.start()
+
+        def open_log(txn):
+            self.log = EventLog(self.env, txn)
+
+        self.submit(open_log).result()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Refuses new work, finishes everything queued, and joins the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._wake_space()
+
+    @property
+    def pending(self) -> int:
+        """Events queued or in the running transaction."""
+        return self._pending
+
+    # -- entry points ----------------------------------------------------------------
+
+    async def ingest(self, events: Sequence[Event]) -> IngestResult:
+        """Makes events durable; resolves after the commit. Raises StorageUnavailable on failure."""
+        n = len(events)
+        if n == 0:
+            return IngestResult(())
+        loop = asyncio.get_running_loop()
+        while True:
+            with self._cond:
+                if self._stopping:
+                    raise StorageUnavailable("the server is shutting down; nothing was written")
+                if self._pending == 0 or self._pending + n <= self.max_pending:
+                    self._pending += n
+                    future = loop.create_future()
+                    self._queue.append(_Ingest(events, loop, future))
+                    self._cond.notify()
+                    break
+                space = loop.create_future()
+                self._space.append((loop, space))
+            await space
+        return await future
+
+    def ingest_blocking(self, events: Sequence[Event]) -> concurrent.futures.Future:
+        """``ingest`` for threads without an event loop: a Future of the IngestResult.
+
+        Blocks (a thread, not a loop) while the queue is full.
+        """
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        n = len(events)
+        if n == 0:
+            future.set_result(IngestResult(()))
+            return future
+        with self._cond:
+            while not self._stopping and self._pending and self._pending + n > self.max_pending:
+                self._cond.wait(0.05)
+            if self._stopping:
+                future.set_exception(StorageUnavailable("the server is shutting down; nothing was written"))
+                return future
+            self._pending += n
+            self._queue.append(_Ingest(events, None, future))
+            self._cond.notify()
+        return future
+
+    def submit(self, fn: Callable[[lmdb.Transaction], Any]) -> concurrent.futures.Future:
+        """Runs ``fn(txn)`` in a write transaction on the writer thread; a Future of its result.
+
+        The result is set after the commit; if ``fn`` or the commit raises,
+        the transaction is aborted and the Future holds the exception.
+        """
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            if self._stopping:
+                future.set_exception(RuntimeError("the writer is stopped"))
+                return future
+            self._queue.append(_Job(fn, future))
+            self._cond.notify()
+        return future
+
+    # -- the thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if not self._queue:
+                    return  # stopping, and drained
+                head = self._queue[0]
+                if type(head) is _Job:
+                    self._queue.popleft()
+                    group = None
+                else:
+                    group, n = [], 0
+                    while self._queue and type(self._queue[0]) is _Ingest:
+                        nxt = len(self._queue[0].events)
+                        if group and n + nxt > self.max_txn_events:
+                            break
+                        group.append(self._queue.popleft())
+                        n += nxt
+            if group is None:
+                self._run_job(head)
+            else:
+                self._run_ingest(group, n)
+
+    def _run_job(self, job: _Job) -> None:
+        if not job.future.set_running_or_notify_cancel():
+            return
+        try:
+            with self.env.begin(write=True) as txn:
+                result = job.fn(txn)
+        except BaseException as exc:  # noqa: BLE001 - handed to the submitter
+            job.future.set_exception(exc)
+        else:
+            job.future.set_result(result)
+
+    def _run_ingest(self, group: list[_Ingest], n: int) -> None:
+        events = [e for req in group for e in req.events] if len(group) > 1 else list(group[0].events)
+        now = self.clock_us()
+        error: Callable[[], BaseException] | None = None  # makes one exception per request
+        dup = [False] * len(events)
+        try:
+            with self.env.begin(write=True) as txn:
+                accepted, duplicates = self.log.append(txn, events, now)
+                for i in duplicates:
+                    dup[i] = True
+                if accepted and self.on_events is not None:
+                    self.on_events(txn, [events[i] for i in accepted] if duplicates else events, now)
+                self.log.prune_dedupe(txn, now, max(self.prune_min, 2 * n))
+        except lmdb.Error as exc:
+            log.error("event log write failed, %d events not acknowledged: %s", n, exc)
+            what = type(exc).__name__
+            error = lambda: StorageUnavailable(  # noqa: E731
+                f"the event log could not be written ({what}); nothing in this batch was acknowledged")
+        except Exception:  # noqa: BLE001 - the hook's failure fails the batch, not the writer
+            # Logged here, once, with the traceback; callers get an INTERNAL
+            # error that leaks nothing.
+            log.exception("on_events hook failed, %d events not acknowledged", n)
+            error = lambda: QualifyError(  # noqa: E731
+                "evaluating the batch failed; nothing in it was acknowledged (see the server log)")
+        if error is None:
+            self.transactions += 1
+            self.events_logged += len(events) - sum(dup)
+            self.duplicates += sum(dup)
+        else:
+            self.failures += 1
+        # Resolve after the commit (or abort), one loop wakeup per loop.
+        by_loop: dict = {}
+        start = 0
+        for req in group:
+            k = len(req.events)
+            value = error() if error is not None else IngestResult(tuple(dup[start:start + k]))
+            start += k
+            if req.loop is None:
+                if error is None:
+                    req.future.set_result(value)
+                else:
+                    req.future.set_exception(value)
+            else:
+                by_loop.setdefault(req.loop, []).append((req.future, value, error is not None))
+        for loop, pairs in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, pairs)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+        with self._cond:
+            self._pending -= n
+            self._cond.notify_all()
+        self._wake_space()
+
+    def _wake_space(self) -> None:
+        with self._cond:
+            waiters, self._space = self._space, []
+        for loop, fut in waiters:
+            try:
+                loop.call_soon_threadsafe(_settle, [(fut, None, False)])
+            except RuntimeError:
+                pass
