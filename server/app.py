@@ -35,7 +35,8 @@ from qualify.v1 import audience_pb2, diagnostics_pb2, ingest_pb2, personalize_pb
 from .config import Project
 from .storage.lmdb_store import META, Reader, data_path, open_env
 from .storage.sync import Progress, SyncError, Syncer
-from .domain.engine import Engine, now_us
+from .clock import Clock, make_clock
+from .domain.engine import Engine
 from .storage.realtime import RealtimeStore
 from .storage.writer import Writer
 from .transport.audience import Audiences
@@ -119,17 +120,18 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
     """One process serving and syncing; returns an exit code."""
     env = open_env(data_path(project.data_dir), project.map_size, readonly=False)
     # Every write (ingest, sync) goes through the one writer thread.
-    writer = Writer(env)
+    clock, test_clock = make_clock()
+    writer = Writer(env, clock_us=clock)
     writer.start()
     reader = Reader(env)
     loop = asyncio.get_running_loop()
-    engine, store = await _start_engine(env, writer, project)
+    engine, store = await _start_engine(env, writer, project, clock)
     wake = asyncio.Event()
     engine.on_deadline = lambda: loop.call_soon_threadsafe(wake.set)
     host, port = project.server.host, project.server.port
-    ingest = Ingest(writer, project.event_models)
+    ingest = Ingest(writer, project.event_models, clock_us=clock)
     server, port, health_servicer = await create_server(reader, host, port, ingest=ingest,
-                                                        audiences=Audiences(engine, writer, store))
+                                                        audiences=Audiences(engine, writer, store, clock))
     await server.start()
     log.info("listening on %s:%d (NOT_SERVING until the first sync lands)", host, port)
     stop = asyncio.Event()
@@ -145,7 +147,7 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
 
                 def sync_and_reevaluate(txn):
                     report = syncer.run(shown, txn=txn)
-                    engine.after_sync(txn, now_us())  # warehouse changes move people at once
+                    engine.after_sync(txn, clock())  # warehouse changes move people at once
                     return report
 
                 report = await asyncio.wrap_future(writer.submit(sync_and_reevaluate))
@@ -165,7 +167,7 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
             await asyncio.sleep(project.server.sync_interval)
 
     tasks = [asyncio.create_task(sync_loop()), asyncio.create_task(mark_ready(reader, health_servicer)),
-             asyncio.create_task(_fire_timers(engine, writer, wake))]
+             asyncio.create_task(_fire_timers(engine, writer, wake, clock, test_clock))]
     await stop.wait()
     log.info("shutting down (grace %.0fs)", GRACE_SECONDS)
     await health_servicer.enter_graceful_shutdown()
@@ -179,7 +181,7 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
     return 1 if failed else 0
 
 
-async def _start_engine(env, writer: Writer, project: Project):
+async def _start_engine(env, writer: Writer, project: Project, clock: Clock):
     """The realtime engine, rebuilt from LMDB on the writer thread and hooked to ingest."""
     store = await asyncio.wrap_future(writer.submit(lambda txn: RealtimeStore(env, txn)))
     log_ = writer.log
@@ -189,18 +191,23 @@ async def _start_engine(env, writer: Writer, project: Project):
         read_event=lambda txn, seq: next(log_.read(txn, seq, 1)),
         iter_events=lambda txn: log_.read(txn, 1))
     t0 = time.perf_counter()
-    changes = await asyncio.wrap_future(writer.submit(lambda txn: engine.recover(txn, now_us())))
+    changes = await asyncio.wrap_future(writer.submit(lambda txn: engine.recover(txn, clock())))
     log.info("realtime state rebuilt from the event log in %.2fs (%d audiences, %d people, %d changes on the way)",
              time.perf_counter() - t0, len(engine.audiences), len(engine.slots), len(changes))
     writer.on_events = engine.apply
     return engine, store
 
 
-async def _fire_timers(engine: Engine, writer: Writer, wake: asyncio.Event) -> None:
-    """Exits (and enters) that time alone causes, at the instant they are due."""
+async def _fire_timers(engine: Engine, writer: Writer, wake: asyncio.Event, clock: Clock, test_clock: bool) -> None:
+    """Exits (and enters) that time alone causes, at the instant they are due.
+
+    A test clock may jump at any moment, so then the deadline is polled.
+    """
     while True:
         deadline = engine.next_deadline()
-        delay = 3600.0 if deadline is None else max(0.0, (deadline - now_us()) / 1e6)
+        delay = 3600.0 if deadline is None else max(0.0, (deadline - clock()) / 1e6)
+        if test_clock:
+            delay = min(delay, 0.005)
         wake.clear()
         if delay > 0:
             try:
@@ -209,7 +216,7 @@ async def _fire_timers(engine: Engine, writer: Writer, wake: asyncio.Event) -> N
             except asyncio.TimeoutError:
                 pass
         try:
-            await asyncio.wrap_future(writer.submit(lambda txn: engine.tick(txn, now_us())))
+            await asyncio.wrap_future(writer.submit(lambda txn: engine.tick(txn, clock())))
         except Exception:  # noqa: BLE001 - a failed tick is retried; the log says why
             log.exception("timer tick failed; retrying")
             await asyncio.sleep(0.1)

@@ -157,6 +157,18 @@ def cmd_get(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from qualify.clients import QualifyError
+    from qualify.clients.demo import run
+
+    try:
+        run(args.address, args.window)
+    except QualifyError as exc:
+        print(f"qualify demo: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qualify", description="Qualify: real-time audiences and a Personalization API over gRPC.")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
@@ -191,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fields", help="comma-separated fields to return (default all)")
     p.add_argument("--timeout", type=float, default=2.0, help="deadline in seconds (default 2)")
     p.set_defaults(func=cmd_get)
+
+    p = sub.add_parser("demo", help="walk through a realtime audience against a server on the embedded demo")
+    p.add_argument("--address", default="127.0.0.1:50051", help="server address (default 127.0.0.1:50051)")
+    p.add_argument("--window", type=int, default=10, help="the audience's window in seconds (default 10)")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

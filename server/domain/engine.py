@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import heapq
 import logging
-import time
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -549,10 +548,6 @@ def check_audience_id(audience_id: str) -> None:
     if not audience_id or len(audience_id) > 63 or not set(audience_id) <= AUDIENCE_ID_CHARS:
         raise InvalidRequest(f"invalid audience id {audience_id!r}",
                              violations=[FieldViolation("audience.id", "must be 1-63 characters of a-z, 0-9, _ and -")])
-
-
-def now_us() -> int:
-    return time.time_ns() // 1000
 
 
 __all__ = ["Audience", "Change", "Engine", "InvalidAudience"]

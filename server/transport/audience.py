@@ -16,7 +16,7 @@ from google.protobuf import json_format
 from qualify.v1 import audience_pb2, condition_pb2, membership_pb2
 
 from ..domain.conditions import parse_condition
-from ..domain.engine import check_audience_id, now_us
+from ..domain.engine import check_audience_id
 from ..domain.errors import FieldViolation, InvalidRequest
 from .errors import guarded, lenient, reject_malformed
 from .unimplemented import method_handler
@@ -41,10 +41,11 @@ def condition_to_dict(message: condition_pb2.Condition) -> dict:
 class Audiences:
     """AudienceService handlers over the engine, through the writer thread."""
 
-    def __init__(self, engine, writer, store):
+    def __init__(self, engine, writer, store, clock):
         self.engine = engine
         self.writer = writer
         self.store = store
+        self.clock = clock
 
     async def _run(self, fn):
         return await asyncio.wrap_future(self.writer.submit(fn))
@@ -67,7 +68,7 @@ class Audiences:
                                  violations=[FieldViolation("audience.condition", "is required")])
         definition = condition_to_dict(a.condition)
         audience, _ = await self._run(lambda txn: self.engine.put_audience(
-            txn, a.id, a.display_name, a.description, definition, now_us(), create=True))
+            txn, a.id, a.display_name, a.description, definition, self.clock(), create=True))
         return audience_pb2.CreateAudienceResponse(audience=self._message(audience))
 
     async def update(self, request: audience_pb2.UpdateAudienceRequest, context):
@@ -89,14 +90,14 @@ class Audiences:
                 a.display_name if "display_name" in paths else current.display_name,
                 a.description if "description" in paths else current.description,
                 condition_to_dict(a.condition) if "condition" in paths else current.definition,
-                now_us(), create=False)
+                self.clock(), create=False)
 
         audience, _ = await self._run(update)
         return audience_pb2.UpdateAudienceResponse(audience=self._message(audience))
 
     async def delete(self, request: audience_pb2.DeleteAudienceRequest, context):
         reject_malformed(request)
-        await self._run(lambda txn: self.engine.delete_audience(txn, request.id, now_us()))
+        await self._run(lambda txn: self.engine.delete_audience(txn, request.id, self.clock()))
         return audience_pb2.DeleteAudienceResponse()
 
     async def get(self, request: audience_pb2.GetAudienceRequest, context):
@@ -129,7 +130,7 @@ class Audiences:
                 condition = self.engine.audience(request.id).condition
             else:
                 condition = parse_condition(draft, self.engine.attribute_types, self.engine.event_model_props)
-            return self.engine.preview(txn, condition, now_us(), sample)
+            return self.engine.preview(txn, condition, self.clock(), sample)
 
         count, keys = await self._run(preview)
         return audience_pb2.PreviewAudienceResponse(count=count, sample_keys=keys)
@@ -164,7 +165,7 @@ class Audiences:
         reject_malformed(request)
         if not request.person_key:
             raise InvalidRequest("person_key is empty", violations=[FieldViolation("person_key", "is required")])
-        member, tree = await self._run(lambda txn: self.engine.explain(txn, request.id, request.person_key, now_us()))
+        member, tree = await self._run(lambda txn: self.engine.explain(txn, request.id, request.person_key, self.clock()))
         return audience_pb2.ExplainMembershipResponse(member=member, root=_explanation(tree))
 
     def handlers(self) -> grpc.GenericRpcHandler:
