@@ -54,7 +54,7 @@ def _ordered(v, a) -> bool:
     return (_is_number(v) and _is_number(a)) or (isinstance(v, str) and isinstance(a, str))
 
 
-def test_predicate(op: Op, values: tuple, v) -> bool:
+def matches_predicate(op: Op, values: tuple, v) -> bool:
     """Whether a value (None: missing) satisfies ``op values``."""
     if v is None:
         return op in (Op.IS_NOT_SET, Op.NE, Op.NOT_IN)
@@ -121,7 +121,7 @@ def aggregate(aggregation: Aggregation, values: list[float], count: int) -> floa
 
 
 def passes(leaf: EventLeaf, properties: dict) -> bool:
-    return all(test_predicate(f.op, f.values, properties.get(f.property)) for f in leaf.filters)
+    return all(matches_predicate(f.op, f.values, properties.get(f.property)) for f in leaf.filters)
 
 
 @dataclass

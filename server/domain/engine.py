@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qualify.evaluator import make_evaluator
-from qualify.evaluator.program import Aggregation, Code, EventLeaf, Filter
+from qualify.evaluator.program import Aggregation, Code, EventLeaf, Filter, Scope
 from qualify.evaluator.reference import compare
 
 from .compile import Compiled, compile_audiences
@@ -117,11 +117,18 @@ class Engine:
                                                     self.session_timeout_us)
         self.program_bits = [self.bits.index(a.id) for a in active]
         self.evaluator = make_evaluator(self.compiled.program, reference=self.reference)
+        # An event re-evaluates the audiences that use its model, and those with a
+        # session condition on any model: a person's session spans their models.
         self.by_model: dict[int, list[int]] = {}
+        session_audiences = set()
         for i, code in enumerate(self.compiled.program.audiences):
-            models = {self.compiled.program.leaves[arg].model for op, arg in code if op == Code.EVENT}
-            for m in models:
+            leaves = [self.compiled.program.leaves[arg] for op, arg in code if op == Code.EVENT]
+            for m in {leaf.model for leaf in leaves}:
                 self.by_model.setdefault(m, []).append(i)
+            if any(leaf.scope == Scope.SESSION for leaf in leaves):
+                session_audiences.add(i)
+        for m in self.model_index.values():
+            self.by_model[m] = sorted(set(self.by_model.get(m, ())) | session_audiences)
 
     def _slot(self, key: str, txn) -> int:
         slot = self.slots.get(key)

@@ -29,7 +29,7 @@ mistyped declared property is a client bug worth reporting even when a filter
 would not have selected it.
 
 Matching (``matching_models``) then applies each candidate's filters, with the
-semantics of ``qualify.evaluator.reference.test_predicate``, and resolves the
+semantics of ``qualify.evaluator.reference.matches_predicate``, and resolves the
 person: ``user_id`` (falling back to ``anonymous_id``), ``anonymous_id``, or
 ``property:NAME``. Person keys are returned as given, ``("user", id)`` or
 ``("anonymous", id)``, without namespacing: the engine decides that. A
@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from qualify.evaluator.program import Op
-from qualify.evaluator.reference import test_predicate
+from qualify.evaluator.reference import matches_predicate
 
 from .conditions import Predicate, parse_timestamp
 from .errors import QualifyError, Status
@@ -333,7 +333,7 @@ def matching_models(event: Event, models: Models) -> list[tuple[int, PersonKey]]
     props = event.properties
     for i in models.candidates(event):
         m = models.models[i]
-        if m.filters and not all(test_predicate(p.op, p.values, props.get(p.field)) for p in m.filters):
+        if m.filters and not all(matches_predicate(p.op, p.values, props.get(p.field)) for p in m.filters):
             continue
         person = _person(m, event)
         if person is not None:

@@ -2,7 +2,7 @@
 
 The results are boolean arrays indexed by person id: the bitsets that make a
 warehouse sub-condition one bit test at event time. Semantics are the
-reference's (qualify.evaluator.reference.test_predicate): string predicates
+reference's (qualify.evaluator.reference.matches_predicate): string predicates
 are decided once per distinct word of the column's dictionary and then looked
 up by code, so even CONTAINS costs one pass over the words, not the people.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qualify.evaluator.program import Op
-from qualify.evaluator.reference import test_predicate
+from qualify.evaluator.reference import matches_predicate
 
 from .conditions import And, AttributeCondition, Condition, EventCondition, Not, Or
 from .schema import ValueType
@@ -46,7 +46,7 @@ class Column:
 def predicate_array(col: Column, op: Op, values: tuple, size: int) -> np.ndarray:
     valid = _fit(col.valid.astype(bool), size)
     if col.type is ValueType.STRING:
-        table = np.array([test_predicate(op, values, w) for w in col.words] + [False], dtype=bool)
+        table = np.array([matches_predicate(op, values, w) for w in col.words] + [False], dtype=bool)
         codes = _fit(col.values, size)
         present = table[np.where(valid, codes, len(col.words))]
     else:
@@ -54,7 +54,7 @@ def predicate_array(col: Column, op: Op, values: tuple, size: int) -> np.ndarray
         if col.type is ValueType.BOOL:
             vals = vals.astype(bool)
         present = _numeric(op, values, vals, col.type)
-    missing = test_predicate(op, values, None)
+    missing = matches_predicate(op, values, None)
     return np.where(valid, present, missing)
 
 
@@ -110,7 +110,7 @@ def evaluate_static(condition: Condition, columns: dict[str, Column], size: int)
         p = condition.predicate
         col = columns.get(p.field)
         if col is None:  # attribute not synced yet: missing for everyone
-            return np.full(size, test_predicate(p.op, p.values, None))
+            return np.full(size, matches_predicate(p.op, p.values, None))
         return predicate_array(col, p.op, p.values, size)
     if isinstance(condition, And):
         out = np.ones(size, bool)
@@ -130,7 +130,7 @@ def evaluate_static(condition: Condition, columns: dict[str, Column], size: int)
 def evaluate_static_missing(condition: Condition) -> bool:
     """The value for someone the warehouse does not know (every attribute missing)."""
     if isinstance(condition, AttributeCondition):
-        return test_predicate(condition.predicate.op, condition.predicate.values, None)
+        return matches_predicate(condition.predicate.op, condition.predicate.values, None)
     if isinstance(condition, And):
         return all(evaluate_static_missing(c) for c in condition.children)
     if isinstance(condition, Or):

@@ -1,0 +1,273 @@
+"""The engine against a whole-world reference: random audiences, events, time and syncs.
+
+The reference here keeps every event of every person and evaluates condition
+trees directly (attribute predicates on the warehouse row, event conditions
+through the reference evaluator); the engine keeps bounded state, bitsets,
+timers and LMDB tables. At every checkpoint, every person's memberships in
+LMDB must equal the reference's, and every change a timer fired must take
+effect at an instant where the reference's answer really flips.
+"""
+
+from __future__ import annotations
+
+import duckdb
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qualify.evaluator.program import Aggregation, Comparison, EventLeaf, Filter, Op, Program, Scope
+from qualify.evaluator.reference import ReferenceEvaluator, matches_predicate
+from qualify.server.config import parse_project
+from qualify.server.domain.conditions import And, AttributeCondition, EventCondition, Not, Or, parse_condition
+from qualify.server.domain.engine import ANON, ENTER, EXIT, Engine
+from qualify.server.domain.events import Event, EventModel, EventType
+from qualify.server.domain.schema import ValueType
+from qualify.server.storage.lmdb_store import open_env
+from qualify.server.storage.realtime import RealtimeStore
+from qualify.server.storage.sync import Syncer
+
+S = 1_000_000
+T0 = 1_800_000_000 * S
+TIMEOUT = 30 * S
+ATTRS = [("plan", ValueType.STRING), ("ltv", ValueType.FLOAT), ("orders", ValueType.INT), ("opt_in", ValueType.BOOL)]
+MODELS = [
+    EventModel("views", EventType.PAGE, "", (), (("path", ValueType.STRING), ("secs", ValueType.FLOAT))),
+    EventModel("carts", EventType.TRACK, "Added", (), (("price", ValueType.FLOAT), ("sku", ValueType.STRING))),
+]
+PEOPLE = [f"u{i}" for i in range(6)]
+ANONS = [f"a{i}" for i in range(3)]
+PLANS = ["free", "pro", "team"]
+
+
+# -- the world reference --------------------------------------------------------------------------
+
+class World:
+    """Everyone's whole history; answers membership by evaluating trees directly."""
+
+    def __init__(self, rows: dict[str, dict], audiences: dict[str, object]):
+        self.rows = rows
+        self.audiences = audiences
+        self.events: dict[str, list[tuple[int, int, int, dict, str]]] = {}  # person -> (seq, model, ts, props, sid)
+        self.aliases: dict[str, str] = {}
+
+    def person(self, kind: str, ident: str) -> str:
+        if kind == "anonymous":
+            return self.aliases.get(ident, ANON + ident)
+        return ident
+
+    def add(self, ev: Event) -> None:
+        if ev.type == EventType.IDENTIFY and ev.user_id and ev.anonymous_id and self.aliases.get(ev.anonymous_id) != ev.user_id:
+            self.aliases[ev.anonymous_id] = ev.user_id
+            # Only events a model matched make a person known; an identify merges what there is.
+            src = self.events.pop(ANON + ev.anonymous_id, None)
+            if src is not None:
+                self.events[ev.user_id] = sorted(self.events.get(ev.user_id, []) + src)
+        for m, model in enumerate(MODELS):
+            if model.type == ev.type and (not model.event_name or model.event_name == ev.name):
+                kind, ident = ("user", ev.user_id) if ev.user_id else ("anonymous", ev.anonymous_id)
+                self.events.setdefault(self.person(kind, ident), []).append(
+                    (ev.seq, m, ev.timestamp_us, ev.properties, ev.session_id))
+
+    def holds(self, cond, person: str, now: int) -> bool:
+        if isinstance(cond, And):
+            return all(self.holds(c, person, now) for c in cond.children)
+        if isinstance(cond, Or):
+            return any(self.holds(c, person, now) for c in cond.children)
+        if isinstance(cond, Not):
+            return not self.holds(cond.child, person, now)
+        if isinstance(cond, AttributeCondition):
+            p = cond.predicate
+            row = self.rows.get(person)
+            return matches_predicate(p.op, p.values, None if row is None else row.get(p.field))
+        leaf = EventLeaf(0 if cond.event_model == "views" else 1, tuple(Filter(p.field, p.op, p.values) for p in cond.filters),
+                         cond.scope, cond.window_us, cond.aggregation, cond.property, cond.comparison, cond.threshold)
+        ref = ReferenceEvaluator(Program((leaf,), (), 0, TIMEOUT))
+        state = ref.new_state()
+        for _, m, ts, props, sid in self.events.get(person, []):
+            ref.observe(state, m, ts, props, sid)
+        return ref.leaf(state, 0, now).holds
+
+    def memberships(self, now: int) -> dict[str, set[str]]:
+        people = set(self.rows) | set(self.events)
+        out = {}
+        for p in people:
+            got = {a for a, c in self.audiences.items() if self.holds(c, p, now)}
+            if got:
+                out[p] = got
+        return out
+
+
+# -- strategies ------------------------------------------------------------------------------------
+
+def literal(vtype):
+    if vtype is ValueType.STRING:
+        return st.sampled_from(PLANS + ["/pricing", "/home", "s1"]).map(lambda v: {"string_value": v})
+    if vtype is ValueType.BOOL:
+        return st.booleans().map(lambda v: {"bool_value": v})
+    return st.integers(0, 6).map(lambda v: {"float_value": float(v)})
+
+
+def predicate(name, vtype, key):
+    ops = ["OPERATOR_EQ", "OPERATOR_NE", "OPERATOR_IN", "OPERATOR_NOT_IN", "OPERATOR_IS_SET", "OPERATOR_IS_NOT_SET"]
+    if vtype in (ValueType.FLOAT, ValueType.INT):
+        ops += ["OPERATOR_LT", "OPERATOR_GE", "OPERATOR_BETWEEN"]
+    if vtype is ValueType.STRING:
+        ops += ["OPERATOR_STARTS_WITH", "OPERATOR_CONTAINS"]
+
+    @st.composite
+    def build(draw):
+        op = draw(st.sampled_from(ops))
+        body = {key: name, "operator": op}
+        if op in ("OPERATOR_IN", "OPERATOR_NOT_IN"):
+            body["values"] = draw(st.lists(literal(vtype), min_size=1, max_size=2))
+        elif op == "OPERATOR_BETWEEN":
+            body["values"] = sorted(draw(st.lists(literal(vtype), min_size=2, max_size=2)), key=lambda d: d["float_value"])
+        elif op not in ("OPERATOR_IS_SET", "OPERATOR_IS_NOT_SET"):
+            body["value"] = draw(literal(vtype))
+        return body
+
+    return build()
+
+
+@st.composite
+def event_condition(draw):
+    model = draw(st.sampled_from(MODELS))
+    body = {"event_model": model.name, "scope": draw(st.sampled_from(["SCOPE_WITHIN", "SCOPE_SESSION", "SCOPE_EVER"])),
+            "comparison": draw(st.sampled_from(["COMPARISON_GE", "COMPARISON_LT", "COMPARISON_EQ", "COMPARISON_NE", "COMPARISON_GT"])),
+            "threshold": draw(st.integers(0, 3))}
+    if body["scope"] == "SCOPE_WITHIN":
+        body["window"] = f"{draw(st.integers(5, 60))}s"
+    if draw(st.booleans()):
+        name, vtype = draw(st.sampled_from(model.properties))
+        body["filters"] = [draw(predicate(name, vtype, "property"))]
+    if draw(st.integers(0, 3)) == 0:
+        body["aggregation"] = draw(st.sampled_from(["AGGREGATION_SUM", "AGGREGATION_MAX", "AGGREGATION_AVG", "AGGREGATION_MIN"]))
+        body["property"] = "secs" if model.name == "views" else "price"
+    return {"event": body}
+
+
+def condition(depth=2):
+    attr = st.sampled_from(ATTRS).flatmap(lambda a: predicate(a[0], a[1], "attribute")).map(lambda b: {"attribute": b})
+    leaf = st.one_of(attr, event_condition(), event_condition())
+    if depth == 0:
+        return leaf
+    sub = condition(depth - 1)
+    return st.one_of(
+        leaf,
+        st.lists(sub, min_size=1, max_size=3).map(lambda cs: {"and": {"conditions": cs}}),
+        st.lists(sub, min_size=1, max_size=3).map(lambda cs: {"or": {"conditions": cs}}),
+        sub.map(lambda c: {"not": {"condition": c}}),
+    )
+
+
+row = st.fixed_dictionaries({"plan": st.sampled_from(PLANS + [None]), "ltv": st.one_of(st.none(), st.integers(0, 6).map(float)),
+                             "orders": st.one_of(st.none(), st.integers(0, 6)), "opt_in": st.one_of(st.none(), st.booleans())})
+
+
+@st.composite
+def action(draw):
+    kind = draw(st.sampled_from(["events", "events", "events", "advance", "advance", "identify", "sync"]))
+    if kind == "advance":
+        return ("advance", draw(st.sampled_from([1, 5, 10, 29, 31, 61])) * S)
+    if kind == "identify":
+        return ("identify", draw(st.sampled_from(PEOPLE)), draw(st.sampled_from(ANONS)))
+    if kind == "sync":
+        return ("sync", draw(st.sampled_from(PEOPLE)), draw(row))
+    evs = []
+    for _ in range(draw(st.integers(1, 4))):
+        who = draw(st.sampled_from(PEOPLE + ANONS))
+        model = draw(st.sampled_from(MODELS))
+        if model.name == "views":
+            props = {"path": draw(st.sampled_from(["/pricing", "/home"])), "secs": float(draw(st.integers(0, 5)))}
+        else:
+            props = {"price": float(draw(st.integers(0, 5))), "sku": draw(st.sampled_from(["s1", "s2"]))}
+        if draw(st.booleans()):
+            props.pop(next(iter(props)))
+        evs.append((who, model.name, draw(st.integers(-20, 2)) * S, props, draw(st.sampled_from(["", "", "x", "y"]))))
+    return ("events", evs)
+
+
+# -- the test ------------------------------------------------------------------------------------
+
+class Harness:
+    def __init__(self, tmp, audiences: dict[str, dict], rows: dict[str, dict], reference: bool):
+        self.db = tmp / "wh.duckdb"
+        self.rows = rows
+        self.write_warehouse()
+        self.project = parse_project({
+            "warehouse": {"type": "duckdb", "path": str(self.db)},
+            "parent_model": {"name": "customers", "query": "SELECT * FROM customers", "primary_key": "user_id",
+                             "attributes": {n: t.name.lower() for n, t in ATTRS}},
+        }, base=tmp)
+        self.env = open_env(tmp / "lmdb", 1 << 30, readonly=False)
+        Syncer(self.env, self.project).run()
+        with self.env.begin(write=True) as txn:
+            self.store = RealtimeStore(self.env, txn)
+        self.log: list[Event] = []
+        self.engine = Engine(self.store, MODELS, ATTRS, TIMEOUT, read_event=lambda txn, seq: self.log[seq - 1],
+                             iter_events=lambda txn: iter(self.log), reference=reference)
+        self.now = T0
+        with self.env.begin(write=True) as txn:
+            self.engine.recover(txn, self.now)
+            for aid, definition in audiences.items():
+                self.engine.put_audience(txn, aid, aid, "", definition, self.now, create=True)
+
+    def write_warehouse(self):
+        with duckdb.connect(str(self.db)) as con:
+            con.execute("CREATE OR REPLACE TABLE customers (user_id VARCHAR, plan VARCHAR, ltv DOUBLE, orders BIGINT, opt_in BOOLEAN)")
+            for key, r in self.rows.items():
+                con.execute("INSERT INTO customers VALUES (?, ?, ?, ?, ?)", [key, r["plan"], r["ltv"], r["orders"], r["opt_in"]])
+
+    def memberships(self) -> dict[str, set[str]]:
+        with self.env.begin() as txn:
+            return {k: {self.engine.bits[b] for b in bits} for k, bits in self.store.all_memberships(txn) if bits}
+
+
+@pytest.mark.parametrize("reference", [True, False], ids=["reference-evaluator", "compiled-evaluator"])
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(audiences=st.dictionaries(st.sampled_from(["a1", "a2", "a3"]), condition(), min_size=1, max_size=3),
+       rows=st.dictionaries(st.sampled_from(PEOPLE[:4]), row, min_size=2, max_size=4),
+       actions=st.lists(action(), min_size=1, max_size=12))
+def test_engine_matches_the_world(tmp_path_factory, reference, audiences, rows, actions):
+    attrs = dict(ATTRS)
+    models = {m.name: dict(m.properties) for m in MODELS}
+    conditions = {a: parse_condition(d, attrs, models) for a, d in audiences.items()}
+    h = Harness(tmp_path_factory.mktemp("engine"), audiences, dict(rows), reference)
+    world = World(h.rows, conditions)
+    assert h.memberships() == world.memberships(h.now)
+    for act in actions:
+        if act[0] == "advance":
+            before = h.now
+            h.now += act[1]
+            with h.env.begin(write=True) as txn:
+                changes = h.engine.tick(txn, h.now)
+            for c in changes:  # a lapse takes effect exactly where the answer flips
+                assert before < c.effective_us <= h.now
+                cond = conditions[c.audience_id]
+                assert world.holds(cond, c.person_key, c.effective_us) == (c.direction == ENTER)
+                assert world.holds(cond, c.person_key, c.effective_us - 1) == (c.direction == EXIT)
+        elif act[0] == "sync":
+            h.rows[act[1]] = act[2]
+            h.write_warehouse()
+            with h.env.begin(write=True) as txn:
+                Syncer(h.env, h.project).run(txn=txn)
+                h.engine.after_sync(txn, h.now)
+        else:
+            batch = []
+            if act[0] == "identify":
+                batch.append(Event(message_id=f"m{len(h.log)}", type=EventType.IDENTIFY, user_id=act[1],
+                                   anonymous_id=act[2], timestamp_us=h.now, received_us=h.now))
+            else:
+                for who, model, dt, props, sid in act[1]:
+                    user, anon = (who, "") if who.startswith("u") else ("", who)
+                    typ, name = (EventType.PAGE, "") if model == "views" else (EventType.TRACK, "Added")
+                    batch.append(Event(message_id=f"m{len(h.log) + len(batch)}", type=typ, name=name, user_id=user,
+                                       anonymous_id=anon, timestamp_us=h.now + dt, received_us=h.now,
+                                       properties=props, session_id=sid))
+            for ev in batch:
+                h.log.append(ev)
+                ev.seq = len(h.log)
+                world.add(ev)
+            with h.env.begin(write=True) as txn:
+                h.engine.apply(txn, batch, h.now)
+        assert h.memberships() == world.memberships(h.now), act
