@@ -161,6 +161,12 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
                     failed = True
                     stop.set()
                     return
+            except Exception:  # noqa: BLE001 - a bug must not end the schedule; the next sync may land
+                log.exception("warehouse sync failed, nothing changed")
+                if first and reader.generation == 0:
+                    failed = True
+                    stop.set()
+                    return
             first = False
             if not project.server.sync_interval:
                 return

@@ -230,6 +230,7 @@ class Engine:
     def apply(self, txn, events: list[Event], now_us: int) -> list[Change]:
         """Evaluates durable events (the writer's hook); writes and returns the changes."""
         changes: list[Change] = []
+        self._fire_due(now_us, changes)
         touched: dict[int, set[int]] = {}
         everything = range(len(self.program_bits))
         for event in events:
@@ -299,20 +300,34 @@ class Engine:
     def tick(self, txn, now_us: int) -> list[Change]:
         """Fires every timer due by ``now_us``, each at its own instant."""
         changes: list[Change] = []
-        while (t := self.next_deadline()) is not None and t <= now_us:
-            _, slot = heapq.heappop(self.timers)
-            self.timer_at[slot] = None
-            cause = CAUSE_LAPSE
-            self._evaluate(slot, t, range(len(self.program_bits)), cause, "", changes)
-            self._schedule(slot, t)
+        self._fire_due(now_us, changes)
         self._persist(txn, changes)
         return changes
 
+    def _fire_due(self, now_us: int, changes: list[Change]) -> None:
+        """Timers due by ``now_us`` fire before anything else happens at ``now_us``.
+
+        Every entry point calls this first, so an event or a sync never
+        swallows a lapse that was already due: the exit is recorded at its
+        own instant, before what follows.
+        """
+        while (t := self.next_deadline()) is not None and t <= now_us:
+            _, slot = heapq.heappop(self.timers)
+            self.timer_at[slot] = None
+            state = self.states[slot]
+            flipped = [leaf.scope for j, leaf in enumerate(self.compiled.program.leaves)
+                       if self.evaluator.leaf(state, j, t - 1).holds != self.evaluator.leaf(state, j, t).holds]
+            cause = CAUSE_SESSION_END if flipped and all(s == Scope.SESSION for s in flipped) else CAUSE_LAPSE
+            self._evaluate(slot, t, range(len(self.program_bits)), cause, "", changes)
+            self._schedule(slot, t)
+
     def after_sync(self, txn, now_us: int) -> list[Change]:
         """A warehouse sync landed: recompute the warehouse parts; move people at once."""
+        changes: list[Change] = []
+        self._fire_due(now_us, changes)
         old_defaults = self.defaults if self.defaults is not None else self._stored_defaults(txn)
         self.load_warehouse(txn)
-        changes = self._reconcile(txn, now_us, CAUSE_SYNC, old_defaults)
+        changes += self._reconcile(txn, now_us, CAUSE_SYNC, old_defaults)
         self._persist(txn, changes)
         return changes
 
@@ -437,6 +452,9 @@ class Engine:
         if not create and not exists:
             raise AudienceNotFound(f"no audience {audience_id!r}", metadata={"audience": audience_id})
         condition = parse_condition(definition, self.attribute_types, self.event_model_props, path="audience.condition")
+        due: list[Change] = []
+        self._fire_due(now_us, due)
+        self._persist(txn, due)
         created = self.audiences[audience_id].create_us if exists else now_us
         audience = Audience(audience_id, display_name, description, definition, condition, created, now_us)
         old_defaults = self.defaults if self.defaults is not None else self._stored_defaults(txn)
@@ -455,31 +473,30 @@ class Engine:
     def delete_audience(self, txn, audience_id: str, now_us: int) -> list[Change]:
         if audience_id not in self.audiences:
             raise AudienceNotFound(f"no audience {audience_id!r}", metadata={"audience": audience_id})
+        due: list[Change] = []
+        self._fire_due(now_us, due)
+        self._persist(txn, due)
         bit = self.bits.index(audience_id)
         changes = []
-        cur = {}
-        for key, bits in self.store.all_memberships(txn):
+        for key, bits in list(self.store.all_memberships(txn)):
             if bit in bits:
-                cur[key] = bits
-        for key, bits in cur.items():
-            del bits[bit]
-            changes.append(Change(audience_id, key, EXIT, now_us, CAUSE_AUDIENCE))
-            self.store.put_membership(txn, key, bits)
-            slot = self.slots.get(key)
-            if slot is not None:
-                self.members[slot].pop(bit, None)
+                del bits[bit]
+                changes.append(Change(audience_id, key, EXIT, now_us, CAUSE_AUDIENCE))
+                self.store.put_membership(txn, key, bits)
+                slot = self.slots.get(key)
+                if slot is not None:
+                    self.members[slot].pop(bit, None)
+        self._persist(txn, changes)
         del self.audiences[audience_id]
         self.bits[bit] = None
         self.counts.pop(audience_id, None)
+        self.store.put_counts(txn, self.counts)
         self.store.delete_audience(txn, audience_id)
         self.store.set_catalog_bits(txn, self.bits)
-        if self.defaults is not None:
-            self.defaults.pop(audience_id, None)
-        self._compile()
-        self.store.put_counts(txn, self.counts)
-        self.store.append_changes(txn, [[c.audience_id, c.person_key, c.direction, c.effective_us, c.cause, ""]
-                                        for c in changes])
-        return changes
+        old_defaults = self.defaults if self.defaults is not None else self._stored_defaults(txn)
+        old_defaults.pop(audience_id, None)
+        # The remaining audiences get a new program: rebuild every state for it.
+        return due + changes + self._redefine(txn, now_us, old_defaults)
 
     def _redefine(self, txn, now_us: int, old_defaults: dict) -> list[Change]:
         self._compile()
