@@ -19,6 +19,8 @@ from libc.string cimport memcpy
 from libc.stdio cimport snprintf
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
+from cpython.list cimport PyList_GET_ITEM
+from cpython.ref cimport PyObject
 
 # Column kinds; the numbers are qualify.v1.ValueType's.
 DEF K_STRING = 1
@@ -181,24 +183,54 @@ def encode_records(list key_parts, list kinds, list columns, list valids, Py_ssi
     cdef char ts[48]
     cdef Buf b
     cdef list out = [None] * nrows
-    cdef int[:] kind_v
-    cdef object col
-    cdef const uint8_t[:] valid
-    cdef const int64_t[:] ivals
-    cdef const double[:] fvals
-    cdef const uint8_t[:] bvals
     cdef uint32_t end
+    cdef const uint8_t[::1] mv_u8
+    cdef const int64_t[::1] mv_i64
+    cdef const double[::1] mv_f64
     if ncols > 0xFFFF:
         raise ValueError("too many columns")
-    # Typed views, one per column, taken once per batch.
-    cdef list views = []
-    for c in range(ncols):
-        views.append(columns[c])
+    # Raw pointers into each column, taken once per batch: re-acquiring a typed
+    # view per cell cost more than the encoding itself. ``keep`` holds the
+    # arrays the pointers point into for the duration of the loop.
+    cdef list keep = []
+    cdef int* kind_of = <int*>malloc(max(ncols, 1) * sizeof(int))
+    cdef const uint8_t** valid_of = <const uint8_t**>malloc(max(ncols, 1) * sizeof(void*))
+    cdef const void** data_of = <const void**>malloc(max(ncols, 1) * sizeof(void*))
+    cdef PyObject** objs_of = <PyObject**>malloc(max(ncols, 1) * sizeof(void*))
+    if kind_of == NULL or valid_of == NULL or data_of == NULL or objs_of == NULL:
+        free(kind_of); free(valid_of); free(data_of); free(objs_of)
+        raise MemoryError()
     b.cap = 1024
     b.data = <char*>malloc(b.cap)
-    if b.data == NULL:
-        raise MemoryError()
     try:
+        if b.data == NULL:
+            raise MemoryError()
+        for c in range(ncols):
+            kind = kinds[c]
+            kind_of[c] = kind
+            mv_u8 = valids[c]
+            keep.append(mv_u8)
+            valid_of[c] = &mv_u8[0] if mv_u8.shape[0] else NULL
+            data_of[c] = NULL
+            objs_of[c] = NULL
+            if kind == K_STRING:
+                col = list(columns[c]) if not isinstance(columns[c], list) else columns[c]
+                keep.append(col)
+                objs_of[c] = <PyObject*>col
+            elif kind == K_INT or kind == K_TIMESTAMP:
+                mv_i64 = columns[c]
+                keep.append(mv_i64)
+                data_of[c] = &mv_i64[0] if mv_i64.shape[0] else NULL
+            elif kind == K_FLOAT:
+                mv_f64 = columns[c]
+                keep.append(mv_f64)
+                data_of[c] = &mv_f64[0] if mv_f64.shape[0] else NULL
+            elif kind == K_BOOL:
+                mv_u8 = columns[c]
+                keep.append(mv_u8)
+                data_of[c] = &mv_u8[0] if mv_u8.shape[0] else NULL
+            else:
+                raise ValueError(f"unknown column kind {kind}")
         for r in range(nrows):
             b.len = 0
             buf_reserve(&b, 2 + 4 * ncols)
@@ -206,34 +238,30 @@ def encode_records(list key_parts, list kinds, list columns, list valids, Py_ssi
             b.len = 2 + 4 * ncols
             body_start = b.len
             for c in range(ncols):
-                kind = kinds[c]
-                valid = valids[c]
-                col = views[c]
-                if not valid[r]:
-                    put_entry(&b, key_parts[c], 0, NULL, 0, 0.0, 0)
+                kind = kind_of[c]
+                if not valid_of[c][r]:
+                    put_entry(&b, <bytes>key_parts[c], 0, NULL, 0, 0.0, 0)
                 elif kind == K_STRING:
-                    s = PyUnicode_AsUTF8AndSize(col[r], &slen)
-                    put_entry(&b, key_parts[c], K_STRING, s, slen, 0.0, 0)
+                    s = PyUnicode_AsUTF8AndSize(<object>PyList_GET_ITEM(<object>objs_of[c], r), &slen)
+                    put_entry(&b, <bytes>key_parts[c], K_STRING, s, slen, 0.0, 0)
                 elif kind == K_INT:
-                    ivals = col
-                    put_entry(&b, key_parts[c], K_FLOAT, NULL, 0, <double>ivals[r], 0)
+                    put_entry(&b, <bytes>key_parts[c], K_FLOAT, NULL, 0, <double>(<const int64_t*>data_of[c])[r], 0)
                 elif kind == K_FLOAT:
-                    fvals = col
-                    put_entry(&b, key_parts[c], K_FLOAT, NULL, 0, fvals[r], 0)
+                    put_entry(&b, <bytes>key_parts[c], K_FLOAT, NULL, 0, (<const double*>data_of[c])[r], 0)
                 elif kind == K_BOOL:
-                    bvals = col
-                    put_entry(&b, key_parts[c], K_BOOL, NULL, 0, 0.0, bvals[r])
-                elif kind == K_TIMESTAMP:
-                    ivals = col
-                    slen = format_rfc3339(ivals[r], ts)
-                    put_entry(&b, key_parts[c], K_STRING, ts, slen, 0.0, 0)
-                else:
-                    raise ValueError(f"unknown column kind {kind}")
+                    put_entry(&b, <bytes>key_parts[c], K_BOOL, NULL, 0, 0.0, (<const uint8_t*>data_of[c])[r])
+                else:  # K_TIMESTAMP
+                    slen = format_rfc3339((<const int64_t*>data_of[c])[r], ts)
+                    put_entry(&b, <bytes>key_parts[c], K_STRING, ts, slen, 0.0, 0)
                 end = <uint32_t>(b.len - body_start)
                 memcpy(b.data + 2 + 4 * c, &end, 4)
             out[r] = PyBytes_FromStringAndSize(b.data, b.len)
     finally:
         free(b.data)
+        free(kind_of)
+        free(valid_of)
+        free(data_of)
+        free(objs_of)
     return out
 
 
