@@ -25,6 +25,7 @@ from google.protobuf import field_mask_pb2, json_format
 
 from conftest import SMALL_DEMO, QualifyServer
 from qualify.clients._errors import error_from_rpc_error
+from qualify.server.storage.realtime import read_changelog
 from qualify.v1 import (audience_pb2, audience_pb2_grpc, condition_pb2, event_pb2, ingest_pb2, ingest_pb2_grpc,
                         personalize_pb2, personalize_pb2_grpc)
 
@@ -243,12 +244,7 @@ def changelog(lmdb_dir: Path, after: int = 0) -> list[tuple[int, list]]:
     try:
         db = env.open_db(b"changelog", create=False)
         with env.begin() as txn:
-            out = []
-            for k, v in txn.cursor(db=db):
-                seq = int.from_bytes(k, "big")
-                if seq > after:
-                    out.append((seq, json.loads(v)))
-            return out
+            return [(seq, list(row)) for seq, row in read_changelog(txn, db, after, limit=10**9)]
     finally:
         env.close()
 

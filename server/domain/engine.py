@@ -148,8 +148,7 @@ class Engine:
         st = self.statics_of[slot]
         if st is None:
             pid = self.pids[slot]
-            st = [bool(arr[pid]) if pid is not None and pid < len(arr) else miss
-                  for arr, miss in zip(self.static_arrays, self.static_missing)]
+            st = self.static_rows[pid].tolist() if pid is not None and pid < len(self.static_rows) else self.static_missing
             self.statics_of[slot] = st
         return st
 
@@ -158,6 +157,9 @@ class Engine:
         """Reads the synced attribute columns and recomputes every static subtree."""
         self.columns, self.alive = self.store.columns(txn, self.attributes)
         self.static_arrays, self.static_missing = self._statics_for(self.compiled)
+        # One row of static bits per person id: a slot's statics are one slice.
+        self.static_rows = (np.stack(self.static_arrays, axis=1) if self.static_arrays
+                            else np.zeros((len(self.alive), 0), bool))
         self.statics_of = [None] * len(self.keys)
         for slot, key in enumerate(self.keys):  # people the warehouse has just learned about
             if self.pids[slot] is None and not key.startswith(ANON):

@@ -10,7 +10,7 @@ Named databases::
     members           person key -> membership: u16 n | bitset (n bytes) | i64 enter time per set bit
                       (bit i = the catalog's audiences[i]; the catalog lives in meta)
     audience_members  audience id | 0x00 | person key -> b"" (ListMembers pages through it)
-    changelog         u64 sequence (big-endian) -> JSON [audience, person, direction, effective_us, cause, message_id]
+    changelog         u64 sequence (big-endian) -> msgpack [audience, person, direction, effective_us, cause, message_id]
     meta              b"changelog_seq" -> u64 last sequence; b"counts" -> JSON {audience id: members}
 """
 
@@ -20,6 +20,7 @@ import json
 import struct
 from collections.abc import Iterable, Iterator
 
+import msgpack
 import numpy as np
 
 from ..domain.schema import ValueType
@@ -34,6 +35,7 @@ CHANGELOG = b"changelog"
 CHANGELOG_SEQ = b"changelog_seq"
 COUNTS = b"counts"
 SEQ_KEY = struct.Struct(">Q")
+packb = msgpack.Packer().pack
 _DTYPES = {ValueType.STRING: np.int32, ValueType.INT: np.int64, ValueType.FLOAT: np.float64,
            ValueType.BOOL: np.uint8, ValueType.TIMESTAMP: np.int64}
 
@@ -173,7 +175,7 @@ class RealtimeStore:
         seq = U64.unpack(raw)[0] if raw else 0
         for row in changes:
             seq += 1
-            txn.put(SEQ_KEY.pack(seq), json.dumps(row).encode(), db=self.changelog, append=True)
+            txn.put(SEQ_KEY.pack(seq), packb(row), db=self.changelog, append=True)
         txn.put(CHANGELOG_SEQ, U64.pack(seq), db=self.meta)
         return seq
 
@@ -184,7 +186,7 @@ def read_changelog(txn, db, after: int = 0, limit: int = 1000) -> list[tuple[int
     cur = txn.cursor(db=db)
     if cur.set_range(SEQ_KEY.pack(after + 1)):
         for k, v in cur:
-            out.append((SEQ_KEY.unpack(k)[0], json.loads(v)))
+            out.append((SEQ_KEY.unpack(k)[0], msgpack.unpackb(v)))
             if len(out) >= limit:
                 break
     return out
