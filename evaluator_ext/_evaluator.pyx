@@ -295,7 +295,7 @@ cdef inline bint _ordered(object v, object a) noexcept:
 
 
 cdef class _Filter:
-    """One ``property op values`` with reference.test_predicate's semantics."""
+    """One ``property op values`` with reference.matches_predicate's semantics."""
 
     cdef object prop
     cdef int op

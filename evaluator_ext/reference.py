@@ -106,18 +106,32 @@ def compare(comparison: Comparison, value: float | None, threshold: float) -> bo
     return value >= threshold
 
 
+def exact_sum(values: list[float]) -> float:
+    """The correctly rounded sum; where that overflows, what IEEE arithmetic answers (±inf, nan)."""
+    try:
+        return math.fsum(values)
+    except (OverflowError, ValueError):  # intermediate overflow, inf + -inf, an int beyond a double
+        total = 0.0
+        for v in values:
+            try:
+                total += float(v)
+            except OverflowError:
+                total += math.inf if v > 0 else -math.inf
+        return total
+
+
 def aggregate(aggregation: Aggregation, values: list[float], count: int) -> float | None:
     if aggregation == Aggregation.COUNT:
         return float(count)
     if not values:
         return None
     if aggregation == Aggregation.SUM:
-        return math.fsum(values)
+        return exact_sum(values)
     if aggregation == Aggregation.MIN:
         return float(min(values))
     if aggregation == Aggregation.MAX:
         return float(max(values))
-    return math.fsum(values) / len(values)
+    return exact_sum(values) / len(values)
 
 
 def passes(leaf: EventLeaf, properties: dict) -> bool:
