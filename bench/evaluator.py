@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     from qualify.server.domain.compile import compile_audiences
     from qualify.server.domain.conditions import parse_condition
     from qualify.server.domain.schema import ValueType
-    from qualify.server.domain.static import Column, evaluate_static
+    from qualify.server.domain.static import Column, evaluate_static, without_events
 
     rng = random.Random(args.seed)
     attrs = {"plan": ValueType.STRING, "ltv": ValueType.FLOAT, "country": ValueType.STRING}
@@ -131,25 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     static = [evaluate_static(c, columns, n) for c in compiled.statics]
     t_static = time.perf_counter() - t0
     t1 = time.perf_counter()
-    # Each audience's value for people without realtime state: static bits with event leaves at their empty value.
-    from qualify.evaluator.program import Code
-
-    for code in compiled.program.audiences:
-        stack = []
-        for op, arg in code:
-            if op == Code.STATIC:
-                stack.append(static[arg])
-            elif op == Code.EVENT:
-                stack.append(np.zeros(n, bool))
-            elif op == Code.NOT:
-                stack.append(~stack.pop())
-            else:
-                vals = stack[-arg:]
-                del stack[-arg:]
-                acc = vals[0].copy()
-                for v in vals[1:]:
-                    acc = acc & v if op == Code.AND else acc | v
-                stack.append(acc)
+    without_events(compiled.program, static, n)  # each audience's value for people with no realtime state
     t_default = time.perf_counter() - t1
     out["recompute"] = {"people": n, "static_subtrees": len(compiled.statics), "statics_seconds": round(t_static, 3),
                         "audience_defaults_seconds": round(t_default, 3), "seconds": round(t_static + t_default, 3)}

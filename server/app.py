@@ -20,10 +20,8 @@ import logging
 import os
 import signal
 import socket
-import sys
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import lmdb

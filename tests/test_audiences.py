@@ -11,7 +11,6 @@ The helpers at the top are shared with tests/test_realtime.py.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import uuid

@@ -14,7 +14,6 @@ import threading
 import time
 from collections import Counter
 
-import grpc
 import pytest
 
 from conftest import QualifyServer, write_project

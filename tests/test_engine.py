@@ -15,10 +15,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qualify.evaluator.program import Aggregation, Comparison, EventLeaf, Filter, Op, Program, Scope
+from qualify.evaluator.program import EventLeaf, Filter, Program
 from qualify.evaluator.reference import ReferenceEvaluator, matches_predicate
 from qualify.server.config import parse_project
-from qualify.server.domain.conditions import And, AttributeCondition, EventCondition, Not, Or, parse_condition
+from qualify.server.domain.conditions import And, AttributeCondition, Not, Or, parse_condition
 from qualify.server.domain.engine import ANON, ENTER, EXIT, Engine
 from qualify.server.domain.events import Event, EventModel, EventType
 from qualify.server.domain.schema import ValueType

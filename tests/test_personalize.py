@@ -36,8 +36,6 @@ from qualify.v1 import (
     audience_pb2_grpc,
     diagnostics_pb2,
     diagnostics_pb2_grpc,
-    ingest_pb2,
-    ingest_pb2_grpc,
     personalize_pb2,
     personalize_pb2_grpc,
     sync_pb2,

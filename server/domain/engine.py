@@ -29,8 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qualify.evaluator import make_evaluator
-from qualify.evaluator.program import Aggregation, Code, EventLeaf, Filter, Scope
-from qualify.evaluator.reference import compare
+from qualify.evaluator.program import Code, EventLeaf, Filter, Scope
 
 from .compile import Compiled, compile_audiences
 from .conditions import Condition, parse_condition
@@ -38,7 +37,7 @@ from .explain import explain_tree
 from .errors import AudienceExists, AudienceNotFound, FieldViolation, InvalidAudience, InvalidRequest
 from .events import Event, EventModel, EventType, compile_models, matching_models
 from .schema import ValueType
-from .static import evaluate_static, evaluate_static_missing
+from .static import evaluate_static, evaluate_static_missing, without_events
 
 log = logging.getLogger(__name__)
 
@@ -174,29 +173,7 @@ class Engine:
 
     def _default_membership(self, compiled: Compiled, static_arrays: list[np.ndarray]) -> list[np.ndarray]:
         """Each audience's value, per person id, for someone with no realtime events."""
-        size = len(self.alive)
-        leaves = compiled.program.leaves
-        defaults = [compare(l.comparison, 0.0 if l.aggregation == Aggregation.COUNT else None, l.threshold)
-                    for l in leaves]
-        out = []
-        for code in compiled.program.audiences:
-            stack: list = []
-            for op, arg in code:
-                if op == Code.STATIC:
-                    stack.append(static_arrays[arg])
-                elif op == Code.EVENT:
-                    stack.append(np.full(size, defaults[arg]))
-                elif op == Code.NOT:
-                    stack.append(~stack.pop())
-                else:
-                    vals = stack[-arg:]
-                    del stack[-arg:]
-                    acc = vals[0].copy()
-                    for v in vals[1:]:
-                        acc = acc & v if op == Code.AND else acc | v
-                    stack.append(acc)
-            out.append(stack[0] & self.alive)
-        return out
+        return [arr & self.alive for arr in without_events(compiled.program, static_arrays, len(self.alive))]
 
     # -- evaluation ------------------------------------------------------------------------
     def _evaluate(self, slot: int, now_us: int, audiences, cause: int, message_id: str, out: list[Change]) -> None:

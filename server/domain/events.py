@@ -48,7 +48,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from qualify.evaluator.program import Op
 from qualify.evaluator.reference import matches_predicate
 
 from .conditions import Predicate, parse_timestamp

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qualify.evaluator.program import Op
-from qualify.evaluator.reference import matches_predicate
+from qualify.evaluator.program import Aggregation, Code, Op
+from qualify.evaluator.reference import compare, matches_predicate
 
 from .conditions import And, AttributeCondition, Condition, EventCondition, Not, Or
 from .schema import ValueType
@@ -140,4 +140,34 @@ def evaluate_static_missing(condition: Condition) -> bool:
     raise TypeError(f"not a warehouse-only condition: {type(condition).__name__}")
 
 
-__all__ = ["Column", "EventCondition", "evaluate_static", "evaluate_static_missing", "predicate_array"]
+def without_events(program, static_arrays: list[np.ndarray], size: int) -> list[np.ndarray]:
+    """Each audience's value, per person id, for someone with no realtime events.
+
+    The program runs over whole arrays: STATIC leaves are the precomputed
+    warehouse arrays, EVENT leaves their value over an empty history (a count
+    of 0; an aggregate over nothing is missing).
+    """
+    empty = [compare(l.comparison, 0.0 if l.aggregation == Aggregation.COUNT else None, l.threshold)
+             for l in program.leaves]
+    out = []
+    for code in program.audiences:
+        stack: list[np.ndarray] = []
+        for op, arg in code:
+            if op == Code.STATIC:
+                stack.append(static_arrays[arg])
+            elif op == Code.EVENT:
+                stack.append(np.full(size, empty[arg]))
+            elif op == Code.NOT:
+                stack.append(~stack.pop())
+            else:
+                vals = stack[-arg:]
+                del stack[-arg:]
+                acc = vals[0].copy()
+                for v in vals[1:]:
+                    acc = acc & v if op == Code.AND else acc | v
+                stack.append(acc)
+        out.append(stack[0])
+    return out
+
+
+__all__ = ["Column", "EventCondition", "evaluate_static", "evaluate_static_missing", "predicate_array", "without_events"]
