@@ -222,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `qualify get user-42 | head`: the reader left
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -534,8 +534,9 @@ def test_attribute_columns_match_the_warehouse(env, customers_db, customers_proj
     sync(env, customers_project)
     assert_columns_match_warehouse(env, customers_db, CUSTOMER_ATTRIBUTES)
     cols = raw_columns(env)
-    # Exactly the documented keys: per attribute values, .valid, .type (and .dict for strings), plus .alive.
-    expected_keys = {b".alive"}
+    # Exactly the documented keys: per attribute values, .valid, .type (and .dict for strings), plus .alive,
+    # and, for a source that hashes rows (DuckDB), .order, .rowhash, .keyhash and .signature.
+    expected_keys = {b".alive", b".order", b".rowhash", b".keyhash", b".signature"}
     for name, type_name in CUSTOMER_ATTRIBUTES.items():
         expected_keys |= {name.encode(), name.encode() + b".valid", name.encode() + b".type"}
         if type_name == "string":
@@ -1055,3 +1056,28 @@ def test_duplicate_rows_are_not_counted_as_changes(env, tmp_path):
     assert (first.added, first.changed, first.unchanged) == (4, 0, 0), counts(first)
     second = table_report(sync(env, project))
     assert (second.added, second.changed, second.unchanged) == (0, 0, 4), counts(second)
+
+
+def test_unchanged_rows_are_skipped_in_bulk_and_reordered_rows_still_compared(env, tmp_path, customers_db):
+    """DuckDB hashes each row; a row at its previous position with the same hashes is skipped
+    without encoding. Rows in another order, or changed, take the exact path: counts stay exact."""
+    asc = make_project(tmp_path / "asc", duckdb_warehouse(customers_db), query="SELECT * FROM customers ORDER BY user_id",
+                       attributes={"plan": "string"}, batch_rows=100)
+    desc = make_project(tmp_path / "desc", duckdb_warehouse(customers_db),
+                        query="SELECT * FROM customers ORDER BY user_id DESC", attributes={"plan": "string"}, batch_rows=100)
+    first = table_report(sync(env, asc))
+    assert (first.added, first.unchanged) == (100, 0)
+    ids = person_ids(env)
+    # Same order, one row changed: the other 99 skip in bulk, the change is found.
+    duck(customers_db, "UPDATE customers SET plan = 'changed-plan' WHERE user_id = (SELECT min(user_id) FROM customers)")
+    again = table_report(sync(env, asc))
+    assert (again.added, again.changed, again.unchanged, again.removed) == (0, 1, 99, 0)
+    # Reversed order: no row is where it was, so every row is compared exactly; nothing changed.
+    reversed_ = table_report(sync(env, desc))
+    assert (reversed_.added, reversed_.changed, reversed_.unchanged, reversed_.removed) == (0, 0, 100, 0)
+    # A change right after a reorder is still seen, and ids never move.
+    duck(customers_db, "UPDATE customers SET plan = 'again' WHERE user_id = (SELECT max(user_id) FROM customers)")
+    last = table_report(sync(env, asc))
+    assert (last.added, last.changed, last.unchanged, last.removed) == (0, 1, 99, 0)
+    assert person_ids(env) == ids
+    assert_records_match_warehouse(env, customers_db)

@@ -12,7 +12,10 @@ Named databases::
     <table>.ids    u32 dense id (big-endian, so ids sort) -> key
     <table>.cols   attribute name -> column array; "<name>.valid" -> uint8 array;
                    "<name>.type" -> the ValueType name the array was written with;
-                   "<name>.dict" -> JSON list (string codes); ".alive" -> uint8 array
+                   "<name>.dict" -> JSON list (string codes); ".alive" -> uint8 array;
+                   with a source that hashes rows (DuckDB): ".rowhash", ".keyhash" -> uint64
+                   arrays by id, ".order" -> int64 id per row position of the last sync,
+                   ".signature" -> the columns and types the hashes stand for
     members        person key -> memberships (see storage/realtime.py, which owns the
                    realtime tables: audiences, members, audience_members, changelog)
     events         u64 seq (big-endian) -> msgpack'd event: the event log

@@ -26,7 +26,15 @@ class WarehouseUnavailable(WarehouseError):
     """The warehouse could not be opened or connected to."""
 
 
+ROW_HASH = "__qualify_row_hash"
+KEY_HASH = "__qualify_key_hash"
+
+
 class DuckDBSource:
+    #: batches(..., key=) adds a 64-bit hash of each row and of its key, computed
+    #: by DuckDB, which lets an incremental sync skip unchanged rows in bulk.
+    row_hashes = True
+
     def __init__(self, warehouse: Warehouse):
         import duckdb
 
@@ -43,7 +51,11 @@ class DuckDBSource:
         except duckdb.Error as exc:
             raise WarehouseUnavailable(f"cannot open the DuckDB warehouse: {exc}") from None
 
-    def batches(self, query: str, rows: int) -> Iterator[pa.RecordBatch]:
+    def batches(self, query: str, rows: int, key: str | None = None) -> Iterator[pa.RecordBatch]:
+        if key is not None:
+            quoted = '"' + key.replace('"', '""') + '"'
+            query = (f"SELECT __qualify_q.*, hash(__qualify_q) AS {ROW_HASH}, hash(__qualify_q.{quoted}) AS {KEY_HASH} "
+                     f"FROM ({query}) AS __qualify_q")
         try:
             reader = self.con.sql(query).to_arrow_reader(rows)
             yield from reader
@@ -84,6 +96,8 @@ def _pg_arrow_type(type_name: str) -> tuple[pa.DataType, object]:
 class PostgresSource:
     """Reads every query of one sync from one REPEATABLE READ snapshot."""
 
+    row_hashes = False
+
     def __init__(self, warehouse: Warehouse):
         import psycopg
 
@@ -102,7 +116,7 @@ class PostgresSource:
             out.append(_pg_arrow_type(info.name if info else ""))
         return out
 
-    def batches(self, query: str, rows: int) -> Iterator[pa.RecordBatch]:
+    def batches(self, query: str, rows: int, key: str | None = None) -> Iterator[pa.RecordBatch]:
         # A named (server-side) cursor streams; a plain one would load every row.
         try:
             with self.con.cursor(name="qualify_sync") as cur:
