@@ -116,6 +116,7 @@ class _Columns:
 
     def __init__(self, txn, db, attributes: tuple[Attribute, ...], capacity: int):
         self.txn, self.db = txn, db
+        self.stored: dict[bytes, bytes | None] = {}  # what each array's key held when loaded
         self.attributes = attributes
         self.values: dict[str, np.ndarray] = {}
         self.valid: dict[str, np.ndarray] = {}
@@ -140,10 +141,18 @@ class _Columns:
 
     def _load(self, key: bytes, dtype, capacity: int) -> np.ndarray:
         raw = self.txn.get(key, db=self.db)
+        self.stored[key] = raw
         old = np.frombuffer(raw, dtype=dtype) if raw else np.zeros(0, dtype)
         out = np.zeros(max(capacity, len(old)), dtype)
         out[: len(old)] = old
         return out
+
+    def put(self, key: bytes, arr: np.ndarray) -> None:
+        """Writes an array unless its bytes are what is stored (copy-on-write pages are not free)."""
+        data = arr.tobytes()
+        if self.stored.get(key) != data:
+            self.txn.put(key, data, db=self.db)
+            self.stored[key] = data
 
     def grow(self, capacity: int) -> None:
         if capacity <= len(self.alive):
@@ -190,12 +199,12 @@ class _Columns:
     def save(self, size: int) -> None:
         for a in self.attributes:
             k = a.name.encode()
-            self.txn.put(k, self.values[a.name][:size].tobytes(), db=self.db)
-            self.txn.put(k + b".valid", self.valid[a.name][:size].tobytes(), db=self.db)
+            self.put(k, self.values[a.name][:size])
+            self.put(k + b".valid", self.valid[a.name][:size])
             self.txn.put(k + b".type", a.type.name.encode(), db=self.db)
             if a.type == ValueType.STRING:
                 self.txn.put(k + b".dict", json.dumps(self.dicts[a.name]).encode(), db=self.db)
-        self.txn.put(b".alive", self.alive[:size].tobytes(), db=self.db)
+        self.put(b".alive", self.alive[:size])
 
 
 class Syncer:
@@ -277,6 +286,7 @@ class Syncer:
         seen = np.zeros(len(cols.alive), np.uint8)
         hashed = getattr(source, "row_hashes", False)
         raw = txn.get(b".order", db=cols_db) if hashed else None
+        cols.stored[b".order"] = raw
         old_order = np.frombuffer(raw, np.int64) if raw else np.zeros(0, np.int64)
         new_order: list[np.ndarray] = []
         position = 0
@@ -347,9 +357,9 @@ class Syncer:
         if report.added or report.changed or report.removed or cols.fresh:
             cols.save(next_id)
         if hashed and report.rows:
-            txn.put(b".order", np.concatenate(new_order).tobytes(), db=cols_db)
-            txn.put(b".rowhash", cols.rowhash[:next_id].tobytes(), db=cols_db)
-            txn.put(b".keyhash", cols.keyhash[:next_id].tobytes(), db=cols_db)
+            cols.put(b".order", np.concatenate(new_order))
+            cols.put(b".rowhash", cols.rowhash[:next_id])
+            cols.put(b".keyhash", cols.keyhash[:next_id])
             txn.put(b".signature", signature, db=cols_db)
         txn.put(next_key, U32.pack(next_id), db=meta)
         report.seconds = time.perf_counter() - t0
