@@ -272,6 +272,14 @@ def length_delimited(bytes tag, bytes payload):
     return tag + tmp[:w] + payload
 
 
+cdef inline void entry_span(const uint8_t* stored, Py_ssize_t c, uint32_t* e0, uint32_t* e1) noexcept nogil:
+    """Where entry ``c`` starts and ends, relative to the first entry."""
+    memcpy(e1, &stored[HEADER_ID + 2 + 4 * c], 4)
+    e0[0] = 0
+    if c > 0:
+        memcpy(e0, &stored[HEADER_ID + 2 + 4 * (c - 1)], 4)
+
+
 def record_message(bytes prefix, bytes key, const uint8_t[::1] stored, tuple mask, bytes memberships):
     """Builds a ``qualify.v1.Record`` from a stored record.
 
@@ -294,13 +302,9 @@ def record_message(bytes prefix, bytes key, const uint8_t[::1] stored, tuple mas
     else:
         for i in range(len(mask)):
             c = mask[i]
-            if c >= n:
-                continue
-            memcpy(&e1, &stored[HEADER_ID + 2 + 4 * c], 4)
-            e0 = 0
-            if c > 0:
-                memcpy(&e0, &stored[HEADER_ID + 2 + 4 * (c - 1)], 4)
-            flen += e1 - e0
+            if c < n:
+                entry_span(&stored[0], c, &e0, &e1)
+                flen += e1 - e0
     size = plen + 1 + varint_size(klen) + klen + 1 + varint_size(flen) + flen + mlen
     cdef bytes out = PyBytes_FromStringAndSize(NULL, size)
     cdef char* p = PyBytes_AS_STRING(out)
@@ -321,13 +325,9 @@ def record_message(bytes prefix, bytes key, const uint8_t[::1] stored, tuple mas
     else:
         for i in range(len(mask)):
             c = mask[i]
-            if c >= n:
-                continue
-            memcpy(&e1, &stored[HEADER_ID + 2 + 4 * c], 4)
-            e0 = 0
-            if c > 0:
-                memcpy(&e0, &stored[HEADER_ID + 2 + 4 * (c - 1)], 4)
-            memcpy(p, &stored[body + e0], e1 - e0)
-            p += e1 - e0
+            if c < n:
+                entry_span(&stored[0], c, &e0, &e1)
+                memcpy(p, &stored[body + e0], e1 - e0)
+                p += e1 - e0
     memcpy(p, PyBytes_AS_STRING(memberships), mlen)
     return out
