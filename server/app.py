@@ -14,6 +14,7 @@ Two shapes, one set of parts:
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.metadata
 import json
 import logging
@@ -150,6 +151,10 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
 
                 report = await asyncio.wrap_future(writer.submit(sync_and_reevaluate))
                 if first:
+                    # Everything built so far lives as long as the process: keep it out of
+                    # the collector's full passes, which otherwise stall a request for ms.
+                    gc.collect()
+                    gc.freeze()
                     write_ready_file(ready_file, host, port, 1)
                     log.info("serving %d people from %s on %s:%d", report.people,
                              ", ".join(c.name for c in project.collections), host, port)
