@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -72,7 +73,14 @@ def cmd_serve(args) -> int:
 
     project = _project(args)
     progress = TerminalProgress()
-    return serve(project, workers=args.workers, ready_file=args.ready_file, progress=progress)
+    code = serve(project, workers=args.workers, ready_file=args.ready_file, progress=progress)
+    # Everything is committed and closed by now. Skip interpreter finalization:
+    # tearing down grpc.aio's poller there is known to crash (grpc/grpc#40447),
+    # and a crash at exit would turn a clean shutdown into exit code -11.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cmd_sync(args) -> int:
