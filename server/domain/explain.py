@@ -50,6 +50,7 @@ def explain_tree(condition: Condition, evaluator, state, attr_value, leaf_index,
         node["summary"] = f"{p.field} is {'missing' if v is None else repr(v)}"
     else:
         leaf = evaluator.leaf(state, leaf_index(condition), now_us)
-        node.update(value=leaf.holds, count=leaf.count, aggregate=leaf.aggregate, changes_at=leaf.flips_at,
+        aggregate = None if condition.aggregation == Aggregation.COUNT else leaf.aggregate
+        node.update(value=leaf.holds, count=leaf.count, aggregate=aggregate, changes_at=leaf.flips_at,
                     summary=_summary(condition, leaf.holds, leaf.count, leaf.flips_at))
     return node
