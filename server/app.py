@@ -5,10 +5,11 @@ Two shapes, one set of parts:
 - one process (``workers=1``): the gRPC server and the writer share the
   process; every write (ingest batches, the warehouse sync) runs on the one
   writer thread (storage/writer.py);
-- ``workers=N``: a supervisor process is the single LMDB writer and forks N
-  serving processes *before any gRPC object exists*; each binds the same port
-  with SO_REUSEPORT and reads the same memory-mapped environment. Ingest needs
-  the writer, so for now only ``workers=1`` serves IngestService.
+- ``workers=N``: a supervisor with no gRPC and no LMDB state forks one
+  writer process (the single LMDB writer, on a Unix socket) and N serving
+  processes; each serving process binds the same port with SO_REUSEPORT,
+  reads the same memory-mapped environment and forwards Ingest and Audience
+  calls to the writer.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from .storage.writer import Writer
 from .transport.audience import Audiences
 from .transport.ingest import Ingest
 from .transport.personalize import Personalize
+from .transport.proxy import proxy_handler
 from .transport.unimplemented import handler_for
 
 log = logging.getLogger(__name__)
@@ -63,27 +65,34 @@ MAX_MESSAGE_BYTES = 16 << 20
 
 
 async def create_server(reader: Reader, host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False,
-                        ingest: Ingest | None = None, audiences: Audiences | None = None):
+                        ingest: Ingest | None = None, audiences: Audiences | None = None,
+                        writer_address: str | None = None, address: str | None = None):
     """A configured, unstarted server: returns (server, bound port, health servicer).
 
-    ``ingest`` and ``audiences`` (the writing process only) serve
-    IngestService and AudienceService; without them those answer UNIMPLEMENTED.
+    ``ingest`` and ``audiences`` (the writing process) serve IngestService and
+    AudienceService; a serving process given ``writer_address`` forwards them
+    there; otherwise they answer UNIMPLEMENTED. ``address`` (e.g. a
+    ``unix:`` path) replaces host and port.
     """
     server = grpc.aio.server(options=[
         ("grpc.so_reuseport", 1 if reuse_port else 0),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ])
-    ingest_handlers = ingest.handlers() if ingest is not None else [handler_for(INGEST)]
-    audience_handlers = [audiences.handlers()] if audiences is not None else [handler_for(AUDIENCE)]
+    if writer_address is not None:
+        channel = grpc.aio.insecure_channel(writer_address)
+        ingest_handlers, audience_handlers = [proxy_handler(channel, INGEST)], [proxy_handler(channel, AUDIENCE)]
+    else:
+        ingest_handlers = ingest.handlers() if ingest is not None else [handler_for(INGEST)]
+        audience_handlers = [audiences.handlers()] if audiences is not None else [handler_for(AUDIENCE)]
     server.add_generic_rpc_handlers(Personalize(reader, VERSION).handlers() + ingest_handlers + audience_handlers
                                     + [handler_for(s) for s in NOT_YET])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(SERVICE_NAMES + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = server.add_insecure_port(address or f"{host}:{port}")
     if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port} (address in use?)")
+        raise OSError(f"cannot listen on {address or f'{host}:{port}'} (address in use?)")
     for name in ["", *SERVICE_NAMES]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     return server, bound, health_servicer
@@ -106,17 +115,18 @@ def write_ready_file(path: str | None, host: str, port: int, workers: int) -> No
     os.replace(tmp, path)
 
 
-def run_sync(env, project: Project, progress: Progress | None = None):
-    return Syncer(env, project).run(progress)
-
-
 def _stop_on_signals(loop, stop: asyncio.Event) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
 
-async def serve_single(project: Project, *, ready_file: str | None = None, progress: Progress | None = None) -> int:
-    """One process serving and syncing; returns an exit code."""
+async def serve_single(project: Project, *, ready_file: str | None = None, progress: Progress | None = None,
+                       address: str | None = None) -> int:
+    """One process serving and syncing; returns an exit code.
+
+    With ``address`` it is the writer of ``--workers N``, reached by the
+    serving processes on that (Unix socket) address only.
+    """
     env = open_env(data_path(project.data_dir), project.map_size, readonly=False)
     # Every write (ingest, sync) goes through the one writer thread.
     clock, test_clock = make_clock()
@@ -130,9 +140,10 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
     host, port = project.server.host, project.server.port
     ingest = Ingest(writer, project.event_models, clock_us=clock)
     server, port, health_servicer = await create_server(reader, host, port, ingest=ingest,
-                                                        audiences=Audiences(engine, writer, store, clock))
+                                                        audiences=Audiences(engine, writer, store, clock),
+                                                        address=address)
     await server.start()
-    log.info("listening on %s:%d (NOT_SERVING until the first sync lands)", host, port)
+    log.info("listening on %s (NOT_SERVING until the first sync lands)", address or f"{host}:{port}")
     stop = asyncio.Event()
     _stop_on_signals(loop, stop)
     failed = False
@@ -231,10 +242,11 @@ async def _fire_timers(engine: Engine, writer: Writer, wake: asyncio.Event, cloc
             await asyncio.sleep(0.1)
 
 
-async def _serve_worker(project: Project, port: int) -> int:
+async def _serve_worker(project: Project, port: int, writer_address: str) -> int:
     env = open_env(data_path(project.data_dir), project.map_size, readonly=True)
     reader = Reader(env)
-    server, _, health_servicer = await create_server(reader, project.server.host, port, reuse_port=True)
+    server, _, health_servicer = await create_server(reader, project.server.host, port, reuse_port=True,
+                                                     writer_address=writer_address)
     await server.start()
     stop = asyncio.Event()
     _stop_on_signals(asyncio.get_running_loop(), stop)
@@ -256,23 +268,33 @@ def _reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _spawn_worker(project: Project, port: int) -> int:
+def _fork(main) -> int:
+    """Runs ``main()`` (returning an exit code) in a child process; returns its pid."""
     pid = os.fork()
-    if pid == 0:  # child: becomes a serving process, never returns
+    if pid == 0:  # child: never returns into the parent's code
         code = 1
         try:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
-            code = run_async(_serve_worker(project, port))
-        except BaseException:  # noqa: BLE001 - a child must not fall back into the parent's code
-            log.exception("worker %d failed", os.getpid())
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            code = main()
+        except BaseException:  # noqa: BLE001
+            log.exception("process %d failed", os.getpid())
         finally:
+            logging.shutdown()
             os._exit(code)
     return pid
 
 
 def serve_workers(project: Project, workers: int, *, ready_file: str | None = None,
                   progress: Progress | None = None) -> int:
-    """A supervisor that writes, and ``workers`` processes that serve."""
+    """A supervisor, one writer process and ``workers`` serving processes.
+
+    The supervisor holds no gRPC and no LMDB state, so it can fork
+    replacements at any time. The writer syncs, ingests and evaluates, and
+    listens on a Unix socket in the data directory; the serving processes
+    share the public port (SO_REUSEPORT), answer Personalize from the
+    memory-mapped environment and forward Ingest and Audience calls to it.
+    """
     path = data_path(project.data_dir)
     env = open_env(path, project.map_size, readonly=False)
     with env.begin(write=True) as txn:  # readers need the environment and meta to exist
@@ -280,54 +302,56 @@ def serve_workers(project: Project, workers: int, *, ready_file: str | None = No
     env.close()  # an LMDB environment must not cross fork()
     placeholder = _reserve_port(project.server.host, project.server.port)
     port = placeholder.getsockname()[1]
-    children = {_spawn_worker(project, port) for _ in range(workers)}
-    log.info("%d serving processes on %s:%d (SO_REUSEPORT)", workers, project.server.host, port)
+    socket_path = path.parent / "writer.sock"
+    socket_path.unlink(missing_ok=True)
+    writer_address = f"unix:{socket_path}"
+    writer_ready = path.parent / "writer.ready"
+    writer_ready.unlink(missing_ok=True)
 
+    def writer_main() -> int:
+        return run_async(serve_single(project, ready_file=str(writer_ready), progress=progress, address=writer_address))
+
+    def worker_main() -> int:
+        return run_async(_serve_worker(project, port, writer_address))
+
+    roles = {_fork(writer_main): writer_main}
+    roles.update({_fork(worker_main): worker_main for _ in range(workers)})
+    log.info("%d serving processes on %s:%d (SO_REUSEPORT), one writer on %s", workers,
+             project.server.host, port, socket_path)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    env = open_env(path, project.map_size, readonly=False)
-    code, first, next_sync = 0, True, 0.0
+    code, announced = 0, False
     try:
         while not stop.is_set():
-            if time.monotonic() >= next_sync:
-                try:
-                    report = run_sync(env, project, progress if first else None)
-                    if first:
-                        write_ready_file(ready_file, project.server.host, port, workers)
-                        log.info("serving %d people on %s:%d", report.people, project.server.host, port)
-                except SyncError as exc:
-                    log.error("warehouse sync failed, nothing changed: %s", exc)
-                    if first:
-                        code = 1
-                        break
-                first = False
-                interval = project.server.sync_interval
-                next_sync = time.monotonic() + interval if interval else float("inf")
-            # Reap and replace serving processes that died.
+            if not announced and writer_ready.exists():
+                write_ready_file(ready_file, project.server.host, port, workers)
+                log.info("serving on %s:%d", project.server.host, port)
+                announced = True
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
                 pid = 0
-            if pid in children:
-                children.discard(pid)
-                log.error("serving process %d exited (status %d); starting another", pid, status)
-                env.close()  # an LMDB environment must not cross fork()
-                children.add(_spawn_worker(project, port))
-                env = open_env(path, project.map_size, readonly=False)
-            stop.wait(0.2)
+            if pid in roles:
+                main = roles.pop(pid)
+                if main is writer_main and not announced:
+                    log.error("the writer exited before the first sync landed (status %d)", status)
+                    code = 1
+                    break
+                log.error("process %d exited (status %d); starting another", pid, status)
+                roles[_fork(main)] = main
+            stop.wait(0.1)
     finally:
-        for pid in children:
+        for pid in roles:
             try:
                 os.kill(pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        for pid in children:
+        for pid in roles:
             try:
                 os.waitpid(pid, 0)
             except ChildProcessError:
                 pass
-        env.close()
         placeholder.close()
     return code
 

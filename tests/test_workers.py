@@ -168,3 +168,63 @@ def test_sync_interval_picks_up_warehouse_changes(server_factory, demo_warehouse
         info = info_stub.GetServerInfo(diagnostics_pb2.GetServerInfoRequest(), timeout=5)
         assert info.sync_generation > generation
         assert info.people == PEOPLE
+
+
+def test_workers_forward_ingest_and_audiences_to_the_writer(server_factory):
+    """Every serving process takes events and audience calls and forwards them to the one writer;
+    rich errors pass through unchanged, and memberships show in Get from any process."""
+    import uuid
+
+    from google.protobuf import json_format
+    from grpc_status import rpc_status
+
+    from qualify.v1 import audience_pb2, audience_pb2_grpc, event_pb2, ingest_pb2, ingest_pb2_grpc
+
+    server = server_factory("--workers", "2", "--demo-people", str(PEOPLE))
+    condition = {"event": {"event_model": "page_views", "scope": "SCOPE_EVER",
+                           "comparison": "COMPARISON_GE", "threshold": 2}}
+    audience = audience_pb2.Audience(id="twice")
+    json_format.ParseDict(condition, audience.condition)
+    with grpc.insecure_channel(server.address, options=FRESH_CONNECTION) as ch:
+        audience_pb2_grpc.AudienceServiceStub(ch).CreateAudience(
+            audience_pb2.CreateAudienceRequest(audience=audience), timeout=30)
+        bad = audience_pb2.Audience(id="bad")
+        json_format.ParseDict({"event": {"event_model": "nope", "scope": "SCOPE_EVER"}}, bad.condition)
+        with pytest.raises(grpc.RpcError) as err:
+            audience_pb2_grpc.AudienceServiceStub(ch).CreateAudience(
+                audience_pb2.CreateAudienceRequest(audience=bad), timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        status = rpc_status.from_call(err.value)
+        assert status is not None and any(d.type_url.endswith("BadRequest") for d in status.details)
+    # Two page views sent over two fresh connections (so, most likely, two processes).
+    for _ in range(2):
+        with grpc.insecure_channel(server.address, options=FRESH_CONNECTION) as ch:
+            event = event_pb2.Event(message_id=str(uuid.uuid4()), type=event_pb2.EVENT_TYPE_PAGE, user_id="user-7")
+            event.timestamp.GetCurrentTime()
+            ingest_pb2_grpc.IngestServiceStub(ch).Track(ingest_pb2.TrackRequest(event=event), timeout=30)
+    seen = set()
+    for _ in range(20):  # every process reads the membership from the shared map
+        with grpc.insecure_channel(server.address, options=FRESH_CONNECTION) as ch:
+            record = personalize_pb2_grpc.PersonalizeServiceStub(ch).Get(
+                personalize_pb2.GetRequest(collection="customers", key="user-7"), timeout=5).record
+            info = diagnostics_pb2_grpc.DiagnosticsServiceStub(ch).GetServerInfo(
+                diagnostics_pb2.GetServerInfoRequest(), timeout=5)
+        assert [m.audience_id for m in record.memberships] == ["twice"]
+        seen.add(info.worker_pid)
+    assert len(seen) == 2
+    assert server.stop() == 0
+
+
+def test_workers_forward_event_streams(server_factory):
+    """StreamEvents through a serving process: every batch acknowledged once durable in the writer's log."""
+    from qualify.clients import EventEmitter
+
+    server = server_factory("--workers", "2", "--demo-people", str(PEOPLE))
+    with EventEmitter(server.address, batch_size=100, max_delay=0.01) as emitter:
+        for i in range(1000):
+            emitter.page("Home", user_id=f"user-{1 + i % PEOPLE}", properties={"path": "/home"})
+    assert emitter.acknowledged == 1000
+    with grpc.insecure_channel(server.address) as ch:
+        info = diagnostics_pb2_grpc.DiagnosticsServiceStub(ch).GetServerInfo(diagnostics_pb2.GetServerInfoRequest(), timeout=5)
+    assert info.events_logged == 1000
+    assert server.stop() == 0
