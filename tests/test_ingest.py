@@ -298,14 +298,12 @@ def test_stream_acknowledges_earlier_batches_then_refuses_an_oversized_one(inges
     assert error_from_rpc_error(info.value).reason == "BATCH_TOO_LARGE"
 
 
-def test_workers_mode_does_not_serve_ingest_yet(server_factory):
-    # Serving processes of workers=N have a read-only environment.
+def test_workers_mode_forwards_ingest_to_the_writer(server_factory):
+    # Serving processes of workers=N have a read-only environment: they forward to the writer.
     server = server_factory("--workers", "2", "--demo-people", "200")
     with server.channel() as ch:
-        with pytest.raises(grpc.RpcError) as info:
-            ingest_pb2_grpc.IngestServiceStub(ch).Track(ingest_pb2.TrackRequest(event=event()), timeout=5)
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert server_info(server.address).events_logged == 0
+        ingest_pb2_grpc.IngestServiceStub(ch).Track(ingest_pb2.TrackRequest(event=event()), timeout=5)
+    assert server_info(server.address).events_logged == 1
 
 
 class _GatedWriter:
