@@ -105,6 +105,7 @@ class Engine:
         self.pids: list[int | None] = []
         self.seqs: list[array] = []
         self.members: list[dict[int, int]] = []  # slot -> {bit: enter_us}
+        self.current: list[list[bool] | None] = []  # slot -> members as program values (a cache)
         self.statics_of: list[list[bool] | None] = []
         self.timer_at: list[int | None] = []
         self.timers: list[tuple[int, int]] = []
@@ -115,6 +116,7 @@ class Engine:
         self.compiled: Compiled = compile_audiences([(a.id, a.condition) for a in active], self.model_index,
                                                     self.session_timeout_us)
         self.program_bits = [self.bits.index(a.id) for a in active]
+        self.current = [None] * len(self.keys)  # program values are per program
         self.evaluator = make_evaluator(self.compiled.program, reference=self.reference)
         # An event re-evaluates the audiences that use its model, and those with a
         # session condition on any model: a person's session spans their models.
@@ -139,6 +141,7 @@ class Engine:
             self.pids.append(None if key.startswith(ANON) else self.store.person_id(txn, key))
             self.seqs.append(array("q"))
             self.members.append(self.store.membership(txn, key))
+            self.current.append(None)
             self.statics_of.append(None)
             self.timer_at.append(None)
         return slot
@@ -179,6 +182,13 @@ class Engine:
     def _evaluate(self, slot: int, now_us: int, audiences, cause: int, message_id: str, out: list[Change]) -> None:
         values = self.evaluator.evaluate(self.states[slot], now_us, self._statics(slot))
         members = self.members[slot]
+        # Most events change nothing: one list comparison (in C) says so.
+        current = self.current[slot]
+        if current is None:
+            current = self.current[slot] = [bit in members for bit in self.program_bits]
+        if values == current:
+            return
+        self.current[slot] = None  # recomputed from members next time
         for i in audiences:
             bit = self.program_bits[i]
             if values[i] != (bit in members):
@@ -217,7 +227,12 @@ class Engine:
             self._observe(txn, event, now_us, touched, changes)
             for slot, models in touched.items():
                 # Someone new is evaluated for every audience: the warehouse-only ones included.
-                audiences = everything if slot >= first_seen else sorted({i for m in models for i in self.by_model.get(m, ())})
+                if slot >= first_seen:
+                    audiences = everything
+                elif len(models) == 1:
+                    audiences = self.by_model.get(next(iter(models)), ())
+                else:
+                    audiences = sorted({i for m in models for i in self.by_model.get(m, ())})
                 if audiences:
                     self._evaluate(slot, now_us, audiences, CAUSE_EVENT, event.message_id, changes)
                 self._schedule(slot, now_us)
@@ -274,6 +289,7 @@ class Engine:
             self.store.put_membership(txn, source, {})
             self._evaluate(dst, now_us, range(len(self.program_bits)), CAUSE_MERGE, message_id, changes)
         self.members[src] = {}
+        self.current[src] = self.current[dst] = None
         self._schedule(dst, now_us)
 
     def tick(self, txn, now_us: int) -> list[Change]:
@@ -465,6 +481,7 @@ class Engine:
                 slot = self.slots.get(key)
                 if slot is not None:
                     self.members[slot].pop(bit, None)
+                    self.current[slot] = None
         self._persist(txn, changes)
         del self.audiences[audience_id]
         self.bits[bit] = None
