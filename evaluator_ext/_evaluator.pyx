@@ -54,11 +54,12 @@ from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBuffer_Release,
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItem
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.float cimport PyFloat_AS_DOUBLE
 from cpython.object cimport PyObject
 from libc.math cimport INFINITY, NAN, fabs, isfinite, isinf, isnan
 from libc.stdint cimport INT64_MAX, INT64_MIN, int32_t, int64_t, uint8_t
-from libc.stdlib cimport calloc, free, realloc
+from libc.stdlib cimport calloc, free, malloc, qsort, realloc
 from libc.string cimport memmove, memset
 
 cimport cython
@@ -151,6 +152,13 @@ cdef int64_t NO_FLIP = INT64_MAX
 
 # ---------------------------------------------------------------- exact sums
 
+cdef struct WEntry:
+    # One event a WITHIN aggregate keeps.
+    int64_t ts
+    int64_t seq  # arrival number * 4 + 2 if the value is an int beyond a double + 1 if it has a value
+    double v
+
+
 cdef struct FSum:
     # CPython math.fsum's running state: non-overlapping partials, ascending
     # magnitude, plus the sums of the non-finite summands.
@@ -159,6 +167,10 @@ cdef struct FSum:
     Py_ssize_t cap
     double special
     double inf
+    # Where math.fsum raises (intermediate overflow, inf + -inf, an int beyond a
+    # double) reference.exact_sum answers the left-to-right float sum instead.
+    double naive
+    bint failed
 
 
 cdef int _grow(void** p, Py_ssize_t* cap, Py_ssize_t need, size_t size) except -1:
@@ -182,12 +194,21 @@ cdef inline void _fsum_reset(FSum* s) noexcept nogil:
     s.n = 0
     s.special = 0.0
     s.inf = 0.0
+    s.naive = 0.0
+    s.failed = False
 
 
-cdef int _fsum_add(FSum* s, double x) except -1:
-    """One iteration of CPython's fsum loop (Modules/mathmodule.c)."""
+cdef int _fsum_add(FSum* s, double x, bint huge) except -1:
+    """One iteration of CPython's fsum loop (Modules/mathmodule.c).
+
+    ``huge``: x stands for an int beyond a double (x is then ±inf), on which
+    math.fsum raises.
+    """
     cdef double xsave = x, y, t, hi, lo, yr
     cdef Py_ssize_t i = 0, j
+    s.naive += x
+    if huge:
+        s.failed = True
     for j in range(s.n):
         y = s.p[j]
         if fabs(x) < fabs(y):
@@ -205,12 +226,11 @@ cdef int _fsum_add(FSum* s, double x) except -1:
     if x != 0.0:
         if not isfinite(x):
             if isfinite(xsave):
-                # Intermediate overflow: CPython raises OverflowError; take
-                # the infinity IEEE addition gives instead.
-                xsave = x
-            if isinf(xsave):
-                s.inf += xsave
-            s.special += xsave
+                s.failed = True  # CPython raises OverflowError("intermediate overflow in fsum")
+            else:
+                if isinf(xsave):
+                    s.inf += xsave
+                s.special += xsave
             s.n = 0
         else:
             if s.n >= s.cap:
@@ -220,13 +240,19 @@ cdef int _fsum_add(FSum* s, double x) except -1:
     return 0
 
 
+cdef inline bint _fsum_raises(const FSum* s) noexcept nogil:
+    # CPython raises ValueError("-inf + inf in fsum") when the infinities cancel.
+    return s.failed or (s.special != 0.0 and isnan(s.inf))
+
+
 cdef double _fsum_value(const FSum* s) noexcept nogil:
-    """CPython fsum's tail: add the partials from the top, then fix half-even rounding."""
+    """reference.exact_sum: CPython fsum's tail (the partials added from the top, then
+    the half-even fix), or the left-to-right sum where math.fsum raises."""
     cdef Py_ssize_t n = s.n
     cdef double hi = 0.0, lo = 0.0, x, y, yr
+    if _fsum_raises(s):
+        return s.naive
     if s.special != 0.0:
-        if isnan(s.inf):
-            return NAN  # CPython raises ValueError("-inf + inf in fsum")
         return s.special
     if n > 0:
         n -= 1
@@ -250,17 +276,55 @@ cdef double _fsum_value(const FSum* s) noexcept nogil:
 
 
 def _fsum(values):
-    """math.fsum through the evaluator's incremental code (for tests)."""
+    """reference.exact_sum through the evaluator's incremental code (for tests)."""
     cdef FSum s
+    cdef bint huge = False
+    cdef double x
     s.p = NULL
     s.cap = 0
     _fsum_reset(&s)
     try:
         for v in values:
-            _fsum_add(&s, _as_double(v))
+            x = _as_double(v, &huge)
+            _fsum_add(&s, x, huge)
         return _fsum_value(&s)
     finally:
         free(s.p)
+
+
+cdef int _by_arrival(const void* a, const void* b) noexcept nogil:
+    cdef int64_t x = (<const WEntry*>a).seq, y = (<const WEntry*>b).seq
+    return (x > y) - (x < y)
+
+
+cdef double _exact_sum_by_arrival(const WEntry* e, Py_ssize_t n) except? -1.0:
+    """reference.exact_sum of the values of e[0:n] taken in arrival order.
+
+    Only needed when the order matters: where math.fsum overflows (whether it
+    does, and the left-to-right fallback, depend on the order of the values).
+    """
+    cdef WEntry* t = <WEntry*>malloc((n if n > 0 else 1) * sizeof(WEntry))
+    cdef Py_ssize_t i, k = 0
+    cdef FSum s
+    cdef double total
+    if t == NULL:
+        raise MemoryError()
+    s.p = NULL
+    s.cap = 0
+    _fsum_reset(&s)
+    try:
+        for i in range(n):
+            if e[i].seq & 1:
+                t[k] = e[i]
+                k += 1
+        qsort(t, k, sizeof(WEntry), _by_arrival)
+        for i in range(k):
+            _fsum_add(&s, t[i].v, (t[i].seq & 2) != 0)
+        total = _fsum_value(&s)
+    finally:
+        free(t)
+        free(s.p)
+    return total
 
 
 # ---------------------------------------------------------------- predicates
@@ -273,13 +337,15 @@ cdef inline bint _is_str(object x) noexcept:
     return isinstance(x, str)
 
 
-cdef double _as_double(object v) except? -1.0:
-    """A number property as the double ``float(v)`` gives; ints too large become ±inf."""
+cdef double _as_double(object v, bint* huge) except? -1.0:
+    """A number property as the double ``float(v)`` gives; ints too large become ±inf (huge)."""
+    huge[0] = False
     if type(v) is float:
         return PyFloat_AS_DOUBLE(v)
     try:
         return float(v)
     except OverflowError:
+        huge[0] = True
         return INFINITY if v > 0 else -INFINITY
 
 
@@ -298,6 +364,7 @@ cdef class _Filter:
     """One ``property op values`` with reference.matches_predicate's semantics."""
 
     cdef object prop
+    cdef Py_ssize_t pidx  # the property's index in the evaluator's per-event lookups
     cdef int op
     cdef tuple values
     cdef object a
@@ -372,28 +439,30 @@ cdef class _Filter:
         return v >= a
 
 
-cdef inline object _get(dict d, object key):
-    cdef PyObject* p = PyDict_GetItem(d, key)
-    if p == NULL:
-        return None
-    return <object>p
-
-
 cdef class _LeafPlan:
-    """What observe needs of one event leaf."""
+    """What observe needs of one event leaf: indices into the evaluator's distinct
+    filters and properties, which an event computes at most once each."""
 
     cdef Py_ssize_t j
-    cdef tuple filters
-    cdef object prop  # the aggregated property, None for COUNT or no property
+    cdef int32_t* filters
+    cdef Py_ssize_t n_filters
+    cdef Py_ssize_t prop  # the aggregated property's index; -1 for COUNT or no property
+
+    def __cinit__(self):
+        self.filters = NULL
+        self.n_filters = 0
+        self.prop = -1
+
+    def __dealloc__(self):
+        free(self.filters)
+
+
+def _filter_key(f) -> tuple:
+    # Values by kind as well as by value: (1,) == (True,) == (1.0,) for tuples, not for filters.
+    return (f.property, int(f.op), tuple((type(v), v) for v in f.values))
 
 
 # ---------------------------------------------------------------- state
-
-cdef struct WEntry:
-    int64_t ts
-    int64_t seq  # arrival number * 2 + (1 when the event has the property as a number)
-    double v
-
 
 cdef struct LeafSpec:
     int64_t model
@@ -548,12 +617,12 @@ cdef bint _scalar_value(const LeafSpec* sp, const SState* ss, double* out) noexc
     return True
 
 
-cdef inline int _scalar_add(const LeafSpec* sp, SState* ss, bint has, double x) except -1:
+cdef inline int _scalar_add(const LeafSpec* sp, SState* ss, bint has, double x, bint huge) except -1:
     ss.count += 1
     if not has:  # always so for COUNT
         return 0
     if sp.agg == AG_SUM or sp.agg == AG_AVG:
-        _fsum_add(&ss.sum, x)
+        _fsum_add(&ss.sum, x, huge)
     elif ss.n_values == 0:
         ss.vmin = x
         ss.vmax = x
@@ -614,7 +683,8 @@ cdef int _within_count_add(CompiledState st, const LeafSpec* sp, WState* w, int6
     return 0
 
 
-cdef int _within_agg_add(CompiledState st, const LeafSpec* sp, WState* w, int64_t ts, bint has, double x) except -1:
+cdef int _within_agg_add(CompiledState st, const LeafSpec* sp, WState* w, int64_t ts, bint has, double x,
+                         bint huge) except -1:
     """Keeps (ts, x) in ts order, after the entries with the same ts."""
     cdef WEntry* e
     cdef Py_ssize_t i, n = w.n
@@ -627,7 +697,7 @@ cdef int _within_agg_add(CompiledState st, const LeafSpec* sp, WState* w, int64_
         i -= 1
     memmove(e + i + 1, e + i, (n - i) * sizeof(WEntry))
     e[i].ts = ts
-    e[i].seq = st.seq * 2 + (1 if has else 0)
+    e[i].seq = st.seq * 4 + (2 if huge else 0) + (1 if has else 0)
     e[i].v = x
     w.n = <int32_t>(n + 1)
     w.c_valid = False
@@ -646,6 +716,14 @@ cdef class CompiledEvaluator:
     cdef LeafSpec* specs
     cdef Py_ssize_t state_size  # bytes of a person's state block
     cdef dict plans  # model -> tuple of _LeafPlan
+    # The program's distinct properties (names) and filters (_Filter); an observe call
+    # looks each property up, and tests each filter, at most once.
+    cdef list props
+    cdef list filters
+    cdef PyObject** pval  # borrowed from the event's dict for the duration of observe
+    cdef double* pnum  # the property as a double, when it is a number
+    cdef uint8_t* pmemo  # bits: 1 looked up, 2 number checked, 4 a number, 8 an int beyond a double
+    cdef uint8_t* fmemo  # 0 not tested yet, 1 fails, 2 passes
     # Postfix code of every audience back to back; audience a is [starts[a], starts[a+1]).
     cdef uint8_t* ops
     cdef int32_t* args  # STATIC/EVENT: index; AND/OR: how many values the reference's slice pops
@@ -668,6 +746,10 @@ cdef class CompiledEvaluator:
         self.memo = NULL
         self.sbuf = NULL
         self.out = NULL
+        self.pval = NULL
+        self.pnum = NULL
+        self.pmemo = NULL
+        self.fmemo = NULL
         self.scratch = NULL
         self.scratch_cap = 0
         self.tmp.p = NULL
@@ -683,13 +765,18 @@ cdef class CompiledEvaluator:
         free(self.memo)
         free(self.sbuf)
         free(self.out)
+        free(self.pval)
+        free(self.pnum)
+        free(self.pmemo)
+        free(self.fmemo)
         free(self.scratch)
         free(self.tmp.p)
 
     def __init__(self, program):
-        cdef Py_ssize_t j, n_code, pc, depth, max_depth, start, a
+        cdef Py_ssize_t j, k, n_code, pc, depth, max_depth, start, a
         cdef LeafSpec* sp
         cdef _LeafPlan plan
+        cdef _Filter flt
         self.program = program
         self.timeout = program.session_timeout_us
         leaves = tuple(program.leaves)
@@ -699,6 +786,10 @@ cdef class CompiledEvaluator:
         if self.specs == NULL or self.memo == NULL:
             raise MemoryError()
         by_model = {}
+        prop_index = {}
+        filter_index = {}
+        self.props = []
+        self.filters = []
         for j, leaf in enumerate(leaves):
             sp = &self.specs[j]
             sp.model = leaf.model
@@ -739,10 +830,32 @@ cdef class CompiledEvaluator:
                 self.state_size += sizeof(SState)
             plan = _LeafPlan()
             plan.j = j
-            plan.filters = tuple(_Filter(f) for f in leaf.filters)
-            plan.prop = leaf.property if (sp.agg != AG_COUNT and leaf.property) else None
+            fids = []
+            for f in leaf.filters:
+                key = _filter_key(f)
+                if key not in filter_index:
+                    flt = _Filter(f)
+                    flt.pidx = prop_index.setdefault(f.property, len(prop_index))
+                    filter_index[key] = len(self.filters)
+                    self.filters.append(flt)
+                fids.append(filter_index[key])
+            plan.n_filters = len(fids)
+            plan.filters = <int32_t*>calloc(len(fids) + 1, sizeof(int32_t))
+            if plan.filters == NULL:
+                raise MemoryError()
+            for k, fid in enumerate(fids):
+                plan.filters[k] = fid
+            if sp.agg != AG_COUNT and leaf.property:
+                plan.prop = prop_index.setdefault(leaf.property, len(prop_index))
             by_model.setdefault(leaf.model, []).append(plan)
         self.plans = {m: tuple(p) for m, p in by_model.items()}
+        self.props = sorted(prop_index, key=prop_index.__getitem__)
+        self.pval = <PyObject**>calloc(len(self.props) + 1, sizeof(PyObject*))
+        self.pnum = <double*>calloc(len(self.props) + 1, sizeof(double))
+        self.pmemo = <uint8_t*>calloc(len(self.props) + 1, 1)
+        self.fmemo = <uint8_t*>calloc(len(self.filters) + 1, 1)
+        if self.pval == NULL or self.pnum == NULL or self.pmemo == NULL or self.fmemo == NULL:
+            raise MemoryError()
 
         audiences = [tuple((int(op), int(arg)) for op, arg in code) for code in program.audiences]
         self.n_audiences = len(audiences)
@@ -818,6 +931,16 @@ cdef class CompiledEvaluator:
             raise ValueError("the state was not made by this evaluator's new_state()")
         return 0
 
+    cdef inline object _prop(self, dict props, Py_ssize_t i):
+        """The event's value of distinct property i (None: missing), looked up once per event."""
+        if not (self.pmemo[i] & 1):
+            # Borrowed: the dict outlives the observe call and nothing here mutates it.
+            self.pval[i] = PyDict_GetItem(props, <object>PyList_GET_ITEM(self.props, i))
+            self.pmemo[i] |= 1
+        if self.pval[i] == NULL:
+            return None
+        return <object>self.pval[i]
+
     def observe(self, CompiledState state not None, model, int64_t ts_us, properties, session_id=""):
         """Records one event of ``model`` (already matched to the model) for the person."""
         cdef CompiledState st = state
@@ -826,9 +949,12 @@ cdef class CompiledEvaluator:
         cdef LeafSpec* sp
         cdef SState* ss
         cdef dict props
-        cdef bint ok, has
+        cdef bint ok, has, huge
         cdef double x
         cdef object v
+        cdef Py_ssize_t k, i
+        cdef int32_t fid
+        cdef uint8_t r, m
         self._check(st)
         if session_id is None:
             session_id = ""
@@ -844,35 +970,52 @@ cdef class CompiledEvaluator:
         if plans is None:
             return
         props = properties if type(properties) is dict else dict(properties)
+        memset(self.pmemo, 0, len(self.props))
+        memset(self.fmemo, 0, len(self.filters))
         for p in <tuple>plans:
             plan = <_LeafPlan>p
             ok = True
-            for fo in plan.filters:
-                f = <_Filter>fo
-                if not f.test(_get(props, f.prop)):
+            for k in range(plan.n_filters):
+                fid = plan.filters[k]
+                r = self.fmemo[fid]
+                if r == 0:  # a filter several leaves share is tested once per event
+                    f = <_Filter>PyList_GET_ITEM(self.filters, fid)
+                    r = 2 if f.test(self._prop(props, f.pidx)) else 1
+                    self.fmemo[fid] = r
+                if r == 1:
                     ok = False
                     break
             if not ok:
                 continue
             has = False
+            huge = False
             x = 0.0
-            if plan.prop is not None:
-                v = _get(props, plan.prop)
-                if v is not None and _is_number(v):
+            if plan.prop >= 0:
+                i = plan.prop
+                m = self.pmemo[i]
+                if not (m & 2):
+                    v = self._prop(props, i)
+                    m = self.pmemo[i] | 2
+                    if v is not None and _is_number(v):
+                        self.pnum[i] = _as_double(v, &huge)
+                        m |= 4 | (8 if huge else 0)
+                    self.pmemo[i] = m
+                if m & 4:
                     has = True
-                    x = _as_double(v)
+                    huge = (m & 8) != 0
+                    x = self.pnum[i]
             sp = &self.specs[plan.j]
             if sp.scope == SC_WITHIN:
                 if sp.agg == AG_COUNT:
                     _within_count_add(st, sp, _wstate(st.block, sp), ts_us)
                 else:
-                    _within_agg_add(st, sp, _wstate(st.block, sp), ts_us, has, x)
+                    _within_agg_add(st, sp, _wstate(st.block, sp), ts_us, has, x, huge)
             else:
                 ss = _sstate(st.block, sp)
                 if sp.scope == SC_SESSION and ss.session != st.session:
                     _scalar_reset(sp, ss)
                     ss.session = st.session
-                _scalar_add(sp, ss, has, x)
+                _scalar_add(sp, ss, has, x, huge)
 
     # ------------------------------------------------------------ leaf values
 
@@ -884,7 +1027,7 @@ cdef class CompiledEvaluator:
         cdef Py_ssize_t n = ws.n, i, g
         cdef bint holds, first_nan = False, any_num = False
         cdef int64_t first_seq = INT64_MAX, nv = 0, flip = NO_FLIP
-        cdef double mn = 0.0, mx = 0.0, v, agg = 0.0
+        cdef double mn = 0.0, mx = 0.0, v, agg = 0.0, sumabs = 0.0
         cdef int64_t* a
         cdef WEntry* e
         cdef uint8_t* hs
@@ -938,7 +1081,9 @@ cdef class CompiledEvaluator:
                     v = e[i].v
                     nv += 1
                     if sp.agg == AG_SUM or sp.agg == AG_AVG:
-                        _fsum_add(fs, v)
+                        _fsum_add(fs, v, (e[i].seq & 2) != 0)
+                        if isfinite(v):
+                            sumabs += fabs(v)
                     else:
                         if e[i].seq < first_seq:
                             first_seq = e[i].seq
@@ -957,10 +1102,17 @@ cdef class CompiledEvaluator:
                     if nv == 0:
                         hs[i] = sp.empty_holds
                     else:
-                        if sp.agg == AG_SUM:
-                            agg = _fsum_value(fs)
-                        elif sp.agg == AG_AVG:
-                            agg = _fsum_value(fs) / <double>nv
+                        if sp.agg == AG_SUM or sp.agg == AG_AVG:
+                            # The sum does not depend on the order of the values unless math.fsum
+                            # would overflow, and it cannot while the finite ones add up to less
+                            # than a double's range: otherwise add them in arrival order, as the
+                            # reference does.
+                            if sumabs > 1e307 or _fsum_raises(fs):
+                                agg = _exact_sum_by_arrival(e + i, n - i)
+                            else:
+                                agg = _fsum_value(fs)
+                            if sp.agg == AG_AVG:
+                                agg = agg / <double>nv
                         elif first_nan:
                             agg = NAN  # Python's min/max keep a NaN that comes first
                         elif sp.agg == AG_MIN:
@@ -1096,8 +1248,13 @@ cdef class CompiledEvaluator:
                     released = True
         try:
             if sv == NULL:
-                for k in range(self.max_static + 1):
-                    self.sbuf[k] = 1 if static[k] else 0
+                if type(static) is list and PyList_GET_SIZE(static) > self.max_static:
+                    for k in range(self.max_static + 1):
+                        item = <object>PyList_GET_ITEM(static, k)
+                        self.sbuf[k] = 1 if (item is True or (item is not False and item)) else 0
+                else:
+                    for k in range(self.max_static + 1):
+                        self.sbuf[k] = 1 if static[k] else 0
                 sv = self.sbuf
                 sn = self.max_static + 1
             elif sn <= self.max_static:
