@@ -113,11 +113,16 @@ def exact_sum(values: list[float]) -> float:
     except (OverflowError, ValueError):  # intermediate overflow, inf + -inf, an int beyond a double
         total = 0.0
         for v in values:
-            try:
-                total += float(v)
-            except OverflowError:
-                total += math.inf if v > 0 else -math.inf
+            total += _as_float(v)
         return total
+
+
+def _as_float(v) -> float:
+    """float(v), or ±inf for an int beyond a double (where float() raises)."""
+    try:
+        return float(v)
+    except OverflowError:
+        return math.inf if v > 0 else -math.inf
 
 
 def aggregate(aggregation: Aggregation, values: list[float], count: int) -> float | None:
@@ -128,9 +133,9 @@ def aggregate(aggregation: Aggregation, values: list[float], count: int) -> floa
     if aggregation == Aggregation.SUM:
         return exact_sum(values)
     if aggregation == Aggregation.MIN:
-        return float(min(values))
+        return _as_float(min(values))
     if aggregation == Aggregation.MAX:
-        return float(max(values))
+        return _as_float(max(values))
     return exact_sum(values) / len(values)
 
 
