@@ -38,33 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def audiences(n: int, rng: random.Random) -> list[dict]:
-    """n audience definitions on page_views, each with a warehouse part."""
-    out = []
-    paths = ["/pricing", "/home", "/docs", "/blog", "/cart"]
-    for i in range(n):
-        kind = i % 4
-        event = {"event_model": "page_views", "comparison": "COMPARISON_GE", "threshold": 1 + i % 5}
-        if kind == 0:
-            event.update(scope="SCOPE_WITHIN", window=f"{60 * (1 + i % 30)}s",
-                         filters=[{"property": "path", "operator": "OPERATOR_EQ",
-                                   "value": {"string_value": paths[i % len(paths)]}}])
-        elif kind == 1:
-            event.update(scope="SCOPE_SESSION")
-        elif kind == 2:
-            event.update(scope="SCOPE_EVER", filters=[{"property": "path", "operator": "OPERATOR_STARTS_WITH",
-                                                       "value": {"string_value": "/p"}}])
-        else:
-            event.update(scope="SCOPE_WITHIN", window="600s", aggregation="AGGREGATION_SUM", property="seconds",
-                         threshold=float(30 + i))
-        attr = [{"attribute": {"attribute": "plan", "operator": "OPERATOR_EQ", "value": {"string_value": "free"}}},
-                {"attribute": {"attribute": "ltv", "operator": "OPERATOR_GT", "value": {"float_value": float(rng.randint(0, 4000))}}},
-                {"attribute": {"attribute": "country", "operator": "OPERATOR_IN",
-                               "values": [{"string_value": "US"}, {"string_value": "GB"}]}}][i % 3]
-        out.append({"and": {"conditions": [{"event": event}, attr]}})
-    return out
-
-
 def percentile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, max(0, int(q * len(xs) + 0.5) - 1))]
@@ -95,15 +68,16 @@ def per_event(evaluator, n_static: int, persons: int, events: int, by_model: lis
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from qualify.evaluator import make_evaluator
+
+    from .ingest import audience_definitions
     from qualify.server.domain.compile import compile_audiences
     from qualify.server.domain.conditions import parse_condition
     from qualify.server.domain.schema import ValueType
     from qualify.server.domain.static import Column, evaluate_static, without_events
 
-    rng = random.Random(args.seed)
     attrs = {"plan": ValueType.STRING, "ltv": ValueType.FLOAT, "country": ValueType.STRING}
     models = {"page_views": {"path": ValueType.STRING, "seconds": ValueType.FLOAT}}
-    defs = audiences(args.audiences, rng)
+    defs = audience_definitions(args.audiences, aggregate_property="seconds")
     compiled = compile_audiences([(f"a{i}", parse_condition(d, attrs, models)) for i, d in enumerate(defs)],
                                  {"page_views": 0}, 30 * 60 * S)
     empty = compile_audiences([], {"page_views": 0}, 30 * 60 * S)

@@ -45,14 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def audience_definitions(n: int) -> list[dict]:
-    """n audiences over the demo's page_views and warehouse attributes."""
+def audience_definitions(n: int, aggregate_property: str | None = None) -> list[dict]:
+    """n audiences over page_views and warehouse attributes: windowed counts with a path
+    filter, session counts, ever counts, and (given a numeric property) windowed SUMs,
+    each ANDed with a warehouse condition."""
     paths = ["/pricing", "/home", "/docs", "/blog", "/cart"]
+    kinds = 4 if aggregate_property else 3
     out = []
     for i in range(n):
         event = {"event_model": "page_views", "comparison": "COMPARISON_GE", "threshold": 1 + i % 5}
-        kind = i % 3
-        if kind == 0:
+        kind = i % kinds
+        if kind == 3:
+            event.update(scope="SCOPE_WITHIN", window="600s", aggregation="AGGREGATION_SUM",
+                         property=aggregate_property, threshold=float(30 + i))
+        elif kind == 0:
             event.update(scope="SCOPE_WITHIN", window=f"{60 * (1 + i % 30)}s",
                          filters=[{"property": "path", "operator": "OPERATOR_EQ",
                                    "value": {"string_value": paths[i % len(paths)]}}])
