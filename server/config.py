@@ -26,6 +26,7 @@ from qualify.evaluator.program import Op
 from .domain.conditions import Predicate, parse_timestamp
 from .domain.events import EVENT_TYPE_NAMES, EventModel, EventType, Identifier
 from .domain.schema import TYPE_NAMES, ValueType
+from .operations import SECTIONS as OPERATION_SECTIONS, Operations, parse_operations
 
 DEFAULT_PORT = 50051
 DEFAULT_MAP_SIZE = 64 << 30  # LMDB reserves address space, not disk
@@ -115,6 +116,7 @@ class Project:
     sync_batch_rows: int = 50_000
     event_models: tuple[EventModel, ...] = ()  # [event_models.NAME], in file order
     session_timeout: float = DEFAULT_SESSION_TIMEOUT  # [realtime] session_timeout, seconds
+    ops: Operations = field(default_factory=Operations)  # [auth] [tls] [limits] [metrics]
 
     def event_model(self, name: str) -> EventModel | None:
         for m in self.event_models:
@@ -210,7 +212,7 @@ def load_project(path: str | Path) -> Project:
 def parse_project(data: dict, base: Path, path: Path | None = None) -> Project:
     r = _Reader()
     r.unknown_keys(data, ("data_dir", "warehouse", "parent_model", "collections", "server", "storage",
-                          "event_models", "realtime"), "")
+                          "event_models", "realtime", *OPERATION_SECTIONS), "")
 
     data_dir = base / (r.string(data, "data_dir", "data_dir", required=False, default="qualify-data") or "qualify-data")
 
@@ -339,6 +341,9 @@ def parse_project(data: dict, base: Path, path: Path | None = None) -> Project:
             r.problem("realtime.session_timeout", rt["session_timeout"], str(exc))
             session_timeout = DEFAULT_SESSION_TIMEOUT
 
+    ops = parse_operations({name: r.table(data, name, keys) for name, keys in OPERATION_SECTIONS.items()},
+                           base, r.problem, _MISSING)
+
     if r.problems:
         raise ProjectError(str(path or "qualify.toml"), r.problems)
     return Project(
@@ -352,6 +357,7 @@ def parse_project(data: dict, base: Path, path: Path | None = None) -> Project:
         sync_batch_rows=batch_rows,
         event_models=event_models,
         session_timeout=session_timeout,
+        ops=ops,
     )
 
 
