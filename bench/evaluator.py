@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from qualify.evaluator import make_evaluator
 
-    from .ingest import audience_definitions
+    from ._audiences import audience_definitions
     from qualify.server.domain.compile import compile_audiences
     from qualify.server.domain.conditions import parse_condition
     from qualify.server.domain.schema import ValueType
