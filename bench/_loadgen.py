@@ -566,7 +566,10 @@ class LoadProcess:
     def recv(self, timeout: float):
         if not self.conn.poll(timeout):
             raise RuntimeError(f"load generator did not answer in {timeout:.0f}s")
-        msg = self.conn.recv()
+        try:
+            msg = self.conn.recv()
+        except EOFError:
+            raise RuntimeError(f"load generator process exited with {self.proc.exitcode}") from None
         if not msg.get("ok"):
             raise RuntimeError(f"load generator failed: {msg.get('error')}")
         return msg
