@@ -40,6 +40,8 @@ from .domain.engine import Engine
 from .storage.realtime import RealtimeStore
 from .storage.writer import Writer
 from .transport.audience import Audiences
+from .transport.watch import Watch
+from .delivery.feed import ChangeFeed
 from .transport.ingest import Ingest
 from .transport.personalize import Personalize
 from .transport.proxy import proxy_handler
@@ -135,12 +137,15 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
     reader = Reader(env)
     loop = asyncio.get_running_loop()
     engine, store = await _start_engine(env, writer, project, clock)
+    feed = _start_feed(env, writer, store, loop)
     wake = asyncio.Event()
     engine.on_deadline = lambda: loop.call_soon_threadsafe(wake.set)
     host, port = project.server.host, project.server.port
     ingest = Ingest(writer, project.event_models, clock_us=clock)
     server, port, health_servicer = await create_server(reader, host, port, ingest=ingest,
-                                                        audiences=Audiences(engine, writer, store, clock),
+                                                        audiences=Audiences(engine, writer, store, clock,
+                                                                            Watch(feed, store, project.watch_buffer,
+                                                                                  project.watch_max_lag)),
                                                         address=address)
     await server.start()
     log.info("listening on %s (NOT_SERVING until the first sync lands)", address or f"{host}:{port}")
@@ -216,6 +221,19 @@ async def _start_engine(env, writer: Writer, project: Project, clock: Clock):
              time.perf_counter() - t0, len(engine.audiences), len(engine.slots), len(changes))
     writer.on_events = engine.apply
     return engine, store
+
+
+def _start_feed(env, writer: Writer, store: RealtimeStore, loop) -> ChangeFeed:
+    """The live feed, handed each committed transaction's changelog rows by the writer thread."""
+    feed = ChangeFeed(env)
+
+    def publish(committed: bool) -> None:
+        rows = store.take_appended()
+        if committed and rows:
+            loop.call_soon_threadsafe(feed.publish, rows)
+
+    writer.after_txn = publish
+    return feed
 
 
 async def _fire_timers(engine: Engine, writer: Writer, wake: asyncio.Event, clock: Clock, test_clock: bool) -> None:

@@ -30,6 +30,8 @@ from .domain.schema import TYPE_NAMES, ValueType
 DEFAULT_PORT = 50051
 DEFAULT_MAP_SIZE = 64 << 30  # LMDB reserves address space, not disk
 DEFAULT_SESSION_TIMEOUT = 30 * 60.0
+DEFAULT_WATCH_BUFFER = 10_000
+DEFAULT_WATCH_MAX_LAG = 1_000_000
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,62}$")
 
 
@@ -115,6 +117,8 @@ class Project:
     sync_batch_rows: int = 50_000
     event_models: tuple[EventModel, ...] = ()  # [event_models.NAME], in file order
     session_timeout: float = DEFAULT_SESSION_TIMEOUT  # [realtime] session_timeout, seconds
+    watch_buffer: int = DEFAULT_WATCH_BUFFER  # [realtime] watch_buffer: live changes held per watch
+    watch_max_lag: int = DEFAULT_WATCH_MAX_LAG  # [realtime] watch_max_lag: changes behind before a watch is ended
 
     def event_model(self, name: str) -> EventModel | None:
         for m in self.event_models:
@@ -328,7 +332,9 @@ def parse_project(data: dict, base: Path, path: Path | None = None) -> Project:
         batch_rows = 50_000
 
     event_models = _event_models(r, data.get("event_models", {}))
-    rt = r.table(data, "realtime", ("session_timeout",))
+    rt = r.table(data, "realtime", ("session_timeout", "watch_buffer", "watch_max_lag"))
+    watch_buffer = _int_setting(r, rt, "realtime.watch_buffer", DEFAULT_WATCH_BUFFER, 1, 10_000_000)
+    watch_max_lag = _int_setting(r, rt, "realtime.watch_max_lag", DEFAULT_WATCH_MAX_LAG, 1, 10**12)
     session_timeout = DEFAULT_SESSION_TIMEOUT
     if "session_timeout" in rt:
         try:
@@ -352,7 +358,17 @@ def parse_project(data: dict, base: Path, path: Path | None = None) -> Project:
         sync_batch_rows=batch_rows,
         event_models=event_models,
         session_timeout=session_timeout,
+        watch_buffer=watch_buffer,
+        watch_max_lag=watch_max_lag,
     )
+
+
+def _int_setting(r: _Reader, table: dict, path: str, default: int, lo: int, hi: int) -> int:
+    value = table.get(path.rsplit(".", 1)[1], default)
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        r.problem(path, value, f"must be an integer from {lo} to {hi}")
+        return default
+    return value
 
 
 # -- [event_models.NAME] ---------------------------------------------------------

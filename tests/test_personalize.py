@@ -418,17 +418,14 @@ def test_the_server_still_serves_after_garbage(channel, personalize):
 
 
 def _unimplemented_calls(channel):
-    audiences = audience_pb2_grpc.AudienceServiceStub(channel)
     syncs = sync_pb2_grpc.SyncServiceStub(channel)
     return {
-        "AudienceService/WatchMemberships": lambda: list(audiences.WatchMemberships(
-            audience_pb2.WatchMembershipsRequest(), timeout=5)),
         "SyncService/ListSyncs": lambda: syncs.ListSyncs(sync_pb2.ListSyncsRequest(), timeout=5),
         "SyncService/CreateSync": lambda: syncs.CreateSync(sync_pb2.CreateSyncRequest(), timeout=5),
     }
 
 
-@pytest.mark.parametrize("method", ["AudienceService/WatchMemberships", "SyncService/ListSyncs", "SyncService/CreateSync"])
+@pytest.mark.parametrize("method", ["SyncService/ListSyncs", "SyncService/CreateSync"])
 def test_services_not_built_yet_are_unimplemented(channel, method):
     status, info, bad = expect_error(_unimplemented_calls(channel)[method], grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED")
     assert info.metadata["method"] == f"qualify.v1.{method}"

@@ -19,6 +19,7 @@ class Status(enum.Enum):
     UNAVAILABLE = "UNAVAILABLE"
     UNIMPLEMENTED = "UNIMPLEMENTED"
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
     INTERNAL = "INTERNAL"
 
 
@@ -87,3 +88,19 @@ class AudienceNotFound(QualifyError):
 
 class AudienceExists(QualifyError):
     status, reason = Status.ALREADY_EXISTS, "AUDIENCE_ALREADY_EXISTS"
+
+
+class SyncNotFound(QualifyError):
+    status, reason = Status.NOT_FOUND, "SYNC_NOT_FOUND"
+
+
+class SyncExists(QualifyError):
+    status, reason = Status.ALREADY_EXISTS, "SYNC_ALREADY_EXISTS"
+
+
+class SyncManagedByProject(QualifyError):
+    status, reason = Status.FAILED_PRECONDITION, "SYNC_MANAGED_BY_PROJECT"
+
+
+class WatchFellBehind(QualifyError):
+    status, reason = Status.RESOURCE_EXHAUSTED, "WATCH_FELL_BEHIND"

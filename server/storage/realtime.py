@@ -71,6 +71,9 @@ class RealtimeStore:
         self.people_keys = env.open_db(f"{PEOPLE}.keys".encode(), txn=txn)
         self.people_ids = env.open_db(f"{PEOPLE}.ids".encode(), txn=txn)
         self.people_cols = env.open_db(f"{PEOPLE}.cols".encode(), txn=txn)
+        #: (sequence, row) appended by the running transaction; the writer's
+        #: after-transaction hook publishes them once committed (take_appended).
+        self.appended: list[tuple[int, list]] = []
 
     # -- audiences ------------------------------------------------------------------
     def load_audiences(self, txn) -> list[dict]:
@@ -176,8 +179,19 @@ class RealtimeStore:
         for row in changes:
             seq += 1
             txn.put(SEQ_KEY.pack(seq), packb(row), db=self.changelog, append=True)
+            self.appended.append((seq, row))
         txn.put(CHANGELOG_SEQ, U64.pack(seq), db=self.meta)
         return seq
+
+    def take_appended(self) -> list[tuple[int, list]]:
+        rows, self.appended = self.appended, []
+        return rows
+
+
+def changelog_head(txn, meta_db) -> int:
+    """The last committed changelog sequence (0: none)."""
+    raw = txn.get(CHANGELOG_SEQ, db=meta_db)
+    return U64.unpack(raw)[0] if raw else 0
 
 
 def read_changelog(txn, db, after: int = 0, limit: int = 1000) -> list[tuple[int, list]]:
@@ -190,3 +204,21 @@ def read_changelog(txn, db, after: int = 0, limit: int = 1000) -> list[tuple[int
             if len(out) >= limit:
                 break
     return out
+
+
+def current_members(txn, store: "RealtimeStore", audience_id: str) -> Iterator[tuple[str, int]]:
+    """(person key, enter time) of every member of an audience, in key order."""
+    bits = store.catalog_bits(txn)
+    if audience_id not in bits:
+        return
+    bit = bits.index(audience_id)
+    prefix = audience_id.encode() + b"\x00"
+    cur = txn.cursor(db=store.audience_members)
+    if cur.set_range(prefix):
+        for k in cur.iternext(values=False):
+            if not k.startswith(prefix):
+                break
+            key = k[len(prefix):]
+            enter = decode_membership(txn.get(key, db=store.members)).get(bit)
+            if enter is not None:
+                yield key.decode(), enter
