@@ -65,12 +65,13 @@ def delete(address: str, ids: list[str]) -> None:
                 pass  # gone already, or the server is: nothing left to clean
 
 
-def setup_e2e(address: str, inputs, persons: int, run_id: str) -> dict:
+def setup_e2e(address: str, inputs, persons: int, run_id: str, via: str | None = None) -> dict:
     """Creates an audience only this run's events can enter, and finds how to see its changes.
 
     A probe event (for one of the last keys, which the run does not use) is
-    sent with a watch stream open. If the server answers WatchMemberships
-    UNIMPLEMENTED, the run times event -> first Get that shows the membership.
+    sent with a watch stream open. With ``via="get"``, or if the server answers
+    WatchMemberships UNIMPLEMENTED, the run times event -> first Get that shows
+    the membership.
     Otherwise the probe's change gives the sequence the load processes resume
     after (WATCH_START_SEQUENCE), so no change is missed while their streams
     are being set up.
@@ -95,6 +96,8 @@ def setup_e2e(address: str, inputs, persons: int, run_id: str) -> dict:
         stub = audience_pb2_grpc.AudienceServiceStub(ch)
         stub.CreateAudience(audience_pb2.CreateAudienceRequest(audience=audience), timeout=60)
         ingest = ingest_pb2_grpc.IngestServiceStub(ch)
+        if via == "get":
+            return out
         for attempt in range(3):
             watch = stub.WatchMemberships(audience_pb2.WatchMembershipsRequest(
                 audience_ids=[audience_id], start=audience_pb2.WATCH_START_NOW), timeout=10)
@@ -109,8 +112,8 @@ def setup_e2e(address: str, inputs, persons: int, run_id: str) -> dict:
                     if item.HasField("change") and item.change.message_id == mid:
                         return {**out, "mode": "watch", "after_sequence": item.change.sequence}
             except grpc.RpcError as exc:
-                if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
-                    return out
+                if exc.code() is grpc.StatusCode.UNIMPLEMENTED and via is None:
+                    return {**out, "why": "get-fallback"}
                 if exc.code() is not grpc.StatusCode.DEADLINE_EXCEEDED:
                     raise
             finally:

@@ -90,6 +90,8 @@ def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
     g.add_argument("--mix", help="mixed: NAME=RATIO,... of get, batch-get, track, noop")
     g.add_argument("--audiences", type=int, help="ingest: create this many audiences first, deleted after "
                                                  "(default 100 on a started server, 0 on a --target)")
+    g.add_argument("--via", choices=("watch", "get"), help="e2e: see the change on the watch stream, or poll Get until "
+                   "the membership shows (default: watch, or get where the server has no watch stream)")
     g.add_argument("--background-rate", type=float, default=0.0,
                    help="e2e: also stream this many events/s from the event mix, from one more process (default 0)")
     g = p.add_argument_group("output")
@@ -386,11 +388,13 @@ def run(args, progress=None) -> dict:
             if persons + 4 > inputs.key_count and not inputs.key_file:
                 raise BenchError(f"e2e needs one person per request: {persons:,} requests but {inputs.key_count:,} "
                                  f"keys (lower --rate or --duration, or raise --people)")
-            extra["e2e"] = _audiences.setup_e2e(address, inputs, persons, run_id)
+            extra["e2e"] = _audiences.setup_e2e(address, inputs, persons, run_id, args.via)
             created = [extra["e2e"]["audience_id"]]
-            target["e2e_measures"] = ("event -> MembershipChange on WatchMemberships" if extra["e2e"]["mode"] == "watch"
-                                      else "event -> first Get showing the membership (the server answered "
-                                           "WatchMemberships UNIMPLEMENTED)")
+            target["e2e_measures"] = {
+                "watch": "event -> MembershipChange on WatchMemberships",
+                "get": "event -> first Get showing the membership (--via get)",
+                "get-fallback": "event -> first Get showing the membership (the server answered WatchMemberships "
+                                "UNIMPLEMENTED)"}[extra["e2e"].pop("why", extra["e2e"]["mode"])]
             if args.background_rate > 0:
                 background = _spec(args, inputs, {"ingest": 1.0}, args.duration, {"id_prefix": run_id + "bg"})
                 background.update(schedule=f"constant:{args.background_rate / 100:g}", concurrency=None, batch=100)
