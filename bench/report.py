@@ -183,8 +183,10 @@ def text(run: dict) -> str:
     lag = ph["generator_lag_us"]
     if lag:
         out.append(f"Generator lag: p50 {ms(lag['p50'])}, p99 {ms(lag['p99'])}, max {ms(lag['max'])} behind schedule")
-    for w in ph["warnings"] + (floor["warnings"] if floor else []):
+    for w in ph["warnings"]:
         out.append(f"WARNING: {w}")
+    for w in floor["warnings"] if floor else []:
+        out.append(f"WARNING (noop floor phase): {w}")
     if t.get("exit_code") not in (None, 0):
         out.append(f"WARNING: the server exited with {t['exit_code']}: the run is not valid (log tail in the JSON)")
     if "compare" in run:
@@ -276,7 +278,14 @@ def figure(run: dict):
     plt = _pyplot()
     ph = scenario_phase(run)
     floor = next((p for p in run["phases"] if p["role"] == "floor"), None)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8), dpi=80)
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    fig = plt.figure(figsize=(11, 4.2), dpi=80)
+    grid = fig.add_gridspec(2, 2, height_ratios=(3, 1), hspace=0.08)
+    ax1 = fig.add_subplot(grid[0, 0])
+    rate = fig.add_subplot(grid[1, 0], sharex=ax1)
+    ax2 = fig.add_subplot(grid[:, 1])
+    plain_ms = FuncFormatter(lambda v, _: f"{v:g}")
     s = ph["series"][ph["primary"] if ph["primary"] != "all" else next(iter(ph["series"]))]
     tl = s["timeline"]
     xs = [p["t"] + ph["interval_s"] / 2 for p in tl]
@@ -284,23 +293,23 @@ def figure(run: dict):
     ax1.plot(xs, [p["p99_us"] / 1000 for p in tl], color="#ff7f0e", lw=1.2, label="p99")
     ax1.plot(xs, [p["p50_us"] / 1000 for p in tl], color="#1f77b4", lw=1.5, label="p50")
     ax1.set_yscale("log")
-    ax1.set_xlabel("seconds into the run (by intended send time)" if ph["mode"] == "open" else "seconds into the run")
-    ax1.set_ylabel("latency, ms (log)")
-    ax1.set_title("Latency over time", fontsize=10)
-    ax1.grid(True, which="both", alpha=0.25)
-    rate = ax1.twinx()
-    rate.plot(xs, [p["count"] / ph["interval_s"] for p in tl], color="#7f7f7f", lw=0.8, ls=":", label="sent/s")
+    ax1.set_ylabel("latency, ms")
+    ax1.set_title(f"Latency over time (per {ph['interval_s'] * 1000:g} ms)", fontsize=10)
+    ax1.legend(fontsize=7, loc="upper left", ncol=3)
+    rate.plot(xs, [p["count"] / ph["interval_s"] for p in tl], color="#7f7f7f", lw=1, label="sent")
     if ph["schedule"]:
         from ._schedule import Schedule
 
         sched = Schedule.parse(ph["schedule"])
-        rate.plot(xs, [sched.rate_at(x, ph["duration_s"]) for x in xs], color="#2ca02c", lw=0.8, ls="--",
-                  label="target/s")
-    rate.set_ylabel("requests/s")
+        rate.plot(xs, [sched.rate_at(x, ph["duration_s"]) for x in xs], color="#2ca02c", lw=1, ls="--",
+                  label="target")
+    rate.set_ylabel("req/s")
     rate.set_ylim(bottom=0)
-    h1, l1 = ax1.get_legend_handles_labels()
-    h2, l2 = rate.get_legend_handles_labels()
-    ax1.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left", ncol=2)
+    rate.legend(fontsize=7, loc="lower left", ncol=2)
+    rate.set_xlabel("seconds into the run" + (" (by intended send time)" if ph["mode"] == "open" else ""))
+    ax1.tick_params(labelbottom=False)
+    for ax in (ax1, rate):
+        ax.grid(True, which="both", alpha=0.25)
 
     curves = [(f"{run['scenario']} ({ph['primary']})", s["hist"], "#1f77b4", "-")]
     if floor:
@@ -318,17 +327,23 @@ def figure(run: dict):
             ax2.plot(x, y, label=label, color=color, ls=ls, lw=1.5)
     ax2.set_xscale("log")
     ax2.set_yscale("log")
-    ticks = [1, 2, 10, 100, 1000, 10000, 100000]
+    top = max((x for line in ax2.get_lines() for x in line.get_xdata()), default=10)
+    ticks = [t for t in (1, 10, 100, 1000, 10000, 100000, 1000000) if t <= top]
     ax2.set_xticks(ticks)
-    ax2.set_xticklabels(["0%", "50%", "90%", "99%", "99.9%", "99.99%", "99.999%"])
+    ax2.set_xticklabels(["0%", "90%", "99%", "99.9%", "99.99%", "99.999%", "99.9999%"][:len(ticks)])
+    ax2.xaxis.set_minor_formatter(NullFormatter())
+    for ax in (ax1, ax2):
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(plain_ms)
+        ax.yaxis.set_minor_formatter(NullFormatter())
     ax2.set_xlabel("percentile")
-    ax2.set_ylabel("latency, ms (log)")
+    ax2.set_ylabel("latency, ms")
     ax2.set_title("Latency by percentile", fontsize=10)
     ax2.grid(True, which="both", alpha=0.25)
     ax2.legend(fontsize=7, loc="upper left")
     load = _load_line(run, ph)
     fig.suptitle(f"qualify bench {run['scenario']}: {load}; {run['date']}", fontsize=9)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.07, right=0.98, top=0.86, bottom=0.13, wspace=0.2)
     return fig, plt
 
 
