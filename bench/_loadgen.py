@@ -357,7 +357,8 @@ class Generator:
 
     # run -----------------------------------------------------------------
 
-    def run(self, t0: float) -> dict:
+    def run(self, t0: float, drained=lambda: None) -> dict:
+        """Runs the prepared phase from ``t0``; ``drained()`` once every reply is in, before the bookkeeping."""
         spec = self.spec
         pc = time.perf_counter
         duration = spec["duration"]
@@ -378,6 +379,7 @@ class Generator:
         while len(main) < sent and pc() < deadline:
             time.sleep(0.005)
         t_end = pc()
+        drained()
         for op in self.ops:
             op.close()
         cpu1 = os.times()
@@ -533,7 +535,9 @@ def run(conn, address: str, connections: int, index: int, processes: int, timeou
                     # schedule) that the server had nothing to do with.
                     gc.disable()
                     try:
-                        result = gen.run(cmd["t0"])
+                        # The parent stops counting the server's CPU when every
+                        # process has drained, not after the histograms are built.
+                        result = gen.run(cmd["t0"], lambda: conn.send({"ok": True, "drained": True}))
                     finally:
                         gc.enable()
                         gc.unfreeze()

@@ -177,8 +177,11 @@ class Runner:
         time.sleep(max(0.0, t0 - time.perf_counter()))
         before = _proc.CpuSnapshot.take(self.server_pids)
         budget = spec["duration"] + a.timeout + 60.0
-        parts = [[lp.recv(budget)["result"] for lp in procs] for procs, _ in groups]
+        for procs, _ in groups:
+            for lp in procs:
+                lp.recv(budget)  # drained
         after = _proc.CpuSnapshot.take(self.server_pids)
+        parts = [[lp.recv(60.0)["result"] for lp in procs] for procs, _ in groups]
         result = merge(name, role, spec, parts[0], after.wall - before.wall)
         if background:
             bg = merge("background", "background", background, parts[1], after.wall - before.wall)
@@ -235,7 +238,6 @@ def merge(name: str, role: str, spec: dict, parts: list[dict], wall: float) -> d
     for part in parts:
         if part.get("lag"):
             lag.decode_and_add(part["lag"])
-    primary = next(iter(spec["mix"])) if len(spec["mix"]) == 1 else None
     items_per = {"batch-get": spec["batch"], "ingest": spec["batch"]}
     out_series = {}
     for sname, m in series.items():
@@ -271,7 +273,7 @@ def merge(name: str, role: str, spec: dict, parts: list[dict], wall: float) -> d
     in_window = sum(series[s]["in_window"] for s in main_names)
     items = sum(out_series[s]["count"] * items_per.get(s, 1) for s in main_names)
     result = {
-        "name": name, "role": role, "primary": primary_name if primary is None or primary_name == "all" else primary_name,
+        "name": name, "role": role, "primary": primary_name,
         "mode": ("closed" if spec.get("concurrency") else "open"),
         "schedule": spec["schedule"], "concurrency": spec.get("concurrency"),
         "duration_s": duration, "wall_s": round(wall, 3), "interval_s": interval,
@@ -280,7 +282,7 @@ def merge(name: str, role: str, spec: dict, parts: list[dict], wall: float) -> d
         "dropped": sum(p["dropped"] for p in parts), "no_reply": sum(p["no_reply"] for p in parts),
         "sent_after_window": sum(p["sent_after_window"] for p in parts),
         "achieved_rps": round(in_window / duration, 1),
-        "items": items, "items_per_request": items_per.get(primary or "", 1),
+        "items": items, "items_per_request": items_per.get(primary_name, 1),
         "items_per_s": round(sum(series[s]["in_window"] * items_per.get(s, 1) for s in main_names) / duration, 1),
         "errors": sum(out_series[s]["errors"] for s in main_names),
         "rejected_events": sum(p.get("rejected_events", 0) for p in parts),
@@ -408,7 +410,7 @@ def run(args, progress=None) -> dict:
     finally:
         if runner is not None:
             runner.stop()
-        if created:
+        if created and server is None:  # a started server is thrown away, with its audiences
             try:
                 _audiences.delete(address, created)
             except Exception:  # noqa: BLE001 - the server may be gone; the run's result still stands
