@@ -401,10 +401,12 @@ def _syncs(r: _Reader, raw: Any, parent: str) -> tuple[SyncSpec, ...]:
         at = f"syncs[{i}]"
         r.unknown_keys(t, _SYNC_KEYS, at + ".")
         d = {"id": t.get("id"), "audience_ids": t.get("audiences"), "fields": t.get("fields")}
-        for name in ("audiences", "fields"):
-            if name in t and (not isinstance(t[name], list) or not all(isinstance(x, str) for x in t[name])):
-                r.problem(f"{at}.{name}", t[name], "must be a list of strings")
-                d["audience_ids" if name == "audiences" else "fields"] = []
+        wrong = [name for name in ("audiences", "fields")
+                 if name in t and (not isinstance(t[name], list) or not all(isinstance(x, str) for x in t[name]))]
+        for name in wrong:
+            r.problem(f"{at}.{name}", t[name], "must be a list of strings")
+        if wrong:
+            continue
         if isinstance(t.get("webhook"), dict):
             w = dict(t["webhook"])
             r.unknown_keys(w, _WEBHOOK_KEYS, at + ".webhook.")
