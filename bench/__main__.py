@@ -16,6 +16,7 @@ SCENARIOS = {
     "ingest": ("ingest", "StreamEvents throughput, durably acknowledged, with 100 audiences evaluated, "
                          "against logging alone"),
     "e2e": ("e2e", "event acknowledged -> membership visible in Get, under background ingest load"),
+    "syncs": ("syncs", "change -> delivery latency on the watch stream and a local webhook at a steady change rate"),
 }
 
 
