@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 import msgpack
 
 from ..domain.syncs import SyncSpec
+from .lmdb_store import delete_prefix
 from .realtime import SEQ_KEY
 
 SYNCS = b"syncs"
@@ -79,12 +80,7 @@ class SyncTables:
     def delete(self, txn, sync_id: str) -> None:
         txn.delete(sync_id.encode(), db=self.specs)
         txn.delete(sync_id.encode(), db=self.states)
-        prefix = sync_id.encode() + b"\x00"
-        cur = txn.cursor(db=self.dead)
-        if cur.set_range(prefix):
-            while cur.key().startswith(prefix):
-                if not cur.delete():
-                    break
+        delete_prefix(txn, self.dead, sync_id.encode() + b"\x00")
 
     # -- dead letters -------------------------------------------------------------------
     def add_dead(self, txn, sync_id: str, rows: list[tuple[int, list]], attempts: int, error: str, now_us: int) -> None:
