@@ -51,7 +51,6 @@ class WebhookReceiver:
         self.site: web.TCPSite | None = None
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self._call(self._setup())
         self.up()
 
     def _call(self, coro, timeout: float = 10.0):
@@ -60,7 +59,7 @@ class WebhookReceiver:
     async def _setup(self):
         app = web.Application()
         app.router.add_post("/hook", self._handle)
-        self.runner = web.AppRunner(app)
+        self.runner = web.AppRunner(app, shutdown_timeout=0.1)
         await self.runner.setup()
 
     async def _handle(self, request: web.Request) -> web.Response:
@@ -83,14 +82,14 @@ class WebhookReceiver:
 
     def up(self) -> None:
         async def start():
+            await self._setup()
             self.site = web.TCPSite(self.runner, "127.0.0.1", self.port, reuse_address=True)
             await self.site.start()
         self._call(start())
 
     def down(self) -> None:
-        async def stop():
-            await self.site.stop()
-        self._call(stop())
+        """Refuses connections and drops the open ones (keep-alive included) until up()."""
+        self._call(self.runner.cleanup())
 
     def unique(self) -> dict[int, dict]:
         """First arrival of each sequence."""
@@ -109,7 +108,7 @@ class WebhookReceiver:
             time.sleep(0.05)
 
     def close(self) -> None:
-        self._call(self.runner.cleanup())
+        self._call(self.runner.cleanup())  # a no-op when already down
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
 

@@ -200,9 +200,11 @@ def test_outage_and_restart_lose_nothing(server, receiver, restart):
     send_many(server.api, anon_views(200, "before"))
     receiver.down()
     send_many(server.api, anon_views(200, "during"))
-    time.sleep(0.3)
-    status = server.status("crm")
-    assert status.retries > 0 and status.last_error and status.lag.ToMilliseconds() > 0
+    deadline = time.monotonic() + 10
+    while not (status := server.status("crm")).last_error.startswith("ClientConnectorError"):
+        assert time.monotonic() < deadline, status
+        time.sleep(0.05)
+    assert status.retries > 0 and status.lag.ToMilliseconds() > 0
     if restart == "sigkill":  # the cursor may be up to 200 ms old: redeliveries, never losses
         server.api.close()
         server.server.kill()
