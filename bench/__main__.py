@@ -2,7 +2,8 @@
 
 The load scenarios (personalize, batch-get, ingest, e2e, mixed, noop) are
 ``qualify bench``: see ``python -m bench --help``. ``sync`` and ``evaluator``
-time the warehouse sync and the compiled evaluator without a gRPC client.
+time the warehouse sync and the compiled evaluator without a gRPC client;
+``syncs`` times changes to their delivery on the watch stream and a webhook.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ MICRO = {
     "sync": "warehouse sync of N people x 10 attributes into LMDB: first and incremental sync time and peak memory",
     "evaluator": "the compiled evaluator in process: per-event evaluation of 100 audiences, and the full "
                  "recompute over 1,000,000 people",
+    "syncs": "change -> delivery latency on the watch stream and a local webhook at a steady change rate",
 }
 
 

@@ -38,11 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, int(q * len(xs) + 0.5) - 1))]
-
-
 def per_event(evaluator, n_static: int, persons: int, events: int, by_model: list[int], rng: random.Random) -> dict:
     states = [evaluator.new_state() for _ in range(persons)]
     statics = [[bool(rng.getrandbits(1)) for _ in range(n_static)] for _ in range(persons)]
@@ -70,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     from qualify.evaluator import make_evaluator
 
     from ._audiences import audience_definitions
+    from ._stats import percentile
     from qualify.server.domain.compile import compile_audiences
     from qualify.server.domain.conditions import parse_condition
     from qualify.server.domain.schema import ValueType

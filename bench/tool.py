@@ -56,7 +56,7 @@ def _seconds(text: str) -> float:
 
 def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
     listing = "\n".join(f"  {name:12} {text}" for name, (_, text) in SCENARIOS.items())
-    listing += "\n\nin-process micro benches (python -m bench only): sync, evaluator"
+    listing += "\n\nbenches of their own (python -m bench only): sync, evaluator, syncs"
     p = argparse.ArgumentParser(prog=prog, description=__doc__, epilog=f"scenarios:\n{listing}",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("scenario", choices=list(SCENARIOS), metavar="SCENARIO", help=", ".join(SCENARIOS))

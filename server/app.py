@@ -42,6 +42,8 @@ from .storage.writer import Writer
 from .transport.audience import Audiences
 from .transport.watch import Watch
 from .delivery.feed import ChangeFeed
+from .delivery.runner import Deliveries
+from .transport.syncs import Syncs
 from .transport.ingest import Ingest
 from .transport.personalize import Personalize
 from .transport.proxy import proxy_handler
@@ -60,21 +62,21 @@ SERVED = [personalize_pb2.DESCRIPTOR.services_by_name["PersonalizeService"],
 # workers=N have a read-only environment and answer it UNIMPLEMENTED.
 INGEST = ingest_pb2.DESCRIPTOR.services_by_name["IngestService"]
 AUDIENCE = audience_pb2.DESCRIPTOR.services_by_name["AudienceService"]
-NOT_YET = [sync_pb2.DESCRIPTOR.services_by_name["SyncService"]]
-SERVICE_NAMES = [s.full_name for s in SERVED + [INGEST, AUDIENCE] + NOT_YET]
+SYNC = sync_pb2.DESCRIPTOR.services_by_name["SyncService"]
+SERVICE_NAMES = [s.full_name for s in SERVED + [INGEST, AUDIENCE, SYNC]]
 GRACE_SECONDS = 5.0
 MAX_MESSAGE_BYTES = 16 << 20
 
 
 async def create_server(reader: Reader, host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False,
-                        ingest: Ingest | None = None, audiences: Audiences | None = None,
+                        ingest: Ingest | None = None, audiences: Audiences | None = None, syncs: Syncs | None = None,
                         writer_address: str | None = None, address: str | None = None):
     """A configured, unstarted server: returns (server, bound port, health servicer).
 
-    ``ingest`` and ``audiences`` (the writing process) serve IngestService and
-    AudienceService; a serving process given ``writer_address`` forwards them
-    there; otherwise they answer UNIMPLEMENTED. ``address`` (e.g. a
-    ``unix:`` path) replaces host and port.
+    ``ingest``, ``audiences`` and ``syncs`` (the writing process) serve
+    IngestService, AudienceService and SyncService; a serving process given
+    ``writer_address`` forwards them there; otherwise they answer
+    UNIMPLEMENTED. ``address`` (e.g. a ``unix:`` path) replaces host and port.
     """
     server = grpc.aio.server(options=[
         ("grpc.so_reuseport", 1 if reuse_port else 0),
@@ -83,12 +85,12 @@ async def create_server(reader: Reader, host: str = "127.0.0.1", port: int = 0, 
     ])
     if writer_address is not None:
         channel = grpc.aio.insecure_channel(writer_address)
-        ingest_handlers, audience_handlers = [proxy_handler(channel, INGEST)], [proxy_handler(channel, AUDIENCE)]
+        writing = [proxy_handler(channel, s) for s in (INGEST, AUDIENCE, SYNC)]
     else:
-        ingest_handlers = ingest.handlers() if ingest is not None else [handler_for(INGEST)]
-        audience_handlers = [audiences.handlers()] if audiences is not None else [handler_for(AUDIENCE)]
-    server.add_generic_rpc_handlers(Personalize(reader, VERSION).handlers() + ingest_handlers + audience_handlers
-                                    + [handler_for(s) for s in NOT_YET])
+        writing = ingest.handlers() if ingest is not None else [handler_for(INGEST)]
+        writing.append(audiences.handlers() if audiences is not None else handler_for(AUDIENCE))
+        writing.append(syncs.handlers() if syncs is not None else handler_for(SYNC))
+    server.add_generic_rpc_handlers(Personalize(reader, VERSION).handlers() + writing)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(SERVICE_NAMES + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
@@ -138,6 +140,9 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
     loop = asyncio.get_running_loop()
     engine, store = await _start_engine(env, writer, project, clock)
     feed = _start_feed(env, writer, store, loop)
+    deliveries = Deliveries(env, writer, feed, reader, project.parent_model.name, clock, f"qualify/{VERSION}",
+                            project.retry_initial, project.retry_max)
+    await deliveries.start(list(project.syncs))
     wake = asyncio.Event()
     engine.on_deadline = lambda: loop.call_soon_threadsafe(wake.set)
     host, port = project.server.host, project.server.port
@@ -146,6 +151,7 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
                                                         audiences=Audiences(engine, writer, store, clock,
                                                                             Watch(feed, store, project.watch_buffer,
                                                                                   project.watch_max_lag)),
+                                                        syncs=Syncs(deliveries, reader),
                                                         address=address)
     await server.start()
     log.info("listening on %s (NOT_SERVING until the first sync lands)", address or f"{host}:{port}")
@@ -200,6 +206,7 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    await deliveries.close()  # cursors persisted: a restart resumes where delivery stopped
     # After the server stopped: whatever it queued is committed, then the thread ends.
     await loop.run_in_executor(None, writer.stop)
     env.close()

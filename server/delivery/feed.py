@@ -126,6 +126,10 @@ class ChangeFeed:
         finally:
             self._waiters = [(s, f) for s, f in self._waiters if f is not fut]
 
+    def head_in(self, txn) -> int:
+        """The last committed sequence as ``txn`` sees it."""
+        return changelog_head(txn, self._meta)
+
     def read(self, after: int, limit: int) -> list[Row]:
         """Committed rows with sequence > after, oldest first, from the log."""
         with self.env.begin() as txn:

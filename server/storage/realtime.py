@@ -25,7 +25,7 @@ import numpy as np
 
 from ..domain.schema import ValueType
 from ..domain.static import Column
-from .lmdb_store import CATALOG, GENERATION, ID_KEY, META, PEOPLE, U32, U64
+from .lmdb_store import CATALOG, GENERATION, ID_KEY, META, PEOPLE, U32, U64, delete_prefix
 from .lmdb_store import decode_membership as _decode
 
 AUDIENCES = b"audiences"
@@ -84,12 +84,7 @@ class RealtimeStore:
 
     def delete_audience(self, txn, audience_id: str) -> None:
         txn.delete(audience_id.encode(), db=self.audiences)
-        prefix = audience_id.encode() + b"\x00"
-        cur = txn.cursor(db=self.audience_members)
-        if cur.set_range(prefix):
-            while cur.key().startswith(prefix):
-                if not cur.delete():
-                    break
+        delete_prefix(txn, self.audience_members, audience_id.encode() + b"\x00")
 
     def catalog_bits(self, txn) -> list[str | None]:
         catalog = json.loads(txn.get(CATALOG, db=self.meta) or b"{}")
