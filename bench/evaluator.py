@@ -22,6 +22,8 @@ import time
 
 import numpy as np
 
+from ._stats import percentile
+
 S = 1_000_000
 TARGETS = {"event_p99_us_max": 20.0, "recompute_seconds_max": 2.0}
 
@@ -65,7 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     from qualify.evaluator import make_evaluator
 
     from ._audiences import audience_definitions
-    from ._stats import percentile
     from qualify.server.domain.compile import compile_audiences
     from qualify.server.domain.conditions import parse_condition
     from qualify.server.domain.schema import ValueType
