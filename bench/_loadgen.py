@@ -310,7 +310,8 @@ class Generator:
         keys = _inputs.Keys(inputs, seed)
         ch = self.channels
         timeout = self.timeout
-        events = _inputs.Events(inputs, keys, seed, id_prefix=spec.get("id_prefix", "") + f"{self.index:02x}-")
+        if {"track", "ingest", "e2e"} & set(spec["mix"]):
+            events = _inputs.Events(inputs, keys, seed, id_prefix=spec.get("id_prefix", "") + f"{self.index:02x}-")
         ops: dict[str, object] = {}
 
         def unary(series: str, method: str, requests, items=1, check=None):

@@ -421,8 +421,9 @@ def run(args, progress=None) -> dict:
         if tmp is not None:
             tmp.cleanup()
     machine = _proc.machine_note()
-    if not target.get("started_by_bench") and not _is_local(address):
-        machine["note"] = "the load generator's machine; the server runs elsewhere"
+    # The note describes this project's development machine; a user's run says where the server ran.
+    machine["note"] = ("the server ran on this machine" if target.get("started_by_bench") or _is_local(address)
+                       else "the load generator's machine; the server ran elsewhere")
     return {
         "tool": "qualify bench", "format": 1, "scenario": args.scenario, "run_id": run_id,
         "date": started.isoformat(timespec="seconds"),
