@@ -27,7 +27,7 @@ from pathlib import Path
 
 from . import _proc
 from ._server import Server, server_note
-from .e2e import stats_ms
+from ._stats import stats_ms
 
 TARGETS = {"watch_p99_ms_max": 10.0, "webhook_p99_ms_max": 25.0}
 AUDIENCE = {"event": {"event_model": "page_views", "scope": "SCOPE_EVER", "comparison": "COMPARISON_GE", "threshold": 1}}

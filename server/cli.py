@@ -1,4 +1,4 @@
-"""The ``qualify`` command: serve, sync, check, get, syncs, demo."""
+"""The ``qualify`` command: serve, sync, check, get, syncs, demo, bench."""
 
 from __future__ import annotations
 
@@ -261,6 +261,12 @@ def cmd_replay(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from qualify.bench.tool import main
+
+    return main(args.bench_args, prog="qualify bench")  # qualify.bench parses its own options
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qualify", description="Qualify: real-time audiences and a Personalization API over gRPC.")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
@@ -318,11 +324,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default="127.0.0.1:50051", help="server address (default 127.0.0.1:50051)")
     p.add_argument("--window", type=int, default=10, help="the audience's window in seconds (default 10)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="load-test a server: qualify bench SCENARIO --target HOST:PORT (--help for more)",
+                       add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # `qualify bench` hands every option it sees to qualify.bench, --help included.
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = rest + args.bench_args
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
