@@ -108,7 +108,8 @@ extra = ["-O0", "-g"] if DEBUG else ["-O3"]
 setup(
     package_dir=PACKAGE_DIR,
     packages=PACKAGES,
-    package_data={"qualify.v1": ["*.proto", "*.pyi"], "qualify.evaluator": ["*.pyi"], "qualify.server.wire": ["*.pyi"], "qualify.clients": ["py.typed"]},
+    package_data={"qualify.v1": ["*.proto", "*.pyi"], "qualify.evaluator": ["*.pyi"], "qualify.server.wire": ["*.pyi"], "qualify.clients": ["py.typed"],
+                  "qualify.bench": ["*.toml"]},
     exclude_package_data={"": ["*.c", "*.pyx", "*.html"]},
     ext_modules=[
         Extension("qualify.evaluator._evaluator", ["evaluator_ext/_evaluator.pyx"], define_macros=macros, extra_compile_args=extra),

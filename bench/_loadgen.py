@@ -1,8 +1,9 @@
-"""The load generator: a separate process driven over a pipe.
+"""The load generator: one or more processes, each driven by the bench over a pipe.
 
 It runs apart from the server (and from the bench's own bookkeeping) so the
-measurement is not entangled with the server's GIL. It uses gRPC's sync API
-with futures rather than grpc.aio, measured on the 2-core machine:
+measurement is not entangled with the server's GIL, and several of them run
+when one Python process cannot send the rate. It uses gRPC's sync API with
+futures rather than grpc.aio, measured on the 2-core machine:
 
 * closed loop, 32 in flight: futures chained from their completion callbacks
   cost the client ~150 us of CPU per call; grpc.aio on uvloop ~170-200 us, on
@@ -13,9 +14,14 @@ with futures rather than grpc.aio, measured on the 2-core machine:
   ~300 us at p99; asyncio and uvloop timers fire on a 1 ms grid, which put the
   generator ~1.0-1.5 ms behind at p99 and made the bench measure itself.
 
-Requests are serialized once, before any phase, and responses are taken as
-bytes (no per-call protobuf work in the client); every 997th Get response is
-decoded and its key checked, so a server answering the wrong record is caught.
+A phase is two commands: ``prepare`` builds every request (as bytes: no
+protobuf work per call) and opens the streams, then ``run`` starts at an
+instant the parent chose for all processes (``time.perf_counter`` is
+CLOCK_MONOTONIC, shared by every process). Each completion is appended to a
+list as (series, intended, sent, done, status); after the phase the process
+turns the list into HDR histograms (whole run, and per interval for the
+latency-over-time plot) and sends them encoded, so the parent can merge the
+processes exactly.
 """
 
 from __future__ import annotations
@@ -23,21 +29,27 @@ from __future__ import annotations
 import ctypes
 import gc
 import itertools
-import math
 import os
+import queue
 import random
 import sys
 import threading
 import time
-from array import array
 from functools import partial
 
-from . import _proc
+from . import _inputs, _proc
+from ._schedule import Schedule
 
 GET = "/qualify.v1.PersonalizeService/Get"
+BATCH_GET = "/qualify.v1.PersonalizeService/BatchGet"
 NOOP = "/qualify.v1.DiagnosticsService/Noop"
 INFO = "/qualify.v1.DiagnosticsService/GetServerInfo"
-CHECK_EVERY = 997
+TRACK = "/qualify.v1.IngestService/Track"
+STREAM = "/qualify.v1.IngestService/StreamEvents"
+WATCH = "/qualify.v1.AudienceService/WatchMemberships"
+CHECK_EVERY = 997  # one reply in this many is decoded and checked
+KEY_POOL = 1 << 16
+LOWEST_US, HIGHEST_US = 1, 3_600_000_000  # histogram range: 1 us .. 1 h
 
 
 def _tighten_timer_slack() -> None:
@@ -48,193 +60,452 @@ def _tighten_timer_slack() -> None:
         pass
 
 
-class Generator:
-    def __init__(self, address: str, channels: int, people: int, seed: int, collection: str,
-                 key_pool: int = 1 << 17, timeout: float = 5.0):
+def new_histogram(digits: int = 3):
+    from hdrh.histogram import HdrHistogram
+
+    return HdrHistogram(LOWEST_US, HIGHEST_US, digits)
+
+
+def encode(hist) -> str:
+    """The histogram's standard compressed, base64 form ("" when empty)."""
+    return hist.encode().decode() if hist.get_total_count() else ""
+
+
+# Operations ----------------------------------------------------------------
+# Each has ``series`` (its name in the results), ``items`` (events or keys per
+# request) and ``send(j, done)``; ``done(status)`` is called once per request
+# with the status code's name, and ``done(status, sub)`` for a secondary
+# measurement of the same request (the e2e acknowledgement).
+
+
+class Unary:
+    def __init__(self, series: str, calls: list, requests: list[bytes], timeout: float, items: int = 1, check=None):
+        self.series, self.calls, self.requests, self.timeout = series, calls, requests, timeout
+        self.items, self.check = items, check
+
+    def open(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def send(self, j: int, done) -> None:
+        f = self.calls[j % len(self.calls)].future(self.requests[j % len(self.requests)], timeout=self.timeout)
+        f.add_done_callback(partial(self._done, j, done))
+
+    def _done(self, j: int, done, f) -> None:
+        code = f.code()
+        if code.value[0] == 0 and self.check is not None and j % CHECK_EVERY == 0:
+            try:
+                ok = self.check(j % len(self.requests), f.result())
+            except Exception:  # noqa: BLE001 - a reply that does not decode is a bad reply
+                ok = False
+            done("OK" if ok else "BAD_RESPONSE")
+        else:
+            done(code.name)
+
+
+class _Reader:
+    """A thread reading one server stream; ``on_item`` per message, ``on_error`` once if it fails."""
+
+    def __init__(self, call, on_item, on_error):
+        self.call = call
+        self.thread = threading.Thread(target=self._run, args=(on_item, on_error), daemon=True)
+        self.thread.start()
+
+    def _run(self, on_item, on_error) -> None:
         import grpc
 
-        from qualify.v1 import personalize_pb2
+        try:
+            for item in self.call:
+                on_item(item)
+        except grpc.RpcError as exc:
+            if exc.code() is not grpc.StatusCode.CANCELLED:
+                on_error(exc.code().name)
+
+    def stop(self) -> None:
+        self.call.cancel()
+        self.thread.join(5)
+
+
+class Stream:
+    """Batches of events over StreamEvents, one stream per connection; a request is one batch."""
+
+    def __init__(self, channels: list, events: _inputs.Events, batch: int):
+        from qualify.v1 import ingest_pb2
+
+        self.series, self.items = "ingest", batch
+        self.channels, self.events, self.batch = channels, events, batch
+        self.decode = ingest_pb2.StreamEventsResponse.FromString
+        self.numbers = itertools.count(1)
+        self.pending: dict[int, object] = {}
+        self.rejected = 0
+        self.failed: str | None = None
+
+    def open(self) -> None:
+        self.queues, self.readers = [], []
+        for ch in self.channels:
+            q: queue.SimpleQueue = queue.SimpleQueue()
+            call = ch.stream_stream(STREAM, response_deserializer=self.decode)(iter(q.get, None))
+            self.queues.append(q)
+            self.readers.append(_Reader(call, self._ack, self._fail))
+
+    def _ack(self, ack) -> None:
+        done = self.pending.pop(ack.batch_number, None)
+        if done is not None:
+            self.rejected += len(ack.rejections)
+            done("OK" if not ack.rejections else "EVENTS_REJECTED")
+
+    def _fail(self, code: str) -> None:
+        self.failed = code
+        for n in list(self.pending):
+            done = self.pending.pop(n, None)
+            if done is not None:
+                done(code)
+
+    def send(self, j: int, done) -> None:
+        if self.failed:
+            done(self.failed)
+            return
+        n = next(self.numbers)
+        self.pending[n] = done
+        self.queues[j % len(self.queues)].put(_inputs.stream_request(n, self.events.batch(self.batch)))
+
+    def close(self) -> None:
+        for q in self.queues:
+            q.put(None)
+        for r in self.readers:
+            r.thread.join(5)
+            r.stop()
+
+
+class Membership:
+    """An event that makes a person enter the e2e audience, timed to the change it causes.
+
+    ``mode="watch"``: to the MembershipChange on a WatchMemberships stream
+    (matched by the event's message_id). ``mode="get"``: to the first Get that
+    shows the membership (the fallback while a server has no watch stream).
+    The acknowledgement of the Track is the secondary series ``ack``.
+    """
+
+    def __init__(self, channels: list, events: _inputs.Events, persons: list[str], audience_id: str, path: str,
+                 collection: str, mode: str, after_sequence: int, timeout: float):
+        from qualify.v1 import audience_pb2, event_pb2, personalize_pb2
+
+        self.series = "change" if mode == "watch" else "visible_in_get"
+        self.items, self.mode, self.timeout = 1, mode, timeout
+        self.channels, self.events, self.persons = channels, events, persons
+        self.audience_id, self.collection = audience_id, collection
+        self.bodies = []
+        for p in persons:
+            e = event_pb2.Event(type=event_pb2.EVENT_TYPE_PAGE, name="Page Viewed", user_id=p)
+            e.properties.update({"path": path})
+            self.bodies.append(e.SerializeToString())
+        self.track = [ch.unary_unary(TRACK) for ch in channels]
+        self.get = [ch.unary_unary(GET) for ch in channels]
+        self.get_request = personalize_pb2.GetRequest
+        self.get_response = personalize_pb2.GetResponse.FromString
+        self.watch_request = audience_pb2.WatchMembershipsRequest(
+            audience_ids=[audience_id], start=audience_pb2.WATCH_START_SEQUENCE,
+            after_sequence=after_sequence).SerializeToString()
+        self.watch_response = audience_pb2.WatchMembershipsResponse.FromString
+        self.pending: dict[str, object] = {}
+        self.readers: list[_Reader] = []
+        self.failed: str | None = None
+
+    def open(self) -> None:
+        if self.mode == "watch":
+            self.readers = [_Reader(ch.unary_stream(WATCH, response_deserializer=self.watch_response)(self.watch_request),
+                                    self._change, self._fail) for ch in self.channels]
+
+    def _change(self, item) -> None:
+        if item.HasField("change") and item.change.audience_id == self.audience_id:
+            done = self.pending.pop(item.change.message_id, None)
+            if done is not None:
+                done("OK")
+
+    def _fail(self, code: str) -> None:
+        self.failed = code
+        for mid in list(self.pending):
+            done = self.pending.pop(mid, None)
+            if done is not None:
+                done(code)
+
+    def send(self, j: int, done) -> None:
+        if self.failed:
+            done(self.failed, "ack")
+            done(self.failed)
+            return
+        mid = self.events.next_id()
+        i = j % len(self.persons)
+        if self.mode == "watch":
+            self.pending[mid] = done
+        f = self.track[j % len(self.track)].future(_inputs.track_request(self.events.event(self.bodies[i], mid)),
+                                                   timeout=self.timeout)
+        f.add_done_callback(partial(self._acked, j, i, mid, done))
+
+    def _acked(self, j: int, i: int, mid: str, done, f) -> None:
+        code = f.code()
+        done(code.name, "ack")
+        if code.value[0] != 0:
+            if self.mode == "watch" and self.pending.pop(mid, None) is None:
+                return  # the change already arrived (it can beat the acknowledgement)
+            done(code.name)
+        elif self.mode == "get":
+            self._poll(j, i, done, time.perf_counter())
+
+    def _poll(self, j: int, i: int, done, since: float) -> None:
+        req = self.get_request(collection=self.collection, key=self.persons[i]).SerializeToString()
+        f = self.get[j % len(self.get)].future(req, timeout=self.timeout)
+        f.add_done_callback(partial(self._polled, j, i, done, since))
+
+    def _polled(self, j: int, i: int, done, since: float, f) -> None:
+        if f.code().value[0] != 0:
+            done(f.code().name)
+        elif any(m.audience_id == self.audience_id for m in self.get_response(f.result()).record.memberships):
+            done("OK")
+        elif time.perf_counter() - since > self.timeout:
+            done("NOT_VISIBLE")
+        else:
+            self._poll(j, i, done, since)
+
+    def close(self) -> None:
+        for r in self.readers:
+            r.stop()
+
+
+# The generator -------------------------------------------------------------
+
+
+class Generator:
+    def __init__(self, address: str, connections: int, index: int, processes: int, timeout: float):
+        import grpc
 
         self.grpc = grpc
-        self.personalize_pb2 = personalize_pb2
-        self.timeout = timeout
+        self.index, self.processes, self.timeout = index, processes, timeout
         # A local subchannel pool per channel: each channel gets its own TCP
         # connection, so SO_REUSEPORT can spread them over the serving processes.
-        options = [("grpc.use_local_subchannel_pool", 1)] if channels > 1 else []
-        self.channels = [grpc.insecure_channel(address, options=options) for _ in range(channels)]
-        rng = random.Random(seed)
-        self.keys = [f"user-{rng.randint(1, people)}" for _ in range(key_pool)]
-        self.get_requests = [personalize_pb2.GetRequest(collection=collection, key=k).SerializeToString()
-                             for k in self.keys]
-        self.calls = {
-            "get": [ch.unary_unary(GET) for ch in self.channels],
-            "noop": [ch.unary_unary(NOOP) for ch in self.channels],
-        }
-        self.cursor = itertools.count()
-
-    # Requests -------------------------------------------------------------
-
-    def _request(self, method: str, idx: int) -> bytes:
-        if method == "noop":
-            return b""  # NoopRequest{} is the empty message
-        return self.get_requests[idx % len(self.get_requests)]
-
-    def _bad_response(self, method: str, idx: int, future) -> bool:
-        """Checks one Get reply in CHECK_EVERY: the record must be the key asked for."""
-        if method != "get" or idx % CHECK_EVERY:
-            return False
-        try:
-            reply = self.personalize_pb2.GetResponse.FromString(future.result())
-        except Exception:  # noqa: BLE001 - any failure to decode is a bad response
-            return True
-        return reply.record.key != self.keys[idx % len(self.keys)] or not reply.record.fields.fields
-
-    # Commands -------------------------------------------------------------
+        options = [("grpc.use_local_subchannel_pool", 1)] if connections > 1 else []
+        self.channels = [grpc.insecure_channel(address, options=options) for _ in range(connections)]
+        self.ops: list = []
+        self.pick: list[int] = [0]
+        self.spec: dict = {}
 
     def worker_pids(self) -> list[int]:
-        """The serving process behind each channel (GetServerInfo.worker_pid)."""
+        """The serving process behind each connection (GetServerInfo.worker_pid)."""
         from qualify.v1 import diagnostics_pb2
 
-        pids = []
-        for ch in self.channels:
-            raw = ch.unary_unary(INFO)(b"", timeout=self.timeout)
-            pids.append(diagnostics_pb2.GetServerInfoResponse.FromString(raw).worker_pid)
-        return pids
+        return [diagnostics_pb2.GetServerInfoResponse.FromString(
+                    ch.unary_unary(INFO)(b"", timeout=self.timeout)).worker_pid for ch in self.channels]
 
-    def closed(self, method: str, concurrency: int, duration: float, server_pids: list[int],
-               ramp: float = 0.25) -> dict:
-        """``concurrency`` calls always in flight; counts completions inside the window."""
-        calls = self.calls[method]
-        OK = self.grpc.StatusCode.OK
-        pc = time.perf_counter
-        t_start = pc() + ramp
-        t_end = t_start + duration
-        counts = [0] * concurrency  # each slot is one chain of calls, touched by one thread
-        errors = [0] * concurrency
-        bad = [0] * concurrency
-        codes: dict[str, int] = {}
-        remaining = [concurrency]
-        lock = threading.Lock()
-        finished = threading.Event()
-        cursor = self.cursor
+    # prepare -------------------------------------------------------------
+
+    def prepare(self, spec: dict) -> dict:
+        """Builds the phase's requests and opens its streams; nothing is sent."""
+        from qualify.v1 import personalize_pb2
+
+        self.spec = spec
+        inputs: _inputs.Inputs = spec["inputs"]
+        seed = spec["seed"] * 1000 + self.index
+        keys = _inputs.Keys(inputs, seed)
+        ch = self.channels
         timeout = self.timeout
+        if {"track", "ingest", "e2e"} & set(spec["mix"]):
+            events = _inputs.Events(inputs, keys, seed, id_prefix=spec.get("id_prefix", "") + f"{self.index:02x}-")
+        ops: dict[str, object] = {}
 
-        def launch(slot: int) -> None:
-            idx = next(cursor)
-            f = calls[slot % len(calls)].future(self._request(method, idx), timeout=timeout)
-            f.add_done_callback(partial(on_done, slot, idx))
+        def unary(series: str, method: str, requests, items=1, check=None):
+            ops[series] = Unary(series, [c.unary_unary(method) for c in ch], requests, timeout, items, check)
 
-        def on_done(slot: int, idx: int, f) -> None:
-            t = pc()
-            if t_start <= t < t_end:
-                counts[slot] += 1
-                code = f.code()
-                if code is not OK:
-                    errors[slot] += 1
-                    with lock:
-                        codes[code.name] = codes.get(code.name, 0) + 1
-                elif self._bad_response(method, idx, f):
-                    bad[slot] += 1
-            if t < t_end:
-                launch(slot)
+        for name in spec["mix"]:
+            if name == "noop":
+                unary("noop", NOOP, [b""])  # NoopRequest{} is the empty message
+            elif name == "get":
+                pool = keys.sample(KEY_POOL)
+
+                def check_get(i: int, raw: bytes, pool=pool) -> bool:
+                    reply = personalize_pb2.GetResponse.FromString(raw)
+                    return reply.record.key == pool[i] and len(reply.record.fields.fields) > 0
+
+                unary("get", GET, _inputs.get_requests(inputs.collection, pool), check=check_get)
+            elif name == "batch-get":
+                size = spec["batch"]
+
+                def check_batch(i: int, raw: bytes, size=size) -> bool:
+                    reply = personalize_pb2.BatchGetResponse.FromString(raw)
+                    return len(reply.records) + len(reply.missing_keys) == size
+
+                requests = _inputs.batch_get_requests(inputs.collection, keys.sample(max(64, KEY_POOL // size) * size), size)
+                unary("batch-get", BATCH_GET, requests, size, check_batch)
+            elif name == "track":
+                unary("track", TRACK, [_inputs.track_request(e) for e in events.batch(KEY_POOL)])
+            elif name == "ingest":
+                ops["ingest"] = Stream(ch, events, spec["batch"])
+            elif name == "e2e":
+                e2e = spec["e2e"]
+                persons = [keys.key(e2e["person_base"] + g) for g in range(self.index, e2e["persons"], self.processes)]
+                ops["e2e"] = Membership(ch, events, persons, e2e["audience_id"], e2e["path"], inputs.collection,
+                                        e2e["mode"], e2e["after_sequence"], timeout)
             else:
-                with lock:
-                    remaining[0] -= 1
-                    if remaining[0] == 0:
-                        finished.set()
+                raise ValueError(f"unknown operation {name!r}")
+        self.ops = [ops[name] for name in spec["mix"]]
+        weights = list(spec["mix"].values())
+        self.pick = random.Random(seed).choices(range(len(self.ops)), weights=weights, k=10_007) \
+            if len(self.ops) > 1 else [0]
+        for op in self.ops:
+            op.open()
+        return {"series": [op.series for op in self.ops]}
 
-        for slot in range(concurrency):
-            launch(slot)
-        time.sleep(max(0.0, t_start - pc()))
-        before = _proc.CpuSnapshot.take(server_pids)
-        time.sleep(max(0.0, t_end - pc()))
-        after = _proc.CpuSnapshot.take(server_pids)
-        drained = finished.wait(timeout + 5.0)
-        calls_done = sum(counts)
-        wall = after.wall - before.wall
-        return {
-            "mode": "closed", "method": method, "concurrency": concurrency,
-            "seconds": wall, "calls": calls_done, "errors": sum(errors), "error_codes": codes,
-            "bad_responses": sum(bad), "drained": drained,
-            "server_cpu_seconds": after.server - before.server,
-            "client_cpu_seconds": after.client - before.client,
-            "machine_busy_seconds": after.machine_busy - before.machine_busy,
-        }
+    # run -----------------------------------------------------------------
 
-    def open(self, method: str, rate: float, duration: float, server_pids: list[int]) -> dict:
-        """Sends on a fixed schedule whatever the replies do; latency from the intended send time."""
-        calls = self.calls[method]
-        OK = self.grpc.StatusCode.OK
+    def run(self, t0: float, drained=lambda: None) -> dict:
+        """Runs the prepared phase from ``t0``; ``drained()`` once every reply is in, before the bookkeeping."""
+        spec = self.spec
         pc = time.perf_counter
-        n = max(1, int(rate * duration))
-        interval = 1.0 / rate
-        latency = array("d", [math.nan]) * n
-        lag = array("d", [0.0]) * n
-        failed = bytearray(n)
-        futures = [None] * n
-        codes: dict[str, int] = {}
-        lock = threading.Lock()
-        bad = [0]
+        duration = spec["duration"]
+        main: list[tuple] = []
+        sub: list[tuple] = []
+        cpu0 = os.times()
+        time.sleep(max(0.0, t0 - pc()))
+        if spec["schedule"] is not None:
+            sched = Schedule.parse(spec["schedule"])
+            offsets = sched.offsets(duration)[self.index::self.processes]
+            sent, dropped, lags, late = self._scheduled(offsets, t0, spec.get("concurrency"), main, sub,
+                                                        self.processes / max(1e-9, sched.total(duration) / duration),
+                                                        t0 + duration)
+        else:
+            sent, dropped, lags, late = self._closed(t0, duration, spec["concurrency"], main, sub), 0, None, 0
+        last_send = pc()
+        deadline = last_send + self.timeout + 2.0
+        acks = sent if any(isinstance(op, Membership) for op in self.ops) else 0  # e2e: one "ack" per request too
+        while (len(main) < sent or len(sub) < acks) and pc() < deadline:
+            time.sleep(0.005)
+        t_end = pc()
+        drained()
+        for op in self.ops:
+            op.close()
+        cpu1 = os.times()
+        result = self._summarize(list(main), list(sub), t0, duration, spec["interval"], lags)
+        result.update(sent=sent, dropped=dropped, sent_after_window=late, no_reply=max(0, sent - len(main)),
+                      client_cpu_seconds=(cpu1.user + cpu1.system) - (cpu0.user + cpu0.system),
+                      drain_seconds=t_end - last_send,
+                      rejected_events=sum(getattr(op, "rejected", 0) for op in self.ops))
+        return result
 
-        def on_done(i: int, intended: float, f) -> None:
-            latency[i] = pc() - intended
-            idx = base + i
-            code = f.code()
-            if code is not OK:
-                failed[i] = 1
-                with lock:
-                    codes[code.name] = codes.get(code.name, 0) + 1
-            elif self._bad_response(method, idx, f):
-                with lock:
-                    bad[0] += 1
-
-        base = next(self.cursor)
-        for _ in range(n):  # keep the key cursor moving past this phase's keys
-            next(self.cursor)
-        t0 = pc() + 0.05
-        before = _proc.CpuSnapshot.take(server_pids)
+    def _scheduled(self, offsets, t0: float, limit: int | None, main: list, sub: list, spacing: float, t_end: float):
+        """Sends at each intended time; with ``limit``, at most that many in flight (paced closed loop)."""
+        pc = time.perf_counter
         sleep = time.sleep
-        for i in range(n):
-            intended = t0 + i * interval
+        ops, pick = self.ops, self.pick
+        sem = threading.Semaphore(limit) if limit else None
+        grace = max(spacing, 0.001)
+        lags = []
+
+        def finish(series: int, intended: float, sent: float, status: str, part: str | None = None) -> None:
+            if part is None:
+                main.append((series, intended, sent, pc(), status))
+                if sem is not None:
+                    sem.release()
+            else:
+                sub.append((part, intended, sent, pc(), status))
+
+        n = dropped = 0
+        for j, off in enumerate(offsets.tolist()):
+            intended = t0 + off
+            if sem is not None:
+                sem.acquire()
+                if pc() > intended + grace:
+                    # Every slot was busy when this request was due: a closed
+                    # loop drops the tick (as ghz and wrk do) and says so.
+                    sem.release()
+                    dropped += 1
+                    continue
             delay = intended - pc()
             if delay > 0:
                 sleep(delay)
-            lag[i] = pc() - intended
-            f = calls[i % len(calls)].future(self._request(method, base + i), timeout=self.timeout)
-            f.add_done_callback(partial(on_done, i, intended))
-            futures[i] = f
-        last_send = pc()
-        deadline = last_send + self.timeout + 5.0
-        for f in futures:
-            try:
-                f.exception(timeout=max(0.0, deadline - pc()))
-            except Exception:  # noqa: BLE001 - a future that never finished is counted below
-                pass
-        # Replies can land a little after the sends end: count CPU up to the last reply.
-        after = _proc.CpuSnapshot.take(server_pids)
-        unfinished = sum(1 for x in latency if math.isnan(x))
-        done = [x for x in latency if not math.isnan(x)]
-        return {
-            "mode": "open", "method": method, "rate": rate, "calls": n,
-            "send_seconds": last_send - t0,
-            "achieved_rps": n / (last_send - t0 + interval),
-            "errors": sum(failed) + unfinished, "unfinished": unfinished, "error_codes": codes,
-            "bad_responses": bad[0],
-            "latency_s": array("d", done).tobytes(),
-            "lag_s": lag.tobytes(),
-            "seconds": after.wall - before.wall,
-            "server_cpu_seconds": after.server - before.server,
-            "client_cpu_seconds": after.client - before.client,
-            "machine_busy_seconds": after.machine_busy - before.machine_busy,
-        }
+            sent = pc()
+            lags.append(sent - intended)
+            k = pick[j % len(pick)]
+            # A closed loop measures from the actual send; an open loop from the intended time.
+            ops[k].send(j, partial(finish, k, sent if sem is not None else intended, sent))
+            n += 1
+        late = sum(1 for off, lag in zip(offsets.tolist(), lags) if t0 + off + lag > t_end) if sem is None else 0
+        return n, dropped, lags, late
+
+    def _closed(self, t0: float, duration: float, concurrency: int, main: list, sub: list) -> int:
+        """``concurrency`` requests always in flight, each sent when the previous one of its slot returns."""
+        pc = time.perf_counter
+        t_end = t0 + duration
+        ops, pick = self.ops, self.pick
+        counter = itertools.count()
+        sent = itertools.count()
+
+        def launch(slot: int) -> None:
+            j = next(counter)
+            k = pick[j % len(pick)]
+            t = pc()
+            next(sent)
+            ops[k].send(j, partial(done, slot, k, t))
+
+        def done(slot: int, k: int, t_sent: float, status: str, part: str | None = None) -> None:
+            t = pc()
+            if part is not None:
+                sub.append((part, t_sent, t_sent, t, status))
+                return
+            main.append((k, t_sent, t_sent, t, status))
+            if t < t_end:
+                launch(slot)
+
+        for slot in range(concurrency):
+            launch(slot)
+        time.sleep(max(0.0, t_end - pc()))
+        return next(sent)  # launches after t_end still happen from callbacks only while t < t_end
+
+    def _summarize(self, main: list, sub: list, t0: float, duration: float, interval: float, lags) -> dict:
+        series_names = [op.series for op in self.ops]
+        out: dict = {"series": {}}
+        groups: dict[str, list] = {}
+        for k, intended, sent, done, status in main:
+            groups.setdefault(series_names[k], []).append((intended, sent, done, status))
+        for part, intended, sent, done, status in sub:
+            groups.setdefault(part, []).append((intended, sent, done, status))
+        t_end = t0 + duration
+        for name, rows in groups.items():
+            whole = new_histogram()
+            per: dict[int, list] = {}
+            codes: dict[str, int] = {}
+            in_window = 0
+            for intended, sent, done, status in rows:
+                us = max(LOWEST_US, min(HIGHEST_US, int((done - intended) * 1e6)))
+                whole.record_value(us)
+                slot = per.get(int((intended - t0) / interval))
+                if slot is None:
+                    slot = per[int((intended - t0) / interval)] = [new_histogram(2), 0, 0]
+                slot[0].record_value(us)
+                slot[1] += 1
+                if status != "OK":
+                    codes[status] = codes.get(status, 0) + 1
+                    slot[2] += 1
+                if done <= t_end:
+                    in_window += 1
+            out["series"][name] = {
+                "hist": encode(whole), "codes": codes, "count": len(rows), "completed_in_window": in_window,
+                "intervals": {i: {"hist": encode(h), "count": c, "errors": e} for i, (h, c, e) in per.items()},
+            }
+        if lags:
+            lag = new_histogram()
+            for x in lags:
+                lag.record_value(max(LOWEST_US, min(HIGHEST_US, int(x * 1e6))))
+            out["lag"] = encode(lag)
+        return out
 
     def close(self) -> None:
         for ch in self.channels:
             ch.close()
 
 
-def run(conn, address: str, channels: int, people: int, seed: int, collection: str, nice: int = 0) -> None:
-    """Entry point of the generator process: answers commands until told to stop."""
+def run(conn, address: str, connections: int, index: int, processes: int, timeout: float, nice: int = 0) -> None:
+    """Entry point of a generator process: answers commands until told to stop."""
     if nice:
         os.nice(nice)  # before gRPC starts its threads, which inherit it
     _tighten_timer_slack()
@@ -242,10 +513,8 @@ def run(conn, address: str, channels: int, people: int, seed: int, collection: s
     # thread would otherwise wait up to the 5 ms default switch interval.
     sys.setswitchinterval(0.0002)
     try:
-        gen = Generator(address, channels, people, seed, collection)
-        gc.collect()
-        gc.freeze()  # the key pool and the channels are never garbage: keep them out of every collection
-        conn.send({"ok": True, "worker_pids": gen.worker_pids()})
+        gen = Generator(address, connections, index, processes, timeout)
+        conn.send({"ok": True, "worker_pids": gen.worker_pids(), "pid": os.getpid()})
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which stops
         conn.send({"ok": False, "error": repr(exc)})
         return
@@ -254,53 +523,63 @@ def run(conn, address: str, channels: int, people: int, seed: int, collection: s
             cmd = conn.recv()
             if cmd["op"] == "stop":
                 break
-            # No garbage collection inside a phase: a full collection stalls the
-            # sender and the callback thread for tens of ms, which showed up as
-            # a 45 ms p99.9 (and a generator behind schedule) that the server
-            # had nothing to do with. Collect between phases instead.
-            gc.collect()
-            gc.disable()
             try:
-                result = getattr(gen, cmd["op"])(**cmd["args"])
-                result["client_rss_mb"] = round(sum(_proc.rss_split_kib(os.getpid())) / 1024, 1)
+                if cmd["op"] == "prepare":
+                    result = gen.prepare(cmd["spec"])
+                    gc.collect()
+                    gc.freeze()  # the requests are never garbage: keep them out of every collection
+                else:
+                    # No garbage collection inside a phase: a full collection
+                    # stalls the sender and the callback thread for tens of ms,
+                    # which showed up as a 45 ms p99.9 (and a generator behind
+                    # schedule) that the server had nothing to do with.
+                    gc.disable()
+                    try:
+                        # The parent stops counting the server's CPU when every
+                        # process has drained, not after the histograms are built.
+                        result = gen.run(cmd["t0"], lambda: conn.send({"ok": True, "drained": True}))
+                    finally:
+                        gc.enable()
+                        gc.unfreeze()
+                    result["client_rss_mb"] = round(sum(_proc.rss_split_kib(os.getpid())) / 1024, 1)
                 conn.send({"ok": True, "result": result})
             except Exception as exc:  # noqa: BLE001
                 conn.send({"ok": False, "error": repr(exc)})
-            finally:
-                gc.enable()
     finally:
         gen.close()
 
 
 class LoadProcess:
-    """The parent's handle on the generator process."""
+    """The parent's handle on one generator process."""
 
-    def __init__(self, address: str, channels: int, people: int, seed: int, collection: str = "customers",
-                 nice: int = 0):
+    def __init__(self, address: str, connections: int, index: int, processes: int, timeout: float, nice: int = 0):
         import multiprocessing
 
         # spawn, not fork: the parent has touched gRPC (health check), and gRPC
         # state must not cross fork().
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=run, args=(child, address, channels, people, seed, collection, nice),
-                                name="qualify-bench-loadgen", daemon=True)
+        self.proc = ctx.Process(target=run, args=(child, address, connections, index, processes, timeout, nice),
+                                name=f"qualify-bench-load-{index}", daemon=True)
         self.proc.start()
         child.close()
-        hello = self._recv(120.0)
+        hello = self.recv(120.0)
         self.worker_pids = hello["worker_pids"]
+        self.pid = hello["pid"]
 
-    def _recv(self, timeout: float):
+    def recv(self, timeout: float):
         if not self.conn.poll(timeout):
             raise RuntimeError(f"load generator did not answer in {timeout:.0f}s")
-        msg = self.conn.recv()
+        try:
+            msg = self.conn.recv()
+        except EOFError:
+            raise RuntimeError(f"load generator process exited with {self.proc.exitcode}") from None
         if not msg.get("ok"):
             raise RuntimeError(f"load generator failed: {msg.get('error')}")
         return msg
 
-    def call(self, op: str, timeout: float, **args) -> dict:
-        self.conn.send({"op": op, "args": args})
-        return self._recv(timeout)["result"]
+    def send(self, op: str, **args) -> None:
+        self.conn.send({"op": op, **args})
 
     def stop(self) -> None:
         try:

@@ -22,6 +22,8 @@ import time
 
 import numpy as np
 
+from ._stats import percentile
+
 S = 1_000_000
 TARGETS = {"event_p99_us_max": 20.0, "recompute_seconds_max": 2.0}
 
@@ -36,11 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events", type=int, default=20_000, help="timed events (default 20000)")
     p.add_argument("--seed", type=int, default=1)
     return p
-
-
-def percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, int(q * len(xs) + 0.5) - 1))]
 
 
 def per_event(evaluator, n_static: int, persons: int, events: int, by_model: list[int], rng: random.Random) -> dict:
@@ -69,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from qualify.evaluator import make_evaluator
 
-    from .ingest import audience_definitions
+    from ._audiences import audience_definitions
     from qualify.server.domain.compile import compile_audiences
     from qualify.server.domain.conditions import parse_condition
     from qualify.server.domain.schema import ValueType

@@ -45,6 +45,10 @@ from .storage.writer import Writer
 from .transport.audience import Audiences
 from .transport.gate import Gate, server_credentials
 from .transport.health import watch_health
+from .transport.watch import Watch
+from .delivery.feed import ChangeFeed
+from .delivery.runner import Deliveries
+from .transport.syncs import Syncs
 from .transport.ingest import Ingest
 from .transport.personalize import Personalize
 from .transport.proxy import proxy_handler
@@ -63,25 +67,26 @@ SERVED = [personalize_pb2.DESCRIPTOR.services_by_name["PersonalizeService"],
 # workers=N have a read-only environment and answer it UNIMPLEMENTED.
 INGEST = ingest_pb2.DESCRIPTOR.services_by_name["IngestService"]
 AUDIENCE = audience_pb2.DESCRIPTOR.services_by_name["AudienceService"]
-NOT_YET = [sync_pb2.DESCRIPTOR.services_by_name["SyncService"]]
-SERVICE_NAMES = [s.full_name for s in SERVED + [INGEST, AUDIENCE] + NOT_YET]
+SYNC = sync_pb2.DESCRIPTOR.services_by_name["SyncService"]
+SERVICE_NAMES = [s.full_name for s in SERVED + [INGEST, AUDIENCE, SYNC]]
 GRACE_SECONDS = 5.0
 MAX_MESSAGE_BYTES = 16 << 20
 
 
 async def create_server(reader: Reader, host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False,
-                        ingest: Ingest | None = None, audiences: Audiences | None = None,
+                        ingest: Ingest | None = None, audiences: Audiences | None = None, syncs: Syncs | None = None,
                         writer_address: str | None = None, address: str | None = None,
                         ops: Operations | None = None, keys: KeyStore | None = None, internal: bool = False):
     """A configured, unstarted server: returns (server, bound port, health servicer).
 
-    ``ingest`` and ``audiences`` (the writing process) serve IngestService and
-    AudienceService; a serving process given ``writer_address`` forwards them
-    there; otherwise they answer UNIMPLEMENTED. ``address`` (e.g. a
-    ``unix:`` path) replaces host and port. Every call passes the gate
-    (transport/gate.py): API ``keys`` (None: auth off) and ``ops.limits``;
-    ``internal`` (the writer's socket behind the serving processes) checks
-    keys again but neither limits nor measures, and never uses TLS.
+    ``ingest``, ``audiences`` and ``syncs`` (the writing process) serve
+    IngestService, AudienceService and SyncService; a serving process given
+    ``writer_address`` forwards them there; otherwise they answer
+    UNIMPLEMENTED. ``address`` (e.g. a ``unix:`` path) replaces host and port.
+    Every call passes the gate (transport/gate.py): API ``keys`` (None: auth
+    off) and ``ops.limits``; ``internal`` (the writer's socket behind the
+    serving processes) checks keys again but neither limits nor measures, and
+    never uses TLS.
     """
     ops = ops or Operations(auth=False)
     server = grpc.aio.server(options=[
@@ -91,14 +96,14 @@ async def create_server(reader: Reader, host: str = "127.0.0.1", port: int = 0, 
     ])
     if writer_address is not None:
         channel = grpc.aio.insecure_channel(writer_address)
-        ingest_handlers, audience_handlers = [proxy_handler(channel, INGEST)], [proxy_handler(channel, AUDIENCE)]
+        writing = [proxy_handler(channel, s) for s in (INGEST, AUDIENCE, SYNC)]
     else:
-        ingest_handlers = ingest.handlers() if ingest is not None else [handler_for(INGEST)]
-        audience_handlers = [audiences.handlers()] if audiences is not None else [handler_for(AUDIENCE)]
-    handlers = Personalize(reader, VERSION).handlers() + ingest_handlers + audience_handlers \
-        + [handler_for(s) for s in NOT_YET]
-    server.add_generic_rpc_handlers([Gate(handlers, SERVED + [INGEST, AUDIENCE] + NOT_YET, keys=keys,
-                                          limits=ops.limits, edge=not internal)])
+        writing = ingest.handlers() if ingest is not None else [handler_for(INGEST)]
+        writing.append(audiences.handlers() if audiences is not None else handler_for(AUDIENCE))
+        writing.append(syncs.handlers() if syncs is not None else handler_for(SYNC))
+    server.add_generic_rpc_handlers([Gate(Personalize(reader, VERSION).handlers() + writing,
+                                          SERVED + [INGEST, AUDIENCE, SYNC], keys=keys, limits=ops.limits,
+                                          edge=not internal)])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(SERVICE_NAMES + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
@@ -160,6 +165,10 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
     reader = Reader(env)
     loop = asyncio.get_running_loop()
     engine, store = await _start_engine(env, writer, project, clock)
+    feed = _start_feed(env, writer, store, loop)
+    deliveries = Deliveries(env, writer, feed, reader, project.parent_model.name, clock, f"qualify/{VERSION}",
+                            project.retry_initial, project.retry_max)
+    await deliveries.start(list(project.syncs))
     wake = asyncio.Event()
     engine.on_deadline = lambda: loop.call_soon_threadsafe(wake.set)
     host, port = project.server.host, project.server.port
@@ -168,7 +177,10 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
         metrics.setup()
     ingest = Ingest(writer, project.event_models, clock_us=clock, limits=project.ops.limits)
     server, port, health_servicer = await create_server(reader, host, port, ingest=ingest,
-                                                        audiences=Audiences(engine, writer, store, clock),
+                                                        audiences=Audiences(engine, writer, store, clock,
+                                                                            Watch(feed, store, project.watch_buffer,
+                                                                                  project.watch_max_lag)),
+                                                        syncs=Syncs(deliveries, reader),
                                                         address=address, ops=project.ops, keys=_keys(project),
                                                         internal=internal)
     await server.start()
@@ -229,6 +241,7 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    await deliveries.close()  # cursors persisted: a restart resumes where delivery stopped
     # After the server stopped: whatever it queued is committed, then the thread ends.
     await loop.run_in_executor(None, writer.stop)
     env.close()
@@ -250,6 +263,19 @@ async def _start_engine(env, writer: Writer, project: Project, clock: Clock):
              time.perf_counter() - t0, len(engine.audiences), len(engine.slots), len(changes))
     writer.on_events = engine.apply
     return engine, store
+
+
+def _start_feed(env, writer: Writer, store: RealtimeStore, loop) -> ChangeFeed:
+    """The live feed, handed each committed transaction's changelog rows by the writer thread."""
+    feed = ChangeFeed(env)
+
+    def publish(committed: bool) -> None:
+        rows = store.take_appended()
+        if committed and rows:
+            loop.call_soon_threadsafe(feed.publish, rows)
+
+    writer.after_txn = publish
+    return feed
 
 
 async def _fire_timers(engine: Engine, writer: Writer, wake: asyncio.Event, clock: Clock, test_clock: bool) -> None:

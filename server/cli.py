@@ -1,4 +1,4 @@
-"""The ``qualify`` command: serve, sync, check, get, demo, keys."""
+"""The ``qualify`` command: serve, sync, check, get, syncs, demo, bench, keys."""
 
 from __future__ import annotations
 
@@ -201,6 +201,102 @@ def connection_args(p) -> None:
     p.add_argument("--tls-key", help="mutual TLS: this client's PEM private key")
 
 
+def _sync_call(args, method: str, request):
+    """One SyncService call; prints a clean error and returns None on failure."""
+    import grpc
+
+    from qualify.clients._call import call_metadata, channel_credentials
+    from qualify.clients._errors import error_from_rpc_error
+    from qualify.v1 import sync_pb2_grpc
+
+    conn = _connection(args)
+    credentials = channel_credentials(None, False, conn["root_certificates"], conn["certificate_chain"],
+                                      conn["private_key"])
+    try:
+        with (grpc.secure_channel(args.address, credentials) if credentials
+              else grpc.insecure_channel(args.address)) as channel:
+            return getattr(sync_pb2_grpc.SyncServiceStub(channel), method)(
+                request, timeout=args.timeout, metadata=call_metadata(None, conn["api_key"]))
+    except grpc.RpcError as exc:
+        print(f"qualify syncs: {error_from_rpc_error(exc)}", file=sys.stderr)
+        return None
+
+
+def _age(duration) -> str:
+    ms = duration.ToMilliseconds()
+    return f"{ms}ms" if ms < 10_000 else f"{ms / 1000:.0f}s"
+
+
+def cmd_syncs(args) -> int:
+    from google.protobuf import json_format
+
+    from qualify.v1 import sync_pb2
+
+    syncs, token = [], ""
+    while True:
+        reply = _sync_call(args, "ListSyncs", sync_pb2.ListSyncsRequest(page_size=1000, page_token=token))
+        if reply is None:
+            return 1
+        syncs += reply.syncs
+        token = reply.next_page_token
+        if not token:
+            break
+    if args.json:
+        print(json.dumps([json_format.MessageToDict(s, preserving_proto_field_name=True) for s in syncs], indent=2))
+        return 0
+    rows = [("SYNC", "DESTINATION", "AUDIENCES", "DELIVERED", "LAG", "RETRIES", "DEAD", "LAST ERROR")]
+    for s in syncs:
+        dest = s.webhook.url if s.WhichOneof("destination") == "webhook" else f"{s.nats.url} {s.nats.subject}"
+        st = s.status
+        error = ""
+        if st.last_error:
+            error = f"{st.last_error_time.ToDatetime():%Y-%m-%d %H:%M:%S}Z {st.last_error}"
+        rows.append((s.id, dest, ",".join(s.audience_ids), f"{st.delivered:,}", _age(st.lag), f"{st.retries:,}",
+                     f"{st.dead_lettered:,}", error))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    return 0
+
+
+def cmd_dead_letters(args) -> int:
+    from qualify.v1 import sync_pb2
+
+    token, count = "", 0
+    while True:
+        reply = _sync_call(args, "ListDeadLetters", sync_pb2.ListDeadLettersRequest(id=args.sync, page_size=1000,
+                                                                                      page_token=token))
+        if reply is None:
+            return 1
+        for dl in reply.dead_letters:
+            c = dl.change
+            direction = "enter" if c.direction == 1 else "exit"
+            print(f"{c.sequence}\t{c.audience_id}\t{c.person_key}\t{direction}\t"
+                  f"{dl.dead_letter_time.ToDatetime():%Y-%m-%d %H:%M:%S}Z\t{dl.attempts} attempts\t{dl.error}")
+            count += 1
+        token = reply.next_page_token
+        if not token:
+            break
+    print(f"{count} dead letter(s) in sync {args.sync}", file=sys.stderr)
+    return 0
+
+
+def cmd_replay(args) -> int:
+    from qualify.v1 import sync_pb2
+
+    reply = _sync_call(args, "ReplayDeadLetters", sync_pb2.ReplayDeadLettersRequest(id=args.sync))
+    if reply is None:
+        return 1
+    print(f"{reply.replayed} dead letter(s) of sync {args.sync} queued for delivery again")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from qualify.bench.tool import main
+
+    return main(args.bench_args, prog="qualify bench")  # qualify.bench parses its own options
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qualify", description="Qualify: real-time audiences and a Personalization API over gRPC.")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
@@ -242,11 +338,35 @@ def build_parser() -> argparse.ArgumentParser:
     connection_args(p)
     p.set_defaults(func=cmd_get)
 
+    def address_args(p):
+        p.add_argument("--address", default="127.0.0.1:50051", help="server address (default 127.0.0.1:50051)")
+        p.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds (default 10)")
+        connection_args(p)
+
+    p = sub.add_parser("syncs", help="realtime syncs: status table, dead letters, replay")
+    address_args(p)
+    p.add_argument("--json", action="store_true", help="print the syncs as JSON")
+    p.set_defaults(func=cmd_syncs)
+    actions = p.add_subparsers(dest="action")
+    a = actions.add_parser("dead-letters", help="list a sync's dead-lettered changes (tab-separated)")
+    a.add_argument("sync")
+    address_args(a)
+    a.set_defaults(func=cmd_dead_letters)
+    a = actions.add_parser("replay", help="send a sync's dead-lettered changes again")
+    a.add_argument("sync")
+    address_args(a)
+    a.set_defaults(func=cmd_replay)
+
     p = sub.add_parser("demo", help="walk through a realtime audience against a server on the embedded demo")
     p.add_argument("--address", default="127.0.0.1:50051", help="server address (default 127.0.0.1:50051)")
     p.add_argument("--window", type=int, default=10, help="the audience's window in seconds (default 10)")
     connection_args(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="load-test a server: qualify bench SCENARIO --target HOST:PORT (--help for more)",
+                       add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
 
     from .security.keys_cli import add_parser as add_keys_parser
 
@@ -255,7 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # `qualify bench` hands every option it sees to qualify.bench, --help included.
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.bench_args = rest + args.bench_args
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     from .observability.logs import configure
 
     configure(args.log_level, args.log_format)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import glob
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ else:  # pragma: no cover
 from qualify.evaluator.program import Op
 
 from .domain.conditions import Predicate, parse_timestamp
+from .domain.errors import InvalidRequest
+from .domain.syncs import SyncSpec, parse_sync
 from .domain.events import EVENT_TYPE_NAMES, EventModel, EventType, Identifier
 from .domain.schema import TYPE_NAMES, ValueType
 from .operations import SECTIONS as OPERATION_SECTIONS, Operations, parse_operations
@@ -31,6 +34,8 @@ from .operations import SECTIONS as OPERATION_SECTIONS, Operations, parse_operat
 DEFAULT_PORT = 50051
 DEFAULT_MAP_SIZE = 64 << 30  # LMDB reserves address space, not disk
 DEFAULT_SESSION_TIMEOUT = 30 * 60.0
+DEFAULT_WATCH_BUFFER = 10_000
+DEFAULT_WATCH_MAX_LAG = 1_000_000
 NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]{0,62}$")
 
 
@@ -116,6 +121,11 @@ class Project:
     sync_batch_rows: int = 50_000
     event_models: tuple[EventModel, ...] = ()  # [event_models.NAME], in file order
     session_timeout: float = DEFAULT_SESSION_TIMEOUT  # [realtime] session_timeout, seconds
+    watch_buffer: int = DEFAULT_WATCH_BUFFER  # [realtime] watch_buffer: live changes held per watch
+    watch_max_lag: int = DEFAULT_WATCH_MAX_LAG  # [realtime] watch_max_lag: changes behind before a watch is ended
+    syncs: tuple[SyncSpec, ...] = ()  # [[syncs]]
+    retry_initial: float = 0.2  # [delivery] retry_initial: first backoff, seconds
+    retry_max: float = 30.0  # [delivery] retry_max: longest backoff, seconds
     ops: Operations = field(default_factory=Operations)  # [auth] [tls] [limits] [metrics]
 
     def event_model(self, name: str) -> EventModel | None:
@@ -212,7 +222,7 @@ def load_project(path: str | Path) -> Project:
 def parse_project(data: dict, base: Path, path: Path | None = None) -> Project:
     r = _Reader()
     r.unknown_keys(data, ("data_dir", "warehouse", "parent_model", "collections", "server", "storage",
-                          "event_models", "realtime", *OPERATION_SECTIONS), "")
+                          "event_models", "realtime", "syncs", "delivery", *OPERATION_SECTIONS), "")
 
     data_dir = base / (r.string(data, "data_dir", "data_dir", required=False, default="qualify-data") or "qualify-data")
 
@@ -330,7 +340,9 @@ def parse_project(data: dict, base: Path, path: Path | None = None) -> Project:
         batch_rows = 50_000
 
     event_models = _event_models(r, data.get("event_models", {}))
-    rt = r.table(data, "realtime", ("session_timeout",))
+    rt = r.table(data, "realtime", ("session_timeout", "watch_buffer", "watch_max_lag"))
+    watch_buffer = _int_setting(r, rt, "realtime.watch_buffer", DEFAULT_WATCH_BUFFER, 1, 10_000_000)
+    watch_max_lag = _int_setting(r, rt, "realtime.watch_max_lag", DEFAULT_WATCH_MAX_LAG, 1, 10**12)
     session_timeout = DEFAULT_SESSION_TIMEOUT
     if "session_timeout" in rt:
         try:
@@ -340,6 +352,18 @@ def parse_project(data: dict, base: Path, path: Path | None = None) -> Project:
         except ValueError as exc:
             r.problem("realtime.session_timeout", rt["session_timeout"], str(exc))
             session_timeout = DEFAULT_SESSION_TIMEOUT
+
+    syncs = _syncs(r, data.get("syncs", []), parent.name)
+    dl = r.table(data, "delivery", ("retry_initial", "retry_max"))
+    retry = {}
+    for key, default in (("retry_initial", 0.2), ("retry_max", 30.0)):
+        try:
+            retry[key] = parse_duration(dl.get(key, default))
+            if retry[key] <= 0:
+                raise ValueError("must be longer than 0")
+        except ValueError as exc:
+            r.problem(f"delivery.{key}", dl[key], str(exc))
+            retry[key] = default
 
     ops = parse_operations({name: r.table(data, name, keys) for name, keys in OPERATION_SECTIONS.items()},
                            base, r.problem, _MISSING)
@@ -357,8 +381,77 @@ def parse_project(data: dict, base: Path, path: Path | None = None) -> Project:
         sync_batch_rows=batch_rows,
         event_models=event_models,
         session_timeout=session_timeout,
+        watch_buffer=watch_buffer,
+        watch_max_lag=watch_max_lag,
+        syncs=syncs,
+        retry_initial=retry["retry_initial"],
+        retry_max=max(retry["retry_max"], retry["retry_initial"]),
         ops=ops,
     )
+
+
+# -- [[syncs]] ------------------------------------------------------------------------
+
+_SYNC_KEYS = ("id", "audiences", "fields", "webhook", "nats")
+_WEBHOOK_KEYS = ("url", "secret", "secret_env", "max_batch_size", "max_delay", "max_attempts")
+_NATS_KEYS = ("url", "subject", "max_attempts")
+
+
+def _syncs(r: _Reader, raw: Any, parent: str) -> tuple[SyncSpec, ...]:
+    """[[syncs]] tables, checked by the same rules as SyncService.CreateSync."""
+    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
+        r.problem("syncs", raw, "must be an array of tables ([[syncs]])")
+        return ()
+    out, seen = [], set()
+    for i, t in enumerate(raw):
+        at = f"syncs[{i}]"
+        r.unknown_keys(t, _SYNC_KEYS, at + ".")
+        d = {"id": t.get("id"), "audience_ids": t.get("audiences"), "fields": t.get("fields")}
+        wrong = [name for name in ("audiences", "fields")
+                 if name in t and (not isinstance(t[name], list) or not all(isinstance(x, str) for x in t[name]))]
+        for name in wrong:
+            r.problem(f"{at}.{name}", t[name], "must be a list of strings")
+        if wrong:
+            continue
+        if isinstance(t.get("webhook"), dict):
+            w = dict(t["webhook"])
+            r.unknown_keys(w, _WEBHOOK_KEYS, at + ".webhook.")
+            if "secret_env" in w:
+                name = w.pop("secret_env")
+                w["secret"] = os.environ.get(str(name), "")
+                if not w["secret"]:
+                    r.problem(f"{at}.webhook.secret_env", name, "names an environment variable that is not set")
+                    continue
+            if "max_delay" in w:
+                try:
+                    w["max_delay"] = parse_duration(w["max_delay"])
+                except ValueError as exc:
+                    r.problem(f"{at}.webhook.max_delay", w["max_delay"], str(exc))
+                    continue
+            d["webhook"] = w
+        if isinstance(t.get("nats"), dict):
+            r.unknown_keys(t["nats"], _NATS_KEYS, at + ".nats.")
+            d["nats"] = dict(t["nats"])
+        try:
+            spec = parse_sync(d, audiences=None, fields=None, parent=parent, path=at, managed_by_project=True)
+        except InvalidRequest as exc:
+            for v in exc.violations:
+                key = v.field.replace(f"{at}.audience_ids", f"{at}.audiences")
+                r.problem(key, _MISSING, v.description)
+            continue
+        if spec.id in seen:
+            r.problem(f"{at}.id", spec.id, "is used by another [[syncs]] table")
+        seen.add(spec.id)
+        out.append(spec)
+    return tuple(out)
+
+
+def _int_setting(r: _Reader, table: dict, path: str, default: int, lo: int, hi: int) -> int:
+    value = table.get(path.rsplit(".", 1)[1], default)
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        r.problem(path, value, f"must be an integer from {lo} to {hi}")
+        return default
+    return value
 
 
 # -- [event_models.NAME] ---------------------------------------------------------

@@ -146,6 +146,25 @@ def make_key(data_dir: Path, *scopes: str, name: str = "test") -> str:
     return KeyFile(keys_path(data_dir)).create(name, scopes)[1]
 
 
+def demo_event_models_toml() -> str:
+    """The embedded demo's event models, as [event_models.*] tables."""
+    from qualify.server.demo import DEMO_EVENT_MODELS
+
+    out = []
+    for name, spec in DEMO_EVENT_MODELS.items():
+        out.append(f"[event_models.{name}]")
+        out += [f"{k} = {json.dumps(v)}" for k, v in spec.items() if k != "properties"]
+        out.append(f"[event_models.{name}.properties]")
+        out += [f"{k} = {json.dumps(v)}" for k, v in spec["properties"].items()]
+        out.append("")
+    return "\n".join(out)
+
+
+def write_realtime_project(folder: Path, warehouse: Path, extra: str = "") -> Path:
+    """write_project over a demo warehouse file, with the demo's event models and ``extra`` TOML."""
+    return write_project(folder, f'type = "duckdb"\npath = "{warehouse}"', demo_event_models_toml() + "\n" + extra)
+
+
 @pytest.fixture(scope="session")
 def demo_warehouse(tmp_path_factory) -> Path:
     """A small demo DuckDB warehouse (same generator as the embedded default)."""

@@ -654,3 +654,81 @@ def test_every_problem_is_reported_in_one_error(tmp_path):
     assert shown(problems_of(excinfo)) == expected
     message = str(excinfo.value)
     assert message.splitlines() == [f"{path}: {len(expected)} problem(s)"] + [f"  {line}" for line in expected]
+
+
+# ----------------------------------------------------------------- [[syncs]], [delivery], realtime watch settings
+
+SYNCS = """
+[[syncs]]
+id = "crm"
+audiences = ["high_intent"]
+fields = ["plan", "customers.ltv"]
+[syncs.webhook]
+url = "https://hooks.example.com/qualify"
+secret = "0123456789abcdef"
+max_batch_size = 50
+max_delay = "20ms"
+max_attempts = 5
+
+[[syncs]]
+id = "bus"
+audiences = ["high_intent", "churn_risk"]
+[syncs.nats]
+url = "nats://127.0.0.1:4222"
+subject = "qualify.{audience}"
+
+[delivery]
+retry_initial = "100ms"
+retry_max = "1m"
+
+[realtime]
+watch_buffer = 500
+watch_max_lag = 20000
+"""
+
+
+def test_syncs_and_delivery_settings(project_dir):
+    from qualify.server.domain.syncs import Nats, Webhook
+
+    project = load_text(project_dir, good(SYNCS))
+    crm, bus = project.syncs
+    assert (crm.id, crm.audience_ids, crm.fields, crm.managed_by_project) == (
+        "crm", ("high_intent",), ("plan", "customers.ltv"), True)
+    assert crm.destination == Webhook("https://hooks.example.com/qualify", "0123456789abcdef", 50, 0.02, 5)
+    assert bus.destination == Nats("nats://127.0.0.1:4222", "qualify.{audience}", 10)
+    assert (project.retry_initial, project.retry_max) == (0.1, 60.0)
+    assert (project.watch_buffer, project.watch_max_lag) == (500, 20000)
+
+
+def test_webhook_secret_from_the_environment(project_dir, monkeypatch):
+    text = good(SYNCS.replace('secret = "0123456789abcdef"', 'secret_env = "CRM_SECRET"'))
+    monkeypatch.setenv("CRM_SECRET", "from-the-environment")
+    assert load_text(project_dir, text).syncs[0].destination.secret == "from-the-environment"
+    monkeypatch.delenv("CRM_SECRET")
+    p = only_problem(project_dir, text)
+    assert (p.key, p.value) == ("syncs[0].webhook.secret_env", "CRM_SECRET")
+
+
+@pytest.mark.parametrize("old, new, key", [
+    ('id = "crm"', 'id = "CRM!"', "syncs[0].id"),
+    ('audiences = ["high_intent"]', "audiences = []", "syncs[0].audiences"),
+    ('audiences = ["high_intent"]', 'audiences = "high_intent"', "syncs[0].audiences"),
+    ('url = "https://hooks.example.com/qualify"', 'url = "hooks.example.com"', "syncs[0].webhook.url"),
+    ('secret = "0123456789abcdef"', 'secret = "short"', "syncs[0].webhook.secret"),
+    ("max_batch_size = 50", "max_batch_size = 0.5", "syncs[0].webhook.max_batch_size"),
+    ('max_delay = "20ms"', 'max_delay = "soon"', "syncs[0].webhook.max_delay"),
+    ('max_delay = "20ms"', 'max_dealy = "20ms"', "syncs[0].webhook.max_dealy"),
+    ('subject = "qualify.{audience}"', 'subject = "qualify.>"', "syncs[1].nats.subject"),
+    ('id = "bus"', 'id = "crm"', "syncs[1].id"),
+    ('retry_initial = "100ms"', 'retry_initial = 0', "delivery.retry_initial"),
+    ("watch_buffer = 500", "watch_buffer = 0", "realtime.watch_buffer"),
+])
+def test_bad_syncs(project_dir, old, new, key):
+    assert old in SYNCS
+    p = only_problem(project_dir, good(SYNCS.replace(old, new, 1)))
+    assert p.key == key, str(p)
+
+
+def test_a_sync_needs_one_destination(project_dir):
+    p = only_problem(project_dir, good('[[syncs]]\nid = "x"\naudiences = ["a"]\n'))
+    assert p.key == "syncs[0].destination"

@@ -32,14 +32,10 @@ from hypothesis import strategies as st
 from conftest import QualifyServer, write_project
 from qualify.clients import Client, InvalidArgumentError, NotFoundError
 from qualify.v1 import (
-    audience_pb2,
-    audience_pb2_grpc,
     diagnostics_pb2,
     diagnostics_pb2_grpc,
     personalize_pb2,
     personalize_pb2_grpc,
-    sync_pb2,
-    sync_pb2_grpc,
 )
 
 PEOPLE = 2_000
@@ -412,28 +408,6 @@ def test_the_server_still_serves_after_garbage(channel, personalize):
         with pytest.raises(grpc.RpcError):
             call(payload, timeout=5)
     assert personalize.Get(personalize_pb2.GetRequest(collection="customers", key="user-1"), timeout=5).record.key == "user-1"
-
-
-# ---------------------------------------------------------------- not yet built
-
-
-def _unimplemented_calls(channel):
-    audiences = audience_pb2_grpc.AudienceServiceStub(channel)
-    syncs = sync_pb2_grpc.SyncServiceStub(channel)
-    return {
-        "AudienceService/WatchMemberships": lambda: list(audiences.WatchMemberships(
-            audience_pb2.WatchMembershipsRequest(), timeout=5)),
-        "SyncService/ListSyncs": lambda: syncs.ListSyncs(sync_pb2.ListSyncsRequest(), timeout=5),
-        "SyncService/CreateSync": lambda: syncs.CreateSync(sync_pb2.CreateSyncRequest(), timeout=5),
-    }
-
-
-@pytest.mark.parametrize("method", ["AudienceService/WatchMemberships", "SyncService/ListSyncs", "SyncService/CreateSync"])
-def test_services_not_built_yet_are_unimplemented(channel, method):
-    status, info, bad = expect_error(_unimplemented_calls(channel)[method], grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED")
-    assert info.metadata["method"] == f"qualify.v1.{method}"
-    assert "not implemented" in status.message
-    assert bad is None
 
 
 # ---------------------------------------------------------------- diagnostics

@@ -85,7 +85,10 @@ def _streaming(path, requests, response_type, client_streams=True):
             return list(stub(iter(requests), metadata=metadata, timeout=10))
         stub = ch.unary_stream(path, request_serializer=lambda m: m.SerializeToString(),
                                response_deserializer=response_type.FromString)
-        return list(stub(requests[0], metadata=metadata, timeout=10))
+        replies = stub(requests[0], metadata=metadata, timeout=10)
+        first = next(replies)  # a watch never ends by itself: its first reply is the answer
+        replies.cancel()
+        return first
     return call
 
 
@@ -101,14 +104,15 @@ CALLS = {
     "ListAudiences": ("audiences:read", grpc.StatusCode.OK, _unary(
         "/qualify.v1.AudienceService/ListAudiences", audience_pb2.ListAudiencesRequest(),
         audience_pb2.ListAudiencesResponse)),
-    "WatchMemberships": ("audiences:read", grpc.StatusCode.UNIMPLEMENTED, _streaming(
-        "/qualify.v1.AudienceService/WatchMemberships", [audience_pb2.WatchMembershipsRequest()],
+    "WatchMemberships": ("audiences:read", grpc.StatusCode.OK, _streaming(
+        "/qualify.v1.AudienceService/WatchMemberships",
+        [audience_pb2.WatchMembershipsRequest(start=audience_pb2.WATCH_START_SNAPSHOT)],
         audience_pb2.WatchMembershipsResponse, client_streams=False)),
     "CreateAudience": ("audiences:write", grpc.StatusCode.INVALID_ARGUMENT, _unary(  # no condition: changes nothing
         "/qualify.v1.AudienceService/CreateAudience",
         audience_pb2.CreateAudienceRequest(audience=audience_pb2.Audience(id="nope")),
         audience_pb2.CreateAudienceResponse)),
-    "ListSyncs": ("syncs:admin", grpc.StatusCode.UNIMPLEMENTED, _unary(
+    "ListSyncs": ("syncs:admin", grpc.StatusCode.OK, _unary(
         "/qualify.v1.SyncService/ListSyncs", sync_pb2.ListSyncsRequest(), sync_pb2.ListSyncsResponse)),
     "GetServerInfo": ("admin", grpc.StatusCode.OK, _unary(
         "/qualify.v1.DiagnosticsService/GetServerInfo", diagnostics_pb2.GetServerInfoRequest(),
@@ -235,6 +239,20 @@ def test_keys_command_refuses_bad_input(secured):
     unknown = subprocess.run(cli + ["revoke", "key_00000000"], capture_output=True, text=True)
     assert unknown.returncode == 2 and "no key with id 'key_00000000'" in unknown.stderr
     assert stat.S_IMODE((secured.data_dir / "keys.json").stat().st_mode) == 0o600
+
+
+def test_abandoned_watches_end_cleanly(secured):
+    """A watch cancelled right after its first reply is finalized after gRPC released the call;
+    the gate's bookkeeping then must not touch the call (it once crashed the server, at debug level)."""
+    key = make_key(secured.data_dir, "audiences:read")
+    time.sleep(0.5)
+    _, _, watch = CALLS["WatchMemberships"]
+    with secured.channel() as ch:
+        for _ in range(30):
+            watch(ch, md(key))
+        time.sleep(0.2)
+        assert outcome(CALLS["Noop"][2], ch, md(key))[0] == grpc.StatusCode.OK
+    assert secured.proc.poll() is None
 
 
 # -- request ids and logs ----------------------------------------------------------------------

@@ -228,3 +228,39 @@ def test_workers_forward_event_streams(server_factory):
         info = diagnostics_pb2_grpc.DiagnosticsServiceStub(ch).GetServerInfo(diagnostics_pb2.GetServerInfoRequest(), timeout=5)
     assert info.events_logged == 1000
     assert server.stop() == 0
+
+
+def test_workers_forward_watches_and_syncs(server_factory):
+    """WatchMemberships and SyncService through a serving process reach the writer's feed and runners."""
+    import threading
+    import uuid
+
+    from google.protobuf import json_format
+
+    from qualify.v1 import audience_pb2, audience_pb2_grpc, event_pb2, ingest_pb2, ingest_pb2_grpc, sync_pb2, sync_pb2_grpc
+
+    server = server_factory("--workers", "2", "--demo-people", str(PEOPLE))
+    audience = audience_pb2.Audience(id="viewers")
+    json_format.ParseDict({"event": {"event_model": "page_views", "scope": "SCOPE_EVER", "comparison": "COMPARISON_GE",
+                                     "threshold": 1}}, audience.condition)
+    with grpc.insecure_channel(server.address, options=FRESH_CONNECTION) as ch:
+        audience_pb2_grpc.AudienceServiceStub(ch).CreateAudience(audience_pb2.CreateAudienceRequest(audience=audience), timeout=30)
+        syncs = sync_pb2_grpc.SyncServiceStub(ch)
+        syncs.CreateSync(sync_pb2.CreateSyncRequest(sync=sync_pb2.Sync(
+            id="bus", audience_ids=["viewers"], nats=sync_pb2.NatsDestination(url="nats://127.0.0.1:9", subject="q"))), timeout=30)
+        assert [s.id for s in syncs.ListSyncs(sync_pb2.ListSyncsRequest(), timeout=30).syncs] == ["bus"]
+    with grpc.insecure_channel(server.address, options=FRESH_CONNECTION) as ch:
+        watch = audience_pb2_grpc.AudienceServiceStub(ch).WatchMemberships(audience_pb2.WatchMembershipsRequest(
+            start=audience_pb2.WATCH_START_SEQUENCE, after_sequence=0))
+        got = []
+        reader = threading.Thread(target=lambda: got.append(next(iter(watch))), daemon=True)
+        reader.start()
+        for _ in range(2):
+            with grpc.insecure_channel(server.address, options=FRESH_CONNECTION) as other:
+                event = event_pb2.Event(message_id=str(uuid.uuid4()), type=event_pb2.EVENT_TYPE_PAGE, user_id="user-9")
+                event.timestamp.GetCurrentTime()
+                ingest_pb2_grpc.IngestServiceStub(other).Track(ingest_pb2.TrackRequest(event=event), timeout=30)
+        reader.join(20)
+        watch.cancel()
+    assert got and got[0].change.person_key == "user-9" and got[0].change.audience_id == "viewers"
+    assert server.stop() == 0

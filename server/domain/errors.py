@@ -21,6 +21,7 @@ class Status(enum.Enum):
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
     UNAUTHENTICATED = "UNAUTHENTICATED"
     PERMISSION_DENIED = "PERMISSION_DENIED"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
     INTERNAL = "INTERNAL"
 
 
@@ -110,3 +111,17 @@ class RateLimited(QualifyError):
 
 class TooManyStreams(QualifyError):
     status, reason = Status.RESOURCE_EXHAUSTED, "TOO_MANY_STREAMS"
+class SyncNotFound(QualifyError):
+    status, reason = Status.NOT_FOUND, "SYNC_NOT_FOUND"
+
+
+class SyncExists(QualifyError):
+    status, reason = Status.ALREADY_EXISTS, "SYNC_ALREADY_EXISTS"
+
+
+class SyncManagedByProject(QualifyError):
+    status, reason = Status.FAILED_PRECONDITION, "SYNC_MANAGED_BY_PROJECT"
+
+
+class WatchFellBehind(QualifyError):
+    status, reason = Status.RESOURCE_EXHAUSTED, "WATCH_FELL_BEHIND"

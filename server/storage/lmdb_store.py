@@ -244,5 +244,14 @@ def decode_membership(raw: bytes) -> dict[int, int]:
     return dict(zip(bits, struct.unpack_from(f"<{len(bits)}q", raw, 2 + n)))
 
 
+def delete_prefix(txn, db, prefix: bytes) -> None:
+    """Deletes every key of ``db`` that starts with ``prefix``."""
+    cur = txn.cursor(db=db)
+    if cur.set_range(prefix):
+        while cur.key().startswith(prefix):
+            if not cur.delete():
+                break
+
+
 def data_path(data_dir: Path) -> Path:
     return Path(os.fspath(data_dir)) / "lmdb"

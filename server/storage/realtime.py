@@ -26,7 +26,7 @@ import numpy as np
 from ..domain.schema import ValueType
 from ..domain.static import Column
 from ..observability import metrics
-from .lmdb_store import CATALOG, GENERATION, ID_KEY, META, PEOPLE, U32, U64
+from .lmdb_store import CATALOG, GENERATION, ID_KEY, META, PEOPLE, U32, U64, delete_prefix
 from .lmdb_store import decode_membership as _decode
 
 AUDIENCES = b"audiences"
@@ -72,6 +72,9 @@ class RealtimeStore:
         self.people_keys = env.open_db(f"{PEOPLE}.keys".encode(), txn=txn)
         self.people_ids = env.open_db(f"{PEOPLE}.ids".encode(), txn=txn)
         self.people_cols = env.open_db(f"{PEOPLE}.cols".encode(), txn=txn)
+        #: (sequence, row) appended by the running transaction; the writer's
+        #: after-transaction hook publishes them once committed (take_appended).
+        self.appended: list[tuple[int, list]] = []
 
     # -- audiences ------------------------------------------------------------------
     def load_audiences(self, txn) -> list[dict]:
@@ -82,12 +85,7 @@ class RealtimeStore:
 
     def delete_audience(self, txn, audience_id: str) -> None:
         txn.delete(audience_id.encode(), db=self.audiences)
-        prefix = audience_id.encode() + b"\x00"
-        cur = txn.cursor(db=self.audience_members)
-        if cur.set_range(prefix):
-            while cur.key().startswith(prefix):
-                if not cur.delete():
-                    break
+        delete_prefix(txn, self.audience_members, audience_id.encode() + b"\x00")
 
     def catalog_bits(self, txn) -> list[str | None]:
         catalog = json.loads(txn.get(CATALOG, db=self.meta) or b"{}")
@@ -177,9 +175,20 @@ class RealtimeStore:
         for row in changes:
             seq += 1
             txn.put(SEQ_KEY.pack(seq), packb(row), db=self.changelog, append=True)
+            self.appended.append((seq, row))
         txn.put(CHANGELOG_SEQ, U64.pack(seq), db=self.meta)
         metrics.membership_changes((row[0], row[2]) for row in changes)  # counted as written, before the commit
         return seq
+
+    def take_appended(self) -> list[tuple[int, list]]:
+        rows, self.appended = self.appended, []
+        return rows
+
+
+def changelog_head(txn, meta_db) -> int:
+    """The last committed changelog sequence (0: none)."""
+    raw = txn.get(CHANGELOG_SEQ, db=meta_db)
+    return U64.unpack(raw)[0] if raw else 0
 
 
 def read_changelog(txn, db, after: int = 0, limit: int = 1000) -> list[tuple[int, list]]:
@@ -192,3 +201,21 @@ def read_changelog(txn, db, after: int = 0, limit: int = 1000) -> list[tuple[int
             if len(out) >= limit:
                 break
     return out
+
+
+def current_members(txn, store: "RealtimeStore", audience_id: str) -> Iterator[tuple[str, int]]:
+    """(person key, enter time) of every member of an audience, in key order."""
+    bits = store.catalog_bits(txn)
+    if audience_id not in bits:
+        return
+    bit = bits.index(audience_id)
+    prefix = audience_id.encode() + b"\x00"
+    cur = txn.cursor(db=store.audience_members)
+    if cur.set_range(prefix):
+        for k in cur.iternext(values=False):
+            if not k.startswith(prefix):
+                break
+            key = k[len(prefix):]
+            enter = decode_membership(txn.get(key, db=store.members)).get(bit)
+            if enter is not None:
+                yield key.decode(), enter

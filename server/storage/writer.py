@@ -114,6 +114,9 @@ class Writer:
         #: the accepted (non-duplicate) events, seq set, and the transaction's
         #: clock reading. Raising fails the whole transaction.
         self.on_events: EventsHook | None = None
+        #: Called on the writer thread after every transaction, with True when
+        #: it committed and False when it was aborted (publishes what committed).
+        self.after_txn: Callable[[bool], None] | None = None
         self.log: EventLog | None = None
         self._cond = threading.Condition()
         self._queue: deque = deque()
@@ -247,9 +250,18 @@ class Writer:
             with self.env.begin(write=True) as txn:
                 result = job.fn(txn)
         except BaseException as exc:  # noqa: BLE001 - handed to the submitter
+            self._after(False)
             job.future.set_exception(exc)
         else:
+            self._after(True)
             job.future.set_result(result)
+
+    def _after(self, committed: bool) -> None:
+        if self.after_txn is not None:
+            try:
+                self.after_txn(committed)
+            except Exception:  # noqa: BLE001 - what committed stays committed
+                log.exception("after-transaction hook failed")
 
     def _run_ingest(self, group: list[_Ingest], n: int) -> None:
         events = [e for req in group for e in req.events] if len(group) > 1 else list(group[0].events)
@@ -275,6 +287,7 @@ class Writer:
             log.exception("on_events hook failed, %d events not acknowledged", n)
             error = lambda: QualifyError(  # noqa: E731
                 "evaluating the batch failed; nothing in it was acknowledged (see the server log)")
+        self._after(error is None)
         if error is None:
             # The first event queued is the oldest: its wait is the transaction's evaluation lag.
             metrics.evaluation_lag((self.clock_us() - events[0].received_us) / 1e6)

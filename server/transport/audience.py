@@ -18,7 +18,7 @@ from qualify.v1 import audience_pb2, condition_pb2, membership_pb2
 from ..domain.conditions import parse_condition
 from ..domain.engine import check_audience_id
 from ..domain.errors import FieldViolation, InvalidRequest
-from .errors import guarded, lenient, reject_malformed
+from .errors import guarded, guarded_stream, lenient, reject_malformed
 from .unimplemented import method_handler
 
 MAX_PAGE = 1000
@@ -41,11 +41,12 @@ def condition_to_dict(message: condition_pb2.Condition) -> dict:
 class Audiences:
     """AudienceService handlers over the engine, through the writer thread."""
 
-    def __init__(self, engine, writer, store, clock):
+    def __init__(self, engine, writer, store, clock, watch=None):
         self.engine = engine
         self.writer = writer
         self.store = store
         self.clock = clock
+        self.watch = watch  # transport.watch.Watch: WatchMemberships
 
     async def _run(self, fn):
         return await asyncio.wrap_future(self.writer.submit(fn))
@@ -187,7 +188,12 @@ class Audiences:
         }
         service = audience_pb2.DESCRIPTOR.services_by_name["AudienceService"]
         handlers = {name: unary(fn, req, f"AudienceService.{name}") for name, (fn, req) in rpcs.items()}
-        for m in service.methods:  # WatchMemberships comes with realtime syncs
+        if self.watch is not None:
+            handlers["WatchMemberships"] = grpc.unary_stream_rpc_method_handler(
+                guarded_stream("AudienceService.WatchMemberships")(self.watch.watch),
+                request_deserializer=lenient(audience_pb2.WatchMembershipsRequest),
+                response_serializer=lambda m: m.SerializeToString())
+        for m in service.methods:
             handlers.setdefault(m.name, method_handler(service, m))
         return grpc.method_handlers_generic_handler(service.full_name, handlers)
 

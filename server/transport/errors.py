@@ -8,6 +8,7 @@ a request id and answered INTERNAL with that id only: no internals leak.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import functools
 import logging
@@ -35,6 +36,7 @@ _CODES = {
     Status.RESOURCE_EXHAUSTED: code_pb2.RESOURCE_EXHAUSTED,
     Status.UNAUTHENTICATED: code_pb2.UNAUTHENTICATED,
     Status.PERMISSION_DENIED: code_pb2.PERMISSION_DENIED,
+    Status.FAILED_PRECONDITION: code_pb2.FAILED_PRECONDITION,
     Status.INTERNAL: code_pb2.INTERNAL,
 }
 
@@ -95,6 +97,27 @@ def guarded(method: str):
             except QualifyError as err:
                 await context.abort_with_status(status_of(err))
             except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the one place surprises are caught
+                await context.abort_with_status(internal_status(exc, method))
+
+        return handler
+
+    return wrap
+
+
+def guarded_stream(method: str):
+    """``guarded`` for a handler that is an async generator of replies."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        async def handler(request, context):
+            try:
+                async for reply in fn(request, context):
+                    yield reply
+            except QualifyError as err:
+                await context.abort_with_status(status_of(err))
+            except (grpc.aio.AbortError, asyncio.CancelledError):
                 raise
             except Exception as exc:  # noqa: BLE001 - the one place surprises are caught
                 await context.abort_with_status(internal_status(exc, method))

@@ -168,24 +168,33 @@ class Gate(grpc.GenericRpcHandler):
 
     # -- the call itself ------------------------------------------------------------------
 
-    def _enter(self, context, request_id: str | None):
+    def _enter(self, context, request_id: str | None) -> tuple[float, tuple | None]:
+        """Sets the call's request id; returns when it started and (at debug level) what to log.
+
+        The id is not reset afterwards: every call runs in a task of its own,
+        whose context dies with it.
+        """
         request_id = request_id_from(request_id)
         context.set_trailing_metadata((("x-request-id", request_id),))
-        return REQUEST_ID.set(request_id), time.perf_counter()
+        REQUEST_ID.set(request_id)
+        # The peer is read now: a streaming handler that the client abandoned
+        # is finalized after gRPC has released the call, when peer() would
+        # read freed memory.
+        debug = (request_id, context.peer()) if self.edge and log.isEnabledFor(logging.DEBUG) else None
+        return time.perf_counter(), debug
 
-    def _exit(self, m: _Method, code: str, started: float, key_id: str | None, context, token) -> None:
-        if m.observe is not None or log.isEnabledFor(logging.DEBUG):
+    def _exit(self, m: _Method, code: str, started: float, key_id: str | None, debug: tuple | None) -> None:
+        if m.observe is not None or debug is not None:
             seconds = time.perf_counter() - started
             if m.observe is not None:
                 m.observe(code, seconds)
-            if self.edge and log.isEnabledFor(logging.DEBUG):
+            if debug is not None:  # the id explicitly: a late finalizer runs in another context
                 log.debug("%s %s %.3f ms", m.name, code, seconds * 1e3,
-                          extra={"method": m.name, "code": code, "duration_ms": round(seconds * 1e3, 3),
-                                 "key_id": key_id, "peer": context.peer()})
-        REQUEST_ID.reset(token)
+                          extra={"request_id": debug[0], "method": m.name, "code": code,
+                                 "duration_ms": round(seconds * 1e3, 3), "key_id": key_id, "peer": debug[1]})
 
     async def _call(self, m: _Method, fn, key_id, request_id, request, context):
-        token, started = self._enter(context, request_id)
+        started, debug = self._enter(context, request_id)
         code = "OK"
         try:
             return await fn(request, context)
@@ -193,10 +202,10 @@ class Gate(grpc.GenericRpcHandler):
             code = _code(exc, context)
             raise
         finally:
-            self._exit(m, code, started, key_id, context, token)
+            self._exit(m, code, started, key_id, debug)
 
     async def _stream(self, m: _Method, fn, key_id, request_id, request, context):
-        token, started = self._enter(context, request_id)
+        started, debug = self._enter(context, request_id)
         code = "OK"
         held = False
         try:
@@ -214,18 +223,18 @@ class Gate(grpc.GenericRpcHandler):
         finally:
             if held:
                 self.slots.release(key_id)
-            self._exit(m, code, started, key_id, context, token)
+            self._exit(m, code, started, key_id, debug)
 
     def _refuse(self, m: _Method, err: QualifyError, request_id: str | None,
                 key_id: str | None = None) -> grpc.RpcMethodHandler:
         """A handler that answers ``err`` without decoding the request."""
 
         async def refuse(request, context):
-            token, started = self._enter(context, request_id)
+            started, debug = self._enter(context, request_id)
             try:
                 await context.abort_with_status(status_of(err))
             finally:
-                self._exit(m, err.status.value, started, key_id, context, token)
+                self._exit(m, err.status.value, started, key_id, debug)
 
         async def refuse_stream(request, context):
             await refuse(request, context)

@@ -1,0 +1,358 @@
+"""Delivering each sync's changes: at least once, in order, through outages.
+
+One ``SyncRunner`` task per sync, in the writing process's event loop:
+
+1. read the changelog after the sync's cursor, keep its audiences' changes,
+   up to ``max_batch_size`` (waiting up to ``max_delay`` for a batch to fill
+   when that is set; otherwise a batch is whatever is there, so at low rates
+   each change goes at once and under load changes batch up while the
+   previous request is in flight);
+2. send the batch; on failure retry it, after the destination's Retry-After
+   or an exponential backoff with jitter, until it succeeds or used up
+   ``max_attempts`` (or failed in a way a retry cannot fix), when its changes
+   go to the dead-letter table, in the same transaction that moves the cursor
+   past them;
+3. move the cursor past the batch.
+
+One batch is in flight per sync and batches go in changelog order, so each
+person's changes arrive in order. The cursor is persisted every
+``FLUSH_SECONDS`` (and at shutdown): after a crash, at most that much is sent
+again, with the same sequences, which receivers deduplicate on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import replace
+
+from google.protobuf import json_format
+
+from qualify.v1 import personalize_pb2
+
+from ..domain.errors import FieldViolation, QualifyError, SyncExists, SyncManagedByProject, SyncNotFound
+from ..domain.syncs import SyncSpec
+from ..storage.outbox import DeadLetter, SyncState, SyncTables
+from ..wire import record_message
+from .destinations import DeliveryError, change_json, sender_for
+from .feed import ChangeFeed, Row
+
+log = logging.getLogger(__name__)
+
+FLUSH_SECONDS = 0.2
+SCAN_ROWS = 2000
+
+
+class SyncRunner:
+    """Delivers one sync's changes; see the module docstring."""
+
+    def __init__(self, spec: SyncSpec, state: SyncState, deliveries: "Deliveries"):
+        self.spec = spec
+        self.state = state
+        self.d = deliveries
+        self.audiences = frozenset(spec.audience_ids)
+        self.sender = sender_for(spec.destination, deliveries.user_agent)
+        self.pending_since_us: int | None = None  # effective time of the oldest change not yet delivered
+        self.replay = asyncio.Event()
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run(), name=f"sync-{self.spec.id}")
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        await self.sender.close()
+
+    # -- the loop --------------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            try:
+                if self.replay.is_set():
+                    self.replay.clear()
+                    await self._replay_dead_letters()
+                    continue
+                rows, scanned = self._next_batch()
+                if not rows:
+                    self.pending_since_us = None
+                    if scanned > self.state.cursor:
+                        self.state.cursor = scanned
+                        self.d.dirty.add(self.spec.id)
+                    await self._idle()
+                    continue
+                self.pending_since_us = rows[0][1][3]
+                dest = self.spec.destination
+                if dest.max_delay > 0 and len(rows) < dest.max_batch_size:
+                    await self._linger(dest.max_delay)
+                    rows, scanned = self._next_batch()
+                await self._deliver(rows, scanned)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - a bug must not stop delivery for good
+                log.exception("sync %s: delivery loop failed; retrying in 1s", self.spec.id)
+                await asyncio.sleep(1.0)
+
+    def _next_batch(self) -> tuple[list[Row], int]:
+        """This sync's next changes after the cursor, and the last sequence looked at."""
+        limit = self.spec.destination.max_batch_size
+        after, batch = self.state.cursor, []
+        while len(batch) < limit:
+            rows = self.d.feed.read(after, SCAN_ROWS)
+            for seq, row in rows:
+                if row[0] in self.audiences:
+                    batch.append((seq, row))
+                    if len(batch) == limit:
+                        return batch, seq
+                after = seq
+            if len(rows) < SCAN_ROWS:
+                break
+        return batch, after
+
+    async def _idle(self) -> None:
+        waiter = asyncio.ensure_future(self.d.feed.wait_beyond(self.state.cursor, timeout=5.0))
+        replay = asyncio.ensure_future(self.replay.wait())
+        try:
+            await asyncio.wait([waiter, replay], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            replay.cancel()
+
+    async def _linger(self, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + delay
+        while (left := deadline - loop.time()) > 0:
+            head = self.d.feed.head
+            if not await self.d.feed.wait_beyond(head, timeout=left):
+                return
+            if len(self._next_batch()[0]) >= self.spec.destination.max_batch_size:
+                return
+
+    async def _deliver(self, rows: list[Row], scanned: int, replaying: bool = False) -> bool:
+        """Sends one batch until it is delivered (True) or dead-lettered (False); moves the cursor."""
+        changes = self._payload(rows)
+        dest = self.spec.destination
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                await self.sender.send(self.spec.id, changes, attempt)
+            except DeliveryError as exc:
+                self.state.last_error = str(exc)
+                self.state.last_error_us = self.d.clock()
+                self.d.dirty.add(self.spec.id)
+                if exc.permanent or attempt >= dest.max_attempts:
+                    if not replaying:
+                        await self._dead_letter(rows, scanned, attempt, str(exc))
+                    log.warning("sync %s: %d change(s) dead-lettered after %d attempt(s): %s",
+                                self.spec.id, len(rows), attempt, exc)
+                    return False
+                self.state.retries += 1
+                await asyncio.sleep(exc.retry_after if exc.retry_after is not None else self.d.backoff(attempt))
+                continue
+            self.state.delivered += len(rows)
+            if not replaying:
+                self.state.cursor = scanned
+            self.pending_since_us = None
+            self.d.dirty.add(self.spec.id)
+            return True
+
+    async def _dead_letter(self, rows: list[Row], scanned: int, attempts: int, error: str) -> None:
+        now = self.d.clock()
+        self.state.cursor = scanned
+        self.state.dead_lettered += len(rows)
+        state = replace(self.state)
+        await self.d.write(lambda txn: (self.d.tables.add_dead(txn, self.spec.id, rows, attempts, error, now),
+                                        self.d.tables.put_state(txn, self.spec.id, state)))
+
+    async def _replay_dead_letters(self) -> None:
+        """Sends the dead letters again, in order; each leaves the table once delivered."""
+        after = 0
+        while True:
+            letters = await self.d.read(lambda txn: self.d.tables.dead_letters(
+                txn, self.spec.id, after, self.spec.destination.max_batch_size))
+            if not letters:
+                return
+            after = letters[-1].sequence
+            rows = [(dl.sequence, dl.row) for dl in letters]
+            if await self._deliver(rows, self.state.cursor, replaying=True):
+                self.state.dead_lettered = max(0, self.state.dead_lettered - len(rows))
+                state = replace(self.state)
+                await self.d.write(lambda txn: (self.d.tables.remove_dead(txn, self.spec.id, [s for s, _ in rows]),
+                                                self.d.tables.put_state(txn, self.spec.id, state)))
+
+    def _payload(self, rows: list[Row]) -> list[dict]:
+        fields = self.d.person_fields(self.spec.fields, [row[1] for _, row in rows]) if self.spec.fields else None
+        return [change_json(seq, row, fields.get(row[1], {}) if fields is not None else None) for seq, row in rows]
+
+
+class Deliveries:
+    """Every sync's runner, its definition and state in LMDB, and SyncService's operations."""
+
+    def __init__(self, env, writer, feed: ChangeFeed, reader, parent: str, clock, user_agent: str,
+                 retry_initial: float = 0.2, retry_max: float = 30.0):
+        self.env = env
+        self.writer = writer
+        self.feed = feed
+        self.reader = reader
+        self.parent = parent
+        self.clock = clock
+        self.user_agent = user_agent
+        self.retry_initial = retry_initial
+        self.retry_max = retry_max
+        self.tables: SyncTables | None = None
+        self.runners: dict[str, SyncRunner] = {}
+        self.dirty: set[str] = set()
+        self._flusher: asyncio.Task | None = None
+
+    async def write(self, fn):
+        return await asyncio.wrap_future(self.writer.submit(fn))
+
+    async def read(self, fn):
+        with self.env.begin() as txn:
+            return fn(txn)
+
+    def backoff(self, attempt: int) -> float:
+        """Exponential backoff with jitter: half fixed, half random."""
+        ceiling = min(self.retry_max, self.retry_initial * 2 ** (attempt - 1))
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+    # -- life cycle ----------------------------------------------------------------------
+    async def start(self, declared: list[SyncSpec]) -> None:
+        """Opens the tables, applies the project file's syncs, and starts every runner."""
+        def setup(txn):
+            self.tables = SyncTables(self.env, txn)
+            head = self.feed.head_in(txn)
+            existing = {spec.id: (spec, state) for spec, state in self.tables.load(txn)}
+            wanted = {s.id for s in declared}
+            for sync_id, (spec, _) in existing.items():
+                if spec.managed_by_project and sync_id not in wanted:
+                    log.info("sync %s is no longer in the project file: deleted", sync_id)
+                    self.tables.delete(txn, sync_id)
+            for spec in declared:
+                if spec.id in existing and not existing[spec.id][0].managed_by_project:
+                    log.warning("sync %s in the project file replaces the one created through the API", spec.id)
+                self.tables.put_spec(txn, spec)
+                if spec.id not in existing:
+                    self.tables.put_state(txn, spec.id, SyncState(cursor=head))
+            return self.tables.load(txn)
+
+        for spec, state in await self.write(setup):
+            self._run(spec, state)
+        self._flusher = asyncio.create_task(self._flush_loop(), name="sync-flush")
+
+    def _run(self, spec: SyncSpec, state: SyncState) -> None:
+        runner = SyncRunner(spec, state, self)
+        self.runners[spec.id] = runner
+        runner.start()
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        for runner in self.runners.values():
+            await runner.stop()
+        await self.flush()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_SECONDS)
+            try:
+                await self.flush()
+            except Exception:  # noqa: BLE001 - retried at the next tick
+                log.exception("persisting sync cursors failed; retrying")
+
+    async def flush(self) -> None:
+        """Persists the state of every sync that moved since the last flush."""
+        if not self.dirty:
+            return
+        states = {sid: replace(self.runners[sid].state) for sid in self.dirty if sid in self.runners}
+        self.dirty.clear()
+
+        def put(txn):
+            for sid, state in states.items():
+                if txn.get(sid.encode(), db=self.tables.specs) is not None:  # not deleted meanwhile
+                    self.tables.put_state(txn, sid, state)
+
+        await self.write(put)
+
+    # -- SyncService ---------------------------------------------------------------------
+    def runner(self, sync_id: str) -> SyncRunner:
+        runner = self.runners.get(sync_id)
+        if runner is None:
+            raise SyncNotFound(f"no sync {sync_id!r}", metadata={"sync": sync_id})
+        return runner
+
+    async def create(self, spec: SyncSpec) -> SyncRunner:
+        if spec.id in self.runners:
+            raise SyncExists(f"sync {spec.id!r} already exists", violations=[FieldViolation("sync.id", "already exists")])
+
+        def create(txn):
+            state = SyncState(cursor=self.feed.head_in(txn))  # from the next change on
+            self.tables.put_spec(txn, spec)
+            self.tables.put_state(txn, spec.id, state)
+            return state
+
+        self._run(spec, await self.write(create))
+        return self.runners[spec.id]
+
+    async def update(self, spec: SyncSpec) -> SyncRunner:
+        old = self._changeable(spec.id)
+        await old.stop()
+        state = replace(old.state)
+        await self.write(lambda txn: (self.tables.put_spec(txn, spec), self.tables.put_state(txn, spec.id, state)))
+        self._run(spec, state)
+        return self.runners[spec.id]
+
+    async def delete(self, sync_id: str) -> None:
+        runner = self._changeable(sync_id)
+        await runner.stop()
+        del self.runners[sync_id]
+        self.dirty.discard(sync_id)
+        await self.write(lambda txn: self.tables.delete(txn, sync_id))
+
+    def _changeable(self, sync_id: str) -> SyncRunner:
+        runner = self.runner(sync_id)
+        if runner.spec.managed_by_project:
+            raise SyncManagedByProject(f"sync {sync_id!r} is declared in the project file; change it there",
+                                       metadata={"sync": sync_id})
+        return runner
+
+    async def dead_letters(self, sync_id: str, after: int, limit: int) -> list[DeadLetter]:
+        self.runner(sync_id)
+        return await self.read(lambda txn: self.tables.dead_letters(txn, sync_id, after, limit))
+
+    async def replay(self, sync_id: str) -> int:
+        runner = self.runner(sync_id)
+        count = runner.state.dead_lettered
+        runner.replay.set()
+        return count
+
+    def lag_us(self, runner: SyncRunner) -> int:
+        return max(0, self.clock() - runner.pending_since_us) if runner.pending_since_us is not None else 0
+
+    # -- person fields -------------------------------------------------------------------
+    def person_fields(self, names: tuple[str, ...], keys: list[str]) -> dict[str, dict]:
+        """{person key: {field: value}} from the last warehouse sync (people without a record: {})."""
+        by_collection: dict[str, list[str]] = {}
+        for name in names:
+            collection, _, column = name.rpartition(".")
+            by_collection.setdefault(collection or self.parent, []).append(column)
+        unique = list(dict.fromkeys(keys))
+        out: dict[str, dict] = {k: {} for k in unique}
+        for collection, columns in by_collection.items():
+            try:
+                view, found = self.reader.get(collection, [k.encode() for k in unique])
+                mask = view.mask_indices(tuple(columns))
+            except QualifyError as exc:  # the collection or a field went away in a later warehouse sync
+                log.warning("sync fields from %s left out: %s", collection, exc)
+                continue
+            prefix = "" if collection == self.parent else collection + "."
+            for key, (stored, _) in zip(unique, found):
+                if stored is None:
+                    continue
+                record = personalize_pb2.Record.FromString(record_message(view.prefix, key.encode(), stored, mask, b""))
+                for k, v in json_format.MessageToDict(record.fields).items():
+                    out[key][prefix + k] = v
+        return out

@@ -1,0 +1,105 @@
+"""LMDB tables of the realtime syncs: definitions, delivery state, dead letters.
+
+The changelog is the outbox: every change a sync must deliver is already
+durable there, committed with its cause. A sync only needs its cursor (the
+sequence delivered up to) to resume after an outage or a restart, so no
+change is copied per sync on the ingest path. Changes that used up their
+attempts move to the dead-letter table in the same transaction that moves the
+cursor past them.
+
+Named databases::
+
+    syncs          sync id -> JSON SyncSpec (the webhook secret included)
+    sync_state     sync id -> JSON {cursor, delivered, retries, dead_lettered, last_error, last_error_us}
+    dead_letters   sync id | 0x00 | u64 sequence (big-endian) -> msgpack [row, attempts, error, dead_us]
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import msgpack
+
+from ..domain.syncs import SyncSpec
+from .lmdb_store import delete_prefix
+from .realtime import SEQ_KEY
+
+SYNCS = b"syncs"
+SYNC_STATE = b"sync_state"
+DEAD_LETTERS = b"dead_letters"
+
+
+@dataclass
+class SyncState:
+    """A sync's progress, persisted with its cursor."""
+
+    cursor: int = 0
+    delivered: int = 0
+    retries: int = 0
+    dead_lettered: int = 0
+    last_error: str = ""
+    last_error_us: int = 0
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    sequence: int
+    row: list
+    attempts: int
+    error: str
+    dead_us: int
+
+
+def _dl_key(sync_id: str, seq: int) -> bytes:
+    return sync_id.encode() + b"\x00" + SEQ_KEY.pack(seq)
+
+
+class SyncTables:
+    """The sync tables of one environment; every method takes a transaction."""
+
+    def __init__(self, env, txn):
+        self.specs = env.open_db(SYNCS, txn=txn)
+        self.states = env.open_db(SYNC_STATE, txn=txn)
+        self.dead = env.open_db(DEAD_LETTERS, txn=txn)
+
+    # -- definitions and state ----------------------------------------------------
+    def load(self, txn) -> list[tuple[SyncSpec, SyncState]]:
+        out = []
+        for k, v in txn.cursor(db=self.specs):
+            raw = txn.get(k, db=self.states)
+            out.append((SyncSpec.from_json(json.loads(v)), SyncState(**json.loads(raw)) if raw else SyncState()))
+        return out
+
+    def put_spec(self, txn, spec: SyncSpec) -> None:
+        txn.put(spec.id.encode(), json.dumps(spec.to_json()).encode(), db=self.specs)
+
+    def put_state(self, txn, sync_id: str, state: SyncState) -> None:
+        txn.put(sync_id.encode(), json.dumps(asdict(state)).encode(), db=self.states)
+
+    def delete(self, txn, sync_id: str) -> None:
+        txn.delete(sync_id.encode(), db=self.specs)
+        txn.delete(sync_id.encode(), db=self.states)
+        delete_prefix(txn, self.dead, sync_id.encode() + b"\x00")
+
+    # -- dead letters -------------------------------------------------------------------
+    def add_dead(self, txn, sync_id: str, rows: list[tuple[int, list]], attempts: int, error: str, now_us: int) -> None:
+        for seq, row in rows:
+            txn.put(_dl_key(sync_id, seq), msgpack.packb([row, attempts, error, now_us]), db=self.dead)
+
+    def remove_dead(self, txn, sync_id: str, seqs: list[int]) -> None:
+        for seq in seqs:
+            txn.delete(_dl_key(sync_id, seq), db=self.dead)
+
+    def dead_letters(self, txn, sync_id: str, after: int = 0, limit: int = 100) -> list[DeadLetter]:
+        """Dead letters with sequence > after, oldest first."""
+        prefix = sync_id.encode() + b"\x00"
+        out: list[DeadLetter] = []
+        cur = txn.cursor(db=self.dead)
+        if cur.set_range(_dl_key(sync_id, after + 1)):
+            for k, v in cur:
+                if not k.startswith(prefix) or len(out) >= limit:
+                    break
+                row, attempts, error, dead_us = msgpack.unpackb(v)
+                out.append(DeadLetter(SEQ_KEY.unpack(k[len(prefix):])[0], row, attempts, error, dead_us))
+        return out
