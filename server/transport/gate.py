@@ -13,12 +13,15 @@ the request is read, so the cheap decisions are taken there:
    ``google.rpc.RetryInfo``).
 
 A refused call gets a handler that does not even decode the request. An
-accepted one gets the servicer's handler wrapped so that it runs with a
-request id (the caller's ``x-request-id`` if well formed, else a new one; in
+accepted one gets the servicer's handler wrapped (once per method, at
+start, not per call) so that it runs with a request id (the caller's ``x-request-id`` if well formed, else a new one; in
 the ``REQUEST_ID`` context variable for logs and error statuses, and in the
 trailing metadata), counts against the key's concurrent streams if it
 streams, and ends with one latency observation per method and status code
-and, at debug level, one log line.
+and, at debug level, one log line. What the wrapper needs to know of the call
+(the key, the caller's request id) it reads from the ``_CALL`` context
+variable, which ``service`` sets: gRPC resolves the handler and runs it in the
+same task (tests/test_security.py checks both facts arrive).
 
 The same gate, with ``edge=False``, guards the writer's internal socket in
 ``--workers N`` mode: the forwarded call is authenticated and authorized
@@ -30,6 +33,7 @@ second time.
 from __future__ import annotations
 
 import collections
+import contextvars
 import functools
 import logging
 import time
@@ -47,6 +51,7 @@ from .errors import status_of
 log = logging.getLogger(__name__)
 
 _Details = collections.namedtuple("_Details", ("method", "invocation_metadata"))
+_CALL: contextvars.ContextVar[tuple[str | None, str | None]] = contextvars.ContextVar("qualify_call")
 
 UNAUTHENTICATED_MESSAGE = "a valid API key is required: send the metadata 'authorization: Bearer <key>'"
 
@@ -74,14 +79,14 @@ def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials:
 
 
 class _Method:
-    __slots__ = ("name", "scope", "handler", "streams", "observe")
+    __slots__ = ("name", "scope", "handler", "observe", "wrapped")
 
     def __init__(self, name: str, scope: str | None, handler: grpc.RpcMethodHandler, observe):
-        self.name = name
+        self.name = name  # "PersonalizeService.Get": the metrics label and log field
         self.scope = scope
-        self.handler = handler
-        self.streams = handler.request_streaming or handler.response_streaming
-        self.observe = observe
+        self.handler = handler  # the servicer's own
+        self.observe = observe  # metrics.rpc_observer(name), or None
+        self.wrapped: grpc.RpcMethodHandler | None = None  # the handler the gate hands out
 
 
 def _code(exc: BaseException, context) -> str:
@@ -113,8 +118,10 @@ class Gate(grpc.GenericRpcHandler):
                 handler = next((h for g in handlers if (h := g.service(_Details(path, ()))) is not None), None)
                 if handler is not None:
                     name = f"{service.name}.{m.name}"
-                    self.methods[path] = _Method(name, required_scope(service.full_name, m.name), handler,
-                                                 metrics.rpc_observer(name) if edge else None)
+                    method = _Method(name, required_scope(service.full_name, m.name), handler,
+                                     metrics.rpc_observer(name) if edge else None)
+                    method.wrapped = self._wrap(method)
+                    self.methods[path] = method
 
     # -- per call, before the request is read ---------------------------------------------
 
@@ -146,25 +153,21 @@ class Gate(grpc.GenericRpcHandler):
                         f"the API key {key.id} is over its rate of {self.rates.rate:g} requests/s; retry in {wait:.3f}s",
                         metadata={"key_id": key.id}, retry_after=wait), request_id, key.id)
             key_id = key.id
-        return self._bind(m, key_id, request_id)
+        _CALL.set((key_id, request_id))
+        return m.wrapped
 
-    def _bind(self, m: _Method, key_id: str | None, request_id: str | None) -> grpc.RpcMethodHandler:
+    def _wrap(self, m: _Method) -> grpc.RpcMethodHandler:
+        """The servicer's handler inside ``_call`` or ``_stream``, built once per method."""
         h = m.handler
         if h.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                functools.partial(self._call, m, h.unary_unary, key_id, request_id),
-                h.request_deserializer, h.response_serializer)
-        if h.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                functools.partial(self._call, m, h.stream_unary, key_id, request_id),
-                h.request_deserializer, h.response_serializer)
-        if h.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                functools.partial(self._stream, m, h.unary_stream, key_id, request_id),
-                h.request_deserializer, h.response_serializer)
-        return grpc.stream_stream_rpc_method_handler(
-            functools.partial(self._stream, m, h.stream_stream, key_id, request_id),
-            h.request_deserializer, h.response_serializer)
+            make, wrapper = grpc.unary_unary_rpc_method_handler, functools.partial(self._call, m, h.unary_unary)
+        elif h.stream_unary is not None:
+            make, wrapper = grpc.stream_unary_rpc_method_handler, functools.partial(self._call, m, h.stream_unary)
+        elif h.unary_stream is not None:
+            make, wrapper = grpc.unary_stream_rpc_method_handler, functools.partial(self._stream, m, h.unary_stream)
+        else:
+            make, wrapper = grpc.stream_stream_rpc_method_handler, functools.partial(self._stream, m, h.stream_stream)
+        return make(wrapper, h.request_deserializer, h.response_serializer)
 
     # -- the call itself ------------------------------------------------------------------
 
@@ -193,7 +196,8 @@ class Gate(grpc.GenericRpcHandler):
                           extra={"request_id": debug[0], "method": m.name, "code": code,
                                  "duration_ms": round(seconds * 1e3, 3), "key_id": key_id, "peer": debug[1]})
 
-    async def _call(self, m: _Method, fn, key_id, request_id, request, context):
+    async def _call(self, m: _Method, fn, request, context):
+        key_id, request_id = _CALL.get((None, None))
         started, debug = self._enter(context, request_id)
         code = "OK"
         try:
@@ -204,7 +208,8 @@ class Gate(grpc.GenericRpcHandler):
         finally:
             self._exit(m, code, started, key_id, debug)
 
-    async def _stream(self, m: _Method, fn, key_id, request_id, request, context):
+    async def _stream(self, m: _Method, fn, request, context):
+        key_id, request_id = _CALL.get((None, None))
         started, debug = self._enter(context, request_id)
         code = "OK"
         held = False
