@@ -307,14 +307,15 @@ _ID_FIELDS = ("user_id", "anonymous_id", "previous_id")
 _TEXT_FIELDS = ("message_id", "name", "session_id")
 
 
-def _utf8_len(s: str) -> int:
-    return len(s) if s.isascii() else len(s.encode("utf-8", "surrogatepass"))
+def _over(s: str, limit: int) -> bool:
+    """Whether ``s`` is over ``limit`` bytes of UTF-8 (encoded only when it could be)."""
+    return len(s) * 4 > limit and (len(s) if s.isascii() else len(s.encode("utf-8", "surrogatepass"))) > limit
 
 
 def _long_string(value: Any, limit: int) -> bool:
     """Whether a property value holds a string, or a key, over ``limit`` bytes (nested values too)."""
     if isinstance(value, str):
-        return len(value) * 4 > limit and _utf8_len(value) > limit
+        return _over(value, limit)
     if isinstance(value, dict):
         return any(_long_string(k, limit) or _long_string(v, limit) for k, v in value.items())
     if isinstance(value, list):
@@ -324,14 +325,10 @@ def _long_string(value: Any, limit: int) -> bool:
 
 def check_limits(event: Event, max_properties: int, max_string_bytes: int) -> Rejection | None:
     """TOO_LARGE for an event within the size limit that breaks a finer one (see [limits])."""
-    for name in _ID_FIELDS:
-        value = getattr(event, name)
-        if len(value) * 4 > MAX_ID_BYTES and _utf8_len(value) > MAX_ID_BYTES:
-            return Rejection(RejectionReason.TOO_LARGE, f"{name} is over {MAX_ID_BYTES} bytes", name)
-    for name in _TEXT_FIELDS:
-        value = getattr(event, name)
-        if len(value) * 4 > max_string_bytes and _utf8_len(value) > max_string_bytes:
-            return Rejection(RejectionReason.TOO_LARGE, f"{name} is over {max_string_bytes} bytes", name)
+    for names, limit in ((_ID_FIELDS, MAX_ID_BYTES), (_TEXT_FIELDS, max_string_bytes)):
+        for name in names:
+            if _over(getattr(event, name), limit):
+                return Rejection(RejectionReason.TOO_LARGE, f"{name} is over {limit} bytes", name)
     for name in ("properties", "traits", "context"):
         values = getattr(event, name)
         if not values:
@@ -357,7 +354,7 @@ def _person(model: EventModel, event: Event) -> PersonKey | None:
     if isinstance(v, bool) or v is None:
         return None
     if isinstance(v, str):  # an id too long to be a key names nobody
-        return ("user", v) if v and _utf8_len(v) <= MAX_ID_BYTES else None
+        return ("user", v) if v and not _over(v, MAX_ID_BYTES) else None
     if isinstance(v, int):
         return ("user", str(v))
     if isinstance(v, float) and math.isfinite(v) and v == int(v):

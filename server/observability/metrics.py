@@ -22,22 +22,19 @@ value, never a sum.
 
 Metrics (all prefixed ``qualify_``):
 
-==========================================  =========  =====================================
-rpc_duration_seconds{method,code}           histogram  server time per RPC, by final status
-events_accepted_total                       counter    events newly written to the event log
-events_duplicate_total                      counter    events acknowledged as already logged
-events_rejected_total{reason}               counter    events rejected (RejectionReason name)
-evaluation_lag_seconds                      histogram  arrival -> evaluation committed, oldest
-                                                       event of each write transaction
-membership_changes_total{audience,direction} counter   enters and exits written
-lmdb_map_used_bytes / lmdb_map_size_bytes   gauge      pages in use vs the map's reserved size
-warehouse_sync_duration_seconds             histogram  each warehouse sync that landed
-warehouse_sync_failures_total               counter    warehouse syncs that failed
-warehouse_sync_last_success_timestamp_seconds gauge    when the last one landed (Unix time)
-sync_delivered_total{sync}                  counter    membership changes a realtime sync delivered
-sync_failures_total{sync}                   counter    failed delivery attempts of a realtime sync
-sync_lag_seconds{sync}                      gauge      change effective -> delivered, latest
-==========================================  =========  =====================================
+- ``rpc_duration_seconds{method,code}`` histogram: server time per RPC, by final status;
+- ``events_accepted_total``, ``events_duplicate_total`` counters: events newly logged,
+  and acknowledged as already logged;
+- ``events_rejected_total{reason}`` counter: rejected events, by RejectionReason name;
+- ``evaluation_lag_seconds`` histogram: arrival to evaluation committed, for the oldest
+  event of each write transaction;
+- ``membership_changes_total{audience,direction}`` counter: enters and exits written;
+- ``lmdb_map_used_bytes``, ``lmdb_map_size_bytes`` gauges: pages in use, map reserved;
+- ``warehouse_sync_duration_seconds`` histogram, ``warehouse_sync_failures_total``
+  counter, ``warehouse_sync_last_success_timestamp_seconds`` gauge;
+- ``sync_delivered_total{sync}``, ``sync_failures_total{sync}`` counters and
+  ``sync_lag_seconds{sync}`` gauge: realtime syncs (``sync_delivered``,
+  ``sync_failed``, ``sync_lag`` below, called by the delivery code).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Sequence
 
 import grpc
@@ -232,8 +233,4 @@ class Ingest:
 
 def _count(accepted: int, duplicates: int, rejected) -> None:
     """Metrics: ``rejected`` holds (index, event, Rejection) triples."""
-    by_reason: dict[str, int] = {}
-    for _, _, r in rejected:
-        name = r.reason.name
-        by_reason[name] = by_reason.get(name, 0) + 1
-    metrics.events(accepted, duplicates, by_reason)
+    metrics.events(accepted, duplicates, Counter(r.reason.name for _, _, r in rejected))
