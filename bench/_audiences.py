@@ -110,9 +110,10 @@ def setup_e2e(address: str, inputs, persons: int, run_id: str, via: str | None =
             event.timestamp.GetCurrentTime()
             try:
                 ingest.Track(ingest_pb2.TrackRequest(event=event), timeout=10, metadata=METADATA)
-                for item in watch:
-                    if item.HasField("change") and item.change.message_id == mid:
-                        return {**out, "mode": "watch", "after_sequence": item.change.sequence}
+                for message in watch:
+                    for change in message.changes:
+                        if change.message_id == mid:
+                            return {**out, "mode": "watch", "after_sequence": change.sequence}
             except grpc.RpcError as exc:
                 if exc.code() is grpc.StatusCode.UNIMPLEMENTED and via is None:
                     return {**out, "why": "get-fallback"}

@@ -223,11 +223,12 @@ class Membership:
                                         self.watch_request, metadata=METADATA),
                                     self._change, self._fail) for ch in self.channels]
 
-    def _change(self, item) -> None:
-        if item.HasField("change") and item.change.audience_id == self.audience_id:
-            done = self.pending.pop(item.change.message_id, None)
-            if done is not None:
-                done("OK")
+    def _change(self, message) -> None:
+        for change in message.changes:
+            if change.audience_id == self.audience_id:
+                done = self.pending.pop(change.message_id, None)
+                if done is not None:
+                    done("OK")
 
     def _fail(self, code: str) -> None:
         self.failed = code

@@ -5,11 +5,11 @@
 Starts ``qualify serve`` on the embedded demo with one audience that every
 page view enters (so each event of a new anonymous person is one ENTER
 change). A load process streams page views at ``--rate`` events/s, in
-batches every 5 ms as an edge gateway would. A consumer process runs a
+batches every 5 ms as an edge gateway would. Two consumer processes, a
 WatchMemberships stream and a local HTTP receiver that a webhook sync (batch
-up to 100, no added delay) posts to, and records, for every change, the time
+up to 100, no added delay) posts to, record for every change the time
 from its effective time (the writing transaction's clock, before the fsync)
-to its arrival. The same process times Noop round trips during the run: the
+to its arrival. The receiver's process also times Noop round trips during the run: the
 transport floor under the same load. All clocks are this machine's.
 """
 
@@ -76,8 +76,12 @@ def _load(address: str, rate: float, stop) -> None:
             pass
 
 
-def _consume(address: str, port: int, ready, start_at: float, end_at: float, results) -> None:
-    """Watch stream + webhook receiver + Noop probes; sends {name: [seconds]} when done."""
+def _consume(role: str, address: str, port: int, ready, start_at: float, end_at: float, results) -> None:
+    """One consumer per process, so neither delays the other's arrivals.
+
+    ``watch``: a WatchMemberships stream. ``webhook``: the HTTP receiver the
+    sync posts to, plus Noop round trips every 10 ms. Puts {series: [seconds]}.
+    """
     import asyncio
 
     import grpc
@@ -85,7 +89,7 @@ def _consume(address: str, port: int, ready, start_at: float, end_at: float, res
 
     from qualify.v1 import audience_pb2, audience_pb2_grpc, diagnostics_pb2, diagnostics_pb2_grpc
 
-    lat: dict[str, list[float]] = {"watch": [], "webhook": [], "noop": []}
+    lat: dict[str, list[float]] = {role: []} if role == "watch" else {"webhook": [], "noop": []}
 
     def effective_us(ts: str) -> int:
         return int(datetime.datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp() * 1e6)
@@ -99,11 +103,12 @@ def _consume(address: str, port: int, ready, start_at: float, end_at: float, res
 
     async def watch(channel):
         call = audience_pb2_grpc.AudienceServiceStub(channel).WatchMemberships(audience_pb2.WatchMembershipsRequest())
-        async for item in call:
+        ready.set()
+        async for message in call:
             now = time.time_ns() // 1000
-            c = item.change
             if start_at <= time.time() <= end_at:
-                lat["watch"].append((now - (c.effective_time.seconds * 1_000_000 + c.effective_time.nanos // 1000)) / 1e6)
+                lat["watch"] += [(now - (c.effective_time.seconds * 1_000_000 + c.effective_time.nanos // 1000)) / 1e6
+                                 for c in message.changes]
             elif time.time() > end_at:
                 return
 
@@ -117,17 +122,19 @@ def _consume(address: str, port: int, ready, start_at: float, end_at: float, res
             await asyncio.sleep(0.01)
 
     async def main():
-        app = web.Application()
-        app.router.add_post("/hook", hook)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
         async with grpc.aio.insecure_channel(address) as channel:
-            w = asyncio.create_task(watch(channel))
+            if role == "watch":
+                await asyncio.wait_for(watch(channel), timeout=end_at - time.time() + 30)
+                return
+            app = web.Application()
+            app.router.add_post("/hook", hook)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", port).start()
             ready.set()
             await noops(channel)
-            await asyncio.wait_for(w, timeout=30)
-        await runner.cleanup()
+            await asyncio.sleep(0.5)  # the last deliveries of the window
+            await runner.cleanup()
 
     asyncio.run(main())
     results.put(lat)
@@ -159,20 +166,26 @@ def main(argv: list[str] | None = None) -> int:
             id="bench_hook", audience_ids=["bench_viewers"],
             webhook=sync_pb2.WebhookDestination(url=f"http://127.0.0.1:{port}/hook", secret=SECRET))))
         ctx = multiprocessing.get_context("spawn")
-        ready, stop, results = ctx.Event(), ctx.Event(), ctx.Queue()
-        start_at = time.time() + args.warmup + 2.0
+        stop, results = ctx.Event(), ctx.Queue()
+        start_at = time.time() + args.warmup + 3.0
         end_at = start_at + args.duration
-        consumer = ctx.Process(target=_consume, args=(server.address, port, ready, start_at, end_at, results))
-        consumer.start()
-        if not ready.wait(30):
-            raise RuntimeError("the consumer did not start")
+        consumers = []
+        for role in ("watch", "webhook"):
+            ready = ctx.Event()
+            consumers.append(ctx.Process(target=_consume, args=(role, server.address, port, ready, start_at, end_at, results)))
+            consumers[-1].start()
+            if not ready.wait(30):
+                raise RuntimeError(f"the {role} consumer did not start")
         cpu0 = _proc.CpuSnapshot.take(server.pids())
         load = ctx.Process(target=_load, args=(server.address, args.rate, stop))
         load.start()
-        lat = results.get(timeout=args.warmup + args.duration + 120)
+        lat = {}
+        for _ in consumers:
+            lat.update(results.get(timeout=args.warmup + args.duration + 120))
         stop.set()
         load.join(30)
-        consumer.join(30)
+        for c in consumers:
+            c.join(30)
         cpu1 = _proc.CpuSnapshot.take(server.pids())
         status = syncs.GetSync(sync_pb2.GetSyncRequest(id="bench_hook")).sync.status
         channel.close()

@@ -43,6 +43,7 @@ class WebhookReceiver:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/hook"
         self.accepted: list[dict] = []   # the changes of every 2xx request, in arrival order
+        self.batches: list[int] = []     # changes per 2xx request
         self.requests = 0
         self.bad_signatures = 0
         self.lock = threading.Lock()
@@ -77,7 +78,9 @@ class WebhookReceiver:
                 return web.Response(status=self.status, text="forced", headers=headers)
             if self.random.random() < self.fail_share:
                 return web.Response(status=503, text="flaky", headers=headers)
-            self.accepted.extend(json.loads(body)["changes"])
+            changes = json.loads(body)["changes"]
+            self.accepted.extend(changes)
+            self.batches.append(len(changes))
         return web.Response(status=204)
 
     def up(self) -> None:

@@ -16,7 +16,7 @@ import uuid
 
 import grpc
 import pytest
-from google.protobuf import field_mask_pb2
+from google.protobuf import duration_pb2, field_mask_pb2
 
 from conftest import QualifyServer, write_realtime_project
 from qualify.clients._errors import error_from_rpc_error
@@ -221,6 +221,22 @@ def test_outage_and_restart_lose_nothing(server, receiver, restart):
     while server.status("crm").lag.ToMilliseconds() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.status("crm").lag.ToMilliseconds() == 0
+
+
+def test_batches_respect_max_batch_size_and_wait_up_to_max_delay(server, receiver):
+    server.create(id="small", audience_ids=["viewers"], webhook=webhook(receiver.url, max_batch_size=7))
+    send_many(server.api, anon_views(100), per_call=100)  # 100 changes in one transaction
+    receiver.wait_for(set(expected(server.lmdb, {"viewers"})))
+    assert max(receiver.batches) == 7 and sum(receiver.batches) == 100
+    server.syncs.DeleteSync(sync_pb2.DeleteSyncRequest(id="small"), timeout=10)
+    receiver.batches.clear()
+    head = max(expected(server.lmdb, {"viewers"}))
+    delay = duration_pb2.Duration(nanos=400_000_000)
+    server.create(id="lingers", audience_ids=["viewers"], webhook=webhook(receiver.url, max_delay=delay))
+    for event in anon_views(3):  # three commits in a row, well inside max_delay: one request
+        server.api.send(event)
+    receiver.wait_for(set(expected(server.lmdb, {"viewers"}, head)))
+    assert receiver.batches == [3]
 
 
 def test_retry_after_is_honoured(server, receiver):

@@ -40,19 +40,29 @@ def log_rows(lmdb_dir, after: int = 0, audiences: set | None = None) -> list[tup
     return [(seq, r[0], r[1], r[2]) for seq, r in changelog(lmdb_dir, after) if audiences is None or r[0] in audiences]
 
 
+class Marker(int):
+    """The snapshot_end_sequence of the message that ends a snapshot."""
+
+
 class Watcher:
-    """A watch stream read on a thread into a queue (the item, or the RpcError that ended it)."""
+    """A watch stream read on a thread into a queue: each change, a Marker, or the RpcError that ended it."""
 
     def __init__(self, channel, request: audience_pb2.WatchMembershipsRequest):
         self.call = audience_pb2_grpc.AudienceServiceStub(channel).WatchMemberships(request)
         self.items: queue.Queue = queue.Queue()
+        self.messages = 0
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
 
     def _read(self):
         try:
-            for item in self.call:
-                self.items.put(item)
+            for message in self.call:
+                self.messages += 1
+                for change in message.changes:
+                    self.items.put(change)
+                if message.HasField("snapshot_end_sequence"):
+                    assert not message.changes
+                    self.items.put(Marker(message.snapshot_end_sequence))
         except grpc.RpcError as err:
             self.items.put(err)
 
@@ -65,7 +75,9 @@ class Watcher:
         return out
 
     def changes(self, n: int, timeout: float = 20.0) -> list:
-        return [item.change for item in self.take(n, timeout)]
+        got = self.take(n, timeout)
+        assert not any(isinstance(c, Marker) for c in got), got
+        return got
 
     def cancel(self):
         self.call.cancel()
@@ -134,12 +146,11 @@ def test_snapshot_lists_members_then_the_marker_then_live_changes(server):
         members = set(server.api.aud.ListMembers(audience_pb2.ListMembersRequest(id="snap"), timeout=10).person_keys)
         items = w.take(len(members) + 1)
         snapshot, marker = items[:-1], items[-1]
-        assert {i.change.person_key for i in snapshot} == members
-        assert all(i.change.sequence == 0 and i.change.direction == ENTER for i in snapshot)
-        assert marker.WhichOneof("item") == "snapshot_end_sequence"
-        assert marker.snapshot_end_sequence == log_rows(server.lmdb)[-1][0]
+        assert {c.person_key for c in snapshot} == members
+        assert all(c.sequence == 0 and c.direction == ENTER for c in snapshot)
+        assert isinstance(marker, Marker) and marker == log_rows(server.lmdb)[-1][0]
         send_many(server.api, anon_views(2, "after-snapshot"))
-        assert as_rows(w.changes(2)) == log_rows(server.lmdb, marker.snapshot_end_sequence, {"snap"})
+        assert as_rows(w.changes(2)) == log_rows(server.lmdb, marker, {"snap"})
     finally:
         w.cancel()
 
@@ -169,8 +180,8 @@ def test_a_consumer_that_falls_behind_is_told_and_resumes_from_the_log(tmp_path,
         send_many(api, anon_views(20_000, "slow-" + "x" * 200))
         received = []
         with pytest.raises(grpc.RpcError) as info:
-            for item in call:
-                received.append(item.change)
+            for message in call:
+                received += message.changes
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         err = error_from_rpc_error(info.value)
         assert err.reason == "WATCH_FELL_BEHIND"

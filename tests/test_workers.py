@@ -262,5 +262,5 @@ def test_workers_forward_watches_and_syncs(server_factory):
                 ingest_pb2_grpc.IngestServiceStub(other).Track(ingest_pb2.TrackRequest(event=event), timeout=30)
         reader.join(20)
         watch.cancel()
-    assert got and got[0].change.person_key == "user-9" and got[0].change.audience_id == "viewers"
+    assert got and got[0].changes[0].person_key == "user-9" and got[0].changes[0].audience_id == "viewers"
     assert server.stop() == 0

@@ -1,7 +1,9 @@
 """AudienceService.WatchMemberships: the changelog as a resumable stream.
 
 A watch starts from now, after a given sequence, or with a snapshot of the
-current members (one consistent LMDB read) followed by a marker. It first
+current members (one consistent LMDB read) followed by a marker. Each reply
+carries the changes that are ready together (up to 500), so a burst costs a
+few messages rather than one per change. It first
 catches up from the log in LMDB, then follows the live feed. The two meet
 without a gap or a repeat: before each read of the log the live buffer is
 reset, so every row committed after that read is in the buffer, and rows in
@@ -28,6 +30,7 @@ from ..storage.realtime import RealtimeStore, changelog_head, current_members
 from .errors import reject_malformed
 
 READ_BATCH = 1000
+MESSAGE_CHANGES = 500  # changes per reply message, at most
 ENTER = membership_pb2.DIRECTION_ENTER
 
 
@@ -43,6 +46,13 @@ def change_message(seq: int, row: list) -> membership_pb2.MembershipChange:
     return membership_pb2.MembershipChange(sequence=seq, audience_id=audience, person_key=person,
                                            direction=direction, effective_time=timestamp(effective_us),
                                            cause=cause, message_id=message_id)
+
+
+def _messages(rows: list[Row], wanted: frozenset[str] | None):
+    """Reply messages for committed rows (those of the wanted audiences), in order."""
+    changes = [change_message(seq, row) for seq, row in rows if wanted is None or row[0] in wanted]
+    for i in range(0, len(changes), MESSAGE_CHANGES):
+        yield audience_pb2.WatchMembershipsResponse(changes=changes[i:i + MESSAGE_CHANGES])
 
 
 class Watch:
@@ -91,10 +101,16 @@ class Watch:
             if after is None:  # the snapshot: one read transaction, then the marker
                 with env.begin() as txn:
                     after = changelog_head(txn, self.store.meta)
+                    chunk = []
                     for aid in sorted(wanted or known):
                         for key, enter_us in current_members(txn, self.store, aid):
-                            yield audience_pb2.WatchMembershipsResponse(change=membership_pb2.MembershipChange(
+                            chunk.append(membership_pb2.MembershipChange(
                                 audience_id=aid, person_key=key, direction=ENTER, effective_time=timestamp(enter_us)))
+                            if len(chunk) == MESSAGE_CHANGES:
+                                yield audience_pb2.WatchMembershipsResponse(changes=chunk)
+                                chunk = []
+                    if chunk:
+                        yield audience_pb2.WatchMembershipsResponse(changes=chunk)
                 yield audience_pb2.WatchMembershipsResponse(snapshot_end_sequence=after)
             live = False
             while True:
@@ -102,10 +118,10 @@ class Watch:
                 while True:
                     sub.reset()
                     rows = self.feed.read(after, READ_BATCH)
-                    for seq, row in rows:
-                        if wanted is None or row[0] in wanted:
-                            yield audience_pb2.WatchMembershipsResponse(change=change_message(seq, row))
-                        after = seq
+                    if rows:
+                        after = rows[-1][0]
+                    for message in _messages(rows, wanted):
+                        yield message
                     if len(rows) < READ_BATCH:
                         break
                     if live:
@@ -117,9 +133,10 @@ class Watch:
                     if sub.overflowed:
                         self._check_lag(after)
                         break
-                    for seq, row in sub.drain():
-                        if seq > after:
-                            after = seq
-                            yield audience_pb2.WatchMembershipsResponse(change=change_message(seq, row))
+                    rows = [r for r in sub.drain() if r[0] > after]
+                    if rows:
+                        after = rows[-1][0]
+                    for message in _messages(rows, None):  # the buffer holds only wanted rows
+                        yield message
         finally:
             self.feed.unsubscribe(sub)
