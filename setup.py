@@ -34,6 +34,8 @@ PACKAGES = [
     "qualify.v1",
     "qualify.server",
     "qualify.server.domain",
+    "qualify.server.observability",
+    "qualify.server.security",
     "qualify.server.storage",
     "qualify.server.transport",
     "qualify.server.wire",

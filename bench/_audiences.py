@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ._loadgen import METADATA
+
 
 def audience_definitions(n: int, aggregate_property: str | None = None) -> list[dict]:
     """n audiences over page_views and warehouse attributes: windowed counts with a path
@@ -46,7 +48,7 @@ def create(address: str, n: int, prefix: str) -> list[str]:
         for i, definition in enumerate(audience_definitions(n)):
             a = audience_pb2.Audience(id=f"{prefix}{i}", description="qualify bench; deleted after the run")
             json_format.ParseDict(definition, a.condition)
-            stub.CreateAudience(audience_pb2.CreateAudienceRequest(audience=a), timeout=120)
+            stub.CreateAudience(audience_pb2.CreateAudienceRequest(audience=a), timeout=120, metadata=METADATA)
             ids.append(a.id)
     return ids
 
@@ -60,7 +62,7 @@ def delete(address: str, ids: list[str]) -> None:
         stub = audience_pb2_grpc.AudienceServiceStub(ch)
         for a in ids:
             try:
-                stub.DeleteAudience(audience_pb2.DeleteAudienceRequest(id=a), timeout=60)
+                stub.DeleteAudience(audience_pb2.DeleteAudienceRequest(id=a), timeout=60, metadata=METADATA)
             except grpc.RpcError:
                 pass  # gone already, or the server is: nothing left to clean
 
@@ -94,20 +96,20 @@ def setup_e2e(address: str, inputs, persons: int, run_id: str, via: str | None =
            "after_sequence": 0}
     with grpc.insecure_channel(address) as ch:
         stub = audience_pb2_grpc.AudienceServiceStub(ch)
-        stub.CreateAudience(audience_pb2.CreateAudienceRequest(audience=audience), timeout=60)
+        stub.CreateAudience(audience_pb2.CreateAudienceRequest(audience=audience), timeout=60, metadata=METADATA)
         ingest = ingest_pb2_grpc.IngestServiceStub(ch)
         if via == "get":
             return out
         for attempt in range(3):
             watch = stub.WatchMemberships(audience_pb2.WatchMembershipsRequest(
-                audience_ids=[audience_id], start=audience_pb2.WATCH_START_NOW), timeout=10)
+                audience_ids=[audience_id], start=audience_pb2.WATCH_START_NOW), timeout=10, metadata=METADATA)
             mid = f"{run_id}-probe-{attempt}"
             event = event_pb2.Event(message_id=mid, type=event_pb2.EVENT_TYPE_PAGE, name="Page Viewed",
                                     user_id=keys.key(keys.n - 1 - attempt))
             event.properties.update({"path": path})
             event.timestamp.GetCurrentTime()
             try:
-                ingest.Track(ingest_pb2.TrackRequest(event=event), timeout=10)
+                ingest.Track(ingest_pb2.TrackRequest(event=event), timeout=10, metadata=METADATA)
                 for message in watch:
                     for change in message.changes:
                         if change.message_id == mid:

@@ -47,6 +47,9 @@ INFO = "/qualify.v1.DiagnosticsService/GetServerInfo"
 TRACK = "/qualify.v1.IngestService/Track"
 STREAM = "/qualify.v1.IngestService/StreamEvents"
 WATCH = "/qualify.v1.AudienceService/WatchMemberships"
+# A server with API keys on (a project file, or `qualify serve --auth on`): every call carries
+# $QUALIFY_API_KEY (GetServerInfo, used to find the serving processes, needs the admin scope).
+METADATA = (("authorization", "Bearer " + os.environ["QUALIFY_API_KEY"]),) if os.environ.get("QUALIFY_API_KEY") else None
 CHECK_EVERY = 997  # one reply in this many is decoded and checked
 KEY_POOL = 1 << 16
 LOWEST_US, HIGHEST_US = 1, 3_600_000_000  # histogram range: 1 us .. 1 h
@@ -90,7 +93,8 @@ class Unary:
         pass
 
     def send(self, j: int, done) -> None:
-        f = self.calls[j % len(self.calls)].future(self.requests[j % len(self.requests)], timeout=self.timeout)
+        f = self.calls[j % len(self.calls)].future(self.requests[j % len(self.requests)], timeout=self.timeout,
+                                                     metadata=METADATA)
         f.add_done_callback(partial(self._done, j, done))
 
     def _done(self, j: int, done, f) -> None:
@@ -146,7 +150,7 @@ class Stream:
         self.queues, self.readers = [], []
         for ch in self.channels:
             q: queue.SimpleQueue = queue.SimpleQueue()
-            call = ch.stream_stream(STREAM, response_deserializer=self.decode)(iter(q.get, None))
+            call = ch.stream_stream(STREAM, response_deserializer=self.decode)(iter(q.get, None), metadata=METADATA)
             self.queues.append(q)
             self.readers.append(_Reader(call, self._ack, self._fail))
 
@@ -215,7 +219,8 @@ class Membership:
 
     def open(self) -> None:
         if self.mode == "watch":
-            self.readers = [_Reader(ch.unary_stream(WATCH, response_deserializer=self.watch_response)(self.watch_request),
+            self.readers = [_Reader(ch.unary_stream(WATCH, response_deserializer=self.watch_response)(
+                                        self.watch_request, metadata=METADATA),
                                     self._change, self._fail) for ch in self.channels]
 
     def _change(self, message) -> None:
@@ -242,7 +247,7 @@ class Membership:
         if self.mode == "watch":
             self.pending[mid] = done
         f = self.track[j % len(self.track)].future(_inputs.track_request(self.events.event(self.bodies[i], mid)),
-                                                   timeout=self.timeout)
+                                                   timeout=self.timeout, metadata=METADATA)
         f.add_done_callback(partial(self._acked, j, i, mid, done))
 
     def _acked(self, j: int, i: int, mid: str, done, f) -> None:
@@ -257,7 +262,7 @@ class Membership:
 
     def _poll(self, j: int, i: int, done, since: float) -> None:
         req = self.get_request(collection=self.collection, key=self.persons[i]).SerializeToString()
-        f = self.get[j % len(self.get)].future(req, timeout=self.timeout)
+        f = self.get[j % len(self.get)].future(req, timeout=self.timeout, metadata=METADATA)
         f.add_done_callback(partial(self._polled, j, i, done, since))
 
     def _polled(self, j: int, i: int, done, since: float, f) -> None:
@@ -297,7 +302,7 @@ class Generator:
         from qualify.v1 import diagnostics_pb2
 
         return [diagnostics_pb2.GetServerInfoResponse.FromString(
-                    ch.unary_unary(INFO)(b"", timeout=self.timeout)).worker_pid for ch in self.channels]
+                    ch.unary_unary(INFO)(b"", timeout=self.timeout, metadata=METADATA)).worker_pid for ch in self.channels]
 
     # prepare -------------------------------------------------------------
 

@@ -17,14 +17,19 @@ do not retry together.
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
 
+from ._errors import retry_info_delay
+
 #: Per-call metadata: (key, value) pairs; keys ending in "-bin" take bytes.
 Metadata = Sequence[tuple[str, str | bytes]]
+#: A PEM file's path, or its bytes.
+Pem = str | bytes | os.PathLike
 
 # Codes that mean the server did not serve the request, so a read may be sent again.
 # DEADLINE_EXCEEDED is not among them: the server may still be working on it,
@@ -55,3 +60,45 @@ def should_retry(err: grpc.RpcError, retry: int, retries: int) -> bool:
     """Whether a read that failed with `err` gets retry number `retry`."""
     code = err.code() if callable(getattr(err, "code", None)) else None
     return retry < retries and code in RETRYABLE_CODES
+
+
+def pause(err: grpc.RpcError, retry: int, backoff: Backoff) -> float:
+    """The wait before retry number `retry`: the backoff, or longer when the server said so (RetryInfo)."""
+    return max(backoff.delay(retry), retry_info_delay(err) or 0.0)
+
+
+def call_metadata(metadata: Metadata | None, api_key: str | None) -> tuple:
+    """The metadata every call carries: the caller's, and the API key as `authorization: Bearer <key>`."""
+    out = tuple(metadata or ())
+    return (*out, ("authorization", f"Bearer {api_key}")) if api_key else out
+
+
+def _pem(value: Pem | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    with open(value, "rb") as f:
+        return f.read()
+
+
+def channel_credentials(
+    credentials: grpc.ChannelCredentials | None,
+    tls: bool,
+    root_certificates: Pem | None,
+    certificate_chain: Pem | None,
+    private_key: Pem | None,
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials from the clients' options; None for a plain-text channel.
+
+    `root_certificates` (the CA that signed the server's certificate; default:
+    the system's), and for mutual TLS the client's `certificate_chain` and
+    `private_key`. Any of them implies TLS; `tls=True` asks for it with the
+    system's roots alone. `credentials` (ready-made) wins over all of them.
+    """
+    if credentials is not None:
+        return credentials
+    if (certificate_chain is None) != (private_key is None):
+        raise ValueError("mutual TLS needs both certificate_chain and private_key")
+    if not (tls or root_certificates or certificate_chain):
+        return None
+    return grpc.ssl_channel_credentials(root_certificates=_pem(root_certificates),
+                                        private_key=_pem(private_key), certificate_chain=_pem(certificate_chain))

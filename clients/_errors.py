@@ -147,3 +147,16 @@ def _rich_status(trailers: Iterable[tuple[str, str | bytes]]) -> status_pb2.Stat
             except DecodeError:
                 return None
     return None
+
+
+def retry_info_delay(err: grpc.RpcError) -> float | None:
+    """Seconds the server asked the caller to wait (a `google.rpc.RetryInfo` detail), if any."""
+    status = _rich_status(_call_attr(err, "trailing_metadata") or ())
+    if status is None:
+        return None
+    for detail in status.details:
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            return info.retry_delay.ToNanoseconds() / 1e9
+    return None

@@ -12,7 +12,7 @@ import grpc.aio
 
 from qualify.v1 import diagnostics_pb2, diagnostics_pb2_grpc, personalize_pb2_grpc
 
-from ._call import CHANNEL_OPTIONS, Backoff, Metadata, should_retry
+from ._call import CHANNEL_OPTIONS, Backoff, Metadata, Pem, call_metadata, channel_credentials, pause, should_retry
 from ._errors import error_from_rpc_error
 from ._records import (
     BatchResult,
@@ -30,6 +30,13 @@ _Response = TypeVar("_Response")
 class AsyncClient:
     """An asyncio Qualify client; reads are retried on UNAVAILABLE and RESOURCE_EXHAUSTED.
 
+    `api_key` is sent with every call as `authorization: Bearer <key>`. TLS:
+    `root_certificates` (the CA of the server's certificate, PEM bytes or a
+    path; default the system's roots), plus `certificate_chain` and
+    `private_key` for mutual TLS; `tls=True` alone uses the system's roots.
+    A RESOURCE_EXHAUSTED answer carrying a RetryInfo is retried no sooner than
+    it asks.
+
     Create it inside a running event loop: the grpc.aio channel binds to it.
 
     >>> async with AsyncClient("127.0.0.1:50051") as client:
@@ -44,13 +51,19 @@ class AsyncClient:
         retries: int = 3,
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Metadata | None = None,
+        api_key: str | None = None,
+        tls: bool = False,
+        root_certificates: Pem | None = None,
+        certificate_chain: Pem | None = None,
+        private_key: Pem | None = None,
     ) -> None:
         if retries < 0:
             raise ValueError("retries must be >= 0")
         self._timeout = timeout
         self._retries = retries
-        self._metadata = tuple(metadata or ())
+        self._metadata = call_metadata(metadata, api_key)
         self._backoff = Backoff()
+        credentials = channel_credentials(credentials, tls, root_certificates, certificate_chain, private_key)
         self._channel = (
             grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
             if credentials is not None
@@ -120,5 +133,6 @@ class AsyncClient:
             except grpc.RpcError as err:  # grpc.aio.AioRpcError subclasses it
                 if not should_retry(err, retry, self._retries):
                     raise error_from_rpc_error(err) from err
-            await asyncio.sleep(self._backoff.delay(retry))
+                delay = pause(err, retry, self._backoff)  # `err` is unbound after the except block
+            await asyncio.sleep(delay)
             retry += 1

@@ -17,6 +17,8 @@ from google.protobuf import json_format
 
 from qualify.v1 import audience_pb2, audience_pb2_grpc, event_pb2, ingest_pb2, ingest_pb2_grpc
 
+from ._call import CHANNEL_OPTIONS, call_metadata, channel_credentials
+from ._errors import error_from_rpc_error
 from .blocking import Client
 
 AUDIENCE = "high_intent_pricing"
@@ -33,19 +35,35 @@ def condition(window_seconds: int) -> dict:
     ]}}
 
 
-def run(address: str, window_seconds: int = 10, say: Callable[[str], None] = print) -> None:
-    with grpc.insecure_channel(address) as channel, Client(address) as client:
+def run(address: str, window_seconds: int = 10, say: Callable[[str], None] = print, *, api_key: str | None = None,
+        root_certificates=None, certificate_chain=None, private_key=None) -> None:
+    """The walk-through; the key needs the scopes audiences:write, ingest and personalize (or admin).
+
+    Raises a QualifyError when a call fails.
+    """
+    try:
+        _run(address, window_seconds, say, api_key, root_certificates, certificate_chain, private_key)
+    except grpc.RpcError as err:  # the audience and ingest calls use the generated stubs
+        raise error_from_rpc_error(err) from err
+
+
+def _run(address, window_seconds, say, api_key, root_certificates, certificate_chain, private_key) -> None:
+    credentials = channel_credentials(None, False, root_certificates, certificate_chain, private_key)
+    metadata = call_metadata(None, api_key)
+    channel = (grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS) if credentials
+               else grpc.insecure_channel(address, options=CHANNEL_OPTIONS))
+    with channel, Client(address, api_key=api_key, credentials=credentials) as client:
         audiences = audience_pb2_grpc.AudienceServiceStub(channel)
         ingest = ingest_pb2_grpc.IngestServiceStub(channel)
         audience = audience_pb2.Audience(id=AUDIENCE, display_name="High intent pricing",
                                          description=f"viewed /pricing 3+ times in {window_seconds}s, on the free plan")
         json_format.ParseDict(condition(window_seconds), audience.condition)
         try:
-            audiences.CreateAudience(audience_pb2.CreateAudienceRequest(audience=audience))
+            audiences.CreateAudience(audience_pb2.CreateAudienceRequest(audience=audience), metadata=metadata)
         except grpc.RpcError as err:
             if err.code() != grpc.StatusCode.ALREADY_EXISTS:
                 raise
-            audiences.UpdateAudience(audience_pb2.UpdateAudienceRequest(audience=audience))
+            audiences.UpdateAudience(audience_pb2.UpdateAudienceRequest(audience=audience), metadata=metadata)
         say(f"audience {AUDIENCE}: page_views of /pricing >= 3 within {window_seconds}s AND plan = free")
         person = next(k for k in (f"user-{i}" for i in range(1, 1000))
                       if client.get(k, fields=["plan"]).fields.get("plan") == "free" and not client.get(k).memberships)
@@ -55,11 +73,11 @@ def run(address: str, window_seconds: int = 10, say: Callable[[str], None] = pri
                                     name="Pricing", user_id=person)
             event.properties.update({"path": "/pricing"})
             event.timestamp.GetCurrentTime()
-            ingest.Track(ingest_pb2.TrackRequest(event=event))
+            ingest.Track(ingest_pb2.TrackRequest(event=event), metadata=metadata)
             member = [m.audience_id for m in client.get(person).memberships]
             say(f"  pricing view {n}: memberships {member}")
         explained = audiences.ExplainMembership(
-            audience_pb2.ExplainMembershipRequest(id=AUDIENCE, person_key=person))
+            audience_pb2.ExplainMembershipRequest(id=AUDIENCE, person_key=person), metadata=metadata)
         say(f"  explain: {explained.root.children[0].summary}")
         started = time.monotonic()
         while client.get(person).memberships and time.monotonic() - started < window_seconds + 10:

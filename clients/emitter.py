@@ -50,7 +50,7 @@ import grpc
 
 from qualify.v1 import event_pb2, ingest_pb2, ingest_pb2_grpc
 
-from ._call import CHANNEL_OPTIONS, Backoff, Metadata
+from ._call import CHANNEL_OPTIONS, Backoff, Metadata, Pem, call_metadata, channel_credentials, pause
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,10 @@ class EventEmitter:
     reconnect), ``accepted`` (new in the log), ``duplicates`` (already in the
     log), ``acknowledged`` (``accepted + duplicates``: durable on the server),
     ``rejected``; and ``reconnects``.
+
+    Connection options as for ``Client``: ``api_key`` (a key with the
+    ``ingest`` scope), ``tls``, ``root_certificates``, ``certificate_chain``
+    and ``private_key``, or ready-made ``credentials``.
     """
 
     def __init__(
@@ -100,6 +104,11 @@ class EventEmitter:
         backoff: Backoff = Backoff(base=0.05, cap=2.0),
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Metadata | None = None,
+        api_key: str | None = None,
+        tls: bool = False,
+        root_certificates: Pem | None = None,
+        certificate_chain: Pem | None = None,
+        private_key: Pem | None = None,
     ) -> None:
         if not 1 <= batch_size <= MAX_BATCH:
             raise ValueError(f"batch_size must be from 1 to {MAX_BATCH}")
@@ -115,7 +124,8 @@ class EventEmitter:
         self.max_in_flight = max_in_flight
         self.on_rejection = on_rejection
         self._backoff = backoff
-        self._metadata = tuple(metadata or ())
+        self._metadata = call_metadata(metadata, api_key)
+        credentials = channel_credentials(credentials, tls, root_certificates, certificate_chain, private_key)
         self._channel = (
             grpc.secure_channel(address, credentials, options=_EMITTER_CHANNEL_OPTIONS)
             if credentials is not None
@@ -328,7 +338,8 @@ class EventEmitter:
                 if self._stopped or (self._closing and self._held == 0):
                     return
                 if not got_ack:  # the server is unavailable: back off (only close cuts it short)
-                    self._cond.wait_for(lambda: self._stopped, self._backoff.delay(retry))
+                    delay = pause(self.last_error, retry, self._backoff) if self.last_error else self._backoff.delay(retry)
+                    self._cond.wait_for(lambda: self._stopped, delay)
                     retry += 1
                 self.reconnects += 1
 

@@ -33,6 +33,9 @@ from grpc_reflection.v1alpha import reflection
 from qualify.v1 import audience_pb2, diagnostics_pb2, ingest_pb2, personalize_pb2, sync_pb2
 
 from .config import Project
+from .observability import metrics
+from .operations import Operations
+from .security.keys import KeyStore, keys_path
 from .storage.lmdb_store import META, Reader, data_path, open_env
 from .storage.sync import Progress, SyncError, Syncer
 from .clock import Clock, make_clock
@@ -40,6 +43,8 @@ from .domain.engine import Engine
 from .storage.realtime import RealtimeStore
 from .storage.writer import Writer
 from .transport.audience import Audiences
+from .transport.gate import Gate, server_credentials
+from .transport.health import watch_health
 from .transport.watch import Watch
 from .delivery.feed import ChangeFeed
 from .delivery.runner import Deliveries
@@ -70,17 +75,23 @@ MAX_MESSAGE_BYTES = 16 << 20
 
 async def create_server(reader: Reader, host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False,
                         ingest: Ingest | None = None, audiences: Audiences | None = None, syncs: Syncs | None = None,
-                        writer_address: str | None = None, address: str | None = None):
+                        writer_address: str | None = None, address: str | None = None,
+                        ops: Operations | None = None, keys: KeyStore | None = None, internal: bool = False):
     """A configured, unstarted server: returns (server, bound port, health servicer).
 
     ``ingest``, ``audiences`` and ``syncs`` (the writing process) serve
     IngestService, AudienceService and SyncService; a serving process given
     ``writer_address`` forwards them there; otherwise they answer
     UNIMPLEMENTED. ``address`` (e.g. a ``unix:`` path) replaces host and port.
+    Every call passes the gate (transport/gate.py): API ``keys`` (None: auth
+    off) and ``ops.limits``; ``internal`` (the writer's socket behind the
+    serving processes) checks keys again but neither limits nor measures, and
+    never uses TLS.
     """
+    ops = ops or Operations(auth=False)
     server = grpc.aio.server(options=[
         ("grpc.so_reuseport", 1 if reuse_port else 0),
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", ops.limits.max_message_bytes),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ])
     if writer_address is not None:
@@ -90,11 +101,16 @@ async def create_server(reader: Reader, host: str = "127.0.0.1", port: int = 0, 
         writing = ingest.handlers() if ingest is not None else [handler_for(INGEST)]
         writing.append(audiences.handlers() if audiences is not None else handler_for(AUDIENCE))
         writing.append(syncs.handlers() if syncs is not None else handler_for(SYNC))
-    server.add_generic_rpc_handlers(Personalize(reader, VERSION).handlers() + writing)
+    server.add_generic_rpc_handlers([Gate(Personalize(reader, VERSION).handlers() + writing,
+                                          SERVED + [INGEST, AUDIENCE, SYNC], keys=keys, limits=ops.limits,
+                                          edge=not internal)])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(SERVICE_NAMES + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(address or f"{host}:{port}")
+    if ops.tls.enabled and not internal:
+        bound = server.add_secure_port(address or f"{host}:{port}", server_credentials(ops.tls))
+    else:
+        bound = server.add_insecure_port(address or f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot listen on {address or f'{host}:{port}'} (address in use?)")
     for name in ["", *SERVICE_NAMES]:
@@ -102,12 +118,22 @@ async def create_server(reader: Reader, host: str = "127.0.0.1", port: int = 0, 
     return server, bound, health_servicer
 
 
-async def mark_ready(reader: Reader, health_servicer, poll: float = 0.05) -> None:
-    """Health turns SERVING once the first sync has landed (seen through LMDB)."""
-    while reader.generation == 0:
-        await asyncio.sleep(poll)
-    for name in ["", *SERVICE_NAMES]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+def _health(reader: Reader, health_servicer, project: Project):
+    """Health turns SERVING once the first sync has landed, and NOT_SERVING while the map is nearly full."""
+    return watch_health(reader, health_servicer, ["", *SERVICE_NAMES], project.ops.limits.map_nearly_full)
+
+
+def _keys(project: Project) -> KeyStore | None:
+    return KeyStore(keys_path(project.data_dir)) if project.ops.auth else None
+
+
+def _announce_auth(project: Project) -> None:
+    if not project.ops.auth:
+        log.warning("authentication is OFF: any caller may call every RPC "
+                    "(the embedded demo, or [auth] enabled = false in the project file)")
+    elif KeyStore(keys_path(project.data_dir)).count == 0:
+        log.warning("authentication is on and no API key exists yet: every call is refused until "
+                    "`qualify keys create` makes one")
 
 
 def write_ready_file(path: str | None, host: str, port: int, workers: int) -> None:
@@ -146,14 +172,20 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
     wake = asyncio.Event()
     engine.on_deadline = lambda: loop.call_soon_threadsafe(wake.set)
     host, port = project.server.host, project.server.port
-    ingest = Ingest(writer, project.event_models, clock_us=clock)
+    internal = address is not None
+    if project.ops.metrics.port:
+        metrics.setup()
+    ingest = Ingest(writer, project.event_models, clock_us=clock, limits=project.ops.limits)
     server, port, health_servicer = await create_server(reader, host, port, ingest=ingest,
                                                         audiences=Audiences(engine, writer, store, clock,
                                                                             Watch(feed, store, project.watch_buffer,
                                                                                   project.watch_max_lag)),
                                                         syncs=Syncs(deliveries, reader),
-                                                        address=address)
+                                                        address=address, ops=project.ops, keys=_keys(project),
+                                                        internal=internal)
     await server.start()
+    if internal:  # the writer's socket is for the serving processes of this user only
+        os.chmod(address.removeprefix("unix:"), 0o600)
     log.info("listening on %s (NOT_SERVING until the first sync lands)", address or f"{host}:{port}")
     stop = asyncio.Event()
     _stop_on_signals(loop, stop)
@@ -172,6 +204,7 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
                     return report
 
                 report = await asyncio.wrap_future(writer.submit(sync_and_reevaluate))
+                metrics.warehouse_sync(report.seconds, True, time.time())
                 if first:
                     # Everything built so far lives as long as the process: keep it out of
                     # the collector's full passes, which otherwise stall a request for ms.
@@ -181,12 +214,14 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
                     log.info("serving %d people from %s on %s:%d", report.people,
                              ", ".join(c.name for c in project.collections), host, port)
             except (SyncError, lmdb.Error) as exc:  # lmdb.Error: the writer's commit failed
+                metrics.warehouse_sync(None, False)
                 log.error("warehouse sync failed, nothing changed: %s", exc)
                 if first and reader.generation == 0:
                     failed = True
                     stop.set()
                     return
             except Exception:  # noqa: BLE001 - a bug must not end the schedule; the next sync may land
+                metrics.warehouse_sync(None, False)
                 log.exception("warehouse sync failed, nothing changed")
                 if first and reader.generation == 0:
                     failed = True
@@ -197,7 +232,7 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
                 return
             await asyncio.sleep(project.server.sync_interval)
 
-    tasks = [asyncio.create_task(sync_loop()), asyncio.create_task(mark_ready(reader, health_servicer)),
+    tasks = [asyncio.create_task(sync_loop()), asyncio.create_task(_health(reader, health_servicer, project)),
              asyncio.create_task(_fire_timers(engine, writer, wake, clock, test_clock))]
     await stop.wait()
     log.info("shutting down (grace %.0fs)", GRACE_SECONDS)
@@ -270,12 +305,15 @@ async def _fire_timers(engine: Engine, writer: Writer, wake: asyncio.Event, cloc
 async def _serve_worker(project: Project, port: int, writer_address: str) -> int:
     env = open_env(data_path(project.data_dir), project.map_size, readonly=True)
     reader = Reader(env)
+    if project.ops.metrics.port:
+        metrics.setup()
     server, _, health_servicer = await create_server(reader, project.server.host, port, reuse_port=True,
-                                                     writer_address=writer_address)
+                                                     writer_address=writer_address, ops=project.ops,
+                                                     keys=_keys(project))
     await server.start()
     stop = asyncio.Event()
     _stop_on_signals(asyncio.get_running_loop(), stop)
-    ready = asyncio.create_task(mark_ready(reader, health_servicer))
+    ready = asyncio.create_task(_health(reader, health_servicer, project))
     await stop.wait()
     await health_servicer.enter_graceful_shutdown()
     await server.stop(GRACE_SECONDS)
@@ -311,8 +349,9 @@ def _fork(main) -> int:
 
 
 def serve_workers(project: Project, workers: int, *, ready_file: str | None = None,
-                  progress: Progress | None = None) -> int:
-    """A supervisor, one writer process and ``workers`` serving processes.
+                  progress: Progress | None = None, metrics_http=None) -> int:
+    """A supervisor, one writer process and ``workers`` serving processes
+    (and one serving ``metrics_http``, when metrics are on).
 
     The supervisor holds no gRPC and no LMDB state, so it can fork
     replacements at any time. The writer syncs, ingests and evaluates, and
@@ -339,8 +378,14 @@ def serve_workers(project: Project, workers: int, *, ready_file: str | None = No
     def worker_main() -> int:
         return run_async(_serve_worker(project, port, writer_address))
 
+    def metrics_main() -> int:  # a process of its own: the supervisor must not run threads while it forks
+        metrics_http.serve_forever()
+        return 0
+
     roles = {_fork(writer_main): writer_main}
     roles.update({_fork(worker_main): worker_main for _ in range(workers)})
+    if metrics_http is not None:
+        roles[_fork(metrics_main)] = metrics_main
     log.info("%d serving processes on %s:%d (SO_REUSEPORT), one writer on %s", workers,
              project.server.host, port, socket_path)
     stop = threading.Event()
@@ -359,6 +404,7 @@ def serve_workers(project: Project, workers: int, *, ready_file: str | None = No
                 pid = 0
             if pid in roles:
                 main = roles.pop(pid)
+                metrics.process_exited(pid)
                 if main is writer_main and not announced:
                     log.error("the writer exited before the first sync landed (status %d)", status)
                     code = 1
@@ -390,9 +436,33 @@ def run_async(coro) -> int:
     return uvloop.run(coro)
 
 
+def _metrics_endpoint(project: Project, multiprocess: bool):
+    """/metrics bound (not serving yet), or None after logging why it cannot listen."""
+    m = project.ops.metrics
+    try:
+        if multiprocess:  # before any fork and any import of prometheus_client: every process writes here
+            metrics.prepare_multiprocess(data_path(project.data_dir).parent / "metrics")
+        else:
+            metrics.setup()
+        httpd = metrics.http_server(m.host, m.port, multiprocess=multiprocess)
+    except OSError as exc:
+        log.error("cannot serve metrics on %s:%d: %s", m.host, m.port, exc)
+        return None
+    log.info("Prometheus metrics on http://%s:%d/metrics", m.host, httpd.server_port)
+    return httpd
+
+
 def serve(project: Project, *, workers: int | None = None, ready_file: str | None = None,
           progress: Progress | None = None) -> int:
     workers = workers or project.server.workers
+    _announce_auth(project)
+    httpd = None
+    if project.ops.metrics.port:
+        httpd = _metrics_endpoint(project, multiprocess=workers > 1)
+        if httpd is None:
+            return 1
     if workers > 1:
-        return serve_workers(project, workers, ready_file=ready_file, progress=progress)
+        return serve_workers(project, workers, ready_file=ready_file, progress=progress, metrics_http=httpd)
+    if httpd is not None:
+        threading.Thread(target=httpd.serve_forever, name="qualify-metrics", daemon=True).start()
     return run_async(serve_single(project, ready_file=ready_file, progress=progress))

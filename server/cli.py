@@ -1,4 +1,4 @@
-"""The ``qualify`` command: serve, sync, check, get, syncs, demo, bench."""
+"""The ``qualify`` command: serve, sync, check, get, syncs, demo, bench, keys."""
 
 from __future__ import annotations
 
@@ -28,6 +28,17 @@ def _project(args) -> Project:
 
         log.info("no project file: running the embedded demo (%d people)", args.demo_people)
         project = demo_project(Path(args.data_dir), people=args.demo_people)
+    auth = getattr(args, "auth", None)
+    metrics_port = getattr(args, "metrics_port", None)
+    if auth is not None or metrics_port is not None:
+        from dataclasses import replace
+
+        ops = project.ops
+        if auth is not None:
+            ops = replace(ops, auth=auth == "on")
+        if metrics_port is not None:
+            ops = replace(ops, metrics=replace(ops.metrics, port=metrics_port))
+        project = replace(project, ops=ops)
     overrides = {}
     if getattr(args, "port", None) is not None:
         overrides["port"] = args.port
@@ -156,7 +167,7 @@ def cmd_get(args) -> int:
 
     fields = [f for f in args.fields.split(",") if f] if args.fields else None
     try:
-        with Client(args.address, timeout=args.timeout) as client:
+        with Client(args.address, timeout=args.timeout, **_connection(args)) as client:
             record = client.get(args.key, collection=args.collection, fields=fields)
     except QualifyError as exc:
         print(f"qualify get: {exc}", file=sys.stderr)
@@ -170,23 +181,42 @@ def cmd_demo(args) -> int:
     from qualify.clients.demo import run
 
     try:
-        run(args.address, args.window)
+        run(args.address, args.window, **_connection(args))
     except QualifyError as exc:
         print(f"qualify demo: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
+def _connection(args) -> dict:
+    """Client options from --api-key (or $QUALIFY_API_KEY) and the --tls-* files."""
+    return {"api_key": args.api_key or os.environ.get("QUALIFY_API_KEY") or None,
+            "root_certificates": args.tls_ca, "certificate_chain": args.tls_cert, "private_key": args.tls_key}
+
+
+def connection_args(p) -> None:
+    p.add_argument("--api-key", help="API key (default $QUALIFY_API_KEY)")
+    p.add_argument("--tls-ca", help="TLS: the PEM CA certificate that signed the server's (implies TLS)")
+    p.add_argument("--tls-cert", help="mutual TLS: this client's PEM certificate")
+    p.add_argument("--tls-key", help="mutual TLS: this client's PEM private key")
+
+
 def _sync_call(args, method: str, request):
     """One SyncService call; prints a clean error and returns None on failure."""
     import grpc
 
+    from qualify.clients._call import call_metadata, channel_credentials
     from qualify.clients._errors import error_from_rpc_error
     from qualify.v1 import sync_pb2_grpc
 
+    conn = _connection(args)
+    credentials = channel_credentials(None, False, conn["root_certificates"], conn["certificate_chain"],
+                                      conn["private_key"])
     try:
-        with grpc.insecure_channel(args.address) as channel:
-            return getattr(sync_pb2_grpc.SyncServiceStub(channel), method)(request, timeout=args.timeout)
+        with (grpc.secure_channel(args.address, credentials) if credentials
+              else grpc.insecure_channel(args.address)) as channel:
+            return getattr(sync_pb2_grpc.SyncServiceStub(channel), method)(
+                request, timeout=args.timeout, metadata=call_metadata(None, conn["api_key"]))
     except grpc.RpcError as exc:
         print(f"qualify syncs: {error_from_rpc_error(exc)}", file=sys.stderr)
         return None
@@ -270,6 +300,8 @@ def cmd_bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qualify", description="Qualify: real-time audiences and a Personalization API over gRPC.")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    parser.add_argument("--log-format", default="auto", choices=("auto", "json", "text"),
+                        help="JSON lines, or text (default: text on a terminal, else JSON)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def project_args(p):
@@ -283,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port (default from the project, 50051; 0 picks a free one)")
     p.add_argument("--workers", type=int, help="serving processes sharing the port (default 1)")
     p.add_argument("--ready-file", help="write {address, port, pid} as JSON here once serving")
+    p.add_argument("--auth", choices=("on", "off"),
+                   help="require API keys (default: on with a project file, off for the embedded demo)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (default [metrics] port; 0 off)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("sync", help="run one warehouse sync now")
@@ -300,11 +335,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default="127.0.0.1:50051", help="server address (default 127.0.0.1:50051)")
     p.add_argument("--fields", help="comma-separated fields to return (default all)")
     p.add_argument("--timeout", type=float, default=2.0, help="deadline in seconds (default 2)")
+    connection_args(p)
     p.set_defaults(func=cmd_get)
 
     def address_args(p):
         p.add_argument("--address", default="127.0.0.1:50051", help="server address (default 127.0.0.1:50051)")
         p.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds (default 10)")
+        connection_args(p)
 
     p = sub.add_parser("syncs", help="realtime syncs: status table, dead letters, replay")
     address_args(p)
@@ -323,12 +360,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="walk through a realtime audience against a server on the embedded demo")
     p.add_argument("--address", default="127.0.0.1:50051", help="server address (default 127.0.0.1:50051)")
     p.add_argument("--window", type=int, default=10, help="the audience's window in seconds (default 10)")
+    connection_args(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="load-test a server: qualify bench SCENARIO --target HOST:PORT (--help for more)",
                        add_help=False)
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
+
+    from .security.keys_cli import add_parser as add_keys_parser
+
+    add_keys_parser(sub)
     return parser
 
 
@@ -340,8 +382,9 @@ def main(argv: list[str] | None = None) -> int:
         args.bench_args = rest + args.bench_args
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .observability.logs import configure
+
+    configure(args.log_level, args.log_format)
     try:
         return args.func(args)
     except ProjectError as exc:

@@ -29,6 +29,7 @@ from .domain.errors import InvalidRequest
 from .domain.syncs import SyncSpec, parse_sync
 from .domain.events import EVENT_TYPE_NAMES, EventModel, EventType, Identifier
 from .domain.schema import TYPE_NAMES, ValueType
+from .operations import SECTIONS as OPERATION_SECTIONS, Operations, parse_operations
 
 DEFAULT_PORT = 50051
 DEFAULT_MAP_SIZE = 64 << 30  # LMDB reserves address space, not disk
@@ -125,6 +126,7 @@ class Project:
     syncs: tuple[SyncSpec, ...] = ()  # [[syncs]]
     retry_initial: float = 0.2  # [delivery] retry_initial: first backoff, seconds
     retry_max: float = 30.0  # [delivery] retry_max: longest backoff, seconds
+    ops: Operations = field(default_factory=Operations)  # [auth] [tls] [limits] [metrics]
 
     def event_model(self, name: str) -> EventModel | None:
         for m in self.event_models:
@@ -220,7 +222,7 @@ def load_project(path: str | Path) -> Project:
 def parse_project(data: dict, base: Path, path: Path | None = None) -> Project:
     r = _Reader()
     r.unknown_keys(data, ("data_dir", "warehouse", "parent_model", "collections", "server", "storage",
-                          "event_models", "realtime", "syncs", "delivery"), "")
+                          "event_models", "realtime", "syncs", "delivery", *OPERATION_SECTIONS), "")
 
     data_dir = base / (r.string(data, "data_dir", "data_dir", required=False, default="qualify-data") or "qualify-data")
 
@@ -363,6 +365,9 @@ def parse_project(data: dict, base: Path, path: Path | None = None) -> Project:
             r.problem(f"delivery.{key}", dl[key], str(exc))
             retry[key] = default
 
+    ops = parse_operations({name: r.table(data, name, keys) for name, keys in OPERATION_SECTIONS.items()},
+                           base, r.problem, _MISSING)
+
     if r.problems:
         raise ProjectError(str(path or "qualify.toml"), r.problems)
     return Project(
@@ -381,6 +386,7 @@ def parse_project(data: dict, base: Path, path: Path | None = None) -> Project:
         syncs=syncs,
         retry_initial=retry["retry_initial"],
         retry_max=max(retry["retry_max"], retry["retry_initial"]),
+        ops=ops,
     )
 
 

@@ -95,6 +95,7 @@ def demo_project(data_dir: Path, people: int = DEMO_PEOPLE, port: int | None = N
         },
         "collections": {"customers": {}},
         "event_models": DEMO_EVENT_MODELS,
+        "auth": {"enabled": False},  # a local try-out; `qualify serve --auth on` turns keys on
     }
     if port is not None:
         raw["server"] = {"port": port}

@@ -29,8 +29,10 @@ SMALL_DEMO = 2_000
 class QualifyServer:
     """``qualify serve`` in a subprocess; ``address`` once started."""
 
-    def __init__(self, workdir: Path, *args: str, env: dict | None = None):
+    def __init__(self, workdir: Path, *args: str, env: dict | None = None,
+                 credentials: grpc.ChannelCredentials | None = None):
         self.workdir = workdir
+        self.credentials = credentials  # TLS: how clients (and the readiness probe) connect
         self.ready_file = workdir / f"ready-{time.monotonic_ns()}.json"
         self.log_path = workdir / f"server-{time.monotonic_ns()}.log"
         self.args = [sys.executable, "-m", "qualify.server.cli", "serve", "--port", "0",
@@ -40,7 +42,8 @@ class QualifyServer:
         self.address = ""
         self.port = 0
 
-    def start(self, timeout: float = 60.0) -> "QualifyServer":
+    def start(self, timeout: float = 60.0, serving: bool = True) -> "QualifyServer":
+        """Waits for the ready file and (``serving``) for health SERVING."""
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.args, cwd=self.workdir, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + timeout
@@ -53,13 +56,16 @@ class QualifyServer:
             time.sleep(0.02)
         info = json.loads(self.ready_file.read_text())
         self.address, self.port = info["address"], info["port"]
-        wait_serving(self.address, deadline - time.monotonic())
+        if serving:
+            wait_serving(self.address, deadline - time.monotonic(), credentials=self.credentials)
         return self
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def channel(self) -> grpc.Channel:
+        if self.credentials is not None:
+            return grpc.secure_channel(self.address, self.credentials)
         return grpc.insecure_channel(self.address)
 
     def stop(self, timeout: float = 15.0) -> int:
@@ -81,9 +87,10 @@ class QualifyServer:
             self.proc.wait()
 
 
-def wait_serving(address: str, timeout: float = 30.0, service: str = "") -> None:
+def wait_serving(address: str, timeout: float = 30.0, service: str = "",
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as ch:
+    with (grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while True:
             try:
@@ -97,8 +104,15 @@ def wait_serving(address: str, timeout: float = 30.0, service: str = "") -> None
 
 
 def write_project(folder: Path, warehouse: str, extra: str = "", attributes: str | None = None,
-                  collections: str = "[collections.customers]\n") -> Path:
-    """A qualify.toml over the demo ``customers`` table in ``warehouse``."""
+                  collections: str = "[collections.customers]\n", auth: bool = False) -> Path:
+    """A qualify.toml over the demo ``customers`` table in ``warehouse``.
+
+    API keys are off (``[auth] enabled = false``) unless ``auth`` or ``extra``
+    has an ``[auth]`` table: tests of other parts call without keys, and
+    tests/test_security.py covers keys against every service.
+    """
+    if not auth and "[auth]" not in extra:
+        extra += "\n[auth]\nenabled = false\n"
     attributes = attributes if attributes is not None else textwrap.dedent("""\
         plan = "string"
         loyalty_tier = "string"
@@ -123,6 +137,13 @@ def write_project(folder: Path, warehouse: str, extra: str = "", attributes: str
     path = folder / "qualify.toml"
     path.write_text(text)
     return path
+
+
+def make_key(data_dir: Path, *scopes: str, name: str = "test") -> str:
+    """A new API key with ``scopes`` in ``data_dir`` (what `qualify keys create` does); returns the key."""
+    from qualify.server.security.keys import KeyFile, keys_path
+
+    return KeyFile(keys_path(data_dir)).create(name, scopes)[1]
 
 
 def demo_event_models_toml() -> str:

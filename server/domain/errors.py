@@ -19,6 +19,8 @@ class Status(enum.Enum):
     UNAVAILABLE = "UNAVAILABLE"
     UNIMPLEMENTED = "UNIMPLEMENTED"
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
     FAILED_PRECONDITION = "FAILED_PRECONDITION"
     INTERNAL = "INTERNAL"
 
@@ -90,6 +92,25 @@ class AudienceExists(QualifyError):
     status, reason = Status.ALREADY_EXISTS, "AUDIENCE_ALREADY_EXISTS"
 
 
+class Unauthenticated(QualifyError):
+    status, reason = Status.UNAUTHENTICATED, "UNAUTHENTICATED"
+
+
+class PermissionDenied(QualifyError):
+    status, reason = Status.PERMISSION_DENIED, "PERMISSION_DENIED"
+
+
+@dataclass
+class RateLimited(QualifyError):
+    """``retry_after``: seconds until the caller's rate allows another request."""
+
+    retry_after: float = 0.0
+
+    status, reason = Status.RESOURCE_EXHAUSTED, "RATE_LIMITED"
+
+
+class TooManyStreams(QualifyError):
+    status, reason = Status.RESOURCE_EXHAUSTED, "TOO_MANY_STREAMS"
 class SyncNotFound(QualifyError):
     status, reason = Status.NOT_FOUND, "SYNC_NOT_FOUND"
 

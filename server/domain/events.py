@@ -301,6 +301,47 @@ def validate(event: Event, models: Models, now_us: int, encoded_size: int = 0) -
     return None
 
 
+# Identifiers become LMDB keys (at most 511 bytes), some behind a 5-byte "anon:".
+MAX_ID_BYTES = 500
+_ID_FIELDS = ("user_id", "anonymous_id", "previous_id")
+_TEXT_FIELDS = ("message_id", "name", "session_id")
+
+
+def _over(s: str, limit: int) -> bool:
+    """Whether ``s`` is over ``limit`` bytes of UTF-8 (encoded only when it could be)."""
+    return len(s) * 4 > limit and (len(s) if s.isascii() else len(s.encode("utf-8", "surrogatepass"))) > limit
+
+
+def _long_string(value: Any, limit: int) -> bool:
+    """Whether a property value holds a string, or a key, over ``limit`` bytes (nested values too)."""
+    if isinstance(value, str):
+        return _over(value, limit)
+    if isinstance(value, dict):
+        return any(_long_string(k, limit) or _long_string(v, limit) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_long_string(v, limit) for v in value)
+    return False
+
+
+def check_limits(event: Event, max_properties: int, max_string_bytes: int) -> Rejection | None:
+    """TOO_LARGE for an event within the size limit that breaks a finer one (see [limits])."""
+    for names, limit in ((_ID_FIELDS, MAX_ID_BYTES), (_TEXT_FIELDS, max_string_bytes)):
+        for name in names:
+            if _over(getattr(event, name), limit):
+                return Rejection(RejectionReason.TOO_LARGE, f"{name} is over {limit} bytes", name)
+    for name in ("properties", "traits", "context"):
+        values = getattr(event, name)
+        if not values:
+            continue
+        if len(values) > max_properties:
+            return Rejection(RejectionReason.TOO_LARGE,
+                             f"{name} has {len(values)} keys; the limit is {max_properties}", name)
+        if _long_string(values, max_string_bytes):
+            return Rejection(RejectionReason.TOO_LARGE,
+                             f"{name} holds a string over {max_string_bytes} bytes", name)
+    return None
+
+
 def _person(model: EventModel, event: Event) -> PersonKey | None:
     ident = model.identifier
     if ident is Identifier.USER_ID:
@@ -312,8 +353,8 @@ def _person(model: EventModel, event: Event) -> PersonKey | None:
     v = event.properties.get(model.identifier_property)
     if isinstance(v, bool) or v is None:
         return None
-    if isinstance(v, str):
-        return ("user", v) if v else None
+    if isinstance(v, str):  # an id too long to be a key names nobody
+        return ("user", v) if v and not _over(v, MAX_ID_BYTES) else None
     if isinstance(v, int):
         return ("user", str(v))
     if isinstance(v, float) and math.isfinite(v) and v == int(v):

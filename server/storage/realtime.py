@@ -25,6 +25,7 @@ import numpy as np
 
 from ..domain.schema import ValueType
 from ..domain.static import Column
+from ..observability import metrics
 from .lmdb_store import CATALOG, GENERATION, ID_KEY, META, PEOPLE, U32, U64, delete_prefix
 from .lmdb_store import decode_membership as _decode
 
@@ -176,6 +177,7 @@ class RealtimeStore:
             txn.put(SEQ_KEY.pack(seq), packb(row), db=self.changelog, append=True)
             self.appended.append((seq, row))
         txn.put(CHANGELOG_SEQ, U64.pack(seq), db=self.meta)
+        metrics.membership_changes((row[0], row[2]) for row in changes)  # counted as written, before the commit
         return seq
 
     def take_appended(self) -> list[tuple[int, list]]:

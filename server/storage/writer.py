@@ -45,6 +45,7 @@ import lmdb
 
 from ..domain.errors import QualifyError, StorageUnavailable
 from ..domain.events import Event
+from ..observability import metrics
 from .eventlog import EventLog
 
 log = logging.getLogger(__name__)
@@ -288,6 +289,8 @@ class Writer:
                 "evaluating the batch failed; nothing in it was acknowledged (see the server log)")
         self._after(error is None)
         if error is None:
+            # The first event queued is the oldest: its wait is the transaction's evaluation lag.
+            metrics.evaluation_lag((self.clock_us() - events[0].received_us) / 1e6)
             self.transactions += 1
             self.events_logged += len(events) - sum(dup)
             self.duplicates += sum(dup)

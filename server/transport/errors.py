@@ -9,18 +9,19 @@ a request id and answered INTERNAL with that id only: no internals leak.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
-import uuid
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from google.protobuf.message import DecodeError
 
 from ..domain.errors import FieldViolation, InvalidRequest, QualifyError, Status
+from ..observability.logs import REQUEST_ID, new_request_id
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ _CODES = {
     Status.UNAVAILABLE: code_pb2.UNAVAILABLE,
     Status.UNIMPLEMENTED: code_pb2.UNIMPLEMENTED,
     Status.RESOURCE_EXHAUSTED: code_pb2.RESOURCE_EXHAUSTED,
+    Status.UNAUTHENTICATED: code_pb2.UNAUTHENTICATED,
+    Status.PERMISSION_DENIED: code_pb2.PERMISSION_DENIED,
     Status.FAILED_PRECONDITION: code_pb2.FAILED_PRECONDITION,
     Status.INTERNAL: code_pb2.INTERNAL,
 }
@@ -44,24 +47,40 @@ def _pack(message) -> any_pb2.Any:
     return packed
 
 
+class _Status(collections.namedtuple("_Status", ("code", "details", "trailing_metadata")), grpc.Status):
+    pass
+
+
 def to_status(code: int, message: str, reason: str, metadata: dict[str, str] | None = None,
-              violations: list[tuple[str, str]] | None = None) -> grpc.Status:
+              violations: list[tuple[str, str]] | None = None, retry_after: float | None = None) -> grpc.Status:
+    """The status to abort with; its trailers also carry the call's ``x-request-id``.
+
+    (Aborting replaces trailers set earlier, so the request id rides here.)
+    """
     status = status_pb2.Status(code=code, message=message)
     status.details.append(_pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata or {})))
     if violations:
         bad = error_details_pb2.BadRequest(field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in violations])
         status.details.append(_pack(bad))
-    return rpc_status.to_status(status)
+    if retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(max(1_000_000, int(retry_after * 1e9)))  # at least 1 ms: "now" is not a delay
+        status.details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+    plain = rpc_status.to_status(status)
+    request_id = REQUEST_ID.get()
+    if not request_id:
+        return plain
+    return _Status(plain.code, plain.details, (*plain.trailing_metadata, ("x-request-id", request_id)))
 
 
 def status_of(err: QualifyError) -> grpc.Status:
     return to_status(_CODES[err.status], err.message, err.reason, err.metadata,
-                     [(v.field, v.description) for v in err.violations])
+                     [(v.field, v.description) for v in err.violations], getattr(err, "retry_after", None))
 
 
 def internal_status(exc: BaseException, method: str) -> grpc.Status:
-    request_id = uuid.uuid4().hex[:16]
+    request_id = REQUEST_ID.get() or new_request_id()
     log.error("unexpected error in %s (request id %s)", method, request_id, exc_info=exc)
     return to_status(code_pb2.INTERNAL, f"internal error (request id {request_id})", "INTERNAL_ERROR",
                      {"request_id": request_id})

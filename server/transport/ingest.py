@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Sequence
 
 import grpc
@@ -26,14 +27,15 @@ from google.protobuf import struct_pb2
 from qualify.v1 import ingest_pb2
 
 from ..domain.errors import BatchTooLarge, FieldViolation, QualifyError
-from ..domain.events import (MAX_EVENT_BYTES, Event, EventModel, EventRejected, Rejection, compile_models,
-                             matching_models, validate)
+from ..domain.events import (MAX_EVENT_BYTES, Event, EventModel, EventRejected, Rejection, check_limits,
+                             compile_models, matching_models, validate)
+from ..observability import metrics
+from ..operations import Limits
 from ..storage.writer import Writer, wall_clock_us
 from .errors import guarded, internal_status, lenient, reject_malformed, status_of
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH_EVENTS = 1000
 MAX_IN_FLIGHT = 4  # batches per stream between read and acknowledgement
 
 _REJECTION_NAMES = {v.number: v.name for v in ingest_pb2.RejectionReason.DESCRIPTOR.values}
@@ -88,15 +90,18 @@ def event_from_proto(pb, received_us: int) -> Event:
 class Ingest:
     """Handlers over a Writer; one instance per writing server process."""
 
-    def __init__(self, writer: Writer, models: Sequence[EventModel], clock_us=wall_clock_us):
+    def __init__(self, writer: Writer, models: Sequence[EventModel], clock_us=wall_clock_us,
+                 limits: Limits = Limits()):
         self.writer = writer
         self.models = compile_models(models)
         self.clock_us = clock_us
+        self.limits = limits
 
     def _prepare(self, pbs) -> tuple[list[Event], list[tuple[int, Event, Rejection]]]:
         """The valid events (with ``matches`` set), and (batch index, event, why) for the rest."""
         now = self.clock_us()
         models = self.models
+        max_properties, max_string = self.limits.max_event_properties, self.limits.max_string_bytes
         good: list[Event] = []
         rejected = []
         for i, pb in enumerate(pbs):
@@ -105,7 +110,7 @@ class Ingest:
                 event = Event(message_id=pb.message_id, type=pb.type)
             else:
                 event = event_from_proto(pb, now)
-            rejection = validate(event, models, now, size)
+            rejection = check_limits(event, max_properties, max_string) or validate(event, models, now, size)
             if rejection is not None:
                 rejected.append((i, event, rejection))
                 continue
@@ -121,6 +126,7 @@ class Ingest:
             duplicates = result.duplicates
         rejections = [ingest_pb2.EventRejection(index=i, message_id=e.message_id, reason=int(r.reason),
                                                 description=r.description) for i, e, r in rejected]
+        _count(len(good) - duplicates, duplicates, rejected)
         return len(good) - duplicates, duplicates, rejections
 
     # -- RPCs -------------------------------------------------------------------------
@@ -129,17 +135,19 @@ class Ingest:
         reject_malformed(request)
         good, rejected = self._prepare([request.event])
         if rejected:
+            _count(0, 0, rejected)
             _, _, r = rejected[0]
             name = _REJECTION_NAMES[int(r.reason)]
             raise EventRejected(f"the event was rejected: {r.description}",
                                 violations=[FieldViolation(f"event.{r.field}" if r.field else "event", r.description)],
                                 metadata={"rejection": name, "message_id": request.event.message_id})
         result = await self.writer.ingest(good)
+        _count(1 - result.duplicates, result.duplicates, ())
         return ingest_pb2.TrackResponse(duplicate=bool(result.duplicates))
 
     async def track_batch(self, request: ingest_pb2.TrackBatchRequest, context) -> ingest_pb2.TrackBatchResponse:
         reject_malformed(request)
-        _check_size(len(request.events), "events")
+        self._check_size(len(request.events), "events")
         accepted, duplicates, rejections = await self._ingest(request.events)
         return ingest_pb2.TrackBatchResponse(accepted=accepted, duplicates=duplicates, rejections=rejections)
 
@@ -165,7 +173,7 @@ class Ingest:
                         return
                     try:
                         reject_malformed(request)
-                        _check_size(len(request.events), "events", f" (batch {request.batch_number})")
+                        self._check_size(len(request.events), "events", f" (batch {request.batch_number})")
                     except QualifyError as err:
                         # Earlier batches are still acknowledged (the queue is
                         # in order); then the stream ends with this error.
@@ -216,7 +224,13 @@ class Ingest:
         })]
 
 
-def _check_size(n: int, field: str, which: str = "") -> None:
-    if n > MAX_BATCH_EVENTS:
-        raise BatchTooLarge(f"{n} events in one batch{which}; the limit is {MAX_BATCH_EVENTS}",
-                            violations=[FieldViolation(field, f"must hold at most {MAX_BATCH_EVENTS} events, not {n}")])
+    def _check_size(self, n: int, field: str, which: str = "") -> None:
+        limit = self.limits.max_batch_events
+        if n > limit:
+            raise BatchTooLarge(f"{n} events in one batch{which}; the limit is {limit}",
+                                violations=[FieldViolation(field, f"must hold at most {limit} events, not {n}")])
+
+
+def _count(accepted: int, duplicates: int, rejected) -> None:
+    """Metrics: ``rejected`` holds (index, event, Rejection) triples."""
+    metrics.events(accepted, duplicates, Counter(r.reason.name for _, _, r in rejected))

@@ -9,25 +9,78 @@ unchanged, so a client cannot tell which process answered.
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
+from ..observability.logs import REQUEST_ID
 
-async def _abort_like(context, err: grpc.aio.AioRpcError) -> None:
+# What grpc.aio reports, client-side, when it could not send a request message
+# because the other end had already finished the call.
+_SEND_RACE = (grpc.StatusCode.INTERNAL, "Internal error from Core")
+
+
+def _forwarded(context) -> tuple:
+    """The caller's metadata (its API key included: the writer checks it again), with this call's request id."""
+    metadata = tuple((k, v) for k, v in context.invocation_metadata() if k != "x-request-id")
+    return (*metadata, ("x-request-id", REQUEST_ID.get())) if REQUEST_ID.get() else metadata
+
+
+def _now(getter):
+    """The value of a finished call's status getter, without an event loop.
+
+    Inside a done callback the status is set, so ``code()``, ``details()``
+    and ``trailing_metadata()`` complete at their first step.
+    """
+    step = getter()
+    try:
+        step.send(None)
+    except StopIteration as done:
+        return done.value
+    step.close()
+    raise RuntimeError("the call has no status yet")
+
+
+def _statuses(upstream) -> list[tuple]:
+    """Every status the upstream call is given, in order, as (code, details, trailers).
+
+    Why more than one: when the writer ends a call whose requests stream (a
+    malformed batch) while this process is still forwarding the caller's next
+    request, grpc.aio overwrites the writer's status with INTERNAL "Internal
+    error from Core" if the failed write is processed after it, or sets that
+    first and the writer's status after (grpc/grpc#36066). A done callback
+    sees each status as it is set, so the writer's is never lost.
+    """
+    seen: list[tuple] = []
+    upstream.add_done_callback(lambda call: seen.append(
+        (_now(call.code), _now(call.details), _now(call.trailing_metadata))))
+    return seen
+
+
+async def _abort_like(context, err: grpc.aio.AioRpcError, seen: list[tuple]) -> None:
+    status = (err.code(), err.details(), err.trailing_metadata())
+    for _ in range(100):  # the writer's own status is at most in flight: wait up to 0.5 s for it
+        real = [s for s in seen if s[:2] != _SEND_RACE]
+        if real or status[:2] != _SEND_RACE:
+            status = real[0] if real else status
+            break
+        await asyncio.sleep(0.005)
+    code, details, trailers = status
     # The trailers carry grpc-status-details-bin: ErrorInfo and BadRequest pass through.
-    trailers = tuple(tuple(item) for item in (err.trailing_metadata() or ()))
-    await context.abort(err.code(), err.details() or "", trailers)
+    await context.abort(code, details or "", tuple(tuple(item) for item in (trailers or ())))
 
 
 def _streaming(call):
     """Forwards a call whose replies stream (request: one message or a stream)."""
 
     async def handler(request, context):
-        upstream = call(request, timeout=context.time_remaining(), metadata=context.invocation_metadata())
+        upstream = call(request, timeout=context.time_remaining(), metadata=_forwarded(context))
+        seen = _statuses(upstream)
         try:
             async for reply in upstream:
                 yield reply
         except grpc.aio.AioRpcError as err:
-            await _abort_like(context, err)
+            await _abort_like(context, err, seen)
 
     return handler
 
@@ -36,10 +89,12 @@ def _unary(call):
     """Forwards a call with one reply (request: one message or a stream)."""
 
     async def handler(request, context):
+        upstream = call(request, timeout=context.time_remaining(), metadata=_forwarded(context))
+        seen = _statuses(upstream)
         try:
-            return await call(request, timeout=context.time_remaining(), metadata=context.invocation_metadata())
+            return await upstream
         except grpc.aio.AioRpcError as err:
-            await _abort_like(context, err)
+            await _abort_like(context, err, seen)
 
     return handler
 

@@ -19,14 +19,14 @@ def _status(full_name: str) -> grpc.Status:
 
 def method_handler(service, method) -> grpc.RpcMethodHandler:
     """A handler answering one method of a service descriptor with UNIMPLEMENTED."""
-    status = _status(f"{service.full_name}/{method.name}")
+    name = f"{service.full_name}/{method.name}"
     deserialize = lambda raw: raw  # noqa: E731 - the request is never read
 
     async def unary(request, context):
-        await context.abort_with_status(status)
+        await context.abort_with_status(_status(name))  # per call: it carries the request id
 
     async def streaming(request, context):
-        await context.abort_with_status(status)
+        await context.abort_with_status(_status(name))
         yield  # pragma: no cover - makes this an async generator
 
     if method.client_streaming and method.server_streaming:

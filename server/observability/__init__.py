@@ -1,0 +1,1 @@
+"""Metrics and structured logs: what an operator sees of a running server."""
