@@ -409,3 +409,31 @@ def test_nats_jetstream_through_an_outage_and_a_restart(tmp_path, demo_warehouse
         check_arrivals([c for _, _, c in msgs], want)
     finally:
         s.stop()
+
+
+def test_sync_metrics_move(tmp_path, demo_warehouse, receiver):
+    from receivers import free_port
+    from test_security import scrape
+
+    port = free_port()
+    s = Server(tmp_path, demo_warehouse, f"[metrics]\nport = {port}\n")
+    try:
+        s.api.create("viewers", ev("page_views"))
+        s.create(id="crm", audience_ids=["viewers"], webhook=webhook(receiver.url))
+        receiver.status = 503
+        send_many(s.api, anon_views(4))
+        deadline = time.monotonic() + 10
+        while s.status("crm").retries < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        receiver.status = None
+        receiver.wait_for(set(expected(s.lmdb, {"viewers"})))
+        deadline = time.monotonic() + 10
+        while scrape(port).get('qualify_sync_delivered_total{sync="crm"}') != 4:
+            assert time.monotonic() < deadline, {k: v for k, v in scrape(port).items() if "sync" in k}
+            time.sleep(0.05)
+        m = scrape(port)
+        assert m['qualify_sync_failures_total{sync="crm"}'] >= 2
+        assert m['qualify_sync_lag_seconds{sync="crm"}'] > 0
+    finally:
+        s.stop()

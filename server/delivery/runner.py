@@ -33,6 +33,7 @@ from qualify.v1 import personalize_pb2
 
 from ..domain.errors import FieldViolation, QualifyError, SyncExists, SyncManagedByProject, SyncNotFound
 from ..domain.syncs import SyncSpec
+from ..observability import metrics
 from ..storage.outbox import DeadLetter, SyncState, SyncTables
 from ..wire import record_message
 from .destinations import DeliveryError, change_json, sender_for
@@ -139,6 +140,7 @@ class SyncRunner:
             try:
                 await self.sender.send(self.spec.id, changes, attempt)
             except DeliveryError as exc:
+                metrics.sync_failed(self.spec.id)
                 self.state.last_error = str(exc)
                 self.state.last_error_us = self.d.clock()
                 self.d.dirty.add(self.spec.id)
@@ -152,6 +154,8 @@ class SyncRunner:
                 await asyncio.sleep(exc.retry_after if exc.retry_after is not None else self.d.backoff(attempt))
                 continue
             self.state.delivered += len(rows)
+            metrics.sync_delivered(self.spec.id, len(rows))
+            metrics.sync_lag(self.spec.id, (self.d.clock() - rows[-1][1][3]) / 1e6)
             if not replaying:
                 self.state.cursor = scanned
             self.pending_since_us = None
