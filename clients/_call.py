@@ -73,6 +73,14 @@ def call_metadata(metadata: Metadata | None, api_key: str | None) -> tuple:
     return (*out, ("authorization", f"Bearer {api_key}")) if api_key else out
 
 
+def open_channel(address: str, credentials: grpc.ChannelCredentials | None,
+                 options: Sequence[tuple[str, int]] = CHANNEL_OPTIONS) -> grpc.Channel:
+    """A blocking channel: TLS with `credentials`, plain text without."""
+    if credentials is not None:
+        return grpc.secure_channel(address, credentials, options=options)
+    return grpc.insecure_channel(address, options=options)
+
+
 def _pem(value: Pem | None) -> bytes | None:
     if value is None or isinstance(value, bytes):
         return value

@@ -11,7 +11,7 @@ import grpc
 
 from qualify.v1 import diagnostics_pb2, diagnostics_pb2_grpc, personalize_pb2_grpc
 
-from ._call import CHANNEL_OPTIONS, Backoff, Metadata, Pem, call_metadata, channel_credentials, pause, should_retry
+from ._call import Backoff, Metadata, Pem, call_metadata, channel_credentials, open_channel, pause, should_retry
 from ._errors import error_from_rpc_error
 from ._records import (
     BatchResult,
@@ -61,11 +61,7 @@ class Client:
         self._metadata = call_metadata(metadata, api_key)
         self._backoff = Backoff()
         credentials = channel_credentials(credentials, tls, root_certificates, certificate_chain, private_key)
-        self._channel = (
-            grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
-            if credentials is not None
-            else grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        )
+        self._channel = open_channel(address, credentials)
         self._personalize = personalize_pb2_grpc.PersonalizeServiceStub(self._channel)
         self._diagnostics = diagnostics_pb2_grpc.DiagnosticsServiceStub(self._channel)
 

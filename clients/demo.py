@@ -17,7 +17,7 @@ from google.protobuf import json_format
 
 from qualify.v1 import audience_pb2, audience_pb2_grpc, event_pb2, ingest_pb2, ingest_pb2_grpc
 
-from ._call import CHANNEL_OPTIONS, call_metadata, channel_credentials
+from ._call import call_metadata, channel_credentials, open_channel
 from ._errors import error_from_rpc_error
 from .blocking import Client
 
@@ -50,9 +50,8 @@ def run(address: str, window_seconds: int = 10, say: Callable[[str], None] = pri
 def _run(address, window_seconds, say, api_key, root_certificates, certificate_chain, private_key) -> None:
     credentials = channel_credentials(None, False, root_certificates, certificate_chain, private_key)
     metadata = call_metadata(None, api_key)
-    channel = (grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS) if credentials
-               else grpc.insecure_channel(address, options=CHANNEL_OPTIONS))
-    with channel, Client(address, api_key=api_key, credentials=credentials) as client:
+    client = Client(address, api_key=api_key, credentials=credentials)
+    with open_channel(address, credentials) as channel, client:
         audiences = audience_pb2_grpc.AudienceServiceStub(channel)
         ingest = ingest_pb2_grpc.IngestServiceStub(channel)
         audience = audience_pb2.Audience(id=AUDIENCE, display_name="High intent pricing",

@@ -50,7 +50,7 @@ import grpc
 
 from qualify.v1 import event_pb2, ingest_pb2, ingest_pb2_grpc
 
-from ._call import CHANNEL_OPTIONS, Backoff, Metadata, Pem, call_metadata, channel_credentials, pause
+from ._call import CHANNEL_OPTIONS, Backoff, Metadata, Pem, call_metadata, channel_credentials, open_channel, pause
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +126,7 @@ class EventEmitter:
         self._backoff = backoff
         self._metadata = call_metadata(metadata, api_key)
         credentials = channel_credentials(credentials, tls, root_certificates, certificate_chain, private_key)
-        self._channel = (
-            grpc.secure_channel(address, credentials, options=_EMITTER_CHANNEL_OPTIONS)
-            if credentials is not None
-            else grpc.insecure_channel(address, options=_EMITTER_CHANNEL_OPTIONS)
-        )
+        self._channel = open_channel(address, credentials, _EMITTER_CHANNEL_OPTIONS)
         self._stub = ingest_pb2_grpc.IngestServiceStub(self._channel)
         self._cond = threading.Condition()
         self._queue: deque[event_pb2.Event] = deque()

@@ -205,7 +205,7 @@ def _sync_call(args, method: str, request):
     """One SyncService call; prints a clean error and returns None on failure."""
     import grpc
 
-    from qualify.clients._call import call_metadata, channel_credentials
+    from qualify.clients._call import call_metadata, channel_credentials, open_channel
     from qualify.clients._errors import error_from_rpc_error
     from qualify.v1 import sync_pb2_grpc
 
@@ -213,8 +213,7 @@ def _sync_call(args, method: str, request):
     credentials = channel_credentials(None, False, conn["root_certificates"], conn["certificate_chain"],
                                       conn["private_key"])
     try:
-        with (grpc.secure_channel(args.address, credentials) if credentials
-              else grpc.insecure_channel(args.address)) as channel:
+        with open_channel(args.address, credentials) as channel:
             return getattr(sync_pb2_grpc.SyncServiceStub(channel), method)(
                 request, timeout=args.timeout, metadata=call_metadata(None, conn["api_key"]))
     except grpc.RpcError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -137,6 +138,13 @@ def write_project(folder: Path, warehouse: str, extra: str = "", attributes: str
     path = folder / "qualify.toml"
     path.write_text(text)
     return path
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for servers that take a fixed port, e.g. /metrics)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make_key(data_dir: Path, *scopes: str, name: str = "test") -> str:

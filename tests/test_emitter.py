@@ -9,24 +9,17 @@ server's message_id deduplication dropped what had already been committed.
 from __future__ import annotations
 
 import queue
-import socket
 import threading
 import time
 from collections import Counter
 
 import pytest
 
-from conftest import QualifyServer, write_project
+from conftest import QualifyServer, free_port, write_project
 from qualify.clients import EventEmitter
 from qualify.clients.emitter import make_event
 from qualify.v1 import event_pb2
 from test_ingest import EVENT_MODELS, duckdb_warehouse, logged_events, server_info
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import struct
 import time
 import uuid
 from pathlib import Path

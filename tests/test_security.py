@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import stat
 import subprocess
 import sys
@@ -26,8 +25,8 @@ from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from certs import make_ca, make_leaf
-from conftest import QualifyServer, make_key, wait_serving, write_project
-from qualify.clients import Client, ResourceExhaustedError, UnauthenticatedError
+from conftest import QualifyServer, free_port, make_key, write_project
+from qualify.clients import Client, UnauthenticatedError
 from qualify.clients._errors import error_from_rpc_error, retry_info_delay
 from qualify.v1 import (audience_pb2, audience_pb2_grpc, diagnostics_pb2, diagnostics_pb2_grpc, event_pb2,
                         ingest_pb2, ingest_pb2_grpc, personalize_pb2, personalize_pb2_grpc, sync_pb2)
@@ -38,12 +37,6 @@ type = "page"
 [event_models.page_views.properties]
 path = "string"
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def duckdb(path: Path) -> str:
