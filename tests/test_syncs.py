@@ -412,7 +412,7 @@ def test_nats_jetstream_through_an_outage_and_a_restart(tmp_path, demo_warehouse
 
 
 def test_sync_metrics_move(tmp_path, demo_warehouse, receiver):
-    from receivers import free_port
+    from conftest import free_port
     from test_security import scrape
 
     port = free_port()
