@@ -174,7 +174,7 @@ class SyncRunner:
         """Sends the dead letters again, in order; each leaves the table once delivered."""
         after = 0
         while True:
-            letters = await self.d.read(lambda txn: self.d.tables.dead_letters(
+            letters = self.d.read(lambda txn: self.d.tables.dead_letters(
                 txn, self.spec.id, after, self.spec.destination.max_batch_size))
             if not letters:
                 return
@@ -213,7 +213,7 @@ class Deliveries:
     async def write(self, fn):
         return await asyncio.wrap_future(self.writer.submit(fn))
 
-    async def read(self, fn):
+    def read(self, fn):
         with self.env.begin() as txn:
             return fn(txn)
 
@@ -323,9 +323,9 @@ class Deliveries:
                                        metadata={"sync": sync_id})
         return runner
 
-    async def dead_letters(self, sync_id: str, after: int, limit: int) -> list[DeadLetter]:
+    def dead_letters(self, sync_id: str, after: int, limit: int) -> list[DeadLetter]:
         self.runner(sync_id)
-        return await self.read(lambda txn: self.tables.dead_letters(txn, sync_id, after, limit))
+        return self.read(lambda txn: self.tables.dead_letters(txn, sync_id, after, limit))
 
     async def replay(self, sync_id: str) -> int:
         runner = self.runner(sync_id)

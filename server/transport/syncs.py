@@ -122,7 +122,7 @@ class Syncs:
         except ValueError:
             raise InvalidRequest("page_token is not one this server returned",
                                  violations=[FieldViolation("page_token", "is not valid")]) from None
-        letters = await self.d.dead_letters(request.id, after, size + 1)
+        letters = self.d.dead_letters(request.id, after, size + 1)
         page = letters[:size]
         return sync_pb2.ListDeadLettersResponse(
             dead_letters=[sync_pb2.DeadLetter(change=change_message(dl.sequence, dl.row), attempts=dl.attempts,
