@@ -164,11 +164,10 @@ class SyncRunner:
 
     async def _dead_letter(self, rows: list[Row], scanned: int, attempts: int, error: str) -> None:
         now = self.d.clock()
-        self.state.cursor = scanned
-        self.state.dead_lettered += len(rows)
-        state = replace(self.state)
+        state = replace(self.state, cursor=scanned, dead_lettered=self.state.dead_lettered + len(rows))
         await self.d.write(lambda txn: (self.d.tables.add_dead(txn, self.spec.id, rows, attempts, error, now),
                                         self.d.tables.put_state(txn, self.spec.id, state)))
+        self._committed(state)
 
     async def _replay_dead_letters(self) -> None:
         """Sends the dead letters again, in order; each leaves the table once delivered."""
@@ -181,10 +180,16 @@ class SyncRunner:
             after = letters[-1].sequence
             rows = [(dl.sequence, dl.row) for dl in letters]
             if await self._deliver(rows, self.state.cursor, replaying=True):
-                self.state.dead_lettered = max(0, self.state.dead_lettered - len(rows))
-                state = replace(self.state)
+                state = replace(self.state, dead_lettered=max(0, self.state.dead_lettered - len(rows)))
                 await self.d.write(lambda txn: (self.d.tables.remove_dead(txn, self.spec.id, [s for s, _ in rows]),
                                                 self.d.tables.put_state(txn, self.spec.id, state)))
+                self._committed(state)
+
+    def _committed(self, state: SyncState) -> None:
+        """The dead-letter table changed with ``state``: status shows it only now, and the next flush keeps it."""
+        self.state.cursor = max(self.state.cursor, state.cursor)
+        self.state.dead_lettered = state.dead_lettered
+        self.d.dirty.add(self.spec.id)
 
     def _payload(self, rows: list[Row]) -> list[dict]:
         fields = self.d.person_fields(self.spec.fields, [row[1] for _, row in rows]) if self.spec.fields else None
