@@ -30,19 +30,25 @@ PACKAGE_DIR = {
     "qualify.clients": "clients",
     "qualify.bench": "bench",
 }
-PACKAGES = [
-    "qualify.v1",
-    "qualify.server",
-    "qualify.server.domain",
-    "qualify.server.observability",
-    "qualify.server.security",
-    "qualify.server.storage",
-    "qualify.server.transport",
-    "qualify.server.wire",
-    "qualify.evaluator",
-    "qualify.clients",
-    "qualify.bench",
-]
+
+
+def _packages() -> list[str]:
+    """Every package under PACKAGE_DIR: each mapped folder and its subfolders with an __init__.py.
+
+    Derived, not listed: a new subpackage (server/delivery, ...) ships without
+    anyone remembering to add it here. Editable installs never showed the gap.
+    """
+    out = []
+    for name, folder in PACKAGE_DIR.items():
+        out.append(name)
+        for init in sorted((ROOT / folder).rglob("__init__.py")):
+            parts = init.parent.relative_to(ROOT / folder).parts
+            if parts and "__pycache__" not in parts:
+                out.append(".".join((name, *parts)))
+    return out
+
+
+PACKAGES = _packages()
 
 
 def generate_protos():
