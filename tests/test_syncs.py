@@ -60,6 +60,14 @@ def check_arrivals(accepted: list[dict], want: dict[int, tuple]) -> None:
         assert seqs == sorted(seqs), f"{person}'s changes arrived out of order: {seqs}"
 
 
+def eventually(condition, message=lambda: "", timeout: float = 10.0) -> None:
+    """Waits for ``condition()``; fails with ``message()`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, message()
+        time.sleep(0.02)
+
+
 def webhook(url: str, **kw) -> sync_pb2.WebhookDestination:
     return sync_pb2.WebhookDestination(url=url, secret=SECRET, **kw)
 
@@ -189,10 +197,7 @@ def test_changes_arrive_signed_with_person_fields(server, receiver):
     assert got["user-1"]["cause"] == "event" and got["user-1"]["message_id"]
     assert [k for k in got if k.startswith("anon:")] and all(
         got[k]["fields"] == {} for k in got if k.startswith("anon:"))
-    deadline = time.monotonic() + 10  # counted once the receiver's answer is in
-    while server.status("crm").delivered != len(want):
-        assert time.monotonic() < deadline, server.status("crm")
-        time.sleep(0.02)
+    eventually(lambda: server.status("crm").delivered == len(want), lambda: server.status("crm"))  # counted once the receiver's answer is in
 
 
 @pytest.mark.parametrize("restart", ["sigterm", "sigkill"])
@@ -203,10 +208,8 @@ def test_outage_and_restart_lose_nothing(server, receiver, restart):
     send_many(server.api, anon_views(200, "before"))
     receiver.down()
     send_many(server.api, anon_views(200, "during"))
-    deadline = time.monotonic() + 10
-    while not (status := server.status("crm")).last_error.startswith("ClientConnectorError"):
-        assert time.monotonic() < deadline, status
-        time.sleep(0.05)
+    eventually(lambda: server.status("crm").last_error.startswith("ClientConnectorError"), lambda: server.status("crm"))
+    status = server.status("crm")
     assert status.retries > 0 and status.lag.ToMilliseconds() > 0
     if restart == "sigkill":  # the cursor may be up to 200 ms old: redeliveries, never losses
         server.api.close()
@@ -220,10 +223,7 @@ def test_outage_and_restart_lose_nothing(server, receiver, restart):
     assert len(want) == 500
     receiver.wait_for(set(want))
     check_arrivals(receiver.accepted, want)
-    deadline = time.monotonic() + 10
-    while server.status("crm").lag.ToMilliseconds() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.status("crm").lag.ToMilliseconds() == 0
+    eventually(lambda: server.status("crm").lag.ToMilliseconds() == 0, lambda: server.status("crm"))
 
 
 def test_batches_respect_max_batch_size_and_wait_up_to_max_delay(server, receiver):
@@ -258,10 +258,7 @@ def test_dead_letters_after_max_attempts_then_replay(server, receiver):
     server.create(id="crm", audience_ids=["viewers"], webhook=webhook(receiver.url, max_attempts=3))
     send_many(server.api, anon_views(5))
     want = expected(server.lmdb, {"viewers"})
-    deadline = time.monotonic() + 20
-    while server.status("crm").dead_lettered < 5:
-        assert time.monotonic() < deadline, server.status("crm")
-        time.sleep(0.05)
+    eventually(lambda: server.status("crm").dead_lettered == 5, lambda: server.status("crm"), timeout=20)
     letters = server.syncs.ListDeadLetters(sync_pb2.ListDeadLettersRequest(id="crm", page_size=2), timeout=10)
     assert len(letters.dead_letters) == 2 and letters.next_page_token
     assert letters.dead_letters[0].attempts == 3 and "HTTP 500" in letters.dead_letters[0].error
@@ -279,10 +276,7 @@ def test_dead_letters_after_max_attempts_then_replay(server, receiver):
                           "--address", server.server.address], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and "5" in out.stdout, out.stderr
     receiver.wait_for(set(want))
-    deadline = time.monotonic() + 10
-    while server.status("crm").dead_lettered:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    eventually(lambda: server.status("crm").dead_lettered == 0)
     assert not server.syncs.ListDeadLetters(sync_pb2.ListDeadLettersRequest(id="crm"), timeout=10).dead_letters
 
 
@@ -290,10 +284,7 @@ def test_a_rejected_batch_is_dead_lettered_at_once(server, receiver):
     receiver.status = 400
     server.create(id="crm", audience_ids=["viewers"], webhook=webhook(receiver.url))
     send_many(server.api, anon_views(1))
-    deadline = time.monotonic() + 10
-    while server.status("crm").dead_lettered < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    eventually(lambda: server.status("crm").dead_lettered == 1)
     assert receiver.requests == 1 and server.status("crm").retries == 0
 
 
@@ -333,10 +324,7 @@ max_batch_size = 50
         assert (code, err.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "SYNC_MANAGED_BY_PROJECT")
         send_many(s.api, [page("user-3", "/")])
         receiver.wait_for(set(expected(s.lmdb, {"viewers"})))
-        deadline = time.monotonic() + 10
-        while s.status("crm").delivered != 1:
-            assert time.monotonic() < deadline, s.status("crm")
-            time.sleep(0.02)
+        eventually(lambda: s.status("crm").delivered == 1, lambda: s.status("crm"))
         out = subprocess.run([sys.executable, "-m", "qualify.server.cli", "syncs", "--address", s.server.address],
                              capture_output=True, text=True, timeout=30)
         assert out.returncode == 0, out.stderr
@@ -395,10 +383,7 @@ def test_nats_jetstream_through_an_outage_and_a_restart(tmp_path, demo_warehouse
         send_many(s.api, anon_views(50, "before"))
         nats_server.stop()
         send_many(s.api, anon_views(50, "during"))
-        deadline = time.monotonic() + 15
-        while not s.status("bus").last_error:
-            assert time.monotonic() < deadline, "the outage was never reported"
-            time.sleep(0.05)
+        eventually(lambda: s.status("bus").last_error, lambda: "the outage was never reported", timeout=15)
         s.stop()
         s.start()
         nats_server.start()
@@ -429,16 +414,11 @@ def test_sync_metrics_move(tmp_path, demo_warehouse, receiver):
         s.create(id="crm", audience_ids=["viewers"], webhook=webhook(receiver.url))
         receiver.status = 503
         send_many(s.api, anon_views(4))
-        deadline = time.monotonic() + 10
-        while s.status("crm").retries < 2:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        eventually(lambda: s.status("crm").retries >= 2)
         receiver.status = None
         receiver.wait_for(set(expected(s.lmdb, {"viewers"})))
-        deadline = time.monotonic() + 10
-        while scrape(port).get('qualify_sync_delivered_total{sync="crm"}') != 4:
-            assert time.monotonic() < deadline, {k: v for k, v in scrape(port).items() if "sync" in k}
-            time.sleep(0.05)
+        eventually(lambda: scrape(port).get('qualify_sync_delivered_total{sync="crm"}') == 4,
+                   lambda: {k: v for k, v in scrape(port).items() if "sync" in k})
         m = scrape(port)
         assert m['qualify_sync_failures_total{sync="crm"}'] >= 2
         assert m['qualify_sync_lag_seconds{sync="crm"}'] > 0
