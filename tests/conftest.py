@@ -17,6 +17,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import duckdb
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -152,6 +153,20 @@ def make_key(data_dir: Path, *scopes: str, name: str = "test") -> str:
     from qualify.server.security.keys import KeyFile, keys_path
 
     return KeyFile(keys_path(data_dir)).create(name, scopes)[1]
+
+
+def run_sql(path: Path, sql: str, timeout: float = 10.0) -> None:
+    """Runs SQL on the DuckDB file, retrying while a sync holds it open."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with duckdb.connect(str(path)) as con:
+                con.execute(sql)
+            return
+        except duckdb.IOException:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def demo_event_models_toml() -> str:

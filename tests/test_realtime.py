@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import QualifyServer, write_project
+from conftest import QualifyServer, run_sql, write_project
 from qualify.evaluator.program import EventLeaf, Filter, Program
 from qualify.evaluator.reference import ReferenceEvaluator, matches_predicate
 from qualify.server.demo import DEMO_ATTRIBUTES, DEMO_EVENT_MODELS
@@ -479,20 +479,6 @@ UPDATE customers SET loyalty_tier = NULL WHERE CAST(substr(user_id, 6) AS INT) %
 UPDATE customers SET predicted_churn = NULL WHERE CAST(substr(user_id, 6) AS INT) % 37 = 0;
 UPDATE customers SET last_order_at = NULL WHERE CAST(substr(user_id, 6) AS INT) % 41 = 0;
 """
-
-
-def run_sql(path: Path, sql: str, timeout: float = 10.0) -> None:
-    """Runs SQL on the DuckDB file, retrying while a sync holds it open."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with duckdb.connect(str(path)) as con:
-                con.execute(sql)
-            return
-        except duckdb.IOException:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 class ProjectServer:

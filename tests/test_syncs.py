@@ -21,7 +21,7 @@ from google.protobuf import duration_pb2, field_mask_pb2
 from conftest import QualifyServer, write_realtime_project
 from qualify.clients._errors import error_from_rpc_error
 from qualify.server.delivery.destinations import parse_retry_after, sign
-from qualify.v1 import audience_pb2, sync_pb2, sync_pb2_grpc
+from qualify.v1 import sync_pb2, sync_pb2_grpc
 from receivers import NatsServer, WebhookReceiver, find_nats_server
 from test_audiences import Api, changelog, ev, page
 

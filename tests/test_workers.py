@@ -15,11 +15,10 @@ import signal
 import time
 from pathlib import Path
 
-import duckdb
 import grpc
 import pytest
 
-from conftest import write_project
+from conftest import run_sql, write_project
 from qualify.v1 import diagnostics_pb2, diagnostics_pb2_grpc, personalize_pb2, personalize_pb2_grpc
 
 PEOPLE = 2_000
@@ -108,20 +107,6 @@ def test_a_worker_that_dies_is_replaced(server_factory):
     assert all(gone(pid) for pid in seen)
 
 
-def update_warehouse(path: Path, sql: str, timeout: float = 10.0) -> None:
-    """Runs SQL on the DuckDB file, retrying while a sync holds it open."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with duckdb.connect(str(path)) as con:
-                con.execute(sql)
-            return
-        except duckdb.IOException:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
-
-
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sync_interval_picks_up_warehouse_changes(server_factory, demo_warehouse, tmp_path, workers):
     warehouse = tmp_path / "warehouse.duckdb"
@@ -146,7 +131,7 @@ def test_sync_interval_picks_up_warehouse_changes(server_factory, demo_warehouse
         assert get("user-2001") is None and get("user-8") is not None
         generation = info_stub.GetServerInfo(diagnostics_pb2.GetServerInfoRequest(), timeout=5).sync_generation
 
-        update_warehouse(warehouse, """
+        run_sql(warehouse, """
             UPDATE customers SET plan = 'diamond', ltv = 12345.5 WHERE user_id = 'user-7';
             INSERT INTO customers SELECT * REPLACE ('user-2001' AS user_id) FROM customers WHERE user_id = 'user-1';
             DELETE FROM customers WHERE user_id = 'user-8';

@@ -108,10 +108,6 @@ class ChangeFeed:
     def unsubscribe(self, sub: Subscription) -> None:
         self._subs.discard(sub)
 
-    @property
-    def subscribers(self) -> int:
-        return len(self._subs)
-
     async def wait_beyond(self, seq: int, timeout: float | None = None) -> bool:
         """Waits until a change after ``seq`` has committed; False on timeout."""
         if self.head > seq:

@@ -68,6 +68,13 @@ class _Check:
     def bad(self, name: str, description: str) -> None:
         self.violations.append(FieldViolation(f"{self.path}.{name}", description))
 
+    def url(self, d: dict, schemes: tuple[str, ...]) -> str:
+        url = d.get("url") or ""
+        parts = urlsplit(url)
+        if parts.scheme not in schemes or not parts.hostname:
+            self.bad("url", f"must be a URL with a host, starting {' or '.join(s + '://' for s in schemes)}")
+        return url
+
     def integer(self, d: dict, name: str, default: int, lo: int, hi: int) -> int:
         value = d.get(name) or default
         if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
@@ -118,10 +125,7 @@ def parse_sync(d: dict, *, audiences: set[str] | None, fields: dict[str, set[str
         c.bad("destination", "set exactly one of webhook or nats")
     elif kinds == ["webhook"]:
         w, wc = d["webhook"], _Check(f"{path}.webhook", c.violations)
-        url = w.get("url") or ""
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            wc.bad("url", "must be an http:// or https:// URL with a host")
+        url = wc.url(w, ("http", "https"))
         secret = w.get("secret") or ""
         if len(secret) < 16:
             wc.bad("secret", "must be at least 16 characters (it signs every request)")
@@ -133,10 +137,7 @@ def parse_sync(d: dict, *, audiences: set[str] | None, fields: dict[str, set[str
                        wc.integer(w, "max_attempts", DEFAULT_ATTEMPTS, 1, MAX_ATTEMPTS))
     else:
         n, nc = d["nats"], _Check(f"{path}.nats", c.violations)
-        url = n.get("url") or ""
-        parts = urlsplit(url)
-        if parts.scheme not in ("nats", "tls") or not parts.hostname:
-            nc.bad("url", "must be a nats:// or tls:// URL with a host")
+        url = nc.url(n, ("nats", "tls"))
         subject = n.get("subject") or ""
         if not subject or any(ch in subject for ch in " \t\r\n*>") or ".." in subject or subject.startswith(".") \
                 or subject.endswith("."):
