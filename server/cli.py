@@ -80,7 +80,7 @@ class TerminalProgress:
 
 
 def cmd_serve(args) -> int:
-    from .app import serve
+    from .serve import serve
 
     project = _project(args)
     progress = TerminalProgress()
@@ -96,7 +96,7 @@ def cmd_serve(args) -> int:
 
 def cmd_sync(args) -> int:
     from .storage.lmdb_store import data_path, open_env
-    from .storage.sync import SyncError, Syncer
+    from .storage.warehouse_sync import SyncError, Syncer
 
     project = _project(args)
     env = open_env(data_path(project.data_dir), project.map_size, readonly=False)
@@ -123,7 +123,7 @@ def cmd_sync(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from .storage.warehouse import WarehouseError, open_source
+    from .storage.warehouse_sources import WarehouseError, open_source
 
     path = args.project or "qualify.toml"
     try:

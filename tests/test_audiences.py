@@ -243,7 +243,8 @@ def changelog(lmdb_dir: Path, after: int = 0) -> list[tuple[int, list]]:
     try:
         db = env.open_db(b"changelog", create=False)
         with env.begin() as txn:
-            return [(seq, list(row)) for seq, row in read_changelog(txn, db, after, limit=10**9)]
+            return [(c.sequence, [c.audience_id, c.person_key, int(c.direction), c.effective_us, int(c.cause),
+                                  c.message_id]) for c in read_changelog(txn, db, after, limit=10**9)]
     finally:
         env.close()
 

@@ -19,12 +19,13 @@ from qualify.evaluator.program import EventLeaf, Filter, Program
 from qualify.evaluator.reference import ReferenceEvaluator, matches_predicate
 from qualify.server.config import parse_project
 from qualify.server.domain.conditions import And, AttributeCondition, Not, Or, parse_condition
-from qualify.server.domain.engine import ANON, ENTER, EXIT, Engine
-from qualify.server.domain.events import Event, EventModel, EventType
+from qualify.server.domain.changes import Direction
+from qualify.server.domain.engine import ANON, Engine
+from qualify.server.domain.events import Event, EventModel, EventType, MatchedEvent, matching_models
 from qualify.server.domain.schema import ValueType
 from qualify.server.storage.lmdb_store import open_env
 from qualify.server.storage.realtime import RealtimeStore
-from qualify.server.storage.sync import Syncer
+from qualify.server.storage.warehouse_sync import Syncer
 
 S = 1_000_000
 T0 = 1_800_000_000 * S
@@ -244,8 +245,8 @@ def test_engine_matches_the_world(tmp_path_factory, reference, audiences, rows, 
             for c in changes:  # a lapse takes effect exactly where the answer flips
                 assert before < c.effective_us <= h.now
                 cond = conditions[c.audience_id]
-                assert world.holds(cond, c.person_key, c.effective_us) == (c.direction == ENTER)
-                assert world.holds(cond, c.person_key, c.effective_us - 1) == (c.direction == EXIT)
+                assert world.holds(cond, c.person_key, c.effective_us) == (c.direction == Direction.ENTER)
+                assert world.holds(cond, c.person_key, c.effective_us - 1) == (c.direction == Direction.EXIT)
         elif act[0] == "sync":
             h.rows[act[1]] = act[2]
             h.write_warehouse()
@@ -269,5 +270,5 @@ def test_engine_matches_the_world(tmp_path_factory, reference, audiences, rows, 
                 ev.seq = len(h.log)
                 world.add(ev)
             with h.env.begin(write=True) as txn:
-                h.engine.apply(txn, batch, h.now)
+                h.engine.apply(txn, [MatchedEvent(ev, tuple(matching_models(ev, MODELS))) for ev in batch], h.now)
         assert h.memberships() == world.memberships(h.now), act

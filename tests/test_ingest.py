@@ -27,12 +27,14 @@ from qualify.evaluator.program import Op
 from qualify.server.config import ProjectError, load_project
 from qualify.server.domain.conditions import Predicate
 from qualify.server.domain.errors import QualifyError
-from qualify.server.domain.events import (Event, EventModel, EventType, Identifier, RejectionReason,
+from qualify.server.clock import wall_clock_us
+from qualify.server.domain.events import (Event, EventModel, EventType, Identifier, MatchedEvent, RejectionReason,
                                           matching_models, validate)
 from qualify.server.domain.schema import ValueType
 from qualify.server.storage.eventlog import EventLog
 from qualify.server.storage.lmdb_store import data_path, open_env
 from qualify.server.storage.writer import IngestResult, Writer
+from qualify.server.services.ingest import IngestService
 from qualify.server.transport.ingest import MAX_IN_FLIGHT, Ingest
 from qualify.v1 import diagnostics_pb2, diagnostics_pb2_grpc, event_pb2, ingest_pb2, ingest_pb2_grpc
 
@@ -322,7 +324,7 @@ class _GatedWriter:
 def test_a_stream_reads_at_most_a_few_batches_ahead_of_durability():
     async def main():
         writer = _GatedWriter()
-        handler = Ingest(writer, [])
+        handler = Ingest(IngestService(writer, [], wall_clock_us))
         pulled = 0
 
         async def requests():
@@ -417,15 +419,15 @@ def env(tmp_path):
     env.close()
 
 
-def plain(message_id: str, **kw) -> Event:
-    return Event(message_id=message_id, type=EventType.TRACK, user_id="u", **kw)
+def plain(message_id: str, **kw) -> MatchedEvent:
+    return MatchedEvent(Event(message_id=message_id, type=EventType.TRACK, user_id="u", **kw), ())
 
 
 def test_group_commit_many_concurrent_batches_share_transactions(env):
     writer = Writer(env)
     writer.start()
     seen: list[list[int]] = []
-    writer.on_events = lambda txn, events, now: seen.append([e.seq for e in events])
+    writer.on_events = lambda txn, events, now: seen.append([m.event.seq for m in events])
 
     async def main():
         return await asyncio.gather(*[writer.ingest([plain(f"{k}-{i}") for i in range(5)]) for k in range(300)])
@@ -446,8 +448,8 @@ def test_the_hook_sees_only_new_events_and_its_failure_acknowledges_nothing(env)
     calls = []
 
     def hook(txn, events, now):
-        calls.append([e.message_id for e in events])
-        if any(e.message_id == "poison" for e in events):
+        calls.append([m.event.message_id for m in events])
+        if any(m.event.message_id == "poison" for m in events):
             raise RuntimeError("engine bug")
 
     writer.on_events = hook

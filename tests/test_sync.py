@@ -25,7 +25,7 @@ import pytest
 from qualify.server.config import Project, load_project
 from qualify.server.domain.errors import KeyNotFound
 from qualify.server.storage.lmdb_store import ID_KEY, U32, Reader, open_env
-from qualify.server.storage.sync import SyncError, Syncer
+from qualify.server.storage.warehouse_sync import SyncError, Syncer
 from qualify.server.wire import record_message
 from qualify.v1.personalize_pb2 import Record
 

@@ -28,12 +28,10 @@ import hmac
 import json
 import time
 
+from ..domain.changes import Cause, MembershipChange
 from ..domain.syncs import Nats, Webhook
 from ..wire import rfc3339
 
-DIRECTIONS = {1: "enter", 2: "exit"}
-CAUSES = {0: "snapshot", 1: "event", 2: "warehouse_sync", 3: "window_lapse", 4: "session_end",
-          5: "identity_merge", 6: "audience_change"}
 MAX_RETRY_AFTER = 300.0
 
 
@@ -46,13 +44,13 @@ class DeliveryError(Exception):
         self.retry_after = retry_after
 
 
-def change_json(seq: int, row: list, fields: dict | None) -> dict:
-    audience, person, direction, effective_us, cause, message_id = row
-    out = {"sequence": seq, "audience_id": audience, "person_key": person,
-           "direction": DIRECTIONS.get(direction, str(direction)), "effective_time": rfc3339(effective_us),
-           "cause": CAUSES.get(cause, str(cause))}
-    if message_id:
-        out["message_id"] = message_id
+def change_json(c: MembershipChange, fields: dict | None) -> dict:
+    """The JSON a destination receives for one change (direction and cause as lower-case names)."""
+    out = {"sequence": c.sequence, "audience_id": c.audience_id, "person_key": c.person_key,
+           "direction": c.direction.name.lower(), "effective_time": rfc3339(c.effective_us),
+           "cause": "snapshot" if c.cause == Cause.UNSPECIFIED else c.cause.name.lower()}
+    if c.message_id:
+        out["message_id"] = c.message_id
     if fields is not None:
         out["fields"] = fields
     return out

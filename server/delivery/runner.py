@@ -27,17 +27,13 @@ import logging
 import random
 from dataclasses import replace
 
-from google.protobuf import json_format
-
-from qualify.v1 import personalize_pb2
-
+from ..domain.changes import MembershipChange
 from ..domain.errors import FieldViolation, QualifyError, SyncExists, SyncManagedByProject, SyncNotFound
-from ..domain.syncs import SyncSpec
+from ..domain.ports import ChangelogReader, RecordReader, SyncStore
+from ..domain.syncs import DeadLetter, SyncSpec, SyncState
 from ..observability import metrics
-from ..storage.outbox import DeadLetter, SyncState, SyncTables
-from ..wire import record_message
+from ..services.feed import ChangeFeed
 from .destinations import DeliveryError, change_json, sender_for
-from .feed import ChangeFeed, Row
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +79,7 @@ class SyncRunner:
                         self.d.dirty.add(self.spec.id)
                     await self._idle()
                     continue
-                self.pending_since_us = rows[0][1][3]
+                self.pending_since_us = rows[0].effective_us
                 dest = self.spec.destination
                 if dest.max_delay > 0 and len(rows) < dest.max_batch_size:
                     await self._linger(dest.max_delay)
@@ -95,18 +91,18 @@ class SyncRunner:
                 log.exception("sync %s: delivery loop failed; retrying in 1s", self.spec.id)
                 await asyncio.sleep(1.0)
 
-    def _next_batch(self) -> tuple[list[Row], int]:
+    def _next_batch(self) -> tuple[list[MembershipChange], int]:
         """This sync's next changes after the cursor, and the last sequence looked at."""
         limit = self.spec.destination.max_batch_size
         after, batch = self.state.cursor, []
         while len(batch) < limit:
-            rows = self.d.feed.read(after, SCAN_ROWS)
-            for seq, row in rows:
-                if row[0] in self.audiences:
-                    batch.append((seq, row))
+            rows = self.d.changelog.read(after, SCAN_ROWS)
+            for c in rows:
+                if c.audience_id in self.audiences:
+                    batch.append(c)
                     if len(batch) == limit:
-                        return batch, seq
-                after = seq
+                        return batch, c.sequence
+                after = c.sequence
             if len(rows) < SCAN_ROWS:
                 break
         return batch, after
@@ -130,7 +126,7 @@ class SyncRunner:
             if len(self._next_batch()[0]) >= self.spec.destination.max_batch_size:
                 return
 
-    async def _deliver(self, rows: list[Row], scanned: int, replaying: bool = False) -> bool:
+    async def _deliver(self, rows: list[MembershipChange], scanned: int, replaying: bool = False) -> bool:
         """Sends one batch until it is delivered (True) or dead-lettered (False); moves the cursor."""
         changes = self._payload(rows)
         dest = self.spec.destination
@@ -155,14 +151,14 @@ class SyncRunner:
                 continue
             self.state.delivered += len(rows)
             metrics.sync_delivered(self.spec.id, len(rows))
-            metrics.sync_lag(self.spec.id, (self.d.clock() - rows[-1][1][3]) / 1e6)
+            metrics.sync_lag(self.spec.id, (self.d.clock() - rows[-1].effective_us) / 1e6)
             if not replaying:
                 self.state.cursor = scanned
             self.pending_since_us = None
             self.d.dirty.add(self.spec.id)
             return True
 
-    async def _dead_letter(self, rows: list[Row], scanned: int, attempts: int, error: str) -> None:
+    async def _dead_letter(self, rows: list[MembershipChange], scanned: int, attempts: int, error: str) -> None:
         now = self.d.clock()
         state = replace(self.state, cursor=scanned, dead_lettered=self.state.dead_lettered + len(rows))
         await self.d.write(lambda txn: (self.d.tables.add_dead(txn, self.spec.id, rows, attempts, error, now),
@@ -173,15 +169,15 @@ class SyncRunner:
         """Sends the dead letters again, in order; each leaves the table once delivered."""
         after = 0
         while True:
-            letters = self.d.read(lambda txn: self.d.tables.dead_letters(
+            letters = self.d.tables.read(lambda txn: self.d.tables.dead_letters(
                 txn, self.spec.id, after, self.spec.destination.max_batch_size))
             if not letters:
                 return
-            after = letters[-1].sequence
-            rows = [(dl.sequence, dl.row) for dl in letters]
+            after = letters[-1].change.sequence
+            rows = [dl.change for dl in letters]
             if await self._deliver(rows, self.state.cursor, replaying=True):
                 state = replace(self.state, dead_lettered=max(0, self.state.dead_lettered - len(rows)))
-                await self.d.write(lambda txn: (self.d.tables.remove_dead(txn, self.spec.id, [s for s, _ in rows]),
+                await self.d.write(lambda txn: (self.d.tables.remove_dead(txn, self.spec.id, [c.sequence for c in rows]),
                                                 self.d.tables.put_state(txn, self.spec.id, state)))
                 self._committed(state)
 
@@ -191,36 +187,32 @@ class SyncRunner:
         self.state.dead_lettered = state.dead_lettered
         self.d.dirty.add(self.spec.id)
 
-    def _payload(self, rows: list[Row]) -> list[dict]:
-        fields = self.d.person_fields(self.spec.fields, [row[1] for _, row in rows]) if self.spec.fields else None
-        return [change_json(seq, row, fields.get(row[1], {}) if fields is not None else None) for seq, row in rows]
+    def _payload(self, rows: list[MembershipChange]) -> list[dict]:
+        fields = self.d.person_fields(self.spec.fields, [c.person_key for c in rows]) if self.spec.fields else None
+        return [change_json(c, fields.get(c.person_key, {}) if fields is not None else None) for c in rows]
 
 
 class Deliveries:
     """Every sync's runner, its definition and state in LMDB, and SyncService's operations."""
 
-    def __init__(self, env, writer, feed: ChangeFeed, reader, parent: str, clock, user_agent: str,
-                 retry_initial: float = 0.2, retry_max: float = 30.0):
-        self.env = env
-        self.writer = writer
+    def __init__(self, tables: SyncStore, jobs, feed: ChangeFeed, changelog: ChangelogReader, records: RecordReader,
+                 parent: str, clock, user_agent: str, retry_initial: float = 0.2, retry_max: float = 30.0):
+        self.tables = tables
+        self.jobs = jobs
         self.feed = feed
-        self.reader = reader
+        self.changelog = changelog
+        self.records = records
         self.parent = parent
         self.clock = clock
         self.user_agent = user_agent
         self.retry_initial = retry_initial
         self.retry_max = retry_max
-        self.tables: SyncTables | None = None
         self.runners: dict[str, SyncRunner] = {}
         self.dirty: set[str] = set()
         self._flusher: asyncio.Task | None = None
 
     async def write(self, fn):
-        return await asyncio.wrap_future(self.writer.submit(fn))
-
-    def read(self, fn):
-        with self.env.begin() as txn:
-            return fn(txn)
+        return await asyncio.wrap_future(self.jobs.submit(fn))
 
     def backoff(self, attempt: int) -> float:
         """Exponential backoff with jitter: half fixed, half random."""
@@ -231,8 +223,7 @@ class Deliveries:
     async def start(self, declared: list[SyncSpec]) -> None:
         """Opens the tables, applies the project file's syncs, and starts every runner."""
         def setup(txn):
-            self.tables = SyncTables(self.env, txn)
-            head = self.feed.head_in(txn)
+            head = self.tables.changelog_head(txn)
             existing = {spec.id: (spec, state) for spec, state in self.tables.load(txn)}
             wanted = {s.id for s in declared}
             for sync_id, (spec, _) in existing.items():
@@ -281,7 +272,7 @@ class Deliveries:
 
         def put(txn):
             for sid, state in states.items():
-                if txn.get(sid.encode(), db=self.tables.specs) is not None:  # not deleted meanwhile
+                if self.tables.exists(txn, sid):  # not deleted meanwhile
                     self.tables.put_state(txn, sid, state)
 
         await self.write(put)
@@ -298,7 +289,7 @@ class Deliveries:
             raise SyncExists(f"sync {spec.id!r} already exists", violations=[FieldViolation("sync.id", "already exists")])
 
         def create(txn):
-            state = SyncState(cursor=self.feed.head_in(txn))  # from the next change on
+            state = SyncState(cursor=self.tables.changelog_head(txn))  # from the next change on
             self.tables.put_spec(txn, spec)
             self.tables.put_state(txn, spec.id, state)
             return state
@@ -330,7 +321,7 @@ class Deliveries:
 
     def dead_letters(self, sync_id: str, after: int, limit: int) -> list[DeadLetter]:
         self.runner(sync_id)
-        return self.read(lambda txn: self.tables.dead_letters(txn, sync_id, after, limit))
+        return self.tables.read(lambda txn: self.tables.dead_letters(txn, sync_id, after, limit))
 
     async def replay(self, sync_id: str) -> int:
         runner = self.runner(sync_id)
@@ -352,16 +343,12 @@ class Deliveries:
         out: dict[str, dict] = {k: {} for k in unique}
         for collection, columns in by_collection.items():
             try:
-                view, found = self.reader.get(collection, [k.encode() for k in unique])
-                mask = view.mask_indices(tuple(columns))
+                found = self.records.field_values(collection, unique, tuple(columns))
             except QualifyError as exc:  # the collection or a field went away in a later warehouse sync
                 log.warning("sync fields from %s left out: %s", collection, exc)
                 continue
             prefix = "" if collection == self.parent else collection + "."
-            for key, (stored, _) in zip(unique, found):
-                if stored is None:
-                    continue
-                record = personalize_pb2.Record.FromString(record_message(view.prefix, key.encode(), stored, mask, b""))
-                for k, v in json_format.MessageToDict(record.fields).items():
+            for key, values in found.items():
+                for k, v in values.items():
                     out[key][prefix + k] = v
         return out

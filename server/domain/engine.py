@@ -24,60 +24,34 @@ import heapq
 import logging
 from array import array
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 
 from qualify.evaluator import make_evaluator
-from qualify.evaluator.program import Code, EventLeaf, Filter, Scope
+from qualify.evaluator.program import Code, Scope
 
+from .changes import Cause, Direction, MembershipChange
+from .audiences import Audience, check_audience_id
 from .compile import Compiled, compile_audiences
 from .conditions import Condition, parse_condition
-from .explain import explain_tree
-from .errors import AudienceExists, AudienceNotFound, FieldViolation, InvalidAudience, InvalidRequest
-from .events import Event, EventModel, EventType, compile_models, matching_models
+from .errors import AudienceExists, AudienceNotFound, FieldViolation, InvalidAudience
+from .events import ANON, Event, EventModel, EventType, MatchedEvent, compile_models, matching_models
+from .queries import explain, preview
 from .schema import ValueType
 from .static import evaluate_static, evaluate_static_missing, without_events
 
 log = logging.getLogger(__name__)
 
-ENTER, EXIT = 1, 2  # qualify.v1.Direction
-CAUSE_EVENT, CAUSE_SYNC, CAUSE_LAPSE, CAUSE_SESSION_END, CAUSE_MERGE, CAUSE_AUDIENCE = 1, 2, 3, 4, 5, 6
-ANON = "anon:"
-AUDIENCE_ID_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
-
-
-@dataclass
-class Audience:
-    id: str
-    display_name: str
-    description: str
-    definition: dict  # the condition in its JSON form, as given
-    condition: Condition
-    create_us: int
-    update_us: int
-
-    def record(self) -> dict:
-        return {"id": self.id, "display_name": self.display_name, "description": self.description,
-                "condition": self.definition, "create_us": self.create_us, "update_us": self.update_us}
-
-
-@dataclass(frozen=True)
-class Change:
-    audience_id: str
-    person_key: str
-    direction: int
-    effective_us: int
-    cause: int
-    message_id: str = ""
 
 
 class Engine:
     """Realtime audience membership; every method runs on the writer thread."""
 
     def __init__(self, store, models: list[EventModel], attributes: list[tuple[str, ValueType]],
-                 session_timeout_us: int, read_event: Callable, iter_events: Callable, reference: bool = False):
+                 session_timeout_us: int, read_event: Callable, iter_events: Callable, reference: bool = False,
+                 publish: Callable[[list[MembershipChange]], None] = lambda changes: None):
         self.store = store
+        self.publish = publish  # called in the transaction with its stored changes; delivers after the commit
         self.models = compile_models(models)
         self.model_index = {m.name: i for i, m in enumerate(self.models.models)}
         self.attributes = attributes
@@ -179,7 +153,8 @@ class Engine:
         return [arr & self.alive for arr in without_events(compiled.program, static_arrays, len(self.alive))]
 
     # -- evaluation ------------------------------------------------------------------------
-    def _evaluate(self, slot: int, now_us: int, audiences, cause: int, message_id: str, out: list[Change]) -> None:
+    def _evaluate(self, slot: int, now_us: int, audiences, cause: Cause, message_id: str,
+                  out: list[MembershipChange]) -> None:
         values = self.evaluator.evaluate(self.states[slot], now_us, self._statics(slot))
         members = self.members[slot]
         # Most events change nothing: one list comparison (in C) says so.
@@ -195,10 +170,10 @@ class Engine:
                 aid = self.bits[bit]
                 if values[i]:
                     members[bit] = now_us
-                    out.append(Change(aid, self.keys[slot], ENTER, now_us, cause, message_id))
+                    out.append(MembershipChange(aid, self.keys[slot], Direction.ENTER, now_us, cause, message_id))
                 else:
                     del members[bit]
-                    out.append(Change(aid, self.keys[slot], EXIT, now_us, cause, message_id))
+                    out.append(MembershipChange(aid, self.keys[slot], Direction.EXIT, now_us, cause, message_id))
 
     def _schedule(self, slot: int, now_us: int) -> None:
         t = self.evaluator.next_change(self.states[slot], now_us)
@@ -216,15 +191,16 @@ class Engine:
         return self.timers[0][0] if self.timers else None
 
     # -- entry points ------------------------------------------------------------------------
-    def apply(self, txn, events: list[Event], now_us: int) -> list[Change]:
+    def apply(self, txn, events: list[MatchedEvent], now_us: int) -> list[MembershipChange]:
         """Evaluates durable events (the writer's hook); writes and returns the changes."""
-        changes: list[Change] = []
+        changes: list[MembershipChange] = []
         self._fire_due(now_us, changes)
         touched: dict[int, set[int]] = {}
         everything = range(len(self.program_bits))
-        for event in events:
+        for matched in events:
+            event = matched.event
             first_seen = len(self.keys)
-            self._observe(txn, event, now_us, touched, changes)
+            self._observe(txn, event, matched.matches, now_us, touched, changes)
             for slot, models in touched.items():
                 # Someone new is evaluated for every audience: the warehouse-only ones included.
                 if slot >= first_seen:
@@ -234,7 +210,7 @@ class Engine:
                 else:
                     audiences = sorted({i for m in models for i in self.by_model.get(m, ())})
                 if audiences:
-                    self._evaluate(slot, now_us, audiences, CAUSE_EVENT, event.message_id, changes)
+                    self._evaluate(slot, now_us, audiences, Cause.EVENT, event.message_id, changes)
                 self._schedule(slot, now_us)
             touched.clear()
         self._persist(txn, changes)
@@ -246,11 +222,10 @@ class Engine:
             return user if user is not None else ANON + ident
         return ident
 
-    def _observe(self, txn, event: Event, now_us: int, touched: dict[int, set[int]], changes: list[Change] | None,
-                 seq_record: bool = True) -> None:
+    def _observe(self, txn, event: Event, matches, now_us: int, touched: dict[int, set[int]],
+                 changes: list[MembershipChange] | None, seq_record: bool = True) -> None:
         if event.type in (EventType.IDENTIFY, EventType.ALIAS):
             self._link(txn, event, now_us, changes)
-        matches = event.matches if event.matches is not None else matching_models(event, self.models)
         for model, (kind, ident) in matches:
             slot = self._slot(self._person(kind, ident), txn)
             self.evaluator.observe(self.states[slot], model, event.timestamp_us, event.properties, event.session_id)
@@ -258,7 +233,7 @@ class Engine:
                 self.seqs[slot].append(event.seq)
             touched.setdefault(slot, set()).add(model)
 
-    def _link(self, txn, event: Event, now_us: int, changes: list[Change] | None) -> None:
+    def _link(self, txn, event: Event, now_us: int, changes: list[MembershipChange] | None) -> None:
         user = event.user_id
         other = event.anonymous_id if event.type == EventType.IDENTIFY else event.previous_id
         if not user or not other or self.aliases.get(other) == user:
@@ -270,7 +245,7 @@ class Engine:
             if source != user and source in self.slots:
                 self._merge(txn, source, user, now_us, changes, event.message_id)
 
-    def _merge(self, txn, source: str, into: str, now_us: int, changes: list[Change] | None, message_id: str) -> None:
+    def _merge(self, txn, source: str, into: str, now_us: int, changes: list[MembershipChange] | None, message_id: str) -> None:
         """Moves source's history into ``into``: replays both from the log, in order."""
         src = self.slots.pop(source)
         dst = self._slot(into, txn)
@@ -285,21 +260,22 @@ class Engine:
         self.timer_at[src] = None
         if changes is not None:
             for bit, _ in sorted(self.members[src].items()):
-                changes.append(Change(self.bits[bit], source, EXIT, now_us, CAUSE_MERGE, message_id))
+                changes.append(MembershipChange(self.bits[bit], source, Direction.EXIT, now_us, Cause.IDENTITY_MERGE,
+                                                message_id))
             self.store.put_membership(txn, source, {})
-            self._evaluate(dst, now_us, range(len(self.program_bits)), CAUSE_MERGE, message_id, changes)
+            self._evaluate(dst, now_us, range(len(self.program_bits)), Cause.IDENTITY_MERGE, message_id, changes)
         self.members[src] = {}
         self.current[src] = self.current[dst] = None
         self._schedule(dst, now_us)
 
-    def tick(self, txn, now_us: int) -> list[Change]:
+    def tick(self, txn, now_us: int) -> list[MembershipChange]:
         """Fires every timer due by ``now_us``, each at its own instant."""
-        changes: list[Change] = []
+        changes: list[MembershipChange] = []
         self._fire_due(now_us, changes)
         self._persist(txn, changes)
         return changes
 
-    def _fire_due(self, now_us: int, changes: list[Change]) -> None:
+    def _fire_due(self, now_us: int, changes: list[MembershipChange]) -> None:
         """Timers due by ``now_us`` fire before anything else happens at ``now_us``.
 
         Every entry point calls this first, so an event or a sync never
@@ -312,24 +288,24 @@ class Engine:
             state = self.states[slot]
             flipped = [leaf.scope for j, leaf in enumerate(self.compiled.program.leaves)
                        if self.evaluator.leaf(state, j, t - 1).holds != self.evaluator.leaf(state, j, t).holds]
-            cause = CAUSE_SESSION_END if flipped and all(s == Scope.SESSION for s in flipped) else CAUSE_LAPSE
+            cause = Cause.SESSION_END if flipped and all(s == Scope.SESSION for s in flipped) else Cause.WINDOW_LAPSE
             self._evaluate(slot, t, range(len(self.program_bits)), cause, "", changes)
             self._schedule(slot, t)
 
-    def after_sync(self, txn, now_us: int) -> list[Change]:
+    def after_sync(self, txn, now_us: int) -> list[MembershipChange]:
         """A warehouse sync landed: recompute the warehouse parts; move people at once."""
-        changes: list[Change] = []
+        changes: list[MembershipChange] = []
         self._fire_due(now_us, changes)
         old_defaults = self.defaults if self.defaults is not None else self._stored_defaults(txn)
         self.load_warehouse(txn)
-        changes += self._reconcile(txn, now_us, CAUSE_SYNC, old_defaults)
+        changes += self._reconcile(txn, now_us, Cause.WAREHOUSE_SYNC, old_defaults)
         self._persist(txn, changes)
         return changes
 
     # -- whole-population reconciliation -------------------------------------------------------
-    def _reconcile(self, txn, now_us: int, cause: int, old_defaults) -> list[Change]:
+    def _reconcile(self, txn, now_us: int, cause: Cause, old_defaults) -> list[MembershipChange]:
         """Brings every person's stored membership to what the definitions say now."""
-        changes: list[Change] = []
+        changes: list[MembershipChange] = []
         for slot in range(len(self.keys)):
             if self.slots.get(self.keys[slot]) == slot:
                 self._evaluate(slot, now_us, range(len(self.program_bits)), cause, "", changes)
@@ -355,17 +331,17 @@ class Engine:
                 bits = self.store.membership(txn, key)
                 if new[pid] and bit not in bits:
                     bits[bit] = now_us
-                    changes.append(Change(aid, key, ENTER, now_us, cause))
+                    changes.append(MembershipChange(aid, key, Direction.ENTER, now_us, cause))
                 elif not new[pid] and bit in bits:
                     del bits[bit]
-                    changes.append(Change(aid, key, EXIT, now_us, cause))
+                    changes.append(MembershipChange(aid, key, Direction.EXIT, now_us, cause))
                 else:
                     continue
                 self.store.put_membership(txn, key, bits)
         self.defaults = {self.bits[self.program_bits[i]]: arr for i, arr in enumerate(defaults)}
         return changes
 
-    def _persist(self, txn, changes: list[Change]) -> None:
+    def _persist(self, txn, changes: list[MembershipChange]) -> None:
         """Writes realtime people's memberships, the member index, counts and the changelog.
 
         People without realtime state had their memberships written where
@@ -375,18 +351,17 @@ class Engine:
             return
         written = set()
         for c in changes:
-            self.store.index_member(txn, c.audience_id, c.person_key, c.direction == ENTER)
-            self.counts[c.audience_id] = self.counts.get(c.audience_id, 0) + (1 if c.direction == ENTER else -1)
+            self.store.index_member(txn, c.audience_id, c.person_key, c.direction == Direction.ENTER)
+            self.counts[c.audience_id] = self.counts.get(c.audience_id, 0) + (1 if c.direction == Direction.ENTER else -1)
             slot = self.slots.get(c.person_key)
             if slot is not None and c.person_key not in written:
                 written.add(c.person_key)
                 self.store.put_membership(txn, c.person_key, self.members[slot])
         self.store.put_counts(txn, self.counts)
-        self.store.append_changes(txn, [[c.audience_id, c.person_key, c.direction, c.effective_us, c.cause,
-                                         c.message_id] for c in changes])
+        self.publish(self.store.append_changes(txn, changes))
 
     # -- recovery and audience changes ---------------------------------------------------------
-    def recover(self, txn, now_us: int) -> list[Change]:
+    def recover(self, txn, now_us: int) -> list[MembershipChange]:
         """Rebuilds the in-memory state from LMDB: audiences, the log replayed, timers fired."""
         self.bits = self.store.catalog_bits(txn)
         for rec in self.store.load_audiences(txn):
@@ -398,19 +373,19 @@ class Engine:
         self.counts = self.store.counts(txn)
         self._compile()
         self.load_warehouse(txn)
-        return self._rebuild(txn, now_us, CAUSE_LAPSE, self._stored_defaults(txn), lapses=True)
+        return self._rebuild(txn, now_us, Cause.WINDOW_LAPSE, self._stored_defaults(txn), lapses=True)
 
-    def _rebuild(self, txn, now_us: int, cause: int, old_defaults: dict, lapses: bool) -> list[Change]:
+    def _rebuild(self, txn, now_us: int, cause: Cause, old_defaults: dict, lapses: bool) -> list[MembershipChange]:
         """Replays the whole log into fresh states, then reconciles everyone at now."""
         self._reset_people()
         last = {}
         touched: dict[int, set[int]] = {}
         for event in self.iter_events(txn):
-            self._observe(txn, event, event.received_us, touched, None)
+            self._observe(txn, event, matching_models(event, self.models), event.received_us, touched, None)
             for slot in touched:
                 last[slot] = event.received_us
             touched.clear()
-        changes: list[Change] = []
+        changes: list[MembershipChange] = []
         if lapses:  # windows that lapsed while no process was running, each at its own instant
             for slot, t0 in last.items():
                 if self.slots.get(self.keys[slot]) != slot:
@@ -439,7 +414,7 @@ class Engine:
         return out
 
     def put_audience(self, txn, audience_id: str, display_name: str, description: str, definition: dict,
-                     now_us: int, create: bool) -> tuple[Audience, list[Change]]:
+                     now_us: int, create: bool) -> tuple[Audience, list[MembershipChange]]:
         check_audience_id(audience_id)
         exists = audience_id in self.audiences
         if create and exists:
@@ -447,7 +422,7 @@ class Engine:
         if not create and not exists:
             raise AudienceNotFound(f"no audience {audience_id!r}", metadata={"audience": audience_id})
         condition = parse_condition(definition, self.attribute_types, self.event_model_props, path="audience.condition")
-        due: list[Change] = []
+        due: list[MembershipChange] = []
         self._fire_due(now_us, due)
         self._persist(txn, due)
         created = self.audiences[audience_id].create_us if exists else now_us
@@ -465,10 +440,10 @@ class Engine:
         changes = self._redefine(txn, now_us, old_defaults)
         return audience, changes
 
-    def delete_audience(self, txn, audience_id: str, now_us: int) -> list[Change]:
+    def delete_audience(self, txn, audience_id: str, now_us: int) -> list[MembershipChange]:
         if audience_id not in self.audiences:
             raise AudienceNotFound(f"no audience {audience_id!r}", metadata={"audience": audience_id})
-        due: list[Change] = []
+        due: list[MembershipChange] = []
         self._fire_due(now_us, due)
         self._persist(txn, due)
         bit = self.bits.index(audience_id)
@@ -476,7 +451,7 @@ class Engine:
         for key, bits in list(self.store.all_memberships(txn)):
             if bit in bits:
                 del bits[bit]
-                changes.append(Change(audience_id, key, EXIT, now_us, CAUSE_AUDIENCE))
+                changes.append(MembershipChange(audience_id, key, Direction.EXIT, now_us, Cause.AUDIENCE_CHANGE))
                 self.store.put_membership(txn, key, bits)
                 slot = self.slots.get(key)
                 if slot is not None:
@@ -494,10 +469,10 @@ class Engine:
         # The remaining audiences get a new program: rebuild every state for it.
         return due + changes + self._redefine(txn, now_us, old_defaults)
 
-    def _redefine(self, txn, now_us: int, old_defaults: dict) -> list[Change]:
+    def _redefine(self, txn, now_us: int, old_defaults: dict) -> list[MembershipChange]:
         self._compile()
         self.load_warehouse(txn)
-        return self._rebuild(txn, now_us, CAUSE_AUDIENCE, old_defaults, lapses=False)
+        return self._rebuild(txn, now_us, Cause.AUDIENCE_CHANGE, old_defaults, lapses=False)
 
     # -- queries -------------------------------------------------------------------------
     def audience(self, audience_id: str) -> Audience:
@@ -508,51 +483,11 @@ class Engine:
 
     def preview(self, txn, condition: Condition, now_us: int, sample: int) -> tuple[int, list[str]]:
         """How many people qualify now under a draft condition, and some of their keys."""
-        compiled = compile_audiences([("draft", condition)], self.model_index, self.session_timeout_us)
-        evaluator = make_evaluator(compiled.program, reference=self.reference)
-        static_arrays, static_missing = self._statics_for(compiled)
-        default = self._default_membership(compiled, static_arrays)[0].copy()
-        members: list[str] = []
-        for key, slot in self.slots.items():
-            state = evaluator.new_state()  # the person's own events, replayed into the draft
-            for seq in self.seqs[slot]:
-                ev = self.read_event(txn, seq)
-                for model, _ in matching_models(ev, self.models):
-                    evaluator.observe(state, model, ev.timestamp_us, ev.properties, ev.session_id)
-            pid = self.pids[slot]
-            statics = [bool(a[pid]) if pid is not None and pid < len(a) else m for a, m in zip(static_arrays, static_missing)]
-            if evaluator.evaluate(state, now_us, statics)[0]:
-                members.append(key)
-            if pid is not None and pid < len(default):
-                default[pid] = False
-        count = int(default.sum()) + len(members)
-        keys = sorted(members)[:sample]
-        for pid in np.flatnonzero(default)[: max(0, sample - len(keys))].tolist():
-            k = self.store.person_key(txn, pid)
-            if k is not None:
-                keys.append(k)
-        return count, keys
+        return preview(self, txn, condition, now_us, sample)
 
     def explain(self, txn, audience_id: str, person_key: str, now_us: int) -> tuple[bool, dict]:
         """Whether the person is a member now, and every node's value with what decides it."""
-        audience = self.audience(audience_id)
-        slot = self.slots.get(person_key)
-        state = self.states[slot] if slot is not None else self.evaluator.new_state()
-        pid = self.pids[slot] if slot is not None else (
-            None if person_key.startswith(ANON) else self.store.person_id(txn, person_key))
-
-        def attr_value(name: str):
-            col = self.columns.get(name)
-            alive = pid is not None and pid < len(self.alive) and self.alive[pid]
-            return col.value(pid) if col is not None and alive else None
-
-        def leaf_index(c) -> int:
-            return self.compiled.program.leaves.index(EventLeaf(
-                self.model_index[c.event_model], tuple(Filter(p.field, p.op, p.values) for p in c.filters),
-                c.scope, c.window_us, c.aggregation, c.property, c.comparison, c.threshold))
-
-        tree = explain_tree(audience.condition, self.evaluator, state, attr_value, leaf_index, now_us)
-        return self.is_member(txn, person_key, audience_id) is not None, tree
+        return explain(self, txn, audience_id, person_key, now_us)
 
     def is_member(self, txn, person_key: str, audience_id: str) -> int | None:
         """The enter time if the person is a member now."""
@@ -564,10 +499,4 @@ class Engine:
         return bits.get(bit)
 
 
-def check_audience_id(audience_id: str) -> None:
-    if not audience_id or len(audience_id) > 63 or not set(audience_id) <= AUDIENCE_ID_CHARS:
-        raise InvalidRequest(f"invalid audience id {audience_id!r}",
-                             violations=[FieldViolation("audience.id", "must be 1-63 characters of a-z, 0-9, _ and -")])
-
-
-__all__ = ["Audience", "Change", "Engine", "InvalidAudience"]
+__all__ = ["ANON", "Audience", "Engine", "InvalidAudience", "check_audience_id"]

@@ -54,6 +54,7 @@ from .conditions import Predicate, parse_timestamp
 from .errors import QualifyError, Status
 from .schema import ValueType
 
+ANON = "anon:"  # an anonymous person's key is ANON + anonymous id, until a merge names them
 MAX_EVENT_BYTES = 32 * 1024
 MAX_FUTURE_US = 5 * 60 * 1_000_000
 DEDUPE_WINDOW_US = 24 * 3600 * 1_000_000
@@ -134,9 +135,7 @@ class Event:
 
     ``timestamp_us`` and ``received_us`` are integer microseconds since the
     epoch. ``seq`` is assigned by the event log when the event is appended
-    (0 before). ``matches`` is not stored: the transport fills it with
-    ``matching_models`` at validation so the writer can count unmatched events
-    and the engine need not match again (None: not computed).
+    (0 before).
     """
 
     message_id: str
@@ -152,7 +151,18 @@ class Event:
     previous_id: str = ""
     context: dict = field(default_factory=dict)
     seq: int = 0
-    matches: list | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MatchedEvent:
+    """A validated event and the (model index, person) pairs it matches: what ingest hands the writer.
+
+    Matching runs once, with validation, off the writer thread; the log
+    counts the events that match nothing, and the engine evaluates the rest.
+    """
+
+    event: Event
+    matches: tuple[tuple[int, PersonKey], ...]
 
 
 class ModelSet:

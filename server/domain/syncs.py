@@ -12,6 +12,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from urllib.parse import urlsplit
 
+from .changes import MembershipChange
 from .errors import FieldViolation, InvalidRequest
 
 SYNC_ID = re.compile(r"^[a-z0-9_-]{1,63}$")
@@ -147,3 +148,25 @@ def parse_sync(d: dict, *, audiences: set[str] | None, fields: dict[str, set[str
         raise InvalidRequest(f"invalid sync {sync_id!r}: {c.violations[0].field} {c.violations[0].description}",
                              violations=c.violations)
     return SyncSpec(sync_id, audience_ids, names, dest, managed_by_project)
+
+
+@dataclass
+class SyncState:
+    """A sync's progress, persisted with its cursor (the last sequence it is done with)."""
+
+    cursor: int = 0
+    delivered: int = 0
+    retries: int = 0
+    dead_lettered: int = 0
+    last_error: str = ""
+    last_error_us: int = 0
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A change that used up its attempts, kept until replayed."""
+
+    change: MembershipChange
+    attempts: int
+    error: str
+    dead_us: int

@@ -39,6 +39,7 @@ Metrics (all prefixed ``qualify_``):
 
 from __future__ import annotations
 
+import enum
 import os
 import shutil
 from collections import Counter
@@ -53,7 +54,6 @@ RPC_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
 LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SYNC_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
-_DIRECTIONS = {1: "enter", 2: "exit"}  # qualify.v1.Direction
 
 
 class _Metrics:
@@ -182,12 +182,12 @@ def evaluation_lag(seconds: float) -> None:
         _m.evaluation_lag.observe(max(0.0, seconds))
 
 
-def membership_changes(rows: Iterable[tuple[str, int]]) -> None:
-    """(audience id, direction) of each change written (direction 1 enter, 2 exit)."""
+def membership_changes(rows: Iterable[tuple[str, enum.Enum]]) -> None:
+    """(audience id, Direction) of each change written."""
     if _m is None:
         return
     for (audience, direction), n in Counter(rows).items():
-        _m.changes.labels(audience, _DIRECTIONS.get(direction, str(direction))).inc(n)
+        _m.changes.labels(audience, direction.name.lower()).inc(n)
 
 
 def lmdb_map(used_bytes: int, size_bytes: int) -> None:

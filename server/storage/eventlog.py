@@ -44,7 +44,7 @@ from collections.abc import Iterator, Sequence
 import lmdb
 import msgpack
 
-from ..domain.events import DEDUPE_WINDOW_US, Event, EventType
+from ..domain.events import DEDUPE_WINDOW_US, Event, EventType, MatchedEvent
 from .lmdb_store import _handle
 
 EVENTS = b"events"
@@ -102,12 +102,12 @@ class EventLog:
 
     # -- writes ---------------------------------------------------------------------
 
-    def append(self, txn: lmdb.Transaction, events: Sequence[Event], now_us: int) -> tuple[list[int], list[int]]:
+    def append(self, txn: lmdb.Transaction, events: Sequence[MatchedEvent], now_us: int) -> tuple[list[int], list[int]]:
         """Logs the events that are not duplicates; returns (accepted, duplicate) indices.
 
         Accepted events get ``seq``. A message_id repeated inside ``events``
-        counts as a duplicate after its first occurrence. Events whose
-        ``matches`` is an empty list are counted as unmatched.
+        counts as a duplicate after its first occurrence. Events that match
+        no model are counted as unmatched.
         """
         accepted: list[int] = []
         duplicates: list[int] = []
@@ -115,8 +115,8 @@ class EventLog:
         dedupe = self.dedupe
         stamp = TIME.pack(now_us)
         horizon = TIME.pack(max(0, now_us - DEDUPE_WINDOW_US))
-        for i, e in enumerate(events):
-            k = dedupe_key(e.message_id)
+        for i, m in enumerate(events):
+            k = dedupe_key(m.event.message_id)
             if not put(k, stamp, db=dedupe, overwrite=False):
                 if get(k, db=dedupe) > horizon:
                     duplicates.append(i)
@@ -129,11 +129,11 @@ class EventLog:
         items = []
         unmatched = 0
         for i in accepted:
-            e = events[i]
+            m = events[i]
             seq += 1
-            e.seq = seq
-            items.append((SEQ.pack(seq), encode_event(e)))
-            if e.matches is not None and not e.matches:
+            m.event.seq = seq
+            items.append((SEQ.pack(seq), encode_event(m.event)))
+            if not m.matches:
                 unmatched += 1
         with txn.cursor(db=self.events) as cur:
             cur.putmulti(items, append=True)

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lmdb
+from google.protobuf import json_format, struct_pb2
 
 from ..domain.errors import FieldViolation, KeyNotFound, NotReady, UnknownCollection, UnknownField
 
@@ -235,6 +236,30 @@ class Reader:
             raise KeyNotFound(f"no record with key {key.decode(errors='replace')!r} in collection {name!r}",
                               metadata={"collection": name})
         return view, stored, bits
+
+
+    def field_values(self, name: str, keys: list[str], columns: tuple[str, ...]) -> dict[str, dict]:
+        """{key: {column: JSON value}} of the keys that have a record (realtime syncs' ``fields``)."""
+        view, found = self.get(name, [k.encode() for k in keys])
+        view.mask_indices(columns)  # unknown columns are refused as for a read mask
+        wanted = set(columns)
+        out = {}
+        for key, (stored, _) in zip(keys, found):
+            if stored is not None:
+                values = json_format.MessageToDict(struct_pb2.Struct.FromString(record_fields(stored)))
+                out[key] = {c: v for c, v in values.items() if c in wanted}
+        return out
+
+    def map_usage(self) -> tuple[int, int]:
+        """(bytes in use, map size): the data file's last used page, against the reserved map."""
+        info = self.env.info()
+        return (info["last_pgno"] + 1) * self.env.stat()["psize"], info["map_size"]
+
+
+def record_fields(stored: bytes) -> bytes:
+    """The ``google.protobuf.Struct`` body of a stored record (see qualify.server.wire: header, then entries)."""
+    n = stored[4] | (stored[5] << 8)
+    return stored[6 + 4 * n:]
 
 
 def decode_membership(raw: bytes) -> dict[int, int]:

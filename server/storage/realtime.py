@@ -11,6 +11,7 @@ Named databases::
                       (bit i = the catalog's audiences[i]; the catalog lives in meta)
     audience_members  audience id | 0x00 | person key -> b"" (ListMembers pages through it)
     changelog         u64 sequence (big-endian) -> msgpack [audience, person, direction, effective_us, cause, message_id]
+                      (positional: a MembershipChange without its sequence, the key)
     meta              b"changelog_seq" -> u64 last sequence; b"counts" -> JSON {audience id: members}
 """
 
@@ -23,6 +24,7 @@ from collections.abc import Iterable, Iterator
 import msgpack
 import numpy as np
 
+from ..domain.changes import Cause, Direction, MembershipChange
 from ..domain.schema import ValueType
 from ..domain.static import Column
 from ..observability import metrics
@@ -72,9 +74,6 @@ class RealtimeStore:
         self.people_keys = env.open_db(f"{PEOPLE}.keys".encode(), txn=txn)
         self.people_ids = env.open_db(f"{PEOPLE}.ids".encode(), txn=txn)
         self.people_cols = env.open_db(f"{PEOPLE}.cols".encode(), txn=txn)
-        #: (sequence, row) appended by the running transaction; the writer's
-        #: after-transaction hook publishes them once committed (take_appended).
-        self.appended: list[tuple[int, list]] = []
 
     # -- audiences ------------------------------------------------------------------
     def load_audiences(self, txn) -> list[dict]:
@@ -88,8 +87,7 @@ class RealtimeStore:
         delete_prefix(txn, self.audience_members, audience_id.encode() + b"\x00")
 
     def catalog_bits(self, txn) -> list[str | None]:
-        catalog = json.loads(txn.get(CATALOG, db=self.meta) or b"{}")
-        return list(catalog.get("audiences", []))
+        return _catalog(txn, self.meta)
 
     def set_catalog_bits(self, txn, bits: list[str | None]) -> None:
         """Publishes the audience of each membership bit; readers reload on the new generation."""
@@ -168,21 +166,29 @@ class RealtimeStore:
             yield k.decode(), decode_membership(v)
 
     # -- the changelog -------------------------------------------------------------------
-    def append_changes(self, txn, changes: list[tuple]) -> int:
-        """Appends (audience, person, direction, effective_us, cause, message_id) rows; returns the last sequence."""
+    def append_changes(self, txn, changes: list[MembershipChange]) -> list[MembershipChange]:
+        """Stores changes in order; returns them with their sequences."""
         raw = txn.get(CHANGELOG_SEQ, db=self.meta)
         seq = U64.unpack(raw)[0] if raw else 0
-        for row in changes:
+        out = []
+        for c in changes:
             seq += 1
-            txn.put(SEQ_KEY.pack(seq), packb(row), db=self.changelog, append=True)
-            self.appended.append((seq, row))
+            txn.put(SEQ_KEY.pack(seq), packb(pack_change(c)), db=self.changelog, append=True)
+            out.append(MembershipChange(c.audience_id, c.person_key, c.direction, c.effective_us, c.cause,
+                                        c.message_id, seq))
         txn.put(CHANGELOG_SEQ, U64.pack(seq), db=self.meta)
-        metrics.membership_changes((row[0], row[2]) for row in changes)  # counted as written, before the commit
-        return seq
+        metrics.membership_changes((c.audience_id, c.direction) for c in changes)  # counted as written, before the commit
+        return out
 
-    def take_appended(self) -> list[tuple[int, list]]:
-        rows, self.appended = self.appended, []
-        return rows
+
+def pack_change(c: MembershipChange) -> list:
+    """The stored (positional) form of a change: the changelog's, and the dead letters'."""
+    return [c.audience_id, c.person_key, int(c.direction), c.effective_us, int(c.cause), c.message_id]
+
+
+def unpack_change(seq: int, row: list) -> MembershipChange:
+    audience, person, direction, effective_us, cause, message_id = row
+    return MembershipChange(audience, person, Direction(direction), effective_us, Cause(cause), message_id, seq)
 
 
 def changelog_head(txn, meta_db) -> int:
@@ -191,31 +197,65 @@ def changelog_head(txn, meta_db) -> int:
     return U64.unpack(raw)[0] if raw else 0
 
 
-def read_changelog(txn, db, after: int = 0, limit: int = 1000) -> list[tuple[int, list]]:
-    """Changelog rows with sequence > after, oldest first (any process)."""
+def read_changelog(txn, db, after: int = 0, limit: int = 1000) -> list[MembershipChange]:
+    """Changes with sequence > after, oldest first (any process)."""
     out = []
     cur = txn.cursor(db=db)
     if cur.set_range(SEQ_KEY.pack(after + 1)):
         for k, v in cur:
-            out.append((SEQ_KEY.unpack(k)[0], msgpack.unpackb(v)))
+            out.append(unpack_change(SEQ_KEY.unpack(k)[0], msgpack.unpackb(v)))
             if len(out) >= limit:
                 break
     return out
 
 
-def current_members(txn, store: "RealtimeStore", audience_id: str) -> Iterator[tuple[str, int]]:
-    """(person key, enter time) of every member of an audience, in key order."""
-    bits = store.catalog_bits(txn)
-    if audience_id not in bits:
-        return
-    bit = bits.index(audience_id)
+class ChangelogView:
+    """The changelog and the member index from any process, each read in its own transaction."""
+
+    def __init__(self, env):
+        self.env = env
+        with env.begin() as txn:
+            self.meta = env.open_db(META, txn=txn, create=False)
+            self.changelog = env.open_db(CHANGELOG, txn=txn, create=False)
+            self.audience_members = env.open_db(AUDIENCE_MEMBERS, txn=txn, create=False)
+            self.members = env.open_db(MEMBERS, txn=txn, create=False)
+
+    def head(self) -> int:
+        with self.env.begin() as txn:
+            return changelog_head(txn, self.meta)
+
+    def read(self, after: int, limit: int) -> list[MembershipChange]:
+        with self.env.begin() as txn:
+            return read_changelog(txn, self.changelog, after, limit)
+
+    def audiences(self) -> tuple[list[str], int]:
+        """The audiences that exist, and the changelog head, in one read."""
+        with self.env.begin() as txn:
+            return [a for a in _catalog(txn, self.meta) if a is not None], changelog_head(txn, self.meta)
+
+    def snapshot(self, audience_ids: list[str]):
+        """Yields the changelog head, then (audience, person key, enter time) of every member, in one read."""
+        with self.env.begin() as txn:
+            yield changelog_head(txn, self.meta)
+            bits = _catalog(txn, self.meta)
+            for aid in audience_ids:
+                if aid in bits:
+                    for key, enter_us in _members_of(txn, self.audience_members, self.members, aid, bits.index(aid)):
+                        yield aid, key, enter_us
+
+
+def _catalog(txn, meta) -> list[str | None]:
+    return list(json.loads(txn.get(CATALOG, db=meta) or b"{}").get("audiences", []))
+
+
+def _members_of(txn, index, members, audience_id: str, bit: int) -> Iterator[tuple[str, int]]:
     prefix = audience_id.encode() + b"\x00"
-    cur = txn.cursor(db=store.audience_members)
+    cur = txn.cursor(db=index)
     if cur.set_range(prefix):
         for k in cur.iternext(values=False):
             if not k.startswith(prefix):
                 break
             key = k[len(prefix):]
-            enter = decode_membership(txn.get(key, db=store.members)).get(bit)
+            enter = decode_membership(txn.get(key, db=members)).get(bit)
             if enter is not None:
                 yield key.decode(), enter

@@ -10,7 +10,10 @@ arrangement.
 Group commit. ``ingest`` calls from every RPC are queued; the thread takes
 everything queued (up to ``max_txn_events``) into ONE write transaction:
 append to the log, run the ``on_events`` hook (evaluation), prune the dedupe
-index, commit. The environment is opened with sync on, so the commit is the
+index, commit. Work done inside a transaction may ask, through
+``after_commit``, to be told once it committed: that is how membership
+changes reach the live feed in commit order, and never when the
+transaction was rolled back. The environment is opened with sync on, so the commit is the
 fsync; a hundred concurrent small batches cost one fsync, not a hundred. The
 callers' futures are resolved only after the commit returned, so an
 acknowledgement always means durable. If the hook or the commit raises, the
@@ -35,7 +38,6 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,18 +45,15 @@ from typing import Any
 
 import lmdb
 
+from ..clock import wall_clock_us
 from ..domain.errors import QualifyError, StorageUnavailable
-from ..domain.events import Event
+from ..domain.events import MatchedEvent
 from ..observability import metrics
 from .eventlog import EventLog
 
 log = logging.getLogger(__name__)
 
-EventsHook = Callable[[lmdb.Transaction, list[Event], int], None]
-
-
-def wall_clock_us() -> int:
-    return time.time_ns() // 1000
+EventsHook = Callable[[lmdb.Transaction, list[MatchedEvent], int], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,9 +113,7 @@ class Writer:
         #: the accepted (non-duplicate) events, seq set, and the transaction's
         #: clock reading. Raising fails the whole transaction.
         self.on_events: EventsHook | None = None
-        #: Called on the writer thread after every transaction, with True when
-        #: it committed and False when it was aborted (publishes what committed).
-        self.after_txn: Callable[[bool], None] | None = None
+        self._committed: list[Callable[[], None]] = []  # after_commit callbacks of the running transaction
         self.log: EventLog | None = None
         self._cond = threading.Condition()
         self._queue: deque = deque()
@@ -160,7 +157,14 @@ class Writer:
 
     # -- entry points ----------------------------------------------------------------
 
-    async def ingest(self, events: Sequence[Event]) -> IngestResult:
+    def after_commit(self, fn: Callable[[], None]) -> None:
+        """From work running in a transaction: call ``fn`` on the writer thread once it committed.
+
+        Callbacks run in commit order, and are dropped if the transaction aborts.
+        """
+        self._committed.append(fn)
+
+    async def ingest(self, events: Sequence[MatchedEvent]) -> IngestResult:
         """Makes events durable; resolves after the commit. Raises StorageUnavailable on failure."""
         n = len(events)
         if n == 0:
@@ -181,7 +185,7 @@ class Writer:
             await space
         return await future
 
-    def ingest_blocking(self, events: Sequence[Event]) -> concurrent.futures.Future:
+    def ingest_blocking(self, events: Sequence[MatchedEvent]) -> concurrent.futures.Future:
         """``ingest`` for threads without an event loop: a Future of the IngestResult.
 
         Blocks (a thread, not a loop) while the queue is full.
@@ -257,11 +261,14 @@ class Writer:
             job.future.set_result(result)
 
     def _after(self, committed: bool) -> None:
-        if self.after_txn is not None:
+        callbacks, self._committed = self._committed, []
+        if not committed:
+            return
+        for fn in callbacks:
             try:
-                self.after_txn(committed)
+                fn()
             except Exception:  # noqa: BLE001 - what committed stays committed
-                log.exception("after-transaction hook failed")
+                log.exception("after-commit callback failed")
 
     def _run_ingest(self, group: list[_Ingest], n: int) -> None:
         events = [e for req in group for e in req.events] if len(group) > 1 else list(group[0].events)
@@ -290,7 +297,7 @@ class Writer:
         self._after(error is None)
         if error is None:
             # The first event queued is the oldest: its wait is the transaction's evaluation lag.
-            metrics.evaluation_lag((self.clock_us() - events[0].received_us) / 1e6)
+            metrics.evaluation_lag((self.clock_us() - events[0].event.received_us) / 1e6)
             self.transactions += 1
             self.events_logged += len(events) - sum(dup)
             self.duplicates += sum(dup)

@@ -17,8 +17,8 @@ import logging
 
 from grpc_health.v1 import health_pb2
 
+from ..domain.ports import RecordReader
 from ..observability import metrics
-from ..storage.lmdb_store import Reader
 
 log = logging.getLogger(__name__)
 
@@ -26,20 +26,14 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def map_usage(env) -> tuple[int, int]:
-    """(bytes in use, map size): the data file's last used page, against the reserved map."""
-    info = env.info()
-    return (info["last_pgno"] + 1) * env.stat()["psize"], info["map_size"]
-
-
-async def watch_health(reader: Reader, health_servicer, names: list[str], nearly_full: float,
+async def watch_health(reader: RecordReader, health_servicer, names: list[str], nearly_full: float,
                        poll: float = 0.05, every: float = 1.0) -> None:
     """Runs for the life of the server; see the module docstring."""
     while reader.generation == 0:
         await asyncio.sleep(poll)
     serving = None
     while True:
-        used, size = map_usage(reader.env)
+        used, size = reader.map_usage()
         metrics.lmdb_map(used, size)
         ok = used < nearly_full * size
         if ok is not serving:

@@ -1,9 +1,9 @@
-"""IngestService: decode events, validate them, hand the good ones to the writer.
+"""IngestService over gRPC: decode events, hand them to the ingest use case, encode the answer.
 
-Each RPC validates every event on the event loop (cheap, and off the writer
-thread), then awaits ``Writer.ingest`` for the valid ones; the reply is sent
-only after their transaction committed. A bad event is reported in the reply
-and never fails its neighbours.
+The use case (services/ingest.py) validates every event on the event loop
+and awaits the writer for the valid ones; the reply is sent only after their
+transaction committed. A bad event is reported in the reply and never fails
+its neighbours.
 
 StreamEvents keeps at most ``MAX_IN_FLIGHT`` batches of one stream between
 "read from the stream" and "acknowledged": it does not read the next request
@@ -17,28 +17,18 @@ order.
 from __future__ import annotations
 
 import asyncio
-import logging
-from collections import Counter
-from collections.abc import Sequence
 
 import grpc
 from google.protobuf import struct_pb2
 
 from qualify.v1 import ingest_pb2
 
-from ..domain.errors import BatchTooLarge, FieldViolation, QualifyError
-from ..domain.events import (MAX_EVENT_BYTES, Event, EventModel, EventRejected, Rejection, check_limits,
-                             compile_models, matching_models, validate)
-from ..observability import metrics
-from ..operations import Limits
-from ..storage.writer import Writer, wall_clock_us
-from .errors import guarded, internal_status, lenient, reject_malformed, status_of
-
-log = logging.getLogger(__name__)
+from ..domain.errors import QualifyError
+from ..domain.events import MAX_EVENT_BYTES, Event
+from ..services.ingest import IngestService
+from .errors import internal_status, reject_malformed, status_of
 
 MAX_IN_FLIGHT = 4  # batches per stream between read and acknowledgement
-
-_REJECTION_NAMES = {v.number: v.name for v in ingest_pb2.RejectionReason.DESCRIPTOR.values}
 
 
 # -- qualify.v1.Event -> domain Event ------------------------------------------------
@@ -60,6 +50,16 @@ def _value(v: struct_pb2.Value, _which=struct_pb2.Value.WhichOneof, _scalars=_SC
 def struct_to_dict(s: struct_pb2.Struct) -> dict:
     """A Struct as plain values (numbers stay floats: the event model types them)."""
     return {k: _value(v) for k, v in s.fields.items()}
+
+
+def decode_events(pbs, received_us: int) -> list[tuple[Event, int]]:
+    """(event, encoded size) pairs; an event over the size limit is not converted (it is rejected by size)."""
+    out = []
+    for pb in pbs:
+        size = pb.ByteSize()
+        out.append((Event(message_id=pb.message_id, type=pb.type) if size > MAX_EVENT_BYTES
+                    else event_from_proto(pb, received_us), size))
+    return out
 
 
 def event_from_proto(pb, received_us: int) -> Event:
@@ -88,66 +88,27 @@ def event_from_proto(pb, received_us: int) -> Event:
 
 
 class Ingest:
-    """Handlers over a Writer; one instance per writing server process."""
+    """IngestService: decode, the ingest use case, encode."""
 
-    def __init__(self, writer: Writer, models: Sequence[EventModel], clock_us=wall_clock_us,
-                 limits: Limits = Limits()):
-        self.writer = writer
-        self.models = compile_models(models)
-        self.clock_us = clock_us
-        self.limits = limits
-
-    def _prepare(self, pbs) -> tuple[list[Event], list[tuple[int, Event, Rejection]]]:
-        """The valid events (with ``matches`` set), and (batch index, event, why) for the rest."""
-        now = self.clock_us()
-        models = self.models
-        max_properties, max_string = self.limits.max_event_properties, self.limits.max_string_bytes
-        good: list[Event] = []
-        rejected = []
-        for i, pb in enumerate(pbs):
-            size = pb.ByteSize()
-            if size > MAX_EVENT_BYTES:  # rejected before the (costly) conversion of a huge event
-                event = Event(message_id=pb.message_id, type=pb.type)
-            else:
-                event = event_from_proto(pb, now)
-            rejection = check_limits(event, max_properties, max_string) or validate(event, models, now, size)
-            if rejection is not None:
-                rejected.append((i, event, rejection))
-                continue
-            event.matches = matching_models(event, models) if len(models) else []
-            good.append(event)
-        return good, rejected
+    def __init__(self, service: IngestService):
+        self.service = service
 
     async def _ingest(self, pbs) -> tuple[int, int, list[ingest_pb2.EventRejection]]:
-        good, rejected = self._prepare(pbs)
-        duplicates = 0
-        if good:
-            result = await self.writer.ingest(good)
-            duplicates = result.duplicates
-        rejections = [ingest_pb2.EventRejection(index=i, message_id=e.message_id, reason=int(r.reason),
-                                                description=r.description) for i, e, r in rejected]
-        _count(len(good) - duplicates, duplicates, rejected)
-        return len(good) - duplicates, duplicates, rejections
+        outcome = await self.service.ingest(decode_events(pbs, self.service.clock_us()))
+        rejections = [ingest_pb2.EventRejection(index=r.index, message_id=r.message_id, reason=int(r.rejection.reason),
+                                                description=r.rejection.description) for r in outcome.rejected]
+        return outcome.accepted, outcome.duplicates, rejections
 
     # -- RPCs -------------------------------------------------------------------------
 
     async def track(self, request: ingest_pb2.TrackRequest, context) -> ingest_pb2.TrackResponse:
         reject_malformed(request)
-        good, rejected = self._prepare([request.event])
-        if rejected:
-            _count(0, 0, rejected)
-            _, _, r = rejected[0]
-            name = _REJECTION_NAMES[int(r.reason)]
-            raise EventRejected(f"the event was rejected: {r.description}",
-                                violations=[FieldViolation(f"event.{r.field}" if r.field else "event", r.description)],
-                                metadata={"rejection": name, "message_id": request.event.message_id})
-        result = await self.writer.ingest(good)
-        _count(1 - result.duplicates, result.duplicates, ())
-        return ingest_pb2.TrackResponse(duplicate=bool(result.duplicates))
+        [(event, size)] = decode_events([request.event], self.service.clock_us())
+        return ingest_pb2.TrackResponse(duplicate=await self.service.track(event, size))
 
     async def track_batch(self, request: ingest_pb2.TrackBatchRequest, context) -> ingest_pb2.TrackBatchResponse:
         reject_malformed(request)
-        self._check_size(len(request.events), "events")
+        self.service.check_batch_size(len(request.events), "events")
         accepted, duplicates, rejections = await self._ingest(request.events)
         return ingest_pb2.TrackBatchResponse(accepted=accepted, duplicates=duplicates, rejections=rejections)
 
@@ -173,7 +134,7 @@ class Ingest:
                         return
                     try:
                         reject_malformed(request)
-                        self._check_size(len(request.events), "events", f" (batch {request.batch_number})")
+                        self.service.check_batch_size(len(request.events), "events", f" (batch {request.batch_number})")
                     except QualifyError as err:
                         # Earlier batches are still acknowledged (the queue is
                         # in order); then the stream ends with this error.
@@ -207,30 +168,3 @@ class Ingest:
                 item = queue.get_nowait()
                 if isinstance(item, asyncio.Future):
                     item.cancel()
-
-    def handlers(self) -> list[grpc.GenericRpcHandler]:
-        def unary(fn, request_type, response_type, name):
-            return grpc.unary_unary_rpc_method_handler(
-                guarded(name)(fn), request_deserializer=lenient(request_type),
-                response_serializer=response_type.SerializeToString)
-
-        return [grpc.method_handlers_generic_handler("qualify.v1.IngestService", {
-            "Track": unary(self.track, ingest_pb2.TrackRequest, ingest_pb2.TrackResponse, "IngestService.Track"),
-            "TrackBatch": unary(self.track_batch, ingest_pb2.TrackBatchRequest, ingest_pb2.TrackBatchResponse,
-                                "IngestService.TrackBatch"),
-            "StreamEvents": grpc.stream_stream_rpc_method_handler(
-                self.stream_events, request_deserializer=lenient(ingest_pb2.StreamEventsRequest),
-                response_serializer=ingest_pb2.StreamEventsResponse.SerializeToString),
-        })]
-
-
-    def _check_size(self, n: int, field: str, which: str = "") -> None:
-        limit = self.limits.max_batch_events
-        if n > limit:
-            raise BatchTooLarge(f"{n} events in one batch{which}; the limit is {limit}",
-                                violations=[FieldViolation(field, f"must hold at most {limit} events, not {n}")])
-
-
-def _count(accepted: int, duplicates: int, rejected) -> None:
-    """Metrics: ``rejected`` holds (index, event, Rejection) triples."""
-    metrics.events(accepted, duplicates, Counter(r.reason.name for _, _, r in rejected))

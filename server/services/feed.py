@@ -12,7 +12,7 @@ write transaction the writer thread hands the rows it appended to
 A subscription's buffer is bounded. When it would overflow, the
 subscription is marked ``overflowed`` and gets nothing more until its reader
 resets it: a stalled consumer costs the server at most its buffer, and its
-reader goes back to the log (see transport/watch.py).
+reader goes back to the log (see services/watch.py).
 """
 
 from __future__ import annotations
@@ -20,30 +20,25 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-import lmdb
-
-from ..storage.realtime import CHANGELOG, changelog_head, read_changelog
-from ..storage.lmdb_store import META
-
-Row = tuple[int, list]  # (sequence, [audience, person, direction, effective_us, cause, message_id])
+from ..domain.changes import MembershipChange
 
 
 class Subscription:
-    """One live consumer's buffer of committed rows (filtered by audience)."""
+    """One live consumer's buffer of committed changes (filtered by audience)."""
 
     __slots__ = ("audiences", "capacity", "rows", "overflowed", "_wake")
 
     def __init__(self, audiences: frozenset[str] | None, capacity: int):
         self.audiences = audiences
         self.capacity = capacity
-        self.rows: deque[Row] = deque()
+        self.rows: deque[MembershipChange] = deque()
         self.overflowed = False
         self._wake = asyncio.Event()
 
-    def _offer(self, rows: list[Row]) -> None:
+    def _offer(self, rows: list[MembershipChange]) -> None:
         if self.overflowed:
             return
-        wanted = rows if self.audiences is None else [r for r in rows if r[1][0] in self.audiences]
+        wanted = rows if self.audiences is None else [c for c in rows if c.audience_id in self.audiences]
         if not wanted:
             return
         if len(self.rows) + len(wanted) > self.capacity:
@@ -64,29 +59,25 @@ class Subscription:
         self.rows.clear()
         self.overflowed = False
 
-    def drain(self) -> list[Row]:
+    def drain(self) -> list[MembershipChange]:
         rows = list(self.rows)
         self.rows.clear()
         return rows
 
 
 class ChangeFeed:
-    """Committed changelog rows: the head sequence, waiters, live subscriptions."""
+    """Committed changes: the head sequence, waiters, live subscriptions."""
 
-    def __init__(self, env: lmdb.Environment):
-        self.env = env
-        with env.begin() as txn:
-            self._meta = env.open_db(META, txn=txn, create=False)
-            self._log = env.open_db(CHANGELOG, txn=txn, create=False)
-            self.head = changelog_head(txn, self._meta)
+    def __init__(self, head: int):
+        self.head = head
         self._subs: set[Subscription] = set()
         self._waiters: list[tuple[int, asyncio.Future]] = []
 
     # -- the writer side (on the loop) -------------------------------------------
-    def publish(self, rows: list[Row]) -> None:
+    def publish(self, rows: list[MembershipChange]) -> None:
         if not rows:
             return
-        self.head = max(self.head, rows[-1][0])
+        self.head = max(self.head, rows[-1].sequence)
         for sub in self._subs:
             sub._offer(rows)
         if self._waiters:
@@ -121,12 +112,3 @@ class ChangeFeed:
             return False
         finally:
             self._waiters = [(s, f) for s, f in self._waiters if f is not fut]
-
-    def head_in(self, txn) -> int:
-        """The last committed sequence as ``txn`` sees it."""
-        return changelog_head(txn, self._meta)
-
-    def read(self, after: int, limit: int) -> list[Row]:
-        """Committed rows with sequence > after, oldest first, from the log."""
-        with self.env.begin() as txn:
-            return read_changelog(txn, self._log, after, limit)

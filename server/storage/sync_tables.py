@@ -11,44 +11,24 @@ Named databases::
 
     syncs          sync id -> JSON SyncSpec (the webhook secret included)
     sync_state     sync id -> JSON {cursor, delivered, retries, dead_lettered, last_error, last_error_us}
-    dead_letters   sync id | 0x00 | u64 sequence (big-endian) -> msgpack [row, attempts, error, dead_us]
+    dead_letters   sync id | 0x00 | u64 sequence (big-endian) -> msgpack [change row, attempts, error, dead_us]
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import msgpack
 
-from ..domain.syncs import SyncSpec
-from .lmdb_store import delete_prefix
-from .realtime import SEQ_KEY
+from ..domain.changes import MembershipChange
+from ..domain.syncs import DeadLetter, SyncSpec, SyncState
+from .lmdb_store import META, delete_prefix
+from .realtime import SEQ_KEY, changelog_head, pack_change, unpack_change
 
 SYNCS = b"syncs"
 SYNC_STATE = b"sync_state"
 DEAD_LETTERS = b"dead_letters"
-
-
-@dataclass
-class SyncState:
-    """A sync's progress, persisted with its cursor."""
-
-    cursor: int = 0
-    delivered: int = 0
-    retries: int = 0
-    dead_lettered: int = 0
-    last_error: str = ""
-    last_error_us: int = 0
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    sequence: int
-    row: list
-    attempts: int
-    error: str
-    dead_us: int
 
 
 def _dl_key(sync_id: str, seq: int) -> bytes:
@@ -59,9 +39,24 @@ class SyncTables:
     """The sync tables of one environment; every method takes a transaction."""
 
     def __init__(self, env, txn):
+        """Opens (creating) the tables in ``txn``, a write transaction of the writer."""
+        self.env = env
+        self.meta = env.open_db(META, txn=txn)
         self.specs = env.open_db(SYNCS, txn=txn)
         self.states = env.open_db(SYNC_STATE, txn=txn)
         self.dead = env.open_db(DEAD_LETTERS, txn=txn)
+
+    def read(self, fn):
+        """``fn(txn)`` in a read transaction of its own."""
+        with self.env.begin() as txn:
+            return fn(txn)
+
+    def changelog_head(self, txn) -> int:
+        """The last changelog sequence ``txn`` sees: where a new sync starts."""
+        return changelog_head(txn, self.meta)
+
+    def exists(self, txn, sync_id: str) -> bool:
+        return txn.get(sync_id.encode(), db=self.specs) is not None
 
     # -- definitions and state ----------------------------------------------------
     def load(self, txn) -> list[tuple[SyncSpec, SyncState]]:
@@ -83,9 +78,10 @@ class SyncTables:
         delete_prefix(txn, self.dead, sync_id.encode() + b"\x00")
 
     # -- dead letters -------------------------------------------------------------------
-    def add_dead(self, txn, sync_id: str, rows: list[tuple[int, list]], attempts: int, error: str, now_us: int) -> None:
-        for seq, row in rows:
-            txn.put(_dl_key(sync_id, seq), msgpack.packb([row, attempts, error, now_us]), db=self.dead)
+    def add_dead(self, txn, sync_id: str, changes: list[MembershipChange], attempts: int, error: str,
+                 now_us: int) -> None:
+        for c in changes:
+            txn.put(_dl_key(sync_id, c.sequence), msgpack.packb([pack_change(c), attempts, error, now_us]), db=self.dead)
 
     def remove_dead(self, txn, sync_id: str, seqs: list[int]) -> None:
         for seq in seqs:
@@ -101,5 +97,6 @@ class SyncTables:
                 if not k.startswith(prefix) or len(out) >= limit:
                     break
                 row, attempts, error, dead_us = msgpack.unpackb(v)
-                out.append(DeadLetter(SEQ_KEY.unpack(k[len(prefix):])[0], row, attempts, error, dead_us))
+                seq = SEQ_KEY.unpack(k[len(prefix):])[0]
+                out.append(DeadLetter(unpack_change(seq, row), attempts, error, dead_us))
         return out

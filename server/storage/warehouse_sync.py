@@ -27,7 +27,7 @@ from ..config import Attribute, Project
 from ..domain.schema import ValueType
 from ..wire import encode_records, key_part
 from .lmdb_store import CATALOG, GENERATION, ID_KEY, LAST_SYNC, META, PEOPLE, U32, U64, table_of_collection
-from .warehouse import KEY_HASH, ROW_HASH, WarehouseError, WarehouseUnavailable, open_source
+from .warehouse_sources import KEY_HASH, ROW_HASH, WarehouseError, WarehouseUnavailable, open_source
 
 log = logging.getLogger(__name__)
 

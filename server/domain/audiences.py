@@ -1,0 +1,32 @@
+"""Audience definitions: an id, names people read, and the condition tree with its JSON form."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .conditions import Condition
+from .errors import FieldViolation, InvalidRequest
+
+AUDIENCE_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+@dataclass
+class Audience:
+    id: str
+    display_name: str
+    description: str
+    definition: dict  # the condition in its JSON form, as given
+    condition: Condition
+    create_us: int
+    update_us: int
+
+    def record(self) -> dict:
+        """The stored form."""
+        return {"id": self.id, "display_name": self.display_name, "description": self.description,
+                "condition": self.definition, "create_us": self.create_us, "update_us": self.update_us}
+
+
+def check_audience_id(audience_id: str) -> None:
+    if not audience_id or len(audience_id) > 63 or not set(audience_id) <= AUDIENCE_ID_CHARS:
+        raise InvalidRequest(f"invalid audience id {audience_id!r}",
+                             violations=[FieldViolation("audience.id", "must be 1-63 characters of a-z, 0-9, _ and -")])

@@ -1,0 +1,63 @@
+"""Questions about the engine's state that change nothing: previews of drafts, and explanations."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qualify.evaluator import make_evaluator
+from qualify.evaluator.program import EventLeaf, Filter
+
+from .compile import compile_audiences
+from .conditions import Condition
+from .events import ANON, matching_models
+from .explain import explain_tree
+
+
+def preview(engine, txn, condition: Condition, now_us: int, sample: int) -> tuple[int, list[str]]:
+    """How many people qualify now under a draft condition, and some of their keys."""
+    compiled = compile_audiences([("draft", condition)], engine.model_index, engine.session_timeout_us)
+    evaluator = make_evaluator(compiled.program, reference=engine.reference)
+    static_arrays, static_missing = engine._statics_for(compiled)
+    default = engine._default_membership(compiled, static_arrays)[0].copy()
+    members: list[str] = []
+    for key, slot in engine.slots.items():
+        state = evaluator.new_state()  # the person's own events, replayed into the draft
+        for seq in engine.seqs[slot]:
+            ev = engine.read_event(txn, seq)
+            for model, _ in matching_models(ev, engine.models):
+                evaluator.observe(state, model, ev.timestamp_us, ev.properties, ev.session_id)
+        pid = engine.pids[slot]
+        statics = [bool(a[pid]) if pid is not None and pid < len(a) else m for a, m in zip(static_arrays, static_missing)]
+        if evaluator.evaluate(state, now_us, statics)[0]:
+            members.append(key)
+        if pid is not None and pid < len(default):
+            default[pid] = False
+    count = int(default.sum()) + len(members)
+    keys = sorted(members)[:sample]
+    for pid in np.flatnonzero(default)[: max(0, sample - len(keys))].tolist():
+        k = engine.store.person_key(txn, pid)
+        if k is not None:
+            keys.append(k)
+    return count, keys
+
+def explain(engine, txn, audience_id: str, person_key: str, now_us: int) -> tuple[bool, dict]:
+    """Whether the person is a member now, and every node's value with what decides it."""
+    audience = engine.audience(audience_id)
+    slot = engine.slots.get(person_key)
+    state = engine.states[slot] if slot is not None else engine.evaluator.new_state()
+    pid = engine.pids[slot] if slot is not None else (
+        None if person_key.startswith(ANON) else engine.store.person_id(txn, person_key))
+
+    def attr_value(name: str):
+        col = engine.columns.get(name)
+        alive = pid is not None and pid < len(engine.alive) and engine.alive[pid]
+        return col.value(pid) if col is not None and alive else None
+
+    def leaf_index(c) -> int:
+        return engine.compiled.program.leaves.index(EventLeaf(
+            engine.model_index[c.event_model], tuple(Filter(p.field, p.op, p.values) for p in c.filters),
+            c.scope, c.window_us, c.aggregation, c.property, c.comparison, c.threshold))
+
+    tree = explain_tree(audience.condition, engine.evaluator, state, attr_value, leaf_index, now_us)
+    return engine.is_member(txn, person_key, audience_id) is not None, tree
+

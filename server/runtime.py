@@ -1,0 +1,85 @@
+"""The writing process's background loops: the warehouse sync schedule and the realtime timers.
+
+Both hand their work to the single writer and await its commit; neither
+holds state of its own beyond what it needs to decide when to run next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+from collections.abc import Callable
+
+import lmdb
+
+from .observability import metrics
+from .storage.warehouse_sync import Progress, SyncError, Syncer
+
+log = logging.getLogger(__name__)
+
+
+async def sync_schedule(env, project, engine, writer, clock, progress: Progress | None,
+                        on_first: Callable[[object], None], on_fatal: Callable[[], None], reader) -> None:
+    """Syncs the warehouse now and then every ``sync_interval``; each sync moves people at once.
+
+    ``on_first(report)`` runs once the first sync landed; ``on_fatal()``
+    when it fails on a data folder that never had one (nothing to serve).
+    """
+    first = True
+    while True:
+        try:
+            syncer, shown = Syncer(env, project), progress if first else None
+
+            def sync_and_reevaluate(txn):
+                report = syncer.run(shown, txn=txn)
+                engine.after_sync(txn, clock())  # warehouse changes move people at once
+                return report
+
+            report = await asyncio.wrap_future(writer.submit(sync_and_reevaluate))
+            metrics.warehouse_sync(report.seconds, True, time.time())
+            if first:
+                # Everything built so far lives as long as the process: keep it out of
+                # the collector's full passes, which otherwise stall a request for ms.
+                gc.collect()
+                gc.freeze()
+                on_first(report)
+        except Exception as exc:  # noqa: BLE001 - a bug must not end the schedule; the next sync may land
+            metrics.warehouse_sync(None, False)
+            if isinstance(exc, (SyncError, lmdb.Error)):  # lmdb.Error: the writer's commit failed
+                log.error("warehouse sync failed, nothing changed: %s", exc)
+            else:
+                log.exception("warehouse sync failed, nothing changed")
+            if first and reader.generation == 0:
+                on_fatal()
+                return
+        first = False
+        if not project.server.sync_interval:
+            return
+        await asyncio.sleep(project.server.sync_interval)
+
+
+async def fire_timers(engine, writer, wake: asyncio.Event, clock, test_clock: bool) -> None:
+    """Exits (and enters) that time alone causes, at the instant they are due.
+
+    ``wake`` is set when an earlier deadline appears. A test clock may jump
+    at any moment, so then the deadline is polled.
+    """
+    while True:
+        deadline = engine.next_deadline()
+        delay = 3600.0 if deadline is None else max(0.0, (deadline - clock()) / 1e6)
+        if test_clock:
+            delay = min(delay, 0.005)
+        wake.clear()
+        if delay > 0:
+            try:
+                await asyncio.wait_for(wake.wait(), timeout=delay)
+                continue  # an earlier deadline appeared
+            except asyncio.TimeoutError:
+                pass
+        try:
+            await asyncio.wrap_future(writer.submit(lambda txn: engine.tick(txn, clock())))
+        except Exception:  # noqa: BLE001 - a failed tick is retried; the log says why
+            log.exception("timer tick failed; retrying")
+            await asyncio.sleep(0.1)

@@ -1,0 +1,1 @@
+"""Use cases over domain values: what the transports call, built on the domain and its ports."""

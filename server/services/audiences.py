@@ -1,0 +1,147 @@
+"""Audiences: definitions in, membership answers out.
+
+Definitions arrive as the JSON form of ``qualify.v1.Condition`` (the
+project file's and the domain's form). Every call runs on the writer thread,
+in order with ingest and timers, so it sees the engine between two
+transactions, never inside one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from ..domain.conditions import parse_condition
+from ..domain.audiences import Audience, check_audience_id
+from ..domain.errors import FieldViolation, InvalidRequest
+from ..domain.ports import Jobs
+
+MAX_PAGE = 1000
+MAX_SAMPLE = 100
+UPDATABLE = frozenset({"display_name", "description", "condition"})
+
+
+@dataclass(frozen=True)
+class AudienceInfo:
+    """An audience's definition and how many members it has now."""
+
+    audience: Audience
+    member_count: int
+
+
+def page_size(n: int, maximum: int, default: int | None = None) -> int:
+    """A requested page size (0: ``default``, or else the maximum), never above ``maximum``."""
+    if n < 0:
+        raise InvalidRequest("page_size is negative", violations=[FieldViolation("page_size", "must not be negative")])
+    return min(n or default or maximum, maximum)
+
+
+def _require_person(person_key: str) -> None:
+    if not person_key:
+        raise InvalidRequest("person_key is empty", violations=[FieldViolation("person_key", "is required")])
+
+
+class AudienceService:
+    """The audience use cases over the engine, through the writer thread."""
+
+    def __init__(self, engine, jobs: Jobs, members, clock):
+        self.engine = engine
+        self.jobs = jobs
+        self.members = members  # ListMembers pages (storage's member index)
+        self.clock = clock
+
+    async def _run(self, fn):
+        return await asyncio.wrap_future(self.jobs.submit(fn))
+
+    def _info(self, audience: Audience) -> AudienceInfo:
+        return AudienceInfo(audience, max(0, self.engine.counts.get(audience.id, 0)))
+
+    async def create(self, audience_id: str, display_name: str, description: str, definition: dict | None) -> AudienceInfo:
+        check_audience_id(audience_id)
+        if definition is None:
+            raise InvalidRequest("audience.condition is required",
+                                 violations=[FieldViolation("audience.condition", "is required")])
+        audience, _ = await self._run(lambda txn: self.engine.put_audience(
+            txn, audience_id, display_name, description, definition, self.clock(), create=True))
+        return self._info(audience)
+
+    async def update(self, audience_id: str, paths: set[str], display_name: str, description: str,
+                     definition: dict | None) -> AudienceInfo:
+        """Replaces the fields named in ``paths`` (empty: every updatable field)."""
+        paths = paths or set(UPDATABLE)
+        unknown = paths - UPDATABLE
+        if unknown:
+            raise InvalidRequest("update_mask names fields that cannot be updated",
+                                 violations=[FieldViolation("update_mask.paths", f"{p!r} is not updatable")
+                                             for p in sorted(unknown)])
+        if "condition" in paths and definition is None:
+            raise InvalidRequest("audience.condition is required",
+                                 violations=[FieldViolation("audience.condition", "is required when updated")])
+
+        def update(txn):
+            current = self.engine.audience(audience_id)
+            return self.engine.put_audience(
+                txn, audience_id,
+                display_name if "display_name" in paths else current.display_name,
+                description if "description" in paths else current.description,
+                definition if "condition" in paths else current.definition,
+                self.clock(), create=False)
+
+        audience, _ = await self._run(update)
+        return self._info(audience)
+
+    async def delete(self, audience_id: str) -> None:
+        await self._run(lambda txn: self.engine.delete_audience(txn, audience_id, self.clock()))
+
+    async def get(self, audience_id: str) -> AudienceInfo:
+        return self._info(await self._run(lambda txn: self.engine.audience(audience_id)))
+
+    async def list(self, size: int, token: str) -> tuple[list[AudienceInfo], str]:
+        """A page of audiences in id order after ``token``, and the next page's token ("" at the end)."""
+        size = page_size(size, 100)
+        audiences = await self._run(lambda txn: sorted(self.engine.audiences.values(), key=lambda a: a.id))
+        page = [a for a in audiences if a.id > token][:size]
+        more = len(page) == size and any(a.id > page[-1].id for a in audiences)
+        return [self._info(a) for a in page], page[-1].id if more else ""
+
+    async def preview(self, audience_id: str | None, draft: dict | None, sample: int) -> tuple[int, list[str]]:
+        """How many people qualify now under a saved audience or a draft definition, and some of their keys."""
+        if not 0 <= sample <= MAX_SAMPLE:
+            raise InvalidRequest("sample_size out of range",
+                                 violations=[FieldViolation("sample_size", f"must be from 0 to {MAX_SAMPLE}")])
+        if audience_id is None and draft is None:
+            raise InvalidRequest("set id or condition", violations=[FieldViolation("target", "set id or condition")])
+
+        def preview(txn):
+            if draft is None:
+                condition = self.engine.audience(audience_id).condition
+            else:
+                condition = parse_condition(draft, self.engine.attribute_types, self.engine.event_model_props)
+            return self.engine.preview(txn, condition, self.clock(), sample)
+
+        return await self._run(preview)
+
+    async def check(self, person_key: str, audience_ids: list[str]) -> list[tuple[str, int]]:
+        """(audience, enter time) of each named audience (none named: every audience) the person is in."""
+        _require_person(person_key)
+
+        def check(txn):
+            ids = audience_ids or sorted(self.engine.audiences)
+            for aid in ids:
+                self.engine.audience(aid)  # unknown ids are NOT_FOUND
+            return [(aid, t) for aid in ids if (t := self.engine.is_member(txn, person_key, aid)) is not None]
+
+        return await self._run(check)
+
+    async def list_members(self, audience_id: str, size: int, token: str) -> tuple[list[str], str]:
+        size = page_size(size, MAX_PAGE)
+
+        def members(txn):
+            self.engine.audience(audience_id)
+            return self.members.list_members(txn, audience_id, token, size)
+
+        return await self._run(members)
+
+    async def explain(self, audience_id: str, person_key: str) -> tuple[bool, dict]:
+        _require_person(person_key)
+        return await self._run(lambda txn: self.engine.explain(txn, audience_id, person_key, self.clock()))

@@ -1,0 +1,72 @@
+"""Personalize and diagnostics: a person's collection record with their memberships, and what this server holds.
+
+Reads go straight to the memory-mapped tables through a ``RecordReader``;
+nothing here waits for the writer. Records are returned in their stored wire
+form, so the transport answers with a few slices rather than a message built
+field by field (see qualify.server.wire).
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..domain.errors import BatchTooLarge, FieldViolation, InvalidRequest
+from ..domain.ports import CollectionView, EventCounts, RecordReader
+
+MAX_BATCH_KEYS = 1000
+MAX_KEY_BYTES = 511  # LMDB's key size limit
+
+Stored = tuple[bytes, dict[int, int] | None]  # (the record's stored fields, {membership bit: enter_us})
+
+
+def check_key(key: str, field: str) -> bytes:
+    if not key:
+        raise InvalidRequest(f"{field} is empty", violations=[FieldViolation(field, "must be a non-empty key")])
+    raw = key.encode()
+    if len(raw) > MAX_KEY_BYTES:
+        raise InvalidRequest(f"{field} is {len(raw)} bytes long",
+                             violations=[FieldViolation(field, f"must be at most {MAX_KEY_BYTES} bytes of UTF-8")])
+    return raw
+
+
+def _check_collection(collection: str) -> None:
+    if not collection:
+        raise InvalidRequest("collection is empty", violations=[FieldViolation("collection", "must name a collection")])
+
+
+class PersonalizeService:
+    """Record reads and server facts over one process's RecordReader."""
+
+    def __init__(self, records: RecordReader, event_counts: EventCounts, version: str):
+        self.records = records
+        self.event_counts = event_counts
+        self.version = version
+
+    @property
+    def audience_ids(self) -> tuple[str | None, ...]:
+        """The audience of each membership bit (None: a free bit)."""
+        return self.records.audience_ids
+
+    def get(self, collection: str, key: str) -> tuple[CollectionView, bytes, Stored]:
+        """(the collection, the key's bytes, its record); KeyNotFound when it has none."""
+        _check_collection(collection)
+        raw = check_key(key, "key")
+        view, stored, bits = self.records.get_one(collection, raw)
+        return view, raw, (stored, bits)
+
+    def batch_get(self, collection: str, keys) -> tuple[CollectionView, list[bytes], list[tuple[bytes | None, dict | None]]]:
+        """(the collection, each key's bytes, each key's record or (None, None)), in request order."""
+        _check_collection(collection)
+        n = len(keys)
+        if n > MAX_BATCH_KEYS:
+            raise BatchTooLarge(f"{n} keys in one BatchGet; the limit is {MAX_BATCH_KEYS}",
+                                violations=[FieldViolation("keys", f"must hold at most {MAX_BATCH_KEYS} keys, not {n}")])
+        raws = [check_key(k, f"keys[{i}]") for i, k in enumerate(keys)]
+        view, rows = self.records.get(collection, raws)
+        return view, raws, rows
+
+    def server_info(self) -> dict:
+        events_logged, events_unmatched = self.event_counts.counts()
+        return {"version": self.version, "sync_generation": self.records.generation,
+                "collections": sorted(self.records.collections()), "people": self.records.people(),
+                "worker_pid": os.getpid(), "events_logged": events_logged, "events_unmatched": events_unmatched}
