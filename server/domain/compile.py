@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qualify.evaluator.program import Code, EventLeaf, Filter, Program
+from qualify.evaluator.program import Code, EventLeaf, Filter, Program, Scope
 
 from .conditions import And, AttributeCondition, Condition, EventCondition, Not, Or, is_static
 
@@ -65,3 +65,20 @@ def compile_audiences(audiences: list[tuple[str, Condition]], model_index: dict[
 
 
 __all__ = ["Compiled", "compile_audiences", "AttributeCondition"]
+
+
+def audiences_by_model(program: Program, models) -> dict[int, list[int]]:
+    """Event model -> the audiences an event of it re-evaluates.
+
+    Those that use the model, and those with a session condition on any
+    model: a person's session spans their models.
+    """
+    by_model: dict[int, list[int]] = {}
+    session_audiences = set()
+    for i, code in enumerate(program.audiences):
+        leaves = [program.leaves[arg] for op, arg in code if op == Code.EVENT]
+        for m in {leaf.model for leaf in leaves}:
+            by_model.setdefault(m, []).append(i)
+        if any(leaf.scope == Scope.SESSION for leaf in leaves):
+            session_audiences.add(i)
+    return {m: sorted(set(by_model.get(m, ())) | session_audiences) for m in models}

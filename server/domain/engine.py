@@ -20,7 +20,6 @@ identify or alias event links it to a user id, which merges its history.
 
 from __future__ import annotations
 
-import heapq
 import logging
 from array import array
 from collections.abc import Callable
@@ -28,17 +27,18 @@ from collections.abc import Callable
 import numpy as np
 
 from qualify.evaluator import make_evaluator
-from qualify.evaluator.program import Code, Scope
+from qualify.evaluator.program import Scope
 
 from .changes import Cause, Direction, MembershipChange
 from .audiences import Audience, check_audience_id
-from .compile import Compiled, compile_audiences
+from .compile import Compiled, audiences_by_model, compile_audiences
 from .conditions import Condition, parse_condition
 from .errors import AudienceExists, AudienceNotFound, FieldViolation, InvalidAudience
 from .events import ANON, Event, EventModel, EventType, MatchedEvent, compile_models, matching_models
 from .queries import explain, preview
 from .schema import ValueType
-from .static import evaluate_static, evaluate_static_missing, without_events
+from .timers import Timers
+from .warehouse_parts import WarehouseParts, changed, stored_defaults
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,7 @@ class Engine:
         self.bits: list[str | None] = []  # membership bit -> audience id
         self.counts: dict[str, int] = {}
         self.defaults: dict[str, np.ndarray] | None = None  # audience -> members without realtime state
-        self.columns: dict = {}
-        self.alive = np.zeros(0, bool)
+        self.warehouse = WarehouseParts()
         self._reset_people()
         self._compile()
 
@@ -81,8 +80,7 @@ class Engine:
         self.members: list[dict[int, int]] = []  # slot -> {bit: enter_us}
         self.current: list[list[bool] | None] = []  # slot -> members as program values (a cache)
         self.statics_of: list[list[bool] | None] = []
-        self.timer_at: list[int | None] = []
-        self.timers: list[tuple[int, int]] = []
+        self.timers = Timers(self._earlier_deadline)
         self.aliases: dict[str, str] = {}
 
     def _compile(self) -> None:
@@ -92,18 +90,7 @@ class Engine:
         self.program_bits = [self.bits.index(a.id) for a in active]
         self.current = [None] * len(self.keys)  # program values are per program
         self.evaluator = make_evaluator(self.compiled.program, reference=self.reference)
-        # An event re-evaluates the audiences that use its model, and those with a
-        # session condition on any model: a person's session spans their models.
-        self.by_model: dict[int, list[int]] = {}
-        session_audiences = set()
-        for i, code in enumerate(self.compiled.program.audiences):
-            leaves = [self.compiled.program.leaves[arg] for op, arg in code if op == Code.EVENT]
-            for m in {leaf.model for leaf in leaves}:
-                self.by_model.setdefault(m, []).append(i)
-            if any(leaf.scope == Scope.SESSION for leaf in leaves):
-                session_audiences.add(i)
-        for m in self.model_index.values():
-            self.by_model[m] = sorted(set(self.by_model.get(m, ())) | session_audiences)
+        self.by_model = audiences_by_model(self.compiled.program, self.model_index.values())
 
     def _slot(self, key: str, txn) -> int:
         slot = self.slots.get(key)
@@ -117,40 +104,22 @@ class Engine:
             self.members.append(self.store.membership(txn, key))
             self.current.append(None)
             self.statics_of.append(None)
-            self.timer_at.append(None)
+            self.timers.add_slot()
         return slot
 
     def _statics(self, slot: int) -> list[bool]:
         st = self.statics_of[slot]
         if st is None:
-            pid = self.pids[slot]
-            st = self.static_rows[pid].tolist() if pid is not None and pid < len(self.static_rows) else self.static_missing
-            self.statics_of[slot] = st
+            st = self.statics_of[slot] = self.warehouse.statics(self.pids[slot])
         return st
 
-    # -- warehouse parts ---------------------------------------------------------------------
     def load_warehouse(self, txn) -> None:
         """Reads the synced attribute columns and recomputes every static subtree."""
-        self.columns, self.alive = self.store.columns(txn, self.attributes)
-        self.static_arrays, self.static_missing = self._statics_for(self.compiled)
-        # One row of static bits per person id: a slot's statics are one slice.
-        self.static_rows = (np.stack(self.static_arrays, axis=1) if self.static_arrays
-                            else np.zeros((len(self.alive), 0), bool))
+        self.warehouse.load(*self.store.columns(txn, self.attributes), self.compiled)
         self.statics_of = [None] * len(self.keys)
         for slot, key in enumerate(self.keys):  # people the warehouse has just learned about
             if self.pids[slot] is None and not key.startswith(ANON):
                 self.pids[slot] = self.store.person_id(txn, key)
-
-    def _statics_for(self, compiled: Compiled) -> tuple[list[np.ndarray], list[bool]]:
-        missing = [evaluate_static_missing(c) for c in compiled.statics]
-        # Someone removed from the warehouse reads as missing everywhere.
-        arrays = [np.where(self.alive, evaluate_static(c, self.columns, len(self.alive)), miss)
-                  for c, miss in zip(compiled.statics, missing)]
-        return arrays, missing
-
-    def _default_membership(self, compiled: Compiled, static_arrays: list[np.ndarray]) -> list[np.ndarray]:
-        """Each audience's value, per person id, for someone with no realtime events."""
-        return [arr & self.alive for arr in without_events(compiled.program, static_arrays, len(self.alive))]
 
     # -- evaluation ------------------------------------------------------------------------
     def _evaluate(self, slot: int, now_us: int, audiences, cause: Cause, message_id: str,
@@ -176,19 +145,14 @@ class Engine:
                     out.append(MembershipChange(aid, self.keys[slot], Direction.EXIT, now_us, cause, message_id))
 
     def _schedule(self, slot: int, now_us: int) -> None:
-        t = self.evaluator.next_change(self.states[slot], now_us)
-        if t != self.timer_at[slot]:
-            self.timer_at[slot] = t
-            if t is not None:
-                earliest = not self.timers or t < self.timers[0][0]
-                heapq.heappush(self.timers, (t, slot))
-                if earliest and self.on_deadline is not None:
-                    self.on_deadline()
+        self.timers.set(slot, self.evaluator.next_change(self.states[slot], now_us))
 
     def next_deadline(self) -> int | None:
-        while self.timers and self.timers[0][0] != self.timer_at[self.timers[0][1]]:
-            heapq.heappop(self.timers)  # superseded
-        return self.timers[0][0] if self.timers else None
+        return self.timers.next()
+
+    def _earlier_deadline(self) -> None:
+        if self.on_deadline is not None:
+            self.on_deadline()
 
     # -- entry points ------------------------------------------------------------------------
     def apply(self, txn, events: list[MatchedEvent], now_us: int) -> list[MembershipChange]:
@@ -257,7 +221,7 @@ class Engine:
                 self.evaluator.observe(state, model, ev.timestamp_us, ev.properties, ev.session_id)
         self.states[dst], self.seqs[dst] = state, array("q", seqs)
         self.states[src], self.seqs[src] = self.evaluator.new_state(), array("q")
-        self.timer_at[src] = None
+        self.timers.set(src, None)
         if changes is not None:
             for bit, _ in sorted(self.members[src].items()):
                 changes.append(MembershipChange(self.bits[bit], source, Direction.EXIT, now_us, Cause.IDENTITY_MERGE,
@@ -283,8 +247,7 @@ class Engine:
         own instant, before what follows.
         """
         while (t := self.next_deadline()) is not None and t <= now_us:
-            _, slot = heapq.heappop(self.timers)
-            self.timer_at[slot] = None
+            _, slot = self.timers.pop()
             state = self.states[slot]
             flipped = [leaf.scope for j, leaf in enumerate(self.compiled.program.leaves)
                        if self.evaluator.leaf(state, j, t - 1).holds != self.evaluator.leaf(state, j, t).holds]
@@ -310,21 +273,15 @@ class Engine:
             if self.slots.get(self.keys[slot]) == slot:
                 self._evaluate(slot, now_us, range(len(self.program_bits)), cause, "", changes)
                 self._schedule(slot, now_us)
-        defaults = self._default_membership(self.compiled, self.static_arrays)
-        with_slot = np.zeros(len(self.alive), bool)
+        defaults = self.warehouse.defaults(self.compiled, self.warehouse.arrays)
+        with_slot = np.zeros(len(self.warehouse.alive), bool)
         for slot, pid in enumerate(self.pids):
             if pid is not None and pid < len(with_slot) and self.slots.get(self.keys[slot]) == slot:
                 with_slot[pid] = True
         for i, new in enumerate(defaults):
             bit = self.program_bits[i]
             aid = self.bits[bit]
-            old = old_defaults.get(aid)
-            if old is None:
-                old = np.zeros(len(new), bool)
-            elif len(old) < len(new):
-                old = np.concatenate([old, np.zeros(len(new) - len(old), bool)])
-            diff = (new != old[: len(new)]) & ~with_slot
-            for pid in np.flatnonzero(diff).tolist():
+            for pid in changed(new, old_defaults.get(aid), with_slot):
                 key = self.store.person_key(txn, pid)
                 if key is None:
                     continue
@@ -399,19 +356,7 @@ class Engine:
         return changes
 
     def _stored_defaults(self, txn) -> dict[str, np.ndarray]:
-        """Who is a member per the tables, for people without realtime state (after a restart)."""
-        size = len(self.alive)
-        out = {aid: np.zeros(size, bool) for aid in self.bits if aid is not None}
-        for key, bits in self.store.all_memberships(txn):
-            if key in self.slots:
-                continue
-            pid = self.store.person_id(txn, key)
-            if pid is None or pid >= size:
-                continue
-            for bit in bits:
-                if bit < len(self.bits) and self.bits[bit] in out:
-                    out[self.bits[bit]][pid] = True
-        return out
+        return stored_defaults(self.store, txn, self.bits, len(self.warehouse.alive), self.slots)
 
     def put_audience(self, txn, audience_id: str, display_name: str, description: str, definition: dict,
                      now_us: int, create: bool) -> tuple[Audience, list[MembershipChange]]:

@@ -17,8 +17,8 @@ def preview(engine, txn, condition: Condition, now_us: int, sample: int) -> tupl
     """How many people qualify now under a draft condition, and some of their keys."""
     compiled = compile_audiences([("draft", condition)], engine.model_index, engine.session_timeout_us)
     evaluator = make_evaluator(compiled.program, reference=engine.reference)
-    static_arrays, static_missing = engine._statics_for(compiled)
-    default = engine._default_membership(compiled, static_arrays)[0].copy()
+    static_arrays, static_missing = engine.warehouse.evaluate(compiled)
+    default = engine.warehouse.defaults(compiled, static_arrays)[0].copy()
     members: list[str] = []
     for key, slot in engine.slots.items():
         state = evaluator.new_state()  # the person's own events, replayed into the draft
@@ -48,16 +48,12 @@ def explain(engine, txn, audience_id: str, person_key: str, now_us: int) -> tupl
     pid = engine.pids[slot] if slot is not None else (
         None if person_key.startswith(ANON) else engine.store.person_id(txn, person_key))
 
-    def attr_value(name: str):
-        col = engine.columns.get(name)
-        alive = pid is not None and pid < len(engine.alive) and engine.alive[pid]
-        return col.value(pid) if col is not None and alive else None
-
     def leaf_index(c) -> int:
         return engine.compiled.program.leaves.index(EventLeaf(
             engine.model_index[c.event_model], tuple(Filter(p.field, p.op, p.values) for p in c.filters),
             c.scope, c.window_us, c.aggregation, c.property, c.comparison, c.threshold))
 
-    tree = explain_tree(audience.condition, engine.evaluator, state, attr_value, leaf_index, now_us)
+    tree = explain_tree(audience.condition, engine.evaluator, state, lambda name: engine.warehouse.value(name, pid),
+                        leaf_index, now_us)
     return engine.is_member(txn, person_key, audience_id) is not None, tree
 
