@@ -49,6 +49,14 @@ or when that instant passes, in one pass over what it keeps (COUNT: at most
 ``keep`` timestamps; aggregates: the events in the window). SESSION and EVER
 leaves cost O(1). Filters run once per event, at ``observe``, on the leaves of
 the event's model only.
+
+Predicates. ``PredicateMatcher`` is the one compiled implementation of
+``reference.matches_predicate``: the evaluator's leaf filters, the domain's
+event-model filters (``FilterSet``, one per model, run on every ingested
+event), explanations and the words of warehouse string columns all run the
+same ``test``. It is built once, so the per-value cost is a type check and a
+comparison: IN / NOT_IN over str/int/float/bool literals (no NaN) are frozenset
+lookups, with booleans in a set of their own because ``True == 1``.
 """
 
 from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBuffer_Release, PyObject_CheckBuffer,
