@@ -1,9 +1,11 @@
 # cython: language_level=3
-"""The compiled hot path: bitset membership checks and the event-leaf evaluator.
+"""The compiled hot path: the event-leaf evaluator and the predicate kernels.
 
-Every function takes integers and buffers (memoryviews into LMDB, numpy
-arrays) and returns plain values; nothing here knows about gRPC or LMDB.
-Bitsets are little-endian: bit ``i`` is bit ``i % 8`` of byte ``i // 8``.
+Every function takes integers, plain values and buffers (memoryviews into
+LMDB, numpy arrays) and returns plain values; nothing here knows about gRPC or
+LMDB. The only Python module it imports is ``program`` (the IR and its
+enums): the reference is the specification this module is tested against,
+so it must not also be a part of it.
 
 ``CompiledEvaluator`` runs a ``Program`` (see program.py) with the semantics
 of ``reference.ReferenceEvaluator`` (same results, same interface) but keeps,
@@ -47,6 +49,14 @@ or when that instant passes, in one pass over what it keeps (COUNT: at most
 ``keep`` timestamps; aggregates: the events in the window). SESSION and EVER
 leaves cost O(1). Filters run once per event, at ``observe``, on the leaves of
 the event's model only.
+
+Predicates. ``PredicateMatcher`` is the one compiled implementation of
+``reference.matches_predicate``: the evaluator's leaf filters, the domain's
+event-model filters (``FilterSet``, one per model, run on every ingested
+event), explanations and the words of warehouse string columns all run the
+same ``test``. It is built once, so the per-value cost is a type check and a
+comparison: IN / NOT_IN over str/int/float/bool literals (no NaN) are frozenset
+lookups, with booleans in a set of their own because ``True == 1``.
 """
 
 from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBuffer_Release, PyObject_CheckBuffer,
@@ -55,6 +65,7 @@ from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItem
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.tuple cimport PyTuple_GET_ITEM
 from cpython.float cimport PyFloat_AS_DOUBLE
 from cpython.object cimport PyObject
 from libc.math cimport INFINITY, NAN, fabs, isfinite, isinf, isnan
@@ -64,45 +75,11 @@ from libc.string cimport memmove, memset
 
 cimport cython
 
-from .reference import LeafValue
+from . import program as _program
+from .program import LeafValue
 
 
-def test_bit(const uint8_t[::1] bitset, Py_ssize_t index):
-    """True when bit ``index`` is set; bits past the end read as 0."""
-    if index < 0 or (index >> 3) >= bitset.shape[0]:
-        return False
-    return (bitset[index >> 3] >> (index & 7)) & 1 == 1
-
-
-def set_bits(const uint8_t[::1] bitset):
-    """The indices of the set bits, ascending."""
-    cdef list out = []
-    cdef Py_ssize_t i, b
-    cdef uint8_t byte
-    for i in range(bitset.shape[0]):
-        byte = bitset[i]
-        b = 0
-        while byte:
-            if byte & 1:
-                out.append(i * 8 + b)
-            byte >>= 1
-            b += 1
-    return out
-
-
-def count_bits(const uint8_t[::1] bitset):
-    """The number of set bits (an audience's size from its bitset)."""
-    cdef Py_ssize_t i, n = 0
-    cdef uint8_t byte
-    for i in range(bitset.shape[0]):
-        byte = bitset[i]
-        while byte:
-            byte &= byte - 1
-            n += 1
-    return n
-
-
-# The numbers of program.Op, Scope, Aggregation, Comparison and Code.
+# The numbers of program.Op, Scope, Aggregation, Comparison and Code (checked at import, below).
 cdef enum:
     OP_EQ = 1
     OP_NE = 2
@@ -144,6 +121,31 @@ cdef enum:
     CODE_AND = 3
     CODE_OR = 4
     CODE_NOT = 5
+
+# The C enums above by program.py's names. A C enum cannot be generated from a
+# Python IntEnum, so the two are tied here instead: importing a module whose
+# numbers disagree with program.py fails, rather than evaluating one operator
+# as another. tests/test_vocabulary.py ties program.py to the protos.
+ENUMS = {
+    "Op": {"EQ": OP_EQ, "NE": OP_NE, "LT": OP_LT, "LE": OP_LE, "GT": OP_GT, "GE": OP_GE, "IN": OP_IN,
+           "NOT_IN": OP_NOT_IN, "BETWEEN": OP_BETWEEN, "CONTAINS": OP_CONTAINS, "STARTS_WITH": OP_STARTS_WITH,
+           "IS_SET": OP_IS_SET, "IS_NOT_SET": OP_IS_NOT_SET},
+    "Scope": {"WITHIN": SC_WITHIN, "SESSION": SC_SESSION, "EVER": SC_EVER},
+    "Aggregation": {"COUNT": AG_COUNT, "SUM": AG_SUM, "MIN": AG_MIN, "MAX": AG_MAX, "AVG": AG_AVG},
+    "Comparison": {"EQ": CMP_EQ, "NE": CMP_NE, "LT": CMP_LT, "LE": CMP_LE, "GT": CMP_GT, "GE": CMP_GE},
+    "Code": {"STATIC": CODE_STATIC, "EVENT": CODE_EVENT, "AND": CODE_AND, "OR": CODE_OR, "NOT": CODE_NOT},
+}
+
+
+def _check_enums():
+    for name, numbers in ENUMS.items():
+        python = {m.name: int(m) for m in getattr(_program, name)}
+        if python != numbers:
+            raise ImportError(f"qualify.evaluator._evaluator: its {name} numbers {numbers} "
+                              f"are not program.{name}'s {python}; rebuild the extension")
+
+
+_check_enums()
 
 # A WITHIN COUNT threshold this large keeps every timestamp in the window.
 cdef int64_t KEEP_ALL = INT64_MAX
@@ -360,10 +362,16 @@ cdef inline bint _ordered(object v, object a) noexcept:
     return (_is_number(v) and _is_number(a)) or (_is_str(v) and _is_str(a))
 
 
-cdef class _Filter:
-    """One ``property op values`` with reference.matches_predicate's semantics."""
+cdef class PredicateMatcher:
+    """``op values`` compiled once, tested on many values (None: missing).
 
-    cdef object prop
+    The one production implementation of predicate semantics on single values
+    (event-leaf filters, event-model filters, explain, the words of a
+    warehouse string column); tests hold it to reference.matches_predicate.
+    ``property`` is carried for error messages and the evaluator's lookups.
+    """
+
+    cdef readonly object property
     cdef Py_ssize_t pidx  # the property's index in the evaluator's per-event lookups
     cdef int op
     cdef tuple values
@@ -372,15 +380,15 @@ cdef class _Filter:
     cdef frozenset bools   # IN / NOT_IN fast path: the boolean values
     cdef frozenset others  # ... and the others; None when a linear scan is needed
 
-    def __init__(self, f):
-        self.prop = f.property
-        self.op = int(f.op)
-        self.values = tuple(f.values)
+    def __init__(self, op, values=(), property=""):
+        self.property = property
+        self.op = int(op)
+        self.values = tuple(values)
         if self.op < OP_EQ or self.op > OP_IS_NOT_SET:
-            raise ValueError(f"unknown filter operator {f.op!r}")
+            raise ValueError(f"unknown filter operator {op!r}")
         need = 2 if self.op == OP_BETWEEN else (0 if self.op in (OP_IN, OP_NOT_IN, OP_IS_SET, OP_IS_NOT_SET) else 1)
         if len(self.values) < need:
-            raise ValueError(f"filter on {self.prop!r}: operator {f.op!r} needs {need} value(s)")
+            raise ValueError(f"filter on {self.property!r}: operator {op!r} needs {need} value(s)")
         self.a = self.values[0] if self.values else None
         self.b = self.values[1] if len(self.values) > 1 else None
         self.bools = None
@@ -437,6 +445,72 @@ cdef class _Filter:
         if op == OP_GT:
             return v > a
         return v >= a
+
+    def matches(self, value):
+        """Whether ``value`` (None: missing) satisfies the predicate."""
+        return self.test(value)
+
+    def table(self, values):
+        """``matches`` over a sequence, as bytes of 0/1 (numpy reads them without a copy)."""
+        cdef Py_ssize_t i, n = len(values)
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, n)
+        cdef char* p = PyBytes_AS_STRING(out)
+        for i in range(n):
+            p[i] = 1 if self.test(values[i]) else 0
+        return out
+
+    def __repr__(self):
+        return f"PredicateMatcher({self.op}, {self.values!r}, {self.property!r})"
+
+
+cdef class FilterSet:
+    """A conjunction of ``property op values`` over one event's properties.
+
+    Compiled once per event model; ``matches`` runs per ingested event, so it
+    does the dict lookups and tests in C with no per-filter Python call. A
+    property that is absent or None is missing, as ``dict.get`` gives it to
+    reference.matches_predicate.
+    """
+
+    cdef tuple names
+    cdef tuple matchers
+    cdef Py_ssize_t n
+
+    def __init__(self, filters):
+        """``filters``: (property, op, values) triples; none at all matches everything."""
+        matchers = [PredicateMatcher(op, values, prop) for prop, op, values in filters]
+        self.matchers = tuple(matchers)
+        self.names = tuple(m.property for m in matchers)
+        self.n = len(matchers)
+
+    def __len__(self):
+        return self.n
+
+    def matches(self, properties):
+        """Whether every filter holds on ``properties`` (a mapping of name to value)."""
+        cdef dict props = properties if type(properties) is dict else dict(properties)
+        cdef PyObject* v
+        cdef Py_ssize_t i
+        for i in range(self.n):
+            v = PyDict_GetItem(props, <object>PyTuple_GET_ITEM(self.names, i))
+            if not (<PredicateMatcher>PyTuple_GET_ITEM(self.matchers, i)).test(None if v == NULL else <object>v):
+                return False
+        return True
+
+
+def match_predicate(op, values, value):
+    """Whether ``value`` (None: missing) satisfies ``op values``: a PredicateMatcher used once."""
+    return PredicateMatcher(op, values).test(value)
+
+
+def compare_value(comparison, value, double threshold):
+    """A count or aggregate (None: missing) against a threshold; a missing one satisfies only NE."""
+    cdef int c = int(comparison)
+    if c < CMP_EQ or c > CMP_GE:
+        raise ValueError(f"unknown comparison {comparison!r}")
+    if value is None:
+        return c == CMP_NE
+    return _compare(c, float(value), threshold)
 
 
 cdef class _LeafPlan:
@@ -716,7 +790,7 @@ cdef class CompiledEvaluator:
     cdef LeafSpec* specs
     cdef Py_ssize_t state_size  # bytes of a person's state block
     cdef dict plans  # model -> tuple of _LeafPlan
-    # The program's distinct properties (names) and filters (_Filter); an observe call
+    # The program's distinct properties (names) and filters (PredicateMatcher); an observe call
     # looks each property up, and tests each filter, at most once.
     cdef list props
     cdef list filters
@@ -776,7 +850,7 @@ cdef class CompiledEvaluator:
         cdef Py_ssize_t j, k, n_code, pc, depth, max_depth, start, a
         cdef LeafSpec* sp
         cdef _LeafPlan plan
-        cdef _Filter flt
+        cdef PredicateMatcher flt
         self.program = program
         self.timeout = program.session_timeout_us
         leaves = tuple(program.leaves)
@@ -834,7 +908,7 @@ cdef class CompiledEvaluator:
             for f in leaf.filters:
                 key = _filter_key(f)
                 if key not in filter_index:
-                    flt = _Filter(f)
+                    flt = PredicateMatcher(f.op, f.values, f.property)
                     flt.pidx = prop_index.setdefault(f.property, len(prop_index))
                     filter_index[key] = len(self.filters)
                     self.filters.append(flt)
@@ -945,7 +1019,7 @@ cdef class CompiledEvaluator:
         """Records one event of ``model`` (already matched to the model) for the person."""
         cdef CompiledState st = state
         cdef _LeafPlan plan
-        cdef _Filter f
+        cdef PredicateMatcher f
         cdef LeafSpec* sp
         cdef SState* ss
         cdef dict props
@@ -979,7 +1053,7 @@ cdef class CompiledEvaluator:
                 fid = plan.filters[k]
                 r = self.fmemo[fid]
                 if r == 0:  # a filter several leaves share is tested once per event
-                    f = <_Filter>PyList_GET_ITEM(self.filters, fid)
+                    f = <PredicateMatcher>PyList_GET_ITEM(self.filters, fid)
                     r = 2 if f.test(self._prop(props, f.pidx)) else 1
                     self.fmemo[fid] = r
                 if r == 1:

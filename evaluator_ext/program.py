@@ -108,5 +108,12 @@ class Program:
     n_static: int
     session_timeout_us: int
 
-    def leaves_of_model(self, model: int) -> tuple[int, ...]:
-        return tuple(j for j, leaf in enumerate(self.leaves) if leaf.model == model)
+
+@dataclass(frozen=True)
+class LeafValue:
+    """An event leaf's value for a person at an instant, with what decides it."""
+
+    holds: bool
+    count: int
+    aggregate: float | None
+    flips_at: int | None  # the first later instant at which ``holds`` changes with no new event

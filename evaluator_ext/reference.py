@@ -37,7 +37,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .program import Aggregation, Code, Comparison, EventLeaf, Op, Program, Scope
+from .program import Aggregation, Code, Comparison, EventLeaf, LeafValue, Op, Program, Scope
 
 
 def _is_number(x) -> bool:
@@ -159,16 +159,6 @@ class PersonState:
     session: int = -1
     session_id: str = ""
     session_last_ts: int = 0
-
-
-@dataclass(frozen=True)
-class LeafValue:
-    """An event leaf's value for a person at an instant, with what decides it."""
-
-    holds: bool
-    count: int
-    aggregate: float | None
-    flips_at: int | None  # the first later instant at which ``holds`` changes with no new event
 
 
 class ReferenceEvaluator:

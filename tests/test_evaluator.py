@@ -18,10 +18,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qualify.evaluator import CompiledEvaluator, ReferenceEvaluator, make_evaluator
+from qualify.evaluator import CompiledEvaluator, make_evaluator
 from qualify.evaluator._evaluator import _fsum
 from qualify.evaluator.program import Aggregation, Code, Comparison, EventLeaf, Filter, Op, Program, Scope
-from qualify.evaluator.reference import exact_sum, matches_predicate, run
+from qualify.evaluator.reference import ReferenceEvaluator, exact_sum, matches_predicate, run
 
 S = 1_000_000  # one second in microseconds
 TIMEOUT = 30 * S

@@ -29,9 +29,10 @@ mistyped declared property is a client bug worth reporting even when a filter
 would not have selected it.
 
 Matching (``matching_models``) then applies each candidate's filters, with the
-semantics of ``qualify.evaluator.reference.matches_predicate``, and resolves the
-person: ``user_id`` (falling back to ``anonymous_id``), ``anonymous_id``, or
-``property:NAME``. Person keys are returned as given, ``("user", id)`` or
+semantics of ``qualify.evaluator.reference.matches_predicate``, through one
+compiled ``FilterSet`` per model (built with the ``ModelSet``, run per
+ingested event), and resolves the person: ``user_id`` (falling back to
+``anonymous_id``), ``anonymous_id``, or ``property:NAME``. Person keys are returned as given, ``("user", id)`` or
 ``("anonymous", id)``, without namespacing: the engine decides that. A
 ``property:NAME`` identifier names the person's user id (the parent model's
 primary key) carried in a property, so it yields ``("user", value)``. An event
@@ -48,7 +49,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-from qualify.evaluator.reference import matches_predicate
+from qualify.evaluator import FilterSet
 
 from .conditions import Predicate, parse_timestamp
 from .errors import QualifyError, Status
@@ -171,6 +172,9 @@ class ModelSet:
     def __init__(self, models: Sequence[EventModel]):
         self.models: tuple[EventModel, ...] = tuple(models)
         self.types: tuple[tuple[tuple[str, ValueType], ...], ...] = tuple(m.properties for m in self.models)
+        # None for a model without filters: most models have none, and skipping the call is cheaper.
+        self.filters: tuple[FilterSet | None, ...] = tuple(
+            FilterSet((p.field, p.op, p.values) for p in m.filters) if m.filters else None for m in self.models)
         self._named: dict[tuple[int, str], tuple[int, ...]] = {}
         self._any: dict[int, tuple[int, ...]] = {}
         named: dict[tuple[int, str], list[int]] = {}
@@ -381,11 +385,12 @@ def matching_models(event: Event, models: Models) -> list[tuple[int, PersonKey]]
     models = compile_models(models)
     out = []
     props = event.properties
+    filters = models.filters
     for i in models.candidates(event):
-        m = models.models[i]
-        if m.filters and not all(matches_predicate(p.op, p.values, props.get(p.field)) for p in m.filters):
+        f = filters[i]
+        if f is not None and not f.matches(props):
             continue
-        person = _person(m, event)
+        person = _person(models.models[i], event)
         if person is not None:
             out.append((i, person))
     return out

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from datetime import datetime, timezone
 
+from qualify.evaluator import match_predicate
 from qualify.evaluator.program import Aggregation, Comparison, Scope
-from qualify.evaluator.reference import matches_predicate
 
 from .conditions import And, AttributeCondition, Condition, EventCondition, Not, Or
 
@@ -46,7 +46,7 @@ def explain_tree(condition: Condition, evaluator, state, attr_value, leaf_index,
     elif isinstance(condition, AttributeCondition):
         p = condition.predicate
         v = attr_value(p.field)
-        node["value"] = matches_predicate(p.op, p.values, v)
+        node["value"] = match_predicate(p.op, p.values, v)
         node["summary"] = f"{p.field} is {'missing' if v is None else repr(v)}"
     else:
         leaf = evaluator.leaf(state, leaf_index(condition), now_us)

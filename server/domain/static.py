@@ -2,9 +2,14 @@
 
 The results are boolean arrays indexed by person id: the bitsets that make a
 warehouse sub-condition one bit test at event time. Semantics are the
-reference's (qualify.evaluator.reference.matches_predicate): string predicates
-are decided once per distinct word of the column's dictionary and then looked
-up by code, so even CONTAINS costs one pass over the words, not the people.
+reference's (qualify.evaluator.reference.matches_predicate), which
+tests/test_predicates.py holds this module to. String predicates are decided
+by the compiled ``PredicateMatcher`` once per distinct word of the column's
+dictionary and then looked up by code, so even CONTAINS costs one pass over
+the words, not the people. Number and bool columns are compared here, by
+numpy over the whole column: the one other implementation of predicate
+semantics in production, because a per-person call into the matcher would
+box every value.
 """
 
 from __future__ import annotations
@@ -13,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qualify.evaluator import PredicateMatcher, compare_value, match_predicate
 from qualify.evaluator.program import Aggregation, Code, Op
-from qualify.evaluator.reference import compare, matches_predicate
 
 from .conditions import And, AttributeCondition, Condition, EventCondition, Not, Or
 from .schema import ValueType
@@ -45,8 +50,10 @@ class Column:
 
 def predicate_array(col: Column, op: Op, values: tuple, size: int) -> np.ndarray:
     valid = _fit(col.valid.astype(bool), size)
+    matcher = PredicateMatcher(op, values, "")
     if col.type is ValueType.STRING:
-        table = np.array([matches_predicate(op, values, w) for w in col.words] + [False], dtype=bool)
+        table = np.zeros(len(col.words) + 1, bool)  # the extra word stands for missing codes
+        table[: len(col.words)] = np.frombuffer(matcher.table(col.words), np.uint8)
         codes = _fit(col.values, size)
         present = table[np.where(valid, codes, len(col.words))]
     else:
@@ -54,8 +61,7 @@ def predicate_array(col: Column, op: Op, values: tuple, size: int) -> np.ndarray
         if col.type is ValueType.BOOL:
             vals = vals.astype(bool)
         present = _numeric(op, values, vals, col.type)
-    missing = matches_predicate(op, values, None)
-    return np.where(valid, present, missing)
+    return np.where(valid, present, matcher.matches(None))
 
 
 def _fit(arr: np.ndarray, size: int) -> np.ndarray:
@@ -66,31 +72,36 @@ def _fit(arr: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_bool(x) -> bool:
+    return isinstance(x, bool)
+
+
 def _numeric(op: Op, values: tuple, vals: np.ndarray, vtype: ValueType) -> np.ndarray:
+    n = len(vals)
     if op == Op.IS_SET:
-        return np.ones(len(vals), bool)
+        return np.ones(n, bool)
     if op == Op.IS_NOT_SET:
-        return np.zeros(len(vals), bool)
-    if vtype is ValueType.BOOL:
-        # Booleans equal only booleans and do not order (reference semantics).
-        bools = [v for v in values if isinstance(v, bool)]
-        if op in (Op.EQ, Op.IN):
-            return np.isin(vals, bools) if bools else np.zeros(len(vals), bool)
-        if op in (Op.NE, Op.NOT_IN):
-            return ~np.isin(vals, bools) if bools else np.ones(len(vals), bool)
-        return np.zeros(len(vals), bool)
-    nums = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    if op == Op.IN:
-        return np.isin(vals, nums) if nums else np.zeros(len(vals), bool)
-    if op == Op.NOT_IN:
-        return ~np.isin(vals, nums) if nums else np.ones(len(vals), bool)
-    if len(nums) < (2 if op == Op.BETWEEN else 1):
-        return np.full(len(vals), op == Op.NE)  # a non-number literal: never equal, never ordered
-    a = nums[0]
+        return np.zeros(n, bool)
+    # A literal of another kind than the column's never equals it and never orders
+    # with it; booleans equal only booleans and do not order at all.
+    same = _is_bool if vtype is ValueType.BOOL else _is_number
+    if op in (Op.IN, Op.NOT_IN):
+        hits = [v for v in values if same(v)]
+        member = np.isin(vals, hits) if hits else np.zeros(n, bool)
+        return member if op == Op.IN else ~member
+    if not all(same(a) for a in values[: 2 if op == Op.BETWEEN else 1]):
+        return np.full(n, op == Op.NE)
+    a = values[0]
     if op == Op.EQ:
         return vals == a
     if op == Op.NE:
         return vals != a
+    if vtype is ValueType.BOOL or op in (Op.CONTAINS, Op.STARTS_WITH):
+        return np.zeros(n, bool)
     if op == Op.LT:
         return vals < a
     if op == Op.LE:
@@ -99,9 +110,7 @@ def _numeric(op: Op, values: tuple, vals: np.ndarray, vtype: ValueType) -> np.nd
         return vals > a
     if op == Op.GE:
         return vals >= a
-    if op == Op.BETWEEN:
-        return (vals >= a) & (vals <= nums[1])
-    return np.zeros(len(vals), bool)  # CONTAINS / STARTS_WITH never hold on numbers
+    return (vals >= a) & (vals <= values[1])  # BETWEEN
 
 
 def evaluate_static(condition: Condition, columns: dict[str, Column], size: int) -> np.ndarray:
@@ -110,7 +119,7 @@ def evaluate_static(condition: Condition, columns: dict[str, Column], size: int)
         p = condition.predicate
         col = columns.get(p.field)
         if col is None:  # attribute not synced yet: missing for everyone
-            return np.full(size, matches_predicate(p.op, p.values, None))
+            return np.full(size, match_predicate(p.op, p.values, None))
         return predicate_array(col, p.op, p.values, size)
     if isinstance(condition, And):
         out = np.ones(size, bool)
@@ -130,7 +139,7 @@ def evaluate_static(condition: Condition, columns: dict[str, Column], size: int)
 def evaluate_static_missing(condition: Condition) -> bool:
     """The value for someone the warehouse does not know (every attribute missing)."""
     if isinstance(condition, AttributeCondition):
-        return matches_predicate(condition.predicate.op, condition.predicate.values, None)
+        return match_predicate(condition.predicate.op, condition.predicate.values, None)
     if isinstance(condition, And):
         return all(evaluate_static_missing(c) for c in condition.children)
     if isinstance(condition, Or):
@@ -147,7 +156,7 @@ def without_events(program, static_arrays: list[np.ndarray], size: int) -> list[
     warehouse arrays, EVENT leaves their value over an empty history (a count
     of 0; an aggregate over nothing is missing).
     """
-    empty = [compare(l.comparison, 0.0 if l.aggregation == Aggregation.COUNT else None, l.threshold)
+    empty = [compare_value(l.comparison, 0.0 if l.aggregation == Aggregation.COUNT else None, l.threshold)
              for l in program.leaves]
     out = []
     for code in program.audiences:
