@@ -34,7 +34,7 @@ from qualify.v1 import audience_pb2, diagnostics_pb2, ingest_pb2, personalize_pb
 
 from .config import Project
 from .observability import metrics
-from .operations import Operations
+from .config.operations import Operations
 from .security.keys import KeyStore, keys_path
 from .storage.lmdb_store import META, Reader, data_path, open_env
 from .storage.sync import Progress, SyncError, Syncer

@@ -30,7 +30,7 @@ from ..domain.errors import BatchTooLarge, FieldViolation, QualifyError
 from ..domain.events import (MAX_EVENT_BYTES, Event, EventModel, EventRejected, Rejection, check_limits,
                              compile_models, matching_models, validate)
 from ..observability import metrics
-from ..operations import Limits
+from ..config.operations import Limits
 from ..storage.writer import Writer, wall_clock_us
 from .errors import guarded, internal_status, lenient, reject_malformed, status_of
 
