@@ -34,7 +34,7 @@ from .config import Project
 from .delivery.runner import Deliveries
 from .domain.engine import Engine
 from .observability import metrics
-from .operations import Operations
+from .config.operations import Operations
 from .runtime import fire_timers, sync_schedule
 from .security.keys import KeyStore, keys_path
 from .services.audiences import AudienceService

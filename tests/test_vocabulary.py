@@ -15,8 +15,9 @@ import enum
 import pytest
 
 from qualify.evaluator import _evaluator, program
-from qualify.server.domain import errors, events, schema
-from qualify.v1 import condition_pb2, errors_pb2, event_pb2, ingest_pb2, schema_pb2
+from qualify.server.domain import changes, errors, events, schema
+from qualify.server.services import watch
+from qualify.v1 import audience_pb2, condition_pb2, errors_pb2, event_pb2, ingest_pb2, membership_pb2, schema_pb2
 
 # (proto enum, its Python copy, the prefix the proto's value names carry)
 PAIRS = [
@@ -27,6 +28,9 @@ PAIRS = [
     (ingest_pb2.RejectionReason.DESCRIPTOR, events.RejectionReason, "REJECTION_REASON_"),
     (event_pb2.EventType.DESCRIPTOR, events.EventType, "EVENT_TYPE_"),
     (schema_pb2.ValueType.DESCRIPTOR, schema.ValueType, "VALUE_TYPE_"),
+    (membership_pb2.Direction.DESCRIPTOR, changes.Direction, "DIRECTION_"),
+    (membership_pb2.ChangeCause.DESCRIPTOR, changes.Cause, "CHANGE_CAUSE_"),
+    (audience_pb2.WatchStart.DESCRIPTOR, watch.Start, "WATCH_START_"),
 ]
 
 # ErrorReason values no domain error carries, with the reason each is still declared.
@@ -43,7 +47,8 @@ def test_python_enum_is_the_proto_enum(descriptor, python: type[enum.IntEnum], p
     assert zero == prefix + "UNSPECIFIED", f"{descriptor.full_name}: 0 is {zero}, not the unspecified value"
     proto = {v.name.removeprefix(prefix): v.number for v in descriptor.values if v.number != 0}
     assert all(v.name.startswith(prefix) for v in descriptor.values), descriptor.full_name
-    assert {m.name: int(m) for m in python} == proto
+    assert {m.name: int(m) for m in python if int(m) != 0} == proto
+    assert all(m.name == "UNSPECIFIED" for m in python if int(m) == 0), "a 0 member must be the unspecified value"
 
 
 @pytest.mark.parametrize("name", sorted(_evaluator.ENUMS))

@@ -29,7 +29,8 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import date, datetime, time, timezone
+from enum import Enum
 from typing import Any, Union
 
 from qualify.evaluator.program import Aggregation, Comparison, Op, Scope
@@ -38,6 +39,7 @@ from .errors import FieldViolation, InvalidAudience
 from .schema import ValueType
 
 Value = Union[str, int, float, bool, None]
+_NUMERIC = (ValueType.INT, ValueType.FLOAT)
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,85 @@ def is_static(condition: Condition) -> bool:
     return not event_conditions(condition)
 
 
+# -- predicates: the rules every spelling shares -----------------------------------
+#
+# A predicate is spelled two ways: the JSON mapping of ``qualify.v1.Predicate``
+# (parsed below) and a filter table in the project file (``config.realtime``).
+# What an operator takes, which field types it applies to and how a literal
+# becomes a value are decided here once; each spelling words its own messages.
+
+
+class Arity(Enum):
+    """How many values an operator takes, and under which key (``value`` or ``values``)."""
+
+    NONE = ("", 0, 0)  # IS_SET, IS_NOT_SET
+    ONE = ("value", 1, 1)
+    SOME = ("values", 1, None)  # IN, NOT_IN: one or more
+    PAIR = ("values", 2, 2)  # BETWEEN: the lower and upper bounds
+
+    def __init__(self, key: str, least: int, most: int | None):
+        self.key, self.least, self.most = key, least, most
+
+    def accepts(self, n: int) -> bool:
+        return self.least <= n and (self.most is None or n <= self.most)
+
+
+_ARITY = {Op.IS_SET: Arity.NONE, Op.IS_NOT_SET: Arity.NONE, Op.IN: Arity.SOME, Op.NOT_IN: Arity.SOME,
+          Op.BETWEEN: Arity.PAIR}
+
+
+def arity(op: Op) -> Arity:
+    return _ARITY.get(op, Arity.ONE)
+
+
+class Misfit(Enum):
+    """Why an operator cannot apply to a field of some type."""
+
+    STRINGS_ONLY = "applies to strings"  # CONTAINS, STARTS_WITH
+    NOT_BOOLEANS = "does not apply to booleans"  # the orderings, BETWEEN
+
+
+def misfit(op: Op, ftype: ValueType) -> Misfit | None:
+    if op in (Op.CONTAINS, Op.STARTS_WITH) and ftype is not ValueType.STRING:
+        return Misfit.STRINGS_ONLY
+    if op in (Op.LT, Op.LE, Op.GT, Op.GE, Op.BETWEEN) and ftype is ValueType.BOOL:
+        return Misfit.NOT_BOOLEANS
+    return None
+
+
+_OPS_LOWER = {o.name.lower(): o for o in Op}
+
+
+def parse_operator(name: str, ignore_case: bool = False) -> Op | None:
+    """``OPERATOR_EQ`` or ``EQ`` (any case when ``ignore_case``: ``eq``) -> Op; None if unknown."""
+    if ignore_case:
+        return _OPS_LOWER.get(name.lower().removeprefix("operator_"))
+    return Op.__members__.get(name.removeprefix("OPERATOR_"))
+
+
+def literal_fits(got: ValueType, want: ValueType) -> bool:
+    """A ``got`` literal may be compared with a ``want`` field: the same type, or numbers of either kind."""
+    return got == want or (got in _NUMERIC and want in _NUMERIC)
+
+
+def coerce_literal(v: Any, got: ValueType) -> Value:
+    """A literal spelled as a ``got`` value -> its domain value; ValueError when it is not one."""
+    if got is ValueType.STRING and isinstance(v, str):
+        return v
+    if got is ValueType.INT and not isinstance(v, bool):
+        return int(v)  # int64 arrives as a JSON string
+    if got is ValueType.FLOAT and not isinstance(v, bool):
+        f = float(v)
+        if math.isnan(f):
+            raise ValueError("not a number")
+        return f
+    if got is ValueType.BOOL and isinstance(v, bool):
+        return v
+    if got is ValueType.TIMESTAMP:
+        return parse_timestamp(v)
+    raise ValueError(f"not a {got.name.lower()} value")
+
+
 # -- parsing and validation -------------------------------------------------------
 
 MAX_DEPTH = 32
@@ -117,9 +198,6 @@ _TYPE_OF = {
     "bool_value": ValueType.BOOL,
     "timestamp_value": ValueType.TIMESTAMP,
 }
-_NUMERIC = (ValueType.INT, ValueType.FLOAT)
-
-
 class _Parser:
     def __init__(self, attributes: dict[str, ValueType], event_models: dict[str, dict[str, ValueType]]):
         self.attributes = attributes
@@ -174,30 +252,11 @@ class _Parser:
         if got is None:
             self.bad(path, f"unknown literal kind {kind!r}")
             return None
-        if not (got == want or (got in _NUMERIC and want in _NUMERIC)):
+        if not literal_fits(got, want):
             self.bad(f"{path}.{kind}", f"a {want.name.lower()} field needs a {want.name.lower()}_value, not {kind}")
             return None
         try:
-            if got is ValueType.STRING:
-                if not isinstance(v, str):
-                    raise ValueError
-                return v
-            if got is ValueType.INT:
-                if isinstance(v, bool):
-                    raise ValueError
-                return int(v)  # int64 arrives as a JSON string
-            if got is ValueType.FLOAT:
-                if isinstance(v, bool):
-                    raise ValueError
-                f = float(v)
-                if math.isnan(f):
-                    raise ValueError
-                return f
-            if got is ValueType.BOOL:
-                if not isinstance(v, bool):
-                    raise ValueError
-                return v
-            return parse_timestamp(v)
+            return coerce_literal(v, got)
         except (TypeError, ValueError):
             self.bad(f"{path}.{kind}", f"{v!r} is not a valid {kind}")
             return None
@@ -212,39 +271,37 @@ class _Parser:
             known = ", ".join(sorted(fields)) or "none"
             self.bad(f"{path}.{name_key}", f"{name!r} is not a known {what} (known: {known})")
             return None
-        op_name = str(body.get("operator", "OPERATOR_UNSPECIFIED")).removeprefix("OPERATOR_")
-        try:
-            op = Op[op_name]
-        except KeyError:
+        op = parse_operator(str(body.get("operator", "OPERATOR_UNSPECIFIED")))
+        if op is None:
             self.bad(f"{path}.operator", f"must be one of {', '.join('OPERATOR_' + o.name for o in Op)}")
             return None
-        value, values = body.get("value"), body.get("values", [])
-        if op in (Op.IS_SET, Op.IS_NOT_SET):
-            lits: tuple = ()
-        elif op in (Op.IN, Op.NOT_IN):
-            if not values:
-                self.bad(f"{path}.values", f"OPERATOR_{op.name} needs at least one value")
-                return None
-            lits = tuple(self.literal(v, f"{path}.values[{i}]", ftype) for i, v in enumerate(values))
-        elif op is Op.BETWEEN:
-            if len(values) != 2:
-                self.bad(f"{path}.values", "OPERATOR_BETWEEN needs exactly two values: the lower and upper bounds")
-                return None
-            lits = tuple(self.literal(v, f"{path}.values[{i}]", ftype) for i, v in enumerate(values))
-        else:
+        lits = self.values(body, path, op, ftype)
+        if lits is None or any(v is None for v in lits):
+            return None
+        wrong = misfit(op, ftype)
+        if wrong is not None:
+            why = f"; {name!r} is {ftype.name.lower()}" if wrong is Misfit.STRINGS_ONLY else ""
+            self.bad(f"{path}.operator", f"OPERATOR_{op.name} {wrong.value}{why}")
+            return None
+        return Predicate(name, op, lits)
+
+    def values(self, body: dict, path: str, op: Op, ftype: ValueType) -> tuple | None:
+        """The operator's literals; a key the operator does not take is ignored, as proto3 would."""
+        takes = arity(op)
+        if takes is Arity.NONE:
+            return ()
+        if takes is Arity.ONE:
+            value = body.get("value")
             if value is None:
                 self.bad(f"{path}.value", f"OPERATOR_{op.name} needs a value")
                 return None
-            lits = (self.literal(value, f"{path}.value", ftype),)
-        if any(v is None for v in lits):
+            return (self.literal(value, f"{path}.value", ftype),)
+        values = body.get("values", [])
+        if not takes.accepts(len(values) if values else 0):
+            self.bad(f"{path}.values", f"OPERATOR_{op.name} needs at least one value" if takes is Arity.SOME
+                     else "OPERATOR_BETWEEN needs exactly two values: the lower and upper bounds")
             return None
-        if op in (Op.CONTAINS, Op.STARTS_WITH) and ftype is not ValueType.STRING:
-            self.bad(f"{path}.operator", f"OPERATOR_{op.name} applies to strings; {name!r} is {ftype.name.lower()}")
-            return None
-        if op in (Op.LT, Op.LE, Op.GT, Op.GE, Op.BETWEEN) and ftype is ValueType.BOOL:
-            self.bad(f"{path}.operator", f"OPERATOR_{op.name} does not apply to booleans")
-            return None
-        return Predicate(name, op, lits)
+        return tuple(self.literal(v, f"{path}.values[{i}]", ftype) for i, v in enumerate(values))
 
     def event(self, body: dict, path: str) -> EventCondition | None:
         model = body.get("event_model", "")
@@ -317,12 +374,20 @@ class _Parser:
 
 
 def parse_timestamp(v: Any) -> int:
-    """RFC 3339 text (or integer microseconds) -> microseconds since the epoch."""
+    """RFC 3339 text, a datetime or date (TOML's), or integer microseconds -> microseconds since the epoch.
+
+    Without a zone (text or datetime) the time is UTC; a date is its midnight UTC.
+    """
     if isinstance(v, int) and not isinstance(v, bool):
         return v
-    if not isinstance(v, str):
+    if isinstance(v, datetime):
+        dt = v
+    elif isinstance(v, date):
+        dt = datetime.combine(v, time(), timezone.utc)
+    elif isinstance(v, str):
+        dt = datetime.fromisoformat(v.replace("Z", "+00:00").replace("z", "+00:00"))
+    else:
         raise ValueError("not a timestamp")
-    dt = datetime.fromisoformat(v.replace("Z", "+00:00").replace("z", "+00:00"))
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
     delta = dt - datetime(1970, 1, 1, tzinfo=timezone.utc)

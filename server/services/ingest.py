@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..operations import Limits
+from ..config.operations import Limits
 from ..domain.errors import BatchTooLarge, FieldViolation
 from ..domain.events import (Event, EventModel, EventRejected, MatchedEvent, Rejection, check_limits,
                              compile_models, matching_models, validate)

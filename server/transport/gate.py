@@ -43,7 +43,7 @@ import grpc
 from ..domain.errors import PermissionDenied, QualifyError, RateLimited, TooManyStreams, Unauthenticated
 from ..observability import metrics
 from ..observability.logs import REQUEST_ID, request_id_from
-from ..operations import Limits, TlsSettings
+from ..config.operations import Limits, TlsSettings
 from ..security.keys import KeyStore
 from ..security.limits import RateLimiter, StreamSlots
 from .errors import status_of

@@ -1,6 +1,6 @@
 """The operational settings of a project file: [auth], [tls], [limits], [metrics].
 
-``config.parse_project`` hands each table here (unknown keys already
+``config.project.parse_project`` hands each table here (unknown keys already
 reported) with its problem reporter, so these sections read like the rest
 of the file: every problem at once, each naming its key and value.
 
@@ -133,7 +133,7 @@ def _tls(raw: dict, base: Path, problem: Report, missing: Any) -> TlsSettings:
             problem(f"tls.{k}", missing, "is required when [tls] is present (the server's certificate and key)")
     if len(paths) != len(raw) or "cert" not in paths or "key" not in paths:
         return TlsSettings()
-    from .security.tls import check_certificates  # stdlib ssl; only when TLS is configured
+    from ..security.tls import check_certificates  # stdlib ssl; only when TLS is configured
 
     for key, message in check_certificates(paths["cert"], paths["key"], paths.get("client_ca")):
         problem(f"tls.{key}", raw[key], message)
