@@ -1,9 +1,10 @@
-"""``python -m bench SCENARIO [options]``: the load bench, and two in-process micro benches.
+"""``python -m bench SCENARIO [options]``: the load bench, and three benches of their own.
 
 The load scenarios (personalize, batch-get, ingest, e2e, mixed, noop) are
-``qualify bench``: see ``python -m bench --help``. ``sync`` and ``evaluator``
-time the warehouse sync and the compiled evaluator without a gRPC client;
-``syncs`` times changes to their delivery on the watch stream and a webhook.
+``qualify bench``: see ``python -m bench --help``. ``warehouse-sync`` and
+``evaluator`` time the warehouse sync and the compiled evaluator without a
+gRPC client; ``realtime-syncs`` times changes to their delivery on the watch
+stream and a webhook.
 """
 
 from __future__ import annotations
@@ -13,18 +14,18 @@ import sys
 
 from .tool import main as load_main
 
-MICRO = {
-    "sync": "warehouse sync of N people x 10 attributes into LMDB: first and incremental sync time and peak memory",
+MICRO = {  # scenario (its module, with _ for -) -> what it measures
+    "warehouse-sync": "warehouse sync of N people x 10 attributes into LMDB: first and incremental sync time and peak memory",
     "evaluator": "the compiled evaluator in process: per-event evaluation of 100 audiences, and the full "
                  "recompute over 1,000,000 people",
-    "syncs": "change -> delivery latency on the watch stream and a local webhook at a steady change rate",
+    "realtime-syncs": "change -> delivery latency on the watch stream and a local webhook at a steady change rate",
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in MICRO:
-        return importlib.import_module(f".{argv[0]}", __package__).main(argv[1:])
+        return importlib.import_module(f".{argv[0].replace('-', '_')}", __package__).main(argv[1:])
     if argv and argv[0] in ("-h", "--help"):
         load_main(["--help"])  # exits after the load bench's help
     return load_main(argv)

@@ -178,7 +178,7 @@ def cmd_get(args) -> int:
 
 def cmd_demo(args) -> int:
     from qualify.clients import QualifyError
-    from qualify.clients.demo import run
+    from qualify.clients.walkthrough import run
 
     try:
         run(args.address, args.window, **_connection(args))

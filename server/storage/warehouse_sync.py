@@ -316,16 +316,7 @@ class Syncer:
             order = np.full(n, -1, np.int64)
             rest = np.arange(n)
             if fast:
-                cand = np.full(n, -1, np.int64)
-                prev = old_order[position:position + n]
-                cand[: len(prev)] = prev
-                idx = np.where(cand >= 0, cand, 0)
-                same = ((cand >= 0) & (cols.keyhash[idx] == key_hash) & (cols.rowhash[idx] == row_hash)
-                        & (cols.alive[idx] == 1) & (seen[idx] == 0))
-                seen[cand[same]] = 1
-                order[same] = cand[same]
-                report.unchanged += int(same.sum())
-                rest = np.flatnonzero(~same)
+                rest = _skip_unchanged(old_order[position:position + n], key_hash, row_hash, cols, seen, order, report)
             if len(rest):
                 sub = batch if len(rest) == n else batch.take(pa.array(rest))
                 pids, next_id = self._exact(txn, sub, columns, kinds, key_parts, key, attributes, keys_db, ids_db,
@@ -342,18 +333,7 @@ class Syncer:
                 progress(table, report.rows)
         if columns is None:
             columns = self._empty_columns(source, query, table, key, attributes)
-        # Whoever was alive before and was not seen now has been removed.
-        gone = np.flatnonzero(cols.alive[: len(seen)] & (1 - seen[: len(cols.alive)]))
-        for pid in gone.tolist():
-            idk = ID_KEY.pack(pid)
-            k = txn.get(idk, db=ids_db)
-            if k is not None:
-                txn.delete(k, db=keys_db)
-                txn.delete(idk, db=ids_db)
-        report.removed = len(gone)
-        cols.alive[: len(seen)] = seen[: len(cols.alive)]
-        for a in attributes:
-            cols.valid[a.name][gone] = 0
+        report.removed = _remove_unseen(txn, cols, seen, attributes, keys_db, ids_db)
         if report.added or report.changed or report.removed or cols.fresh:
             cols.save(next_id)
         if hashed and report.rows:
@@ -432,3 +412,36 @@ class Syncer:
         if missing:
             raise SyncError(f"{where}: the query returns no column {', '.join(map(repr, missing))} "
                             f"(it returns {', '.join(columns)})")
+
+
+def _skip_unchanged(prev, key_hash, row_hash, cols, seen, order, report):
+    """The fast path: rows whose key and row hashes equal the stored ones at the same position.
+
+    They keep their person id in ``order`` and are marked seen; returns the
+    indices of the other rows, which take the exact path.
+    """
+    n = len(order)
+    cand = np.full(n, -1, np.int64)
+    cand[: len(prev)] = prev
+    idx = np.where(cand >= 0, cand, 0)
+    same = ((cand >= 0) & (cols.keyhash[idx] == key_hash) & (cols.rowhash[idx] == row_hash)
+            & (cols.alive[idx] == 1) & (seen[idx] == 0))
+    seen[cand[same]] = 1
+    order[same] = cand[same]
+    report.unchanged += int(same.sum())
+    return np.flatnonzero(~same)
+
+
+def _remove_unseen(txn, cols, seen, attributes, keys_db, ids_db) -> int:
+    """Whoever was alive before and was not seen now has been removed; returns how many."""
+    gone = np.flatnonzero(cols.alive[: len(seen)] & (1 - seen[: len(cols.alive)]))
+    for pid in gone.tolist():
+        idk = ID_KEY.pack(pid)
+        k = txn.get(idk, db=ids_db)
+        if k is not None:
+            txn.delete(k, db=keys_db)
+            txn.delete(idk, db=ids_db)
+    cols.alive[: len(seen)] = seen[: len(cols.alive)]
+    for a in attributes:
+        cols.valid[a.name][gone] = 0
+    return len(gone)

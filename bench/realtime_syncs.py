@@ -1,6 +1,6 @@
 """Change -> delivery latency: the watch stream and a local webhook, at a steady change rate.
 
-    python -m bench syncs --json [--rate 1000] [--duration 20]
+    python -m bench realtime-syncs --json [--rate 1000] [--duration 20]
 
 Starts ``qualify serve`` on the embedded demo with one audience that every
 page view enters (so each event of a new anonymous person is one ENTER
@@ -35,7 +35,7 @@ SECRET = "bench-secret-0123456789"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench syncs", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench realtime-syncs", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--rate", type=float, default=1000, help="changes/s (default 1000)")
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     from qualify.v1 import audience_pb2, audience_pb2_grpc, sync_pb2, sync_pb2_grpc
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="qualify-bench-syncs-"))
-    out = {"scenario": "syncs", "date": datetime.date.today().isoformat(),
+    out = {"scenario": "realtime-syncs", "date": datetime.date.today().isoformat(),
            "config": {k: v for k, v in vars(args).items() if k != "json"}, "machine": _proc.machine_note()}
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,6 +1,6 @@
 """Warehouse sync of N people x 10 attributes: a first sync, then an incremental one.
 
-    python -m bench sync --json [--people N] [--changed-fraction F]
+    python -m bench warehouse-sync --json [--people N] [--changed-fraction F]
 
 Generates the demo DuckDB warehouse (table ``customers``, 10 attributes),
 writes a qualify.toml beside it, and runs ``qualify sync --json`` as a child
@@ -29,7 +29,7 @@ DESIGN_FIRST_SECONDS = 10.0  # DESIGN.md: 1M people x 10 attributes (with 100 au
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench sync", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench warehouse-sync", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.add_argument("--people", type=int, default=1_000_000, help="people in the warehouse (default 1000000)")
@@ -169,7 +169,7 @@ def run(args) -> dict:
     passed["all"] = all(passed.values())
     machine["loadavg_after"] = _proc.loadavg()
     out = {
-        "scenario": "sync",
+        "scenario": "warehouse-sync",
         "date": started.isoformat(timespec="seconds"),
         "config": {"people": args.people, "attributes": 10, "changed_fraction": args.changed_fraction,
                    "command": "python -m qualify.server.cli sync --project qualify.toml --json"},
