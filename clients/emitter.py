@@ -51,10 +51,10 @@ permanent, and resending the same events cannot:
 A permanent failure ends the stream, and which of the batches in flight
 caused it is not known, so every unacknowledged batch is then settled on
 its own through the unary ``TrackBatch`` (same deduplication, same
-acknowledgement), splitting as above, before the stream reopens. Each event
-is therefore sent at most about 2·log2(batch_size) + 2 times for permanent
-failures; nothing loops forever: transient failures are retried only until
-``close``'s bound.
+acknowledgement), splitting as above, before the stream reopens. A
+permanent failure therefore costs an event at most log2(batch_size) + 2
+sends; nothing loops forever: transient failures are retried only until
+``close``'s bound. (A BATCH_TOO_LARGE answer also lowers ``batch_size``.)
 
 Closing. ``close()`` (and leaving the ``with`` block) flushes for at most
 ``close_timeout`` seconds (default 10), then stops. Events still
@@ -510,6 +510,8 @@ class EventEmitter:
                 elif kind == BATCH and len(part) > 1:
                     if _is_size_refusal(err):
                         self._learn_from_refusal(part)
+                    elif error_from_rpc_error(err).reason == "BATCH_TOO_LARGE":  # a lower [limits] max_batch_events
+                        self.batch_size = max(1, min(self.batch_size, len(part) // 2))
                     half = len(part) // 2
                     work += [part[half:], part[:half]]  # the first half is sent first
                     self.resent += len(part)
