@@ -20,25 +20,43 @@ from ._errors import (
     UnavailableError,
     UnimplementedError,
 )
-from ._records import BatchResult, Membership, Record
+from ._records import (
+    Audience,
+    BatchResult,
+    Explanation,
+    MembersPage,
+    Membership,
+    MembershipChange,
+    MembershipExplanation,
+    Preview,
+    Record,
+    SnapshotEnd,
+)
 from .aio import AsyncClient
 from .blocking import Client
 from .emitter import EventEmitter
 
 __all__ = [
     "AsyncClient",
+    "Audience",
     "BatchResult",
     "Client",
     "DeadlineExceededError",
     "EventEmitter",
+    "Explanation",
     "InvalidArgumentError",
+    "MembersPage",
     "Membership",
+    "MembershipChange",
+    "MembershipExplanation",
     "AlreadyExistsError",
     "NotFoundError",
     "PermissionDeniedError",
+    "Preview",
     "QualifyError",
     "Record",
     "ResourceExhaustedError",
+    "SnapshotEnd",
     "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",

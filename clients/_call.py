@@ -73,6 +73,24 @@ def call_metadata(metadata: Metadata | None, api_key: str | None) -> tuple:
     return (*out, ("authorization", f"Bearer {api_key}")) if api_key else out
 
 
+def connection_options(index: int, connections: int,
+                       base: Sequence[tuple[str, int]] = CHANNEL_OPTIONS) -> list[tuple[str, int]]:
+    """Options of channel ``index`` of ``connections``: several get a TCP connection each.
+
+    gRPC shares one subchannel (one TCP connection) between every channel of a
+    process with the same target and arguments, and SO_REUSEPORT hands a
+    connection to one serving process for its whole life: one connection means
+    one `--workers` process, however many there are. A local subchannel pool
+    and an argument that differs per channel make each channel its own
+    connection, and the kernel spreads those over the workers.
+    """
+    if connections < 1:
+        raise ValueError("connections must be >= 1")
+    if connections == 1:
+        return list(base)
+    return [*base, ("grpc.use_local_subchannel_pool", 1), ("qualify.connection_index", index)]
+
+
 def open_channel(address: str, credentials: grpc.ChannelCredentials | None,
                  options: Sequence[tuple[str, int]] = CHANNEL_OPTIONS) -> grpc.Channel:
     """A blocking channel: TLS with `credentials`, plain text without."""

@@ -22,6 +22,45 @@ committed just before the break is not logged twice: ``duplicates`` counts
 those. Rejected events (bad type, missing identity, ...) are not retried; they
 go to ``on_rejection(event, reason, description)``.
 
+Batch size. A batch holds at most ``batch_size`` events and at most
+``max_batch_bytes`` of encoded events. By default that cap is 90% of the
+server's ``max_message_bytes`` (asked once with ``GetServerInfo``; 4 MiB, the
+server's default, when it does not say, or refuses, e.g. to a key without the
+admin scope): gRPC refuses a larger message before the server reads it. An
+event bigger than the cap travels alone.
+
+Retry policy. A failure is either transient, and resending can fix it, or
+permanent, and resending the same events cannot:
+  * transient: UNAVAILABLE (no server, NOT_READY, STORAGE_UNAVAILABLE),
+    DEADLINE_EXCEEDED, CANCELLED, ABORTED, and RESOURCE_EXHAUSTED with the
+    reason RATE_LIMITED, TOO_MANY_STREAMS or RESOURCE_EXHAUSTED (overload).
+    The batches are resent after a backoff (full jitter, at least the
+    server's RetryInfo), for as long as the emitter is open;
+  * permanent, about the caller: UNAUTHENTICATED, PERMISSION_DENIED,
+    UNIMPLEMENTED. No part of the batch can succeed: every event in it goes
+    to ``on_rejection`` and is dropped;
+  * permanent, about the batch: anything else (INVALID_ARGUMENT, INTERNAL,
+    UNKNOWN, RESOURCE_EXHAUSTED without a reason, which is gRPC's "message
+    larger than max"...). One bad event fails its whole batch, so the batch
+    is split in halves, down to single events, to isolate it: the good
+    neighbours are acknowledged, and an event that fails alone goes to
+    ``on_rejection`` (the reason is the ErrorInfo reason, e.g.
+    "INTERNAL_ERROR", or the status code's name) and is dropped. A size
+    refusal also lowers ``max_batch_bytes`` to half the refused batch, so
+    later batches fit a server whose limit was not known.
+A permanent failure ends the stream, and which of the batches in flight
+caused it is not known, so every unacknowledged batch is then settled on
+its own through the unary ``TrackBatch`` (same deduplication, same
+acknowledgement), splitting as above, before the stream reopens. A
+permanent failure therefore costs an event at most log2(batch_size) + 2
+sends; nothing loops forever: transient failures are retried only until
+``close``'s bound. (A BATCH_TOO_LARGE answer also lowers ``batch_size``.)
+
+Closing. ``close()`` (and leaving the ``with`` block) flushes for at most
+``close_timeout`` seconds (default 10), then stops. Events still
+unacknowledged at that bound are dropped: ``unacknowledged`` counts them and
+a warning is logged.
+
 Delivery is at least once from the emitter and exactly once in the server's
 log, for as long as the process lives: the queue is in memory, so events not
 yet acknowledged when the process dies are lost (``close`` flushes).
@@ -48,13 +87,21 @@ from typing import Any
 
 import grpc
 
-from qualify.v1 import event_pb2, ingest_pb2, ingest_pb2_grpc
+from qualify.v1 import diagnostics_pb2, diagnostics_pb2_grpc, event_pb2, ingest_pb2, ingest_pb2_grpc
 
 from ._call import CHANNEL_OPTIONS, Backoff, Metadata, Pem, call_metadata, channel_credentials, open_channel, pause
+from ._errors import error_from_rpc_error
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 1000  # the server's limit per batch
+#: The server's max_message_bytes when it does not say (its default, 4 MiB).
+DEFAULT_MAX_MESSAGE_BYTES = 4 << 20
+# Per event in a batch message: the field's tag (1 byte) and length (up to 5).
+_EVENT_OVERHEAD = 6
+# The smallest cap a size refusal can teach: below this the server could not
+# take one full-sized event (32 KB) anyway, and single events go alone.
+_MIN_LEARNED_BYTES = 1024
 
 RejectionCallback = Callable[[event_pb2.Event, str, str], None]
 
@@ -67,6 +114,32 @@ _EMITTER_CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
+
+# The failure classes of the retry policy (see the module docstring).
+TRANSIENT, CALLER, BATCH = "transient", "caller", "batch"
+_TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                              grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED})
+# RESOURCE_EXHAUSTED with one of these reasons is load, not the batch's size.
+_TRANSIENT_REASONS = frozenset({"RATE_LIMITED", "TOO_MANY_STREAMS", "RESOURCE_EXHAUSTED",
+                                "STORAGE_UNAVAILABLE", "NOT_READY"})
+_CALLER_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+                           grpc.StatusCode.UNIMPLEMENTED})
+
+
+def failure_kind(err: grpc.RpcError) -> str:
+    """TRANSIENT (resend later), CALLER (no event can succeed) or BATCH (split to find the bad event)."""
+    error = error_from_rpc_error(err)
+    if error.code in _TRANSIENT_CODES or error.reason in _TRANSIENT_REASONS:
+        return TRANSIENT
+    if error.code in _CALLER_CODES:
+        return CALLER
+    return BATCH
+
+
+def _is_size_refusal(err: grpc.RpcError) -> bool:
+    # gRPC core refuses an oversized message before any handler runs: no ErrorInfo.
+    error = error_from_rpc_error(err)
+    return error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and not error.reason
 
 
 class _Connection:
@@ -82,10 +155,24 @@ class _Connection:
 class EventEmitter:
     """Streams events to Qualify in acknowledged batches; see the module docstring.
 
+    Batches hold at most ``batch_size`` events and ``max_batch_bytes`` bytes
+    (default: 90% of the server's max_message_bytes from GetServerInfo, else
+    of 4 MiB). Transient failures (UNAVAILABLE, DEADLINE_EXCEEDED, the
+    RATE_LIMITED and STORAGE_UNAVAILABLE reasons, ...) are resent with
+    backoff while the emitter is open. Permanent ones are never resent as
+    they were: a batch is split in halves down to single events, and an
+    event that fails alone, or any event refused for the caller's key
+    (UNAUTHENTICATED, PERMISSION_DENIED), goes to ``on_rejection(event,
+    reason, text)`` and is dropped. ``close()`` and the context manager end
+    within ``close_timeout`` seconds (default 10); what is unacknowledged
+    then is counted in ``unacknowledged`` and logged as a warning.
+
     Counters (events): ``sent`` (first sends), ``resent`` (sent again after a
-    reconnect), ``accepted`` (new in the log), ``duplicates`` (already in the
-    log), ``acknowledged`` (``accepted + duplicates``: durable on the server),
-    ``rejected``; and ``reconnects``.
+    reconnect or to isolate a bad event), ``accepted`` (new in the log),
+    ``duplicates`` (already in the log), ``acknowledged`` (``accepted +
+    duplicates``: durable on the server), ``rejected`` (reported through
+    ``on_rejection``), of which ``failed`` were given up after a permanent
+    error; ``unacknowledged`` (dropped by ``close``); and ``reconnects``.
 
     Connection options as for ``Client``: ``api_key`` (a key with the
     ``ingest`` scope), ``tls``, ``root_certificates``, ``certificate_chain``
@@ -97,9 +184,12 @@ class EventEmitter:
         address: str = "127.0.0.1:50051",
         *,
         batch_size: int = 500,
+        max_batch_bytes: int | None = None,
         max_delay: float = 0.05,
         max_queue: int = 100_000,
         max_in_flight: int = 8,
+        close_timeout: float = 10.0,
+        call_timeout: float = 10.0,
         on_rejection: RejectionCallback | None = None,
         backoff: Backoff = Backoff(base=0.05, cap=2.0),
         credentials: grpc.ChannelCredentials | None = None,
@@ -112,24 +202,35 @@ class EventEmitter:
     ) -> None:
         if not 1 <= batch_size <= MAX_BATCH:
             raise ValueError(f"batch_size must be from 1 to {MAX_BATCH}")
+        if max_batch_bytes is not None and max_batch_bytes < 1:
+            raise ValueError("max_batch_bytes must be >= 1")
         if max_delay < 0:
             raise ValueError("max_delay must be >= 0")
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
         if max_queue < batch_size:
             raise ValueError("max_queue must be at least batch_size")
+        if close_timeout < 0 or call_timeout <= 0:
+            raise ValueError("close_timeout must be >= 0 and call_timeout > 0")
         self.batch_size = batch_size
+        #: The byte cap per batch; learned from the server unless given.
+        self.max_batch_bytes = max_batch_bytes or _cap_for(DEFAULT_MAX_MESSAGE_BYTES)
+        self._limit_known = max_batch_bytes is not None  # given, or asked already
         self.max_delay = max_delay
         self.max_queue = max_queue
         self.max_in_flight = max_in_flight
+        self.close_timeout = close_timeout
+        self.call_timeout = call_timeout
         self.on_rejection = on_rejection
         self._backoff = backoff
         self._metadata = call_metadata(metadata, api_key)
         credentials = channel_credentials(credentials, tls, root_certificates, certificate_chain, private_key)
         self._channel = open_channel(address, credentials, _EMITTER_CHANNEL_OPTIONS)
         self._stub = ingest_pb2_grpc.IngestServiceStub(self._channel)
+        self._diagnostics = diagnostics_pb2_grpc.DiagnosticsServiceStub(self._channel)
         self._cond = threading.Condition()
-        self._queue: deque[event_pb2.Event] = deque()
+        self._queue: deque[tuple[event_pb2.Event, int]] = deque()  # (event, encoded size)
+        self._queued_bytes = 0
         self._first_at = 0.0  # when the oldest queued event arrived (monotonic)
         self._unacked: dict[int, list[event_pb2.Event]] = {}  # batch number -> events, in order
         self._held = 0  # queued + unacknowledged events
@@ -144,6 +245,8 @@ class EventEmitter:
         self.accepted = 0
         self.duplicates = 0
         self.rejected = 0
+        self.failed = 0
+        self.unacknowledged = 0
         self.reconnects = 0
         self._thread = threading.Thread(target=self._run, name="qualify-emitter", daemon=True)
         self._thread.start()
@@ -165,6 +268,7 @@ class EventEmitter:
         Blocks while the queue is full; raises queue.Full when ``block`` is
         False or ``timeout`` passes first, RuntimeError after ``close``.
         """
+        size = event.ByteSize() + _EVENT_OVERHEAD  # outside the lock: a big event takes a while
         with self._cond:
             if self._closing:
                 raise RuntimeError("the emitter is closed")
@@ -177,10 +281,14 @@ class EventEmitter:
                     raise RuntimeError("the emitter is closed")
             if not self._queue:
                 self._first_at = time.monotonic()
-            self._queue.append(event)
+            self._queue.append((event, size))
+            self._queued_bytes += size
             self._held += 1
-            if len(self._queue) >= self.batch_size or len(self._queue) == 1:
+            if len(self._queue) == 1 or self._full_batch_queued():
                 self._cond.notify_all()
+
+    def _full_batch_queued(self) -> bool:
+        return len(self._queue) >= self.batch_size or self._queued_bytes >= self.max_batch_bytes
 
     def track(self, name: str, *, user_id: str = "", anonymous_id: str = "",
               properties: Mapping[str, Any] | None = None, **kw: Any) -> str:
@@ -223,24 +331,30 @@ class EventEmitter:
                 self._flushing -= 1
 
     def close(self, timeout: float | None = None) -> bool:
-        """Flushes (waiting up to ``timeout``), then stops; True if everything was acknowledged.
+        """Flushes for at most ``timeout`` (default ``close_timeout``) seconds, then stops.
 
-        Events still unacknowledged after the timeout are dropped; they
-        remain counted in ``pending``.
+        Returns True if everything was acknowledged or reported. Events still
+        unacknowledged at the bound are dropped: they are counted in
+        ``unacknowledged`` (and stay in ``pending``) and a warning is logged.
         """
+        bound = self.close_timeout if timeout is None else timeout
         with self._cond:
             if self._stopped:
                 return self._held == 0
             self._closing = True
             self._cond.notify_all()
-            done = self._cond.wait_for(lambda: self._held == 0, timeout)
+            done = self._cond.wait_for(lambda: self._held == 0, bound)
             self._stopped = True
+            self.unacknowledged = self._held
             self._cond.notify_all()
             conn = self._conn
+        if not done:
+            log.warning("EventEmitter closed after %.1f s with %d events unacknowledged; they are dropped",
+                        bound, self.unacknowledged)
         if conn is not None and conn.call is not None:
             conn.call.cancel()
-        self._thread.join()
-        self._channel.close()
+        self._channel.close()  # also cancels a TrackBatch or GetServerInfo in flight
+        self._thread.join(1.0)
         return done
 
     def __enter__(self) -> EventEmitter:
@@ -272,49 +386,171 @@ class EventEmitter:
                     if self._queue and len(self._unacked) < self.max_in_flight:
                         due = self._first_at + self.max_delay
                         now = time.monotonic()
-                        if len(self._queue) >= self.batch_size or self._flushing or self._closing or now >= due:
+                        if self._full_batch_queued() or self._flushing or self._closing or now >= due:
                             break
                         wait = due - now
                     self._cond.wait(wait)
-                n = min(self.batch_size, len(self._queue))
-                events = [self._queue.popleft() for _ in range(n)]
+                events = self._take_batch()
                 number = self._next_batch
                 self._next_batch += 1
                 self._unacked[number] = events
                 if self._queue:
                     self._first_at = time.monotonic()  # the rest may have waited already: send soon
-            self.sent += n
+            self.sent += len(events)
             yield ingest_pb2.StreamEventsRequest(batch_number=number, events=events)
+
+    def _take_batch(self) -> list[event_pb2.Event]:
+        """Up to batch_size events and max_batch_bytes from the queue (at least one); under the lock."""
+        events: list[event_pb2.Event] = []
+        size = 0
+        cap = self.max_batch_bytes
+        while self._queue and len(events) < self.batch_size:
+            event, n = self._queue[0]
+            if events and size + n > cap:
+                break
+            self._queue.popleft()
+            events.append(event)
+            size += n
+        self._queued_bytes -= size
+        return events
 
     def _acknowledge(self, response: ingest_pb2.StreamEventsResponse) -> None:
         with self._cond:
             events = self._unacked.pop(response.batch_number, None)
-            if events is None:
-                return
-            self.accepted += response.accepted
-            self.duplicates += response.duplicates
-            self.rejected += len(response.rejections)
+        if events is not None:
+            self._settled(events, response.accepted, response.duplicates, response.rejections)
+
+    def _settled(self, events: list[event_pb2.Event], accepted: int, duplicates: int, rejections) -> None:
+        """Counts ``events`` as done (acknowledged or rejected) and reports the rejections."""
+        with self._cond:
+            self.accepted += accepted
+            self.duplicates += duplicates
+            self.rejected += len(rejections)
             self._held -= len(events)
             self._cond.notify_all()
-        if response.rejections:
-            for r in response.rejections:
-                reason = ingest_pb2.RejectionReason.Name(r.reason) if r.reason in _REASONS else str(r.reason)
-                event = events[r.index] if r.index < len(events) else None
-                log.debug("event %s rejected: %s: %s", r.message_id, reason, r.description)
-                if self.on_rejection is not None:
-                    try:
-                        self.on_rejection(event, reason, r.description)
-                    except Exception:  # noqa: BLE001 - a callback must not stop delivery
-                        log.exception("on_rejection callback failed")
+        for r in rejections:
+            reason = ingest_pb2.RejectionReason.Name(r.reason) if r.reason in _REASONS else str(r.reason)
+            event = events[r.index] if r.index < len(events) else None
+            log.debug("event %s rejected: %s: %s", r.message_id, reason, r.description)
+            self._report(event, reason, r.description)
+
+    def _give_up(self, events: list[event_pb2.Event], err: grpc.RpcError) -> None:
+        """Drops events after a permanent failure, reporting each through on_rejection."""
+        error = error_from_rpc_error(err)
+        reason = error.reason or error.code.name
+        log.warning("dropping %d event(s) after a permanent failure: %s", len(events), error)
+        with self._cond:
+            self.rejected += len(events)
+            self.failed += len(events)
+            self._held -= len(events)
+            self._cond.notify_all()
+        for event in events:
+            self._report(event, reason, error.message)
+
+    def _report(self, event: event_pb2.Event | None, reason: str, text: str) -> None:
+        if self.on_rejection is not None:
+            try:
+                self.on_rejection(event, reason, text)
+            except Exception:  # noqa: BLE001 - a callback must not stop delivery
+                log.exception("on_rejection callback failed")
+
+    def _learn_limit(self) -> None:
+        """Sizes batches below the server's max_message_bytes, asked once (see the module docstring)."""
+        try:
+            info = self._diagnostics.GetServerInfo(diagnostics_pb2.GetServerInfoRequest(),
+                                                   timeout=min(self.call_timeout, 2.0), metadata=self._metadata)
+        except grpc.RpcError as err:
+            if failure_kind(err) != TRANSIENT:  # e.g. PERMISSION_DENIED: a key without admin; keep the default
+                self._limit_known = True
+            log.debug("GetServerInfo failed (%s); batches stay under %d bytes", err.code(), self.max_batch_bytes)
+            return
+        except ValueError:  # the channel was closed by close()
+            return
+        self._limit_known = True
+        if info.max_message_bytes:  # 0: a server that does not say
+            self.max_batch_bytes = min(self.max_batch_bytes, _cap_for(info.max_message_bytes))
+
+    def _learn_from_refusal(self, events: list[event_pb2.Event]) -> None:
+        size = _encoded_size(events)
+        cap = max(_MIN_LEARNED_BYTES, size // 2)
+        if cap < self.max_batch_bytes:
+            log.info("the server refused a %d-byte batch as too large; batches now stay under %d bytes", size, cap)
+            self.max_batch_bytes = cap
+
+    def _pause(self, err: grpc.RpcError | None, retry: int) -> None:
+        """Backs off before retry ``retry``; only close cuts it short."""
+        delay = pause(err, retry, self._backoff) if err is not None else self._backoff.delay(retry)
+        with self._cond:
+            self._cond.wait_for(lambda: self._stopped, delay)
+
+    def _settle_alone(self, events: list[event_pb2.Event]) -> None:
+        """Sends events with TrackBatch, halving a batch that fails permanently, until each is settled."""
+        work = [events]
+        retry = 0
+        while work and not self._stopped:
+            part = work.pop()
+            if len(part) > 1 and _encoded_size(part) > self.max_batch_bytes:
+                # Built before a size refusal lowered the cap: cut it to fit without a refused round trip.
+                work += reversed(_fitting(part, self.max_batch_bytes))
+                continue
+            try:
+                response = self._stub.TrackBatch(ingest_pb2.TrackBatchRequest(events=part),
+                                                 timeout=self.call_timeout, metadata=self._metadata)
+            except ValueError:  # the channel was closed by close()
+                return
+            except grpc.RpcError as err:
+                self.last_error = err
+                if self._stopped:
+                    return
+                kind = failure_kind(err)
+                if kind == TRANSIENT:
+                    work.append(part)
+                    self._pause(err, retry)
+                    retry += 1
+                elif kind == BATCH and len(part) > 1:
+                    if _is_size_refusal(err):
+                        self._learn_from_refusal(part)
+                    elif error_from_rpc_error(err).reason == "BATCH_TOO_LARGE":  # a lower [limits] max_batch_events
+                        self.batch_size = max(1, min(self.batch_size, len(part) // 2))
+                    half = len(part) // 2
+                    work += [part[half:], part[:half]]  # the first half is sent first
+                    self.resent += len(part)
+                else:
+                    self._give_up(part, err)
+                continue
+            retry = 0
+            self._settled(part, response.accepted, response.duplicates, response.rejections)
+
+    def _isolate(self) -> int:
+        """Settles every unacknowledged batch on its own, in order; returns how many events it settled."""
+        with self._cond:
+            batches = sorted(self._unacked.items())
+        settled = 0
+        for number, events in batches:
+            if self._stopped:
+                break
+            self._settle_alone(events)
+            if self._stopped:
+                break  # what is left stays counted as unacknowledged
+            with self._cond:
+                self._unacked.pop(number, None)
+            settled += len(events)
+        return settled
+
+    def _finished(self) -> bool:
+        return self._stopped or (self._closing and self._held == 0)
 
     def _run(self) -> None:
         retry = 0
         while True:
+            if not self._limit_known and not self._stopped:
+                self._learn_limit()
             with self._cond:
-                if self._stopped or (self._closing and self._held == 0):
+                if self._finished():
                     return
                 conn = self._conn = _Connection()
             got_ack = False
+            kind = None
             try:
                 conn.call = self._stub.StreamEvents(self._requests(conn), metadata=self._metadata)
                 for response in conn.call:
@@ -324,20 +560,54 @@ class EventEmitter:
             except grpc.RpcError as err:
                 self.last_error = err
                 if not self._stopped:
+                    kind = failure_kind(err)
                     level = logging.WARNING if retry == 0 else logging.DEBUG
-                    log.log(level, "event stream failed (%s: %s); reconnecting", err.code(), err.details())
+                    log.log(level, "event stream failed (%s: %s); %s", err.code(), err.details(),
+                            "reconnecting" if kind == TRANSIENT else "sending its batches one by one")
+            except ValueError:  # the channel was closed by close()
+                pass
             finally:
                 with self._cond:
                     conn.dead = True
                     self._cond.notify_all()
-            with self._cond:
-                if self._stopped or (self._closing and self._held == 0):
-                    return
-                if not got_ack:  # the server is unavailable: back off (only close cuts it short)
-                    delay = pause(self.last_error, retry, self._backoff) if self.last_error else self._backoff.delay(retry)
-                    self._cond.wait_for(lambda: self._stopped, delay)
+            if self._finished():
+                return
+            if kind in (CALLER, BATCH):
+                # Resending the stream as it was would fail the same way.
+                if self._isolate() == 0:
+                    self._pause(self.last_error, retry)  # nothing to blame (refused at the start): back off
                     retry += 1
-                self.reconnects += 1
+                    with self._cond:  # and reopen only when there is something to send
+                        self._cond.wait_for(lambda: self._queue or self._finished())
+                if self._finished():
+                    return
+            elif not got_ack:  # the server is unavailable: back off (only close cuts it short)
+                self._pause(self.last_error, retry)
+                retry += 1
+            self.reconnects += 1
+
+
+def _encoded_size(events: list[event_pb2.Event]) -> int:
+    return sum(e.ByteSize() + _EVENT_OVERHEAD for e in events)
+
+
+def _fitting(events: list[event_pb2.Event], cap: int) -> list[list[event_pb2.Event]]:
+    """``events`` in order, cut into runs of at most ``cap`` bytes (an event bigger than the cap alone)."""
+    runs: list[list[event_pb2.Event]] = [[]]
+    size = 0
+    for event in events:
+        n = event.ByteSize() + _EVENT_OVERHEAD
+        if runs[-1] and size + n > cap:
+            runs.append([])
+            size = 0
+        runs[-1].append(event)
+        size += n
+    return runs
+
+
+def _cap_for(max_message_bytes: int) -> int:
+    """The batch byte cap under a server limit: 10% headroom for the message's own fields."""
+    return max(1, max_message_bytes * 9 // 10)
 
 
 _REASONS = frozenset(v.number for v in ingest_pb2.RejectionReason.DESCRIPTOR.values)

@@ -176,7 +176,8 @@ class Diagnostics(diagnostics_pb2_grpc.DiagnosticsServiceServicer):
         self, request: diagnostics_pb2.GetServerInfoRequest, context: grpc.ServicerContext
     ) -> diagnostics_pb2.GetServerInfoResponse:
         return diagnostics_pb2.GetServerInfoResponse(
-            version="0.1.0", sync_generation=2**60, collections=["customers", "orders"], people=3, worker_pid=77
+            version="0.1.0", sync_generation=2**60, collections=["customers", "orders"], people=3, worker_pid=77,
+            events_logged=2**40, events_unmatched=5, max_message_bytes=4 << 20,
         )
 
 
@@ -291,7 +292,13 @@ def test_noop_and_server_info(client: Harness) -> None:
         "collections": ["customers", "orders"],
         "people": 3,
         "worker_pid": 77,
+        "events_logged": 2**40,
+        "events_unmatched": 5,
+        "max_message_bytes": 4 << 20,
     }
+    # Every field of the response, so a field added later cannot be dropped silently.
+    fields = {f.name for f in diagnostics_pb2.GetServerInfoResponse.DESCRIPTOR.fields}
+    assert set(client.run({}, "server_info")) == fields
 
 
 # --- errors ----------------------------------------------------------------------

@@ -428,7 +428,9 @@ def test_server_info_describes_the_demo(channel, client, demo_server):
     assert info.version == importlib.metadata.version("qualify")
     assert info.worker_pid == demo_server.proc.pid  # one process serves
     assert client.server_info() == {"version": info.version, "sync_generation": info.sync_generation,
-                                    "collections": ["customers"], "people": PEOPLE, "worker_pid": demo_server.proc.pid}
+                                    "collections": ["customers"], "people": PEOPLE, "worker_pid": demo_server.proc.pid,
+                                    "events_logged": info.events_logged, "events_unmatched": info.events_unmatched,
+                                    "max_message_bytes": info.max_message_bytes}
 
 
 # ---------------------------------------------------------------- health and reflection
