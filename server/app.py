@@ -108,7 +108,7 @@ async def create_server(reader: Reader, host: str = "127.0.0.1", port: int = 0, 
         ("grpc.max_receive_message_length", ops.limits.max_message_bytes),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ])
-    reads = PersonalizeService(reader, EventLogView(reader.env), VERSION)
+    reads = PersonalizeService(reader, EventLogView(reader.env), VERSION, ops.limits.max_message_bytes)
     handlers = [handlers_for(PERSONALIZE, Personalize(reads)), handlers_for(DIAGNOSTICS, Diagnostics(reads))]
     if writer_address is not None:
         channel = grpc.aio.insecure_channel(writer_address)

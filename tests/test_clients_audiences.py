@@ -189,6 +189,7 @@ def test_server_info_has_every_field(client: Harness) -> None:
     info = client.run("server_info")
     assert info["people"] == PEOPLE and info["events_logged"] >= info["events_unmatched"] >= 0
     assert {"events_logged", "events_unmatched", "max_message_bytes", "worker_pid"} <= set(info)
+    assert info["max_message_bytes"] == 4 << 20  # the server's [limits] default, what the emitter caps batches by
 
 
 def test_connections_spread_calls_over_the_workers(server_factory) -> None:

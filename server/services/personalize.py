@@ -37,10 +37,11 @@ def _check_collection(collection: str) -> None:
 class PersonalizeService:
     """Record reads and server facts over one process's RecordReader."""
 
-    def __init__(self, records: RecordReader, event_counts: EventCounts, version: str):
+    def __init__(self, records: RecordReader, event_counts: EventCounts, version: str, max_message_bytes: int = 0):
         self.records = records
         self.event_counts = event_counts
         self.version = version
+        self.max_message_bytes = max_message_bytes  # what a client may send in one message
 
     @property
     def audience_ids(self) -> tuple[str | None, ...]:
@@ -69,4 +70,5 @@ class PersonalizeService:
         events_logged, events_unmatched = self.event_counts.counts()
         return {"version": self.version, "sync_generation": self.records.generation,
                 "collections": sorted(self.records.collections()), "people": self.records.people(),
-                "worker_pid": os.getpid(), "events_logged": events_logged, "events_unmatched": events_unmatched}
+                "worker_pid": os.getpid(), "events_logged": events_logged, "events_unmatched": events_unmatched,
+                "max_message_bytes": self.max_message_bytes}
