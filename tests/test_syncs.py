@@ -18,7 +18,7 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2, field_mask_pb2
 
-from conftest import QualifyServer, write_realtime_project
+from conftest import QualifyServer, eventually, write_realtime_project
 from qualify.clients._errors import error_from_rpc_error
 from qualify.server.delivery.destinations import parse_retry_after, sign
 from qualify.v1 import sync_pb2, sync_pb2_grpc
@@ -58,14 +58,6 @@ def check_arrivals(accepted: list[dict], want: dict[int, tuple]) -> None:
         by_person.setdefault(c["person_key"], []).append(c["sequence"])
     for person, seqs in by_person.items():
         assert seqs == sorted(seqs), f"{person}'s changes arrived out of order: {seqs}"
-
-
-def eventually(condition, message=lambda: "", timeout: float = 10.0) -> None:
-    """Waits for ``condition()``; fails with ``message()`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, message()
-        time.sleep(0.02)
 
 
 def webhook(url: str, **kw) -> sync_pb2.WebhookDestination:
