@@ -238,6 +238,10 @@ def test_retry_after_is_honoured(server, receiver):
     receiver.status, receiver.retry_after = 503, "1"
     server.create(id="crm", audience_ids=["viewers"], webhook=webhook(receiver.url))
     send_many(server.api, anon_views(1))
+    eventually(lambda: receiver.requests >= 1, lambda: "the first request never came")
+    # The point of the test: a window, well inside Retry-After (1s) and well past the backoff's
+    # first retries (0.1-0.2s, then 0.2-0.4s), in which no retry may come. Counted from the
+    # first request, not from the send, so a slow first delivery cannot eat into it.
     time.sleep(0.5)
     assert receiver.requests == 1  # backoff alone would have retried several times by now
     receiver.status = None
