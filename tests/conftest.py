@@ -148,6 +148,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def eventually(condition, message=lambda: "", timeout: float = 10.0) -> None:
+    """Waits for ``condition()``; fails with ``message()`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, message()
+        time.sleep(0.02)
+
+
 def make_key(data_dir: Path, *scopes: str, name: str = "test") -> str:
     """A new API key with ``scopes`` in ``data_dir`` (what `qualify keys create` does); returns the key."""
     from qualify.server.security.keys import KeyFile, keys_path

@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import QualifyServer, run_sql, write_project
+from conftest import QualifyServer, eventually, run_sql, write_project
 from qualify.evaluator.program import EventLeaf, Filter, Program
 from qualify.evaluator.reference import ReferenceEvaluator, matches_predicate
 from qualify.server.demo import DEMO_ATTRIBUTES, DEMO_EVENT_MODELS
@@ -611,8 +611,11 @@ def test_warehouse_syncs_continue_after_an_audience_is_deleted(tmp_path, demo_wa
         api.create("keep", and_(ev("cart_adds", threshold=1), FREE))
         api.create("drop", ev("page_views", threshold=1))
         api.send(page("user-5", "/", t - S), cart_add("user-6", t - S))
+        landed = p.server.log().count("landed in")  # "sync N landed in ...s", one per warehouse sync
         api.delete("drop")
-        time.sleep(2.2)  # at least two syncs run with the remaining audience
+        # At least two syncs land after the delete (so one ran wholly with the remaining audience).
+        eventually(lambda: p.server.log().count("landed in") >= landed + 2,
+                   lambda: "no two syncs after the delete:\n" + p.server.log()[-2000:], timeout=15)
         run_sql(p.warehouse, "UPDATE customers SET country = 'ZZ' WHERE user_id = 'user-7'")
 
         def synced():

@@ -25,7 +25,7 @@ from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from certs import make_ca, make_leaf
-from conftest import QualifyServer, free_port, make_key, write_project
+from conftest import QualifyServer, eventually, free_port, make_key, write_project
 from qualify.clients import Client, UnauthenticatedError
 from qualify.clients._errors import error_from_rpc_error, retry_info_delay
 from qualify.v1 import (audience_pb2, audience_pb2_grpc, diagnostics_pb2, diagnostics_pb2_grpc, event_pb2,
@@ -124,6 +124,21 @@ def outcome(call, ch, metadata) -> tuple[grpc.StatusCode, grpc.RpcError | None]:
         return err.code(), err
 
 
+def known(ch, key: str) -> bool:
+    """Whether the process answering on ``ch`` has loaded ``key``: GetServerInfo (admin only) is
+    UNAUTHENTICATED for a key it does not know, PERMISSION_DENIED or OK for one it does. The scope is
+    checked before the key's token bucket, so for a key without admin the probe costs none of its rate."""
+    return outcome(CALLS["GetServerInfo"][2], ch, md(key))[0] != grpc.StatusCode.UNAUTHENTICATED
+
+
+def await_keys(server, *keys: str, timeout: float = 10.0) -> None:
+    """Polls until the server has re-read keys.json (it stats it every keys.CHECK_SECONDS) and knows
+    every one of ``keys``, rather than sleeping past CHECK_SECONDS and hoping."""
+    with server.channel() as ch:
+        eventually(lambda: all(known(ch, k) for k in keys),
+                   lambda: "new keys were not picked up:\n" + server.log()[-2000:], timeout=timeout)
+
+
 def scrape(port: int) -> dict[str, float]:
     """/metrics as {'name{labels}': value}."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
@@ -153,7 +168,7 @@ def secured(tmp_path_factory, demo_warehouse):
 
 def test_each_scope_against_each_service(secured):
     keys = {scope: make_key(secured.data_dir, scope, name=scope) for scope in SCOPES}  # made while it runs
-    time.sleep(0.5)  # > keys.CHECK_SECONDS: every process has re-read the file
+    await_keys(secured, *keys.values())
     with secured.channel() as ch:
         for scope, key in keys.items():
             for name, (needed, allowed_code, call) in CALLS.items():
@@ -179,7 +194,7 @@ def test_no_key_or_a_wrong_one_is_unauthenticated_everywhere(secured, header):
 
 def test_refusals_reveal_neither_keys_nor_records(secured):
     ingest_key = make_key(secured.data_dir, "ingest")
-    time.sleep(0.5)
+    await_keys(secured, ingest_key)
     with secured.channel() as ch:
         stub = personalize_pb2_grpc.PersonalizeServiceStub(ch)
         answers = []
@@ -238,12 +253,12 @@ def test_abandoned_watches_end_cleanly(secured):
     """A watch cancelled right after its first reply is finalized after gRPC released the call;
     the gate's bookkeeping then must not touch the call (it once crashed the server, at debug level)."""
     key = make_key(secured.data_dir, "audiences:read")
-    time.sleep(0.5)
+    await_keys(secured, key)
     _, _, watch = CALLS["WatchMemberships"]
     with secured.channel() as ch:
         for _ in range(30):
             watch(ch, md(key))
-        time.sleep(0.2)
+        time.sleep(0.2)  # kept: nothing to poll for; it gives a crash after the cancels time to happen
         assert outcome(CALLS["Noop"][2], ch, md(key))[0] == grpc.StatusCode.OK
     assert secured.proc.poll() is None
 
@@ -253,7 +268,7 @@ def test_abandoned_watches_end_cleanly(secured):
 
 def test_request_ids_come_back_and_tie_the_log_together(secured):
     key = make_key(secured.data_dir, "personalize")
-    time.sleep(0.5)
+    await_keys(secured, key)
     with secured.channel() as ch:
         stub = personalize_pb2_grpc.PersonalizeServiceStub(ch)
         _, call = stub.Get.with_call(personalize_pb2.GetRequest(collection="customers", key="user-1"), metadata=md(key))
@@ -284,7 +299,7 @@ def test_request_ids_come_back_and_tie_the_log_together(secured):
 
 def test_no_key_is_ever_logged(secured):
     key = make_key(secured.data_dir, "admin")
-    time.sleep(0.5)
+    await_keys(secured, key)
     with secured.channel() as ch:
         stub = personalize_pb2_grpc.PersonalizeServiceStub(ch)
         stub.Get(personalize_pb2.GetRequest(collection="customers", key="user-1"), metadata=md(key))
@@ -292,7 +307,7 @@ def test_no_key_is_ever_logged(secured):
             stub.Get(personalize_pb2.GetRequest(collection=key, key=key), metadata=md(key))
         with pytest.raises(grpc.RpcError):
             stub.Get(personalize_pb2.GetRequest(collection="customers", key="user-1"), metadata=md(key + "x"))
-    time.sleep(0.3)
+    time.sleep(0.3)  # kept: lets the gate log the calls above; what follows asserts an absence, nothing to poll
     log = secured.log()
     assert key[3:] not in log  # not even the random part
     assert "qk_" not in log.replace("qk_[redacted]", "")
@@ -303,7 +318,7 @@ def test_no_key_is_ever_logged(secured):
 
 def test_metrics_move(secured):
     admin = make_key(secured.data_dir, "admin")
-    time.sleep(0.5)
+    await_keys(secured, admin)
     get_ok = 'qualify_rpc_duration_seconds_count{code="OK",method="PersonalizeService.Get"}'
     get_denied = 'qualify_rpc_duration_seconds_count{code="UNAUTHENTICATED",method="PersonalizeService.Get"}'
     rejected = 'qualify_events_rejected_total{reason="MISSING_IDENTITY"}'
@@ -384,7 +399,7 @@ def limited(tmp_path_factory, demo_warehouse):
 
 def fresh_keys(server, *scopes) -> list[str]:
     keys = [make_key(server.data_dir, s) for s in scopes]
-    time.sleep(0.5)
+    await_keys(server, *keys)
     return keys
 
 
@@ -402,7 +417,7 @@ def test_rate_limit_answers_resource_exhausted_with_retry_info(limited):
         delay = retry_info_delay(err.value)
         assert delay is not None and 0 < delay <= 0.2 + 0.05  # one token at 5/s
         stub.Get(request, metadata=md(other))  # buckets are per key
-        time.sleep(delay)
+        time.sleep(delay)  # kept: the point: waiting as long as RetryInfo said is enough
         stub.Get(request, metadata=md(key))  # when RetryInfo said
     # The client waits as long as RetryInfo asks, so a burst of reads all succeed.
     with Client(limited.address, api_key=key, retries=5, timeout=5) as client:
@@ -423,14 +438,14 @@ def test_concurrent_streams_per_key(limited):
 
         first = stub.StreamEvents(requests(), metadata=md(key), timeout=15)
         assert next(first).batch_number == 1  # the first stream is open
-        time.sleep(0.25)  # the bucket refills (5/s)
+        time.sleep(0.25)  # kept: the bucket refills (5/s), so the refusal below is for streams, not rate
         with pytest.raises(grpc.RpcError) as err:
             list(stub.StreamEvents(iter([ingest_pb2.StreamEventsRequest(batch_number=1)]), metadata=md(key), timeout=5))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert error_from_rpc_error(err.value).reason == "TOO_MANY_STREAMS"
         hold.set()
         assert list(first) == []
-        time.sleep(0.25)
+        time.sleep(0.25)  # kept: the bucket refills again, so only a slot that did not come back could refuse
         replies = list(stub.StreamEvents(iter([ingest_pb2.StreamEventsRequest(batch_number=2, events=[event()])]),
                                          metadata=md(key), timeout=5))
         assert [r.batch_number for r in replies] == [2]  # the slot came back
@@ -442,7 +457,7 @@ def test_event_and_message_limits(limited):
         stub = ingest_pb2_grpc.IngestServiceStub(ch)
 
         def batch(*events):
-            time.sleep(0.25)  # stay under 5 requests/s
+            time.sleep(0.25)  # kept: stay under 5 requests/s, so each answer is about the batch, not the rate
             return stub.TrackBatch(ingest_pb2.TrackBatchRequest(events=events), metadata=md(key), timeout=10)
 
         with pytest.raises(grpc.RpcError) as err:
@@ -509,7 +524,7 @@ def test_mutual_tls_refuses_clients_without_a_certificate_from_the_client_ca(tmp
         assert refused(server.address, grpc.ssl_channel_credentials(ca.cert_bytes()))  # no client certificate
         assert refused(server.address, grpc.ssl_channel_credentials(ca.cert_bytes(), mallory.key_bytes(),
                                                                     mallory.cert_bytes()))
-        time.sleep(0.5)
+        await_keys(server, key)
         with Client(server.address, api_key=key, root_certificates=ca.cert, certificate_chain=alice.cert,
                     private_key=alice.key, timeout=5) as client:
             assert client.get("user-1").key == "user-1"  # the certificate and the key, both
@@ -557,6 +572,25 @@ def test_workers_check_keys_at_the_edge_and_at_the_writer_and_combine_metrics(tm
     try:
         personalize, ingest, admin = fresh_keys(server, "personalize", "ingest", "admin")
         sock = tmp_path / "data" / "writer.sock"
+
+        def loaded_everywhere() -> bool:  # admin was made last: a process that knows it knows all three
+            with grpc.insecure_channel(f"unix:{sock}") as ch:
+                if not known(ch, admin):  # the writer checks forwarded calls' keys again
+                    return False
+            pids = set()
+            for _ in range(20):  # fresh connections reach both serving processes
+                with grpc.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+                    try:
+                        pids.add(diagnostics_pb2_grpc.DiagnosticsServiceStub(ch).GetServerInfo(
+                            diagnostics_pb2.GetServerInfoRequest(), metadata=md(admin), timeout=5).worker_pid)
+                    except grpc.RpcError as err:
+                        if err.code() != grpc.StatusCode.UNAUTHENTICATED:
+                            raise
+                if len(pids) == 2:
+                    return True
+            return False
+
+        eventually(loaded_everywhere, lambda: "not every process picked up the new keys:\n" + server.log()[-2000:])
         assert stat.S_IMODE(sock.stat().st_mode) == 0o600
         track = ingest_pb2.TrackRequest(event=event())
         for address in (server.address, f"unix:{sock}"):  # the public port, and the writer's own socket

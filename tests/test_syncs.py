@@ -18,7 +18,7 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2, field_mask_pb2
 
-from conftest import QualifyServer, write_realtime_project
+from conftest import QualifyServer, eventually, write_realtime_project
 from qualify.clients._errors import error_from_rpc_error
 from qualify.server.delivery.destinations import parse_retry_after, sign
 from qualify.v1 import sync_pb2, sync_pb2_grpc
@@ -58,14 +58,6 @@ def check_arrivals(accepted: list[dict], want: dict[int, tuple]) -> None:
         by_person.setdefault(c["person_key"], []).append(c["sequence"])
     for person, seqs in by_person.items():
         assert seqs == sorted(seqs), f"{person}'s changes arrived out of order: {seqs}"
-
-
-def eventually(condition, message=lambda: "", timeout: float = 10.0) -> None:
-    """Waits for ``condition()``; fails with ``message()`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, message()
-        time.sleep(0.02)
 
 
 def webhook(url: str, **kw) -> sync_pb2.WebhookDestination:
@@ -246,6 +238,10 @@ def test_retry_after_is_honoured(server, receiver):
     receiver.status, receiver.retry_after = 503, "1"
     server.create(id="crm", audience_ids=["viewers"], webhook=webhook(receiver.url))
     send_many(server.api, anon_views(1))
+    eventually(lambda: receiver.requests >= 1, lambda: "the first request never came")
+    # The point of the test: a window, well inside Retry-After (1s) and well past the backoff's
+    # first retries (0.1-0.2s, then 0.2-0.4s), in which no retry may come. Counted from the
+    # first request, not from the send, so a slow first delivery cannot eat into it.
     time.sleep(0.5)
     assert receiver.requests == 1  # backoff alone would have retried several times by now
     receiver.status = None
