@@ -69,14 +69,14 @@ from cpython.tuple cimport PyTuple_GET_ITEM
 from cpython.float cimport PyFloat_AS_DOUBLE
 from cpython.object cimport PyObject
 from libc.math cimport INFINITY, NAN, fabs, isfinite, isinf, isnan
-from libc.stdint cimport INT64_MAX, INT64_MIN, int32_t, int64_t, uint8_t
+from libc.stdint cimport INT64_MAX, INT64_MIN, int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, qsort, realloc
-from libc.string cimport memmove, memset
+from libc.string cimport memcpy, memmove, memset
 
 cimport cython
 
 from . import program as _program
-from .program import LeafValue
+from .program import LeafValue, state_key_hash
 
 
 # The numbers of program.Op, Scope, Aggregation, Comparison and Code (checked at import, below).
@@ -778,6 +778,146 @@ cdef int _within_agg_add(CompiledState st, const LeafSpec* sp, WState* w, int64_
     return 0
 
 
+# ---------------------------------------------------------------- state codec primitives
+
+# Byte 0 of a dump. The reference evaluator's dumps begin with REFERENCE_FORMAT, so
+# neither evaluator takes the other's bytes for its own.
+cdef enum:
+    FORMAT_VERSION = 1
+    REFERENCE_FORMAT = 0xF1
+
+cdef uint32_t _crc_table[256]
+cdef uint32_t _CRC_POLY = 0xEDB88320
+
+
+cdef void _crc_init() noexcept:
+    cdef uint32_t c, k, n
+    for n in range(256):
+        c = n
+        for k in range(8):
+            c = (_CRC_POLY ^ (c >> 1)) if (c & 1) else (c >> 1)
+        _crc_table[n] = c
+
+
+_crc_init()
+
+
+cdef uint32_t _crc32(const uint8_t* p, Py_ssize_t n) noexcept nogil:
+    # CRC-32 (zlib's), so the reference computes it with zlib.crc32.
+    cdef uint32_t c = ~(<uint32_t>0)
+    cdef Py_ssize_t i
+    for i in range(n):
+        c = _crc_table[(c ^ p[i]) & 0xFF] ^ (c >> 8)
+    return ~c
+
+
+cdef inline Py_ssize_t _put_uv(uint8_t* p, uint64_t v) noexcept nogil:
+    cdef Py_ssize_t i = 0
+    while v >= 0x80:
+        p[i] = <uint8_t>(v | 0x80)
+        v >>= 7
+        i += 1
+    p[i] = <uint8_t>v
+    return i + 1
+
+
+cdef inline uint64_t _zz(int64_t v) noexcept nogil:
+    return (<uint64_t>v << 1) ^ <uint64_t>(v >> 63)
+
+
+cdef inline int64_t _unzz(uint64_t u) noexcept nogil:
+    return <int64_t>(u >> 1) ^ -<int64_t>(u & 1)
+
+
+cdef inline Py_ssize_t _put_f64(uint8_t* p, double v) noexcept nogil:
+    memcpy(p, &v, 8)  # little-endian hosts only: checked at import
+    return 8
+
+
+cdef inline Py_ssize_t _put_u64(uint8_t* p, uint64_t v) noexcept nogil:
+    memcpy(p, &v, 8)
+    return 8
+
+
+cdef struct Reader:
+    const uint8_t* p
+    Py_ssize_t pos
+    Py_ssize_t end
+
+
+cdef int _corrupt(const char* what) except -1:
+    raise ValueError(f"corrupt evaluator state: {what.decode()}")
+
+
+cdef inline int _get_uv(Reader* r, uint64_t* out) except -1:
+    cdef uint64_t v = 0
+    cdef int shift = 0
+    cdef uint8_t b
+    while True:
+        if r.pos >= r.end:
+            _corrupt(b"truncated")
+        b = r.p[r.pos]
+        r.pos += 1
+        if shift == 63 and b > 1:
+            _corrupt(b"varint beyond 64 bits")
+        v |= (<uint64_t>(b & 0x7F)) << shift
+        if not (b & 0x80):
+            break
+        shift += 7
+        if shift > 63:
+            _corrupt(b"varint beyond 64 bits")
+    out[0] = v
+    return 0
+
+
+cdef inline int _get_f64(Reader* r, double* out) except -1:
+    if r.end - r.pos < 8:
+        _corrupt(b"truncated")
+    memcpy(out, r.p + r.pos, 8)
+    r.pos += 8
+    return 0
+
+
+cdef inline int _get_u64(Reader* r, uint64_t* out) except -1:
+    if r.end - r.pos < 8:
+        _corrupt(b"truncated")
+    memcpy(out, r.p + r.pos, 8)
+    r.pos += 8
+    return 0
+
+
+cdef inline int _get_ts_next(Reader* r, int64_t* prev, bint first, int64_t base) except -1:
+    """The next of an ascending run of timestamps: the first zigzag from base (mod 2**64),
+    then unsigned deltas."""
+    cdef uint64_t u
+    _get_uv(r, &u)
+    if first:
+        prev[0] = <int64_t>(<uint64_t>base + <uint64_t>_unzz(u))
+    else:
+        if u > <uint64_t>INT64_MAX - <uint64_t>prev[0]:
+            _corrupt(b"timestamp beyond 64 bits")
+        prev[0] = <int64_t>(<uint64_t>prev[0] + u)
+    return 0
+
+
+cdef inline int _get_count(Reader* r, int64_t limit, int64_t* out) except -1:
+    cdef uint64_t u
+    _get_uv(r, &u)
+    if u > <uint64_t>limit:
+        _corrupt(b"count out of range")
+    out[0] = <int64_t>u
+    return 0
+
+
+def _check_endianness():
+    cdef uint32_t one = 1
+    if (<uint8_t*>&one)[0] != 1:
+        raise ImportError("qualify.evaluator._evaluator: the state codec assumes a little-endian host")
+
+
+_check_endianness()
+
+
 # ---------------------------------------------------------------- evaluator
 
 cdef class CompiledEvaluator:
@@ -810,6 +950,17 @@ cdef class CompiledEvaluator:
     cdef uint8_t* scratch
     cdef Py_ssize_t scratch_cap
     cdef FSum tmp
+    # The state codec: leaf j's section key, and the distinct keys in first-use order
+    # (ukeys[u]; its leaves are ufirst[u], then unext[...] until -1).
+    cdef uint64_t* keys
+    cdef Py_ssize_t n_ukeys
+    cdef uint64_t* ukeys
+    cdef Py_ssize_t* uof  # leaf j's distinct key index
+    cdef Py_ssize_t* ufirst
+    cdef Py_ssize_t* unext
+    cdef uint8_t* found  # per load: which distinct keys raw had
+    cdef uint8_t* wbuf  # dump's output buffer, reused
+    cdef Py_ssize_t wcap
 
     def __cinit__(self):
         self.specs = NULL
@@ -829,6 +980,14 @@ cdef class CompiledEvaluator:
         self.tmp.p = NULL
         self.tmp.cap = 0
         _fsum_reset(&self.tmp)
+        self.keys = NULL
+        self.ukeys = NULL
+        self.uof = NULL
+        self.ufirst = NULL
+        self.unext = NULL
+        self.found = NULL
+        self.wbuf = NULL
+        self.wcap = 0
 
     def __dealloc__(self):
         free(self.specs)
@@ -845,6 +1004,13 @@ cdef class CompiledEvaluator:
         free(self.fmemo)
         free(self.scratch)
         free(self.tmp.p)
+        free(self.keys)
+        free(self.ukeys)
+        free(self.uof)
+        free(self.ufirst)
+        free(self.unext)
+        free(self.found)
+        free(self.wbuf)
 
     def __init__(self, program):
         cdef Py_ssize_t j, k, n_code, pc, depth, max_depth, start, a
@@ -981,6 +1147,7 @@ cdef class CompiledEvaluator:
         self.out = <uint8_t*>calloc(self.n_audiences + 1, 1)
         if self.stack == NULL or self.sbuf == NULL or self.out == NULL:
             raise MemoryError()
+        self._init_codec(leaves)
 
     # ------------------------------------------------------------ events
 
@@ -1402,3 +1569,333 @@ cdef class CompiledEvaluator:
                 best = t
         return None if best == NO_FLIP else best
 
+
+    # ------------------------------------------------------------ state codec (format in the module docstring)
+
+    cdef int _init_codec(self, leaves) except -1:
+        cdef Py_ssize_t j, u, n = self.n_leaves
+        self.keys = <uint64_t*>calloc(n + 1, sizeof(uint64_t))
+        self.ukeys = <uint64_t*>calloc(n + 1, sizeof(uint64_t))
+        self.uof = <Py_ssize_t*>calloc(n + 1, sizeof(Py_ssize_t))
+        self.ufirst = <Py_ssize_t*>calloc(n + 1, sizeof(Py_ssize_t))
+        self.unext = <Py_ssize_t*>calloc(n + 1, sizeof(Py_ssize_t))
+        self.found = <uint8_t*>calloc(n + 1, 1)
+        if (self.keys == NULL or self.ukeys == NULL or self.uof == NULL or self.ufirst == NULL
+                or self.unext == NULL or self.found == NULL):
+            raise MemoryError()
+        index = {}
+        last = {}
+        for j, leaf in enumerate(leaves):
+            key = state_key_hash(leaf)
+            self.keys[j] = key
+            self.unext[j] = -1
+            if key in index:
+                u = index[key]
+                self.unext[last[u]] = j
+            else:
+                u = len(index)
+                index[key] = u
+                self.ukeys[u] = key
+                self.ufirst[u] = j
+            last[u] = j
+            self.uof[j] = u
+        self.n_ukeys = len(index)
+        return 0
+
+    cdef Py_ssize_t _section_bound(self, CompiledState st, const LeafSpec* sp) noexcept:
+        cdef WState* ws
+        cdef SState* ss
+        if sp.scope == SC_WITHIN:
+            ws = _wstate(st.block, sp)
+            return 10 + ws.n * (10 if sp.agg == AG_COUNT else 28)
+        ss = _sstate(st.block, sp)
+        if sp.agg == AG_SUM or sp.agg == AG_AVG:
+            return 48 + 10 + ss.sum.n * 8 + 16
+        return 48
+
+    cdef Py_ssize_t _put_section(self, CompiledState st, const LeafSpec* sp, uint8_t* p) noexcept:
+        """Writes one leaf's payload at p; returns its length (0: empty)."""
+        cdef WState* ws
+        cdef SState* ss
+        cdef Py_ssize_t i, i0, q = 0, n
+        cdef int64_t cutoff, prev = 0
+        cdef int64_t* a
+        cdef WEntry* e
+        cdef uint8_t flags
+        if sp.scope == SC_WITHIN:
+            ws = _wstate(st.block, sp)
+            n = ws.n
+            # What is out of every window from the horizon on is dropped on the next
+            # query anyway: not worth a byte.
+            cutoff = st.horizon - sp.window if st.horizon != INT64_MIN else INT64_MIN
+            i0 = 0
+            if sp.agg == AG_COUNT:
+                a = <int64_t*>ws.buf
+                while i0 < n and a[i0] <= cutoff:
+                    i0 += 1
+                if i0 == n:
+                    return 0
+                q += _put_uv(p + q, <uint64_t>(n - i0))
+                q += _put_uv(p + q, _zz(<int64_t>(<uint64_t>a[i0] - <uint64_t>st.session_last_ts)))
+                for i in range(i0 + 1, n):
+                    q += _put_uv(p + q, <uint64_t>a[i] - <uint64_t>a[i - 1])
+            else:
+                e = <WEntry*>ws.buf
+                while i0 < n and e[i0].ts <= cutoff:
+                    i0 += 1
+                if i0 == n:
+                    return 0
+                q += _put_uv(p + q, <uint64_t>(n - i0))
+                for i in range(i0, n):
+                    if i == i0:
+                        q += _put_uv(p + q, _zz(<int64_t>(<uint64_t>e[i].ts - <uint64_t>st.session_last_ts)))
+                    else:
+                        q += _put_uv(p + q, <uint64_t>e[i].ts - <uint64_t>e[i - 1].ts)
+                    q += _put_uv(p + q, <uint64_t>e[i].seq)
+                    if e[i].seq & 1:
+                        q += _put_f64(p + q, e[i].v)
+            return q
+        ss = _sstate(st.block, sp)
+        # A SESSION leaf counting a session that is over is empty: the next event resets it.
+        if ss.count == 0 or (sp.scope == SC_SESSION and ss.session != st.session):
+            return 0
+        q += _put_uv(p + q, <uint64_t>ss.count)
+        if sp.agg == AG_COUNT:
+            return q
+        q += _put_uv(p + q, <uint64_t>ss.n_values)
+        if ss.n_values == 0:
+            return q
+        if sp.agg == AG_MIN or sp.agg == AG_MAX:
+            q += _put_f64(p + q, ss.vmin)
+            q += _put_f64(p + q, ss.vmax)
+            return q
+        flags = (1 if ss.sum.failed else 0) | (2 if (ss.sum.special != 0.0 or ss.sum.inf != 0.0) else 0)
+        p[q] = flags
+        q += 1
+        q += _put_f64(p + q, ss.sum.naive)
+        q += _put_uv(p + q, <uint64_t>ss.sum.n)
+        for i in range(ss.sum.n):
+            q += _put_f64(p + q, ss.sum.p[i])
+        if flags & 2:
+            q += _put_f64(p + q, ss.sum.special)
+            q += _put_f64(p + q, ss.sum.inf)
+        return q
+
+    def dump(self, CompiledState state not None):
+        """The person's whole state as bytes (see the module docstring); ``load`` restores it."""
+        cdef CompiledState st = state
+        cdef Py_ssize_t u, j, bound, q, k, m
+        cdef const LeafSpec* sp
+        cdef uint8_t* p
+        cdef uint8_t tmp[10]
+        cdef bytes sid
+        self._check(st)
+        sid = (<str?>st.session_id).encode("utf-8", "surrogatepass")
+        bound = 1 + 5 * 10 + len(sid) + 4
+        for u in range(self.n_ukeys):
+            bound += 8 + 10 + self._section_bound(st, &self.specs[self.ufirst[u]])
+        if bound > self.wcap:
+            _grow(<void**>&self.wbuf, &self.wcap, bound, 1)
+        p = self.wbuf
+        p[0] = FORMAT_VERSION
+        q = 1
+        q += _put_uv(p + q, <uint64_t>(st.session + 1))
+        q += _put_uv(p + q, <uint64_t>len(sid))
+        memcpy(p + q, PyBytes_AS_STRING(sid), len(sid))
+        q += len(sid)
+        q += _put_uv(p + q, _zz(st.session_last_ts))
+        q += _put_uv(p + q, <uint64_t>st.seq)
+        q += _put_uv(p + q, _zz(<int64_t>(<uint64_t>st.horizon - <uint64_t>st.session_last_ts)))
+        q += _put_uv(p + q, <uint64_t>self.n_ukeys)
+        for u in range(self.n_ukeys):
+            q += _put_u64(p + q, self.ukeys[u])
+            # The payload goes after a one-byte length; a longer length moves it up.
+            m = self._put_section(st, &self.specs[self.ufirst[u]], p + q + 1)
+            k = _put_uv(tmp, <uint64_t>m)
+            if k > 1:
+                memmove(p + q + k, p + q + 1, m)
+            memcpy(p + q, tmp, k)
+            q += k + m
+        k = _crc32(p, q)
+        memcpy(p + q, &k, 4)
+        return PyBytes_FromStringAndSize(<char*>p, q + 4)
+
+    cdef int _get_section(self, CompiledState st, const LeafSpec* sp, Reader* r) except -1:
+        cdef WState* ws
+        cdef SState* ss
+        cdef Py_ssize_t i
+        cdef int64_t k, ts = 0, limit
+        cdef uint64_t u
+        cdef int64_t* a
+        cdef WEntry* e
+        cdef uint8_t flags
+        if sp.scope == SC_WITHIN:
+            ws = _wstate(st.block, sp)
+            # every kept event takes at least one byte
+            limit = r.end - r.pos
+            if sp.agg == AG_COUNT and sp.keep < limit:
+                limit = sp.keep
+            _get_count(r, limit, &k)
+            if sp.agg == AG_COUNT:
+                _reserve(ws, k, sizeof(int64_t))
+                a = <int64_t*>ws.buf
+                for i in range(k):
+                    _get_ts_next(r, &ts, i == 0, st.session_last_ts)
+                    a[i] = ts
+                    ws.n = <int32_t>(i + 1)
+            else:
+                _reserve(ws, k, sizeof(WEntry))
+                e = <WEntry*>ws.buf
+                for i in range(k):
+                    _get_ts_next(r, &ts, i == 0, st.session_last_ts)
+                    _get_uv(r, &u)
+                    if (u >> 2) > <uint64_t>st.seq or (u & 3) == 2:
+                        _corrupt(b"window entry out of range")
+                    e[i].ts = ts
+                    e[i].seq = <int64_t>u
+                    e[i].v = 0.0
+                    if u & 1:
+                        _get_f64(r, &e[i].v)
+                    ws.n = <int32_t>(i + 1)
+            return 0
+        ss = _sstate(st.block, sp)
+        _get_count(r, INT64_MAX, &ss.count)
+        if sp.scope == SC_SESSION:
+            if st.session < 0:
+                _corrupt(b"a session count with no session")
+            ss.session = st.session
+        if sp.agg == AG_COUNT:
+            return 0
+        _get_count(r, ss.count, &ss.n_values)
+        if ss.n_values == 0:
+            return 0
+        if sp.agg == AG_MIN or sp.agg == AG_MAX:
+            _get_f64(r, &ss.vmin)
+            _get_f64(r, &ss.vmax)
+            return 0
+        if r.pos >= r.end:
+            _corrupt(b"truncated")
+        flags = r.p[r.pos]
+        r.pos += 1
+        if flags > 3:
+            _corrupt(b"unknown sum flags")
+        ss.sum.failed = (flags & 1) != 0
+        _get_f64(r, &ss.sum.naive)
+        _get_count(r, (r.end - r.pos) // 8, &k)
+        _grow(<void**>&ss.sum.p, &ss.sum.cap, k, sizeof(double))
+        for i in range(k):
+            _get_f64(r, &ss.sum.p[i])
+            ss.sum.n = i + 1
+        if flags & 2:
+            _get_f64(r, &ss.sum.special)
+            _get_f64(r, &ss.sum.inf)
+        return 0
+
+    cdef CompiledState _load(self, raw):
+        """A state from ``raw``; self.found[u] says which distinct keys raw had."""
+        cdef CompiledState st = self.new_state()
+        cdef Py_buffer view
+        cdef const uint8_t* p
+        cdef Py_ssize_t n, i, u, j, end
+        cdef uint64_t v, key, n_sections
+        cdef uint32_t crc
+        cdef Reader r, sub
+        memset(self.found, 0, self.n_ukeys)
+        if raw is None:
+            return st
+        PyObject_GetBuffer(raw, &view, PyBUF_C_CONTIGUOUS)
+        try:
+            p = <const uint8_t*>view.buf
+            n = view.len
+            if n == 0:
+                return st
+            if p[0] != FORMAT_VERSION:
+                if p[0] == REFERENCE_FORMAT:
+                    raise ValueError("evaluator state dumped by the reference evaluator: "
+                                     "the compiled evaluator reads only its own format")
+                raise ValueError(f"unknown evaluator state format version {p[0]} (this build reads "
+                                 f"version {FORMAT_VERSION})")
+            if n < 6:
+                _corrupt(b"truncated")
+            memcpy(&crc, p + n - 4, 4)
+            if crc != _crc32(p, n - 4):
+                _corrupt(b"checksum mismatch")
+            r.p = p
+            r.pos = 1
+            r.end = n - 4
+            _get_uv(&r, &v)
+            if v > <uint64_t>INT64_MAX:
+                _corrupt(b"session number out of range")
+            st.session = <int64_t>v - 1
+            _get_uv(&r, &v)
+            if v > <uint64_t>(r.end - r.pos):
+                _corrupt(b"truncated session id")
+            st.session_id = (<const char*>p + r.pos)[:v].decode("utf-8", "surrogatepass")
+            r.pos += v
+            _get_uv(&r, &v)
+            st.session_last_ts = _unzz(v)
+            _get_uv(&r, &v)
+            if v > <uint64_t>(INT64_MAX // 4):
+                _corrupt(b"arrival counter out of range")
+            st.seq = <int64_t>v
+            _get_uv(&r, &v)
+            st.horizon = <int64_t>(<uint64_t>st.session_last_ts + <uint64_t>_unzz(v))
+            _get_uv(&r, &n_sections)
+            if n_sections > <uint64_t>((r.end - r.pos) // 9):
+                _corrupt(b"more sections than bytes")
+            for i in range(<Py_ssize_t>n_sections):
+                _get_u64(&r, &key)
+                _get_uv(&r, &v)
+                if v > <uint64_t>(r.end - r.pos):
+                    _corrupt(b"truncated section")
+                end = r.pos + <Py_ssize_t>v
+                # Same program: section i is distinct key i. Otherwise look it up; a leaf
+                # the program no longer has is skipped.
+                u = i
+                if not (u < self.n_ukeys and self.ukeys[u] == key):
+                    u = 0
+                    while u < self.n_ukeys and self.ukeys[u] != key:
+                        u += 1
+                if u < self.n_ukeys:
+                    if self.found[u]:
+                        _corrupt(b"a section twice")
+                    self.found[u] = 1
+                    if v:
+                        j = self.ufirst[u]
+                        while j >= 0:
+                            sub.p = p
+                            sub.pos = r.pos
+                            sub.end = end
+                            self._get_section(st, &self.specs[j], &sub)
+                            if sub.pos != sub.end:
+                                _corrupt(b"section length mismatch")
+                            j = self.unext[j]
+                r.pos = end
+            if r.pos != r.end:
+                _corrupt(b"trailing bytes")
+        finally:
+            PyBuffer_Release(&view)
+        return st
+
+    def load(self, raw):
+        """A person's state from ``dump``'s bytes (any buffer); None or b"" gives a new state.
+
+        Bytes dumped under another program restore the leaves whose state key
+        (program.state_key) both programs have; the others start empty
+        (``missing_leaves`` names them). Raises ValueError on corrupt input or
+        an unknown format version.
+        """
+        return self._load(raw)
+
+    cdef tuple _missing(self):
+        return tuple(j for j in range(self.n_leaves) if not self.found[self.uof[j]])
+
+    def missing_leaves(self, raw):
+        """Indices of this program's leaves whose state ``raw`` lacks (all of them for None or b"")."""
+        self._load(raw)
+        return self._missing()
+
+    def load_with_missing(self, raw):
+        """``(load(raw), missing_leaves(raw))`` from one decode."""
+        st = self._load(raw)
+        return st, self._missing()

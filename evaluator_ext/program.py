@@ -17,6 +17,8 @@ specification.
 from __future__ import annotations
 
 import enum
+import hashlib
+import math
 from dataclasses import dataclass
 
 
@@ -117,3 +119,45 @@ class LeafValue:
     count: int
     aggregate: float | None
     flips_at: int | None  # the first later instant at which ``holds`` changes with no new event
+
+
+def _kept(threshold: float) -> str:
+    # How many timestamps a WITHIN COUNT keeps, as the compiled evaluator decides it:
+    # none for NaN or a threshold every count beats, all of them beyond any real count.
+    if math.isnan(threshold) or threshold <= -1.0:
+        return "0"
+    if threshold >= 4.0e18:
+        return "all"
+    return str(int(threshold) + 1)
+
+
+def state_key(leaf: EventLeaf) -> bytes:
+    """The identity of the state an event leaf keeps, as canonical bytes.
+
+    Two leaves with equal keys keep identical state from identical events, so
+    a dumped state section can be restored into either; leaves that keep
+    different state have different keys. What a leaf keeps depends on its
+    model, filters and scope; on the window for WITHIN; on ``keep`` for a
+    WITHIN COUNT (and nothing else of the comparison); on the property and on
+    the aggregate's family for the others (SUM and AVG keep the same exact sum,
+    MIN and MAX the same extremes). The comparison and threshold otherwise only
+    read the state.
+    """
+    # A conjunction does not depend on the order of its filters. Values keep their type:
+    # (1,), (1.0,) and (True,) are different filters.
+    filters = sorted({repr((f.property, int(f.op), tuple((type(v).__name__, v) for v in f.values)))
+                      for f in leaf.filters})
+    parts = [f"model={leaf.model!r}", f"filters={filters!r}", f"scope={int(leaf.scope)}"]
+    if leaf.scope == Scope.WITHIN:
+        parts.append(f"window={int(leaf.window_us)}")
+    if leaf.aggregation == Aggregation.COUNT:
+        parts.append("count" + (f" keep={_kept(float(leaf.threshold))}" if leaf.scope == Scope.WITHIN else ""))
+    else:
+        family = "sum" if leaf.aggregation in (Aggregation.SUM, Aggregation.AVG) else "minmax"
+        parts.append(f"{family} property={leaf.property!r}")
+    return "\x1f".join(parts).encode("utf-8", "surrogatepass")
+
+
+def state_key_hash(leaf: EventLeaf) -> int:
+    """``state_key`` as the unsigned 64-bit number a dumped state section is keyed by."""
+    return int.from_bytes(hashlib.blake2b(state_key(leaf), digest_size=8).digest(), "little")

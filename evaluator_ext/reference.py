@@ -29,15 +29,26 @@ Semantics:
   latest timestamp of the current session, or when it carries a session_id
   other than the current session's; otherwise it joins the current session.
   A session ends ``session_timeout`` after its latest timestamp.
+- Persisted state (``dump``/``load``): a loaded person answers exactly as if
+  never dumped, except that a leaf whose state key (``program.state_key``)
+  the dumping program lacked sees only the events observed after the load.
+  The reference dumps every event it keeps (byte 0 is 0xF1, then JSON, then
+  zlib's CRC-32): it is the specification of what a restored state answers,
+  not of the compiled evaluator's bounded byte layout, which it cannot
+  rebuild from a summary without becoming a second compiled evaluator.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .program import Aggregation, Code, Comparison, EventLeaf, LeafValue, Op, Program, Scope
+from .program import Aggregation, Code, Comparison, EventLeaf, LeafValue, Op, Program, Scope, state_key_hash
+
+REFERENCE_FORMAT = 0xF1  # byte 0 of the reference's dumps; the compiled format's is its version, 1
 
 
 def _is_number(x) -> bool:
@@ -149,6 +160,7 @@ class _Event:
     ts: int
     properties: dict
     session: int
+    seq: int = 0  # arrival number, from 1
 
 
 @dataclass
@@ -159,6 +171,10 @@ class PersonState:
     session: int = -1
     session_id: str = ""
     session_last_ts: int = 0
+    arrivals: int = 0
+    # state key -> the arrival number up to which that key's leaves see nothing
+    # (set by load for leaves the dumping program lacked)
+    born: dict = field(default_factory=dict)
 
 
 class ReferenceEvaluator:
@@ -167,6 +183,7 @@ class ReferenceEvaluator:
     def __init__(self, program: Program):
         self.program = program
         self.timeout = program.session_timeout_us
+        self.keys = tuple(state_key_hash(lf) for lf in program.leaves)
 
     def new_state(self) -> PersonState:
         return PersonState()
@@ -180,13 +197,14 @@ class ReferenceEvaluator:
             state.session_last_ts = ts_us
         else:
             state.session_last_ts = max(state.session_last_ts, ts_us)
-        state.events.append(_Event(model, ts_us, properties, state.session))
+        state.arrivals += 1
+        state.events.append(_Event(model, ts_us, properties, state.session, state.arrivals))
 
     def _session_open(self, state: PersonState, now_us: int) -> bool:
         return state.session >= 0 and now_us < state.session_last_ts + self.timeout
 
-    def _value(self, state: PersonState, leaf: EventLeaf, now_us: int) -> tuple[bool, int, float | None]:
-        scoped = [e for e in state.events if e.model == leaf.model and passes(leaf, e.properties)]
+    def _value(self, state: PersonState, leaf: EventLeaf, now_us: int, born: int = 0) -> tuple[bool, int, float | None]:
+        scoped = [e for e in state.events if e.model == leaf.model and e.seq > born and passes(leaf, e.properties)]
         if leaf.scope == Scope.WITHIN:
             scoped = [e for e in scoped if now_us - leaf.window_us < e.ts]
         elif leaf.scope == Scope.SESSION:
@@ -200,7 +218,8 @@ class ReferenceEvaluator:
     def leaf(self, state: PersonState, j: int, now_us: int) -> LeafValue:
         """Event leaf j's value at ``now_us``, and when it next flips by itself."""
         leaf = self.program.leaves[j]
-        holds, count, value = self._value(state, leaf, now_us)
+        born = state.born.get(self.keys[j], 0)
+        holds, count, value = self._value(state, leaf, now_us, born)
         # Only time passing changes anything: events leave windows, sessions end.
         if leaf.scope == Scope.WITHIN:
             candidates = sorted({e.ts + leaf.window_us for e in state.events
@@ -209,8 +228,62 @@ class ReferenceEvaluator:
             candidates = [state.session_last_ts + self.timeout]
         else:
             candidates = []
-        flips_at = next((t for t in candidates if self._value(state, leaf, t)[0] != holds), None)
+        flips_at = next((t for t in candidates if self._value(state, leaf, t, born)[0] != holds), None)
         return LeafValue(holds, count, value, flips_at)
+
+    # ------------------------------------------------------------ persisted state
+
+    def dump(self, state: PersonState) -> bytes:
+        """The person's whole state: every event, and which leaves were born late."""
+        born = {}
+        for k in self.keys:
+            born[format(k, "016x")] = state.born.get(k, 0)
+        body = [state.session, state.session_id, state.session_last_ts, state.arrivals, born,
+                [[e.model, e.ts, e.properties, e.session, e.seq] for e in state.events]]
+        raw = bytes([REFERENCE_FORMAT]) + json.dumps(body, separators=(",", ":")).encode()
+        return raw + zlib.crc32(raw).to_bytes(4, "little")
+
+    def load_with_missing(self, raw) -> tuple[PersonState, tuple[int, ...]]:
+        """``(load(raw), missing_leaves(raw))``."""
+        if raw is None or len(raw) == 0:
+            return PersonState(), tuple(range(len(self.keys)))
+        raw = bytes(raw)
+        if raw[0] != REFERENCE_FORMAT:
+            if raw[0] == 1:
+                raise ValueError("evaluator state dumped by the compiled evaluator: "
+                                 "the reference evaluator reads only its own format")
+            raise ValueError(f"unknown evaluator state format {raw[0]}")
+        if len(raw) < 5 or zlib.crc32(raw[:-4]).to_bytes(4, "little") != raw[-4:]:
+            raise ValueError("corrupt evaluator state: checksum mismatch")
+        try:
+            session, session_id, last_ts, arrivals, born, events = json.loads(raw[1:-4])
+            state = PersonState(session=_int(session), session_id=_str(session_id),
+                                session_last_ts=_int(last_ts), arrivals=_int(arrivals))
+            for model, ts, props, sess, seq in events:
+                if not isinstance(props, dict) or not all(
+                        isinstance(v, (str, int, float, bool)) for v in props.values()):
+                    raise ValueError("properties")
+                state.events.append(_Event(_int(model), _int(ts), props, _int(sess), _int(seq)))
+            had = {int(k, 16): _int(v) for k, v in born.items()}
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise ValueError(f"corrupt evaluator state: {exc}") from None
+        missing = []
+        for j, k in enumerate(self.keys):
+            if k in had:
+                if had[k]:
+                    state.born[k] = had[k]
+            else:
+                state.born[k] = state.arrivals  # a new leaf sees only what comes next
+                missing.append(j)
+        return state, tuple(missing)
+
+    def load(self, raw) -> PersonState:
+        """A person's state from ``dump``'s bytes; None or b"" gives a new state."""
+        return self.load_with_missing(raw)[0]
+
+    def missing_leaves(self, raw) -> tuple[int, ...]:
+        """Indices of this program's leaves whose state ``raw`` lacks (all of them for None or b"")."""
+        return self.load_with_missing(raw)[1]
 
     def evaluate(self, state: PersonState, now_us: int, static: Sequence[bool]) -> list[bool]:
         """Every audience's value for the person at ``now_us``."""
@@ -251,3 +324,15 @@ def run(code: Sequence[tuple[int, int]], leaves: Sequence[bool], static: Sequenc
     if len(stack) != 1:
         raise ValueError("malformed program")
     return stack[0]
+
+
+def _int(x) -> int:
+    if type(x) is not int:
+        raise ValueError(f"expected an integer, got {x!r}")
+    return x
+
+
+def _str(x) -> str:
+    if type(x) is not str:
+        raise ValueError(f"expected a string, got {x!r}")
+    return x
