@@ -18,6 +18,7 @@ MICRO = {  # scenario (its module, with _ for -) -> what it measures
     "warehouse-sync": "warehouse sync of N people x 10 attributes into LMDB: first and incremental sync time and peak memory",
     "evaluator": "the compiled evaluator in process: per-event evaluation of 100 audiences, and the full "
                  "recompute over 1,000,000 people",
+    "history": "restart, audience changes, ingest CPU, memory and disk at several lengths of the event log",
     "realtime-syncs": "change -> delivery latency on the watch stream and a local webhook at a steady change rate",
 }
 

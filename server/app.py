@@ -35,7 +35,7 @@ from .delivery.runner import Deliveries
 from .domain.engine import Engine
 from .observability import metrics
 from .config.operations import Operations
-from .runtime import fire_timers, sync_schedule
+from .runtime import compact, fire_timers, sync_schedule
 from .security.keys import KeyStore, keys_path
 from .services.audiences import AudienceService
 from .services.feed import ChangeFeed
@@ -46,6 +46,7 @@ from .services.watch import WatchService
 from .storage.eventlog import EventLogView
 from .storage.lmdb_store import Reader, data_path, open_env
 from .storage.realtime import ChangelogView, RealtimeStore
+from .storage.retention import Retention
 from .storage.sync_tables import SyncTables
 from .storage.warehouse_sync import Progress
 from .storage.writer import Writer
@@ -179,11 +180,11 @@ async def _start_engine(store: RealtimeStore, writer: Writer, project: Project, 
     engine = Engine(
         store, project.event_models, [(a.name, a.type) for a in project.parent_model.attributes],
         int(project.session_timeout * 1_000_000),
-        read_event=lambda txn, seq: next(log_.read(txn, seq, 1)),
-        iter_events=lambda txn: log_.read(txn, 1), publish=publish)
+        read_event=log_.get, iter_events=lambda txn: log_.read(txn, 1), publish=publish,
+        retention_us=int(project.event_retention * 1_000_000))
     t0 = time.perf_counter()
     changes = await asyncio.wrap_future(writer.submit(lambda txn: engine.recover(txn, clock())))
-    log.info("realtime state rebuilt from the event log in %.2fs (%d audiences, %d people, %d changes on the way)",
+    log.info("realtime state loaded in %.2fs (%d audiences, %d people, %d changes on the way)",
              time.perf_counter() - t0, len(engine.audiences), len(engine.slots), len(changes))
     writer.on_events = engine.apply
     return engine
@@ -206,7 +207,9 @@ async def _writing_parts(env, writer: Writer, reader: Reader, project: Project, 
         ingest=Ingest(IngestService(writer, project.event_models, clock, project.ops.limits)),
         audiences=Audiences(AudienceService(engine, writer, store, clock), watch),
         syncs=Syncs(SyncService(deliveries, reader)))
-    return engine, deliveries, writing
+    retention = Retention(writer.log, store, tables, int(project.event_retention * 1_000_000),
+                          int(project.changelog_retention * 1_000_000))
+    return engine, deliveries, writing, retention
 
 
 async def serve_single(project: Project, *, ready_file: str | None = None, progress: Progress | None = None,
@@ -222,7 +225,7 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
     writer.start()
     reader = Reader(env)
     loop = asyncio.get_running_loop()
-    engine, deliveries, writing = await _writing_parts(env, writer, reader, project, clock, loop)
+    engine, deliveries, writing, retention = await _writing_parts(env, writer, reader, project, clock, loop)
     wake = asyncio.Event()
     engine.on_deadline = lambda: loop.call_soon_threadsafe(wake.set)
     host, port = project.server.host, project.server.port
@@ -249,7 +252,8 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
 
     tasks = [asyncio.create_task(sync_schedule(env, project, engine, writer, clock, progress, first_sync, fatal, reader)),
              asyncio.create_task(_health(reader, health_servicer, project)),
-             asyncio.create_task(fire_timers(engine, writer, wake, clock, test_clock))]
+             asyncio.create_task(fire_timers(engine, writer, wake, clock, test_clock)),
+             asyncio.create_task(compact(retention, writer, clock, 0.2 if test_clock else 1.0))]
     await stop.wait()
     log.info("shutting down (grace %.0fs)", GRACE_SECONDS)
     await health_servicer.enter_graceful_shutdown()

@@ -1,4 +1,4 @@
-"""The writing process's background loops: the warehouse sync schedule and the realtime timers.
+"""The writing process's background loops: the warehouse sync schedule, the realtime timers, retention.
 
 Both hand their work to the single writer and await its commit; neither
 holds state of its own beyond what it needs to decide when to run next.
@@ -83,3 +83,24 @@ async def fire_timers(engine, writer, wake: asyncio.Event, clock, test_clock: bo
         except Exception:  # noqa: BLE001 - a failed tick is retried; the log says why
             log.exception("timer tick failed; retrying")
             await asyncio.sleep(0.1)
+
+
+async def compact(retention, writer, clock, every: float) -> None:
+    """Retention in bounded slices, each a short writer job of its own between ingest batches.
+
+    While a slice finds work the next follows at once (the writer's queue
+    puts waiting ingest batches between them); otherwise every ``every`` s.
+    """
+    warned = 0.0
+    while True:
+        try:
+            done = await asyncio.wrap_future(writer.submit(lambda txn: retention.compact_slice(txn, clock())))
+        except Exception:  # noqa: BLE001 - retried at the next tick; the log says why
+            log.exception("compaction failed; retrying")
+            await asyncio.sleep(every)
+            continue
+        if done.held_back_by_syncs and time.monotonic() - warned > 60:
+            warned = time.monotonic()
+            log.warning("a realtime sync has not delivered changes older than [realtime] changelog_retention: "
+                        "the changelog keeps them until it does (qualify syncs shows its lag)")
+        await asyncio.sleep(0 if done.full else every)

@@ -24,7 +24,9 @@ from .reader import MISSING, NAME_RE, Reader
 DEFAULT_SESSION_TIMEOUT = 30 * 60.0
 DEFAULT_WATCH_BUFFER = 10_000
 DEFAULT_WATCH_MAX_LAG = 1_000_000
-REALTIME_KEYS = ("session_timeout", "watch_buffer", "watch_max_lag")
+DEFAULT_EVENT_RETENTION = 30 * 86400.0
+DEFAULT_CHANGELOG_RETENTION = 7 * 86400.0
+REALTIME_KEYS = ("session_timeout", "watch_buffer", "watch_max_lag", "event_retention", "changelog_retention")
 _MODEL_KEYS = ("type", "event", "filters", "identifier", "properties")
 _FILTER_KEYS = ("property", "operator", "value", "values")
 _NUMERIC = (ValueType.INT, ValueType.FLOAT)
@@ -33,8 +35,11 @@ _WANT = {ValueType.STRING: "a string", ValueType.INT: "a number", ValueType.FLOA
 
 
 def parse_realtime(r: Reader, rt: dict) -> dict:
-    """[realtime]: the Project fields watch_buffer, watch_max_lag and session_timeout."""
+    """[realtime]: the Project fields watch_buffer, watch_max_lag, session_timeout and the retentions."""
     return {
+        "event_retention": r.duration(rt, "realtime.event_retention", DEFAULT_EVENT_RETENTION, positive=True),
+        "changelog_retention": r.duration(rt, "realtime.changelog_retention", DEFAULT_CHANGELOG_RETENTION,
+                                          positive=True),
         "watch_buffer": r.integer(rt, "realtime.watch_buffer", DEFAULT_WATCH_BUFFER, 1, 10_000_000),
         "watch_max_lag": r.integer(rt, "realtime.watch_max_lag", DEFAULT_WATCH_MAX_LAG, 1, 10**12),
         "session_timeout": r.duration(rt, "realtime.session_timeout", DEFAULT_SESSION_TIMEOUT, positive=True),

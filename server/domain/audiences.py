@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .conditions import Condition
-from .errors import FieldViolation, InvalidRequest
+from .conditions import Condition, EventCondition, walk
+from .errors import FieldViolation, InvalidAudience, InvalidRequest
 
 AUDIENCE_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
 
@@ -30,3 +30,13 @@ def check_audience_id(audience_id: str) -> None:
     if not audience_id or len(audience_id) > 63 or not set(audience_id) <= AUDIENCE_ID_CHARS:
         raise InvalidRequest(f"invalid audience id {audience_id!r}",
                              violations=[FieldViolation("audience.id", "must be 1-63 characters of a-z, 0-9, _ and -")])
+
+
+def check_windows(condition: Condition, retention_us: int) -> None:
+    """Refuses a window longer than the event log keeps: its backfill, and a restart's, would miss events."""
+    longest = max((c.window_us for c in walk(condition) if isinstance(c, EventCondition)), default=0)
+    if longest > retention_us:
+        raise InvalidAudience(
+            f"a window of {longest / 1e6:g}s is longer than [realtime] event_retention ({retention_us / 1e6:g}s)",
+            violations=[FieldViolation("audience.condition", f"windows must be at most event_retention "
+                                                             f"({retention_us / 1e6:g}s), not {longest / 1e6:g}s")])

@@ -20,8 +20,8 @@ identify or alias event links it to a user id, which merges its history.
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from array import array
 from collections.abc import Callable
 
 import numpy as np
@@ -30,11 +30,12 @@ from qualify.evaluator import make_evaluator
 from qualify.evaluator.program import Scope
 
 from .changes import Cause, Direction, MembershipChange
-from .audiences import Audience, check_audience_id
+from .audiences import Audience, check_audience_id, check_windows
 from .compile import Compiled, audiences_by_model, compile_audiences
 from .conditions import Condition, parse_condition
 from .errors import AudienceExists, AudienceNotFound, FieldViolation, InvalidAudience
 from .events import ANON, Event, EventModel, EventType, MatchedEvent, compile_models, matching_models
+from .identity import link
 from .queries import explain, preview
 from .schema import ValueType
 from .timers import Timers
@@ -43,14 +44,15 @@ from .warehouse_parts import WarehouseParts, changed, stored_defaults
 log = logging.getLogger(__name__)
 
 
-
 class Engine:
     """Realtime audience membership; every method runs on the writer thread."""
 
     def __init__(self, store, models: list[EventModel], attributes: list[tuple[str, ValueType]],
                  session_timeout_us: int, read_event: Callable, iter_events: Callable, reference: bool = False,
-                 publish: Callable[[list[MembershipChange]], None] = lambda changes: None):
+                 publish: Callable[[list[MembershipChange]], None] = lambda changes: None,
+                 retention_us: int = 30 * 86400 * 1_000_000):
         self.store = store
+        self.retention_us = retention_us  # the event log's history: no window may be longer
         self.publish = publish  # called in the transaction with its stored changes; delivers after the commit
         self.models = compile_models(models)
         self.model_index = {m.name: i for i, m in enumerate(self.models.models)}
@@ -76,12 +78,12 @@ class Engine:
         self.keys: list[str] = []
         self.states: list = []
         self.pids: list[int | None] = []
-        self.seqs: list[array] = []
         self.members: list[dict[int, int]] = []  # slot -> {bit: enter_us}
         self.current: list[list[bool] | None] = []  # slot -> members as program values (a cache)
         self.statics_of: list[list[bool] | None] = []
-        self.timers = Timers(self._earlier_deadline)
+        self.timers = Timers(lambda: self.on_deadline is not None and self.on_deadline())
         self.aliases: dict[str, str] = {}
+        self.dirty: set[int] = set()  # slots whose state or timer the running transaction changed
 
     def _compile(self) -> None:
         active = sorted(self.audiences.values(), key=lambda a: self.bits.index(a.id))
@@ -100,7 +102,6 @@ class Engine:
             self.keys.append(key)
             self.states.append(self.evaluator.new_state())
             self.pids.append(None if key.startswith(ANON) else self.store.person_id(txn, key))
-            self.seqs.append(array("q"))
             self.members.append(self.store.membership(txn, key))
             self.current.append(None)
             self.statics_of.append(None)
@@ -145,14 +146,13 @@ class Engine:
                     out.append(MembershipChange(aid, self.keys[slot], Direction.EXIT, now_us, cause, message_id))
 
     def _schedule(self, slot: int, now_us: int) -> None:
-        self.timers.set(slot, self.evaluator.next_change(self.states[slot], now_us))
+        t = self.evaluator.next_change(self.states[slot], now_us)
+        if t != self.timers.at[slot]:
+            self.timers.set(slot, t)
+            self.dirty.add(slot)
 
     def next_deadline(self) -> int | None:
         return self.timers.next()
-
-    def _earlier_deadline(self) -> None:
-        if self.on_deadline is not None:
-            self.on_deadline()
 
     # -- entry points ------------------------------------------------------------------------
     def apply(self, txn, events: list[MatchedEvent], now_us: int) -> list[MembershipChange]:
@@ -189,48 +189,15 @@ class Engine:
     def _observe(self, txn, event: Event, matches, now_us: int, touched: dict[int, set[int]],
                  changes: list[MembershipChange] | None, seq_record: bool = True) -> None:
         if event.type in (EventType.IDENTIFY, EventType.ALIAS):
-            self._link(txn, event, now_us, changes)
+            link(self, txn, event, now_us, changes)
         for model, (kind, ident) in matches:
-            slot = self._slot(self._person(kind, ident), txn)
+            key = self._person(kind, ident)
+            slot = self._slot(key, txn)
             self.evaluator.observe(self.states[slot], model, event.timestamp_us, event.properties, event.session_id)
-            if seq_record and (not self.seqs[slot] or self.seqs[slot][-1] != event.seq):
-                self.seqs[slot].append(event.seq)
+            self.dirty.add(slot)
+            if seq_record:
+                self.store.index_event(txn, key, event.seq)
             touched.setdefault(slot, set()).add(model)
-
-    def _link(self, txn, event: Event, now_us: int, changes: list[MembershipChange] | None) -> None:
-        user = event.user_id
-        other = event.anonymous_id if event.type == EventType.IDENTIFY else event.previous_id
-        if not user or not other or self.aliases.get(other) == user:
-            return
-        self.aliases[other] = user
-        # identify links an anonymous id; alias may also rename a known user.
-        sources = (ANON + other,) if event.type == EventType.IDENTIFY else (ANON + other, other)
-        for source in sources:
-            if source != user and source in self.slots:
-                self._merge(txn, source, user, now_us, changes, event.message_id)
-
-    def _merge(self, txn, source: str, into: str, now_us: int, changes: list[MembershipChange] | None, message_id: str) -> None:
-        """Moves source's history into ``into``: replays both from the log, in order."""
-        src = self.slots.pop(source)
-        dst = self._slot(into, txn)
-        seqs = sorted(set(self.seqs[src]) | set(self.seqs[dst]))
-        state = self.evaluator.new_state()
-        for seq in seqs:
-            ev = self.read_event(txn, seq)
-            for model, _ in matching_models(ev, self.models):
-                self.evaluator.observe(state, model, ev.timestamp_us, ev.properties, ev.session_id)
-        self.states[dst], self.seqs[dst] = state, array("q", seqs)
-        self.states[src], self.seqs[src] = self.evaluator.new_state(), array("q")
-        self.timers.set(src, None)
-        if changes is not None:
-            for bit, _ in sorted(self.members[src].items()):
-                changes.append(MembershipChange(self.bits[bit], source, Direction.EXIT, now_us, Cause.IDENTITY_MERGE,
-                                                message_id))
-            self.store.put_membership(txn, source, {})
-            self._evaluate(dst, now_us, range(len(self.program_bits)), Cause.IDENTITY_MERGE, message_id, changes)
-        self.members[src] = {}
-        self.current[src] = self.current[dst] = None
-        self._schedule(dst, now_us)
 
     def tick(self, txn, now_us: int) -> list[MembershipChange]:
         """Fires every timer due by ``now_us``, each at its own instant."""
@@ -302,8 +269,14 @@ class Engine:
         """Writes realtime people's memberships, the member index, counts and the changelog.
 
         People without realtime state had their memberships written where
-        they changed (see _reconcile and _merge).
+        they changed (see _reconcile and _merge). Everyone whose evaluator
+        state or timer changed has it written too, so a restart reads it.
         """
+        for slot in self.dirty:
+            key = self.keys[slot]
+            if self.slots.get(key) == slot:
+                self.store.put_state(txn, key, self.timers.at[slot], self.evaluator.dump(self.states[slot]))
+        self.dirty.clear()
         if not changes:
             return
         written = set()
@@ -319,7 +292,11 @@ class Engine:
 
     # -- recovery and audience changes ---------------------------------------------------------
     def recover(self, txn, now_us: int) -> list[MembershipChange]:
-        """Rebuilds the in-memory state from LMDB: audiences, the log replayed, timers fired."""
+        """Loads audiences and every person's stored state; fires the timers that came due meanwhile.
+
+        The log is replayed only when the stored states were dumped under
+        another program (or none were, or they cannot be read).
+        """
         self.bits = self.store.catalog_bits(txn)
         for rec in self.store.load_audiences(txn):
             cond = parse_condition(rec["condition"], self.attribute_types, self.event_model_props)
@@ -330,11 +307,37 @@ class Engine:
         self.counts = self.store.counts(txn)
         self._compile()
         self.load_warehouse(txn)
-        return self._rebuild(txn, now_us, Cause.WINDOW_LAPSE, self._stored_defaults(txn), lapses=True)
+        old_defaults = self._stored_defaults(txn)
+        if self.store.program(txn) == self._fingerprint():
+            try:
+                return self._restore(txn, now_us, old_defaults)
+            except ValueError as exc:  # a state this evaluator cannot read: the log still has everything
+                log.warning("stored realtime state unreadable (%s): rebuilding it from the event log", exc)
+        return self._rebuild(txn, now_us, Cause.WINDOW_LAPSE, old_defaults, lapses=True)
+
+    def _fingerprint(self) -> bytes:
+        """Stored states are valid for this program and this evaluator only."""
+        what = repr((self.compiled.program, type(self.evaluator).__name__))
+        return hashlib.sha256(what.encode()).digest()
+
+    def _restore(self, txn, now_us: int, old_defaults: dict) -> list[MembershipChange]:
+        self._reset_people()
+        self.aliases = self.store.aliases(txn)
+        for key, deadline, raw in self.store.all_states(txn):
+            slot = self._slot(key, txn)
+            self.states[slot] = self.evaluator.load(raw)
+            self.timers.set(slot, deadline)
+        changes: list[MembershipChange] = []
+        self._fire_due(now_us, changes)  # windows that lapsed while no process ran, each at its own instant
+        changes += self._reconcile(txn, now_us, Cause.WINDOW_LAPSE, old_defaults)
+        self._persist(txn, changes)
+        return changes
 
     def _rebuild(self, txn, now_us: int, cause: Cause, old_defaults: dict, lapses: bool) -> list[MembershipChange]:
         """Replays the whole log into fresh states, then reconciles everyone at now."""
         self._reset_people()
+        self.store.clear_states(txn)
+        self.store.put_program(txn, self._fingerprint())
         last = {}
         touched: dict[int, set[int]] = {}
         for event in self.iter_events(txn):
@@ -367,6 +370,7 @@ class Engine:
         if not create and not exists:
             raise AudienceNotFound(f"no audience {audience_id!r}", metadata={"audience": audience_id})
         condition = parse_condition(definition, self.attribute_types, self.event_model_props, path="audience.condition")
+        check_windows(condition, self.retention_us)
         due: list[MembershipChange] = []
         self._fire_due(now_us, due)
         self._persist(txn, due)

@@ -79,6 +79,9 @@ class ChangelogReader(Protocol):
 
     def head(self) -> int: ...
 
+    def start(self) -> int:
+        """The oldest retained change's sequence (0: none retained)."""
+
     def read(self, after: int, limit: int) -> list[MembershipChange]: ...
 
     def audiences(self) -> tuple[list[str], int]:

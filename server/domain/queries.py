@@ -22,8 +22,10 @@ def preview(engine, txn, condition: Condition, now_us: int, sample: int) -> tupl
     members: list[str] = []
     for key, slot in engine.slots.items():
         state = evaluator.new_state()  # the person's own events, replayed into the draft
-        for seq in engine.seqs[slot]:
+        for seq in engine.store.person_seqs(txn, key):
             ev = engine.read_event(txn, seq)
+            if ev is None:  # older than the log's retention
+                continue
             for model, _ in matching_models(ev, engine.models):
                 evaluator.observe(state, model, ev.timestamp_us, ev.properties, ev.session_id)
         pid = engine.pids[slot]

@@ -78,6 +78,12 @@ class WatchService:
                 raise InvalidRequest(
                     f"after_sequence {after_sequence} is beyond the changelog, whose last sequence is {head}",
                     violations=[FieldViolation("after_sequence", f"must be at most {head}")])
+            first = self.changelog.start()
+            if first and after_sequence < first - 1:
+                raise InvalidRequest(
+                    f"changes up to sequence {first - 1} are past [realtime] changelog_retention and were "
+                    f"compacted; resume from a snapshot (WATCH_START_SNAPSHOT)",
+                    violations=[FieldViolation("after_sequence", f"must be at least {first - 1}")])
             return known, after_sequence
         if start == Start.SNAPSHOT:
             return known, None

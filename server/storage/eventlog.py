@@ -177,6 +177,35 @@ class EventLog:
         raw = txn.get(UNMATCHED, db=self.meta)
         return U64.unpack(raw)[0] if raw else 0
 
+    def first_seq(self, txn: lmdb.Transaction) -> int:
+        """The oldest retained event's seq (0: none)."""
+        with txn.cursor(db=self.events) as cur:
+            return SEQ.unpack(cur.key())[0] if cur.first() else 0
+
+    def get(self, txn: lmdb.Transaction, seq: int) -> Event | None:
+        """The event ``seq``, or None once retention removed it."""
+        raw = txn.get(SEQ.pack(seq), db=self.events)
+        return decode_event(seq, raw) if raw is not None else None
+
+    def compact(self, txn: lmdb.Transaction, before_us: int, limit: int) -> int:
+        """Deletes up to ``limit`` of the oldest events received before ``before_us``; returns how many.
+
+        The newest event always stays: the next append continues from its seq,
+        and sequences must never be reused (the person index and message ids
+        of changes point at them).
+        """
+        deleted = 0
+        with txn.cursor(db=self.events) as cur:
+            found = cur.first()
+            last = self.last_seq(txn)
+            while found and deleted < limit:
+                seq = SEQ.unpack(cur.key())[0]
+                if seq == last or msgpack.unpackb(cur.value())[7] >= before_us:  # [7]: received_us
+                    break
+                found = cur.delete()
+                deleted += 1
+        return deleted
+
     def read(self, txn: lmdb.Transaction, from_seq: int = 1, limit: int | None = None) -> Iterator[Event]:
         """Events with seq >= from_seq, in log order (decoded copies: safe after the txn)."""
         n = 0

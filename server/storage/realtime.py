@@ -12,7 +12,11 @@ Named databases::
     audience_members  audience id | 0x00 | person key -> b"" (ListMembers pages through it)
     changelog         u64 sequence (big-endian) -> msgpack [audience, person, direction, effective_us, cause, message_id]
                       (positional: a MembershipChange without its sequence, the key)
-    meta              b"changelog_seq" -> u64 last sequence; b"counts" -> JSON {audience id: members}
+    rt_state          person key -> i64 next timer (little-endian; -1: none) | the evaluator's dump of their state
+    person_events     person key | 0x00 | u64 event sequence (big-endian) -> b"": each person's events in the log
+    rt_aliases        anonymous (or aliased) id -> the user id it was linked to
+    meta              b"changelog_seq" -> u64 last sequence; b"counts" -> JSON {audience id: members};
+                      b"rt_program" -> the fingerprint of the program the stored states were dumped under
 """
 
 from __future__ import annotations
@@ -37,6 +41,11 @@ AUDIENCE_MEMBERS = b"audience_members"
 CHANGELOG = b"changelog"
 CHANGELOG_SEQ = b"changelog_seq"
 COUNTS = b"counts"
+STATES = b"rt_state"
+PERSON_EVENTS = b"person_events"
+ALIASES = b"rt_aliases"
+PROGRAM = b"rt_program"
+DEADLINE = struct.Struct("<q")
 SEQ_KEY = struct.Struct(">Q")
 packb = msgpack.Packer().pack
 _DTYPES = {ValueType.STRING: np.int32, ValueType.INT: np.int64, ValueType.FLOAT: np.float64,
@@ -74,6 +83,10 @@ class RealtimeStore:
         self.people_keys = env.open_db(f"{PEOPLE}.keys".encode(), txn=txn)
         self.people_ids = env.open_db(f"{PEOPLE}.ids".encode(), txn=txn)
         self.people_cols = env.open_db(f"{PEOPLE}.cols".encode(), txn=txn)
+        self.states = env.open_db(STATES, txn=txn)
+        self.person_events = env.open_db(PERSON_EVENTS, txn=txn)
+        self.aliases_db = env.open_db(ALIASES, txn=txn)
+        self._sweep_from = b""  # where the next sweep of the person index resumes
 
     # -- audiences ------------------------------------------------------------------
     def load_audiences(self, txn) -> list[dict]:
@@ -165,7 +178,103 @@ class RealtimeStore:
         for k, v in txn.cursor(db=self.members):
             yield k.decode(), decode_membership(v)
 
+    # -- per-person realtime state ------------------------------------------------------
+    def program(self, txn) -> bytes | None:
+        return txn.get(PROGRAM, db=self.meta)
+
+    def put_program(self, txn, fingerprint: bytes) -> None:
+        txn.put(PROGRAM, fingerprint, db=self.meta)
+
+    def put_state(self, txn, person_key: str, deadline: int | None, raw: bytes) -> None:
+        txn.put(person_key.encode(), DEADLINE.pack(-1 if deadline is None else deadline) + raw, db=self.states)
+
+    def delete_state(self, txn, person_key: str) -> None:
+        txn.delete(person_key.encode(), db=self.states)
+
+    def clear_states(self, txn) -> None:
+        txn.drop(self.states, delete=False)
+
+    def all_states(self, txn) -> Iterator[tuple[str, int | None, bytes]]:
+        """(person key, next timer, the evaluator's dump) of everyone with realtime state."""
+        for k, v in txn.cursor(db=self.states):
+            (deadline,) = DEADLINE.unpack_from(v)
+            yield k.decode(), (None if deadline < 0 else deadline), bytes(v[DEADLINE.size:])
+
+    def index_event(self, txn, person_key: str, seq: int) -> None:
+        txn.put(person_key.encode() + b"\x00" + SEQ_KEY.pack(seq), b"", db=self.person_events)
+
+    def person_seqs(self, txn, person_key: str, upto: int | None = None) -> list[int]:
+        """The log sequences of a person's events, ascending (up to ``upto``, inclusive)."""
+        prefix = person_key.encode() + b"\x00"
+        out = []
+        cur = txn.cursor(db=self.person_events)
+        if cur.set_range(prefix):
+            for k in cur.iternext(values=False):
+                if not k.startswith(prefix):
+                    break
+                seq = SEQ_KEY.unpack(k[len(prefix):])[0]
+                if upto is not None and seq > upto:
+                    break
+                out.append(seq)
+        return out
+
+    def move_events(self, txn, source: str, into: str) -> None:
+        """A merge: ``source``'s events are ``into``'s from now on."""
+        for seq in self.person_seqs(txn, source):
+            self.index_event(txn, into, seq)
+        delete_prefix(txn, self.person_events, source.encode() + b"\x00")
+
+    def sweep_person_events(self, txn, first_seq: int, limit: int) -> int:
+        """Looks at up to ``limit`` index entries (round-robin), deleting those of events before ``first_seq``."""
+        deleted = 0
+        with txn.cursor(db=self.person_events) as cur:
+            found = cur.set_range(self._sweep_from) if self._sweep_from else cur.first()
+            seen = 0
+            while found and seen < limit and cur.key():  # (deleting the last entry leaves the cursor unset)
+                seen += 1
+                if SEQ_KEY.unpack(cur.key()[-SEQ_KEY.size:])[0] < first_seq:
+                    deleted += 1
+                    found = cur.delete()
+                else:
+                    found = cur.next()
+            self._sweep_from = cur.key() if found else b""
+        return deleted
+
+    def put_alias(self, txn, ident: str, user: str) -> None:
+        txn.put(ident.encode(), user.encode(), db=self.aliases_db)
+
+    def aliases(self, txn) -> dict[str, str]:
+        return {k.decode(): v.decode() for k, v in txn.cursor(db=self.aliases_db)}
+
     # -- the changelog -------------------------------------------------------------------
+    def compact_changelog(self, txn, before_us: int, upto_seq: int, limit: int) -> int:
+        """Deletes up to ``limit`` of the oldest changes effective before ``before_us`` and at most ``upto_seq``.
+
+        The head sequence lives in meta, so the next change's sequence never
+        depends on what is left.
+        """
+        deleted = 0
+        with txn.cursor(db=self.changelog) as cur:
+            found = cur.first()
+            while found and deleted < limit and cur.key():  # (deleting the last entry leaves the cursor unset)
+                seq = SEQ_KEY.unpack(cur.key())[0]
+                if seq > upto_seq or msgpack.unpackb(cur.value())[3] >= before_us:  # [3]: effective_us
+                    break
+                found = cur.delete()
+                deleted += 1
+        return deleted
+
+    def changelog_head(self, txn) -> int:
+        return changelog_head(txn, self.meta)
+
+    def changes_after(self, txn, seq: int, limit: int) -> list[MembershipChange]:
+        return read_changelog(txn, self.changelog, seq, limit)
+
+    def changelog_start(self, txn) -> int:
+        """The oldest retained change's sequence (0: none retained)."""
+        with txn.cursor(db=self.changelog) as cur:
+            return SEQ_KEY.unpack(cur.key())[0] if cur.first() else 0
+
     def append_changes(self, txn, changes: list[MembershipChange]) -> list[MembershipChange]:
         """Stores changes in order; returns them with their sequences."""
         raw = txn.get(CHANGELOG_SEQ, db=self.meta)
@@ -227,6 +336,11 @@ class ChangelogView:
     def read(self, after: int, limit: int) -> list[MembershipChange]:
         with self.env.begin() as txn:
             return read_changelog(txn, self.changelog, after, limit)
+
+    def start(self) -> int:
+        """The oldest retained change's sequence (0: none retained)."""
+        with self.env.begin() as txn, txn.cursor(db=self.changelog) as cur:
+            return SEQ_KEY.unpack(cur.key())[0] if cur.first() else 0
 
     def audiences(self) -> tuple[list[str], int]:
         """The audiences that exist, and the changelog head, in one read."""

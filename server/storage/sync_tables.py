@@ -55,6 +55,11 @@ class SyncTables:
         """The last changelog sequence ``txn`` sees: where a new sync starts."""
         return changelog_head(txn, self.meta)
 
+    def min_cursor(self, txn) -> int | None:
+        """The least cursor of every sync (None: no sync): the changelog must keep what comes after it."""
+        cursors = [json.loads(v)["cursor"] for _, v in txn.cursor(db=self.states)]
+        return min(cursors) if cursors else None
+
     def exists(self, txn, sync_id: str) -> bool:
         return txn.get(sync_id.encode(), db=self.specs) is not None
 

@@ -1,0 +1,156 @@
+"""Costs against the length of history: restart, audience changes, ingest CPU, memory, disk.
+
+    python -m bench history --json [--sizes 100000,1000000,5000000] [--people 100000] [--audiences 20]
+
+One server on the embedded demo; 20 audiences with windows from 10 s to a
+day plus an "ever" audience; events logged in batches over StreamEvents with
+timestamps spread over the last day, up to each size in turn. At each size:
+
+* ingest: events/s and the server's CPU per event while logging the step;
+* restart: SIGTERM, then ``qualify serve`` on the same folder until health
+  says SERVING, and the server's own "realtime state loaded in" time;
+* CreateAudience and DeleteAudience return times;
+* the server's anonymous RSS, and LMDB bytes per event and per person.
+
+Costs that grow with the work stay flat across sizes; costs that grow with
+history show it here first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from . import _proc
+from ._server import Server
+
+S = 1_000_000
+WINDOWS = ["10s", "30s", "60s", "300s", "600s", "1800s", "3600s", "7200s", "21600s", "86400s"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench history", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--sizes", default="100000,300000,1000000", help="events logged at each measurement")
+    p.add_argument("--people", type=int, default=100_000, help="demo warehouse people (default 100000)")
+    p.add_argument("--persons", type=int, default=100_000, help="distinct people sending events")
+    p.add_argument("--audiences", type=int, default=20)
+    p.add_argument("--workdir", default=None, help="keep the server's folder here (default: a temporary one)")
+    return p
+
+
+def _audience(i: int) -> dict:
+    if i == 0:
+        body = {"event_model": "page_views", "scope": "SCOPE_EVER", "comparison": "COMPARISON_GE", "threshold": 3}
+    else:
+        body = {"event_model": "page_views", "scope": "SCOPE_WITHIN", "window": WINDOWS[i % len(WINDOWS)],
+                "comparison": "COMPARISON_GE", "threshold": 1 + i % 3}
+    return {"event": body}
+
+
+def _stubs(address: str):
+    import grpc
+
+    from qualify.v1 import audience_pb2_grpc, ingest_pb2_grpc
+
+    channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)])
+    return channel, audience_pb2_grpc.AudienceServiceStub(channel), ingest_pb2_grpc.IngestServiceStub(channel)
+
+
+def _create(aud, aid: str, definition: dict) -> float:
+    from google.protobuf import json_format
+
+    from qualify.v1 import audience_pb2
+
+    a = audience_pb2.Audience(id=aid)
+    json_format.ParseDict(definition, a.condition)
+    t0 = time.perf_counter()
+    aud.CreateAudience(audience_pb2.CreateAudienceRequest(audience=a), timeout=600)
+    return time.perf_counter() - t0
+
+
+def _ingest(ingest, n: int, persons: int, start: int, now_s: float) -> None:
+    from qualify.v1 import event_pb2, ingest_pb2
+
+    def batches():
+        for b, first in enumerate(range(start, start + n, 500)):
+            events = []
+            for i in range(first, min(first + 500, start + n)):
+                e = event_pb2.Event(message_id=uuid.uuid4().hex, type=event_pb2.EVENT_TYPE_PAGE, name="/p",
+                                    user_id=f"user-{i * 7919 % persons}")
+                e.timestamp.FromMicroseconds(int((now_s - (start + n - i) * 86400 / (start + n)) * S))
+                e.properties.update({"path": "/pricing" if i % 3 else "/home"})
+                events.append(e)
+            yield ingest_pb2.StreamEventsRequest(batch_number=b + 1, events=events)
+
+    for reply in ingest.StreamEvents(batches(), timeout=3600):
+        if reply.rejections:
+            raise RuntimeError(f"events rejected: {reply.rejections[0]}")
+
+
+def _loaded_seconds(server: Server) -> float | None:
+    found = re.findall(r"realtime state loaded in ([0-9.]+)s", server.log_path.read_text(errors="replace"))
+    return float(found[-1]) if found else None
+
+
+def measure(args) -> dict:
+    sizes = sorted(int(x) for x in args.sizes.split(","))
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="qualify-bench-history-"))
+    server = Server(work, args.people, log_level="INFO").start()
+    rows, logged = [], 0
+    try:
+        channel, aud, ingest = _stubs(server.address)
+        for i in range(args.audiences):
+            _create(aud, f"h{i}", _audience(i))
+        for size in sizes:
+            cpu0, t0 = _proc.cpu_seconds(server.pid), time.perf_counter()
+            _ingest(ingest, size - logged, args.persons, logged, time.time())
+            seconds, cpu = time.perf_counter() - t0, _proc.cpu_seconds(server.pid) - cpu0
+            step, logged = size - logged, size
+            create_s = _create(aud, "probe", _audience(3))
+            t1 = time.perf_counter()
+            from qualify.v1 import audience_pb2
+            aud.DeleteAudience(audience_pb2.DeleteAudienceRequest(id="probe"), timeout=600)
+            delete_s = time.perf_counter() - t1
+            anon_kib, _ = _proc.rss_split_kib(server.pid)
+            channel.close()
+            server.stop()
+            t2 = time.perf_counter()
+            server.start()
+            restart_s = time.perf_counter() - t2
+            channel, aud, ingest = _stubs(server.address)
+            mdb = (work / "data" / "lmdb" / "data.mdb").stat().st_size
+            rows.append({"events": size, "ingest_events_per_s": round(step / seconds),
+                         "server_cpu_us_per_event": round(cpu / step * S, 1),
+                         "create_audience_s": round(create_s, 3), "delete_audience_s": round(delete_s, 3),
+                         "restart_to_serving_s": round(restart_s, 2), "state_loaded_s": _loaded_seconds(server),
+                         "rss_anon_mib": round(anon_kib / 1024, 1),
+                         "lmdb_file_bytes_per_event": round(mdb / size, 1)})
+        channel.close()
+    finally:
+        server.stop()
+    return {"scenario": "history", "date": datetime.date.today().isoformat(), "people": args.people,
+            "persons": args.persons, "audiences": args.audiences, "machine": _proc.machine_note(), "sizes": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = measure(args)
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        for r in out["sizes"]:
+            print(r)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
