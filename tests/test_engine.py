@@ -167,9 +167,12 @@ row = st.fixed_dictionaries({"plan": st.sampled_from(PLANS + [None]), "ltv": st.
 
 @st.composite
 def action(draw):
-    kind = draw(st.sampled_from(["events", "events", "events", "advance", "advance", "identify", "sync", "restart"]))
+    kind = draw(st.sampled_from(["events", "events", "events", "advance", "advance", "identify", "sync", "restart",
+                                 "redefine"]))
     if kind == "restart":
         return ("restart",)
+    if kind == "redefine":  # delete an audience, and maybe create it again (it then sees its history anew)
+        return ("redefine", draw(st.sampled_from(["a1", "a2", "a3"])), draw(st.booleans()))
     if kind == "advance":
         return ("advance", draw(st.sampled_from([1, 5, 10, 29, 31, 61])) * S)
     if kind == "identify":
@@ -269,6 +272,15 @@ def test_engine_matches_the_world(tmp_path_factory, reference, audiences, rows, 
             for c in h.restart():  # only timers that came due exactly now, none made up
                 assert c.effective_us <= h.now
             assert h.replays == replays, "a restart replayed the event log instead of reading the stored state"
+        elif act[0] == "redefine":
+            _, aid, recreate = act
+            if aid in world.audiences:
+                with h.env.begin(write=True) as txn:
+                    h.engine.delete_audience(txn, aid, h.now)
+                    if recreate:
+                        h.engine.put_audience(txn, aid, aid, "", audiences[aid], h.now, create=True)
+                if not recreate:
+                    del world.audiences[aid]
         elif act[0] == "sync":
             h.rows[act[1]] = act[2]
             h.write_warehouse()

@@ -397,9 +397,9 @@ class Engine:
         self._persist(txn, due)
         bit = self.bits.index(audience_id)
         changes = []
-        for key, bits in list(self.store.all_memberships(txn)):
-            if bit in bits:
-                del bits[bit]
+        for key in self.store.member_keys(txn, audience_id):  # what its members cost, not everyone
+            bits = self.store.membership(txn, key)
+            if bits.pop(bit, None) is not None:
                 changes.append(MembershipChange(audience_id, key, Direction.EXIT, now_us, Cause.AUDIENCE_CHANGE))
                 self.store.put_membership(txn, key, bits)
                 slot = self.slots.get(key)
@@ -413,10 +413,22 @@ class Engine:
         self.store.put_counts(txn, self.counts)
         self.store.delete_audience(txn, audience_id)
         self.store.set_catalog_bits(txn, self.bits)
-        old_defaults = self.defaults if self.defaults is not None else self._stored_defaults(txn)
-        old_defaults.pop(audience_id, None)
-        # The remaining audiences get a new program: rebuild every state for it.
-        return due + changes + self._redefine(txn, now_us, old_defaults)
+        self._migrate(txn)  # the others keep their state: no one's membership in them moves
+        return due + changes
+
+    def _migrate(self, txn) -> None:
+        """A program with fewer audiences: every state keeps the leaves still used, nothing is replayed."""
+        old = self.evaluator
+        self._compile()
+        self.load_warehouse(txn)
+        for slot, key in enumerate(self.keys):
+            if self.slots.get(key) == slot:
+                self.states[slot] = self.evaluator.load(old.dump(self.states[slot]))
+                self.dirty.add(slot)
+        self.defaults = {self.bits[self.program_bits[i]]: arr for i, arr in
+                         enumerate(self.warehouse.defaults(self.compiled, self.warehouse.arrays))}
+        self.store.put_program(txn, self._fingerprint())
+        self._persist(txn, [])
 
     def _redefine(self, txn, now_us: int, old_defaults: dict) -> list[MembershipChange]:
         self._compile()

@@ -1,9 +1,10 @@
 """Audiences: definitions in, membership answers out.
 
 Definitions arrive as the JSON form of ``qualify.v1.Condition`` (the
-project file's and the domain's form). Every call runs on the writer thread,
-in order with ingest and timers, so it sees the engine between two
-transactions, never inside one.
+project file's and the domain's form). Changes run on the writer thread, in
+order with ingest and timers. Reads (get, list, check, members) are
+answered from read transactions of what has committed, on the caller's
+thread: they never wait behind the writer's queue.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from dataclasses import dataclass
 
 from ..domain.conditions import parse_condition
 from ..domain.audiences import Audience, check_audience_id
-from ..domain.errors import FieldViolation, InvalidRequest
-from ..domain.ports import Jobs
+from ..domain.errors import AudienceNotFound, FieldViolation, InvalidRequest
+from ..domain.ports import AudienceReads, Jobs
 
 MAX_PAGE = 1000
 MAX_SAMPLE = 100
@@ -23,10 +24,20 @@ UPDATABLE = frozenset({"display_name", "description", "condition"})
 
 @dataclass(frozen=True)
 class AudienceInfo:
-    """An audience's definition and how many members it has now."""
+    """An audience's definition (as given) and how many members it has now."""
 
-    audience: Audience
+    id: str
+    display_name: str
+    description: str
+    definition: dict
+    create_us: int
+    update_us: int
     member_count: int
+
+    @classmethod
+    def of(cls, record: dict, count: int) -> "AudienceInfo":
+        return cls(record["id"], record["display_name"], record["description"], record["condition"],
+                   record["create_us"], record["update_us"], max(0, count))
 
 
 def page_size(n: int, maximum: int, default: int | None = None) -> int:
@@ -44,17 +55,17 @@ def _require_person(person_key: str) -> None:
 class AudienceService:
     """The audience use cases over the engine, through the writer thread."""
 
-    def __init__(self, engine, jobs: Jobs, members, clock):
+    def __init__(self, engine, jobs: Jobs, reads: AudienceReads, clock):
         self.engine = engine
         self.jobs = jobs
-        self.members = members  # ListMembers pages (storage's member index)
+        self.reads = reads
         self.clock = clock
 
     async def _run(self, fn):
         return await asyncio.wrap_future(self.jobs.submit(fn))
 
     def _info(self, audience: Audience) -> AudienceInfo:
-        return AudienceInfo(audience, max(0, self.engine.counts.get(audience.id, 0)))
+        return AudienceInfo.of(audience.record(), self.engine.counts.get(audience.id, 0))
 
     async def create(self, audience_id: str, display_name: str, description: str, definition: dict | None) -> AudienceInfo:
         check_audience_id(audience_id)
@@ -94,15 +105,18 @@ class AudienceService:
         await self._run(lambda txn: self.engine.delete_audience(txn, audience_id, self.clock()))
 
     async def get(self, audience_id: str) -> AudienceInfo:
-        return self._info(await self._run(lambda txn: self.engine.audience(audience_id)))
+        record, count = self.reads.audience(audience_id)
+        if record is None:
+            raise AudienceNotFound(f"no audience {audience_id!r}", metadata={"audience": audience_id})
+        return AudienceInfo.of(record, count)
 
     async def list(self, size: int, token: str) -> tuple[list[AudienceInfo], str]:
         """A page of audiences in id order after ``token``, and the next page's token ("" at the end)."""
         size = page_size(size, 100)
-        audiences = await self._run(lambda txn: sorted(self.engine.audiences.values(), key=lambda a: a.id))
+        audiences = [AudienceInfo.of(r, c) for r, c in self.reads.all()]  # in id order (LMDB key order)
         page = [a for a in audiences if a.id > token][:size]
         more = len(page) == size and any(a.id > page[-1].id for a in audiences)
-        return [self._info(a) for a in page], page[-1].id if more else ""
+        return page, page[-1].id if more else ""
 
     async def preview(self, audience_id: str | None, draft: dict | None, sample: int) -> tuple[int, list[str]]:
         """How many people qualify now under a saved audience or a draft definition, and some of their keys."""
@@ -124,23 +138,16 @@ class AudienceService:
     async def check(self, person_key: str, audience_ids: list[str]) -> list[tuple[str, int]]:
         """(audience, enter time) of each named audience (none named: every audience) the person is in."""
         _require_person(person_key)
-
-        def check(txn):
-            ids = audience_ids or sorted(self.engine.audiences)
-            for aid in ids:
-                self.engine.audience(aid)  # unknown ids are NOT_FOUND
-            return [(aid, t) for aid in ids if (t := self.engine.is_member(txn, person_key, aid)) is not None]
-
-        return await self._run(check)
+        missing, found = self.reads.memberships(person_key, audience_ids)
+        if missing:
+            raise AudienceNotFound(f"no audience {missing[0]!r}", metadata={"audience": missing[0]})
+        return found
 
     async def list_members(self, audience_id: str, size: int, token: str) -> tuple[list[str], str]:
-        size = page_size(size, MAX_PAGE)
-
-        def members(txn):
-            self.engine.audience(audience_id)
-            return self.members.list_members(txn, audience_id, token, size)
-
-        return await self._run(members)
+        exists, keys, next_token = self.reads.list_members(audience_id, token, page_size(size, MAX_PAGE))
+        if not exists:
+            raise AudienceNotFound(f"no audience {audience_id!r}", metadata={"audience": audience_id})
+        return keys, next_token
 
     async def explain(self, audience_id: str, person_key: str) -> tuple[bool, dict]:
         _require_person(person_key)

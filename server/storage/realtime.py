@@ -159,20 +159,19 @@ class RealtimeStore:
 
     def list_members(self, txn, audience_id: str, after: str, limit: int) -> tuple[list[str], str]:
         """A page of member keys in key order after ``after``; the token for the next page."""
+        return _page(txn, self.audience_members, audience_id, after, limit)
+
+    def member_keys(self, txn, audience_id: str) -> list[str]:
+        """Every member of an audience, from the member index."""
         prefix = audience_id.encode() + b"\x00"
+        out = []
         cur = txn.cursor(db=self.audience_members)
-        keys: list[str] = []
-        if cur.set_range(prefix + after.encode()):
+        if cur.set_range(prefix):
             for k in cur.iternext(values=False):
                 if not k.startswith(prefix):
                     break
-                key = k[len(prefix):].decode()
-                if after and key <= after:
-                    continue
-                if len(keys) == limit:
-                    return keys, keys[-1]
-                keys.append(key)
-        return keys, ""
+                out.append(k[len(prefix):].decode())
+        return out
 
     def all_memberships(self, txn) -> Iterator[tuple[str, dict[int, int]]]:
         for k, v in txn.cursor(db=self.members):
@@ -373,3 +372,64 @@ def _members_of(txn, index, members, audience_id: str, bit: int) -> Iterator[tup
             enter = decode_membership(txn.get(key, db=members)).get(bit)
             if enter is not None:
                 yield key.decode(), enter
+
+
+class AudienceReads:
+    """Audience definitions, counts and memberships as committed, each call one read transaction (any thread)."""
+
+    def __init__(self, env):
+        self.env = env
+        with env.begin() as txn:
+            self.meta = env.open_db(META, txn=txn, create=False)
+            self.audiences = env.open_db(AUDIENCES, txn=txn, create=False)
+            self.members = env.open_db(MEMBERS, txn=txn, create=False)
+            self.audience_members = env.open_db(AUDIENCE_MEMBERS, txn=txn, create=False)
+
+    def audience(self, audience_id: str) -> tuple[dict | None, int]:
+        """The stored record (None: no such audience) and its member count."""
+        with self.env.begin() as txn:
+            raw = txn.get(audience_id.encode(), db=self.audiences)
+            counts = json.loads(txn.get(COUNTS, db=self.meta) or b"{}")
+        return (json.loads(raw) if raw else None), counts.get(audience_id, 0)
+
+    def all(self) -> list[tuple[dict, int]]:
+        """Every stored record, in id order, with its member count."""
+        with self.env.begin() as txn:
+            counts = json.loads(txn.get(COUNTS, db=self.meta) or b"{}")
+            return [(json.loads(v), counts.get(k.decode(), 0)) for k, v in txn.cursor(db=self.audiences)]
+
+    def memberships(self, person_key: str, audience_ids: list[str]) -> tuple[list[str], list[tuple[str, int]]]:
+        """(the named audiences that do not exist, (audience, enter time) of those the person is in); none named: all."""
+        with self.env.begin() as txn:
+            existing = sorted(k.decode() for k in txn.cursor(db=self.audiences).iternext(values=False))
+            ids = audience_ids or existing
+            missing = [a for a in ids if a not in existing]
+            bits = _catalog(txn, self.meta)
+            member = decode_membership(txn.get(person_key.encode(), db=self.members))
+        found = [(a, member[bits.index(a)]) for a in ids if a in bits and bits.index(a) in member]
+        return missing, found
+
+    def list_members(self, audience_id: str, after: str, limit: int) -> tuple[bool, list[str], str]:
+        """(whether the audience exists, a page of member keys after ``after``, the next page's token)."""
+        with self.env.begin() as txn:
+            if txn.get(audience_id.encode(), db=self.audiences) is None:
+                return False, [], ""
+            keys, token = _page(txn, self.audience_members, audience_id, after, limit)
+        return True, keys, token
+
+
+def _page(txn, index, audience_id: str, after: str, limit: int) -> tuple[list[str], str]:
+    prefix = audience_id.encode() + b"\x00"
+    cur = txn.cursor(db=index)
+    keys: list[str] = []
+    if cur.set_range(prefix + after.encode()):
+        for k in cur.iternext(values=False):
+            if not k.startswith(prefix):
+                break
+            key = k[len(prefix):].decode()
+            if after and key <= after:
+                continue
+            if len(keys) == limit:
+                return keys, keys[-1]
+            keys.append(key)
+    return keys, ""

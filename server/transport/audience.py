@@ -19,11 +19,10 @@ def condition_to_dict(message: condition_pb2.Condition) -> dict:
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
-def _message(info: AudienceInfo) -> audience_pb2.Audience:
-    a = info.audience
+def _message(a: AudienceInfo) -> audience_pb2.Audience:
     msg = audience_pb2.Audience(id=a.id, display_name=a.display_name, description=a.description,
                                 create_time=timestamp(a.create_us), update_time=timestamp(a.update_us),
-                                member_count=info.member_count)
+                                member_count=a.member_count)
     json_format.ParseDict(a.definition, msg.condition)
     return msg
 
