@@ -50,6 +50,58 @@ or when that instant passes, in one pass over what it keeps (COUNT: at most
 leaves cost O(1). Filters run once per event, at ``observe``, on the leaves of
 the event's model only.
 
+Persisted state (``dump``/``load``, issue 11). A person's state is written to
+LMDB beside the events that changed it, so a restart reads it instead of
+replaying the log. Layout, little-endian; uv is an unsigned LEB128 varint, zz
+a zigzag varint, f64 a raw IEEE double, u64 8 raw bytes:
+
+    u8   version (1; the reference's dumps begin with 0xF1, so neither
+         evaluator takes the other's bytes for its own)
+    uv   session + 1 (0: no session yet)
+    uv   len, then the session id in UTF-8
+    zz   session's last ts     (the base B of the relative timestamps below)
+    uv   arrival counter
+    zz   horizon - B           (differences mod 2**64: exact for any int64)
+    uv   number of sections, then per distinct leaf state of the program:
+         u64 key  uv len  payload[len]            (len 0: the leaf is empty)
+    u32  CRC-32 (zlib's) of everything before it
+
+Payloads, by the leaf's kind:
+- WITHIN COUNT: uv n, zz (ts0 - B), uv deltas: the kept timestamps (at most
+  ``keep``) still inside the window from the horizon on.
+- WITHIN SUM/MIN/MAX/AVG: uv n, then per event: the ts as above, uv the
+  arrival word (arrival * 4 + 2 int beyond a double + 1 has a value), f64
+  the value if it has one.
+- SESSION/EVER: uv count, and for aggregates uv n_values, then MIN/MAX: f64
+  min, f64 max; SUM/AVG: u8 flags (1 failed, 2 has non-finite sums), f64 the
+  left-to-right sum, uv n, f64 partials[n], and with flag 2 f64 special, f64
+  inf. SESSION counts only the current session (a leaf counting a finished
+  one is written empty), so it carries no session number.
+
+Keys. A section's key is the first 8 bytes of BLAKE2b over
+``program.state_key(leaf)``: the leaf's identity as far as its state goes
+(model, filters, scope, window, the aggregate's family and property, keep).
+Leaves with equal keys share a section; bytes dumped under another program
+restore the leaves whose key both have, skip the sections of leaves this
+program lacks (the length prefix makes that possible without knowing them)
+and start the others empty: ``missing_leaves``/``load_with_missing`` name
+them. The key costs 8 bytes per leaf state, empty ones included: the price of
+bytes that describe themselves, so that a reload after a program change needs
+nothing but the bytes and missing_leaves is exact (an empty leaf is present,
+not missing). A layout table stored once per program, by fingerprint, would
+bring an empty leaf down to one byte; it needs the engine to keep the table.
+
+Cost. No per-event overhead beyond what the state keeps: a kept timestamp is
+a delta varint (1-4 bytes at second-scale gaps), an aggregate's event adds
+its arrival word and its value. Caches (the WITHIN value and its validity)
+are not written; they are recomputed on the first query. Pruned-but-kept
+window entries (older than the horizon allows) are not written either, so a
+dump is the same whichever queries came before it. Same program: section i is
+distinct key i, found without a lookup. At 60 leaves (26 distinct states) a
+dump costs about 2.6 us and a load about 4.2 us (bench in the commit log).
+Load checks the checksum, then bounds every read: corrupt input or an unknown
+version raises ValueError, never a half-read state.
+
 Predicates. ``PredicateMatcher`` is the one compiled implementation of
 ``reference.matches_predicate``: the evaluator's leaf filters, the domain's
 event-model filters (``FilterSet``, one per model, run on every ingested

@@ -252,7 +252,7 @@ class ReferenceEvaluator:
             if raw[0] == 1:
                 raise ValueError("evaluator state dumped by the compiled evaluator: "
                                  "the reference evaluator reads only its own format")
-            raise ValueError(f"unknown evaluator state format {raw[0]}")
+            raise ValueError(f"unknown evaluator state format version {raw[0]} (the reference reads only {REFERENCE_FORMAT:#x})")
         if len(raw) < 5 or zlib.crc32(raw[:-4]).to_bytes(4, "little") != raw[-4:]:
             raise ValueError("corrupt evaluator state: checksum mismatch")
         try:
