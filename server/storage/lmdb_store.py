@@ -6,7 +6,8 @@ state of the last committed transaction and never a half-applied sync.
 
 Named databases::
 
-    meta           b"generation" -> u64 syncs landed; b"catalog" -> JSON (what is served);
+    meta           b"layout" -> u32 LAYOUT_VERSION (written when the writer opens the environment);
+                   b"generation" -> u64 syncs landed; b"catalog" -> JSON (what is served);
                    b"last_sync" -> JSON report; b"next_id:<table>" -> u32
     <table>.keys   key (UTF-8) -> u32 dense id | stored record (see qualify.server.wire)
     <table>.ids    u32 dense id (big-endian, so ids sort) -> key
@@ -46,6 +47,12 @@ MEMBERS = b"members"
 GENERATION = b"generation"
 CATALOG = b"catalog"
 LAST_SYNC = b"last_sync"
+LAYOUT = b"layout"
+#: The version of this module's key layout, storage/realtime.py's and the record
+#: wire format (qualify.server.wire). Readers in other processes, which may be
+#: another Qualify version (qualify.clients.LocalReader), refuse a different
+#: one. Bump it with any change a reader of the old layout would misread.
+LAYOUT_VERSION = 1
 U32 = struct.Struct("<I")
 U64 = struct.Struct("<Q")
 ID_KEY = struct.Struct(">I")
@@ -79,7 +86,23 @@ def open_env(path: Path, map_size: int, readonly: bool, max_readers: int = 512) 
         with env.begin(write=True) as txn:
             for name, _ in txn.cursor():
                 env.open_db(name, txn=txn, create=False)
+            meta = env.open_db(META, txn=txn)
+            stamp_layout(txn, meta)
     return env
+
+
+class LayoutMismatch(RuntimeError):
+    """The environment was written with another record layout than this code reads."""
+
+
+def stamp_layout(txn, meta) -> None:
+    """Records LAYOUT_VERSION in a new store; refuses to write over another layout."""
+    raw = txn.get(LAYOUT, db=meta)
+    if raw is None:
+        txn.put(LAYOUT, U32.pack(LAYOUT_VERSION), db=meta)
+    elif U32.unpack(raw)[0] != LAYOUT_VERSION:
+        raise LayoutMismatch(f"the data was written with record layout {U32.unpack(raw)[0]}; this Qualify "
+                             f"writes layout {LAYOUT_VERSION} (use the Qualify version that wrote it, or a new data dir)")
 
 
 def _handle(env: lmdb.Environment, name: bytes):
