@@ -21,15 +21,17 @@ from ._values import BatchResult, Membership, MembersPage, Record, _rfc3339  # n
 ConditionLike = dict[str, Any] | str | condition_pb2.Condition
 
 
-def get_request(collection: str, key: str, fields: Iterable[str] | None) -> personalize_pb2.GetRequest:
-    return personalize_pb2.GetRequest(collection=collection, key=key, read_mask=_read_mask(fields))
+def get_request(collection: str, key: str, fields: Iterable[str] | None,
+                min_token: bytes | None = None) -> personalize_pb2.GetRequest:
+    return personalize_pb2.GetRequest(collection=collection, key=key, read_mask=_read_mask(fields),
+                                      min_token=min_token or b"")
 
 
 def batch_get_request(
-    collection: str, keys: Iterable[str], fields: Iterable[str] | None
+    collection: str, keys: Iterable[str], fields: Iterable[str] | None, min_token: bytes | None = None
 ) -> personalize_pb2.BatchGetRequest:
     return personalize_pb2.BatchGetRequest(
-        collection=collection, keys=_strings("keys", keys), read_mask=_read_mask(fields)
+        collection=collection, keys=_strings("keys", keys), read_mask=_read_mask(fields), min_token=min_token or b""
     )
 
 

@@ -204,7 +204,7 @@ async def _writing_parts(env, writer: Writer, reader: Reader, project: Project, 
     watch = Watch(WatchService(feed, changelog, project.watch_buffer, project.watch_max_lag))
     writing = Writing(
         ingest=Ingest(IngestService(writer, project.event_models, clock, project.ops.limits)),
-        audiences=Audiences(AudienceService(engine, writer, store, clock), watch),
+        audiences=Audiences(AudienceService(engine, writer, store, clock, reader), watch),
         syncs=Syncs(SyncService(deliveries, reader)))
     return engine, deliveries, writing
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from ..domain.conditions import parse_condition
 from ..domain.audiences import Audience, check_audience_id
 from ..domain.errors import FieldViolation, InvalidRequest
-from ..domain.ports import Jobs
+from ..domain.ports import Jobs, Positions
+from .consistency import wait_visible
 
 MAX_PAGE = 1000
 MAX_SAMPLE = 100
@@ -44,11 +45,12 @@ def _require_person(person_key: str) -> None:
 class AudienceService:
     """The audience use cases over the engine, through the writer thread."""
 
-    def __init__(self, engine, jobs: Jobs, members, clock):
+    def __init__(self, engine, jobs: Jobs, members, clock, positions: Positions | None = None):
         self.engine = engine
         self.jobs = jobs
         self.members = members  # ListMembers pages (storage's member index)
         self.clock = clock
+        self.positions = positions  # what a CheckMembership min_token waits for
 
     async def _run(self, fn):
         return await asyncio.wrap_future(self.jobs.submit(fn))
@@ -121,9 +123,17 @@ class AudienceService:
 
         return await self._run(preview)
 
-    async def check(self, person_key: str, audience_ids: list[str]) -> list[tuple[str, int]]:
-        """(audience, enter time) of each named audience (none named: every audience) the person is in."""
+    async def check(self, person_key: str, audience_ids: list[str], min_token: bytes = b"",
+                    budget: float = 0.0) -> list[tuple[str, int]]:
+        """(audience, enter time) of each named audience (none named: every audience) the person is in.
+
+        With ``min_token``, once the log position it names is committed
+        (waiting at most ``budget`` seconds); the check then runs on the
+        writer thread after that commit, so it sees its evaluation.
+        """
         _require_person(person_key)
+        if min_token and self.positions is not None:
+            await wait_visible(self.positions, min_token, budget)
 
         def check(txn):
             ids = audience_ids or sorted(self.engine.audiences)

@@ -56,6 +56,7 @@ LAYOUT_VERSION = 1
 U32 = struct.Struct("<I")
 U64 = struct.Struct("<Q")
 ID_KEY = struct.Struct(">I")
+ID_SEQ = struct.Struct(">Q")  # the event log's keys (eventlog.py)
 
 
 def table_of_collection(name: str) -> str:
@@ -161,6 +162,7 @@ class Reader:
         self._collections: dict[str, CollectionView] = {}
         self._meta = None
         self._members = None
+        self._events = None
         self._last_sync: dict | None = None
         self.audience_ids: tuple[str, ...] = ()
 
@@ -272,6 +274,20 @@ class Reader:
                 values = json_format.MessageToDict(struct_pb2.Struct.FromString(record_fields(stored)))
                 out[key] = {c: v for c, v in values.items() if c in wanted}
         return out
+
+    def position(self) -> int:
+        """The event log's last sequence in a new snapshot: what a consistency token is compared with.
+
+        The writer evaluates a batch in the transaction that appends it, so
+        a snapshot holding event N holds its effects (domain/consistency.py).
+        """
+        if self._events is None:
+            try:
+                self._events = _handle(self.env, b"events")  # eventlog.py's; created when the writer starts
+            except lmdb.NotFoundError:
+                return 0
+        with self.env.begin() as txn, txn.cursor(db=self._events) as cur:
+            return ID_SEQ.unpack(cur.key())[0] if cur.last() else 0
 
     def map_usage(self) -> tuple[int, int]:
         """(bytes in use, map size): the data file's last used page, against the reserved map."""
