@@ -224,9 +224,16 @@ class LocalReader:
         raw = _check_key(key, "key")
         if min_token:
             self.wait_for(min_token, max_wait)
-        with self._txn() as (txn, catalog):
-            coll = self._collection(catalog, collection)
-            return self._record(txn, catalog, coll, key, raw, self._mask(catalog, coll, fields))
+        # The hot path: no context manager (a generator-based one costs ~1 µs of a ~6 µs call).
+        held = getattr(self._local, "snap", None)
+        txn, catalog = held if held is not None else self._begin()
+        try:
+            coll = catalog.collections.get(collection) or self._collection(catalog, collection)
+            return self._record(txn, catalog, coll, key, raw, None if fields is None else
+                                self._mask(catalog, coll, fields))
+        finally:
+            if held is None:
+                txn.abort()
 
     def batch_get(self, keys: Iterable[str], collection: str = "customers", fields: Iterable[str] | None = None, *,
                   min_token: bytes | None = None, max_wait: float | None = None) -> BatchResult:
