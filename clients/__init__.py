@@ -1,4 +1,4 @@
-"""qualify.clients: blocking and asyncio clients for the Qualify gRPC API.
+"""qualify.clients: blocking and asyncio clients for the Qualify gRPC API, and the local reader.
 
 >>> from qualify.clients import Client, NotFoundError
 >>> with Client("127.0.0.1:50051") as client:
@@ -6,58 +6,57 @@
 ...         print(client.get("user-42").to_json_dict())
 ...     except NotFoundError as err:
 ...         print(err.reason)  # "KEY_NOT_FOUND"
+
+>>> from qualify.clients import LocalReader      # same machine as the server: no RPC
+>>> with LocalReader("/var/lib/qualify") as reader:
+...     print(reader.get("user-42"))
+
+Names are imported on first use (PEP 562), so ``LocalReader`` does not pull
+in grpc and protobuf with the RPC clients: a co-located reader stays light.
 """
 
-from ._errors import (
-    DeadlineExceededError,
-    InvalidArgumentError,
-    AlreadyExistsError,
-    NotFoundError,
-    PermissionDeniedError,
-    QualifyError,
-    ResourceExhaustedError,
-    UnauthenticatedError,
-    UnavailableError,
-    UnimplementedError,
-)
-from ._records import (
-    Audience,
-    BatchResult,
-    Explanation,
-    MembersPage,
-    Membership,
-    MembershipChange,
-    MembershipExplanation,
-    Preview,
-    Record,
-    SnapshotEnd,
-)
-from .aio import AsyncClient
-from .blocking import Client
-from .emitter import EventEmitter
+from __future__ import annotations
 
-__all__ = [
-    "AsyncClient",
-    "Audience",
-    "BatchResult",
-    "Client",
-    "DeadlineExceededError",
-    "EventEmitter",
-    "Explanation",
-    "InvalidArgumentError",
-    "MembersPage",
-    "Membership",
-    "MembershipChange",
-    "MembershipExplanation",
-    "AlreadyExistsError",
-    "NotFoundError",
-    "PermissionDeniedError",
-    "Preview",
-    "QualifyError",
-    "Record",
-    "ResourceExhaustedError",
-    "SnapshotEnd",
-    "UnauthenticatedError",
-    "UnavailableError",
-    "UnimplementedError",
-]
+import importlib
+from typing import TYPE_CHECKING
+
+_WHERE = {  # public name -> the module that defines it
+    **dict.fromkeys(("DeadlineExceededError", "InvalidArgumentError", "AlreadyExistsError", "NotFoundError",
+                     "PermissionDeniedError", "QualifyError", "ResourceExhaustedError", "UnauthenticatedError",
+                     "UnavailableError", "UnimplementedError"), "._errors"),
+    **dict.fromkeys(("Audience", "Explanation", "MembershipChange", "MembershipExplanation", "Preview",
+                     "SnapshotEnd"), "._records"),
+    **dict.fromkeys(("BatchResult", "MembersPage", "Membership", "Record"), "._values"),
+    **dict.fromkeys(("LocalReader", "LocalReaderError", "LayoutMismatchError", "NotYetConsistentError",
+                     "StaleReaderError"), ".local"),
+    "AsyncClient": ".aio",
+    "Client": ".blocking",
+    "EventEmitter": ".emitter",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(where, __name__), name)
+    globals()[name] = value  # the next access is a plain lookup
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+if TYPE_CHECKING:  # what static tools see: the names, eagerly
+    from ._errors import (AlreadyExistsError, DeadlineExceededError, InvalidArgumentError, NotFoundError,
+                          PermissionDeniedError, QualifyError, ResourceExhaustedError, UnauthenticatedError,
+                          UnavailableError, UnimplementedError)
+    from ._records import Audience, Explanation, MembershipChange, MembershipExplanation, Preview, SnapshotEnd
+    from ._values import BatchResult, MembersPage, Membership, Record
+    from .aio import AsyncClient
+    from .blocking import Client
+    from .emitter import EventEmitter
+    from .local import LayoutMismatchError, LocalReader, LocalReaderError, NotYetConsistentError, StaleReaderError

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -16,61 +15,23 @@ from google.protobuf import field_mask_pb2, json_format, struct_pb2
 from qualify.v1 import audience_pb2, condition_pb2, diagnostics_pb2, membership_pb2, personalize_pb2
 
 from ._errors import InvalidArgumentError
+from ._values import BatchResult, Membership, MembersPage, Record, _rfc3339  # noqa: F401 - re-exported
 
 #: A condition as its proto-JSON dict (proto field names), JSON text, or a qualify.v1.Condition.
 ConditionLike = dict[str, Any] | str | condition_pb2.Condition
 
 
-@dataclass(frozen=True)
-class Membership:
-    """A person's membership of one audience."""
-
-    audience_id: str
-    #: When the person entered, in UTC; None when the server did not say.
-    enter_time: datetime | None
-
-
-@dataclass(frozen=True)
-class Record:
-    """A collection record with the person's current memberships."""
-
-    collection: str
-    key: str
-    #: The Struct's fields as Python values. Numbers stay floats, as the
-    #: Struct carries them (an integer column arrives as 42.0).
-    fields: dict[str, Any]
-    memberships: list[Membership]
-
-    def to_json_dict(self) -> dict[str, Any]:
-        """A dict that `json.dumps` accepts, with RFC 3339 enter times."""
-        return {
-            "collection": self.collection,
-            "key": self.key,
-            "fields": copy.deepcopy(self.fields),
-            "memberships": [
-                {"audience_id": m.audience_id, "enter_time": _rfc3339(m.enter_time)}
-                for m in self.memberships
-            ],
-        }
-
-
-@dataclass(frozen=True)
-class BatchResult:
-    """The records found, in request order, and the keys with no record."""
-
-    records: list[Record]
-    missing_keys: list[str]
-
-
-def get_request(collection: str, key: str, fields: Iterable[str] | None) -> personalize_pb2.GetRequest:
-    return personalize_pb2.GetRequest(collection=collection, key=key, read_mask=_read_mask(fields))
+def get_request(collection: str, key: str, fields: Iterable[str] | None,
+                min_token: bytes | None = None) -> personalize_pb2.GetRequest:
+    return personalize_pb2.GetRequest(collection=collection, key=key, read_mask=_read_mask(fields),
+                                      min_token=min_token or b"")
 
 
 def batch_get_request(
-    collection: str, keys: Iterable[str], fields: Iterable[str] | None
+    collection: str, keys: Iterable[str], fields: Iterable[str] | None, min_token: bytes | None = None
 ) -> personalize_pb2.BatchGetRequest:
     return personalize_pb2.BatchGetRequest(
-        collection=collection, keys=_strings("keys", keys), read_mask=_read_mask(fields)
+        collection=collection, keys=_strings("keys", keys), read_mask=_read_mask(fields), min_token=min_token or b""
     )
 
 
@@ -132,14 +93,6 @@ class Preview:
 
     count: int
     sample_keys: list[str]
-
-
-@dataclass(frozen=True)
-class MembersPage:
-    """One page of an audience's member keys; ``next_page_token`` is "" on the last."""
-
-    person_keys: list[str]
-    next_page_token: str
 
 
 @dataclass(frozen=True)
@@ -337,13 +290,6 @@ def _membership(message: membership_pb2.AudienceMembership) -> Membership:
         message.enter_time.ToDatetime(tzinfo=timezone.utc) if message.HasField("enter_time") else None
     )
     return Membership(audience_id=message.audience_id, enter_time=enter_time)
-
-
-def _rfc3339(moment: datetime | None) -> str | None:
-    if moment is None:
-        return None
-    text = moment.astimezone(timezone.utc).isoformat()
-    return text[: -len("+00:00")] + "Z"
 
 
 def _read_mask(fields: Iterable[str] | None) -> field_mask_pb2.FieldMask | None:

@@ -102,10 +102,16 @@ class AsyncClient:
         collection: str = "customers",
         fields: Iterable[str] | None = None,
         *,
+        min_token: bytes | None = None,
         timeout: float | None = None,
     ) -> Record:
-        """One record and the person's memberships; raises NotFoundError if absent."""
-        request = get_request(collection, key, fields)
+        """One record and the person's memberships; raises NotFoundError if absent.
+
+        ``min_token``: a consistency_token (EventEmitter.last_token, or an ack's):
+        answer only once the server sees that write (read-your-writes), else
+        UnavailableError with reason NOT_YET_CONSISTENT.
+        """
+        request = get_request(collection, key, fields, min_token)
         response = await self._read(lambda s: s.personalize.Get, request, timeout)
         return record_from_proto(response.record)
 
@@ -115,10 +121,11 @@ class AsyncClient:
         collection: str = "customers",
         fields: Iterable[str] | None = None,
         *,
+        min_token: bytes | None = None,
         timeout: float | None = None,
     ) -> BatchResult:
         """Up to 1,000 records in request order, and the keys with no record."""
-        request = batch_get_request(collection, keys, fields)
+        request = batch_get_request(collection, keys, fields, min_token)
         return batch_from_proto(await self._read(lambda s: s.personalize.BatchGet, request, timeout))
 
     async def noop(self, payload: bytes = b"", *, timeout: float | None = None) -> None:
@@ -171,10 +178,11 @@ class AsyncClient:
         response = await self._read(lambda s: s.audiences.PreviewAudience, request, timeout)
         return Preview(count=response.count, sample_keys=list(response.sample_keys))
 
-    async def check_membership(self, person_key: str, audience_ids: Iterable[str] = (), *,
+    async def check_membership(self, person_key: str, audience_ids: Iterable[str] = (), *, min_token: bytes | None = None,
                                timeout: float | None = None) -> list[Membership]:
         request = audience_pb2.CheckMembershipRequest(person_key=person_key,
-                                                      audience_ids=_strings("audience_ids", audience_ids))
+                                                      audience_ids=_strings("audience_ids", audience_ids),
+                                                      min_token=min_token or b"")
         return memberships_from_proto(await self._read(lambda s: s.audiences.CheckMembership, request, timeout))
 
     async def list_members(self, audience_id: str, *, page_size: int = 0, page_token: str = "",
@@ -189,7 +197,7 @@ class AsyncClient:
         response = await self._read(lambda s: s.audiences.ExplainMembership, request, timeout)
         return membership_explanation_from_proto(response)
 
-    def watch_memberships(self, audience_ids: Iterable[str] = (), *, start: str = "now", after_sequence: int = 0,
+    def watch_memberships(self, audience_ids: Iterable[str] = (), *, min_token: bytes | None = None, start: str = "now", after_sequence: int = 0,
                           timeout: float | None = None) -> AsyncIterator[MembershipChange | SnapshotEnd]:
         """An async iterator of changes (see Client.watch_memberships); the stream starts now."""
         request = watch_request(audience_ids, start, after_sequence)

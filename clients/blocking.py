@@ -130,10 +130,16 @@ class Client:
         collection: str = "customers",
         fields: Iterable[str] | None = None,
         *,
+        min_token: bytes | None = None,
         timeout: float | None = None,
     ) -> Record:
-        """One record and the person's memberships; raises NotFoundError if absent."""
-        response = self._read(lambda s: s.personalize.Get, get_request(collection, key, fields), timeout)
+        """One record and the person's memberships; raises NotFoundError if absent.
+
+        ``min_token``: a consistency_token (EventEmitter.last_token, or an ack's):
+        answer only once the server sees that write (read-your-writes), else
+        UnavailableError with reason NOT_YET_CONSISTENT.
+        """
+        response = self._read(lambda s: s.personalize.Get, get_request(collection, key, fields, min_token), timeout)
         return record_from_proto(response.record)
 
     def batch_get(
@@ -142,10 +148,11 @@ class Client:
         collection: str = "customers",
         fields: Iterable[str] | None = None,
         *,
+        min_token: bytes | None = None,
         timeout: float | None = None,
     ) -> BatchResult:
         """Up to 1,000 records in request order, and the keys with no record."""
-        request = batch_get_request(collection, keys, fields)
+        request = batch_get_request(collection, keys, fields, min_token)
         return batch_from_proto(self._read(lambda s: s.personalize.BatchGet, request, timeout))
 
     def noop(self, payload: bytes = b"", *, timeout: float | None = None) -> None:
@@ -199,11 +206,12 @@ class Client:
         response = self._read(lambda s: s.audiences.PreviewAudience, preview_request(target, sample_size), timeout)
         return Preview(count=response.count, sample_keys=list(response.sample_keys))
 
-    def check_membership(self, person_key: str, audience_ids: Iterable[str] = (), *,
+    def check_membership(self, person_key: str, audience_ids: Iterable[str] = (), *, min_token: bytes | None = None,
                          timeout: float | None = None) -> list[Membership]:
         """The audiences (of ``audience_ids``; empty: all) the person is in now."""
         request = audience_pb2.CheckMembershipRequest(person_key=person_key,
-                                                      audience_ids=_strings("audience_ids", audience_ids))
+                                                      audience_ids=_strings("audience_ids", audience_ids),
+                                                      min_token=min_token or b"")
         return memberships_from_proto(self._read(lambda s: s.audiences.CheckMembership, request, timeout))
 
     def list_members(self, audience_id: str, *, page_size: int = 0, page_token: str = "",
@@ -219,7 +227,7 @@ class Client:
         request = audience_pb2.ExplainMembershipRequest(id=audience_id, person_key=person_key)
         return membership_explanation_from_proto(self._read(lambda s: s.audiences.ExplainMembership, request, timeout))
 
-    def watch_memberships(self, audience_ids: Iterable[str] = (), *, start: str = "now", after_sequence: int = 0,
+    def watch_memberships(self, audience_ids: Iterable[str] = (), *, min_token: bytes | None = None, start: str = "now", after_sequence: int = 0,
                           timeout: float | None = None) -> Iterator[MembershipChange | SnapshotEnd]:
         """Membership changes as they happen, in sequence order, until the caller stops iterating.
 

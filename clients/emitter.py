@@ -87,6 +87,7 @@ from typing import Any
 
 import grpc
 
+from qualify.server.domain.consistency import decode_token
 from qualify.v1 import diagnostics_pb2, diagnostics_pb2_grpc, event_pb2, ingest_pb2, ingest_pb2_grpc
 
 from ._call import CHANNEL_OPTIONS, Backoff, Metadata, Pem, call_metadata, channel_credentials, open_channel, pause
@@ -248,6 +249,10 @@ class EventEmitter:
         self.failed = 0
         self.unacknowledged = 0
         self.reconnects = 0
+        #: The consistency_token of the latest write acknowledged (b"": none yet):
+        #: pass it as min_token to a read to see every event acknowledged so far.
+        self.last_token = b""
+        self._last_position = 0
         self._thread = threading.Thread(target=self._run, name="qualify-emitter", daemon=True)
         self._thread.start()
 
@@ -418,11 +423,17 @@ class EventEmitter:
         with self._cond:
             events = self._unacked.pop(response.batch_number, None)
         if events is not None:
-            self._settled(events, response.accepted, response.duplicates, response.rejections)
+            self._settled(events, response.accepted, response.duplicates, response.rejections,
+                          response.consistency_token)
 
-    def _settled(self, events: list[event_pb2.Event], accepted: int, duplicates: int, rejections) -> None:
+    def _settled(self, events: list[event_pb2.Event], accepted: int, duplicates: int, rejections,
+                 token: bytes = b"") -> None:
         """Counts ``events`` as done (acknowledged or rejected) and reports the rejections."""
+        # Acknowledgements of several connections may arrive out of commit order: keep the latest position.
+        position = decode_token(token) if token else 0
         with self._cond:
+            if position > self._last_position:
+                self._last_position, self.last_token = position, token
             self.accepted += accepted
             self.duplicates += duplicates
             self.rejected += len(rejections)
@@ -519,7 +530,8 @@ class EventEmitter:
                     self._give_up(part, err)
                 continue
             retry = 0
-            self._settled(part, response.accepted, response.duplicates, response.rejections)
+            self._settled(part, response.accepted, response.duplicates, response.rejections,
+                          response.consistency_token)
 
     def _isolate(self) -> int:
         """Settles every unacknowledged batch on its own, in order; returns how many events it settled."""

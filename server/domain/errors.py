@@ -111,6 +111,15 @@ class RateLimited(QualifyError):
 
 class TooManyStreams(QualifyError):
     status, reason = Status.RESOURCE_EXHAUSTED, "TOO_MANY_STREAMS"
+
+
+@dataclass
+class NotYetConsistent(QualifyError):
+    """A read's min_token is past what this process sees; ``retry_after`` seconds is worth waiting."""
+
+    retry_after: float = 0.05
+
+    status, reason = Status.UNAVAILABLE, "NOT_YET_CONSISTENT"
 class SyncNotFound(QualifyError):
     status, reason = Status.NOT_FOUND, "SYNC_NOT_FOUND"
 

@@ -29,6 +29,7 @@ class Jobs(Protocol):
 
 class IngestResult(Protocol):
     duplicates: int
+    position: int  # the event log position the write committed at (see domain/consistency.py)
 
 
 class EventWriter(Jobs, Protocol):
@@ -67,6 +68,15 @@ class RecordReader(Protocol):
 
     def map_usage(self) -> tuple[int, int]:
         """(bytes in use, bytes reserved) of the store."""
+
+    def position(self) -> int:
+        """The event log position a new snapshot sees (see Positions)."""
+
+
+class Positions(Protocol):
+    """The event log position a new snapshot of this process sees (what a min_token is compared with)."""
+
+    def position(self) -> int: ...
 
 
 class EventCounts(Protocol):

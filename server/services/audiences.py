@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from ..domain.conditions import parse_condition
 from ..domain.audiences import Audience, check_audience_id
 from ..domain.errors import AudienceNotFound, FieldViolation, InvalidRequest
-from ..domain.ports import AudienceReads, Jobs
+from ..domain.ports import AudienceReads, Jobs, Positions
+from .consistency import wait_visible
 
 MAX_PAGE = 1000
 MAX_SAMPLE = 100
@@ -55,11 +56,12 @@ def _require_person(person_key: str) -> None:
 class AudienceService:
     """The audience use cases over the engine, through the writer thread."""
 
-    def __init__(self, engine, jobs: Jobs, reads: AudienceReads, clock):
+    def __init__(self, engine, jobs: Jobs, reads: AudienceReads, clock, positions: Positions | None = None):
         self.engine = engine
         self.jobs = jobs
         self.reads = reads
         self.clock = clock
+        self.positions = positions  # what a CheckMembership min_token waits for
 
     async def _run(self, fn):
         return await asyncio.wrap_future(self.jobs.submit(fn))
@@ -135,9 +137,17 @@ class AudienceService:
 
         return await self._run(preview)
 
-    async def check(self, person_key: str, audience_ids: list[str]) -> list[tuple[str, int]]:
-        """(audience, enter time) of each named audience (none named: every audience) the person is in."""
+    async def check(self, person_key: str, audience_ids: list[str], min_token: bytes = b"",
+                    budget: float = 0.0) -> list[tuple[str, int]]:
+        """(audience, enter time) of each named audience (none named: every audience) the person is in.
+
+        With ``min_token``, once the log position it names is committed
+        (waiting at most ``budget`` seconds): evaluation commits with the
+        events, so the read that follows sees it.
+        """
         _require_person(person_key)
+        if min_token and self.positions is not None:
+            await wait_visible(self.positions, min_token, budget)
         missing, found = self.reads.memberships(person_key, audience_ids)
         if missing:
             raise AudienceNotFound(f"no audience {missing[0]!r}", metadata={"audience": missing[0]})

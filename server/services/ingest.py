@@ -36,6 +36,7 @@ class IngestOutcome:
     accepted: int
     duplicates: int
     rejected: list[Rejected]
+    position: int = 0  # the event log position after the commit (0: nothing was written)
 
 
 class IngestService:
@@ -71,14 +72,15 @@ class IngestService:
     async def ingest(self, events: Sequence[tuple[Event, int]]) -> IngestOutcome:
         """Makes the valid events durable; the outcome counts them and lists the rejected."""
         good, rejected = self._prepare(events)
-        duplicates = 0
+        duplicates = position = 0
         if good:
-            duplicates = (await self.writer.ingest(good)).duplicates
+            result = await self.writer.ingest(good)
+            duplicates, position = result.duplicates, result.position
         _count(len(good) - duplicates, duplicates, rejected)
-        return IngestOutcome(len(good) - duplicates, duplicates, rejected)
+        return IngestOutcome(len(good) - duplicates, duplicates, rejected, position)
 
-    async def track(self, event: Event, size: int) -> bool:
-        """One event, which must be valid (EventRejected otherwise); True when it was a duplicate."""
+    async def track(self, event: Event, size: int) -> tuple[bool, int]:
+        """One event, which must be valid (EventRejected otherwise): (was it a duplicate, the log position)."""
         good, rejected = self._prepare([(event, size)])
         if rejected:
             _count(0, 0, rejected)
@@ -88,7 +90,7 @@ class IngestService:
                                 metadata={"rejection": f"REJECTION_REASON_{r.reason.name}", "message_id": event.message_id})
         result = await self.writer.ingest(good)
         _count(1 - result.duplicates, result.duplicates, ())
-        return bool(result.duplicates)
+        return bool(result.duplicates), result.position
 
 
 def _count(accepted: int, duplicates: int, rejected: Sequence[Rejected]) -> None:

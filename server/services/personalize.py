@@ -12,6 +12,7 @@ import os
 
 from ..domain.errors import BatchTooLarge, FieldViolation, InvalidRequest
 from ..domain.ports import CollectionView, EventCounts, RecordReader
+from .consistency import wait_visible
 
 MAX_BATCH_KEYS = 1000
 MAX_KEY_BYTES = 511  # LMDB's key size limit
@@ -47,6 +48,14 @@ class PersonalizeService:
     def audience_ids(self) -> tuple[str | None, ...]:
         """The audience of each membership bit (None: a free bit)."""
         return self.records.audience_ids
+
+    async def wait(self, min_token: bytes, budget: float) -> None:
+        """Returns once this process sees the write ``min_token`` names; NotYetConsistent after ``budget`` s.
+
+        A read begun after it returns sees that write: LMDB's snapshots only
+        move forward, in this process and in any other reading the map.
+        """
+        await wait_visible(self.records, min_token, budget)
 
     def get(self, collection: str, key: str) -> tuple[CollectionView, bytes, Stored]:
         """(the collection, the key's bytes, its record); KeyNotFound when it has none."""

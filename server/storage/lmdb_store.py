@@ -6,7 +6,8 @@ state of the last committed transaction and never a half-applied sync.
 
 Named databases::
 
-    meta           b"generation" -> u64 syncs landed; b"catalog" -> JSON (what is served);
+    meta           b"layout" -> u32 LAYOUT_VERSION (written when the writer opens the environment);
+                   b"generation" -> u64 syncs landed; b"catalog" -> JSON (what is served);
                    b"last_sync" -> JSON report; b"next_id:<table>" -> u32
     <table>.keys   key (UTF-8) -> u32 dense id | stored record (see qualify.server.wire)
     <table>.ids    u32 dense id (big-endian, so ids sort) -> key
@@ -46,9 +47,16 @@ MEMBERS = b"members"
 GENERATION = b"generation"
 CATALOG = b"catalog"
 LAST_SYNC = b"last_sync"
+LAYOUT = b"layout"
+#: The version of this module's key layout, storage/realtime.py's and the record
+#: wire format (qualify.server.wire). Readers in other processes, which may be
+#: another Qualify version (qualify.clients.LocalReader), refuse a different
+#: one. Bump it with any change a reader of the old layout would misread.
+LAYOUT_VERSION = 1
 U32 = struct.Struct("<I")
 U64 = struct.Struct("<Q")
 ID_KEY = struct.Struct(">I")
+ID_SEQ = struct.Struct(">Q")  # the event log's keys (eventlog.py)
 
 
 def table_of_collection(name: str) -> str:
@@ -79,7 +87,23 @@ def open_env(path: Path, map_size: int, readonly: bool, max_readers: int = 512) 
         with env.begin(write=True) as txn:
             for name, _ in txn.cursor():
                 env.open_db(name, txn=txn, create=False)
+            meta = env.open_db(META, txn=txn)
+            stamp_layout(txn, meta)
     return env
+
+
+class LayoutMismatch(RuntimeError):
+    """The environment was written with another record layout than this code reads."""
+
+
+def stamp_layout(txn, meta) -> None:
+    """Records LAYOUT_VERSION in a new store; refuses to write over another layout."""
+    raw = txn.get(LAYOUT, db=meta)
+    if raw is None:
+        txn.put(LAYOUT, U32.pack(LAYOUT_VERSION), db=meta)
+    elif U32.unpack(raw)[0] != LAYOUT_VERSION:
+        raise LayoutMismatch(f"the data was written with record layout {U32.unpack(raw)[0]}; this Qualify "
+                             f"writes layout {LAYOUT_VERSION} (use the Qualify version that wrote it, or a new data dir)")
 
 
 def _handle(env: lmdb.Environment, name: bytes):
@@ -138,6 +162,7 @@ class Reader:
         self._collections: dict[str, CollectionView] = {}
         self._meta = None
         self._members = None
+        self._events = None
         self._last_sync: dict | None = None
         self.audience_ids: tuple[str, ...] = ()
 
@@ -249,6 +274,20 @@ class Reader:
                 values = json_format.MessageToDict(struct_pb2.Struct.FromString(record_fields(stored)))
                 out[key] = {c: v for c, v in values.items() if c in wanted}
         return out
+
+    def position(self) -> int:
+        """The event log's last sequence in a new snapshot: what a consistency token is compared with.
+
+        The writer evaluates a batch in the transaction that appends it, so
+        a snapshot holding event N holds its effects (domain/consistency.py).
+        """
+        if self._events is None:
+            try:
+                self._events = _handle(self.env, b"events")  # eventlog.py's; created when the writer starts
+            except lmdb.NotFoundError:
+                return 0
+        with self.env.begin() as txn, txn.cursor(db=self._events) as cur:
+            return ID_SEQ.unpack(cur.key())[0] if cur.last() else 0
 
     def map_usage(self) -> tuple[int, int]:
         """(bytes in use, map size): the data file's last used page, against the reserved map."""

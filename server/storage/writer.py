@@ -58,9 +58,16 @@ EventsHook = Callable[[lmdb.Transaction, list[MatchedEvent], int], None]
 
 @dataclass(frozen=True, slots=True)
 class IngestResult:
-    """Per event of one ``ingest`` call, in order: True when it was a duplicate."""
+    """Per event of one ``ingest`` call, in order: True when it was a duplicate; and the log position.
+
+    ``position`` is the event log's last sequence when the transaction
+    committed: a reader that sees it sees these events evaluated (the
+    consistency token, see domain/consistency.py). Duplicates get it too: the
+    first copy committed at or before it.
+    """
 
     duplicate: tuple[bool, ...]
+    position: int = 0
 
     @property
     def accepted(self) -> int:
@@ -275,6 +282,7 @@ class Writer:
         now = self.clock_us()
         error: Callable[[], BaseException] | None = None  # makes one exception per request
         dup = [False] * len(events)
+        position = 0
         try:
             with self.env.begin(write=True) as txn:
                 accepted, duplicates = self.log.append(txn, events, now)
@@ -283,6 +291,7 @@ class Writer:
                 if accepted and self.on_events is not None:
                     self.on_events(txn, [events[i] for i in accepted] if duplicates else events, now)
                 self.log.prune_dedupe(txn, now, max(self.prune_min, 2 * n))
+                position = self.log.last_seq(txn)
         except lmdb.Error as exc:
             log.error("event log write failed, %d events not acknowledged: %s", n, exc)
             what = type(exc).__name__
@@ -308,7 +317,7 @@ class Writer:
         start = 0
         for req in group:
             k = len(req.events)
-            value = error() if error is not None else IngestResult(tuple(dup[start:start + k]))
+            value = error() if error is not None else IngestResult(tuple(dup[start:start + k]), position)
             start += k
             if req.loop is None:
                 if error is None:

@@ -11,6 +11,7 @@ from google.protobuf import json_format
 from qualify.v1 import audience_pb2, condition_pb2, membership_pb2
 
 from ..services.audiences import AudienceInfo, AudienceService
+from ..services.consistency import budget_of
 from .errors import reject_malformed
 from .watch import Watch, timestamp
 
@@ -84,7 +85,8 @@ class Audiences:
 
     async def check_membership(self, request: audience_pb2.CheckMembershipRequest, context):
         reject_malformed(request)
-        found = await self.service.check(request.person_key, list(request.audience_ids))
+        found = await self.service.check(request.person_key, list(request.audience_ids), request.min_token,
+                                         budget_of(context.time_remaining()))
         return audience_pb2.CheckMembershipResponse(memberships=[
             membership_pb2.AudienceMembership(audience_id=aid, enter_time=timestamp(t)) for aid, t in found])
 

@@ -23,6 +23,7 @@ from google.protobuf import struct_pb2
 
 from qualify.v1 import ingest_pb2
 
+from ..domain.consistency import encode_token
 from ..domain.errors import QualifyError
 from ..domain.events import MAX_EVENT_BYTES, Event
 from ..services.ingest import IngestService
@@ -93,24 +94,26 @@ class Ingest:
     def __init__(self, service: IngestService):
         self.service = service
 
-    async def _ingest(self, pbs) -> tuple[int, int, list[ingest_pb2.EventRejection]]:
+    async def _ingest(self, pbs) -> tuple[int, int, list[ingest_pb2.EventRejection], bytes]:
         outcome = await self.service.ingest(decode_events(pbs, self.service.clock_us()))
         rejections = [ingest_pb2.EventRejection(index=r.index, message_id=r.message_id, reason=int(r.rejection.reason),
                                                 description=r.rejection.description) for r in outcome.rejected]
-        return outcome.accepted, outcome.duplicates, rejections
+        return outcome.accepted, outcome.duplicates, rejections, encode_token(outcome.position)
 
     # -- RPCs -------------------------------------------------------------------------
 
     async def track(self, request: ingest_pb2.TrackRequest, context) -> ingest_pb2.TrackResponse:
         reject_malformed(request)
         [(event, size)] = decode_events([request.event], self.service.clock_us())
-        return ingest_pb2.TrackResponse(duplicate=await self.service.track(event, size))
+        duplicate, position = await self.service.track(event, size)
+        return ingest_pb2.TrackResponse(duplicate=duplicate, consistency_token=encode_token(position))
 
     async def track_batch(self, request: ingest_pb2.TrackBatchRequest, context) -> ingest_pb2.TrackBatchResponse:
         reject_malformed(request)
         self.service.check_batch_size(len(request.events), "events")
-        accepted, duplicates, rejections = await self._ingest(request.events)
-        return ingest_pb2.TrackBatchResponse(accepted=accepted, duplicates=duplicates, rejections=rejections)
+        accepted, duplicates, rejections, token = await self._ingest(request.events)
+        return ingest_pb2.TrackBatchResponse(accepted=accepted, duplicates=duplicates, rejections=rejections,
+                                             consistency_token=token)
 
     async def stream_events(self, requests, context):
         """Acknowledges each numbered batch once durable, in order; see the module docstring."""
@@ -118,9 +121,10 @@ class Ingest:
         queue: asyncio.Queue = asyncio.Queue()  # bounded by the semaphore
 
         async def ack(request):
-            accepted, duplicates, rejections = await self._ingest(request.events)
+            accepted, duplicates, rejections, token = await self._ingest(request.events)
             return ingest_pb2.StreamEventsResponse(batch_number=request.batch_number, accepted=accepted,
-                                                   duplicates=duplicates, rejections=rejections)
+                                                   duplicates=duplicates, rejections=rejections,
+                                                   consistency_token=token)
 
         async def read():
             try:

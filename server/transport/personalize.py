@@ -12,6 +12,7 @@ from google.protobuf import timestamp_pb2
 
 from qualify.v1 import personalize_pb2
 
+from ..services.consistency import budget_of
 from ..services.personalize import PersonalizeService
 from ..wire import length_delimited, record_message
 from .errors import reject_malformed
@@ -50,12 +51,16 @@ class Personalize:
 
     async def get(self, request: personalize_pb2.GetRequest, context) -> bytes:
         reject_malformed(request)
+        if request.min_token:
+            await self.service.wait(request.min_token, budget_of(context.time_remaining()))
         view, key, (stored, bits) = self.service.get(request.collection, request.key)
         record = record_message(view.prefix, key, stored, self._mask(view, request), self._memberships(bits))
         return length_delimited(b"\x0a", record)
 
     async def batch_get(self, request: personalize_pb2.BatchGetRequest, context) -> bytes:
         reject_malformed(request)
+        if request.min_token:
+            await self.service.wait(request.min_token, budget_of(context.time_remaining()))
         view, keys, rows = self.service.batch_get(request.collection, request.keys)
         mask = self._mask(view, request)
         found, missing = [], []

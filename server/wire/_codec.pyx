@@ -331,3 +331,151 @@ def record_message(bytes prefix, bytes key, const uint8_t[::1] stored, tuple mas
                 p += e1 - e0
     memcpy(p, PyBytes_AS_STRING(memberships), mlen)
     return out
+
+
+# -- decoding, for readers in the caller's process (qualify.clients.LocalReader) ---------
+#
+# The writer produced every stored byte, but a reader maps a file that another
+# process (possibly another Qualify version, or a torn copy) wrote: every
+# length is checked against the record's end, and anything unexpected raises
+# ValueError rather than yielding a wrong value.
+
+cdef inline Py_ssize_t get_varint(const uint8_t* p, Py_ssize_t pos, Py_ssize_t end, uint64_t* out) except -1:
+    cdef uint64_t v = 0
+    cdef int shift = 0
+    while pos < end and shift < 64:
+        v |= (<uint64_t>(p[pos] & 0x7F)) << shift
+        if not (p[pos] & 0x80):
+            out[0] = v
+            return pos + 1
+        pos += 1
+        shift += 7
+    raise ValueError("corrupt stored record: truncated varint")
+
+
+cdef object decode_value(const uint8_t* p, Py_ssize_t pos, Py_ssize_t end):
+    """One google.protobuf.Value of the kinds encode_records writes."""
+    cdef uint64_t n
+    cdef double d
+    if pos >= end:
+        return None  # an empty Value: kind unset, which Struct readers treat as null
+    cdef uint8_t tag = p[pos]
+    if tag == 0x08:    # null_value
+        return None
+    if tag == 0x1A:    # string_value
+        pos = get_varint(p, pos + 1, end, &n)
+        if pos + <Py_ssize_t>n > end:
+            raise ValueError("corrupt stored record: string past the entry")
+        return (<const char*>p + pos)[:n].decode("utf-8")
+    if tag == 0x11:    # number_value
+        if pos + 9 > end:
+            raise ValueError("corrupt stored record: number past the entry")
+        memcpy(&d, p + pos + 1, 8)
+        return d
+    if tag == 0x20:    # bool_value
+        get_varint(p, pos + 1, end, &n)
+        return n != 0
+    raise ValueError(f"corrupt stored record: unexpected Value tag {tag:#x}")
+
+
+cdef int decode_entry(const uint8_t* p, Py_ssize_t pos, Py_ssize_t end, dict out) except -1:
+    """One Struct map entry (0x0A len {0x0A key, 0x12 Value}) into ``out``."""
+    cdef uint64_t n, klen, vlen
+    if pos >= end or p[pos] != 0x0A:
+        raise ValueError("corrupt stored record: not a map entry")
+    pos = get_varint(p, pos + 1, end, &n)
+    if pos + <Py_ssize_t>n != end:
+        raise ValueError("corrupt stored record: entry length")
+    if pos >= end or p[pos] != 0x0A:
+        raise ValueError("corrupt stored record: entry without a key")
+    pos = get_varint(p, pos + 1, end, &klen)
+    if pos + <Py_ssize_t>klen > end:
+        raise ValueError("corrupt stored record: key past the entry")
+    key = (<const char*>p + pos)[:klen].decode("utf-8")
+    pos += klen
+    if pos < end:
+        if p[pos] != 0x12:
+            raise ValueError("corrupt stored record: entry without a value")
+        pos = get_varint(p, pos + 1, end, &vlen)
+        if pos + <Py_ssize_t>vlen != end:
+            raise ValueError("corrupt stored record: value length")
+        out[key] = decode_value(p, pos, end)
+    else:
+        out[key] = None
+    return 0
+
+
+def decode_fields(const uint8_t[::1] stored, tuple mask):
+    """A stored record's fields as {name: Python value}, as a Struct reader sees them.
+
+    Values are what ``google.protobuf.Struct`` carries: str, float (an INT
+    column reads 42.0), bool, None; timestamps are their RFC 3339 strings.
+    ``mask`` is column indices to keep (None keeps all), as for record_message.
+    Raises ValueError on bytes that are not a record this codec wrote.
+    """
+    cdef Py_ssize_t total = stored.shape[0]
+    if total < HEADER_ID + 2:
+        raise ValueError("corrupt stored record: shorter than its header")
+    cdef const uint8_t* p = &stored[0]
+    cdef Py_ssize_t n = p[HEADER_ID] | (p[HEADER_ID + 1] << 8)
+    cdef Py_ssize_t body = HEADER_ID + 2 + 4 * n
+    cdef Py_ssize_t i, c, prev = 0
+    cdef uint32_t e0, e1
+    cdef dict out = {}
+    if body > total:
+        raise ValueError("corrupt stored record: index past the record")
+    if mask is None:
+        for c in range(n):
+            entry_span(p, c, &e0, &e1)
+            if e0 != prev or e1 < e0 or body + e1 > total:
+                raise ValueError("corrupt stored record: entry index")
+            decode_entry(p, body + e0, body + e1, out)
+            prev = e1
+        if body + prev != total:
+            raise ValueError("corrupt stored record: bytes after the last entry")
+    else:
+        for i in range(len(mask)):
+            c = mask[i]
+            if c < n:
+                entry_span(p, c, &e0, &e1)
+                if e1 < e0 or body + e1 > total:
+                    raise ValueError("corrupt stored record: entry index")
+                decode_entry(p, body + e0, body + e1, out)
+    return out
+
+
+def decode_memberships(const uint8_t[::1] raw, tuple audience_ids):
+    """[(audience id, enter_us)] of a stored membership, in bit order.
+
+    The layout is storage/realtime.py's: u16 n | bitset (n bytes) | i64 enter
+    time per set bit. Bits the catalog does not name (freed, or past its end)
+    are skipped, as PersonalizeService.Get skips them.
+    """
+    cdef Py_ssize_t size = raw.shape[0]
+    cdef list out = []
+    if size == 0:
+        return out
+    if size < 2:
+        raise ValueError("corrupt stored membership")
+    cdef const uint8_t* p = &raw[0]
+    cdef Py_ssize_t n = p[0] | (p[1] << 8)
+    cdef Py_ssize_t nids = len(audience_ids)
+    cdef Py_ssize_t i, b, bit, k = 0
+    cdef int64_t enter
+    if 2 + n > size:
+        raise ValueError("corrupt stored membership")
+    for i in range(n):
+        if not p[2 + i]:
+            continue
+        for b in range(8):
+            if p[2 + i] >> b & 1:
+                if 2 + n + 8 * (k + 1) > size:
+                    raise ValueError("corrupt stored membership: fewer times than bits")
+                bit = i * 8 + b
+                if bit < nids:
+                    aid = audience_ids[bit]
+                    if aid:
+                        memcpy(&enter, p + 2 + n + 8 * k, 8)
+                        out.append((aid, enter))
+                k += 1
+    return out
