@@ -20,7 +20,6 @@ identify or alias event links it to a user id, which merges its history.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable
 
@@ -34,9 +33,10 @@ from .audiences import Audience, check_audience_id, check_windows
 from .compile import Compiled, audiences_by_model, compile_audiences
 from .conditions import Condition, parse_condition
 from .errors import AudienceExists, AudienceNotFound, FieldViolation, InvalidAudience
-from .events import ANON, Event, EventModel, EventType, MatchedEvent, compile_models, matching_models
+from .events import ANON, Event, EventModel, EventType, MatchedEvent, compile_models
 from .identity import link
 from .queries import explain, preview
+from .recovery import fingerprint, rebuild, restore
 from .schema import ValueType
 from .timers import Timers
 from .warehouse_parts import WarehouseParts, changed, stored_defaults
@@ -308,55 +308,12 @@ class Engine:
         self._compile()
         self.load_warehouse(txn)
         old_defaults = self._stored_defaults(txn)
-        if self.store.program(txn) == self._fingerprint():
+        if self.store.program(txn) == fingerprint(self):
             try:
-                return self._restore(txn, now_us, old_defaults)
+                return restore(self, txn, now_us, old_defaults)
             except ValueError as exc:  # a state this evaluator cannot read: the log still has everything
                 log.warning("stored realtime state unreadable (%s): rebuilding it from the event log", exc)
-        return self._rebuild(txn, now_us, Cause.WINDOW_LAPSE, old_defaults, lapses=True)
-
-    def _fingerprint(self) -> bytes:
-        """Stored states are valid for this program and this evaluator only."""
-        what = repr((self.compiled.program, type(self.evaluator).__name__))
-        return hashlib.sha256(what.encode()).digest()
-
-    def _restore(self, txn, now_us: int, old_defaults: dict) -> list[MembershipChange]:
-        self._reset_people()
-        self.aliases = self.store.aliases(txn)
-        for key, deadline, raw in self.store.all_states(txn):
-            slot = self._slot(key, txn)
-            self.states[slot] = self.evaluator.load(raw)
-            self.timers.set(slot, deadline)
-        changes: list[MembershipChange] = []
-        self._fire_due(now_us, changes)  # windows that lapsed while no process ran, each at its own instant
-        changes += self._reconcile(txn, now_us, Cause.WINDOW_LAPSE, old_defaults)
-        self._persist(txn, changes)
-        return changes
-
-    def _rebuild(self, txn, now_us: int, cause: Cause, old_defaults: dict, lapses: bool) -> list[MembershipChange]:
-        """Replays the whole log into fresh states, then reconciles everyone at now."""
-        self._reset_people()
-        self.store.clear_states(txn)
-        self.store.put_program(txn, self._fingerprint())
-        last = {}
-        touched: dict[int, set[int]] = {}
-        for event in self.iter_events(txn):
-            self._observe(txn, event, matching_models(event, self.models), event.received_us, touched, None)
-            for slot in touched:
-                last[slot] = event.received_us
-            touched.clear()
-        changes: list[MembershipChange] = []
-        if lapses:  # windows that lapsed while no process was running, each at its own instant
-            for slot, t0 in last.items():
-                if self.slots.get(self.keys[slot]) != slot:
-                    continue
-                t = self.evaluator.next_change(self.states[slot], t0)
-                while t is not None and t <= now_us:
-                    self._evaluate(slot, t, range(len(self.program_bits)), cause, "", changes)
-                    t = self.evaluator.next_change(self.states[slot], t)
-        changes += self._reconcile(txn, now_us, cause, old_defaults)
-        self._persist(txn, changes)
-        return changes
+        return rebuild(self, txn, now_us, Cause.WINDOW_LAPSE, old_defaults, lapses=True)
 
     def _stored_defaults(self, txn) -> dict[str, np.ndarray]:
         return stored_defaults(self.store, txn, self.bits, len(self.warehouse.alive), self.slots)
@@ -427,13 +384,13 @@ class Engine:
                 self.dirty.add(slot)
         self.defaults = {self.bits[self.program_bits[i]]: arr for i, arr in
                          enumerate(self.warehouse.defaults(self.compiled, self.warehouse.arrays))}
-        self.store.put_program(txn, self._fingerprint())
+        self.store.put_program(txn, fingerprint(self))
         self._persist(txn, [])
 
     def _redefine(self, txn, now_us: int, old_defaults: dict) -> list[MembershipChange]:
         self._compile()
         self.load_warehouse(txn)
-        return self._rebuild(txn, now_us, Cause.AUDIENCE_CHANGE, old_defaults, lapses=False)
+        return rebuild(self, txn, now_us, Cause.AUDIENCE_CHANGE, old_defaults, lapses=False)
 
     # -- queries -------------------------------------------------------------------------
     def audience(self, audience_id: str) -> Audience:

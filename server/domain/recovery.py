@@ -1,0 +1,63 @@
+"""Recovery: a start loads every person's stored state, or, when it cannot be used, rebuilds it from the log.
+
+Stored states are valid for the program (and evaluator) they were dumped
+under, whose fingerprint is stored beside them. ``restore`` loads them and
+fires the timers that came due while no process ran, each at its own
+instant; ``rebuild`` replays the retained log into fresh states (a new
+program, an unreadable state, or a data folder from before states were
+stored). These functions run inside the engine, on the writer thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from .changes import Cause, MembershipChange
+from .events import matching_models
+
+
+def fingerprint(engine) -> bytes:
+    """Stored states are valid for this program and this evaluator only."""
+    what = repr((engine.compiled.program, type(engine.evaluator).__name__))
+    return hashlib.sha256(what.encode()).digest()
+
+
+def restore(engine, txn, now_us: int, old_defaults: dict) -> list[MembershipChange]:
+    """Loads every stored state and timer; nothing is read from the log."""
+    engine._reset_people()
+    engine.aliases = engine.store.aliases(txn)
+    for key, deadline, raw in engine.store.all_states(txn):
+        slot = engine._slot(key, txn)
+        engine.states[slot] = engine.evaluator.load(raw)
+        engine.timers.set(slot, deadline)
+    changes: list[MembershipChange] = []
+    engine._fire_due(now_us, changes)  # windows that lapsed while no process ran, each at its own instant
+    changes += engine._reconcile(txn, now_us, Cause.WINDOW_LAPSE, old_defaults)
+    engine._persist(txn, changes)
+    return changes
+
+
+def rebuild(engine, txn, now_us: int, cause: Cause, old_defaults: dict, lapses: bool) -> list[MembershipChange]:
+    """Replays the retained log into fresh states, then reconciles everyone at now."""
+    engine._reset_people()
+    engine.store.clear_states(txn)
+    engine.store.put_program(txn, fingerprint(engine))
+    last = {}
+    touched: dict[int, set[int]] = {}
+    for event in engine.iter_events(txn):
+        engine._observe(txn, event, matching_models(event, engine.models), event.received_us, touched, None)
+        for slot in touched:
+            last[slot] = event.received_us
+        touched.clear()
+    changes: list[MembershipChange] = []
+    if lapses:  # windows that lapsed while no process was running, each at its own instant
+        for slot, t0 in last.items():
+            if engine.slots.get(engine.keys[slot]) != slot:
+                continue
+            t = engine.evaluator.next_change(engine.states[slot], t0)
+            while t is not None and t <= now_us:
+                engine._evaluate(slot, t, range(len(engine.program_bits)), cause, "", changes)
+                t = engine.evaluator.next_change(engine.states[slot], t)
+    changes += engine._reconcile(txn, now_us, cause, old_defaults)
+    engine._persist(txn, changes)
+    return changes
