@@ -205,7 +205,8 @@ async def _writing_parts(env, writer: Writer, reader: Reader, project: Project, 
     watch = Watch(WatchService(feed, changelog, project.watch_buffer, project.watch_max_lag))
     writing = Writing(
         ingest=Ingest(IngestService(writer, project.event_models, clock, project.ops.limits)),
-        audiences=Audiences(AudienceService(engine, writer, AudienceReads(env), clock, reader), watch),
+        audiences=Audiences(AudienceService(engine, writer, AudienceReads(env), clock, reader,
+                                            project.preview_timeout), watch),
         syncs=Syncs(SyncService(deliveries, reader)))
     retention = Retention(writer.log, store, tables, int(project.event_retention * 1_000_000),
                           int(project.changelog_retention * 1_000_000))

@@ -12,7 +12,7 @@ import pytest
 from conftest import QualifyServer, eventually, write_realtime_project
 from qualify.v1 import audience_pb2, diagnostics_pb2, diagnostics_pb2_grpc, sync_pb2, sync_pb2_grpc
 from receivers import WebhookReceiver
-from test_audiences import CLOCK_ENV, T0, Api, TestClock, changelog, ev, page
+from test_audiences import CLOCK_ENV, T0, Api, TestClock, changelog, cond, ev, page
 
 SECRET = "a-webhook-secret-of-some-length"
 RETENTION = '[realtime]\nevent_retention = "60s"\nchangelog_retention = "120s"\n'
@@ -94,3 +94,22 @@ def test_a_stalled_sync_holds_the_changelog_back_until_it_delivers(served):
         assert [c.sequence for c in first.changes] == [6]
     finally:
         receiver.close()
+
+
+def test_a_preview_past_its_deadline_answers_deadline_exceeded_and_ingest_goes_on(tmp_path, demo_warehouse):
+    clock = TestClock(tmp_path / "clock", T0)
+    write_realtime_project(tmp_path, demo_warehouse, '[realtime]\npreview_timeout = "1ms"\n')
+    server = QualifyServer(tmp_path, "--project", str(tmp_path / "qualify.toml"), env={CLOCK_ENV: str(clock.path)})
+    server.start()
+    api = Api(server.address)
+    try:
+        api.send(*[page(f"user-{i}", "/a", clock.now) for i in range(600)])  # people to replay into the draft
+        with pytest.raises(grpc.RpcError) as info:
+            api.aud.PreviewAudience(audience_pb2.PreviewAudienceRequest(
+                condition=cond(ev("page_views")), sample_size=3), timeout=10)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "did not finish" in info.value.details()
+        api.send(page("user-700", "/b", clock.now))  # the writer was never held
+    finally:
+        api.close()
+        assert server.stop() == 0, server.log()

@@ -26,7 +26,9 @@ DEFAULT_WATCH_BUFFER = 10_000
 DEFAULT_WATCH_MAX_LAG = 1_000_000
 DEFAULT_EVENT_RETENTION = 30 * 86400.0
 DEFAULT_CHANGELOG_RETENTION = 7 * 86400.0
-REALTIME_KEYS = ("session_timeout", "watch_buffer", "watch_max_lag", "event_retention", "changelog_retention")
+DEFAULT_PREVIEW_TIMEOUT = 10.0
+REALTIME_KEYS = ("session_timeout", "watch_buffer", "watch_max_lag", "event_retention", "changelog_retention",
+                 "preview_timeout")
 _MODEL_KEYS = ("type", "event", "filters", "identifier", "properties")
 _FILTER_KEYS = ("property", "operator", "value", "values")
 _NUMERIC = (ValueType.INT, ValueType.FLOAT)
@@ -38,6 +40,7 @@ def parse_realtime(r: Reader, rt: dict) -> dict:
     """[realtime]: the Project fields watch_buffer, watch_max_lag, session_timeout and the retentions."""
     return {
         "event_retention": r.duration(rt, "realtime.event_retention", DEFAULT_EVENT_RETENTION, positive=True),
+        "preview_timeout": r.duration(rt, "realtime.preview_timeout", DEFAULT_PREVIEW_TIMEOUT, positive=True),
         "changelog_retention": r.duration(rt, "realtime.changelog_retention", DEFAULT_CHANGELOG_RETENTION,
                                           positive=True),
         "watch_buffer": r.integer(rt, "realtime.watch_buffer", DEFAULT_WATCH_BUFFER, 1, 10_000_000),

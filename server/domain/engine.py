@@ -116,7 +116,9 @@ class Engine:
 
     def load_warehouse(self, txn) -> None:
         """Reads the synced attribute columns and recomputes every static subtree."""
-        self.warehouse.load(*self.store.columns(txn, self.attributes), self.compiled)
+        parts = WarehouseParts()  # replaced whole: a preview on another thread keeps the one it took
+        parts.load(*self.store.columns(txn, self.attributes), self.compiled)
+        self.warehouse = parts
         self.statics_of = [None] * len(self.keys)
         for slot, key in enumerate(self.keys):  # people the warehouse has just learned about
             if self.pids[slot] is None and not key.startswith(ANON):
@@ -399,9 +401,9 @@ class Engine:
             raise AudienceNotFound(f"no audience {audience_id!r}", metadata={"audience": audience_id})
         return a
 
-    def preview(self, txn, condition: Condition, now_us: int, sample: int) -> tuple[int, list[str]]:
-        """How many people qualify now under a draft condition, and some of their keys."""
-        return preview(self, txn, condition, now_us, sample)
+    def preview(self, txn, condition: Condition, now_us: int, sample: int, deadline: float) -> tuple[int, list[str]]:
+        """How many people qualify now under a draft condition, and some of their keys (any thread, a read txn)."""
+        return preview(self, txn, condition, now_us, sample, deadline)
 
     def explain(self, txn, audience_id: str, person_key: str, now_us: int) -> tuple[bool, dict]:
         """Whether the person is a member now, and every node's value with what decides it."""

@@ -22,6 +22,7 @@ class Status(enum.Enum):
     UNAUTHENTICATED = "UNAUTHENTICATED"
     PERMISSION_DENIED = "PERMISSION_DENIED"
     FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
     INTERNAL = "INTERNAL"
 
 
@@ -120,6 +121,12 @@ class NotYetConsistent(QualifyError):
     retry_after: float = 0.05
 
     status, reason = Status.UNAVAILABLE, "NOT_YET_CONSISTENT"
+
+
+class PreviewTooSlow(QualifyError):
+    status, reason = Status.DEADLINE_EXCEEDED, "PREVIEW_TOO_SLOW"
+
+
 class SyncNotFound(QualifyError):
     status, reason = Status.NOT_FOUND, "SYNC_NOT_FOUND"
 

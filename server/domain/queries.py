@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import time
+
 import numpy as np
 
 from qualify.evaluator import make_evaluator
@@ -9,26 +12,38 @@ from qualify.evaluator.program import EventLeaf, Filter
 
 from .compile import compile_audiences
 from .conditions import Condition
+from .errors import PreviewTooSlow
 from .events import ANON, matching_models
 from .explain import explain_tree
 
 
-def preview(engine, txn, condition: Condition, now_us: int, sample: int) -> tuple[int, list[str]]:
-    """How many people qualify now under a draft condition, and some of their keys."""
+def preview(engine, txn, condition: Condition, now_us: int, sample: int,
+            deadline: float = math.inf) -> tuple[int, list[str]]:
+    """How many people qualify now under a draft condition, and some of their keys.
+
+    Reads only ``txn`` (a read snapshot is enough) and what the engine
+    replaces whole (its models, its warehouse parts), so it may run on any
+    thread beside the writer. Past ``deadline`` (time.monotonic) it raises
+    PreviewTooSlow.
+    """
+    warehouse = engine.warehouse  # one consistent set of columns, even if a sync lands meanwhile
     compiled = compile_audiences([("draft", condition)], engine.model_index, engine.session_timeout_us)
     evaluator = make_evaluator(compiled.program, reference=engine.reference)
-    static_arrays, static_missing = engine.warehouse.evaluate(compiled)
-    default = engine.warehouse.defaults(compiled, static_arrays)[0].copy()
+    static_arrays, static_missing = warehouse.evaluate(compiled)
+    default = warehouse.defaults(compiled, static_arrays)[0].copy()
     members: list[str] = []
-    for key, slot in engine.slots.items():
-        state = evaluator.new_state()  # the person's own events, replayed into the draft
+    for n, key in enumerate(engine.store.state_keys(txn)):  # everyone with realtime state, as committed
+        if n % 256 == 0 and time.monotonic() > deadline:
+            raise PreviewTooSlow("the preview did not finish in time; try again when ingest is quieter, "
+                                 "or preview a narrower draft")
+        state = evaluator.new_state()  # the person's own retained events, replayed into the draft
         for seq in engine.store.person_seqs(txn, key):
             ev = engine.read_event(txn, seq)
             if ev is None:  # older than the log's retention
                 continue
             for model, _ in matching_models(ev, engine.models):
                 evaluator.observe(state, model, ev.timestamp_us, ev.properties, ev.session_id)
-        pid = engine.pids[slot]
+        pid = None if key.startswith(ANON) else engine.store.person_id(txn, key)
         statics = [bool(a[pid]) if pid is not None and pid < len(a) else m for a, m in zip(static_arrays, static_missing)]
         if evaluator.evaluate(state, now_us, statics)[0]:
             members.append(key)
@@ -41,6 +56,7 @@ def preview(engine, txn, condition: Condition, now_us: int, sample: int) -> tupl
         if k is not None:
             keys.append(k)
     return count, keys
+
 
 def explain(engine, txn, audience_id: str, person_key: str, now_us: int) -> tuple[bool, dict]:
     """Whether the person is a member now, and every node's value with what decides it."""

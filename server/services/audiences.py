@@ -10,16 +10,20 @@ thread: they never wait behind the writer's queue.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
+import time
 from dataclasses import dataclass
 
 from ..domain.conditions import parse_condition
 from ..domain.audiences import Audience, check_audience_id
-from ..domain.errors import AudienceNotFound, FieldViolation, InvalidRequest
+from ..domain.errors import AudienceNotFound, FieldViolation, InvalidRequest, PreviewTooSlow
 from ..domain.ports import AudienceReads, Jobs, Positions
 from .consistency import wait_visible
 
 MAX_PAGE = 1000
 MAX_SAMPLE = 100
+PREVIEW_THREADS = 1  # previews at once: each holds a read snapshot and shares the interpreter with ingest
 UPDATABLE = frozenset({"display_name", "description", "condition"})
 
 
@@ -56,12 +60,15 @@ def _require_person(person_key: str) -> None:
 class AudienceService:
     """The audience use cases over the engine, through the writer thread."""
 
-    def __init__(self, engine, jobs: Jobs, reads: AudienceReads, clock, positions: Positions | None = None):
+    def __init__(self, engine, jobs: Jobs, reads: AudienceReads, clock, positions: Positions | None = None,
+                 preview_seconds: float = 10.0):
         self.engine = engine
         self.jobs = jobs
         self.reads = reads
         self.clock = clock
         self.positions = positions  # what a CheckMembership min_token waits for
+        self.preview_seconds = preview_seconds
+        self._previews = concurrent.futures.ThreadPoolExecutor(PREVIEW_THREADS, thread_name_prefix="qualify-preview")
 
     async def _run(self, fn):
         return await asyncio.wrap_future(self.jobs.submit(fn))
@@ -121,21 +128,27 @@ class AudienceService:
         return page, page[-1].id if more else ""
 
     async def preview(self, audience_id: str | None, draft: dict | None, sample: int) -> tuple[int, list[str]]:
-        """How many people qualify now under a saved audience or a draft definition, and some of their keys."""
+        """How many people qualify now under a saved audience or a draft definition, and some of their keys.
+
+        It runs on a read snapshot in a pool of PREVIEW_THREADS, beside
+        ingest (never on the writer), and gives up after ``preview_seconds``.
+        """
         if not 0 <= sample <= MAX_SAMPLE:
             raise InvalidRequest("sample_size out of range",
                                  violations=[FieldViolation("sample_size", f"must be from 0 to {MAX_SAMPLE}")])
         if audience_id is None and draft is None:
             raise InvalidRequest("set id or condition", violations=[FieldViolation("target", "set id or condition")])
-
-        def preview(txn):
-            if draft is None:
-                condition = self.engine.audience(audience_id).condition
-            else:
-                condition = parse_condition(draft, self.engine.attribute_types, self.engine.event_model_props)
-            return self.engine.preview(txn, condition, self.clock(), sample)
-
-        return await self._run(preview)
+        if draft is None:
+            condition = self.engine.audience(audience_id).condition
+        else:
+            condition = parse_condition(draft, self.engine.attribute_types, self.engine.event_model_props)
+        now, deadline = self.clock(), time.monotonic() + self.preview_seconds
+        run = functools.partial(self.reads.read, lambda txn: self.engine.preview(txn, condition, now, sample, deadline))
+        try:
+            return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self._previews, run),
+                                          self.preview_seconds)
+        except asyncio.TimeoutError:  # still queued behind other previews (a running one stops at its deadline)
+            raise PreviewTooSlow(f"the preview did not finish within {self.preview_seconds:g}s") from None
 
     async def check(self, person_key: str, audience_ids: list[str], min_token: bytes = b"",
                     budget: float = 0.0) -> list[tuple[str, int]]:

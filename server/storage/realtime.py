@@ -193,6 +193,11 @@ class RealtimeStore:
     def clear_states(self, txn) -> None:
         txn.drop(self.states, delete=False)
 
+    def state_keys(self, txn) -> Iterator[str]:
+        """Everyone with realtime state."""
+        for k in txn.cursor(db=self.states).iternext(values=False):
+            yield k.decode()
+
     def all_states(self, txn) -> Iterator[tuple[str, int | None, bytes]]:
         """(person key, next timer, the evaluator's dump) of everyone with realtime state."""
         for k, v in txn.cursor(db=self.states):
@@ -385,6 +390,11 @@ class AudienceReads:
             self.members = env.open_db(MEMBERS, txn=txn, create=False)
             self.audience_members = env.open_db(AUDIENCE_MEMBERS, txn=txn, create=False)
 
+    def read(self, fn):
+        """``fn(txn)`` in a read transaction of its own: a consistent snapshot of what has committed."""
+        with self.env.begin() as txn:
+            return fn(txn)
+
     def audience(self, audience_id: str) -> tuple[dict | None, int]:
         """The stored record (None: no such audience) and its member count."""
         with self.env.begin() as txn:
@@ -433,3 +443,4 @@ def _page(txn, index, audience_id: str, after: str, limit: int) -> tuple[list[st
                 return keys, keys[-1]
             keys.append(key)
     return keys, ""
+
