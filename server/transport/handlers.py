@@ -21,9 +21,9 @@ import re
 
 import grpc
 from google.protobuf import message_factory
-from google.rpc import code_pb2
 
-from .errors import guarded, guarded_stream, lenient, to_status
+from ..domain.errors import NotImplementedYet
+from .errors import guarded, guarded_stream, lenient, status_of
 
 
 def _snake(name: str) -> str:
@@ -35,8 +35,8 @@ def _serialize(reply) -> bytes:
 
 
 def _status(full_name: str) -> grpc.Status:
-    return to_status(code_pb2.UNIMPLEMENTED, f"{full_name} is not implemented by this server yet",
-                     "NOT_IMPLEMENTED", {"method": full_name})
+    return status_of(NotImplementedYet(f"{full_name} is not implemented by this server yet",
+                                       metadata={"method": full_name}))
 
 
 def unimplemented(service, method) -> grpc.RpcMethodHandler:
