@@ -74,14 +74,11 @@ once ``timeout`` seconds have passed, it raises ``queue.Full`` instead.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
-from datetime import datetime
 from types import TracebackType
 from typing import Any
 
@@ -92,6 +89,7 @@ from qualify.v1 import diagnostics_pb2, diagnostics_pb2_grpc, event_pb2, ingest_
 
 from ._call import CHANNEL_OPTIONS, Backoff, Metadata, Pem, call_metadata, channel_credentials, open_channel, pause
 from ._errors import error_from_rpc_error
+from ._events import make_event as make_event, new_message_id as new_message_id  # re-exported: the old home
 
 log = logging.getLogger(__name__)
 
@@ -623,54 +621,3 @@ def _cap_for(max_message_bytes: int) -> int:
 
 
 _REASONS = frozenset(v.number for v in ingest_pb2.RejectionReason.DESCRIPTOR.values)
-
-
-def new_message_id() -> str:
-    """A UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, then 74 random bits.
-
-    Time-ordered ids keep the server's deduplication index cheap: new keys
-    land together at the end of its B-tree instead of one page write each
-    (see qualify.server.storage.eventlog). Any unique string works; this is
-    the fast kind.
-    """
-    ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
-    value = ((ms & 0xFFFF_FFFF_FFFF) << 80) | (0x7 << 76) | (((rand >> 62) & 0xFFF) << 64) \
-        | (0b10 << 62) | (rand & ((1 << 62) - 1))
-    return str(uuid.UUID(int=value))
-
-
-def make_event(
-    type_: int,
-    name: str = "",
-    *,
-    user_id: str = "",
-    anonymous_id: str = "",
-    properties: Mapping[str, Any] | None = None,
-    traits: Mapping[str, Any] | None = None,
-    context: Mapping[str, Any] | None = None,
-    timestamp: datetime | float | None = None,
-    session_id: str = "",
-    previous_id: str = "",
-    message_id: str | None = None,
-) -> event_pb2.Event:
-    """A qualify.v1.Event with a fresh message_id (UUIDv7) and, by default, the current time.
-
-    ``timestamp`` is an aware datetime or seconds since the epoch.
-    """
-    event = event_pb2.Event(type=type_, name=name, user_id=user_id, anonymous_id=anonymous_id,
-                            session_id=session_id, previous_id=previous_id,
-                            message_id=message_id or new_message_id())
-    if timestamp is None:
-        event.timestamp.FromNanoseconds(time.time_ns())
-    elif isinstance(timestamp, datetime):
-        event.timestamp.FromDatetime(timestamp)
-    else:
-        event.timestamp.FromNanoseconds(int(timestamp * 1e9))
-    if properties:
-        event.properties.update(properties)
-    if traits:
-        event.traits.update(traits)
-    if context:
-        event.context.update(context)
-    return event
