@@ -90,6 +90,8 @@ from qualify.v1 import diagnostics_pb2, diagnostics_pb2_grpc, event_pb2, ingest_
 from ._call import CHANNEL_OPTIONS, Backoff, Metadata, Pem, call_metadata, channel_credentials, open_channel, pause
 from ._errors import error_from_rpc_error
 from ._events import make_event as make_event, new_message_id as new_message_id  # re-exported: the old home
+from ._retry_policy import BATCH as BATCH, CALLER as CALLER, TRANSIENT as TRANSIENT  # re-exported: the old home
+from ._retry_policy import failure_kind as failure_kind, is_size_refusal
 
 log = logging.getLogger(__name__)
 
@@ -113,33 +115,6 @@ _EMITTER_CHANNEL_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
-
-# The failure classes of the retry policy (see the module docstring).
-TRANSIENT, CALLER, BATCH = "transient", "caller", "batch"
-_TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                              grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED})
-# RESOURCE_EXHAUSTED with one of these reasons is load, not the batch's size.
-_TRANSIENT_REASONS = frozenset({"RATE_LIMITED", "TOO_MANY_STREAMS", "RESOURCE_EXHAUSTED",
-                                "STORAGE_UNAVAILABLE", "NOT_READY"})
-_CALLER_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
-                           grpc.StatusCode.UNIMPLEMENTED})
-
-
-def failure_kind(err: grpc.RpcError) -> str:
-    """TRANSIENT (resend later), CALLER (no event can succeed) or BATCH (split to find the bad event)."""
-    error = error_from_rpc_error(err)
-    if error.code in _TRANSIENT_CODES or error.reason in _TRANSIENT_REASONS:
-        return TRANSIENT
-    if error.code in _CALLER_CODES:
-        return CALLER
-    return BATCH
-
-
-def _is_size_refusal(err: grpc.RpcError) -> bool:
-    # gRPC core refuses an oversized message before any handler runs: no ErrorInfo.
-    error = error_from_rpc_error(err)
-    return error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and not error.reason
-
 
 class _Connection:
     """One StreamEvents call; ``dead`` ends its request generator."""
@@ -517,7 +492,7 @@ class EventEmitter:
                     self._pause(err, retry)
                     retry += 1
                 elif kind == BATCH and len(part) > 1:
-                    if _is_size_refusal(err):
+                    if is_size_refusal(err):
                         self._learn_from_refusal(part)
                     elif error_from_rpc_error(err).reason == "BATCH_TOO_LARGE":  # a lower [limits] max_batch_events
                         self.batch_size = max(1, min(self.batch_size, len(part) // 2))
