@@ -85,8 +85,10 @@ from typing import Any
 import grpc
 
 from qualify.server.domain.consistency import decode_token
-from qualify.v1 import diagnostics_pb2, diagnostics_pb2_grpc, event_pb2, ingest_pb2, ingest_pb2_grpc
+from qualify.v1 import diagnostics_pb2_grpc, event_pb2, ingest_pb2, ingest_pb2_grpc
 
+from ._batching import DEFAULT_MAX_MESSAGE_BYTES as DEFAULT_MAX_MESSAGE_BYTES  # re-exported: the old home
+from ._batching import EVENT_OVERHEAD, MAX_BATCH as MAX_BATCH, BatchAssembly, cap_for, encoded_size, fitting
 from ._call import CHANNEL_OPTIONS, Backoff, Metadata, Pem, call_metadata, channel_credentials, open_channel, pause
 from ._errors import error_from_rpc_error
 from ._events import make_event as make_event, new_message_id as new_message_id  # re-exported: the old home
@@ -94,15 +96,6 @@ from ._retry_policy import BATCH as BATCH, CALLER as CALLER, TRANSIENT as TRANSI
 from ._retry_policy import failure_kind as failure_kind, is_size_refusal
 
 log = logging.getLogger(__name__)
-
-MAX_BATCH = 1000  # the server's limit per batch
-#: The server's max_message_bytes when it does not say (its default, 4 MiB).
-DEFAULT_MAX_MESSAGE_BYTES = 4 << 20
-# Per event in a batch message: the field's tag (1 byte) and length (up to 5).
-_EVENT_OVERHEAD = 6
-# The smallest cap a size refusal can teach: below this the server could not
-# take one full-sized event (32 KB) anyway, and single events go alone.
-_MIN_LEARNED_BYTES = 1024
 
 RejectionCallback = Callable[[event_pb2.Event, str, str], None]
 
@@ -126,7 +119,7 @@ class _Connection:
         self.call = None
 
 
-class EventEmitter:
+class EventEmitter(BatchAssembly):
     """Streams events to Qualify in acknowledged batches; see the module docstring.
 
     Batches hold at most ``batch_size`` events and ``max_batch_bytes`` bytes
@@ -188,7 +181,7 @@ class EventEmitter:
             raise ValueError("close_timeout must be >= 0 and call_timeout > 0")
         self.batch_size = batch_size
         #: The byte cap per batch; learned from the server unless given.
-        self.max_batch_bytes = max_batch_bytes or _cap_for(DEFAULT_MAX_MESSAGE_BYTES)
+        self.max_batch_bytes = max_batch_bytes or cap_for(DEFAULT_MAX_MESSAGE_BYTES)
         self._limit_known = max_batch_bytes is not None  # given, or asked already
         self.max_delay = max_delay
         self.max_queue = max_queue
@@ -246,7 +239,7 @@ class EventEmitter:
         Blocks while the queue is full; raises queue.Full when ``block`` is
         False or ``timeout`` passes first, RuntimeError after ``close``.
         """
-        size = event.ByteSize() + _EVENT_OVERHEAD  # outside the lock: a big event takes a while
+        size = event.ByteSize() + EVENT_OVERHEAD  # outside the lock: a big event takes a while
         with self._cond:
             if self._closing:
                 raise RuntimeError("the emitter is closed")
@@ -264,9 +257,6 @@ class EventEmitter:
             self._held += 1
             if len(self._queue) == 1 or self._full_batch_queued():
                 self._cond.notify_all()
-
-    def _full_batch_queued(self) -> bool:
-        return len(self._queue) >= self.batch_size or self._queued_bytes >= self.max_batch_bytes
 
     def track(self, name: str, *, user_id: str = "", anonymous_id: str = "",
               properties: Mapping[str, Any] | None = None, **kw: Any) -> str:
@@ -377,21 +367,6 @@ class EventEmitter:
             self.sent += len(events)
             yield ingest_pb2.StreamEventsRequest(batch_number=number, events=events)
 
-    def _take_batch(self) -> list[event_pb2.Event]:
-        """Up to batch_size events and max_batch_bytes from the queue (at least one); under the lock."""
-        events: list[event_pb2.Event] = []
-        size = 0
-        cap = self.max_batch_bytes
-        while self._queue and len(events) < self.batch_size:
-            event, n = self._queue[0]
-            if events and size + n > cap:
-                break
-            self._queue.popleft()
-            events.append(event)
-            size += n
-        self._queued_bytes -= size
-        return events
-
     def _acknowledge(self, response: ingest_pb2.StreamEventsResponse) -> None:
         with self._cond:
             events = self._unacked.pop(response.batch_number, None)
@@ -438,29 +413,6 @@ class EventEmitter:
             except Exception:  # noqa: BLE001 - a callback must not stop delivery
                 log.exception("on_rejection callback failed")
 
-    def _learn_limit(self) -> None:
-        """Sizes batches below the server's max_message_bytes, asked once (see the module docstring)."""
-        try:
-            info = self._diagnostics.GetServerInfo(diagnostics_pb2.GetServerInfoRequest(),
-                                                   timeout=min(self.call_timeout, 2.0), metadata=self._metadata)
-        except grpc.RpcError as err:
-            if failure_kind(err) != TRANSIENT:  # e.g. PERMISSION_DENIED: a key without admin; keep the default
-                self._limit_known = True
-            log.debug("GetServerInfo failed (%s); batches stay under %d bytes", err.code(), self.max_batch_bytes)
-            return
-        except ValueError:  # the channel was closed by close()
-            return
-        self._limit_known = True
-        if info.max_message_bytes:  # 0: a server that does not say
-            self.max_batch_bytes = min(self.max_batch_bytes, _cap_for(info.max_message_bytes))
-
-    def _learn_from_refusal(self, events: list[event_pb2.Event]) -> None:
-        size = _encoded_size(events)
-        cap = max(_MIN_LEARNED_BYTES, size // 2)
-        if cap < self.max_batch_bytes:
-            log.info("the server refused a %d-byte batch as too large; batches now stay under %d bytes", size, cap)
-            self.max_batch_bytes = cap
-
     def _pause(self, err: grpc.RpcError | None, retry: int) -> None:
         """Backs off before retry ``retry``; only close cuts it short."""
         delay = pause(err, retry, self._backoff) if err is not None else self._backoff.delay(retry)
@@ -473,9 +425,9 @@ class EventEmitter:
         retry = 0
         while work and not self._stopped:
             part = work.pop()
-            if len(part) > 1 and _encoded_size(part) > self.max_batch_bytes:
+            if len(part) > 1 and encoded_size(part) > self.max_batch_bytes:
                 # Built before a size refusal lowered the cap: cut it to fit without a refused round trip.
-                work += reversed(_fitting(part, self.max_batch_bytes))
+                work += reversed(fitting(part, self.max_batch_bytes))
                 continue
             try:
                 response = self._stub.TrackBatch(ingest_pb2.TrackBatchRequest(events=part),
@@ -570,29 +522,6 @@ class EventEmitter:
                 self._pause(self.last_error, retry)
                 retry += 1
             self.reconnects += 1
-
-
-def _encoded_size(events: list[event_pb2.Event]) -> int:
-    return sum(e.ByteSize() + _EVENT_OVERHEAD for e in events)
-
-
-def _fitting(events: list[event_pb2.Event], cap: int) -> list[list[event_pb2.Event]]:
-    """``events`` in order, cut into runs of at most ``cap`` bytes (an event bigger than the cap alone)."""
-    runs: list[list[event_pb2.Event]] = [[]]
-    size = 0
-    for event in events:
-        n = event.ByteSize() + _EVENT_OVERHEAD
-        if runs[-1] and size + n > cap:
-            runs.append([])
-            size = 0
-        runs[-1].append(event)
-        size += n
-    return runs
-
-
-def _cap_for(max_message_bytes: int) -> int:
-    """The batch byte cap under a server limit: 10% headroom for the message's own fields."""
-    return max(1, max_message_bytes * 9 // 10)
 
 
 _REASONS = frozenset(v.number for v in ingest_pb2.RejectionReason.DESCRIPTOR.values)
