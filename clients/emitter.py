@@ -88,12 +88,12 @@ from qualify.server.domain.consistency import decode_token
 from qualify.v1 import diagnostics_pb2_grpc, event_pb2, ingest_pb2, ingest_pb2_grpc
 
 from ._batching import DEFAULT_MAX_MESSAGE_BYTES as DEFAULT_MAX_MESSAGE_BYTES  # re-exported: the old home
-from ._batching import EVENT_OVERHEAD, MAX_BATCH as MAX_BATCH, BatchAssembly, cap_for, encoded_size, fitting
+from ._batching import EVENT_OVERHEAD, MAX_BATCH as MAX_BATCH, BatchAssembly, cap_for
 from ._call import CHANNEL_OPTIONS, Backoff, Metadata, Pem, call_metadata, channel_credentials, open_channel, pause
-from ._errors import error_from_rpc_error
 from ._events import make_event as make_event, new_message_id as new_message_id  # re-exported: the old home
+from ._isolation import Isolation
 from ._retry_policy import BATCH as BATCH, CALLER as CALLER, TRANSIENT as TRANSIENT  # re-exported: the old home
-from ._retry_policy import failure_kind as failure_kind, is_size_refusal
+from ._retry_policy import failure_kind as failure_kind
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class _Connection:
         self.call = None
 
 
-class EventEmitter(BatchAssembly):
+class EventEmitter(Isolation, BatchAssembly):
     """Streams events to Qualify in acknowledged batches; see the module docstring.
 
     Batches hold at most ``batch_size`` events and ``max_batch_bytes`` bytes
@@ -393,19 +393,6 @@ class EventEmitter(BatchAssembly):
             log.debug("event %s rejected: %s: %s", r.message_id, reason, r.description)
             self._report(event, reason, r.description)
 
-    def _give_up(self, events: list[event_pb2.Event], err: grpc.RpcError) -> None:
-        """Drops events after a permanent failure, reporting each through on_rejection."""
-        error = error_from_rpc_error(err)
-        reason = error.reason or error.code.name
-        log.warning("dropping %d event(s) after a permanent failure: %s", len(events), error)
-        with self._cond:
-            self.rejected += len(events)
-            self.failed += len(events)
-            self._held -= len(events)
-            self._cond.notify_all()
-        for event in events:
-            self._report(event, reason, error.message)
-
     def _report(self, event: event_pb2.Event | None, reason: str, text: str) -> None:
         if self.on_rejection is not None:
             try:
@@ -418,61 +405,6 @@ class EventEmitter(BatchAssembly):
         delay = pause(err, retry, self._backoff) if err is not None else self._backoff.delay(retry)
         with self._cond:
             self._cond.wait_for(lambda: self._stopped, delay)
-
-    def _settle_alone(self, events: list[event_pb2.Event]) -> None:
-        """Sends events with TrackBatch, halving a batch that fails permanently, until each is settled."""
-        work = [events]
-        retry = 0
-        while work and not self._stopped:
-            part = work.pop()
-            if len(part) > 1 and encoded_size(part) > self.max_batch_bytes:
-                # Built before a size refusal lowered the cap: cut it to fit without a refused round trip.
-                work += reversed(fitting(part, self.max_batch_bytes))
-                continue
-            try:
-                response = self._stub.TrackBatch(ingest_pb2.TrackBatchRequest(events=part),
-                                                 timeout=self.call_timeout, metadata=self._metadata)
-            except ValueError:  # the channel was closed by close()
-                return
-            except grpc.RpcError as err:
-                self.last_error = err
-                if self._stopped:
-                    return
-                kind = failure_kind(err)
-                if kind == TRANSIENT:
-                    work.append(part)
-                    self._pause(err, retry)
-                    retry += 1
-                elif kind == BATCH and len(part) > 1:
-                    if is_size_refusal(err):
-                        self._learn_from_refusal(part)
-                    elif error_from_rpc_error(err).reason == "BATCH_TOO_LARGE":  # a lower [limits] max_batch_events
-                        self.batch_size = max(1, min(self.batch_size, len(part) // 2))
-                    half = len(part) // 2
-                    work += [part[half:], part[:half]]  # the first half is sent first
-                    self.resent += len(part)
-                else:
-                    self._give_up(part, err)
-                continue
-            retry = 0
-            self._settled(part, response.accepted, response.duplicates, response.rejections,
-                          response.consistency_token)
-
-    def _isolate(self) -> int:
-        """Settles every unacknowledged batch on its own, in order; returns how many events it settled."""
-        with self._cond:
-            batches = sorted(self._unacked.items())
-        settled = 0
-        for number, events in batches:
-            if self._stopped:
-                break
-            self._settle_alone(events)
-            if self._stopped:
-                break  # what is left stays counted as unacknowledged
-            with self._cond:
-                self._unacked.pop(number, None)
-            settled += len(events)
-        return settled
 
     def _finished(self) -> bool:
         return self._stopped or (self._closing and self._held == 0)
