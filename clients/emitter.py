@@ -84,16 +84,16 @@ from typing import Any
 
 import grpc
 
-from qualify.server.domain.consistency import decode_token
-from qualify.v1 import diagnostics_pb2_grpc, event_pb2, ingest_pb2, ingest_pb2_grpc
+from qualify.v1 import diagnostics_pb2_grpc, event_pb2, ingest_pb2_grpc
 
 from ._batching import DEFAULT_MAX_MESSAGE_BYTES as DEFAULT_MAX_MESSAGE_BYTES  # re-exported: the old home
 from ._batching import EVENT_OVERHEAD, MAX_BATCH as MAX_BATCH, BatchAssembly, cap_for
-from ._call import CHANNEL_OPTIONS, Backoff, Metadata, Pem, call_metadata, channel_credentials, open_channel, pause
+from ._call import CHANNEL_OPTIONS, Backoff, Metadata, Pem, call_metadata, channel_credentials, open_channel
 from ._events import make_event as make_event, new_message_id as new_message_id  # re-exported: the old home
 from ._isolation import Isolation
 from ._retry_policy import BATCH as BATCH, CALLER as CALLER, TRANSIENT as TRANSIENT  # re-exported: the old home
 from ._retry_policy import failure_kind as failure_kind
+from ._stream import Connection, StreamSender
 
 log = logging.getLogger(__name__)
 
@@ -109,17 +109,7 @@ _EMITTER_CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
-class _Connection:
-    """One StreamEvents call; ``dead`` ends its request generator."""
-
-    __slots__ = ("dead", "call")
-
-    def __init__(self) -> None:
-        self.dead = False
-        self.call = None
-
-
-class EventEmitter(Isolation, BatchAssembly):
+class EventEmitter(StreamSender, Isolation, BatchAssembly):
     """Streams events to Qualify in acknowledged batches; see the module docstring.
 
     Batches hold at most ``batch_size`` events and ``max_batch_bytes`` bytes
@@ -205,7 +195,7 @@ class EventEmitter(Isolation, BatchAssembly):
         self._flushing = 0
         self._closing = False
         self._stopped = False
-        self._conn: _Connection | None = None
+        self._conn: Connection | None = None
         self.last_error: grpc.RpcError | None = None
         self.sent = 0
         self.resent = 0
@@ -331,129 +321,3 @@ class EventEmitter(Isolation, BatchAssembly):
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
-
-    # -- the sending thread ------------------------------------------------------------
-
-    def _requests(self, conn: _Connection):
-        """The request stream of one connection: unacknowledged batches first, then new ones."""
-        with self._cond:
-            resend = list(self._unacked.items())
-        for number, events in resend:
-            if conn.dead:
-                return
-            self.resent += len(events)
-            yield ingest_pb2.StreamEventsRequest(batch_number=number, events=events)
-        while True:
-            with self._cond:
-                while True:
-                    if conn.dead or self._stopped:
-                        return
-                    if self._closing and self._held == 0:
-                        return  # everything acknowledged: half-close, the server ends the stream
-                    wait = None
-                    if self._queue and len(self._unacked) < self.max_in_flight:
-                        due = self._first_at + self.max_delay
-                        now = time.monotonic()
-                        if self._full_batch_queued() or self._flushing or self._closing or now >= due:
-                            break
-                        wait = due - now
-                    self._cond.wait(wait)
-                events = self._take_batch()
-                number = self._next_batch
-                self._next_batch += 1
-                self._unacked[number] = events
-                if self._queue:
-                    self._first_at = time.monotonic()  # the rest may have waited already: send soon
-            self.sent += len(events)
-            yield ingest_pb2.StreamEventsRequest(batch_number=number, events=events)
-
-    def _acknowledge(self, response: ingest_pb2.StreamEventsResponse) -> None:
-        with self._cond:
-            events = self._unacked.pop(response.batch_number, None)
-        if events is not None:
-            self._settled(events, response.accepted, response.duplicates, response.rejections,
-                          response.consistency_token)
-
-    def _settled(self, events: list[event_pb2.Event], accepted: int, duplicates: int, rejections,
-                 token: bytes = b"") -> None:
-        """Counts ``events`` as done (acknowledged or rejected) and reports the rejections."""
-        # Acknowledgements of several connections may arrive out of commit order: keep the latest position.
-        position = decode_token(token) if token else 0
-        with self._cond:
-            if position > self._last_position:
-                self._last_position, self.last_token = position, token
-            self.accepted += accepted
-            self.duplicates += duplicates
-            self.rejected += len(rejections)
-            self._held -= len(events)
-            self._cond.notify_all()
-        for r in rejections:
-            reason = ingest_pb2.RejectionReason.Name(r.reason) if r.reason in _REASONS else str(r.reason)
-            event = events[r.index] if r.index < len(events) else None
-            log.debug("event %s rejected: %s: %s", r.message_id, reason, r.description)
-            self._report(event, reason, r.description)
-
-    def _report(self, event: event_pb2.Event | None, reason: str, text: str) -> None:
-        if self.on_rejection is not None:
-            try:
-                self.on_rejection(event, reason, text)
-            except Exception:  # noqa: BLE001 - a callback must not stop delivery
-                log.exception("on_rejection callback failed")
-
-    def _pause(self, err: grpc.RpcError | None, retry: int) -> None:
-        """Backs off before retry ``retry``; only close cuts it short."""
-        delay = pause(err, retry, self._backoff) if err is not None else self._backoff.delay(retry)
-        with self._cond:
-            self._cond.wait_for(lambda: self._stopped, delay)
-
-    def _finished(self) -> bool:
-        return self._stopped or (self._closing and self._held == 0)
-
-    def _run(self) -> None:
-        retry = 0
-        while True:
-            if not self._limit_known and not self._stopped:
-                self._learn_limit()
-            with self._cond:
-                if self._finished():
-                    return
-                conn = self._conn = _Connection()
-            got_ack = False
-            kind = None
-            try:
-                conn.call = self._stub.StreamEvents(self._requests(conn), metadata=self._metadata)
-                for response in conn.call:
-                    self._acknowledge(response)
-                    got_ack = True
-                    retry = 0
-            except grpc.RpcError as err:
-                self.last_error = err
-                if not self._stopped:
-                    kind = failure_kind(err)
-                    level = logging.WARNING if retry == 0 else logging.DEBUG
-                    log.log(level, "event stream failed (%s: %s); %s", err.code(), err.details(),
-                            "reconnecting" if kind == TRANSIENT else "sending its batches one by one")
-            except ValueError:  # the channel was closed by close()
-                pass
-            finally:
-                with self._cond:
-                    conn.dead = True
-                    self._cond.notify_all()
-            if self._finished():
-                return
-            if kind in (CALLER, BATCH):
-                # Resending the stream as it was would fail the same way.
-                if self._isolate() == 0:
-                    self._pause(self.last_error, retry)  # nothing to blame (refused at the start): back off
-                    retry += 1
-                    with self._cond:  # and reopen only when there is something to send
-                        self._cond.wait_for(lambda: self._queue or self._finished())
-                if self._finished():
-                    return
-            elif not got_ack:  # the server is unavailable: back off (only close cuts it short)
-                self._pause(self.last_error, retry)
-                retry += 1
-            self.reconnects += 1
-
-
-_REASONS = frozenset(v.number for v in ingest_pb2.RejectionReason.DESCRIPTOR.values)
