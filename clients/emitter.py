@@ -86,13 +86,13 @@ import grpc
 
 from qualify.v1 import diagnostics_pb2_grpc, event_pb2, ingest_pb2_grpc
 
-from ._batching import DEFAULT_MAX_MESSAGE_BYTES as DEFAULT_MAX_MESSAGE_BYTES  # re-exported: the old home
-from ._batching import EVENT_OVERHEAD, MAX_BATCH as MAX_BATCH, BatchAssembly, cap_for
+from ._batching import DEFAULT_MAX_MESSAGE_BYTES, EVENT_OVERHEAD, MAX_BATCH, BatchAssembly, cap_for
 from ._call import CHANNEL_OPTIONS, Backoff, Metadata, Pem, call_metadata, channel_credentials, open_channel
-from ._events import make_event as make_event, new_message_id as new_message_id  # re-exported: the old home
+from ._events import make_event
+from ._events import new_message_id as new_message_id  # re-exported: this module was its home
 from ._isolation import Isolation
-from ._retry_policy import BATCH as BATCH, CALLER as CALLER, TRANSIENT as TRANSIENT  # re-exported: the old home
-from ._retry_policy import failure_kind as failure_kind
+from ._retry_policy import BATCH as BATCH, CALLER as CALLER, TRANSIENT as TRANSIENT  # re-exported, as above
+from ._retry_policy import failure_kind as failure_kind  # re-exported, as above
 from ._stream import Connection, StreamSender
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,10 @@ _EMITTER_CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
+# EventEmitter's machinery lives in mixins over the one object's state, by
+# concern, so that each module stays readable: _stream (the sending thread),
+# _isolation (splitting batches after a permanent failure), _batching (batch
+# assembly by count and bytes); _retry_policy classifies the failures.
 class EventEmitter(StreamSender, Isolation, BatchAssembly):
     """Streams events to Qualify in acknowledged batches; see the module docstring.
 
