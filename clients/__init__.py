@@ -50,13 +50,18 @@ def __dir__() -> list[str]:
     return sorted({*globals(), *__all__})
 
 
-if TYPE_CHECKING:  # what static tools see: the names, eagerly
-    from ._errors import (AlreadyExistsError, DeadlineExceededError, InvalidArgumentError, NotFoundError,
+# The names re-exported lazily above, eagerly for static tools (type checkers,
+# IDEs). They look unused to ruff because __all__ is computed from _WHERE,
+# hence the noqa: F401.
+if TYPE_CHECKING:
+    from ._errors import (AlreadyExistsError, DeadlineExceededError, InvalidArgumentError, NotFoundError,  # noqa: F401
                           PermissionDeniedError, QualifyError, ResourceExhaustedError, UnauthenticatedError,
                           UnavailableError, UnimplementedError)
-    from ._records import Audience, Explanation, MembershipChange, MembershipExplanation, Preview, SnapshotEnd
-    from ._values import BatchResult, MembersPage, Membership, Record
-    from .aio import AsyncClient
-    from .blocking import Client
-    from .emitter import EventEmitter
-    from .local import LayoutMismatchError, LocalReader, LocalReaderError, NotYetConsistentError, StaleReaderError
+    from ._records import (Audience, Explanation, MembershipChange, MembershipExplanation,  # noqa: F401
+                           Preview, SnapshotEnd)
+    from ._values import BatchResult, MembersPage, Membership, Record  # noqa: F401
+    from .aio import AsyncClient  # noqa: F401
+    from .blocking import Client  # noqa: F401
+    from .emitter import EventEmitter  # noqa: F401
+    from .local import (LayoutMismatchError, LocalReader, LocalReaderError, NotYetConsistentError,  # noqa: F401
+                        StaleReaderError)

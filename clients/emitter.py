@@ -74,35 +74,28 @@ once ``timeout`` seconds have passed, it raises ``queue.Full`` instead.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Mapping
-from datetime import datetime
 from types import TracebackType
 from typing import Any
 
 import grpc
 
-from qualify.server.domain.consistency import decode_token
-from qualify.v1 import diagnostics_pb2, diagnostics_pb2_grpc, event_pb2, ingest_pb2, ingest_pb2_grpc
+from qualify.v1 import diagnostics_pb2_grpc, event_pb2, ingest_pb2_grpc
 
-from ._call import CHANNEL_OPTIONS, Backoff, Metadata, Pem, call_metadata, channel_credentials, open_channel, pause
-from ._errors import error_from_rpc_error
+from ._batching import DEFAULT_MAX_MESSAGE_BYTES, EVENT_OVERHEAD, MAX_BATCH, BatchAssembly, cap_for
+from ._call import CHANNEL_OPTIONS, Backoff, Metadata, Pem, call_metadata, channel_credentials, open_channel
+from ._events import make_event
+from ._events import new_message_id as new_message_id  # re-exported: this module was its home
+from ._isolation import Isolation
+from ._retry_policy import BATCH as BATCH, CALLER as CALLER, TRANSIENT as TRANSIENT  # re-exported, as above
+from ._retry_policy import failure_kind as failure_kind  # re-exported, as above
+from ._stream import Connection, StreamSender
 
 log = logging.getLogger(__name__)
-
-MAX_BATCH = 1000  # the server's limit per batch
-#: The server's max_message_bytes when it does not say (its default, 4 MiB).
-DEFAULT_MAX_MESSAGE_BYTES = 4 << 20
-# Per event in a batch message: the field's tag (1 byte) and length (up to 5).
-_EVENT_OVERHEAD = 6
-# The smallest cap a size refusal can teach: below this the server could not
-# take one full-sized event (32 KB) anyway, and single events go alone.
-_MIN_LEARNED_BYTES = 1024
 
 RejectionCallback = Callable[[event_pb2.Event, str, str], None]
 
@@ -116,44 +109,11 @@ _EMITTER_CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
-# The failure classes of the retry policy (see the module docstring).
-TRANSIENT, CALLER, BATCH = "transient", "caller", "batch"
-_TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                              grpc.StatusCode.CANCELLED, grpc.StatusCode.ABORTED})
-# RESOURCE_EXHAUSTED with one of these reasons is load, not the batch's size.
-_TRANSIENT_REASONS = frozenset({"RATE_LIMITED", "TOO_MANY_STREAMS", "RESOURCE_EXHAUSTED",
-                                "STORAGE_UNAVAILABLE", "NOT_READY"})
-_CALLER_CODES = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
-                           grpc.StatusCode.UNIMPLEMENTED})
-
-
-def failure_kind(err: grpc.RpcError) -> str:
-    """TRANSIENT (resend later), CALLER (no event can succeed) or BATCH (split to find the bad event)."""
-    error = error_from_rpc_error(err)
-    if error.code in _TRANSIENT_CODES or error.reason in _TRANSIENT_REASONS:
-        return TRANSIENT
-    if error.code in _CALLER_CODES:
-        return CALLER
-    return BATCH
-
-
-def _is_size_refusal(err: grpc.RpcError) -> bool:
-    # gRPC core refuses an oversized message before any handler runs: no ErrorInfo.
-    error = error_from_rpc_error(err)
-    return error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and not error.reason
-
-
-class _Connection:
-    """One StreamEvents call; ``dead`` ends its request generator."""
-
-    __slots__ = ("dead", "call")
-
-    def __init__(self) -> None:
-        self.dead = False
-        self.call = None
-
-
-class EventEmitter:
+# EventEmitter's machinery lives in mixins over the one object's state, by
+# concern, so that each module stays readable: _stream (the sending thread),
+# _isolation (splitting batches after a permanent failure), _batching (batch
+# assembly by count and bytes); _retry_policy classifies the failures.
+class EventEmitter(StreamSender, Isolation, BatchAssembly):
     """Streams events to Qualify in acknowledged batches; see the module docstring.
 
     Batches hold at most ``batch_size`` events and ``max_batch_bytes`` bytes
@@ -215,7 +175,7 @@ class EventEmitter:
             raise ValueError("close_timeout must be >= 0 and call_timeout > 0")
         self.batch_size = batch_size
         #: The byte cap per batch; learned from the server unless given.
-        self.max_batch_bytes = max_batch_bytes or _cap_for(DEFAULT_MAX_MESSAGE_BYTES)
+        self.max_batch_bytes = max_batch_bytes or cap_for(DEFAULT_MAX_MESSAGE_BYTES)
         self._limit_known = max_batch_bytes is not None  # given, or asked already
         self.max_delay = max_delay
         self.max_queue = max_queue
@@ -239,7 +199,7 @@ class EventEmitter:
         self._flushing = 0
         self._closing = False
         self._stopped = False
-        self._conn: _Connection | None = None
+        self._conn: Connection | None = None
         self.last_error: grpc.RpcError | None = None
         self.sent = 0
         self.resent = 0
@@ -273,7 +233,7 @@ class EventEmitter:
         Blocks while the queue is full; raises queue.Full when ``block`` is
         False or ``timeout`` passes first, RuntimeError after ``close``.
         """
-        size = event.ByteSize() + _EVENT_OVERHEAD  # outside the lock: a big event takes a while
+        size = event.ByteSize() + EVENT_OVERHEAD  # outside the lock: a big event takes a while
         with self._cond:
             if self._closing:
                 raise RuntimeError("the emitter is closed")
@@ -291,9 +251,6 @@ class EventEmitter:
             self._held += 1
             if len(self._queue) == 1 or self._full_batch_queued():
                 self._cond.notify_all()
-
-    def _full_batch_queued(self) -> bool:
-        return len(self._queue) >= self.batch_size or self._queued_bytes >= self.max_batch_bytes
 
     def track(self, name: str, *, user_id: str = "", anonymous_id: str = "",
               properties: Mapping[str, Any] | None = None, **kw: Any) -> str:
@@ -368,309 +325,3 @@ class EventEmitter:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
-
-    # -- the sending thread ------------------------------------------------------------
-
-    def _requests(self, conn: _Connection):
-        """The request stream of one connection: unacknowledged batches first, then new ones."""
-        with self._cond:
-            resend = list(self._unacked.items())
-        for number, events in resend:
-            if conn.dead:
-                return
-            self.resent += len(events)
-            yield ingest_pb2.StreamEventsRequest(batch_number=number, events=events)
-        while True:
-            with self._cond:
-                while True:
-                    if conn.dead or self._stopped:
-                        return
-                    if self._closing and self._held == 0:
-                        return  # everything acknowledged: half-close, the server ends the stream
-                    wait = None
-                    if self._queue and len(self._unacked) < self.max_in_flight:
-                        due = self._first_at + self.max_delay
-                        now = time.monotonic()
-                        if self._full_batch_queued() or self._flushing or self._closing or now >= due:
-                            break
-                        wait = due - now
-                    self._cond.wait(wait)
-                events = self._take_batch()
-                number = self._next_batch
-                self._next_batch += 1
-                self._unacked[number] = events
-                if self._queue:
-                    self._first_at = time.monotonic()  # the rest may have waited already: send soon
-            self.sent += len(events)
-            yield ingest_pb2.StreamEventsRequest(batch_number=number, events=events)
-
-    def _take_batch(self) -> list[event_pb2.Event]:
-        """Up to batch_size events and max_batch_bytes from the queue (at least one); under the lock."""
-        events: list[event_pb2.Event] = []
-        size = 0
-        cap = self.max_batch_bytes
-        while self._queue and len(events) < self.batch_size:
-            event, n = self._queue[0]
-            if events and size + n > cap:
-                break
-            self._queue.popleft()
-            events.append(event)
-            size += n
-        self._queued_bytes -= size
-        return events
-
-    def _acknowledge(self, response: ingest_pb2.StreamEventsResponse) -> None:
-        with self._cond:
-            events = self._unacked.pop(response.batch_number, None)
-        if events is not None:
-            self._settled(events, response.accepted, response.duplicates, response.rejections,
-                          response.consistency_token)
-
-    def _settled(self, events: list[event_pb2.Event], accepted: int, duplicates: int, rejections,
-                 token: bytes = b"") -> None:
-        """Counts ``events`` as done (acknowledged or rejected) and reports the rejections."""
-        # Acknowledgements of several connections may arrive out of commit order: keep the latest position.
-        position = decode_token(token) if token else 0
-        with self._cond:
-            if position > self._last_position:
-                self._last_position, self.last_token = position, token
-            self.accepted += accepted
-            self.duplicates += duplicates
-            self.rejected += len(rejections)
-            self._held -= len(events)
-            self._cond.notify_all()
-        for r in rejections:
-            reason = ingest_pb2.RejectionReason.Name(r.reason) if r.reason in _REASONS else str(r.reason)
-            event = events[r.index] if r.index < len(events) else None
-            log.debug("event %s rejected: %s: %s", r.message_id, reason, r.description)
-            self._report(event, reason, r.description)
-
-    def _give_up(self, events: list[event_pb2.Event], err: grpc.RpcError) -> None:
-        """Drops events after a permanent failure, reporting each through on_rejection."""
-        error = error_from_rpc_error(err)
-        reason = error.reason or error.code.name
-        log.warning("dropping %d event(s) after a permanent failure: %s", len(events), error)
-        with self._cond:
-            self.rejected += len(events)
-            self.failed += len(events)
-            self._held -= len(events)
-            self._cond.notify_all()
-        for event in events:
-            self._report(event, reason, error.message)
-
-    def _report(self, event: event_pb2.Event | None, reason: str, text: str) -> None:
-        if self.on_rejection is not None:
-            try:
-                self.on_rejection(event, reason, text)
-            except Exception:  # noqa: BLE001 - a callback must not stop delivery
-                log.exception("on_rejection callback failed")
-
-    def _learn_limit(self) -> None:
-        """Sizes batches below the server's max_message_bytes, asked once (see the module docstring)."""
-        try:
-            info = self._diagnostics.GetServerInfo(diagnostics_pb2.GetServerInfoRequest(),
-                                                   timeout=min(self.call_timeout, 2.0), metadata=self._metadata)
-        except grpc.RpcError as err:
-            if failure_kind(err) != TRANSIENT:  # e.g. PERMISSION_DENIED: a key without admin; keep the default
-                self._limit_known = True
-            log.debug("GetServerInfo failed (%s); batches stay under %d bytes", err.code(), self.max_batch_bytes)
-            return
-        except ValueError:  # the channel was closed by close()
-            return
-        self._limit_known = True
-        if info.max_message_bytes:  # 0: a server that does not say
-            self.max_batch_bytes = min(self.max_batch_bytes, _cap_for(info.max_message_bytes))
-
-    def _learn_from_refusal(self, events: list[event_pb2.Event]) -> None:
-        size = _encoded_size(events)
-        cap = max(_MIN_LEARNED_BYTES, size // 2)
-        if cap < self.max_batch_bytes:
-            log.info("the server refused a %d-byte batch as too large; batches now stay under %d bytes", size, cap)
-            self.max_batch_bytes = cap
-
-    def _pause(self, err: grpc.RpcError | None, retry: int) -> None:
-        """Backs off before retry ``retry``; only close cuts it short."""
-        delay = pause(err, retry, self._backoff) if err is not None else self._backoff.delay(retry)
-        with self._cond:
-            self._cond.wait_for(lambda: self._stopped, delay)
-
-    def _settle_alone(self, events: list[event_pb2.Event]) -> None:
-        """Sends events with TrackBatch, halving a batch that fails permanently, until each is settled."""
-        work = [events]
-        retry = 0
-        while work and not self._stopped:
-            part = work.pop()
-            if len(part) > 1 and _encoded_size(part) > self.max_batch_bytes:
-                # Built before a size refusal lowered the cap: cut it to fit without a refused round trip.
-                work += reversed(_fitting(part, self.max_batch_bytes))
-                continue
-            try:
-                response = self._stub.TrackBatch(ingest_pb2.TrackBatchRequest(events=part),
-                                                 timeout=self.call_timeout, metadata=self._metadata)
-            except ValueError:  # the channel was closed by close()
-                return
-            except grpc.RpcError as err:
-                self.last_error = err
-                if self._stopped:
-                    return
-                kind = failure_kind(err)
-                if kind == TRANSIENT:
-                    work.append(part)
-                    self._pause(err, retry)
-                    retry += 1
-                elif kind == BATCH and len(part) > 1:
-                    if _is_size_refusal(err):
-                        self._learn_from_refusal(part)
-                    elif error_from_rpc_error(err).reason == "BATCH_TOO_LARGE":  # a lower [limits] max_batch_events
-                        self.batch_size = max(1, min(self.batch_size, len(part) // 2))
-                    half = len(part) // 2
-                    work += [part[half:], part[:half]]  # the first half is sent first
-                    self.resent += len(part)
-                else:
-                    self._give_up(part, err)
-                continue
-            retry = 0
-            self._settled(part, response.accepted, response.duplicates, response.rejections,
-                          response.consistency_token)
-
-    def _isolate(self) -> int:
-        """Settles every unacknowledged batch on its own, in order; returns how many events it settled."""
-        with self._cond:
-            batches = sorted(self._unacked.items())
-        settled = 0
-        for number, events in batches:
-            if self._stopped:
-                break
-            self._settle_alone(events)
-            if self._stopped:
-                break  # what is left stays counted as unacknowledged
-            with self._cond:
-                self._unacked.pop(number, None)
-            settled += len(events)
-        return settled
-
-    def _finished(self) -> bool:
-        return self._stopped or (self._closing and self._held == 0)
-
-    def _run(self) -> None:
-        retry = 0
-        while True:
-            if not self._limit_known and not self._stopped:
-                self._learn_limit()
-            with self._cond:
-                if self._finished():
-                    return
-                conn = self._conn = _Connection()
-            got_ack = False
-            kind = None
-            try:
-                conn.call = self._stub.StreamEvents(self._requests(conn), metadata=self._metadata)
-                for response in conn.call:
-                    self._acknowledge(response)
-                    got_ack = True
-                    retry = 0
-            except grpc.RpcError as err:
-                self.last_error = err
-                if not self._stopped:
-                    kind = failure_kind(err)
-                    level = logging.WARNING if retry == 0 else logging.DEBUG
-                    log.log(level, "event stream failed (%s: %s); %s", err.code(), err.details(),
-                            "reconnecting" if kind == TRANSIENT else "sending its batches one by one")
-            except ValueError:  # the channel was closed by close()
-                pass
-            finally:
-                with self._cond:
-                    conn.dead = True
-                    self._cond.notify_all()
-            if self._finished():
-                return
-            if kind in (CALLER, BATCH):
-                # Resending the stream as it was would fail the same way.
-                if self._isolate() == 0:
-                    self._pause(self.last_error, retry)  # nothing to blame (refused at the start): back off
-                    retry += 1
-                    with self._cond:  # and reopen only when there is something to send
-                        self._cond.wait_for(lambda: self._queue or self._finished())
-                if self._finished():
-                    return
-            elif not got_ack:  # the server is unavailable: back off (only close cuts it short)
-                self._pause(self.last_error, retry)
-                retry += 1
-            self.reconnects += 1
-
-
-def _encoded_size(events: list[event_pb2.Event]) -> int:
-    return sum(e.ByteSize() + _EVENT_OVERHEAD for e in events)
-
-
-def _fitting(events: list[event_pb2.Event], cap: int) -> list[list[event_pb2.Event]]:
-    """``events`` in order, cut into runs of at most ``cap`` bytes (an event bigger than the cap alone)."""
-    runs: list[list[event_pb2.Event]] = [[]]
-    size = 0
-    for event in events:
-        n = event.ByteSize() + _EVENT_OVERHEAD
-        if runs[-1] and size + n > cap:
-            runs.append([])
-            size = 0
-        runs[-1].append(event)
-        size += n
-    return runs
-
-
-def _cap_for(max_message_bytes: int) -> int:
-    """The batch byte cap under a server limit: 10% headroom for the message's own fields."""
-    return max(1, max_message_bytes * 9 // 10)
-
-
-_REASONS = frozenset(v.number for v in ingest_pb2.RejectionReason.DESCRIPTOR.values)
-
-
-def new_message_id() -> str:
-    """A UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, then 74 random bits.
-
-    Time-ordered ids keep the server's deduplication index cheap: new keys
-    land together at the end of its B-tree instead of one page write each
-    (see qualify.server.storage.eventlog). Any unique string works; this is
-    the fast kind.
-    """
-    ms = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
-    value = ((ms & 0xFFFF_FFFF_FFFF) << 80) | (0x7 << 76) | (((rand >> 62) & 0xFFF) << 64) \
-        | (0b10 << 62) | (rand & ((1 << 62) - 1))
-    return str(uuid.UUID(int=value))
-
-
-def make_event(
-    type_: int,
-    name: str = "",
-    *,
-    user_id: str = "",
-    anonymous_id: str = "",
-    properties: Mapping[str, Any] | None = None,
-    traits: Mapping[str, Any] | None = None,
-    context: Mapping[str, Any] | None = None,
-    timestamp: datetime | float | None = None,
-    session_id: str = "",
-    previous_id: str = "",
-    message_id: str | None = None,
-) -> event_pb2.Event:
-    """A qualify.v1.Event with a fresh message_id (UUIDv7) and, by default, the current time.
-
-    ``timestamp`` is an aware datetime or seconds since the epoch.
-    """
-    event = event_pb2.Event(type=type_, name=name, user_id=user_id, anonymous_id=anonymous_id,
-                            session_id=session_id, previous_id=previous_id,
-                            message_id=message_id or new_message_id())
-    if timestamp is None:
-        event.timestamp.FromNanoseconds(time.time_ns())
-    elif isinstance(timestamp, datetime):
-        event.timestamp.FromDatetime(timestamp)
-    else:
-        event.timestamp.FromNanoseconds(int(timestamp * 1e9))
-    if properties:
-        event.properties.update(properties)
-    if traits:
-        event.traits.update(traits)
-    if context:
-        event.context.update(context)
-    return event
