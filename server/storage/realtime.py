@@ -163,15 +163,7 @@ class RealtimeStore:
 
     def member_keys(self, txn, audience_id: str) -> list[str]:
         """Every member of an audience, from the member index."""
-        prefix = audience_id.encode() + b"\x00"
-        out = []
-        cur = txn.cursor(db=self.audience_members)
-        if cur.set_range(prefix):
-            for k in cur.iternext(values=False):
-                if not k.startswith(prefix):
-                    break
-                out.append(k[len(prefix):].decode())
-        return out
+        return _page(txn, self.audience_members, audience_id, "", 1 << 62)[0]
 
     def all_memberships(self, txn) -> Iterator[tuple[str, dict[int, int]]]:
         for k, v in txn.cursor(db=self.members):
