@@ -68,7 +68,9 @@ def event_from_proto(pb, received_us: int) -> Event:
     has = pb.HasField
     if has("timestamp"):
         ts = pb.timestamp
-        timestamp_us = ts.seconds * 1_000_000 + ts.nanos // 1000
+        nanos = ts.nanos
+        # None: validation rejects it (INVALID_TIMESTAMP) rather than carry nanos into the seconds.
+        timestamp_us = ts.seconds * 1_000_000 + nanos // 1000 if 0 <= nanos < 1_000_000_000 else None
     else:
         timestamp_us = 0
     return Event(
