@@ -22,7 +22,8 @@ Validation (``validate``) runs once per event, before anything is written:
 Property coercion happens during validation, in place: ``google.protobuf.Struct``
 carries every number as a double, so an ``int`` property accepts an integral
 float and stores an int; a ``timestamp`` property accepts an RFC 3339 string
-and stores integer microseconds since the epoch; ``float`` accepts any number;
+and stores integer microseconds since the epoch; ``float`` accepts any finite
+number (NaN and ±Infinity are PROPERTY_TYPE: aggregates would never recover);
 ``bool`` only booleans; ``string`` only strings. A missing or null property is
 never a type error (it is a missing value, which predicates know how to treat).
 
@@ -228,7 +229,8 @@ def coerce(value: Any, vtype: ValueType) -> Any:
     if vtype is ValueType.STRING:
         return value if isinstance(value, str) else _NO
     if vtype is ValueType.FLOAT:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        # NaN and the infinities are refused: one of them in a SUM or AVG would spoil it for good.
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
         return _NO
     if vtype is ValueType.INT:
@@ -268,7 +270,7 @@ def _kind(value: Any) -> str:
 _EXPECTED = {
     ValueType.STRING: "a string",
     ValueType.INT: "an integer",
-    ValueType.FLOAT: "a number",
+    ValueType.FLOAT: "a finite number",
     ValueType.BOOL: "a bool",
     ValueType.TIMESTAMP: "an RFC 3339 timestamp with a zone (e.g. 2024-05-01T12:00:00Z)",
 }
