@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection_pb2_grpc
 
 from qualify.v1 import audience_pb2, diagnostics_pb2, ingest_pb2, personalize_pb2, sync_pb2
 
@@ -57,6 +58,7 @@ from .transport.health import watch_health
 from .transport.ingest import Ingest
 from .transport.personalize import Personalize
 from .transport.proxy import proxy_handler
+from .transport.standard import add_standard
 from .transport.syncs import Syncs
 from .transport.watch import Watch
 
@@ -120,8 +122,10 @@ async def create_server(reader: Reader, host: str = "127.0.0.1", port: int = 0, 
     server.add_generic_rpc_handlers([Gate(handlers, list(SERVICES), keys=keys, limits=ops.limits,
                                           edge=not internal)])
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(SERVICE_NAMES + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    # Both need no key: decoded leniently, so garbage is INVALID_ARGUMENT and not a traceback per call.
+    add_standard(server, health_pb2_grpc.add_HealthServicer_to_server, health_servicer)
+    add_standard(server, reflection_pb2_grpc.add_ServerReflectionServicer_to_server, reflection.aio.ReflectionServicer(
+        SERVICE_NAMES + [health.SERVICE_NAME, reflection.SERVICE_NAME]))
     if ops.tls.enabled and not internal:
         bound = server.add_secure_port(address or f"{host}:{port}", server_credentials(ops.tls))
     else:
