@@ -240,6 +240,56 @@ def test_revoking_a_key_takes_effect_without_a_restart(secured):
     assert secured.proc.poll() is None  # same process throughout
 
 
+def test_revoking_a_key_ends_its_open_streams_within_a_second(secured):
+    """StreamEvents and WatchMemberships opened before a revocation end UNAUTHENTICATED, even while idle."""
+    import queue
+    import threading
+
+    from qualify.server.security.keys import KeyFile, keys_path
+
+    record, key = KeyFile(keys_path(secured.data_dir)).create("streams", ["ingest", "audiences:read"])
+    with grpc.insecure_channel(secured.address) as ch:
+        eventually(lambda: _allowed(ch, key), lambda: "the new key was not picked up")
+        batches: queue.Queue = queue.Queue()
+        batches.put(ingest_pb2.StreamEventsRequest(batch_number=1, events=[event()]))
+        stream = ingest_pb2_grpc.IngestServiceStub(ch).StreamEvents(iter(batches.get, None), metadata=md(key))
+        watch = audience_pb2_grpc.AudienceServiceStub(ch).WatchMemberships(
+            audience_pb2.WatchMembershipsRequest(start=audience_pb2.WATCH_START_NOW), metadata=md(key))
+        assert next(stream).batch_number == 1  # open and working (the watch is open and idle)
+        ended: dict[str, tuple[grpc.StatusCode, float]] = {}
+
+        def drain(name, call):
+            try:
+                for _ in call:
+                    pass
+                ended[name] = (grpc.StatusCode.OK, time.monotonic())
+            except grpc.RpcError as err:
+                ended[name] = (err.code(), time.monotonic())
+
+        threads = [threading.Thread(target=drain, args=a) for a in (("stream", stream), ("watch", watch))]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        assert not ended, ended
+        t0 = time.monotonic()
+        KeyFile(keys_path(secured.data_dir)).revoke(record.id)
+        for t in threads:
+            t.join(5)
+        batches.put(None)
+        stream.cancel(), watch.cancel()
+        assert {name: code for name, (code, _) in ended.items()} == {
+            "stream": grpc.StatusCode.UNAUTHENTICATED, "watch": grpc.StatusCode.UNAUTHENTICATED}, ended
+        assert max(at for _, at in ended.values()) - t0 < 1.0, ended
+
+
+def _allowed(ch, key: str) -> bool:
+    try:
+        ingest_pb2_grpc.IngestServiceStub(ch).TrackBatch(ingest_pb2.TrackBatchRequest(), metadata=md(key), timeout=5)
+        return True
+    except grpc.RpcError:
+        return False
+
+
 def test_keys_command_refuses_bad_input(secured):
     cli = [sys.executable, "-m", "qualify.server.cli", "keys", "--project", str(secured.workdir / "qualify.toml")]
     bad_scope = subprocess.run(cli + ["create", "--scope", "read-everything"], capture_output=True, text=True)

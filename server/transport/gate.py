@@ -23,6 +23,15 @@ and, at debug level, one log line. What the wrapper needs to know of the call
 variable, which ``service`` sets: gRPC resolves the handler and runs it in the
 same task (tests/test_security.py checks both facts arrive).
 
+A stream outlives the check made when it opened, so the gate keeps the open
+streams of each key and, while any is open, looks at the key file every
+``STREAM_CHECK_SECONDS`` (``KeyStore.refresh``: a stat, and a re-read only
+when the file changed). Only when the store's generation moved does it look
+the streams' keys up; a stream whose key was revoked ends UNAUTHENTICATED,
+within a second of the revocation, idle or not: the handler's task is
+cancelled while it waits for its next reply, or the stream ends before its
+next reply if it was sending one.
+
 The same gate, with ``edge=False``, guards the writer's internal socket in
 ``--workers N`` mode: the forwarded call is authenticated and authorized
 again (so nothing reaches the writer around the serving processes' gate),
@@ -32,6 +41,7 @@ second time.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextvars
 import functools
@@ -54,6 +64,22 @@ _Details = collections.namedtuple("_Details", ("method", "invocation_metadata"))
 _CALL: contextvars.ContextVar[tuple[str | None, str | None]] = contextvars.ContextVar("qualify_call")
 
 UNAUTHENTICATED_MESSAGE = "a valid API key is required: send the metadata 'authorization: Bearer <key>'"
+STREAM_CHECK_SECONDS = 0.25
+
+
+class _OpenStream:
+    """One open stream's key, its handler's task, and whether it waits for its next reply."""
+
+    __slots__ = ("key_id", "task", "waiting", "revoked")
+
+    def __init__(self, key_id: str, task: asyncio.Task):
+        self.key_id, self.task = key_id, task
+        self.waiting = self.revoked = False
+
+    def revoke(self) -> None:
+        self.revoked = True
+        if self.waiting:  # not while gRPC sends a reply: the stream ends before the next one instead
+            self.task.cancel()
 
 
 def required_scope(service: str, method: str) -> str | None:
@@ -111,6 +137,8 @@ class Gate(grpc.GenericRpcHandler):
         self.edge = edge
         self.rates = RateLimiter(limits.requests_per_second, limits.burst) if edge and keys else None
         self.slots = StreamSlots(limits.max_streams_per_key) if edge and keys else None
+        self.streams: set[_OpenStream] = set()
+        self._key_watch: asyncio.Task | None = None
         self.methods: dict[str, _Method] = {}
         for service in services:
             for m in service.methods:
@@ -213,6 +241,7 @@ class Gate(grpc.GenericRpcHandler):
         started, debug = self._enter(context, request_id)
         code = "OK"
         held = False
+        open_ = None
         try:
             if self.slots is not None and key_id is not None:
                 held = self.slots.acquire(key_id)
@@ -220,15 +249,59 @@ class Gate(grpc.GenericRpcHandler):
                     await context.abort_with_status(status_of(TooManyStreams(
                         f"the API key {key_id} already has {self.slots.limit} streams open",
                         metadata={"key_id": key_id})))
-            async for reply in fn(request, context):
+            if key_id is None:
+                async for reply in fn(request, context):
+                    yield reply
+                return
+            open_ = self._opened(key_id)
+            replies = fn(request, context).__aiter__()
+            while True:
+                open_.waiting = True
+                try:
+                    reply = await replies.__anext__()
+                except StopAsyncIteration:
+                    return
+                except asyncio.CancelledError:
+                    if not open_.revoked:
+                        raise
+                    open_.task.uncancel()
+                finally:
+                    open_.waiting = False
+                if open_.revoked:
+                    await context.abort_with_status(status_of(Unauthenticated(
+                        f"the API key {key_id} was revoked", metadata={"key_id": key_id})))
                 yield reply
         except BaseException as exc:
             code = _code(exc, context)
             raise
         finally:
+            if open_ is not None:
+                self.streams.discard(open_)
             if held:
                 self.slots.release(key_id)
             self._exit(m, code, started, key_id, debug)
+
+    def _opened(self, key_id: str) -> _OpenStream:
+        open_ = _OpenStream(key_id, asyncio.current_task())
+        self.streams.add(open_)
+        if self._key_watch is None:
+            self._key_watch = asyncio.get_running_loop().create_task(self._watch_keys())
+        return open_
+
+    async def _watch_keys(self) -> None:
+        """While streams are open: revoke those whose key left the key file; see the module docstring."""
+        try:
+            seen = self.keys.generation
+            while self.streams:
+                await asyncio.sleep(STREAM_CHECK_SECONDS)
+                generation = self.keys.refresh()
+                if generation != seen:
+                    seen = generation
+                    for open_ in list(self.streams):
+                        if not open_.revoked and not self.keys.is_valid(open_.key_id):
+                            open_.revoke()
+        finally:
+            self._key_watch = None
 
     def _refuse(self, m: _Method, err: QualifyError, request_id: str | None,
                 key_id: str | None = None) -> grpc.RpcMethodHandler:
