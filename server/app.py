@@ -94,7 +94,7 @@ class Writing:
 async def create_server(reader: Reader, host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False,
                         writing: Writing | None = None, writer_address: str | None = None, address: str | None = None,
                         ops: Operations | None = None, keys: KeyStore | None = None, internal: bool = False):
-    """A configured, unstarted server: returns (server, bound port, health servicer).
+    """A configured, unstarted server: returns (server, bound port, health servicer, gate).
 
     ``writing`` (the writing process) serves IngestService, AudienceService
     and SyncService; a serving process given ``writer_address`` forwards
@@ -119,8 +119,8 @@ async def create_server(reader: Reader, host: str = "127.0.0.1", port: int = 0, 
         writing = writing or Writing()
         handlers += [handlers_for(INGEST, writing.ingest), handlers_for(AUDIENCE, writing.audiences),
                      handlers_for(SYNC, writing.syncs)]
-    server.add_generic_rpc_handlers([Gate(handlers, list(SERVICES), keys=keys, limits=ops.limits,
-                                          edge=not internal)])
+    gate = Gate(handlers, list(SERVICES), keys=keys, limits=ops.limits, edge=not internal)
+    server.add_generic_rpc_handlers([gate])
     health_servicer = health.aio.HealthServicer()
     # Both need no key: decoded leniently, so garbage is INVALID_ARGUMENT and not a traceback per call.
     add_standard(server, health_pb2_grpc.add_HealthServicer_to_server, health_servicer)
@@ -134,7 +134,7 @@ async def create_server(reader: Reader, host: str = "127.0.0.1", port: int = 0, 
         raise OSError(f"cannot listen on {address or f'{host}:{port}'} (address in use?)")
     for name in ["", *SERVICE_NAMES]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    return server, bound, health_servicer
+    return server, bound, health_servicer, gate
 
 
 def _health(reader: Reader, health_servicer, project: Project):
@@ -233,7 +233,7 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
     internal = address is not None
     if project.ops.metrics.port:
         metrics.setup()
-    server, port, health_servicer = await create_server(reader, host, port, writing=writing, address=address,
+    server, port, health_servicer, gate = await create_server(reader, host, port, writing=writing, address=address,
                                                         ops=project.ops, keys=_keys(project), internal=internal)
     await server.start()
     if internal:  # the writer's socket is for the serving processes of this user only
@@ -255,8 +255,12 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
              asyncio.create_task(_health(reader, health_servicer, project)),
              asyncio.create_task(fire_timers(engine, writer, wake, clock, test_clock))]
     await stop.wait()
-    log.info("shutting down (grace %.0fs)", GRACE_SECONDS)
+    log.info("shutting down (grace %.0fs for unary calls; streams end now)", GRACE_SECONDS)
     await health_servicer.enter_graceful_shutdown()
+    # Streams never end by themselves: watches end UNAVAILABLE now, event streams once what they
+    # read is acknowledged, so shutdown lasts as long as the work in flight, not the grace period.
+    gate.drain()
+    writing.ingest.drain()
     await server.stop(GRACE_SECONDS)
     for t in tasks:
         t.cancel()
@@ -274,7 +278,7 @@ async def serve_reads(project: Project, port: int, writer_address: str) -> int:
     reader = Reader(env)
     if project.ops.metrics.port:
         metrics.setup()
-    server, _, health_servicer = await create_server(reader, project.server.host, port, reuse_port=True,
+    server, _, health_servicer, gate = await create_server(reader, project.server.host, port, reuse_port=True,
                                                      writer_address=writer_address, ops=project.ops,
                                                      keys=_keys(project))
     await server.start()
@@ -283,6 +287,7 @@ async def serve_reads(project: Project, port: int, writer_address: str) -> int:
     ready = asyncio.create_task(_health(reader, health_servicer, project))
     await stop.wait()
     await health_servicer.enter_graceful_shutdown()
+    gate.drain()  # forwarded event streams end when the writer drains them
     await server.stop(GRACE_SECONDS)
     ready.cancel()
     env.close()

@@ -30,7 +30,10 @@ when the file changed). Only when the store's generation moved does it look
 the streams' keys up; a stream whose key was revoked ends UNAUTHENTICATED,
 within a second of the revocation, idle or not: the handler's task is
 cancelled while it waits for its next reply, or the stream ends before its
-next reply if it was sending one.
+next reply if it was sending one. ``drain`` (graceful shutdown) ends every
+server-streaming call the same way, with UNAVAILABLE (SHUTTING_DOWN), so
+shutdown need not wait out its grace for a watch; bidirectional streams
+(StreamEvents) drain themselves, acknowledging what is in flight first.
 
 The same gate, with ``edge=False``, guards the writer's internal socket in
 ``--workers N`` mode: the forwarded call is authenticated and authorized
@@ -50,7 +53,8 @@ import time
 
 import grpc
 
-from ..domain.errors import PermissionDenied, QualifyError, RateLimited, TooManyStreams, Unauthenticated
+from ..domain.errors import (PermissionDenied, QualifyError, RateLimited, ShuttingDown, TooManyStreams,
+                             Unauthenticated)
 from ..observability import metrics
 from ..observability.logs import REQUEST_ID, request_id_from
 from ..config.operations import Limits, TlsSettings
@@ -68,18 +72,20 @@ STREAM_CHECK_SECONDS = 0.25
 
 
 class _OpenStream:
-    """One open stream's key, its handler's task, and whether it waits for its next reply."""
+    """One open stream: its key, its handler's task, whether it waits for its next reply, and why it must end."""
 
-    __slots__ = ("key_id", "task", "waiting", "revoked")
+    __slots__ = ("key_id", "task", "waiting", "ending")
 
-    def __init__(self, key_id: str, task: asyncio.Task):
+    def __init__(self, key_id: str | None, task: asyncio.Task):
         self.key_id, self.task = key_id, task
-        self.waiting = self.revoked = False
+        self.waiting = False
+        self.ending: QualifyError | None = None
 
-    def revoke(self) -> None:
-        self.revoked = True
-        if self.waiting:  # not while gRPC sends a reply: the stream ends before the next one instead
-            self.task.cancel()
+    def end(self, err: QualifyError) -> None:
+        if self.ending is None:
+            self.ending = err
+            if self.waiting:  # not while gRPC sends a reply: the stream ends before the next one instead
+                self.task.cancel()
 
 
 def required_scope(service: str, method: str) -> str | None:
@@ -137,8 +143,9 @@ class Gate(grpc.GenericRpcHandler):
         self.edge = edge
         self.rates = RateLimiter(limits.requests_per_second, limits.burst) if edge and keys else None
         self.slots = StreamSlots(limits.max_streams_per_key) if edge and keys else None
-        self.streams: set[_OpenStream] = set()
+        self.streams: dict[_OpenStream, bool] = {}  # open streams -> whether the client streams too
         self._key_watch: asyncio.Task | None = None
+        self.draining = False
         self.methods: dict[str, _Method] = {}
         for service in services:
             for m in service.methods:
@@ -249,11 +256,7 @@ class Gate(grpc.GenericRpcHandler):
                     await context.abort_with_status(status_of(TooManyStreams(
                         f"the API key {key_id} already has {self.slots.limit} streams open",
                         metadata={"key_id": key_id})))
-            if key_id is None:
-                async for reply in fn(request, context):
-                    yield reply
-                return
-            open_ = self._opened(key_id)
+            open_ = self._opened(key_id, m.handler.request_streaming)
             replies = fn(request, context).__aiter__()
             while True:
                 open_.waiting = True
@@ -262,31 +265,40 @@ class Gate(grpc.GenericRpcHandler):
                 except StopAsyncIteration:
                     return
                 except asyncio.CancelledError:
-                    if not open_.revoked:
+                    if open_.ending is None:
                         raise
                     open_.task.uncancel()
                 finally:
                     open_.waiting = False
-                if open_.revoked:
-                    await context.abort_with_status(status_of(Unauthenticated(
-                        f"the API key {key_id} was revoked", metadata={"key_id": key_id})))
+                if open_.ending is not None:
+                    await context.abort_with_status(status_of(open_.ending))
                 yield reply
         except BaseException as exc:
             code = _code(exc, context)
             raise
         finally:
             if open_ is not None:
-                self.streams.discard(open_)
+                self.streams.pop(open_, None)
             if held:
                 self.slots.release(key_id)
             self._exit(m, code, started, key_id, debug)
 
-    def _opened(self, key_id: str) -> _OpenStream:
+    def _opened(self, key_id: str | None, client_streams: bool) -> _OpenStream:
         open_ = _OpenStream(key_id, asyncio.current_task())
-        self.streams.add(open_)
-        if self._key_watch is None:
+        self.streams[open_] = client_streams
+        if self.draining and not client_streams:
+            open_.end(ShuttingDown("the server is shutting down; resume on another server or after the restart"))
+        if key_id is not None and self.keys is not None and self._key_watch is None:
             self._key_watch = asyncio.get_running_loop().create_task(self._watch_keys())
         return open_
+
+    def drain(self) -> None:
+        """Graceful shutdown: every server-streaming call ends UNAVAILABLE now (see the module docstring)."""
+        self.draining = True
+        err = ShuttingDown("the server is shutting down; resume on another server or after the restart")
+        for open_, client_streams in list(self.streams.items()):
+            if not client_streams:
+                open_.end(err)
 
     async def _watch_keys(self) -> None:
         """While streams are open: revoke those whose key left the key file; see the module docstring."""
@@ -298,8 +310,9 @@ class Gate(grpc.GenericRpcHandler):
                 if generation != seen:
                     seen = generation
                     for open_ in list(self.streams):
-                        if not open_.revoked and not self.keys.is_valid(open_.key_id):
-                            open_.revoke()
+                        if open_.key_id is not None and not self.keys.is_valid(open_.key_id):
+                            open_.end(Unauthenticated(f"the API key {open_.key_id} was revoked",
+                                                      metadata={"key_id": open_.key_id}))
         finally:
             self._key_watch = None
 
