@@ -54,7 +54,7 @@ from .transport.audience import Audiences
 from .transport.diagnostics import Diagnostics
 from .transport.gate import Gate, server_credentials
 from .transport.handlers import handlers_for
-from .transport.health import watch_health
+from .transport.health import watch_health, writer_probe
 from .transport.ingest import Ingest
 from .transport.personalize import Personalize
 from .transport.proxy import proxy_handler
@@ -137,9 +137,11 @@ async def create_server(reader: Reader, host: str = "127.0.0.1", port: int = 0, 
     return server, bound, health_servicer, gate
 
 
-def _health(reader: Reader, health_servicer, project: Project):
-    """Health turns SERVING once the first sync has landed, and NOT_SERVING while the map is nearly full."""
-    return watch_health(reader, health_servicer, ["", *SERVICE_NAMES], project.ops.limits.map_nearly_full)
+def _health(reader: Reader, health_servicer, project: Project, writer_address: str | None = None):
+    """Health turns SERVING once the first sync has landed (and, with ``writer_address``, the writer
+    answers), and NOT_SERVING while the map is nearly full (or the writer stops answering)."""
+    return watch_health(reader, health_servicer, ["", *SERVICE_NAMES], project.ops.limits.map_nearly_full,
+                        writer=writer_probe(writer_address) if writer_address else None)
 
 
 def _keys(project: Project) -> KeyStore | None:
@@ -244,8 +246,9 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
 
     def first_sync(report) -> None:
         write_ready_file(ready_file, host, port, 1)
-        log.info("serving %d people from %s on %s:%d", report.people,
-                 ", ".join(c.name for c in project.collections), host, port)
+        # The writer of --workers N listens on its socket only (add_insecure_port says 1 for it).
+        log.info("%s %d people from %s on %s", "writing for" if internal else "serving", report.people,
+                 ", ".join(c.name for c in project.collections), address or f"{host}:{port}")
 
     def fatal() -> None:
         failed.append(True)
@@ -284,7 +287,7 @@ async def serve_reads(project: Project, port: int, writer_address: str) -> int:
     await server.start()
     stop = asyncio.Event()
     stop_on_signals(asyncio.get_running_loop(), stop)
-    ready = asyncio.create_task(_health(reader, health_servicer, project))
+    ready = asyncio.create_task(_health(reader, health_servicer, project, writer_address))
     await stop.wait()
     await health_servicer.enter_graceful_shutdown()
     gate.drain()  # forwarded event streams end when the writer drains them
