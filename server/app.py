@@ -54,7 +54,7 @@ from .transport.audience import Audiences
 from .transport.diagnostics import Diagnostics
 from .transport.gate import Gate, server_credentials
 from .transport.handlers import handlers_for
-from .transport.health import watch_health, writer_probe
+from .transport.health import MapAlarm, watch_health, writer_probe
 from .transport.ingest import Ingest
 from .transport.personalize import Personalize
 from .transport.proxy import proxy_handler
@@ -137,11 +137,12 @@ async def create_server(reader: Reader, host: str = "127.0.0.1", port: int = 0, 
     return server, bound, health_servicer, gate
 
 
-def _health(reader: Reader, health_servicer, project: Project, writer_address: str | None = None):
+def _health(reader: Reader, health_servicer, project: Project, writer_address: str | None = None,
+            alarm: MapAlarm | None = None):
     """Health turns SERVING once the first sync has landed (and, with ``writer_address``, the writer
     answers), and NOT_SERVING while the map is nearly full (or the writer stops answering)."""
     return watch_health(reader, health_servicer, ["", *SERVICE_NAMES], project.ops.limits.map_nearly_full,
-                        writer=writer_probe(writer_address) if writer_address else None)
+                        writer=writer_probe(writer_address) if writer_address else None, alarm=alarm)
 
 
 def _keys(project: Project) -> KeyStore | None:
@@ -243,6 +244,8 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
     log.info("listening on %s (NOT_SERVING until the first sync lands)", address or f"{host}:{port}")
     stop, failed = asyncio.Event(), []
     stop_on_signals(loop, stop)
+    alarm = MapAlarm(loop, project.ops.limits.map_nearly_full)
+    writer.on_map_use = alarm  # health flips with the commit that fills the map
 
     def first_sync(report) -> None:
         write_ready_file(ready_file, host, port, 1)
@@ -255,7 +258,7 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
         stop.set()
 
     tasks = [asyncio.create_task(sync_schedule(env, project, engine, writer, clock, progress, first_sync, fatal, reader)),
-             asyncio.create_task(_health(reader, health_servicer, project)),
+             asyncio.create_task(_health(reader, health_servicer, project, alarm=alarm)),
              asyncio.create_task(fire_timers(engine, writer, wake, clock, test_clock))]
     await stop.wait()
     log.info("shutting down (grace %.0fs for unary calls; streams end now)", GRACE_SECONDS)

@@ -699,6 +699,35 @@ def test_health_is_not_serving_while_the_map_is_nearly_full(tmp_path, demo_wareh
         assert server.stop() == 0, server.log()
 
 
+def test_health_flips_with_the_commit_that_fills_the_map(tmp_path, demo_warehouse):
+    """Health used to poll the map once a second: a fast fill wrote into MapFull while it still said SERVING."""
+    from qualify.server.storage.lmdb_store import data_path, open_env
+
+    extra = "\n[storage]\nmap_size_gb = 0.01\n[limits]\nmap_nearly_full = 0.25\n"
+    server = start(tmp_path, demo_warehouse, extra).start()
+    key, = fresh_keys(server, "ingest")
+    env = open_env(data_path(server.data_dir), 1 << 30, readonly=True)
+    try:
+        with server.channel() as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            stub = ingest_pb2_grpc.IngestServiceStub(ch)
+            for _ in range(200):
+                stub.TrackBatch(ingest_pb2.TrackBatchRequest(events=[event(path="z" * 8000) for _ in range(10)]),
+                                metadata=md(key), timeout=30)
+                used = (env.info()["last_pgno"] + 1) * env.stat()["psize"]  # what the acknowledged commit left
+                if used >= 0.25 * int(0.01 * (1 << 30)):
+                    break
+            else:
+                raise AssertionError("the map never filled")
+            # At once: no poll interval between the commit and health.
+            time.sleep(0.05)
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+                health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        env.close()
+        assert server.stop() == 0, server.log()
+
+
 def test_config_problems_in_the_new_sections(tmp_path, demo_warehouse):
     from qualify.server.config import ProjectError, load_project
 

@@ -14,6 +14,11 @@ at once, seconds before the writer listens, and Ingest, Audience and Sync
 calls in that gap would fail with UNAVAILABLE; the same holds while the
 supervisor replaces a writer that died, or one that hangs.
 
+The writing process does not wait for the poll to see a fast fill: its
+writer reports the map's use after every transaction to a ``MapAlarm``,
+which wakes the poll at once when the use crosses ``nearly_full`` (or a write
+failed with MapFull), so health flips with the commit that filled the map.
+
 The same poll feeds the LMDB map gauges.
 """
 
@@ -35,6 +40,21 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+class MapAlarm:
+    """Told the map's use after each transaction (on the writer thread); wakes ``watch_health`` on a crossing."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, nearly_full: float):
+        self.loop, self.nearly_full = loop, nearly_full
+        self.full = False
+        self.wake = asyncio.Event()
+
+    def __call__(self, used: int, size: int) -> None:
+        full = used >= self.nearly_full * size
+        if full is not self.full:  # one loop wakeup per crossing, not per commit
+            self.full = full
+            self.loop.call_soon_threadsafe(self.wake.set)
+
+
 def writer_probe(address: str, timeout: float = 0.5) -> Callable[[], Awaitable[bool]]:
     """An async check: does the writer at ``address`` answer its health with SERVING?"""
     channel = grpc.aio.insecure_channel(address)
@@ -52,7 +72,7 @@ def writer_probe(address: str, timeout: float = 0.5) -> Callable[[], Awaitable[b
 
 async def watch_health(reader: RecordReader, health_servicer, names: list[str], nearly_full: float,
                        poll: float = 0.05, every: float = 1.0,
-                       writer: Callable[[], Awaitable[bool]] | None = None) -> None:
+                       writer: Callable[[], Awaitable[bool]] | None = None, alarm: MapAlarm | None = None) -> None:
     """Runs for the life of the server; see the module docstring."""
     while reader.generation == 0 or (writer is not None and not await writer()):
         await asyncio.sleep(poll)
@@ -61,7 +81,7 @@ async def watch_health(reader: RecordReader, health_servicer, names: list[str], 
     while True:
         used, size = reader.map_usage()
         metrics.lmdb_map(used, size)
-        map_ok = used < nearly_full * size
+        map_ok = used < nearly_full * size and not (alarm is not None and alarm.full)
         if map_ok is not map_was and (map_was is not None or not map_ok):
             log.log(logging.INFO if map_ok else logging.WARNING,
                     "the LMDB map is %.1f%% full (%d of %d bytes): health %s", 100 * used / size, used, size,
@@ -78,4 +98,11 @@ async def watch_health(reader: RecordReader, health_servicer, names: list[str], 
             serving = ok
             for name in names:
                 await health_servicer.set(name, SERVING if ok else NOT_SERVING)
-        await asyncio.sleep(every)
+        if alarm is None:
+            await asyncio.sleep(every)
+        else:
+            try:
+                await asyncio.wait_for(alarm.wake.wait(), every)
+            except asyncio.TimeoutError:
+                pass
+            alarm.wake.clear()
