@@ -213,11 +213,12 @@ def test_revoking_a_key_takes_effect_without_a_restart(secured):
     cli = [sys.executable, "-m", "qualify.server.cli", "keys", "--project", str(secured.workdir / "qualify.toml")]
     made = subprocess.run(cli + ["create", "--name", "checkout", "--scope", "personalize"],
                           capture_output=True, text=True, check=True)
-    key = made.stdout.strip()
+    key, key_id = made.stdout.strip().split("\t")  # the key, then its id
     assert re.fullmatch(r"qk_[A-Za-z0-9_\-]{43}", key), made.stdout
     listed = json.loads(subprocess.run(cli + ["list", "--json"], capture_output=True, text=True, check=True).stdout)
     mine = [k for k in listed if k["name"] == "checkout"]
     assert len(mine) == 1 and mine[0]["revoked"] is None and key not in json.dumps(listed)
+    assert mine[0]["id"] == key_id
     assert key not in (secured.data_dir / "keys.json").read_text()  # only its hash is stored
 
     with Client(secured.address, api_key=key, timeout=5, retries=0) as client:
