@@ -7,6 +7,8 @@ log that way. ``add_standard`` registers the same servicers with a decoder
 that never raises: a request that is not valid protobuf answers
 INVALID_ARGUMENT (reason INVALID_REQUEST, like every other service), and the
 log gets at most one warning per ``WARN_EVERY`` seconds, counting the rest.
+A method the servicer leaves out (grpcio's aio health has no ``List``)
+answers UNIMPLEMENTED instead of an UNKNOWN with a traceback.
 """
 
 from __future__ import annotations
@@ -96,7 +98,12 @@ def _lenient(method: str, h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         async def unary(request, context):
             if request is _BAD:
                 await _refuse(context, method)
-            return await fn(request, context)
+            try:
+                return await fn(request, context)
+            except NotImplementedError:  # e.g. Health.List, which grpcio's aio servicer leaves out
+                await context.abort_with_status(to_status(
+                    code_pb2.UNIMPLEMENTED, f"{method} is not implemented by this server", "NOT_IMPLEMENTED",
+                    {"method": method}))
 
         return grpc.unary_unary_rpc_method_handler(unary, decode, encode)
     if h.unary_stream is not None:
