@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection_pb2_grpc
 
 from qualify.v1 import audience_pb2, diagnostics_pb2, ingest_pb2, personalize_pb2, sync_pb2
 
@@ -54,10 +55,11 @@ from .transport.audience import Audiences
 from .transport.diagnostics import Diagnostics
 from .transport.gate import Gate, server_credentials
 from .transport.handlers import handlers_for
-from .transport.health import watch_health
+from .transport.health import MapAlarm, watch_health, writer_probe
 from .transport.ingest import Ingest
 from .transport.personalize import Personalize
 from .transport.proxy import proxy_handler
+from .transport.standard import add_standard
 from .transport.syncs import Syncs
 from .transport.watch import Watch
 
@@ -93,7 +95,7 @@ class Writing:
 async def create_server(reader: Reader, host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False,
                         writing: Writing | None = None, writer_address: str | None = None, address: str | None = None,
                         ops: Operations | None = None, keys: KeyStore | None = None, internal: bool = False):
-    """A configured, unstarted server: returns (server, bound port, health servicer).
+    """A configured, unstarted server: returns (server, bound port, health servicer, gate).
 
     ``writing`` (the writing process) serves IngestService, AudienceService
     and SyncService; a serving process given ``writer_address`` forwards
@@ -118,11 +120,13 @@ async def create_server(reader: Reader, host: str = "127.0.0.1", port: int = 0, 
         writing = writing or Writing()
         handlers += [handlers_for(INGEST, writing.ingest), handlers_for(AUDIENCE, writing.audiences),
                      handlers_for(SYNC, writing.syncs)]
-    server.add_generic_rpc_handlers([Gate(handlers, list(SERVICES), keys=keys, limits=ops.limits,
-                                          edge=not internal)])
+    gate = Gate(handlers, list(SERVICES), keys=keys, limits=ops.limits, edge=not internal)
+    server.add_generic_rpc_handlers([gate])
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(SERVICE_NAMES + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    # Both need no key: decoded leniently, so garbage is INVALID_ARGUMENT and not a traceback per call.
+    add_standard(server, health_pb2_grpc.add_HealthServicer_to_server, health_servicer)
+    add_standard(server, reflection_pb2_grpc.add_ServerReflectionServicer_to_server, reflection.aio.ReflectionServicer(
+        SERVICE_NAMES + [health.SERVICE_NAME, reflection.SERVICE_NAME]))
     if ops.tls.enabled and not internal:
         bound = server.add_secure_port(address or f"{host}:{port}", server_credentials(ops.tls))
     else:
@@ -131,12 +135,15 @@ async def create_server(reader: Reader, host: str = "127.0.0.1", port: int = 0, 
         raise OSError(f"cannot listen on {address or f'{host}:{port}'} (address in use?)")
     for name in ["", *SERVICE_NAMES]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    return server, bound, health_servicer
+    return server, bound, health_servicer, gate
 
 
-def _health(reader: Reader, health_servicer, project: Project):
-    """Health turns SERVING once the first sync has landed, and NOT_SERVING while the map is nearly full."""
-    return watch_health(reader, health_servicer, ["", *SERVICE_NAMES], project.ops.limits.map_nearly_full)
+def _health(reader: Reader, health_servicer, project: Project, writer_address: str | None = None,
+            alarm: MapAlarm | None = None):
+    """Health turns SERVING once the first sync has landed (and, with ``writer_address``, the writer
+    answers), and NOT_SERVING while the map is nearly full (or the writer stops answering)."""
+    return watch_health(reader, health_servicer, ["", *SERVICE_NAMES], project.ops.limits.map_nearly_full,
+                        writer=writer_probe(writer_address) if writer_address else None, alarm=alarm)
 
 
 def _keys(project: Project) -> KeyStore | None:
@@ -233,7 +240,7 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
     internal = address is not None
     if project.ops.metrics.port:
         metrics.setup()
-    server, port, health_servicer = await create_server(reader, host, port, writing=writing, address=address,
+    server, port, health_servicer, gate = await create_server(reader, host, port, writing=writing, address=address,
                                                         ops=project.ops, keys=_keys(project), internal=internal)
     await server.start()
     if internal:  # the writer's socket is for the serving processes of this user only
@@ -241,23 +248,30 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
     log.info("listening on %s (NOT_SERVING until the first sync lands)", address or f"{host}:{port}")
     stop, failed = asyncio.Event(), []
     stop_on_signals(loop, stop)
+    alarm = MapAlarm(loop, project.ops.limits.map_nearly_full)
+    writer.on_map_use = alarm  # health flips with the commit that fills the map
 
     def first_sync(report) -> None:
         write_ready_file(ready_file, host, port, 1)
-        log.info("serving %d people from %s on %s:%d", report.people,
-                 ", ".join(c.name for c in project.collections), host, port)
+        # The writer of --workers N listens on its socket only (add_insecure_port says 1 for it).
+        log.info("%s %d people from %s on %s", "writing for" if internal else "serving", report.people,
+                 ", ".join(c.name for c in project.collections), address or f"{host}:{port}")
 
     def fatal() -> None:
         failed.append(True)
         stop.set()
 
     tasks = [asyncio.create_task(sync_schedule(env, project, engine, writer, clock, progress, first_sync, fatal, reader)),
-             asyncio.create_task(_health(reader, health_servicer, project)),
+             asyncio.create_task(_health(reader, health_servicer, project, alarm=alarm)),
              asyncio.create_task(fire_timers(engine, writer, wake, clock, test_clock)),
              asyncio.create_task(compact(retention, writer, clock, 0.2 if test_clock else 1.0))]
     await stop.wait()
-    log.info("shutting down (grace %.0fs)", GRACE_SECONDS)
+    log.info("shutting down (grace %.0fs for unary calls; streams end now)", GRACE_SECONDS)
     await health_servicer.enter_graceful_shutdown()
+    # Streams never end by themselves: watches end UNAVAILABLE now, event streams once what they
+    # read is acknowledged, so shutdown lasts as long as the work in flight, not the grace period.
+    gate.drain()
+    writing.ingest.drain()
     await server.stop(GRACE_SECONDS)
     for t in tasks:
         t.cancel()
@@ -275,15 +289,16 @@ async def serve_reads(project: Project, port: int, writer_address: str) -> int:
     reader = Reader(env)
     if project.ops.metrics.port:
         metrics.setup()
-    server, _, health_servicer = await create_server(reader, project.server.host, port, reuse_port=True,
+    server, _, health_servicer, gate = await create_server(reader, project.server.host, port, reuse_port=True,
                                                      writer_address=writer_address, ops=project.ops,
                                                      keys=_keys(project))
     await server.start()
     stop = asyncio.Event()
     stop_on_signals(asyncio.get_running_loop(), stop)
-    ready = asyncio.create_task(_health(reader, health_servicer, project))
+    ready = asyncio.create_task(_health(reader, health_servicer, project, writer_address))
     await stop.wait()
     await health_servicer.enter_graceful_shutdown()
+    gate.drain()  # forwarded event streams end when the writer drains them
     await server.stop(GRACE_SECONDS)
     ready.cancel()
     env.close()

@@ -126,6 +126,10 @@ def cmd_check(args) -> int:
     from .storage.warehouse_sources import WarehouseError, open_source
 
     path = args.project or "qualify.toml"
+    if args.project is None and not Path(path).is_file():
+        print("qualify check: no ./qualify.toml here; give the project file with --project FILE "
+              "(serve and sync without one run the embedded demo, which needs no check)", file=sys.stderr)
+        return 2
     try:
         project = load_project(path)
     except ProjectError as exc:
@@ -159,6 +163,12 @@ def cmd_check(args) -> int:
         return 1
     print(f"{path}: ok ({len(project.parent_model.attributes)} attributes, "
           f"collections: {', '.join(c.name for c in project.collections)})")
+    limits, workers = project.ops.limits, project.server.workers
+    if project.ops.auth and limits.requests_per_second:
+        # Each serving process keeps its own token buckets (nothing is shared between them).
+        print(f"  note: per-key rate limits apply per serving process: with {workers} serving process"
+              f"{'es' if workers != 1 else ''} (--workers), a key may make up to "
+              f"{workers * limits.requests_per_second:g} requests/s (burst {workers * limits.burst})")
     return 0
 
 
@@ -373,8 +383,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_options_everywhere(parser: argparse.ArgumentParser, skip: frozenset = frozenset({"bench"})) -> None:
+    """--log-level and --log-format after any subcommand too (``qualify serve --log-format json``).
+
+    SUPPRESS as the default: given before the subcommand, the value stays.
+    """
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                if name in skip:
+                    continue
+                child.add_argument("--log-level", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+                child.add_argument("--log-format", default=argparse.SUPPRESS, choices=("auto", "json", "text"),
+                                   help=argparse.SUPPRESS)
+                _log_options_everywhere(child, skip)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    _log_options_everywhere(parser)
     # `qualify bench` hands every option it sees to qualify.bench, --help included.
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":

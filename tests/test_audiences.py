@@ -497,6 +497,53 @@ def test_invalid_definition_names_the_field(api, name):
         api.delete("invalid_one")
 
 
+def _window(seconds: int, nanos: int = 0) -> condition_pb2.Condition:
+    c = cond(ev("page_views", "WITHIN", "60s"))
+    c.event.window.seconds, c.event.window.nanos = seconds, nanos
+    return c
+
+
+def _literal(seconds: int, nanos: int = 0) -> condition_pb2.Condition:
+    c = cond(attr("signup_date", "GT", {"timestamp_value": "2020-01-01T00:00:00Z"}))
+    c.attribute.value.timestamp_value.seconds, c.attribute.value.timestamp_value.nanos = seconds, nanos
+    return c
+
+
+def _filter_literal(seconds: int, nanos: int = 0) -> condition_pb2.Condition:
+    c = cond(and_(FREE, ev("product_views", filters=[{"property": "price", "operator": "OPERATOR_IN",
+                                                     "values": [fv(1), fv(2)]}])))
+    literal = getattr(c, "and").conditions[1].event.filters[0].values[1].timestamp_value
+    literal.seconds, literal.nanos = seconds, nanos
+    return c
+
+
+# Durations and Timestamps the JSON mapping cannot write (they once answered INTERNAL).
+OUT_OF_RANGE = {
+    "window seconds 2**63-1": (lambda: _window(2**63 - 1), ".event.window"),
+    "window nanos 2e9": (lambda: _window(60, 2_000_000_000), ".event.window"),
+    "window mixed signs": (lambda: _window(60, -1), ".event.window"),
+    "literal seconds 2**62": (lambda: _literal(2**62), ".attribute.value.timestamp_value"),
+    "literal seconds -2**62": (lambda: _literal(-2**62), ".attribute.value.timestamp_value"),
+    "literal nanos -1": (lambda: _literal(0, -1), ".attribute.value.timestamp_value"),
+    "filter literal in a list": (lambda: _filter_literal(2**62),
+                                 ".and.conditions[1].event.filters[0].values[1].timestamp_value"),
+}
+
+
+@pytest.mark.parametrize("name", list(OUT_OF_RANGE))
+def test_out_of_range_durations_and_timestamps_are_invalid_with_the_field(api, name):
+    make, field = OUT_OF_RANGE[name]
+    condition = make()
+    create = audience_pb2.CreateAudienceRequest(audience=audience_pb2.Audience(id="out_of_range", condition=condition))
+    update = audience_pb2.UpdateAudienceRequest(audience=audience_pb2.Audience(id="out_of_range", condition=condition))
+    preview = audience_pb2.PreviewAudienceRequest(condition=condition)
+    for call, request_, prefix in ((api.aud.CreateAudience, create, P), (api.aud.UpdateAudience, update, P),
+                                   (api.aud.PreviewAudience, preview, "condition")):
+        code, err = error_of(call, request_, timeout=10)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (call, err)
+        assert [f for f, _ in err.field_violations] == [prefix + field], err.field_violations
+
+
 def test_nesting_of_exactly_32_levels_is_accepted(api):
     got = api.create("deep_32", DEEP_OK)
     assert as_dict(got.condition) == DEEP_OK

@@ -122,6 +122,40 @@ def test_check_of_a_missing_project_file(tmp_path):
     assert "cannot be read" in proc.stdout and "nope.toml" in proc.stdout
 
 
+def test_check_without_a_project_file_says_it_needs_one(tmp_path):
+    proc = qualify("check", cwd=tmp_path)
+    assert proc.returncode == 2, proc
+    assert "--project" in proc.stderr and "embedded demo" in proc.stderr
+
+
+def test_check_says_per_key_rates_multiply_with_workers(tmp_path, demo_warehouse):
+    project = write_project(tmp_path, duckdb_warehouse(demo_warehouse), extra="[server]\nworkers = 3\n",
+                            auth=True)
+    proc = qualify("check", "--project", str(project), cwd=tmp_path)
+    assert proc.returncode == 0, proc
+    assert "3 serving processes" in proc.stdout and "30000 requests/s" in proc.stdout, proc.stdout
+
+
+def test_log_options_work_after_the_subcommand_too(tmp_path, demo_warehouse):
+    project = write_project(tmp_path, duckdb_warehouse(demo_warehouse))
+    for args in (("--log-format", "json", "check"), ("check", "--log-format", "json", "--log-level", "DEBUG"),
+                 ("keys", "list", "--log-format", "text")):
+        proc = qualify(*args, "--project", str(project), cwd=tmp_path) if args[0] != "keys" else \
+            qualify("keys", "--project", str(project), *args[1:], cwd=tmp_path)
+        assert proc.returncode == 0, (args, proc)
+
+
+def test_keys_create_prints_the_id_beside_the_key_and_list_says_when_there_are_none(tmp_path, demo_warehouse):
+    project = write_project(tmp_path, duckdb_warehouse(demo_warehouse), auth=True)
+    empty = qualify("keys", "--project", str(project), "list", cwd=tmp_path)
+    assert empty.returncode == 0 and empty.stdout == "" and "no API keys" in empty.stderr, empty
+    made = qualify("keys", "--project", str(project), "create", "--scope", "ingest", cwd=tmp_path)
+    key, key_id = made.stdout.split()
+    assert key.startswith("qk_") and key_id.startswith("key_"), made.stdout
+    listed = qualify("keys", "--project", str(project), "list", cwd=tmp_path)
+    assert listed.stdout.startswith(key_id) and "no API keys" not in listed.stderr
+
+
 # ---------------------------------------------------------------- sync
 
 

@@ -155,7 +155,28 @@ REJECTED = {
     "PROPERTY_TYPE": (lambda: event(name="Order Completed", properties={"total": "12.50"}), "event.properties.total"),
     "FUTURE_TIMESTAMP": (lambda: event(timestamp=datetime.now(timezone.utc) + timedelta(minutes=10)), "event.timestamp"),
     "TOO_LARGE": (lambda: event(properties={"blob": "x" * 33_000}), "event"),
+    # Far enough back that the microseconds overflow int64 (the log's msgpack once failed the batch on it).
+    "INVALID_TIMESTAMP": (lambda: raw_timestamp(-9_300_000_000_000), "event.timestamp"),
 }
+
+# Timestamps outside RFC 3339 (years 0001-9999, nanos in [0, 1e9)): each is rejected on its own.
+YEAR_1 = -62135596800  # 0001-01-01T00:00:00Z, the first instant RFC 3339 can write
+INVALID_TIMESTAMPS = {
+    "seconds -9.3e12": (-9_300_000_000_000, 0),
+    "int64 min": (-2**63, 0),
+    "year -1": (YEAR_1 - 2 * 366 * 86400, 0),
+    "just before year 1": (YEAR_1 - 1, 999_999_999),
+    "nanos -1": (1_700_000_000, -1),
+    "nanos 1e9": (1_700_000_000, 1_000_000_000),
+    "nanos 2e9": (1_700_000_000, 2_000_000_000),
+}
+
+
+def raw_timestamp(seconds: int, nanos: int = 0, **kw) -> event_pb2.Event:
+    """An event whose timestamp is set field by field (FromDatetime cannot write an invalid one)."""
+    e = event(**kw)
+    e.timestamp.seconds, e.timestamp.nanos = seconds, nanos
+    return e
 
 
 @pytest.mark.parametrize("reason", list(REJECTED))
@@ -173,6 +194,24 @@ def test_track_rejects_with_the_reason(ingest_server, stub, reason):
 
 
 # ---------------------------------------------------------------- TrackBatch
+
+
+def test_invalid_timestamps_are_rejected_one_by_one_and_neighbours_acknowledged(ingest_server, stub):
+    server, folder = ingest_server
+    batch = []
+    for seconds, nanos in INVALID_TIMESTAMPS.values():
+        batch += [event(), raw_timestamp(seconds, nanos)]
+    year_1 = raw_timestamp(YEAR_1)  # old, but RFC 3339: stored and acknowledged, it changes nothing
+    batch += [year_1, event()]
+    response = stub.TrackBatch(ingest_pb2.TrackBatchRequest(events=batch))
+    assert response.accepted == len(INVALID_TIMESTAMPS) + 2, response
+    assert [r.index for r in response.rejections] == list(range(1, 2 * len(INVALID_TIMESTAMPS), 2))
+    assert {r.reason for r in response.rejections} == {ingest_pb2.REJECTION_REASON_INVALID_TIMESTAMP}
+    logged = {x.message_id: x for x in logged_events(folder)}
+    assert logged[year_1.message_id].timestamp_us == YEAR_1 * US
+    assert all((e.message_id in logged) == (i % 2 == 0 or i >= len(batch) - 2) for i, e in enumerate(batch))
+
+
 
 
 def test_a_batch_accepts_good_neighbours_of_every_kind_of_bad_event(ingest_server, stub):

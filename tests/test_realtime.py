@@ -15,6 +15,7 @@ equal a pure-Python evaluation built on ``qualify.evaluator.reference``.
 from __future__ import annotations
 
 import itertools
+import math
 import shutil
 import time
 from pathlib import Path
@@ -247,6 +248,24 @@ def test_aggregates_over_product_view_prices(rt):
     clock.set(t + 1800 * S)
     assert wait_for(lambda: now_in() == {"agg_min", "agg_avg_ne"}), now_in()
     assert rows_for(rt.lmdb, "agg_max", u)[-1][2:4] == [EXIT, t - 60 * S + SESSION_TIMEOUT]
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+def test_non_finite_prices_are_refused_and_the_aggregate_still_works(rt, bad):
+    """A NaN once stuck in SUM for good: the person never entered "SUM(price) >= 500" again."""
+    api, t = rt.api, rt.clock.now
+    aid = f"agg_sum_finite_{ {math.inf: 'inf', -math.inf: 'ninf'}.get(bad, 'nan') }"
+    api.create(aid, ev("product_views", "EVER", comparison="GE", threshold=500, aggregation="SUM", prop="price"))
+    u, = fresh(rt)
+    poison = product_view(u, t - 50 * S, bad)
+    r = api.ingest.TrackBatch(ingest_pb2.TrackBatchRequest(events=[product_view(u, t - 60 * S, 1.0), poison]))
+    assert r.accepted == 1 and [(x.index, x.reason) for x in r.rejections] == [
+        (1, ingest_pb2.REJECTION_REASON_PROPERTY_TYPE)], r
+    assert "price" in r.rejections[0].description
+    assert not api.is_member(u, aid)
+    api.send(product_view(u, t - 40 * S, 1000.0))
+    assert api.is_member(u, aid)
+    assert api.explain(aid, u).root.aggregate == 1001.0
 
 
 def test_old_events_are_stored_but_change_no_window(rt):

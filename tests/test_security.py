@@ -213,11 +213,12 @@ def test_revoking_a_key_takes_effect_without_a_restart(secured):
     cli = [sys.executable, "-m", "qualify.server.cli", "keys", "--project", str(secured.workdir / "qualify.toml")]
     made = subprocess.run(cli + ["create", "--name", "checkout", "--scope", "personalize"],
                           capture_output=True, text=True, check=True)
-    key = made.stdout.strip()
+    key, key_id = made.stdout.strip().split("\t")  # the key, then its id
     assert re.fullmatch(r"qk_[A-Za-z0-9_\-]{43}", key), made.stdout
     listed = json.loads(subprocess.run(cli + ["list", "--json"], capture_output=True, text=True, check=True).stdout)
     mine = [k for k in listed if k["name"] == "checkout"]
     assert len(mine) == 1 and mine[0]["revoked"] is None and key not in json.dumps(listed)
+    assert mine[0]["id"] == key_id
     assert key not in (secured.data_dir / "keys.json").read_text()  # only its hash is stored
 
     with Client(secured.address, api_key=key, timeout=5, retries=0) as client:
@@ -238,6 +239,56 @@ def test_revoking_a_key_takes_effect_without_a_restart(secured):
                 time.sleep(0.02)
         assert time.monotonic() - t0 < 1.0, "revocation took longer than a second"
     assert secured.proc.poll() is None  # same process throughout
+
+
+def test_revoking_a_key_ends_its_open_streams_within_a_second(secured):
+    """StreamEvents and WatchMemberships opened before a revocation end UNAUTHENTICATED, even while idle."""
+    import queue
+    import threading
+
+    from qualify.server.security.keys import KeyFile, keys_path
+
+    record, key = KeyFile(keys_path(secured.data_dir)).create("streams", ["ingest", "audiences:read"])
+    with grpc.insecure_channel(secured.address) as ch:
+        eventually(lambda: _allowed(ch, key), lambda: "the new key was not picked up")
+        batches: queue.Queue = queue.Queue()
+        batches.put(ingest_pb2.StreamEventsRequest(batch_number=1, events=[event()]))
+        stream = ingest_pb2_grpc.IngestServiceStub(ch).StreamEvents(iter(batches.get, None), metadata=md(key))
+        watch = audience_pb2_grpc.AudienceServiceStub(ch).WatchMemberships(
+            audience_pb2.WatchMembershipsRequest(start=audience_pb2.WATCH_START_NOW), metadata=md(key))
+        assert next(stream).batch_number == 1  # open and working (the watch is open and idle)
+        ended: dict[str, tuple[grpc.StatusCode, float]] = {}
+
+        def drain(name, call):
+            try:
+                for _ in call:
+                    pass
+                ended[name] = (grpc.StatusCode.OK, time.monotonic())
+            except grpc.RpcError as err:
+                ended[name] = (err.code(), time.monotonic())
+
+        threads = [threading.Thread(target=drain, args=a) for a in (("stream", stream), ("watch", watch))]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)
+        assert not ended, ended
+        t0 = time.monotonic()
+        KeyFile(keys_path(secured.data_dir)).revoke(record.id)
+        for t in threads:
+            t.join(5)
+        batches.put(None)
+        stream.cancel(), watch.cancel()
+        assert {name: code for name, (code, _) in ended.items()} == {
+            "stream": grpc.StatusCode.UNAUTHENTICATED, "watch": grpc.StatusCode.UNAUTHENTICATED}, ended
+        assert max(at for _, at in ended.values()) - t0 < 1.0, ended
+
+
+def _allowed(ch, key: str) -> bool:
+    try:
+        ingest_pb2_grpc.IngestServiceStub(ch).TrackBatch(ingest_pb2.TrackBatchRequest(), metadata=md(key), timeout=5)
+        return True
+    except grpc.RpcError:
+        return False
 
 
 def test_keys_command_refuses_bad_input(secured):
@@ -646,6 +697,35 @@ def test_health_is_not_serving_while_the_map_is_nearly_full(tmp_path, demo_wareh
             assert per_service.status == health_pb2.HealthCheckResponse.NOT_SERVING
         assert "NOT_SERVING until storage.map_size_gb grows" in server.log()
     finally:
+        assert server.stop() == 0, server.log()
+
+
+def test_health_flips_with_the_commit_that_fills_the_map(tmp_path, demo_warehouse):
+    """Health used to poll the map once a second: a fast fill wrote into MapFull while it still said SERVING."""
+    from qualify.server.storage.lmdb_store import data_path, open_env
+
+    extra = "\n[storage]\nmap_size_gb = 0.01\n[limits]\nmap_nearly_full = 0.25\n"
+    server = start(tmp_path, demo_warehouse, extra).start()
+    key, = fresh_keys(server, "ingest")
+    env = open_env(data_path(server.data_dir), 1 << 30, readonly=True)
+    try:
+        with server.channel() as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            stub = ingest_pb2_grpc.IngestServiceStub(ch)
+            for _ in range(200):
+                stub.TrackBatch(ingest_pb2.TrackBatchRequest(events=[event(path="z" * 8000) for _ in range(10)]),
+                                metadata=md(key), timeout=30)
+                used = (env.info()["last_pgno"] + 1) * env.stat()["psize"]  # what the acknowledged commit left
+                if used >= 0.25 * int(0.01 * (1 << 30)):
+                    break
+            else:
+                raise AssertionError("the map never filled")
+            # At once: no poll interval between the commit and health.
+            time.sleep(0.05)
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+                health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        env.close()
         assert server.stop() == 0, server.log()
 
 

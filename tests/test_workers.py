@@ -249,3 +249,66 @@ def test_workers_forward_watches_and_syncs(server_factory):
         watch.cancel()
     assert got and got[0].changes[0].person_key == "user-9" and got[0].changes[0].audience_id == "viewers"
     assert server.stop() == 0
+
+
+def test_serving_processes_are_not_serving_while_the_writer_does_not_answer(tmp_path, demo_warehouse):
+    """On an existing data folder a serving process saw the last sync at once and said SERVING while the
+    writer was still starting: Audience and Ingest calls in that gap failed with UNAVAILABLE. A stopped
+    writer (SIGSTOP: its socket still accepts, nothing answers) is that gap made to last."""
+    import subprocess
+
+    from conftest import QualifyServer, free_port
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from qualify.v1 import audience_pb2, audience_pb2_grpc
+
+    project = write_project(tmp_path, f'type = "duckdb"\npath = "{demo_warehouse}"')
+    first = QualifyServer(tmp_path, "--project", str(project), "--workers", "2").start()
+    assert first.stop() == 0, first.log()
+    port = free_port()
+    server = QualifyServer(tmp_path, "--project", str(project), "--workers", "2", "--port", str(port))
+    # Not start(): it waits for the ready file; a balancer polls health from the moment the port answers.
+    server._log = open(server.log_path, "wb")
+    server.proc = subprocess.Popen(server.args, cwd=tmp_path, stdout=server._log, stderr=subprocess.STDOUT,
+                                   env=server.env)
+    try:
+        failures, deadline = [], time.monotonic() + 30
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            while time.monotonic() < deadline:
+                try:
+                    if health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
+                        break
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.002)
+            for _ in range(20):  # SERVING means every service answers, now
+                try:
+                    audience_pb2_grpc.AudienceServiceStub(ch).ListAudiences(audience_pb2.ListAudiencesRequest(),
+                                                                             timeout=5)
+                except grpc.RpcError as err:
+                    failures.append((err.code(), err.details()))
+            assert not failures, failures[:3]
+            writer = [json.loads(line)["pid"] for line in server.log().splitlines()
+                      if "realtime state rebuilt" in line][-1]
+
+            def status():
+                try:
+                    return health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                except grpc.RpcError as err:
+                    return err.code()
+
+            os.kill(writer, signal.SIGSTOP)
+            try:
+                stopped = time.monotonic()
+                while status() == 1:
+                    assert time.monotonic() - stopped < 5, "still SERVING with the writer stopped"
+                    time.sleep(0.05)
+            finally:
+                os.kill(writer, signal.SIGCONT)
+            while status() != 1:
+                assert time.monotonic() - stopped < 15, "not SERVING again after the writer came back"
+                time.sleep(0.05)
+    finally:
+        assert server.stop() == 0, server.log()
+    assert '127.0.0.1:1"' not in server.log(), server.log()  # the writer listens on its socket only

@@ -73,6 +73,10 @@ class NotReady(QualifyError):
     status, reason = Status.UNAVAILABLE, "NOT_READY"
 
 
+class ShuttingDown(QualifyError):
+    status, reason = Status.UNAVAILABLE, "SHUTTING_DOWN"
+
+
 class NotImplementedYet(QualifyError):
     status, reason = Status.UNIMPLEMENTED, "NOT_IMPLEMENTED"
 

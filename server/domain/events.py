@@ -11,6 +11,10 @@ Validation (``validate``) runs once per event, before anything is written:
 - TOO_LARGE: the encoded event is over 32 KB;
 - MISSING_MESSAGE_ID, UNKNOWN_TYPE, MISSING_IDENTITY (neither user_id nor
   anonymous_id);
+- INVALID_TIMESTAMP: not an instant RFC 3339 can write (years 0001-9999),
+  or nanos outside [0, 1e9) on the wire (the transport hands those over as
+  ``timestamp_us=None``). Checked before anything reads the time: out of
+  range, the microseconds need not fit the log's int64;
 - FUTURE_TIMESTAMP: more than 5 minutes ahead of the server clock;
 - PROPERTY_TYPE: a property declared by a candidate model (one whose type and
   event name match; see below) holds a value of another type.
@@ -18,7 +22,8 @@ Validation (``validate``) runs once per event, before anything is written:
 Property coercion happens during validation, in place: ``google.protobuf.Struct``
 carries every number as a double, so an ``int`` property accepts an integral
 float and stores an int; a ``timestamp`` property accepts an RFC 3339 string
-and stores integer microseconds since the epoch; ``float`` accepts any number;
+and stores integer microseconds since the epoch; ``float`` accepts any finite
+number (NaN and ±Infinity are PROPERTY_TYPE: aggregates would never recover);
 ``bool`` only booleans; ``string`` only strings. A missing or null property is
 never a type error (it is a missing value, which predicates know how to treat).
 
@@ -58,6 +63,9 @@ from .schema import ValueType
 ANON = "anon:"  # an anonymous person's key is ANON + anonymous id, until a merge names them
 MAX_EVENT_BYTES = 32 * 1024
 MAX_FUTURE_US = 5 * 60 * 1_000_000
+# RFC 3339's range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999Z, in microseconds since the epoch.
+MIN_TIMESTAMP_US = -62_135_596_800 * 1_000_000
+MAX_TIMESTAMP_US = 253_402_300_800 * 1_000_000 - 1
 DEDUPE_WINDOW_US = 24 * 3600 * 1_000_000
 
 PersonKey = tuple[str, str]  # ("user", id) or ("anonymous", id)
@@ -91,6 +99,7 @@ class RejectionReason(enum.IntEnum):
     FUTURE_TIMESTAMP = 4
     TOO_LARGE = 5
     MISSING_MESSAGE_ID = 6
+    INVALID_TIMESTAMP = 7
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +144,8 @@ class Event:
     """One behavioural event, as validated, stored and evaluated.
 
     ``timestamp_us`` and ``received_us`` are integer microseconds since the
-    epoch. ``seq`` is assigned by the event log when the event is appended
+    epoch (``timestamp_us`` None: the wire timestamp was malformed, which
+    ``validate`` rejects as INVALID_TIMESTAMP). ``seq`` is assigned by the event log when the event is appended
     (0 before).
     """
 
@@ -144,7 +154,7 @@ class Event:
     name: str = ""
     user_id: str = ""
     anonymous_id: str = ""
-    timestamp_us: int = 0
+    timestamp_us: int | None = 0
     received_us: int = 0
     properties: dict = field(default_factory=dict)
     traits: dict = field(default_factory=dict)
@@ -219,7 +229,8 @@ def coerce(value: Any, vtype: ValueType) -> Any:
     if vtype is ValueType.STRING:
         return value if isinstance(value, str) else _NO
     if vtype is ValueType.FLOAT:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        # NaN and the infinities are refused: one of them in a SUM or AVG would spoil it for good.
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
         return _NO
     if vtype is ValueType.INT:
@@ -259,7 +270,7 @@ def _kind(value: Any) -> str:
 _EXPECTED = {
     ValueType.STRING: "a string",
     ValueType.INT: "an integer",
-    ValueType.FLOAT: "a number",
+    ValueType.FLOAT: "a finite number",
     ValueType.BOOL: "a bool",
     ValueType.TIMESTAMP: "an RFC 3339 timestamp with a zone (e.g. 2024-05-01T12:00:00Z)",
 }
@@ -282,7 +293,12 @@ def validate(event: Event, models: Models, now_us: int, encoded_size: int = 0) -
     event.type = _TYPES[event.type]
     if not event.user_id and not event.anonymous_id:
         return Rejection(RejectionReason.MISSING_IDENTITY, "neither user_id nor anonymous_id is set", "user_id")
-    if not event.timestamp_us:
+    ts = event.timestamp_us
+    if ts is None or not MIN_TIMESTAMP_US <= ts <= MAX_TIMESTAMP_US:
+        return Rejection(RejectionReason.INVALID_TIMESTAMP,
+                         "the timestamp is not an RFC 3339 instant: seconds must fall in years 0001-9999 "
+                         "and nanos in [0, 999999999]", "timestamp")
+    if not ts:
         event.timestamp_us = event.received_us
     elif event.timestamp_us > now_us + MAX_FUTURE_US:
         ahead = (event.timestamp_us - now_us) / 1e6

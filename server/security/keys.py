@@ -14,6 +14,8 @@ other's change. Every serving process stats it at most every
 inode), so a created or revoked key takes effect in every process within
 that time, with no signal and no shared state beyond the file. A file that
 fails to parse is logged and ignored: the keys already loaded stay in force.
+Each load bumps ``KeyStore.generation``, so a long-lived stream re-checks its
+key only when the number moved (transport/gate.py), not on every message.
 
 Scopes: ``ingest`` (IngestService), ``personalize`` (PersonalizeService),
 ``audiences:read`` and ``audiences:write`` (AudienceService reads and
@@ -166,6 +168,8 @@ class KeyStore:
         self.check_seconds = check_seconds
         self.clock = clock
         self._by_digest: dict[bytes, ApiKey] = {}
+        self._valid_ids: frozenset[str] = frozenset()
+        self.generation = 0  # bumped whenever the loaded keys change
         self._signature: tuple | None = None
         self._next_check = 0.0
         self._refresh(clock())
@@ -180,6 +184,17 @@ class KeyStore:
         if now >= self._next_check:
             self._refresh(now)
         return self._by_digest.get(digest(token))
+
+    def refresh(self) -> int:
+        """Re-reads the file if it changed and the check is due; returns the generation."""
+        now = self.clock()
+        if now >= self._next_check:
+            self._refresh(now)
+        return self.generation
+
+    def is_valid(self, key_id: str) -> bool:
+        """Whether the key with this id is still loaded and not revoked."""
+        return key_id in self._valid_ids
 
     def _refresh(self, now: float) -> None:
         self._next_check = now + self.check_seconds
@@ -197,5 +212,7 @@ class KeyStore:
             log.error("%s cannot be read (%s); the keys loaded before stay in force", self.path, exc)
             return
         self._by_digest = {bytes.fromhex(k.sha256): k for k in keys if k.revoked is None}
+        self._valid_ids = frozenset(k.id for k in self._by_digest.values())
+        self.generation += 1
         log.info("API keys loaded from %s: %d valid, %d revoked", self.path, len(self._by_digest),
                  len(keys) - len(self._by_digest))

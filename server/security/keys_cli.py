@@ -31,13 +31,15 @@ def cmd_keys(args) -> int:
             if args.json:
                 print(json.dumps({**key.to_json(), "key": token}, indent=2))
             else:
-                print(token)
+                print(f"{token}\t{key.id}")  # `cut -f1` for the key alone
                 print(f"created {key.id} ({key.name or 'no name'}) with scopes {', '.join(sorted(key.scopes))}; "
                       "the key above is shown once: Qualify keeps only its hash", file=sys.stderr)
         elif args.keys_command == "list":
             listed = keys.read()
             if args.json:
                 print(json.dumps([k.to_json() for k in listed], indent=2))
+            elif not listed:
+                print(f"no API keys in {keys.path} yet: `qualify keys create` makes one", file=sys.stderr)
             else:
                 for k in listed:
                     state = f"revoked {k.revoked}" if k.revoked else "valid"

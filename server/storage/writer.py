@@ -120,6 +120,12 @@ class Writer:
         #: the accepted (non-duplicate) events, seq set, and the transaction's
         #: clock reading. Raising fails the whole transaction.
         self.on_events: EventsHook | None = None
+        #: Called on the writer thread after every transaction (committed or
+        #: not) with (bytes of the map in use, map size): health must see a
+        #: fast fill at the commit that made it, not at its next poll. A
+        #: MapFullError reports the map as full.
+        self.on_map_use: Callable[[int, int], None] | None = None
+        self._psize = 0
         self._committed: list[Callable[[], None]] = []  # after_commit callbacks of the running transaction
         self.log: EventLog | None = None
         self._cond = threading.Condition()
@@ -261,13 +267,27 @@ class Writer:
             with self.env.begin(write=True) as txn:
                 result = job.fn(txn)
         except BaseException as exc:  # noqa: BLE001 - handed to the submitter
-            self._after(False)
+            self._after(False, isinstance(exc, lmdb.MapFullError))
             job.future.set_exception(exc)
         else:
             self._after(True)
             job.future.set_result(result)
 
-    def _after(self, committed: bool) -> None:
+    def _map_use(self, full: bool = False) -> None:
+        hook = self.on_map_use
+        if hook is None:
+            return
+        info = self.env.info()  # reads the meta page: no I/O, a few hundred ns
+        if not self._psize:
+            self._psize = self.env.stat()["psize"]
+        size = info["map_size"]
+        try:
+            hook(size if full else (info["last_pgno"] + 1) * self._psize, size)
+        except Exception:  # noqa: BLE001 - a hook never fails the writer
+            log.exception("map use hook failed")
+
+    def _after(self, committed: bool, full: bool = False) -> None:
+        self._map_use(full)
         callbacks, self._committed = self._committed, []
         if not committed:
             return
@@ -281,6 +301,7 @@ class Writer:
         events = [e for req in group for e in req.events] if len(group) > 1 else list(group[0].events)
         now = self.clock_us()
         error: Callable[[], BaseException] | None = None  # makes one exception per request
+        full = False
         dup = [False] * len(events)
         position = 0
         try:
@@ -294,6 +315,7 @@ class Writer:
                 position = self.log.last_seq(txn)
         except lmdb.Error as exc:
             log.error("event log write failed, %d events not acknowledged: %s", n, exc)
+            full = isinstance(exc, lmdb.MapFullError)
             what = type(exc).__name__
             error = lambda: StorageUnavailable(  # noqa: E731
                 f"the event log could not be written ({what}); nothing in this batch was acknowledged")
@@ -303,7 +325,7 @@ class Writer:
             log.exception("on_events hook failed, %d events not acknowledged", n)
             error = lambda: QualifyError(  # noqa: E731
                 "evaluating the batch failed; nothing in it was acknowledged (see the server log)")
-        self._after(error is None)
+        self._after(error is None, full)
         if error is None:
             # The first event queued is the oldest: its wait is the transaction's evaluation lag.
             metrics.evaluation_lag((self.clock_us() - events[0].event.received_us) / 1e6)

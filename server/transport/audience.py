@@ -10,14 +10,71 @@ from google.protobuf import json_format
 
 from qualify.v1 import audience_pb2, condition_pb2, membership_pb2
 
+from ..domain.errors import FieldViolation, InvalidAudience
 from ..services.audiences import AudienceInfo, AudienceService
 from ..services.consistency import budget_of
 from .errors import reject_malformed
 from .watch import Watch, timestamp
 
+# What the JSON mapping can write (google/protobuf/duration.proto, timestamp.proto).
+MAX_DURATION_SECONDS = 315_576_000_000
+MIN_TIMESTAMP_SECONDS, MAX_TIMESTAMP_SECONDS = -62_135_596_800, 253_402_300_799
+_BAD_DURATION = ("is not a valid google.protobuf.Duration: seconds within ±315576000000 and nanos "
+                 "within ±999999999, of the same sign")
+_BAD_TIMESTAMP = ("is not a valid google.protobuf.Timestamp: seconds within years 0001-9999 (RFC 3339) "
+                  "and nanos in [0, 999999999]")
 
-def condition_to_dict(message: condition_pb2.Condition) -> dict:
-    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+def condition_to_dict(message: condition_pb2.Condition, path: str = "condition") -> dict:
+    """The condition's JSON form; a Duration or Timestamp JSON cannot write is InvalidAudience at its path."""
+    try:
+        return json_format.MessageToDict(message, preserving_proto_field_name=True)
+    except (json_format.SerializeToJsonError, ValueError):
+        found = _bad_time(message, path)
+        if found is None:
+            raise
+        raise InvalidAudience(f"invalid condition: {found.field}: {found.description}", violations=[found]) from None
+
+
+def _bad_duration(d) -> bool:
+    s, n = d.seconds, d.nanos
+    return not (-MAX_DURATION_SECONDS <= s <= MAX_DURATION_SECONDS and -1_000_000_000 < n < 1_000_000_000
+                and (s == 0 or n == 0 or (s > 0) == (n > 0)))
+
+
+def _bad_timestamp(t) -> bool:
+    return not (MIN_TIMESTAMP_SECONDS <= t.seconds <= MAX_TIMESTAMP_SECONDS and 0 <= t.nanos < 1_000_000_000)
+
+
+def _bad_literals(body, path: str) -> FieldViolation | None:
+    literals = [(body.value, f"{path}.value")] if body.HasField("value") else []
+    literals += [(v, f"{path}.values[{i}]") for i, v in enumerate(body.values)]
+    for lit, at in literals:
+        if lit.WhichOneof("kind") == "timestamp_value" and _bad_timestamp(lit.timestamp_value):
+            return FieldViolation(f"{at}.timestamp_value", _BAD_TIMESTAMP)
+    return None
+
+
+def _bad_time(c: condition_pb2.Condition, path: str) -> FieldViolation | None:
+    """The first Duration or Timestamp under ``c`` that the JSON mapping refuses (the rare, failing path)."""
+    kind = c.WhichOneof("kind")
+    sub = f"{path}.{kind}"
+    if kind in ("and", "or"):
+        for i, child in enumerate(getattr(c, kind).conditions):
+            if (found := _bad_time(child, f"{sub}.conditions[{i}]")) is not None:
+                return found
+    elif kind == "not":
+        body = getattr(c, "not")  # a Python keyword: no attribute syntax
+        return _bad_time(body.condition, f"{sub}.condition") if body.HasField("condition") else None
+    elif kind == "attribute":
+        return _bad_literals(c.attribute, sub)
+    elif kind == "event":
+        if c.event.HasField("window") and _bad_duration(c.event.window):
+            return FieldViolation(f"{sub}.window", _BAD_DURATION)
+        for i, f in enumerate(c.event.filters):
+            if (found := _bad_literals(f, f"{sub}.filters[{i}]")) is not None:
+                return found
+    return None
 
 
 def _message(a: AudienceInfo) -> audience_pb2.Audience:
@@ -51,14 +108,16 @@ class Audiences:
         reject_malformed(request)
         a = request.audience
         info = await self.service.create(a.id, a.display_name, a.description,
-                                         condition_to_dict(a.condition) if a.HasField("condition") else None)
+                                         condition_to_dict(a.condition, "audience.condition")
+                                         if a.HasField("condition") else None)
         return audience_pb2.CreateAudienceResponse(audience=_message(info))
 
     async def update_audience(self, request: audience_pb2.UpdateAudienceRequest, context):
         reject_malformed(request)
         a = request.audience
         info = await self.service.update(a.id, set(request.update_mask.paths), a.display_name, a.description,
-                                         condition_to_dict(a.condition) if a.HasField("condition") else None)
+                                         condition_to_dict(a.condition, "audience.condition")
+                                         if a.HasField("condition") else None)
         return audience_pb2.UpdateAudienceResponse(audience=_message(info))
 
     async def delete_audience(self, request: audience_pb2.DeleteAudienceRequest, context):

@@ -23,6 +23,18 @@ and, at debug level, one log line. What the wrapper needs to know of the call
 variable, which ``service`` sets: gRPC resolves the handler and runs it in the
 same task (tests/test_security.py checks both facts arrive).
 
+A stream outlives the check made when it opened, so the gate keeps the open
+streams of each key and, while any is open, looks at the key file every
+``STREAM_CHECK_SECONDS`` (``KeyStore.refresh``: a stat, and a re-read only
+when the file changed). Only when the store's generation moved does it look
+the streams' keys up; a stream whose key was revoked ends UNAUTHENTICATED,
+within a second of the revocation, idle or not: the handler's task is
+cancelled while it waits for its next reply, or the stream ends before its
+next reply if it was sending one. ``drain`` (graceful shutdown) ends every
+server-streaming call the same way, with UNAVAILABLE (SHUTTING_DOWN), so
+shutdown need not wait out its grace for a watch; bidirectional streams
+(StreamEvents) drain themselves, acknowledging what is in flight first.
+
 The same gate, with ``edge=False``, guards the writer's internal socket in
 ``--workers N`` mode: the forwarded call is authenticated and authorized
 again (so nothing reaches the writer around the serving processes' gate),
@@ -32,6 +44,7 @@ second time.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextvars
 import functools
@@ -40,7 +53,8 @@ import time
 
 import grpc
 
-from ..domain.errors import PermissionDenied, QualifyError, RateLimited, TooManyStreams, Unauthenticated
+from ..domain.errors import (PermissionDenied, QualifyError, RateLimited, ShuttingDown, TooManyStreams,
+                             Unauthenticated)
 from ..observability import metrics
 from ..observability.logs import REQUEST_ID, request_id_from
 from ..config.operations import Limits, TlsSettings
@@ -54,6 +68,24 @@ _Details = collections.namedtuple("_Details", ("method", "invocation_metadata"))
 _CALL: contextvars.ContextVar[tuple[str | None, str | None]] = contextvars.ContextVar("qualify_call")
 
 UNAUTHENTICATED_MESSAGE = "a valid API key is required: send the metadata 'authorization: Bearer <key>'"
+STREAM_CHECK_SECONDS = 0.25
+
+
+class _OpenStream:
+    """One open stream: its key, its handler's task, whether it waits for its next reply, and why it must end."""
+
+    __slots__ = ("key_id", "task", "waiting", "ending")
+
+    def __init__(self, key_id: str | None, task: asyncio.Task):
+        self.key_id, self.task = key_id, task
+        self.waiting = False
+        self.ending: QualifyError | None = None
+
+    def end(self, err: QualifyError) -> None:
+        if self.ending is None:
+            self.ending = err
+            if self.waiting:  # not while gRPC sends a reply: the stream ends before the next one instead
+                self.task.cancel()
 
 
 def required_scope(service: str, method: str) -> str | None:
@@ -111,6 +143,9 @@ class Gate(grpc.GenericRpcHandler):
         self.edge = edge
         self.rates = RateLimiter(limits.requests_per_second, limits.burst) if edge and keys else None
         self.slots = StreamSlots(limits.max_streams_per_key) if edge and keys else None
+        self.streams: dict[_OpenStream, bool] = {}  # open streams -> whether the client streams too
+        self._key_watch: asyncio.Task | None = None
+        self.draining = False
         self.methods: dict[str, _Method] = {}
         for service in services:
             for m in service.methods:
@@ -213,6 +248,7 @@ class Gate(grpc.GenericRpcHandler):
         started, debug = self._enter(context, request_id)
         code = "OK"
         held = False
+        open_ = None
         try:
             if self.slots is not None and key_id is not None:
                 held = self.slots.acquire(key_id)
@@ -220,15 +256,65 @@ class Gate(grpc.GenericRpcHandler):
                     await context.abort_with_status(status_of(TooManyStreams(
                         f"the API key {key_id} already has {self.slots.limit} streams open",
                         metadata={"key_id": key_id})))
-            async for reply in fn(request, context):
+            open_ = self._opened(key_id, m.handler.request_streaming)
+            replies = fn(request, context).__aiter__()
+            while True:
+                open_.waiting = True
+                try:
+                    reply = await replies.__anext__()
+                except StopAsyncIteration:
+                    return
+                except asyncio.CancelledError:
+                    if open_.ending is None:
+                        raise
+                    open_.task.uncancel()
+                finally:
+                    open_.waiting = False
+                if open_.ending is not None:
+                    await context.abort_with_status(status_of(open_.ending))
                 yield reply
         except BaseException as exc:
             code = _code(exc, context)
             raise
         finally:
+            if open_ is not None:
+                self.streams.pop(open_, None)
             if held:
                 self.slots.release(key_id)
             self._exit(m, code, started, key_id, debug)
+
+    def _opened(self, key_id: str | None, client_streams: bool) -> _OpenStream:
+        open_ = _OpenStream(key_id, asyncio.current_task())
+        self.streams[open_] = client_streams
+        if self.draining and not client_streams:
+            open_.end(ShuttingDown("the server is shutting down; resume on another server or after the restart"))
+        if key_id is not None and self.keys is not None and self._key_watch is None:
+            self._key_watch = asyncio.get_running_loop().create_task(self._watch_keys())
+        return open_
+
+    def drain(self) -> None:
+        """Graceful shutdown: every server-streaming call ends UNAVAILABLE now (see the module docstring)."""
+        self.draining = True
+        err = ShuttingDown("the server is shutting down; resume on another server or after the restart")
+        for open_, client_streams in list(self.streams.items()):
+            if not client_streams:
+                open_.end(err)
+
+    async def _watch_keys(self) -> None:
+        """While streams are open: revoke those whose key left the key file; see the module docstring."""
+        try:
+            seen = self.keys.generation
+            while self.streams:
+                await asyncio.sleep(STREAM_CHECK_SECONDS)
+                generation = self.keys.refresh()
+                if generation != seen:
+                    seen = generation
+                    for open_ in list(self.streams):
+                        if open_.key_id is not None and not self.keys.is_valid(open_.key_id):
+                            open_.end(Unauthenticated(f"the API key {open_.key_id} was revoked",
+                                                      metadata={"key_id": open_.key_id}))
+        finally:
+            self._key_watch = None
 
     def _refuse(self, m: _Method, err: QualifyError, request_id: str | None,
                 key_id: str | None = None) -> grpc.RpcMethodHandler:

@@ -12,6 +12,12 @@ until an acknowledgement has been written, so when the writer falls behind
 one stream are validated and queued concurrently, so a stream still gets
 group commit across its own batches, and acknowledgements leave in batch
 order.
+
+On graceful shutdown ``drain`` stops every stream's reading at once: the
+batches already read are still acknowledged, in order, and then the stream
+ends UNAVAILABLE (SHUTTING_DOWN), so the sender resends the rest elsewhere
+(or after the restart; message ids make that safe) instead of the server
+waiting out its grace period for a stream that never ends.
 """
 
 from __future__ import annotations
@@ -24,12 +30,13 @@ from google.protobuf import struct_pb2
 from qualify.v1 import ingest_pb2
 
 from ..domain.consistency import encode_token
-from ..domain.errors import QualifyError
+from ..domain.errors import QualifyError, ShuttingDown
 from ..domain.events import MAX_EVENT_BYTES, Event
 from ..services.ingest import IngestService
 from .errors import internal_status, reject_malformed, status_of
 
 MAX_IN_FLIGHT = 4  # batches per stream between read and acknowledgement
+_DRAINED = object()  # queued by a stream's reader that drain() stopped
 
 
 # -- qualify.v1.Event -> domain Event ------------------------------------------------
@@ -69,7 +76,9 @@ def event_from_proto(pb, received_us: int) -> Event:
     has = pb.HasField
     if has("timestamp"):
         ts = pb.timestamp
-        timestamp_us = ts.seconds * 1_000_000 + ts.nanos // 1000
+        nanos = ts.nanos
+        # None: validation rejects it (INVALID_TIMESTAMP) rather than carry nanos into the seconds.
+        timestamp_us = ts.seconds * 1_000_000 + nanos // 1000 if 0 <= nanos < 1_000_000_000 else None
     else:
         timestamp_us = 0
     return Event(
@@ -93,6 +102,14 @@ class Ingest:
 
     def __init__(self, service: IngestService):
         self.service = service
+        self.draining = False
+        self._readers: set[asyncio.Task] = set()
+
+    def drain(self) -> None:
+        """Graceful shutdown: streams read no more batches; see the module docstring."""
+        self.draining = True
+        for reader in list(self._readers):
+            reader.cancel()
 
     async def _ingest(self, pbs) -> tuple[int, int, list[ingest_pb2.EventRejection], bytes]:
         outcome = await self.service.ingest(decode_events(pbs, self.service.clock_us()))
@@ -145,16 +162,28 @@ class Ingest:
                         queue.put_nowait(err)
                         return
                     queue.put_nowait(asyncio.ensure_future(ack(request)))
+            except asyncio.CancelledError:
+                if self.draining:  # what was read is acknowledged first: the queue is in order
+                    queue.put_nowait(_DRAINED)
+                    return
+                raise
             except BaseException as exc:  # noqa: BLE001 - handed to the writing side
                 queue.put_nowait(exc)
                 raise
 
+        if self.draining:
+            await context.abort_with_status(status_of(ShuttingDown("the server is shutting down")))
         reader = asyncio.ensure_future(read())
+        self._readers.add(reader)
+        reader.add_done_callback(self._readers.discard)
         try:
             while True:
                 item = await queue.get()
                 if item is None:
                     return
+                if item is _DRAINED:
+                    raise ShuttingDown("the server is shutting down; the batches acknowledged are durable, "
+                                       "resend the rest")
                 if isinstance(item, BaseException):
                     raise item
                 response = await item
