@@ -389,8 +389,11 @@ class AudienceReads:
 
     def audience(self, audience_id: str) -> tuple[dict | None, int]:
         """The stored record (None: no such audience) and its member count."""
+        k = _key(audience_id)
+        if k is None:
+            return None, 0
         with self.env.begin() as txn:
-            raw = txn.get(audience_id.encode(), db=self.audiences)
+            raw = txn.get(k, db=self.audiences)
             counts = json.loads(txn.get(COUNTS, db=self.meta) or b"{}")
         return (json.loads(raw) if raw else None), counts.get(audience_id, 0)
 
@@ -407,14 +410,18 @@ class AudienceReads:
             ids = audience_ids or existing
             missing = [a for a in ids if a not in existing]
             bits = _catalog(txn, self.meta)
-            member = decode_membership(txn.get(person_key.encode(), db=self.members))
+            k = _key(person_key)
+            member = decode_membership(txn.get(k, db=self.members)) if k is not None else {}
         found = [(a, member[bits.index(a)]) for a in ids if a in bits and bits.index(a) in member]
         return missing, found
 
     def list_members(self, audience_id: str, after: str, limit: int) -> tuple[bool, list[str], str]:
         """(whether the audience exists, a page of member keys after ``after``, the next page's token)."""
+        k = _key(audience_id)
+        if k is None:
+            return False, [], ""
         with self.env.begin() as txn:
-            if txn.get(audience_id.encode(), db=self.audiences) is None:
+            if txn.get(k, db=self.audiences) is None:
                 return False, [], ""
             keys, token = _page(txn, self.audience_members, audience_id, after, limit)
         return True, keys, token
@@ -436,3 +443,12 @@ def _page(txn, index, audience_id: str, after: str, limit: int) -> tuple[list[st
             keys.append(key)
     return keys, ""
 
+
+
+def _key(text: str) -> bytes | None:
+    """``text`` as an LMDB key, or None when no key can be it (empty, over 511 bytes, not UTF-8)."""
+    try:
+        raw = text.encode()
+    except UnicodeEncodeError:  # a lone surrogate from a lenient decode: nothing is stored under it
+        return None
+    return raw if 0 < len(raw) <= 511 else None
