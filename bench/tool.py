@@ -25,7 +25,8 @@ import uuid
 from pathlib import Path
 
 from . import _audiences, _inputs, _proc, report
-from ._loadgen import LoadProcess, encode, new_histogram
+from ._histograms import encode, new_histogram
+from ._loadgen import LoadProcess
 from ._schedule import Schedule, ScheduleError
 
 SCENARIOS = {
