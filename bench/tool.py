@@ -25,8 +25,8 @@ import uuid
 from pathlib import Path
 
 from . import _audiences, _inputs, _proc, report
-from ._histograms import encode, new_histogram
 from ._loadgen import LoadProcess
+from ._merge import merge
 from ._schedule import Schedule, ScheduleError
 
 SCENARIOS = {
@@ -41,7 +41,6 @@ SCENARIOS = {
                     "track, noop"),
     "noop": ({"noop": 1.0}, "DiagnosticsService.Noop: the gRPC transport floor of this server stack"),
 }
-LAG_WARN_US = 1000.0
 BEHIND_RATIO = 0.95
 
 
@@ -205,108 +204,6 @@ class Runner:
         }
         self.progress("phase_end", name=name)
         return result
-
-
-def _latency(hist) -> dict:
-    if hist.get_total_count() == 0:
-        return {}
-    out = {f"p{q:g}".replace(".", "_"): hist.get_value_at_percentile(q) for q in report.PERCENTILES}
-    out.update(min=hist.get_min_value(), max=hist.get_max_value(), mean=round(hist.get_mean_value(), 1))
-    return out
-
-
-def merge(name: str, role: str, spec: dict, parts: list[dict], wall: float) -> dict:
-    """One phase's result from its load processes: histograms added, counts summed."""
-    duration, interval = spec["duration"], spec["interval"]
-    series: dict[str, dict] = {}
-    for part in parts:
-        for sname, s in part["series"].items():
-            m = series.setdefault(sname, {"hist": new_histogram(), "codes": {}, "count": 0, "in_window": 0, "iv": {}})
-            if s["hist"]:
-                m["hist"].decode_and_add(s["hist"])
-            m["count"] += s["count"]
-            m["in_window"] += s["completed_in_window"]
-            for code, n in s["codes"].items():
-                m["codes"][code] = m["codes"].get(code, 0) + n
-            for i, iv in s["intervals"].items():
-                slot = m["iv"].setdefault(int(i), [new_histogram(2), 0, 0])
-                if iv["hist"]:
-                    slot[0].decode_and_add(iv["hist"])
-                slot[1] += iv["count"]
-                slot[2] += iv["errors"]
-    lag = new_histogram()
-    for part in parts:
-        if part.get("lag"):
-            lag.decode_and_add(part["lag"])
-    items_per = {"batch-get": spec["batch"], "ingest": spec["batch"]}
-    out_series = {}
-    for sname, m in series.items():
-        h = m["hist"]
-        out_series[sname] = {
-            "count": m["count"], "errors": sum(m["codes"].values()), "error_codes": m["codes"],
-            "rps": round(m["in_window"] / duration, 1),
-            "latency_us": _latency(h),
-            "hist": encode(h),
-            "timeline": [{"t": round(i * interval, 3), "count": c, "errors": e,
-                          "p50_us": hh.get_value_at_percentile(50), "p99_us": hh.get_value_at_percentile(99),
-                          "max_us": hh.get_max_value()}
-                         for i, (hh, c, e) in sorted(m["iv"].items()) if c],
-        }
-    main_names = [s for s in out_series if s != "ack"]
-    primary_name = main_names[0] if len(main_names) == 1 else "all"
-    if primary_name == "all":
-        total = new_histogram()
-        for sname in main_names:
-            total.add(series[sname]["hist"])
-        out_series["all"] = {"count": sum(out_series[s]["count"] for s in main_names),
-                             "errors": sum(out_series[s]["errors"] for s in main_names),
-                             "error_codes": {}, "rps": round(sum(out_series[s]["rps"] for s in main_names), 1),
-                             "latency_us": _latency(total),
-                             "hist": encode(total), "timeline": []}
-        for sname in main_names:
-            for code, n in out_series[sname]["error_codes"].items():
-                out_series["all"]["error_codes"][code] = out_series["all"]["error_codes"].get(code, 0) + n
-    sched = Schedule.parse(spec["schedule"]) if spec["schedule"] else None
-    scheduled = int(sum(len(sched.offsets(duration)[i::len(parts)]) for i in range(len(parts)))) if sched else None
-    sent = sum(p["sent"] for p in parts)
-    completed = sum(out_series[s]["count"] for s in main_names)
-    in_window = sum(series[s]["in_window"] for s in main_names)
-    items = sum(out_series[s]["count"] * items_per.get(s, 1) for s in main_names)
-    result = {
-        "name": name, "role": role, "primary": primary_name,
-        "mode": ("closed" if spec.get("concurrency") else "open"),
-        "schedule": spec["schedule"], "concurrency": spec.get("concurrency"),
-        "duration_s": duration, "wall_s": round(wall, 3), "interval_s": interval,
-        "target_rps": round(sched.total(duration) / duration, 1) if sched else None,
-        "scheduled": scheduled, "sent": sent, "completed": completed,
-        "dropped": sum(p["dropped"] for p in parts), "no_reply": sum(p["no_reply"] for p in parts),
-        "sent_after_window": sum(p["sent_after_window"] for p in parts),
-        "achieved_rps": round(in_window / duration, 1),
-        "items": items, "items_per_request": items_per.get(primary_name, 1),
-        "items_per_s": round(sum(series[s]["in_window"] * items_per.get(s, 1) for s in main_names) / duration, 1),
-        "errors": sum(out_series[s]["errors"] for s in main_names),
-        "rejected_events": sum(p.get("rejected_events", 0) for p in parts),
-        "series": out_series,
-        "generator_lag_us": _latency(lag),
-        "client_rss_mb_max": max(p.get("client_rss_mb", 0) for p in parts),
-    }
-    warnings = []
-    if sched and not spec.get("concurrency"):
-        lag_p99 = result["generator_lag_us"].get("p99", 0)
-        if lag_p99 > LAG_WARN_US or result["sent_after_window"] > 0.05 * max(1, scheduled):
-            warnings.append(f"the load generator fell behind the schedule: send lag p99 {lag_p99 / 1000:.1f} ms, "
-                            f"{result['sent_after_window']:,} requests sent after the run's end; the latencies "
-                            f"still count from the intended send times, but add load processes (--processes) or "
-                            f"lower the rate to load the server as scheduled")
-    if sched and spec.get("concurrency") and result["dropped"]:
-        warnings.append(f"closed loop: {result['dropped']:,} of {scheduled:,} scheduled requests were never sent "
-                        f"because all {spec['concurrency']} slots were busy; its latencies count from the actual "
-                        f"sends, so they leave out the waiting those requests would have seen (coordinated omission)")
-    if result["errors"]:
-        warnings.append(f"{result['errors']:,} requests failed: " +
-                        ", ".join(f"{k} {v:,}" for k, v in sorted(out_series[primary_name]["error_codes"].items())))
-    result["warnings"] = warnings
-    return result
 
 
 # Orchestration --------------------------------------------------------------
