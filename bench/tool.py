@@ -17,16 +17,13 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 
-from . import _audiences, _inputs, _proc, report
-from ._loadgen import LoadProcess
-from ._merge import merge
+from . import _audiences, _inputs, _proc, _target, report
+from ._runner import Runner
 from ._schedule import Schedule, ScheduleError
 
 SCENARIOS = {
@@ -108,104 +105,6 @@ class BenchError(RuntimeError):
     pass
 
 
-# Target --------------------------------------------------------------------
-
-
-def _is_local(address: str) -> bool:
-    host = address.rsplit(":", 1)[0].strip("[]")
-    try:
-        return any(ip.startswith("127.") or ip == "::1"
-                   for *_, sa in socket.getaddrinfo(host, None) for ip in [sa[0]])
-    except OSError:
-        return False
-
-
-def _server_tree(worker_pids: list[int]) -> list[int]:
-    """A local server's processes: the one that answered, or its supervisor and all its children."""
-    roots = set()
-    for pid in set(worker_pids):
-        fields = _proc._stat_fields(pid)
-        if fields is None:
-            continue
-        parent = int(fields[1])
-        try:
-            cmdline = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            cmdline = []
-        roots.add(parent if b"serve" in cmdline and any(b"qualify" in c for c in cmdline) else pid)
-    return sorted({p for r in roots for p in [r, *_proc.children(r)]})
-
-
-# Phases --------------------------------------------------------------------
-
-
-class Runner:
-    def __init__(self, args, inputs: _inputs.Inputs, address: str, server_pids: list[int], progress=None):
-        self.args, self.inputs, self.address = args, inputs, address
-        self.server_pids = server_pids
-        self.progress = progress or (lambda event, **kw: None)
-        self.load: list[LoadProcess] = []
-        self.background: LoadProcess | None = None
-
-    def start(self) -> list[int]:
-        a = self.args
-        self.load = [LoadProcess(self.address, a.connections, i, a.processes, a.timeout, a.nice)
-                     for i in range(a.processes)]
-        if a.scenario == "e2e" and a.background_rate > 0:
-            self.background = LoadProcess(self.address, 1, 0, 1, a.timeout, a.nice)
-        return [p for lp in self.load for p in lp.worker_pids]
-
-    def stop(self) -> None:
-        for lp in self.load + ([self.background] if self.background else []):
-            lp.stop()
-
-    def phase(self, name: str, role: str, spec: dict, background: dict | None = None) -> dict:
-        a = self.args
-        groups = [(self.load, spec)] + ([([self.background], background)] if background else [])
-        for procs, s in groups:
-            for lp in procs:
-                lp.send("prepare", spec=s)
-        for procs, _ in groups:
-            for lp in procs:
-                lp.recv(600.0)
-        t0 = time.perf_counter() + 0.2
-        self.progress("phase_start", name=name, t0=t0, duration=spec["duration"])
-        for procs, _ in groups:
-            for lp in procs:
-                lp.send("run", t0=t0)
-        time.sleep(max(0.0, t0 - time.perf_counter()))
-        before = _proc.CpuSnapshot.take(self.server_pids)
-        budget = spec["duration"] + a.timeout + 60.0
-        for procs, _ in groups:
-            for lp in procs:
-                lp.recv(budget)  # drained
-        after = _proc.CpuSnapshot.take(self.server_pids)
-        parts = [[lp.recv(60.0)["result"] for lp in procs] for procs, _ in groups]
-        result = merge(name, role, spec, parts[0], after.wall - before.wall)
-        if background:
-            bg = merge("background", "background", background, parts[1], after.wall - before.wall)
-            result["background"] = {k: bg[k] for k in ("target_rps", "achieved_rps", "items_per_s", "errors")}
-        client = sum(r["client_cpu_seconds"] for part in parts for r in part)
-        wall = after.wall - before.wall
-        server = after.server - before.server
-        requests = max(1, result["completed"])
-        result["cpu"] = {
-            "measured": bool(self.server_pids),
-            "server_us_per_request": round(server / requests * 1e6, 1) if self.server_pids else None,
-            "server_us_per_item": round(server / max(1, result["items"]) * 1e6, 2) if self.server_pids else None,
-            "server_cores": round(server / wall, 2) if self.server_pids else None,
-            "client_us_per_request": round(client / requests * 1e6, 1),
-            "client_cores": round(client / wall, 2),
-            # what neither the server nor the generators used: other work on a shared machine
-            # (/proc counts in 10 ms ticks, so a short phase can come out a little below zero: shown as 0)
-            "other_cores": max(0.0, round((after.machine_busy - before.machine_busy - server - client) / wall, 2))
-            if self.server_pids else None,
-            "machine_cores_busy": round((after.machine_busy - before.machine_busy) / wall, 2),
-        }
-        self.progress("phase_end", name=name)
-        return result
-
-
 # Orchestration --------------------------------------------------------------
 
 
@@ -270,7 +169,7 @@ def run(args, progress=None) -> dict:
         elif args.server_pid:
             pids = sorted({p for r in args.server_pid for p in [r, *_proc.children(r)]})
         else:
-            pids = _server_tree(worker_pids) if _is_local(address) else []
+            pids = _target.server_tree(worker_pids) if _target.is_local(address) else []
         runner.server_pids = pids
         target["server_pids"] = pids
         target["cpu_measured"] = bool(pids)
@@ -320,7 +219,7 @@ def run(args, progress=None) -> dict:
             tmp.cleanup()
     machine = _proc.machine_note()
     # The note describes this project's development machine; a user's run says where the server ran.
-    machine["note"] = ("the server ran on this machine" if target.get("started_by_bench") or _is_local(address)
+    machine["note"] = ("the server ran on this machine" if target.get("started_by_bench") or _target.is_local(address)
                        else "the load generator's machine; the server ran elsewhere")
     return {
         "tool": "qualify bench", "format": 1, "scenario": args.scenario, "run_id": run_id,
