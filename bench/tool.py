@@ -20,7 +20,9 @@ import os
 import sys
 import tempfile
 import uuid
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from . import _audiences, _inputs, _proc, _target, report
 from ._runner import Runner
@@ -119,8 +121,36 @@ def _spec(args, inputs: _inputs.Inputs, mix: dict, duration: float, extra: dict 
             **(extra or {})}
 
 
+@dataclass
+class _Started:
+    """What a run has started so far: ``_clean_up`` stops it whatever step failed."""
+
+    target: dict = field(default_factory=dict)
+    address: str = ""
+    server: Any = None  # a ._server.Server when the bench started the server
+    tmp: tempfile.TemporaryDirectory | None = None
+    runner: Runner | None = None
+    created: list[str] = field(default_factory=list)  # audiences to delete from a --target afterwards
+
+
 def run(args, progress=None) -> dict:
     """Runs the bench described by parsed ``args``; ``progress(event, **kw)`` hears phase starts and ends."""
+    inputs, mix = _inputs_and_mix(args)
+    run_id = uuid.uuid4().hex[:8]
+    started = datetime.datetime.now(datetime.timezone.utc)
+    s = _Started()
+    try:
+        _start_target(args, inputs, s)
+        _start_load(args, inputs, s, progress)
+        extra, background = _prepare_scenario(args, inputs, mix, run_id, s)
+        phases = _run_phases(args, inputs, mix, s.runner, extra, background, run_id)
+    finally:
+        _clean_up(s)
+    return _result(args, inputs, mix, run_id, started, s.target, s.address, phases)
+
+
+def _inputs_and_mix(args) -> tuple[_inputs.Inputs, dict]:
+    """The inputs file with the command line's overrides, and the scenario's mix; settles --batch."""
     inputs = _inputs.load_inputs(args.inputs)
     overrides = {}
     if args.people:
@@ -135,88 +165,113 @@ def run(args, progress=None) -> dict:
         args.batch = 100 if args.scenario == "ingest" else 10
     if not 1 <= args.batch <= 1000:
         raise BenchError("--batch must be between 1 and 1000")
-    from dataclasses import replace
+    return replace(inputs, **overrides), mix
 
-    inputs = replace(inputs, **overrides)
-    run_id = uuid.uuid4().hex[:8]
-    started = datetime.datetime.now(datetime.timezone.utc)
-    server = tmp = None
-    created: list[str] = []
-    runner = None
+
+def _start_target(args, inputs: _inputs.Inputs, s: _Started) -> None:
+    """The --target as given, or a demo server started in --workdir (default a temporary folder)."""
+    if args.target:
+        s.address = args.target
+        s.target = {"address": s.address, "started_by_bench": False}
+        return
+    from ._server import Server
+
+    if args.workdir:
+        workdir = Path(args.workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+    else:
+        s.tmp = tempfile.TemporaryDirectory(prefix="qualify-bench-")
+        workdir = Path(s.tmp.name)
+    s.server = Server(workdir, inputs.key_count, args.workers, nice=args.nice).start()
+    s.address = s.server.address
+    s.target = {"address": s.address, "started_by_bench": True, "people": inputs.key_count,
+                "workers": args.workers, "startup_s": round(s.server.startup_seconds, 2)}
+
+
+def _start_load(args, inputs: _inputs.Inputs, s: _Started, progress) -> None:
+    """Starts the load processes, then finds the server processes whose CPU to count."""
+    s.runner = Runner(args, inputs, s.address, [], progress)
+    worker_pids = s.runner.start()
+    if s.server is not None:
+        pids = s.server.pids()
+    elif args.server_pid:
+        pids = sorted({p for r in args.server_pid for p in [r, *_proc.children(r)]})
+    else:
+        pids = _target.server_tree(worker_pids) if _target.is_local(s.address) else []
+    s.runner.server_pids = pids
+    s.target["server_pids"] = pids
+    s.target["cpu_measured"] = bool(pids)
+
+
+def _prepare_scenario(args, inputs: _inputs.Inputs, mix: dict, run_id: str, s: _Started) -> tuple[dict, dict | None]:
+    """The scenario's own setup on the server: the phase spec's extras, and the e2e background load's spec."""
+    extra: dict = {"id_prefix": run_id}
+    background = None
+    if args.scenario == "ingest":
+        n = args.audiences if args.audiences is not None else (0 if args.target else 100)
+        s.created = _audiences.create(s.address, n, f"bench_{run_id}_") if n else []
+        s.target["audiences_created"] = len(s.created)
+    if args.scenario == "e2e":
+        background = _prepare_e2e(args, inputs, mix, run_id, s, extra)
+    return extra, background
+
+
+def _prepare_e2e(args, inputs: _inputs.Inputs, mix: dict, run_id: str, s: _Started, extra: dict) -> dict | None:
+    """Creates the e2e audience (into ``extra["e2e"]``); returns the background load's spec, if any."""
+    args.warmup = 0.0  # each request needs a person not yet in the audience
+    schedule = _spec(args, inputs, mix, args.duration)["schedule"]
+    persons = int(Schedule.parse(schedule).total(args.duration)) + 1 if schedule else inputs.key_count - 4
+    if persons + 4 > inputs.key_count and not inputs.key_file:
+        raise BenchError(f"e2e needs one person per request: {persons:,} requests but {inputs.key_count:,} "
+                         f"keys (lower --rate or --duration, or raise --people)")
+    extra["e2e"] = _audiences.setup_e2e(s.address, inputs, persons, run_id, args.via)
+    s.created = [extra["e2e"]["audience_id"]]
+    s.target["e2e_measures"] = {
+        "watch": "event -> MembershipChange on WatchMemberships",
+        "get": "event -> first Get showing the membership (--via get)",
+        "get-fallback": "event -> first Get showing the membership (the server answered WatchMemberships "
+                        "UNIMPLEMENTED)"}[extra["e2e"].pop("why", extra["e2e"]["mode"])]
+    background = None
+    if args.background_rate > 0:
+        background = _spec(args, inputs, {"ingest": 1.0}, args.duration, {"id_prefix": run_id + "bg"})
+        background.update(schedule=f"constant:{args.background_rate / 100:g}", concurrency=None, batch=100)
+    return background
+
+
+def _run_phases(args, inputs: _inputs.Inputs, mix: dict, runner: Runner, extra: dict, background: dict | None,
+                run_id: str) -> list[dict]:
+    """The scenario (and with --floor the Noop floor), each after its unrecorded warmup."""
     phases = []
-    target: dict = {}
-    try:
-        if args.target:
-            address = args.target
-            target = {"address": address, "started_by_bench": False}
-        else:
-            from ._server import Server
+    plan = [(args.scenario, "scenario", mix)] + ([("noop floor", "floor", {"noop": 1.0})] if args.floor else [])
+    for name, role, phase_mix in plan:
+        if args.warmup > 0:
+            runner.phase("warmup", "warmup", _spec(args, inputs, phase_mix, args.warmup,
+                                                   {**extra, "id_prefix": run_id + "w"}))
+        phases.append(runner.phase(name, role, _spec(args, inputs, phase_mix, args.duration, extra),
+                                   background if role == "scenario" else None))
+    return phases
 
-            if args.workdir:
-                workdir = Path(args.workdir)
-                workdir.mkdir(parents=True, exist_ok=True)
-            else:
-                tmp = tempfile.TemporaryDirectory(prefix="qualify-bench-")
-                workdir = Path(tmp.name)
-            server = Server(workdir, inputs.key_count, args.workers, nice=args.nice).start()
-            address = server.address
-            target = {"address": address, "started_by_bench": True, "people": inputs.key_count,
-                      "workers": args.workers, "startup_s": round(server.startup_seconds, 2)}
-        runner = Runner(args, inputs, address, [], progress)
-        worker_pids = runner.start()
-        if server is not None:
-            pids = server.pids()
-        elif args.server_pid:
-            pids = sorted({p for r in args.server_pid for p in [r, *_proc.children(r)]})
-        else:
-            pids = _target.server_tree(worker_pids) if _target.is_local(address) else []
-        runner.server_pids = pids
-        target["server_pids"] = pids
-        target["cpu_measured"] = bool(pids)
-        extra: dict = {"id_prefix": run_id}
-        background = None
-        if args.scenario == "ingest":
-            n = args.audiences if args.audiences is not None else (0 if args.target else 100)
-            created = _audiences.create(address, n, f"bench_{run_id}_") if n else []
-            target["audiences_created"] = len(created)
-        if args.scenario == "e2e":
-            args.warmup = 0.0  # each request needs a person not yet in the audience
-            schedule = _spec(args, inputs, mix, args.duration)["schedule"]
-            persons = int(Schedule.parse(schedule).total(args.duration)) + 1 if schedule else inputs.key_count - 4
-            if persons + 4 > inputs.key_count and not inputs.key_file:
-                raise BenchError(f"e2e needs one person per request: {persons:,} requests but {inputs.key_count:,} "
-                                 f"keys (lower --rate or --duration, or raise --people)")
-            extra["e2e"] = _audiences.setup_e2e(address, inputs, persons, run_id, args.via)
-            created = [extra["e2e"]["audience_id"]]
-            target["e2e_measures"] = {
-                "watch": "event -> MembershipChange on WatchMemberships",
-                "get": "event -> first Get showing the membership (--via get)",
-                "get-fallback": "event -> first Get showing the membership (the server answered WatchMemberships "
-                                "UNIMPLEMENTED)"}[extra["e2e"].pop("why", extra["e2e"]["mode"])]
-            if args.background_rate > 0:
-                background = _spec(args, inputs, {"ingest": 1.0}, args.duration, {"id_prefix": run_id + "bg"})
-                background.update(schedule=f"constant:{args.background_rate / 100:g}", concurrency=None, batch=100)
-        plan = [(args.scenario, "scenario", mix)] + ([("noop floor", "floor", {"noop": 1.0})] if args.floor else [])
-        for name, role, phase_mix in plan:
-            if args.warmup > 0:
-                runner.phase("warmup", "warmup", _spec(args, inputs, phase_mix, args.warmup,
-                                                       {**extra, "id_prefix": run_id + "w"}))
-            phases.append(runner.phase(name, role, _spec(args, inputs, phase_mix, args.duration, extra),
-                                       background if role == "scenario" else None))
-    finally:
-        if runner is not None:
-            runner.stop()
-        if created and server is None:  # a started server is thrown away, with its audiences
-            try:
-                _audiences.delete(address, created)
-            except Exception:  # noqa: BLE001 - the server may be gone; the run's result still stands
-                pass
-        if server is not None:
-            target["exit_code"] = server.stop()
-            if target["exit_code"] != 0:
-                target["log_tail"] = server.log_tail(40).splitlines()
-        if tmp is not None:
-            tmp.cleanup()
+
+def _clean_up(s: _Started) -> None:
+    """Stops what the run started, in reverse: load processes, audiences on a --target, the server, its folder."""
+    if s.runner is not None:
+        s.runner.stop()
+    if s.created and s.server is None:  # a started server is thrown away, with its audiences
+        try:
+            _audiences.delete(s.address, s.created)
+        except Exception:  # noqa: BLE001 - the server may be gone; the run's result still stands
+            pass
+    if s.server is not None:
+        s.target["exit_code"] = s.server.stop()
+        if s.target["exit_code"] != 0:
+            s.target["log_tail"] = s.server.log_tail(40).splitlines()
+    if s.tmp is not None:
+        s.tmp.cleanup()
+
+
+def _result(args, inputs: _inputs.Inputs, mix: dict, run_id: str, started: datetime.datetime, target: dict,
+            address: str, phases: list[dict]) -> dict:
+    """The run's JSON: what ran, against what, on which machine, and the phases' results."""
     machine = _proc.machine_note()
     # The note describes this project's development machine; a user's run says where the server ran.
     machine["note"] = ("the server ran on this machine" if target.get("started_by_bench") or _target.is_local(address)
