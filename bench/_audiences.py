@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._loadgen import METADATA
+from ._operations import METADATA
 
 
 def audience_definitions(n: int, aggregate_property: str | None = None) -> list[dict]:

@@ -17,15 +17,15 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import sys
 import tempfile
-import time
 import uuid
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
-from . import _audiences, _inputs, _proc, report
-from ._loadgen import LoadProcess, encode, new_histogram
+from . import _audiences, _inputs, _proc, _target, report
+from ._runner import Runner
 from ._schedule import Schedule, ScheduleError
 
 SCENARIOS = {
@@ -40,7 +40,6 @@ SCENARIOS = {
                     "track, noop"),
     "noop": ({"noop": 1.0}, "DiagnosticsService.Noop: the gRPC transport floor of this server stack"),
 }
-LAG_WARN_US = 1000.0
 BEHIND_RATIO = 0.95
 
 
@@ -108,206 +107,6 @@ class BenchError(RuntimeError):
     pass
 
 
-# Target --------------------------------------------------------------------
-
-
-def _is_local(address: str) -> bool:
-    host = address.rsplit(":", 1)[0].strip("[]")
-    try:
-        return any(ip.startswith("127.") or ip == "::1"
-                   for *_, sa in socket.getaddrinfo(host, None) for ip in [sa[0]])
-    except OSError:
-        return False
-
-
-def _server_tree(worker_pids: list[int]) -> list[int]:
-    """A local server's processes: the one that answered, or its supervisor and all its children."""
-    roots = set()
-    for pid in set(worker_pids):
-        fields = _proc._stat_fields(pid)
-        if fields is None:
-            continue
-        parent = int(fields[1])
-        try:
-            cmdline = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            cmdline = []
-        roots.add(parent if b"serve" in cmdline and any(b"qualify" in c for c in cmdline) else pid)
-    return sorted({p for r in roots for p in [r, *_proc.children(r)]})
-
-
-# Phases --------------------------------------------------------------------
-
-
-class Runner:
-    def __init__(self, args, inputs: _inputs.Inputs, address: str, server_pids: list[int], progress=None):
-        self.args, self.inputs, self.address = args, inputs, address
-        self.server_pids = server_pids
-        self.progress = progress or (lambda event, **kw: None)
-        self.load: list[LoadProcess] = []
-        self.background: LoadProcess | None = None
-
-    def start(self) -> list[int]:
-        a = self.args
-        self.load = [LoadProcess(self.address, a.connections, i, a.processes, a.timeout, a.nice)
-                     for i in range(a.processes)]
-        if a.scenario == "e2e" and a.background_rate > 0:
-            self.background = LoadProcess(self.address, 1, 0, 1, a.timeout, a.nice)
-        return [p for lp in self.load for p in lp.worker_pids]
-
-    def stop(self) -> None:
-        for lp in self.load + ([self.background] if self.background else []):
-            lp.stop()
-
-    def phase(self, name: str, role: str, spec: dict, background: dict | None = None) -> dict:
-        a = self.args
-        groups = [(self.load, spec)] + ([([self.background], background)] if background else [])
-        for procs, s in groups:
-            for lp in procs:
-                lp.send("prepare", spec=s)
-        for procs, _ in groups:
-            for lp in procs:
-                lp.recv(600.0)
-        t0 = time.perf_counter() + 0.2
-        self.progress("phase_start", name=name, t0=t0, duration=spec["duration"])
-        for procs, _ in groups:
-            for lp in procs:
-                lp.send("run", t0=t0)
-        time.sleep(max(0.0, t0 - time.perf_counter()))
-        before = _proc.CpuSnapshot.take(self.server_pids)
-        budget = spec["duration"] + a.timeout + 60.0
-        for procs, _ in groups:
-            for lp in procs:
-                lp.recv(budget)  # drained
-        after = _proc.CpuSnapshot.take(self.server_pids)
-        parts = [[lp.recv(60.0)["result"] for lp in procs] for procs, _ in groups]
-        result = merge(name, role, spec, parts[0], after.wall - before.wall)
-        if background:
-            bg = merge("background", "background", background, parts[1], after.wall - before.wall)
-            result["background"] = {k: bg[k] for k in ("target_rps", "achieved_rps", "items_per_s", "errors")}
-        client = sum(r["client_cpu_seconds"] for part in parts for r in part)
-        wall = after.wall - before.wall
-        server = after.server - before.server
-        requests = max(1, result["completed"])
-        result["cpu"] = {
-            "measured": bool(self.server_pids),
-            "server_us_per_request": round(server / requests * 1e6, 1) if self.server_pids else None,
-            "server_us_per_item": round(server / max(1, result["items"]) * 1e6, 2) if self.server_pids else None,
-            "server_cores": round(server / wall, 2) if self.server_pids else None,
-            "client_us_per_request": round(client / requests * 1e6, 1),
-            "client_cores": round(client / wall, 2),
-            # what neither the server nor the generators used: other work on a shared machine
-            # (/proc counts in 10 ms ticks, so a short phase can come out a little below zero: shown as 0)
-            "other_cores": max(0.0, round((after.machine_busy - before.machine_busy - server - client) / wall, 2))
-            if self.server_pids else None,
-            "machine_cores_busy": round((after.machine_busy - before.machine_busy) / wall, 2),
-        }
-        self.progress("phase_end", name=name)
-        return result
-
-
-def _latency(hist) -> dict:
-    if hist.get_total_count() == 0:
-        return {}
-    out = {f"p{q:g}".replace(".", "_"): hist.get_value_at_percentile(q) for q in report.PERCENTILES}
-    out.update(min=hist.get_min_value(), max=hist.get_max_value(), mean=round(hist.get_mean_value(), 1))
-    return out
-
-
-def merge(name: str, role: str, spec: dict, parts: list[dict], wall: float) -> dict:
-    """One phase's result from its load processes: histograms added, counts summed."""
-    duration, interval = spec["duration"], spec["interval"]
-    series: dict[str, dict] = {}
-    for part in parts:
-        for sname, s in part["series"].items():
-            m = series.setdefault(sname, {"hist": new_histogram(), "codes": {}, "count": 0, "in_window": 0, "iv": {}})
-            if s["hist"]:
-                m["hist"].decode_and_add(s["hist"])
-            m["count"] += s["count"]
-            m["in_window"] += s["completed_in_window"]
-            for code, n in s["codes"].items():
-                m["codes"][code] = m["codes"].get(code, 0) + n
-            for i, iv in s["intervals"].items():
-                slot = m["iv"].setdefault(int(i), [new_histogram(2), 0, 0])
-                if iv["hist"]:
-                    slot[0].decode_and_add(iv["hist"])
-                slot[1] += iv["count"]
-                slot[2] += iv["errors"]
-    lag = new_histogram()
-    for part in parts:
-        if part.get("lag"):
-            lag.decode_and_add(part["lag"])
-    items_per = {"batch-get": spec["batch"], "ingest": spec["batch"]}
-    out_series = {}
-    for sname, m in series.items():
-        h = m["hist"]
-        out_series[sname] = {
-            "count": m["count"], "errors": sum(m["codes"].values()), "error_codes": m["codes"],
-            "rps": round(m["in_window"] / duration, 1),
-            "latency_us": _latency(h),
-            "hist": encode(h),
-            "timeline": [{"t": round(i * interval, 3), "count": c, "errors": e,
-                          "p50_us": hh.get_value_at_percentile(50), "p99_us": hh.get_value_at_percentile(99),
-                          "max_us": hh.get_max_value()}
-                         for i, (hh, c, e) in sorted(m["iv"].items()) if c],
-        }
-    main_names = [s for s in out_series if s != "ack"]
-    primary_name = main_names[0] if len(main_names) == 1 else "all"
-    if primary_name == "all":
-        total = new_histogram()
-        for sname in main_names:
-            total.add(series[sname]["hist"])
-        out_series["all"] = {"count": sum(out_series[s]["count"] for s in main_names),
-                             "errors": sum(out_series[s]["errors"] for s in main_names),
-                             "error_codes": {}, "rps": round(sum(out_series[s]["rps"] for s in main_names), 1),
-                             "latency_us": _latency(total),
-                             "hist": encode(total), "timeline": []}
-        for sname in main_names:
-            for code, n in out_series[sname]["error_codes"].items():
-                out_series["all"]["error_codes"][code] = out_series["all"]["error_codes"].get(code, 0) + n
-    sched = Schedule.parse(spec["schedule"]) if spec["schedule"] else None
-    scheduled = int(sum(len(sched.offsets(duration)[i::len(parts)]) for i in range(len(parts)))) if sched else None
-    sent = sum(p["sent"] for p in parts)
-    completed = sum(out_series[s]["count"] for s in main_names)
-    in_window = sum(series[s]["in_window"] for s in main_names)
-    items = sum(out_series[s]["count"] * items_per.get(s, 1) for s in main_names)
-    result = {
-        "name": name, "role": role, "primary": primary_name,
-        "mode": ("closed" if spec.get("concurrency") else "open"),
-        "schedule": spec["schedule"], "concurrency": spec.get("concurrency"),
-        "duration_s": duration, "wall_s": round(wall, 3), "interval_s": interval,
-        "target_rps": round(sched.total(duration) / duration, 1) if sched else None,
-        "scheduled": scheduled, "sent": sent, "completed": completed,
-        "dropped": sum(p["dropped"] for p in parts), "no_reply": sum(p["no_reply"] for p in parts),
-        "sent_after_window": sum(p["sent_after_window"] for p in parts),
-        "achieved_rps": round(in_window / duration, 1),
-        "items": items, "items_per_request": items_per.get(primary_name, 1),
-        "items_per_s": round(sum(series[s]["in_window"] * items_per.get(s, 1) for s in main_names) / duration, 1),
-        "errors": sum(out_series[s]["errors"] for s in main_names),
-        "rejected_events": sum(p.get("rejected_events", 0) for p in parts),
-        "series": out_series,
-        "generator_lag_us": _latency(lag),
-        "client_rss_mb_max": max(p.get("client_rss_mb", 0) for p in parts),
-    }
-    warnings = []
-    if sched and not spec.get("concurrency"):
-        lag_p99 = result["generator_lag_us"].get("p99", 0)
-        if lag_p99 > LAG_WARN_US or result["sent_after_window"] > 0.05 * max(1, scheduled):
-            warnings.append(f"the load generator fell behind the schedule: send lag p99 {lag_p99 / 1000:.1f} ms, "
-                            f"{result['sent_after_window']:,} requests sent after the run's end; the latencies "
-                            f"still count from the intended send times, but add load processes (--processes) or "
-                            f"lower the rate to load the server as scheduled")
-    if sched and spec.get("concurrency") and result["dropped"]:
-        warnings.append(f"closed loop: {result['dropped']:,} of {scheduled:,} scheduled requests were never sent "
-                        f"because all {spec['concurrency']} slots were busy; its latencies count from the actual "
-                        f"sends, so they leave out the waiting those requests would have seen (coordinated omission)")
-    if result["errors"]:
-        warnings.append(f"{result['errors']:,} requests failed: " +
-                        ", ".join(f"{k} {v:,}" for k, v in sorted(out_series[primary_name]["error_codes"].items())))
-    result["warnings"] = warnings
-    return result
-
-
 # Orchestration --------------------------------------------------------------
 
 
@@ -322,8 +121,36 @@ def _spec(args, inputs: _inputs.Inputs, mix: dict, duration: float, extra: dict 
             **(extra or {})}
 
 
+@dataclass
+class _Started:
+    """What a run has started so far: ``_clean_up`` stops it whatever step failed."""
+
+    target: dict = field(default_factory=dict)
+    address: str = ""
+    server: Any = None  # a ._server.Server when the bench started the server
+    tmp: tempfile.TemporaryDirectory | None = None
+    runner: Runner | None = None
+    created: list[str] = field(default_factory=list)  # audiences to delete from a --target afterwards
+
+
 def run(args, progress=None) -> dict:
     """Runs the bench described by parsed ``args``; ``progress(event, **kw)`` hears phase starts and ends."""
+    inputs, mix = _inputs_and_mix(args)
+    run_id = uuid.uuid4().hex[:8]
+    started = datetime.datetime.now(datetime.timezone.utc)
+    s = _Started()
+    try:
+        _start_target(args, inputs, s)
+        _start_load(args, inputs, s, progress)
+        extra, background = _prepare_scenario(args, inputs, mix, run_id, s)
+        phases = _run_phases(args, inputs, mix, s.runner, extra, background, run_id)
+    finally:
+        _clean_up(s)
+    return _result(args, inputs, mix, run_id, started, s.target, s.address, phases)
+
+
+def _inputs_and_mix(args) -> tuple[_inputs.Inputs, dict]:
+    """The inputs file with the command line's overrides, and the scenario's mix; settles --batch."""
     inputs = _inputs.load_inputs(args.inputs)
     overrides = {}
     if args.people:
@@ -338,91 +165,116 @@ def run(args, progress=None) -> dict:
         args.batch = 100 if args.scenario == "ingest" else 10
     if not 1 <= args.batch <= 1000:
         raise BenchError("--batch must be between 1 and 1000")
-    from dataclasses import replace
+    return replace(inputs, **overrides), mix
 
-    inputs = replace(inputs, **overrides)
-    run_id = uuid.uuid4().hex[:8]
-    started = datetime.datetime.now(datetime.timezone.utc)
-    server = tmp = None
-    created: list[str] = []
-    runner = None
+
+def _start_target(args, inputs: _inputs.Inputs, s: _Started) -> None:
+    """The --target as given, or a demo server started in --workdir (default a temporary folder)."""
+    if args.target:
+        s.address = args.target
+        s.target = {"address": s.address, "started_by_bench": False}
+        return
+    from ._server import Server
+
+    if args.workdir:
+        workdir = Path(args.workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+    else:
+        s.tmp = tempfile.TemporaryDirectory(prefix="qualify-bench-")
+        workdir = Path(s.tmp.name)
+    s.server = Server(workdir, inputs.key_count, args.workers, nice=args.nice).start()
+    s.address = s.server.address
+    s.target = {"address": s.address, "started_by_bench": True, "people": inputs.key_count,
+                "workers": args.workers, "startup_s": round(s.server.startup_seconds, 2)}
+
+
+def _start_load(args, inputs: _inputs.Inputs, s: _Started, progress) -> None:
+    """Starts the load processes, then finds the server processes whose CPU to count."""
+    s.runner = Runner(args, inputs, s.address, [], progress)
+    worker_pids = s.runner.start()
+    if s.server is not None:
+        pids = s.server.pids()
+    elif args.server_pid:
+        pids = sorted({p for r in args.server_pid for p in [r, *_proc.children(r)]})
+    else:
+        pids = _target.server_tree(worker_pids) if _target.is_local(s.address) else []
+    s.runner.server_pids = pids
+    s.target["server_pids"] = pids
+    s.target["cpu_measured"] = bool(pids)
+
+
+def _prepare_scenario(args, inputs: _inputs.Inputs, mix: dict, run_id: str, s: _Started) -> tuple[dict, dict | None]:
+    """The scenario's own setup on the server: the phase spec's extras, and the e2e background load's spec."""
+    extra: dict = {"id_prefix": run_id}
+    background = None
+    if args.scenario == "ingest":
+        n = args.audiences if args.audiences is not None else (0 if args.target else 100)
+        s.created = _audiences.create(s.address, n, f"bench_{run_id}_") if n else []
+        s.target["audiences_created"] = len(s.created)
+    if args.scenario == "e2e":
+        background = _prepare_e2e(args, inputs, mix, run_id, s, extra)
+    return extra, background
+
+
+def _prepare_e2e(args, inputs: _inputs.Inputs, mix: dict, run_id: str, s: _Started, extra: dict) -> dict | None:
+    """Creates the e2e audience (into ``extra["e2e"]``); returns the background load's spec, if any."""
+    args.warmup = 0.0  # each request needs a person not yet in the audience
+    schedule = _spec(args, inputs, mix, args.duration)["schedule"]
+    persons = int(Schedule.parse(schedule).total(args.duration)) + 1 if schedule else inputs.key_count - 4
+    if persons + 4 > inputs.key_count and not inputs.key_file:
+        raise BenchError(f"e2e needs one person per request: {persons:,} requests but {inputs.key_count:,} "
+                         f"keys (lower --rate or --duration, or raise --people)")
+    extra["e2e"] = _audiences.setup_e2e(s.address, inputs, persons, run_id, args.via)
+    s.created = [extra["e2e"]["audience_id"]]
+    s.target["e2e_measures"] = {
+        "watch": "event -> MembershipChange on WatchMemberships",
+        "get": "event -> first Get showing the membership (--via get)",
+        "get-fallback": "event -> first Get showing the membership (the server answered WatchMemberships "
+                        "UNIMPLEMENTED)"}[extra["e2e"].pop("why", extra["e2e"]["mode"])]
+    background = None
+    if args.background_rate > 0:
+        background = _spec(args, inputs, {"ingest": 1.0}, args.duration, {"id_prefix": run_id + "bg"})
+        background.update(schedule=f"constant:{args.background_rate / 100:g}", concurrency=None, batch=100)
+    return background
+
+
+def _run_phases(args, inputs: _inputs.Inputs, mix: dict, runner: Runner, extra: dict, background: dict | None,
+                run_id: str) -> list[dict]:
+    """The scenario (and with --floor the Noop floor), each after its unrecorded warmup."""
     phases = []
-    target: dict = {}
-    try:
-        if args.target:
-            address = args.target
-            target = {"address": address, "started_by_bench": False}
-        else:
-            from ._server import Server
+    plan = [(args.scenario, "scenario", mix)] + ([("noop floor", "floor", {"noop": 1.0})] if args.floor else [])
+    for name, role, phase_mix in plan:
+        if args.warmup > 0:
+            runner.phase("warmup", "warmup", _spec(args, inputs, phase_mix, args.warmup,
+                                                   {**extra, "id_prefix": run_id + "w"}))
+        phases.append(runner.phase(name, role, _spec(args, inputs, phase_mix, args.duration, extra),
+                                   background if role == "scenario" else None))
+    return phases
 
-            if args.workdir:
-                workdir = Path(args.workdir)
-                workdir.mkdir(parents=True, exist_ok=True)
-            else:
-                tmp = tempfile.TemporaryDirectory(prefix="qualify-bench-")
-                workdir = Path(tmp.name)
-            server = Server(workdir, inputs.key_count, args.workers, nice=args.nice).start()
-            address = server.address
-            target = {"address": address, "started_by_bench": True, "people": inputs.key_count,
-                      "workers": args.workers, "startup_s": round(server.startup_seconds, 2)}
-        runner = Runner(args, inputs, address, [], progress)
-        worker_pids = runner.start()
-        if server is not None:
-            pids = server.pids()
-        elif args.server_pid:
-            pids = sorted({p for r in args.server_pid for p in [r, *_proc.children(r)]})
-        else:
-            pids = _server_tree(worker_pids) if _is_local(address) else []
-        runner.server_pids = pids
-        target["server_pids"] = pids
-        target["cpu_measured"] = bool(pids)
-        extra: dict = {"id_prefix": run_id}
-        background = None
-        if args.scenario == "ingest":
-            n = args.audiences if args.audiences is not None else (0 if args.target else 100)
-            created = _audiences.create(address, n, f"bench_{run_id}_") if n else []
-            target["audiences_created"] = len(created)
-        if args.scenario == "e2e":
-            args.warmup = 0.0  # each request needs a person not yet in the audience
-            schedule = _spec(args, inputs, mix, args.duration)["schedule"]
-            persons = int(Schedule.parse(schedule).total(args.duration)) + 1 if schedule else inputs.key_count - 4
-            if persons + 4 > inputs.key_count and not inputs.key_file:
-                raise BenchError(f"e2e needs one person per request: {persons:,} requests but {inputs.key_count:,} "
-                                 f"keys (lower --rate or --duration, or raise --people)")
-            extra["e2e"] = _audiences.setup_e2e(address, inputs, persons, run_id, args.via)
-            created = [extra["e2e"]["audience_id"]]
-            target["e2e_measures"] = {
-                "watch": "event -> MembershipChange on WatchMemberships",
-                "get": "event -> first Get showing the membership (--via get)",
-                "get-fallback": "event -> first Get showing the membership (the server answered WatchMemberships "
-                                "UNIMPLEMENTED)"}[extra["e2e"].pop("why", extra["e2e"]["mode"])]
-            if args.background_rate > 0:
-                background = _spec(args, inputs, {"ingest": 1.0}, args.duration, {"id_prefix": run_id + "bg"})
-                background.update(schedule=f"constant:{args.background_rate / 100:g}", concurrency=None, batch=100)
-        plan = [(args.scenario, "scenario", mix)] + ([("noop floor", "floor", {"noop": 1.0})] if args.floor else [])
-        for name, role, phase_mix in plan:
-            if args.warmup > 0:
-                runner.phase("warmup", "warmup", _spec(args, inputs, phase_mix, args.warmup,
-                                                       {**extra, "id_prefix": run_id + "w"}))
-            phases.append(runner.phase(name, role, _spec(args, inputs, phase_mix, args.duration, extra),
-                                       background if role == "scenario" else None))
-    finally:
-        if runner is not None:
-            runner.stop()
-        if created and server is None:  # a started server is thrown away, with its audiences
-            try:
-                _audiences.delete(address, created)
-            except Exception:  # noqa: BLE001 - the server may be gone; the run's result still stands
-                pass
-        if server is not None:
-            target["exit_code"] = server.stop()
-            if target["exit_code"] != 0:
-                target["log_tail"] = server.log_tail(40).splitlines()
-        if tmp is not None:
-            tmp.cleanup()
+
+def _clean_up(s: _Started) -> None:
+    """Stops what the run started, in reverse: load processes, audiences on a --target, the server, its folder."""
+    if s.runner is not None:
+        s.runner.stop()
+    if s.created and s.server is None:  # a started server is thrown away, with its audiences
+        try:
+            _audiences.delete(s.address, s.created)
+        except Exception:  # noqa: BLE001 - the server may be gone; the run's result still stands
+            pass
+    if s.server is not None:
+        s.target["exit_code"] = s.server.stop()
+        if s.target["exit_code"] != 0:
+            s.target["log_tail"] = s.server.log_tail(40).splitlines()
+    if s.tmp is not None:
+        s.tmp.cleanup()
+
+
+def _result(args, inputs: _inputs.Inputs, mix: dict, run_id: str, started: datetime.datetime, target: dict,
+            address: str, phases: list[dict]) -> dict:
+    """The run's JSON: what ran, against what, on which machine, and the phases' results."""
     machine = _proc.machine_note()
     # The note describes this project's development machine; a user's run says where the server ran.
-    machine["note"] = ("the server ran on this machine" if target.get("started_by_bench") or _is_local(address)
+    machine["note"] = ("the server ran on this machine" if target.get("started_by_bench") or _target.is_local(address)
                        else "the load generator's machine; the server ran elsewhere")
     return {
         "tool": "qualify bench", "format": 1, "scenario": args.scenario, "run_id": run_id,
