@@ -40,7 +40,6 @@ SCENARIOS = {
                     "track, noop"),
     "noop": ({"noop": 1.0}, "DiagnosticsService.Noop: the gRPC transport floor of this server stack"),
 }
-BEHIND_RATIO = 0.95
 
 
 def _seconds(text: str) -> float:
