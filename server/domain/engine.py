@@ -38,7 +38,6 @@ from .identity import link
 from .queries import explain, preview
 from .recovery import fingerprint, rebuild, restore
 from .schema import ValueType
-from .timers import Timers
 from .warehouse_parts import WarehouseParts, changed, stored_defaults
 
 log = logging.getLogger(__name__)
@@ -81,7 +80,8 @@ class Engine:
         self.members: list[dict[int, int]] = []  # slot -> {bit: enter_us}
         self.current: list[list[bool] | None] = []  # slot -> members as program values (a cache)
         self.statics_of: list[list[bool] | None] = []
-        self.timers = Timers(lambda: self.on_deadline is not None and self.on_deadline())
+        self.deadlines: list[int | None] = []  # slot -> its pending timer (filed in the store's timer index)
+        self.earliest: int | None = None  # the earliest pending timer of anyone, as of the last entry point
         self.aliases: dict[str, str] = {}
         self.dirty: set[int] = set()  # slots whose state or timer the running transaction changed
 
@@ -95,18 +95,31 @@ class Engine:
         self.by_model = audiences_by_model(self.compiled.program, self.model_index.values())
 
     def _slot(self, key: str, txn) -> int:
+        """The person's slot, loading their stored state the first time they are needed."""
         slot = self.slots.get(key)
         if slot is None:
+            stored = self.store.state(txn, key)
             slot = len(self.keys)
             self.slots[key] = slot
             self.keys.append(key)
-            self.states.append(self.evaluator.new_state())
-            self.pids.append(None if key.startswith(ANON) else self.store.person_id(txn, key))
+            self.states.append(self.evaluator.load(stored[2]) if stored else self.evaluator.new_state())
+            self.deadlines.append(stored[0] if stored else None)
+            pid = None if key.startswith(ANON) else self.store.person_id(txn, key)
+            self.pids.append(pid if pid is not None or not stored else stored[1])  # removed from the warehouse
             self.members.append(self.store.membership(txn, key))
             self.current.append(None)
             self.statics_of.append(None)
-            self.timers.add_slot()
         return slot
+
+    def _has_state(self, txn, key: str) -> bool:
+        return key in self.slots or self.store.has_state(txn, key)
+
+    def _set_timer(self, txn, slot: int, t: int | None) -> None:
+        old = self.deadlines[slot]
+        if t != old:
+            self.store.move_timer(txn, self.keys[slot], old, t)
+            self.deadlines[slot] = t
+            self.dirty.add(slot)
 
     def _statics(self, slot: int) -> list[bool]:
         st = self.statics_of[slot]
@@ -147,20 +160,26 @@ class Engine:
                     del members[bit]
                     out.append(MembershipChange(aid, self.keys[slot], Direction.EXIT, now_us, cause, message_id))
 
-    def _schedule(self, slot: int, now_us: int) -> None:
-        t = self.evaluator.next_change(self.states[slot], now_us)
-        if t != self.timers.at[slot]:
-            self.timers.set(slot, t)
-            self.dirty.add(slot)
+    def _schedule(self, txn, slot: int, now_us: int) -> None:
+        self._set_timer(txn, slot, self.evaluator.next_change(self.states[slot], now_us))
 
     def next_deadline(self) -> int | None:
-        return self.timers.next()
+        """The earliest pending timer as of the last committed entry point (read from any thread)."""
+        return self.earliest
+
+    def _file_earliest(self, txn) -> None:
+        first = self.store.first_timer(txn)
+        earliest = first[0] if first else None
+        if earliest is not None and (self.earliest is None or earliest < self.earliest) \
+                and self.on_deadline is not None:
+            self.on_deadline()
+        self.earliest = earliest
 
     # -- entry points ------------------------------------------------------------------------
     def apply(self, txn, events: list[MatchedEvent], now_us: int) -> list[MembershipChange]:
         """Evaluates durable events (the writer's hook); writes and returns the changes."""
         changes: list[MembershipChange] = []
-        self._fire_due(now_us, changes)
+        self._fire_due(txn, now_us, changes)
         touched: dict[int, set[int]] = {}
         everything = range(len(self.program_bits))
         for matched in events:
@@ -177,7 +196,7 @@ class Engine:
                     audiences = sorted({i for m in models for i in self.by_model.get(m, ())})
                 if audiences:
                     self._evaluate(slot, now_us, audiences, Cause.EVENT, event.message_id, changes)
-                self._schedule(slot, now_us)
+                self._schedule(txn, slot, now_us)
             touched.clear()
         self._persist(txn, changes)
         return changes
@@ -204,48 +223,68 @@ class Engine:
     def tick(self, txn, now_us: int) -> list[MembershipChange]:
         """Fires every timer due by ``now_us``, each at its own instant."""
         changes: list[MembershipChange] = []
-        self._fire_due(now_us, changes)
+        self._fire_due(txn, now_us, changes)
         self._persist(txn, changes)
         return changes
 
-    def _fire_due(self, now_us: int, changes: list[MembershipChange]) -> None:
+    def _fire_due(self, txn, now_us: int, changes: list[MembershipChange]) -> None:
         """Timers due by ``now_us`` fire before anything else happens at ``now_us``.
 
         Every entry point calls this first, so an event or a sync never
         swallows a lapse that was already due: the exit is recorded at its
         own instant, before what follows.
         """
-        while (t := self.next_deadline()) is not None and t <= now_us:
-            _, slot = self.timers.pop()
+        while (due := self.store.first_timer(txn)) is not None and due[0] <= now_us:
+            t, key = due
+            slot = self._slot(key, txn)
+            self._set_timer(txn, slot, None)
             state = self.states[slot]
             flipped = [leaf.scope for j, leaf in enumerate(self.compiled.program.leaves)
                        if self.evaluator.leaf(state, j, t - 1).holds != self.evaluator.leaf(state, j, t).holds]
             cause = Cause.SESSION_END if flipped and all(s == Scope.SESSION for s in flipped) else Cause.WINDOW_LAPSE
             self._evaluate(slot, t, range(len(self.program_bits)), cause, "", changes)
-            self._schedule(slot, t)
+            self._schedule(txn, slot, t)
 
     def after_sync(self, txn, now_us: int) -> list[MembershipChange]:
         """A warehouse sync landed: recompute the warehouse parts; move people at once."""
         changes: list[MembershipChange] = []
-        self._fire_due(now_us, changes)
+        self._fire_due(txn, now_us, changes)
         old_defaults = self.defaults if self.defaults is not None else self._stored_defaults(txn)
+        before = self.warehouse
         self.load_warehouse(txn)
-        changes += self._reconcile(txn, now_us, Cause.WAREHOUSE_SYNC, old_defaults)
+        stored = dict(self.store.state_people(txn))  # everyone with realtime state -> their person id
+        moved = self.warehouse.changed_since(before)  # person ids whose warehouse parts changed (None: anyone)
+        if moved is None:
+            keys = list(stored)
+        else:
+            by_pid = {pid: key for key, pid in stored.items() if pid is not None}  # the removed included
+            keys = [k for k in (by_pid.get(pid) or self.store.person_key(txn, pid) for pid in moved)
+                    if k is not None and self._has_state(txn, k)]
+        slots = [self._slot(k, txn) for k in keys]
+        changes += self._reconcile(txn, now_us, Cause.WAREHOUSE_SYNC, old_defaults, slots)
         self._persist(txn, changes)
         return changes
 
     # -- whole-population reconciliation -------------------------------------------------------
-    def _reconcile(self, txn, now_us: int, cause: Cause, old_defaults) -> list[MembershipChange]:
-        """Brings every person's stored membership to what the definitions say now."""
+    def _reconcile(self, txn, now_us: int, cause: Cause, old_defaults, slots) -> list[MembershipChange]:
+        """Brings stored memberships to what the definitions say now.
+
+        ``slots``: the people with realtime state whose answers may have
+        moved; everyone else's follows from the warehouse parts, vectorised.
+        """
         changes: list[MembershipChange] = []
-        for slot in range(len(self.keys)):
+        for slot in slots:
             if self.slots.get(self.keys[slot]) == slot:
                 self._evaluate(slot, now_us, range(len(self.program_bits)), cause, "", changes)
-                self._schedule(slot, now_us)
+                self._schedule(txn, slot, now_us)
         defaults = self.warehouse.defaults(self.compiled, self.warehouse.arrays)
-        with_slot = np.zeros(len(self.warehouse.alive), bool)
-        for slot, pid in enumerate(self.pids):
-            if pid is not None and pid < len(with_slot) and self.slots.get(self.keys[slot]) == slot:
+        with_slot = np.zeros(len(self.warehouse.alive), bool)  # people with realtime state decide for themselves
+        for key, pid in self.store.state_people(txn):
+            if pid is not None and pid < len(with_slot):
+                with_slot[pid] = True
+        for slot, key in enumerate(self.keys):  # (and those loaded or not stored yet in this transaction)
+            pid = self.pids[slot]
+            if pid is not None and pid < len(with_slot) and self.slots.get(key) == slot:
                 with_slot[pid] = True
         for i, new in enumerate(defaults):
             bit = self.program_bits[i]
@@ -277,8 +316,10 @@ class Engine:
         for slot in self.dirty:
             key = self.keys[slot]
             if self.slots.get(key) == slot:
-                self.store.put_state(txn, key, self.timers.at[slot], self.evaluator.dump(self.states[slot]))
+                self.store.put_state(txn, key, self.deadlines[slot], self.pids[slot],
+                                     self.evaluator.dump(self.states[slot]))
         self.dirty.clear()
+        self._file_earliest(txn)
         if not changes:
             return
         written = set()
@@ -294,7 +335,7 @@ class Engine:
 
     # -- recovery and audience changes ---------------------------------------------------------
     def recover(self, txn, now_us: int) -> list[MembershipChange]:
-        """Loads audiences and every person's stored state; fires the timers that came due meanwhile.
+        """Loads the audiences; fires the timers that came due meanwhile; people load when needed.
 
         The log is replayed only when the stored states were dumped under
         another program (or none were, or they cannot be read).
@@ -309,16 +350,16 @@ class Engine:
         self.counts = self.store.counts(txn)
         self._compile()
         self.load_warehouse(txn)
-        old_defaults = self._stored_defaults(txn)
         if self.store.program(txn) == fingerprint(self):
             try:
-                return restore(self, txn, now_us, old_defaults)
+                return restore(self, txn, now_us)
             except ValueError as exc:  # a state this evaluator cannot read: the log still has everything
                 log.warning("stored realtime state unreadable (%s): rebuilding it from the event log", exc)
-        return rebuild(self, txn, now_us, Cause.WINDOW_LAPSE, old_defaults, lapses=True)
+        return rebuild(self, txn, now_us, Cause.WINDOW_LAPSE, self._stored_defaults(txn), lapses=True)
 
     def _stored_defaults(self, txn) -> dict[str, np.ndarray]:
-        return stored_defaults(self.store, txn, self.bits, len(self.warehouse.alive), self.slots)
+        with_state = set(self.slots) | set(self.store.state_keys(txn))
+        return stored_defaults(self.store, txn, self.bits, len(self.warehouse.alive), with_state)
 
     def put_audience(self, txn, audience_id: str, display_name: str, description: str, definition: dict,
                      now_us: int, create: bool) -> tuple[Audience, list[MembershipChange]]:
@@ -331,7 +372,7 @@ class Engine:
         condition = parse_condition(definition, self.attribute_types, self.event_model_props, path="audience.condition")
         check_windows(condition, self.retention_us)
         due: list[MembershipChange] = []
-        self._fire_due(now_us, due)
+        self._fire_due(txn, now_us, due)
         self._persist(txn, due)
         created = self.audiences[audience_id].create_us if exists else now_us
         audience = Audience(audience_id, display_name, description, definition, condition, created, now_us)
@@ -352,7 +393,7 @@ class Engine:
         if audience_id not in self.audiences:
             raise AudienceNotFound(f"no audience {audience_id!r}", metadata={"audience": audience_id})
         due: list[MembershipChange] = []
-        self._fire_due(now_us, due)
+        self._fire_due(txn, now_us, due)
         self._persist(txn, due)
         bit = self.bits.index(audience_id)
         changes = []
@@ -376,7 +417,11 @@ class Engine:
         return due + changes
 
     def _migrate(self, txn) -> None:
-        """A program with fewer audiences: every state keeps the leaves still used, nothing is replayed."""
+        """A program with fewer audiences: every state keeps the leaves still used, nothing is replayed.
+
+        (People not loaded now are read into the new program when next
+        needed; the sections of the leaves it no longer has are dropped then.)
+        """
         old = self.evaluator
         self._compile()
         self.load_warehouse(txn)

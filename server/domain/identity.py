@@ -24,7 +24,7 @@ def link(engine, txn, event: Event, now_us: int, changes: list[MembershipChange]
     # identify links an anonymous id; alias may also rename a known user.
     sources = (ANON + other,) if event.type == EventType.IDENTIFY else (ANON + other, other)
     for source in sources:
-        if source != user and source in engine.slots:
+        if source != user and engine._has_state(txn, source):
             _merge(engine, txn, source, user, now_us, changes, event)
 
 
@@ -35,7 +35,8 @@ def _merge(engine, txn, source: str, into: str, now_us: int, changes: list[Membe
     (During a rebuild the index already holds later events: the bound keeps them out.)
     """
     message_id = event.message_id
-    src = engine.slots.pop(source)
+    src = engine._slot(source, txn)
+    del engine.slots[source]
     dst = engine._slot(into, txn)
     seqs = sorted(set(engine.store.person_seqs(txn, source, event.seq))
                   | set(engine.store.person_seqs(txn, into, event.seq)))
@@ -50,7 +51,7 @@ def _merge(engine, txn, source: str, into: str, now_us: int, changes: list[Membe
     engine.store.delete_state(txn, source)
     engine.states[dst] = state
     engine.states[src] = engine.evaluator.new_state()
-    engine.timers.set(src, None)
+    engine._set_timer(txn, src, None)
     engine.dirty.add(dst)
     engine.dirty.discard(src)
     if changes is not None:
@@ -61,5 +62,5 @@ def _merge(engine, txn, source: str, into: str, now_us: int, changes: list[Membe
         engine._evaluate(dst, now_us, range(len(engine.program_bits)), Cause.IDENTITY_MERGE, message_id, changes)
     engine.members[src] = {}
     engine.current[src] = engine.current[dst] = None
-    engine._schedule(dst, now_us)
+    engine._schedule(txn, dst, now_us)
 

@@ -61,7 +61,7 @@ def preview(engine, txn, condition: Condition, now_us: int, sample: int,
 def explain(engine, txn, audience_id: str, person_key: str, now_us: int) -> tuple[bool, dict]:
     """Whether the person is a member now, and every node's value with what decides it."""
     audience = engine.audience(audience_id)
-    slot = engine.slots.get(person_key)
+    slot = engine._slot(person_key, txn) if engine._has_state(txn, person_key) else None
     state = engine.states[slot] if slot is not None else engine.evaluator.new_state()
     pid = engine.pids[slot] if slot is not None else (
         None if person_key.startswith(ANON) else engine.store.person_id(txn, person_key))

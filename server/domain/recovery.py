@@ -22,17 +22,17 @@ def fingerprint(engine) -> bytes:
     return hashlib.sha256(what.encode()).digest()
 
 
-def restore(engine, txn, now_us: int, old_defaults: dict) -> list[MembershipChange]:
-    """Loads every stored state and timer; nothing is read from the log."""
+def restore(engine, txn, now_us: int) -> list[MembershipChange]:
+    """Reads nothing per person but the timers that came due while no process ran.
+
+    Each person's state is loaded the first time an event, a timer or a
+    warehouse change needs it. Memberships were committed with their causes,
+    so nothing else is stale: only time moved.
+    """
     engine._reset_people()
     engine.aliases = engine.store.aliases(txn)
-    for key, deadline, raw in engine.store.all_states(txn):
-        slot = engine._slot(key, txn)
-        engine.states[slot] = engine.evaluator.load(raw)
-        engine.timers.set(slot, deadline)
     changes: list[MembershipChange] = []
-    engine._fire_due(now_us, changes)  # windows that lapsed while no process ran, each at its own instant
-    changes += engine._reconcile(txn, now_us, Cause.WINDOW_LAPSE, old_defaults)
+    engine._fire_due(txn, now_us, changes)  # each at its own instant, in time order
     engine._persist(txn, changes)
     return changes
 
@@ -58,6 +58,6 @@ def rebuild(engine, txn, now_us: int, cause: Cause, old_defaults: dict, lapses: 
             while t is not None and t <= now_us:
                 engine._evaluate(slot, t, range(len(engine.program_bits)), cause, "", changes)
                 t = engine.evaluator.next_change(engine.states[slot], t)
-    changes += engine._reconcile(txn, now_us, cause, old_defaults)
+    changes += engine._reconcile(txn, now_us, cause, old_defaults, range(len(engine.keys)))
     engine._persist(txn, changes)
     return changes

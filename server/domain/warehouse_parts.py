@@ -38,6 +38,18 @@ class WarehouseParts:
         """Each audience's value, per person id, for someone with no realtime events."""
         return [arr & self.alive for arr in without_events(compiled.program, arrays, len(self.alive))]
 
+    def changed_since(self, before: "WarehouseParts") -> list[int] | None:
+        """Person ids whose static subtrees answer differently than in ``before`` (None: not comparable).
+
+        Only these people's memberships can move with a sync: everything
+        else an audience reads is realtime state, which the sync leaves alone.
+        """
+        if before.rows.shape[1] != self.rows.shape[1]:
+            return None
+        n = min(len(before.rows), len(self.rows))
+        differ = np.flatnonzero((before.rows[:n] != self.rows[:n]).any(axis=1)).tolist()
+        return differ + list(range(n, len(self.rows)))  # people the warehouse has just learned about
+
     def statics(self, pid: int | None) -> list[bool]:
         """The static subtrees' values for one person id (None: not in the warehouse)."""
         return self.rows[pid].tolist() if pid is not None and pid < len(self.rows) else self.missing

@@ -12,7 +12,9 @@ Named databases::
     audience_members  audience id | 0x00 | person key -> b"" (ListMembers pages through it)
     changelog         u64 sequence (big-endian) -> msgpack [audience, person, direction, effective_us, cause, message_id]
                       (positional: a MembershipChange without its sequence, the key)
-    rt_state          person key -> i64 next timer (little-endian; -1: none) | the evaluator's dump of their state
+    rt_state          person key -> i64 next timer (-1: none) | i64 person id (-1: none) (little-endian) | the
+                      evaluator's dump of their state (the id outlives a warehouse removal: ids are never reused)
+    rt_timers         u64 instant (big-endian) | person key -> b"": every pending timer, in time order
     person_events     person key | 0x00 | u64 event sequence (big-endian) -> b"": each person's events in the log
     rt_aliases        anonymous (or aliased) id -> the user id it was linked to
     meta              b"changelog_seq" -> u64 last sequence; b"counts" -> JSON {audience id: members};
@@ -42,10 +44,12 @@ CHANGELOG = b"changelog"
 CHANGELOG_SEQ = b"changelog_seq"
 COUNTS = b"counts"
 STATES = b"rt_state"
+TIMERS = b"rt_timers"
+TIMER_KEY = struct.Struct(">Q")
 PERSON_EVENTS = b"person_events"
 ALIASES = b"rt_aliases"
 PROGRAM = b"rt_program"
-DEADLINE = struct.Struct("<q")
+STATE_HEAD = struct.Struct("<qq")  # next timer, person id
 SEQ_KEY = struct.Struct(">Q")
 packb = msgpack.Packer().pack
 _DTYPES = {ValueType.STRING: np.int32, ValueType.INT: np.int64, ValueType.FLOAT: np.float64,
@@ -84,6 +88,7 @@ class RealtimeStore:
         self.people_ids = env.open_db(f"{PEOPLE}.ids".encode(), txn=txn)
         self.people_cols = env.open_db(f"{PEOPLE}.cols".encode(), txn=txn)
         self.states = env.open_db(STATES, txn=txn)
+        self.timers = env.open_db(TIMERS, txn=txn)
         self.person_events = env.open_db(PERSON_EVENTS, txn=txn)
         self.aliases_db = env.open_db(ALIASES, txn=txn)
         self._sweep_from = b""  # where the next sweep of the person index resumes
@@ -176,25 +181,54 @@ class RealtimeStore:
     def put_program(self, txn, fingerprint: bytes) -> None:
         txn.put(PROGRAM, fingerprint, db=self.meta)
 
-    def put_state(self, txn, person_key: str, deadline: int | None, raw: bytes) -> None:
-        txn.put(person_key.encode(), DEADLINE.pack(-1 if deadline is None else deadline) + raw, db=self.states)
+    def put_state(self, txn, person_key: str, deadline: int | None, pid: int | None, raw: bytes) -> None:
+        head = STATE_HEAD.pack(-1 if deadline is None else deadline, -1 if pid is None else pid)
+        txn.put(person_key.encode(), head + raw, db=self.states)
+
+    def state(self, txn, person_key: str) -> tuple[int | None, int | None, bytes] | None:
+        """(next timer, person id, the evaluator's dump) of one person; None if they have no realtime state."""
+        v = txn.get(person_key.encode(), db=self.states)
+        if v is None:
+            return None
+        deadline, pid = STATE_HEAD.unpack_from(v)
+        return (None if deadline < 0 else deadline), (None if pid < 0 else pid), bytes(v[STATE_HEAD.size:])
+
+    def state_people(self, txn) -> Iterator[tuple[str, int | None]]:
+        """(person key, person id as last stored) of everyone with realtime state."""
+        for k, v in txn.cursor(db=self.states):
+            pid = STATE_HEAD.unpack_from(v)[1]
+            yield k.decode(), (None if pid < 0 else pid)
+
+    def has_state(self, txn, person_key: str) -> bool:
+        return txn.get(person_key.encode(), db=self.states) is not None
 
     def delete_state(self, txn, person_key: str) -> None:
         txn.delete(person_key.encode(), db=self.states)
 
     def clear_states(self, txn) -> None:
         txn.drop(self.states, delete=False)
+        txn.drop(self.timers, delete=False)
+
+    def move_timer(self, txn, person_key: str, old: int | None, new: int | None) -> None:
+        """Re-files a person's pending timer from ``old`` to ``new`` (None: none)."""
+        k = person_key.encode()
+        if old is not None:
+            txn.delete(TIMER_KEY.pack(max(0, old)) + k, db=self.timers)
+        if new is not None:
+            txn.put(TIMER_KEY.pack(max(0, new)) + k, b"", db=self.timers)
+
+    def first_timer(self, txn) -> tuple[int, str] | None:
+        """The earliest pending timer: (instant, person key)."""
+        with txn.cursor(db=self.timers) as cur:
+            if not cur.first():
+                return None
+            k = cur.key()
+            return TIMER_KEY.unpack_from(k)[0], bytes(k[TIMER_KEY.size:]).decode()
 
     def state_keys(self, txn) -> Iterator[str]:
         """Everyone with realtime state."""
         for k in txn.cursor(db=self.states).iternext(values=False):
             yield k.decode()
-
-    def all_states(self, txn) -> Iterator[tuple[str, int | None, bytes]]:
-        """(person key, next timer, the evaluator's dump) of everyone with realtime state."""
-        for k, v in txn.cursor(db=self.states):
-            (deadline,) = DEADLINE.unpack_from(v)
-            yield k.decode(), (None if deadline < 0 else deadline), bytes(v[DEADLINE.size:])
 
     def index_event(self, txn, person_key: str, seq: int) -> None:
         txn.put(person_key.encode() + b"\x00" + SEQ_KEY.pack(seq), b"", db=self.person_events)
