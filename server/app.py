@@ -46,7 +46,8 @@ from .services.syncs import SyncService
 from .services.watch import WatchService
 from .storage.eventlog import EventLogView
 from .storage.lmdb_store import Reader, data_path, open_env
-from .storage.realtime import AudienceReads, ChangelogView, RealtimeStore
+from .storage.realtime import RealtimeStore
+from .storage.realtime_reads import AudienceReads, ChangelogView
 from .storage.retention import Retention
 from .storage.sync_tables import SyncTables
 from .storage.warehouse_sync import Progress

@@ -36,9 +36,10 @@ from .errors import AudienceExists, AudienceNotFound, FieldViolation, InvalidAud
 from .events import ANON, Event, EventModel, EventType, MatchedEvent, compile_models
 from .identity import link
 from .queries import explain, preview
+from .reconcile import after_sync
 from .recovery import fingerprint, rebuild, restore
 from .schema import ValueType
-from .warehouse_parts import WarehouseParts, changed, stored_defaults
+from .warehouse_parts import WarehouseParts, stored_defaults
 
 log = logging.getLogger(__name__)
 
@@ -247,64 +248,7 @@ class Engine:
 
     def after_sync(self, txn, now_us: int) -> list[MembershipChange]:
         """A warehouse sync landed: recompute the warehouse parts; move people at once."""
-        changes: list[MembershipChange] = []
-        self._fire_due(txn, now_us, changes)
-        old_defaults = self.defaults if self.defaults is not None else self._stored_defaults(txn)
-        before = self.warehouse
-        self.load_warehouse(txn)
-        stored = dict(self.store.state_people(txn))  # everyone with realtime state -> their person id
-        moved = self.warehouse.changed_since(before)  # person ids whose warehouse parts changed (None: anyone)
-        if moved is None:
-            keys = list(stored)
-        else:
-            by_pid = {pid: key for key, pid in stored.items() if pid is not None}  # the removed included
-            keys = [k for k in (by_pid.get(pid) or self.store.person_key(txn, pid) for pid in moved)
-                    if k is not None and self._has_state(txn, k)]
-        slots = [self._slot(k, txn) for k in keys]
-        changes += self._reconcile(txn, now_us, Cause.WAREHOUSE_SYNC, old_defaults, slots)
-        self._persist(txn, changes)
-        return changes
-
-    # -- whole-population reconciliation -------------------------------------------------------
-    def _reconcile(self, txn, now_us: int, cause: Cause, old_defaults, slots) -> list[MembershipChange]:
-        """Brings stored memberships to what the definitions say now.
-
-        ``slots``: the people with realtime state whose answers may have
-        moved; everyone else's follows from the warehouse parts, vectorised.
-        """
-        changes: list[MembershipChange] = []
-        for slot in slots:
-            if self.slots.get(self.keys[slot]) == slot:
-                self._evaluate(slot, now_us, range(len(self.program_bits)), cause, "", changes)
-                self._schedule(txn, slot, now_us)
-        defaults = self.warehouse.defaults(self.compiled, self.warehouse.arrays)
-        with_slot = np.zeros(len(self.warehouse.alive), bool)  # people with realtime state decide for themselves
-        for key, pid in self.store.state_people(txn):
-            if pid is not None and pid < len(with_slot):
-                with_slot[pid] = True
-        for slot, key in enumerate(self.keys):  # (and those loaded or not stored yet in this transaction)
-            pid = self.pids[slot]
-            if pid is not None and pid < len(with_slot) and self.slots.get(key) == slot:
-                with_slot[pid] = True
-        for i, new in enumerate(defaults):
-            bit = self.program_bits[i]
-            aid = self.bits[bit]
-            for pid in changed(new, old_defaults.get(aid), with_slot):
-                key = self.store.person_key(txn, pid)
-                if key is None:
-                    continue
-                bits = self.store.membership(txn, key)
-                if new[pid] and bit not in bits:
-                    bits[bit] = now_us
-                    changes.append(MembershipChange(aid, key, Direction.ENTER, now_us, cause))
-                elif not new[pid] and bit in bits:
-                    del bits[bit]
-                    changes.append(MembershipChange(aid, key, Direction.EXIT, now_us, cause))
-                else:
-                    continue
-                self.store.put_membership(txn, key, bits)
-        self.defaults = {self.bits[self.program_bits[i]]: arr for i, arr in enumerate(defaults)}
-        return changes
+        return after_sync(self, txn, now_us)
 
     def _persist(self, txn, changes: list[MembershipChange]) -> None:
         """Writes realtime people's memberships, the member index, counts and the changelog.

@@ -14,6 +14,7 @@ import hashlib
 
 from .changes import Cause, MembershipChange
 from .events import matching_models
+from .reconcile import reconcile
 
 
 def fingerprint(engine) -> bytes:
@@ -58,6 +59,6 @@ def rebuild(engine, txn, now_us: int, cause: Cause, old_defaults: dict, lapses: 
             while t is not None and t <= now_us:
                 engine._evaluate(slot, t, range(len(engine.program_bits)), cause, "", changes)
                 t = engine.evaluator.next_change(engine.states[slot], t)
-    changes += engine._reconcile(txn, now_us, cause, old_defaults, range(len(engine.keys)))
+    changes += reconcile(engine, txn, now_us, cause, old_defaults, range(len(engine.keys)))
     engine._persist(txn, changes)
     return changes
