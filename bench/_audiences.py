@@ -67,13 +67,15 @@ def delete(address: str, ids: list[str]) -> None:
                 pass  # gone already, or the server is: nothing left to clean
 
 
-def setup_e2e(address: str, inputs, persons: int, run_id: str, via: str | None = None) -> dict:
+def setup_e2e(address: str, inputs, persons: int, run_id: str, via: str | None = None,
+              min_token: bool = False) -> dict:
     """Creates an audience only this run's events can enter, and finds how to see its changes.
 
     A probe event (for one of the last keys, which the run does not use) is
     sent with a watch stream open. With ``via="get"``, or if the server answers
     WatchMemberships UNIMPLEMENTED, the run times event -> first Get that shows
-    the membership.
+    the membership (``min_token``: one Get that carries the Track's
+    consistency token, so the server answers once it sees the event).
     Otherwise the probe's change gives the sequence the load processes resume
     after (WATCH_START_SEQUENCE), so no change is missed while their streams
     are being set up.
@@ -99,7 +101,7 @@ def setup_e2e(address: str, inputs, persons: int, run_id: str, via: str | None =
         stub.CreateAudience(audience_pb2.CreateAudienceRequest(audience=audience), timeout=60, metadata=METADATA)
         ingest = ingest_pb2_grpc.IngestServiceStub(ch)
         if via == "get":
-            return out
+            return {**out, "mode": "get-token" if min_token else "get"}
         for attempt in range(3):
             watch = stub.WatchMemberships(audience_pb2.WatchMembershipsRequest(
                 audience_ids=[audience_id], start=audience_pb2.WATCH_START_NOW), timeout=10, metadata=METADATA)

@@ -143,15 +143,17 @@ class Membership:
 
     ``mode="watch"``: to the MembershipChange on a WatchMemberships stream
     (matched by the event's message_id). ``mode="get"``: to the first Get that
-    shows the membership (the fallback while a server has no watch stream).
-    The acknowledgement of the Track is the secondary series ``ack``.
+    shows the membership (the fallback while a server has no watch stream);
+    ``mode="get-token"``: to one Get carrying the Track's consistency token
+    as ``min_token`` (read-your-writes: it must show the membership). The
+    acknowledgement of the Track is the secondary series ``ack``.
     """
 
     def __init__(self, channels: list, events: _inputs.Events, persons: list[str], audience_id: str, path: str,
                  collection: str, mode: str, after_sequence: int, timeout: float):
-        from qualify.v1 import audience_pb2, event_pb2, personalize_pb2
+        from qualify.v1 import audience_pb2, event_pb2, ingest_pb2, personalize_pb2
 
-        self.series = "change" if mode == "watch" else "visible_in_get"
+        self.series = {"watch": "change", "get": "visible_in_get", "get-token": "visible_with_token"}[mode]
         self.items, self.mode, self.timeout = 1, mode, timeout
         self.channels, self.events, self.persons = channels, events, persons
         self.audience_id, self.collection = audience_id, collection
@@ -164,6 +166,7 @@ class Membership:
         self.get = [ch.unary_unary(GET) for ch in channels]
         self.get_request = personalize_pb2.GetRequest
         self.get_response = personalize_pb2.GetResponse.FromString
+        self.track_response = ingest_pb2.TrackResponse.FromString
         self.watch_request = audience_pb2.WatchMembershipsRequest(
             audience_ids=[audience_id], start=audience_pb2.WATCH_START_SEQUENCE,
             after_sequence=after_sequence).SerializeToString()
@@ -214,17 +217,21 @@ class Membership:
             done(code.name)
         elif self.mode == "get":
             self._poll(j, i, done, time.perf_counter())
+        elif self.mode == "get-token":
+            self._poll(j, i, done, time.perf_counter(), self.track_response(f.result()).consistency_token)
 
-    def _poll(self, j: int, i: int, done, since: float) -> None:
-        req = self.get_request(collection=self.collection, key=self.persons[i]).SerializeToString()
+    def _poll(self, j: int, i: int, done, since: float, token: bytes = b"") -> None:
+        req = self.get_request(collection=self.collection, key=self.persons[i], min_token=token).SerializeToString()
         f = self.get[j % len(self.get)].future(req, timeout=self.timeout, metadata=METADATA)
-        f.add_done_callback(partial(self._polled, j, i, done, since))
+        f.add_done_callback(partial(self._polled, j, i, done, since, token))
 
-    def _polled(self, j: int, i: int, done, since: float, f) -> None:
+    def _polled(self, j: int, i: int, done, since: float, token: bytes, f) -> None:
         if f.code().value[0] != 0:
             done(f.code().name)
         elif any(m.audience_id == self.audience_id for m in self.get_response(f.result()).record.memberships):
             done("OK")
+        elif token:  # read-your-writes broken: a Get past the token must show the change
+            done("STALE_AFTER_TOKEN")
         elif time.perf_counter() - since > self.timeout:
             done("NOT_VISIBLE")
         else:

@@ -89,6 +89,8 @@ def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
                                                  "(default 100 on a started server, 0 on a --target)")
     g.add_argument("--via", choices=("watch", "get"), help="e2e: see the change on the watch stream, or poll Get until "
                    "the membership shows (default: watch, or get where the server has no watch stream)")
+    g.add_argument("--min-token", action="store_true",
+                   help="e2e --via get: one Get with the Track's consistency token (min_token) instead of polling")
     g.add_argument("--background-rate", type=float, default=0.0,
                    help="e2e: also stream this many events/s from the event mix, from one more process (default 0)")
     g = p.add_argument_group("output")
@@ -223,11 +225,12 @@ def _prepare_e2e(args, inputs: _inputs.Inputs, mix: dict, run_id: str, s: _Start
     if persons + 4 > inputs.key_count and not inputs.key_file:
         raise BenchError(f"e2e needs one person per request: {persons:,} requests but {inputs.key_count:,} "
                          f"keys (lower --rate or --duration, or raise --people)")
-    extra["e2e"] = _audiences.setup_e2e(s.address, inputs, persons, run_id, args.via)
+    extra["e2e"] = _audiences.setup_e2e(s.address, inputs, persons, run_id, args.via, args.min_token)
     s.created = [extra["e2e"]["audience_id"]]
     s.target["e2e_measures"] = {
         "watch": "event -> MembershipChange on WatchMemberships",
         "get": "event -> first Get showing the membership (--via get)",
+        "get-token": "event -> a Get with the Track's consistency token as min_token (--via get --min-token)",
         "get-fallback": "event -> first Get showing the membership (the server answered WatchMemberships "
                         "UNIMPLEMENTED)"}[extra["e2e"].pop("why", extra["e2e"]["mode"])]
     background = None
