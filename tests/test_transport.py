@@ -34,7 +34,7 @@ def serve(tmp_path):
     env = open_env(tmp_path / "lmdb", 1 << 26, readonly=False)
 
     async def start():
-        server, port, _ = await create_server(Reader(env))  # no writing servicers: this is a reading process
+        server, port, *_ = await create_server(Reader(env))  # no writing servicers: this is a reading process
         await server.start()
         return server, grpc.aio.insecure_channel(f"127.0.0.1:{port}")
 
