@@ -290,7 +290,7 @@ def test_serving_processes_are_not_serving_while_the_writer_does_not_answer(tmp_
                     failures.append((err.code(), err.details()))
             assert not failures, failures[:3]
             writer = [json.loads(line)["pid"] for line in server.log().splitlines()
-                      if "realtime state rebuilt" in line][-1]
+                      if "realtime state loaded" in line][-1]
 
             def status():
                 try:
