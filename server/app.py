@@ -189,7 +189,7 @@ async def _start_engine(store: RealtimeStore, writer: Writer, project: Project, 
         store, project.event_models, [(a.name, a.type) for a in project.parent_model.attributes],
         int(project.session_timeout * 1_000_000),
         read_event=log_.get, iter_events=lambda txn: log_.read(txn, 1), publish=publish,
-        retention_us=int(project.event_retention * 1_000_000))
+        retention_us=int(project.event_retention * 1_000_000), cache_people=project.state_cache)
     t0 = time.perf_counter()
     changes = await asyncio.wrap_future(writer.submit(lambda txn: engine.recover(txn, clock())))
     log.info("realtime state loaded in %.2fs (%d audiences, %d people, %d changes on the way)",

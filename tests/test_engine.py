@@ -224,8 +224,9 @@ class Harness:
             self.replays += 1
             return iter(self.log)
 
+        # A cache of two people: most people are evicted and reloaded from their stored state all the time.
         return Engine(self.store, MODELS, ATTRS, TIMEOUT, read_event=lambda txn, seq: self.log[seq - 1],
-                      iter_events=replay, reference=self.reference)
+                      iter_events=replay, reference=self.reference, cache_people=2)
 
     def restart(self) -> list:
         """A new engine over the same tables, as after a process restart (or a kill -9: no shutdown step)."""

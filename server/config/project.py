@@ -23,7 +23,7 @@ from ..domain.syncs import SyncSpec
 from .operations import SECTIONS as OPERATION_SECTIONS, Operations, parse_operations
 from .reader import MISSING, NAME_RE, Problem, ProjectError, Reader
 from .realtime import (DEFAULT_CHANGELOG_RETENTION, DEFAULT_EVENT_RETENTION, DEFAULT_PREVIEW_TIMEOUT,
-                       DEFAULT_SESSION_TIMEOUT, DEFAULT_WATCH_BUFFER, DEFAULT_WATCH_MAX_LAG, REALTIME_KEYS,
+                       DEFAULT_SESSION_TIMEOUT, DEFAULT_STATE_CACHE, DEFAULT_WATCH_BUFFER, DEFAULT_WATCH_MAX_LAG, REALTIME_KEYS,
                        parse_event_models, parse_realtime)
 from .syncs import DELIVERY_KEYS, parse_delivery, parse_syncs
 
@@ -98,6 +98,7 @@ class Project:
     event_retention: float = DEFAULT_EVENT_RETENTION  # [realtime] event_retention, seconds: the event log's history
     changelog_retention: float = DEFAULT_CHANGELOG_RETENTION  # [realtime] changelog_retention, seconds
     preview_timeout: float = DEFAULT_PREVIEW_TIMEOUT  # [realtime] preview_timeout, seconds: a PreviewAudience's deadline
+    state_cache: int = DEFAULT_STATE_CACHE  # [realtime] state_cache: people whose realtime state stays in memory
     syncs: tuple[SyncSpec, ...] = ()  # [[syncs]]
     retry_initial: float = 0.2  # [delivery] retry_initial: first backoff, seconds
     retry_max: float = 30.0  # [delivery] retry_max: longest backoff, seconds

@@ -27,8 +27,9 @@ DEFAULT_WATCH_MAX_LAG = 1_000_000
 DEFAULT_EVENT_RETENTION = 30 * 86400.0
 DEFAULT_CHANGELOG_RETENTION = 7 * 86400.0
 DEFAULT_PREVIEW_TIMEOUT = 10.0
+DEFAULT_STATE_CACHE = 100_000
 REALTIME_KEYS = ("session_timeout", "watch_buffer", "watch_max_lag", "event_retention", "changelog_retention",
-                 "preview_timeout")
+                 "preview_timeout", "state_cache")
 _MODEL_KEYS = ("type", "event", "filters", "identifier", "properties")
 _FILTER_KEYS = ("property", "operator", "value", "values")
 _NUMERIC = (ValueType.INT, ValueType.FLOAT)
@@ -41,6 +42,7 @@ def parse_realtime(r: Reader, rt: dict) -> dict:
     return {
         "event_retention": r.duration(rt, "realtime.event_retention", DEFAULT_EVENT_RETENTION, positive=True),
         "preview_timeout": r.duration(rt, "realtime.preview_timeout", DEFAULT_PREVIEW_TIMEOUT, positive=True),
+        "state_cache": r.integer(rt, "realtime.state_cache", DEFAULT_STATE_CACHE, 1, 100_000_000),
         "changelog_retention": r.duration(rt, "realtime.changelog_retention", DEFAULT_CHANGELOG_RETENTION,
                                           positive=True),
         "watch_buffer": r.integer(rt, "realtime.watch_buffer", DEFAULT_WATCH_BUFFER, 1, 10_000_000),

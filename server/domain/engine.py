@@ -21,6 +21,7 @@ identify or alias event links it to a user id, which merges its history.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 
 import numpy as np
@@ -50,8 +51,9 @@ class Engine:
     def __init__(self, store, models: list[EventModel], attributes: list[tuple[str, ValueType]],
                  session_timeout_us: int, read_event: Callable, iter_events: Callable, reference: bool = False,
                  publish: Callable[[list[MembershipChange]], None] = lambda changes: None,
-                 retention_us: int = 30 * 86400 * 1_000_000):
+                 retention_us: int = 30 * 86400 * 1_000_000, cache_people: int = 100_000):
         self.store = store
+        self.cache_people = cache_people  # people whose state stays in memory between transactions, at most
         self.retention_us = retention_us  # the event log's history: no window may be longer
         self.publish = publish  # called in the transaction with its stored changes; delivers after the commit
         self.models = compile_models(models)
@@ -74,7 +76,9 @@ class Engine:
 
     # -- state ---------------------------------------------------------------------------
     def _reset_people(self) -> None:
-        self.slots: dict[str, int] = {}
+        self.slots: OrderedDict[str, int] = OrderedDict()  # loaded people, least recently used first
+        self.free: list[int] = []  # slots of people evicted (or merged away), to reuse
+        self.created: set[int] = set()  # slots of people seen for the first time by the running event
         self.keys: list[str] = []
         self.states: list = []
         self.pids: list[int | None] = []
@@ -98,19 +102,42 @@ class Engine:
     def _slot(self, key: str, txn) -> int:
         """The person's slot, loading their stored state the first time they are needed."""
         slot = self.slots.get(key)
-        if slot is None:
-            stored = self.store.state(txn, key)
+        if slot is not None:
+            self.slots.move_to_end(key)
+            return slot
+        stored = self.store.state(txn, key)
+        pid = None if key.startswith(ANON) else self.store.person_id(txn, key)
+        fields = (key, self.evaluator.load(stored[2]) if stored else self.evaluator.new_state(),
+                  stored[0] if stored else None,
+                  pid if pid is not None or not stored else stored[1],  # a person the warehouse removed keeps theirs
+                  self.store.membership(txn, key), None, None)
+        if self.free:
+            slot = self.free.pop()
+            for column, value in zip(self._columns(), fields):
+                column[slot] = value
+        else:
             slot = len(self.keys)
-            self.slots[key] = slot
-            self.keys.append(key)
-            self.states.append(self.evaluator.load(stored[2]) if stored else self.evaluator.new_state())
-            self.deadlines.append(stored[0] if stored else None)
-            pid = None if key.startswith(ANON) else self.store.person_id(txn, key)
-            self.pids.append(pid if pid is not None or not stored else stored[1])  # removed from the warehouse
-            self.members.append(self.store.membership(txn, key))
-            self.current.append(None)
-            self.statics_of.append(None)
+            for column, value in zip(self._columns(), fields):
+                column.append(value)
+        self.slots[key] = slot
+        if stored is None:
+            self.created.add(slot)
         return slot
+
+    def _columns(self) -> tuple[list, ...]:
+        return (self.keys, self.states, self.deadlines, self.pids, self.members, self.current, self.statics_of)
+
+    def _evict(self) -> None:
+        """Forgets the least recently used people beyond the cache: their state is stored, and reloads when needed."""
+        while len(self.slots) > self.cache_people:
+            self.free_slot(self.slots.popitem(last=False)[1])
+
+    def free_slot(self, slot: int) -> None:
+        """A slot nobody holds any more (evicted, or merged away) becomes reusable."""
+        self.free.append(slot)
+        for column in self._columns():
+            column[slot] = None
+        self.keys[slot] = ""
 
     def _has_state(self, txn, key: str) -> bool:
         return key in self.slots or self.store.has_state(txn, key)
@@ -134,7 +161,7 @@ class Engine:
         parts.load(*self.store.columns(txn, self.attributes), self.compiled)
         self.warehouse = parts
         self.statics_of = [None] * len(self.keys)
-        for slot, key in enumerate(self.keys):  # people the warehouse has just learned about
+        for key, slot in self.slots.items():  # people the warehouse has just learned about
             if self.pids[slot] is None and not key.startswith(ANON):
                 self.pids[slot] = self.store.person_id(txn, key)
 
@@ -185,11 +212,11 @@ class Engine:
         everything = range(len(self.program_bits))
         for matched in events:
             event = matched.event
-            first_seen = len(self.keys)
+            self.created.clear()
             self._observe(txn, event, matched.matches, now_us, touched, changes)
             for slot, models in touched.items():
                 # Someone new is evaluated for every audience: the warehouse-only ones included.
-                if slot >= first_seen:
+                if slot in self.created:
                     audiences = everything
                 elif len(models) == 1:
                     audiences = self.by_model.get(next(iter(models)), ())
@@ -264,8 +291,11 @@ class Engine:
                                      self.evaluator.dump(self.states[slot]))
         self.dirty.clear()
         self._file_earliest(txn)
-        if not changes:
-            return
+        if changes:
+            self._record(txn, changes)
+        self._evict()
+
+    def _record(self, txn, changes: list[MembershipChange]) -> None:
         written = set()
         for c in changes:
             self.store.index_member(txn, c.audience_id, c.person_key, c.direction == Direction.ENTER)
@@ -369,10 +399,9 @@ class Engine:
         old = self.evaluator
         self._compile()
         self.load_warehouse(txn)
-        for slot, key in enumerate(self.keys):
-            if self.slots.get(key) == slot:
-                self.states[slot] = self.evaluator.load(old.dump(self.states[slot]))
-                self.dirty.add(slot)
+        for slot in self.slots.values():
+            self.states[slot] = self.evaluator.load(old.dump(self.states[slot]))
+            self.dirty.add(slot)
         self.defaults = {self.bits[self.program_bits[i]]: arr for i, arr in
                          enumerate(self.warehouse.defaults(self.compiled, self.warehouse.arrays))}
         self.store.put_program(txn, fingerprint(self))

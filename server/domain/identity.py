@@ -63,4 +63,5 @@ def _merge(engine, txn, source: str, into: str, now_us: int, changes: list[Membe
     engine.members[src] = {}
     engine.current[src] = engine.current[dst] = None
     engine._schedule(txn, dst, now_us)
+    engine.free_slot(src)
 

@@ -51,9 +51,9 @@ def reconcile(engine, txn, now_us: int, cause: Cause, old_defaults, slots) -> li
     for key, pid in engine.store.state_people(txn):
         if pid is not None and pid < len(with_slot):
             with_slot[pid] = True
-    for slot, key in enumerate(engine.keys):  # (and those loaded or not stored yet in this transaction)
+    for slot in engine.slots.values():  # (and those loaded or not stored yet in this transaction)
         pid = engine.pids[slot]
-        if pid is not None and pid < len(with_slot) and engine.slots.get(key) == slot:
+        if pid is not None and pid < len(with_slot):
             with_slot[pid] = True
     for i, new in enumerate(defaults):
         bit = engine.program_bits[i]

@@ -59,6 +59,6 @@ def rebuild(engine, txn, now_us: int, cause: Cause, old_defaults: dict, lapses: 
             while t is not None and t <= now_us:
                 engine._evaluate(slot, t, range(len(engine.program_bits)), cause, "", changes)
                 t = engine.evaluator.next_change(engine.states[slot], t)
-    changes += reconcile(engine, txn, now_us, cause, old_defaults, range(len(engine.keys)))
+    changes += reconcile(engine, txn, now_us, cause, old_defaults, list(engine.slots.values()))
     engine._persist(txn, changes)
     return changes
