@@ -28,7 +28,7 @@ class Compacted:
 
     @property
     def full(self) -> bool:
-        """Whether a slice hit its limit: more is probably waiting."""
+        """Whether this slice found events or changes to delete: the next one follows at once."""
         return self.events > 0 or self.changes > 0
 
 
