@@ -37,6 +37,7 @@ from .observability import metrics
 from .config.operations import Operations
 from .runtime import fire_timers, sync_schedule
 from .security.keys import KeyStore, keys_path
+from .security.limits import RateLimiter
 from .services.audiences import AudienceService
 from .services.feed import ChangeFeed
 from .services.ingest import IngestService
@@ -53,6 +54,7 @@ from .transport.audience import Audiences
 from .transport.diagnostics import Diagnostics
 from .transport.gate import Gate, server_credentials
 from .transport.handlers import handlers_for
+from .transport.http import HttpEdge, start_http
 from .transport.health import watch_health
 from .transport.ingest import Ingest
 from .transport.personalize import Personalize
@@ -91,8 +93,9 @@ class Writing:
 
 async def create_server(reader: Reader, host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False,
                         writing: Writing | None = None, writer_address: str | None = None, address: str | None = None,
-                        ops: Operations | None = None, keys: KeyStore | None = None, internal: bool = False):
-    """A configured, unstarted server: returns (server, bound port, health servicer).
+                        ops: Operations | None = None, keys: KeyStore | None = None, internal: bool = False,
+                        reads: PersonalizeService | None = None):
+    """A configured, unstarted server: returns (server, bound port, health servicer, gate).
 
     ``writing`` (the writing process) serves IngestService, AudienceService
     and SyncService; a serving process given ``writer_address`` forwards
@@ -108,7 +111,7 @@ async def create_server(reader: Reader, host: str = "127.0.0.1", port: int = 0, 
         ("grpc.max_receive_message_length", ops.limits.max_message_bytes),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ])
-    reads = PersonalizeService(reader, EventLogView(reader.env), VERSION, ops.limits.max_message_bytes)
+    reads = reads or read_service(reader, ops)
     handlers = [handlers_for(PERSONALIZE, Personalize(reads)), handlers_for(DIAGNOSTICS, Diagnostics(reads))]
     if writer_address is not None:
         channel = grpc.aio.insecure_channel(writer_address)
@@ -117,8 +120,8 @@ async def create_server(reader: Reader, host: str = "127.0.0.1", port: int = 0, 
         writing = writing or Writing()
         handlers += [handlers_for(INGEST, writing.ingest), handlers_for(AUDIENCE, writing.audiences),
                      handlers_for(SYNC, writing.syncs)]
-    server.add_generic_rpc_handlers([Gate(handlers, list(SERVICES), keys=keys, limits=ops.limits,
-                                          edge=not internal)])
+    gate = Gate(handlers, list(SERVICES), keys=keys, limits=ops.limits, edge=not internal)
+    server.add_generic_rpc_handlers([gate])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(SERVICE_NAMES + [health.SERVICE_NAME, reflection.SERVICE_NAME], server)
@@ -130,7 +133,21 @@ async def create_server(reader: Reader, host: str = "127.0.0.1", port: int = 0, 
         raise OSError(f"cannot listen on {address or f'{host}:{port}'} (address in use?)")
     for name in ["", *SERVICE_NAMES]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    return server, bound, health_servicer
+    return server, bound, health_servicer, gate
+
+
+def read_service(reader: Reader, ops: Operations) -> PersonalizeService:
+    return PersonalizeService(reader, EventLogView(reader.env), VERSION, ops.limits.max_message_bytes)
+
+
+async def _start_http(project: Project, reads: PersonalizeService, ingest: IngestService | None, gate: Gate):
+    """The HTTP API beside gRPC, checking keys and rates with the gate's own objects; (runner, port)."""
+    ops = project.ops
+    rates = gate.rates
+    if rates is None and gate.keys is not None:  # the writer of --workers N: its gRPC gate does not limit
+        rates = RateLimiter(ops.limits.requests_per_second, ops.limits.burst)
+    edge = HttpEdge(reads, ingest, keys=gate.keys, rates=rates, limits=ops.limits, settings=ops.http)
+    return await start_http(edge, ops.http, ops.tls)
 
 
 def _health(reader: Reader, health_servicer, project: Project):
@@ -151,12 +168,13 @@ def announce_auth(project: Project) -> None:
                     "`qualify keys create` makes one")
 
 
-def write_ready_file(path: str | None, host: str, port: int, workers: int) -> None:
+def write_ready_file(path: str | None, host: str, port: int, workers: int, http_port: int | None = None) -> None:
     if not path:
         return
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump({"address": f"{host}:{port}", "port": port, "pid": os.getpid(), "workers": workers}, f)
+        json.dump({"address": f"{host}:{port}", "port": port, "pid": os.getpid(), "workers": workers,
+                   "http_port": http_port}, f)
     os.replace(tmp, path)
 
 
@@ -229,9 +247,15 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
     internal = address is not None
     if project.ops.metrics.port:
         metrics.setup()
-    server, port, health_servicer = await create_server(reader, host, port, writing=writing, address=address,
-                                                        ops=project.ops, keys=_keys(project), internal=internal)
+    reads = read_service(reader, project.ops)
+    server, port, health_servicer, gate = await create_server(
+        reader, host, port, writing=writing, address=address, ops=project.ops, keys=_keys(project),
+        internal=internal, reads=reads)
     await server.start()
+    # HTTP is served where the writer is: with --workers N that is the writer
+    # process alone (README: Security and operations, HTTP).
+    http, http_port = (await _start_http(project, reads, writing.ingest.service, gate)
+                       if project.ops.http.enabled else (None, None))
     if internal:  # the writer's socket is for the serving processes of this user only
         os.chmod(address.removeprefix("unix:"), 0o600)
     log.info("listening on %s (NOT_SERVING until the first sync lands)", address or f"{host}:{port}")
@@ -239,7 +263,7 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
     stop_on_signals(loop, stop)
 
     def first_sync(report) -> None:
-        write_ready_file(ready_file, host, port, 1)
+        write_ready_file(ready_file, host, port, 1, http_port)
         log.info("serving %d people from %s on %s:%d", report.people,
                  ", ".join(c.name for c in project.collections), host, port)
 
@@ -253,6 +277,8 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
     await stop.wait()
     log.info("shutting down (grace %.0fs)", GRACE_SECONDS)
     await health_servicer.enter_graceful_shutdown()
+    if http is not None:
+        await http.cleanup()  # in-flight requests finish (their events are durable) before the writer stops
     await server.stop(GRACE_SECONDS)
     for t in tasks:
         t.cancel()
@@ -270,9 +296,9 @@ async def serve_reads(project: Project, port: int, writer_address: str) -> int:
     reader = Reader(env)
     if project.ops.metrics.port:
         metrics.setup()
-    server, _, health_servicer = await create_server(reader, project.server.host, port, reuse_port=True,
-                                                     writer_address=writer_address, ops=project.ops,
-                                                     keys=_keys(project))
+    server, _, health_servicer, _ = await create_server(reader, project.server.host, port, reuse_port=True,
+                                                        writer_address=writer_address, ops=project.ops,
+                                                        keys=_keys(project))
     await server.start()
     stop = asyncio.Event()
     stop_on_signals(asyncio.get_running_loop(), stop)

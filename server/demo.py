@@ -14,6 +14,7 @@ from .config import Project, parse_project
 log = logging.getLogger(__name__)
 
 DEMO_PEOPLE = 100_000
+DEMO_HTTP_PORT = 8080
 
 # r(i, salt) is a deterministic pseudo-random number in [0, 1) (a multiplicative
 # hash; DuckDB's own hash() is not promised stable across versions).
@@ -96,6 +97,7 @@ def demo_project(data_dir: Path, people: int = DEMO_PEOPLE, port: int | None = N
         "collections": {"customers": {}},
         "event_models": DEMO_EVENT_MODELS,
         "auth": {"enabled": False},  # a local try-out; `qualify serve --auth on` turns keys on
+        "http": {"port": DEMO_HTTP_PORT},  # the tracking API, JSON reads and /demo; --http-port moves it
     }
     if port is not None:
         raw["server"] = {"port": port}

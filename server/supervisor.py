@@ -10,6 +10,7 @@ and forward Ingest, Audience and Sync calls to the writer.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -91,7 +92,8 @@ def serve_workers(project: Project, workers: int, *, ready_file: str | None = No
     try:
         while not stop.is_set():
             if not announced and writer_ready.exists():
-                write_ready_file(ready_file, project.server.host, port, workers)
+                http_port = json.loads(writer_ready.read_text()).get("http_port")  # HTTP is the writer's
+                write_ready_file(ready_file, project.server.host, port, workers, http_port)
                 log.info("serving on %s:%d", project.server.host, port)
                 announced = True
             try:

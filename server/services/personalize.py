@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from ..domain.errors import BatchTooLarge, FieldViolation, InvalidRequest
+from ..domain.errors import AudienceNotFound, BatchTooLarge, FieldViolation, InvalidRequest
 from ..domain.ports import CollectionView, EventCounts, RecordReader
 
 MAX_BATCH_KEYS = 1000
@@ -65,6 +65,18 @@ class PersonalizeService:
         raws = [check_key(k, f"keys[{i}]") for i, k in enumerate(keys)]
         view, rows = self.records.get(collection, raws)
         return view, raws, rows
+
+    @staticmethod
+    def mask(view: CollectionView, paths: tuple[str, ...] | None) -> tuple[int, ...] | None:
+        """Column indices to read for ``paths`` (None or (): every field)."""
+        return view.mask_indices(tuple(paths)) if paths else None
+
+    def audience_bit(self, audience: str) -> int:
+        """The membership bit of ``audience``; AudienceNotFound when no audience has that id."""
+        try:
+            return self.audience_ids.index(audience)
+        except ValueError:
+            raise AudienceNotFound(f"no audience with id {audience!r}", metadata={"audience": audience}) from None
 
     def server_info(self) -> dict:
         events_logged, events_unmatched = self.event_counts.counts()
