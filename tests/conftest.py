@@ -255,7 +255,8 @@ EDGE_SCOPES = {"ingest": ("ingest",), "personalize": ("personalize",), "admin": 
 def edge_server(tmp_path_factory, demo_warehouse):
     """``qualify serve`` with API keys on, the demo's event models and the HTTP API (tests/test_http_*.py).
 
-    ``edge_server.keys``: a key per EDGE_SCOPES entry.
+    ``edge_server.keys``: a key per EDGE_SCOPES entry, plus ``publishable``
+    (personalize, only ``plan`` and ``recommended_product`` of ``customers``).
     """
     folder = tmp_path_factory.mktemp("edge")
     extra = ('[auth]\nenabled = true\n[http]\ncors_origins = ["https://shop.example"]\n')
@@ -263,7 +264,11 @@ def edge_server(tmp_path_factory, demo_warehouse):
                  'email_opt_in = "bool"\nrecommended_product = "string"\n'
     project = write_project(folder, f'type = "duckdb"\npath = "{demo_warehouse}"',
                             demo_event_models_toml() + "\n" + extra, attributes=attributes)
+    from qualify.server.security.keys import KeyFile, keys_path
+
     keys = {name: make_key(folder / "data", *scopes, name=name) for name, scopes in EDGE_SCOPES.items()}
+    keys["publishable"] = KeyFile(keys_path(folder / "data")).create(
+        "web", ["personalize"], collections=["customers"], fields=["plan", "recommended_product"])[1]
     server = QualifyServer(folder, "--project", str(project)).start()
     server.keys = keys
     yield server

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import gzip
 import json
+import subprocess
+import sys
 
 import grpc
 import pytest
 import requests
 
-from conftest import QualifyServer, demo_event_models_toml, make_key, write_project
-from qualify.clients import Client
+from conftest import QualifyServer, eventually, demo_event_models_toml, make_key, write_project
+from qualify.clients import Client, PermissionDeniedError
 from qualify.server.domain import errors as domain_errors
 from qualify.server.domain.events import EventRejected
 from qualify.server.transport.errors import http_error_of
@@ -160,3 +162,40 @@ def test_cors_preflight_and_allow_list(edge_server):
     assert r.headers["Access-Control-Allow-Origin"] == "https://shop.example"
     r = get(edge_server, f"{CUSTOMERS}/records/user-1", headers={"Origin": "https://evil.example"})
     assert "Access-Control-Allow-Origin" not in r.headers
+
+
+def test_a_publishable_key_reads_only_its_fields_over_http_and_grpc(edge_server):
+    r = get(edge_server, f"{CUSTOMERS}/records/user-7", key="publishable")
+    assert r.status_code == 200 and set(r.json()["fields"]) == {"plan", "recommended_product"}
+    assert get(edge_server, f"{CUSTOMERS}/records/user-7", key="publishable", params={"fields": "plan"}).ok
+    refused = get(edge_server, f"{CUSTOMERS}/records/user-7", key="publishable", params={"fields": "plan,ltv"})
+    assert reason(refused) == (403, "PERMISSION_DENIED", "PERMISSION_DENIED")
+    assert refused.json()["error"]["details"][0]["metadata"]["field"] == "ltv"
+    other = get(edge_server, "/v1/collections/orders/records/user-7", key="publishable")
+    assert reason(other) == (403, "PERMISSION_DENIED", "PERMISSION_DENIED")  # before "no such collection"
+    r = batch_get(edge_server, {"keys": ["user-7"], "fields": ["ltv"]}, key="publishable")
+    assert r.status_code == 403
+    with Client(edge_server.address, api_key=edge_server.keys["admin"], timeout=5) as c:
+        c.create_audience("http_web", {"attribute": {"attribute": "plan", "operator": "OPERATOR_IS_SET"}})
+    member = lambda: get(edge_server, f"{CUSTOMERS}/audiences/http_web/members/user-7", key="publishable")  # noqa: E731
+    eventually(lambda: member().status_code == 200, lambda: member().text, timeout=5)
+    assert member().json()["member"] is True  # membership is the page's to know
+    with Client(edge_server.address, api_key=edge_server.keys["publishable"], retries=0) as c:
+        assert set(c.get("user-7").fields) == {"plan", "recommended_product"}
+        with pytest.raises(PermissionDeniedError):
+            c.get("user-7", fields=["ltv"])
+        with pytest.raises(PermissionDeniedError):
+            c.batch_get(["user-7"], fields=["plan", "email_opt_in"])
+        with pytest.raises(PermissionDeniedError):
+            c.get("user-7", collection="orders")
+
+
+def test_keys_create_limits_collections_and_fields(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "qualify.server.cli", "keys", "--data-dir", str(tmp_path), "create",
+                          "--name", "web", "--scope", "personalize", "--collection", "customers",
+                          "--fields", "plan,recommended_sku", "--json"], capture_output=True, text=True, check=True)
+    made = json.loads(out.stdout)
+    assert made["collections"] == ["customers"] and made["fields"] == ["plan", "recommended_sku"]
+    listed = subprocess.run([sys.executable, "-m", "qualify.server.cli", "keys", "--data-dir", str(tmp_path), "list"],
+                            capture_output=True, text=True, check=True).stdout
+    assert "collections customers" in listed and "fields plan,recommended_sku" in listed

@@ -40,6 +40,7 @@ import time
 
 import grpc
 
+from ..domain.access import EVERYTHING, Access
 from ..domain.errors import PermissionDenied, QualifyError, RateLimited, TooManyStreams, Unauthenticated
 from ..observability import metrics
 from ..observability.logs import REQUEST_ID, request_id_from
@@ -54,6 +55,16 @@ _Details = collections.namedtuple("_Details", ("method", "invocation_metadata"))
 _CALL: contextvars.ContextVar[tuple[str | None, str | None]] = contextvars.ContextVar("qualify_call")
 
 UNAUTHENTICATED_MESSAGE = "a valid API key is required: send the metadata 'authorization: Bearer <key>'"
+
+# The key of the call being served (None: auth off), for the checks that need
+# the decoded request: a key limited to some collections and fields.
+CALLER: contextvars.ContextVar[ApiKey | None] = contextvars.ContextVar("qualify_caller", default=None)
+
+
+def caller_access() -> Access:
+    """What the key of the call being served may read (everything when auth is off)."""
+    key = CALLER.get()
+    return EVERYTHING if key is None else key.access
 
 
 def bearer_token(value: str | None) -> str | None:
@@ -170,6 +181,7 @@ class Gate(grpc.GenericRpcHandler):
             except QualifyError as err:
                 return self._refuse(m, err, request_id, err.metadata.get("key_id"))
             key_id = key.id
+            CALLER.set(key)
         _CALL.set((key_id, request_id))
         return m.wrapped
 

@@ -30,6 +30,7 @@ import time
 from aiohttp import web
 
 from ...config.operations import HttpSettings, Limits, TlsSettings
+from ...domain.access import EVERYTHING, Access
 from ...domain.errors import QualifyError
 from ...observability import metrics
 from ...observability.logs import REQUEST_ID, request_id_from
@@ -83,12 +84,13 @@ class HttpEdge:
         self.origins = frozenset(settings.cors_origins)
         self._observers: dict[str, object] = {}
 
-    def authorize(self, request: web.Request, scope: str, name: str, token: str | None = None) -> None:
-        """Unauthenticated, PermissionDenied or RateLimited unless the request's key may go on."""
+    def authorize(self, request: web.Request, scope: str, name: str, token: str | None = None) -> Access:
+        """What the request's key may read; Unauthenticated, PermissionDenied or RateLimited otherwise."""
         if self.keys is None:
-            return
+            return EVERYTHING
         key = authorize(self.keys, self.rates, token or _token(request), scope, name, HTTP_UNAUTHENTICATED)
         request["key_id"] = key.id
+        return key.access
 
     def app(self) -> web.Application:
         from . import records, segment  # the routes' modules import this one

@@ -7,7 +7,8 @@
   person in the audience now, and since when. Under the collection, so a key
   limited to some collections is checked on the same path as a record read.
 
-The same use case as gRPC's PersonalizeService, with the same key checks. The record's fields
+The same use case as gRPC's PersonalizeService (the same key checks,
+including a publishable key's collections and fields). The record's fields
 come from its stored wire form, decoded once per read; memberships are the
 audience ids with their enter times (RFC 3339).
 """
@@ -46,15 +47,15 @@ class Records:
                 "fields": json_format.MessageToDict(message.fields), "memberships": self._memberships(bits)}
 
     async def get(self, request: web.Request) -> web.Response:
-        self.edge.authorize(request, "personalize", "HTTP.get")
+        access = self.edge.authorize(request, "personalize", "HTTP.get")
         collection, key = request.match_info["collection"], request.match_info["key"]
         fields = request.query.get("fields")
         paths = tuple(f.strip() for f in fields.split(",") if f.strip()) if fields else None
-        view, raw, (stored, bits) = self.reads.get(collection, key)
-        return json_response(self._record(view, raw, stored, self.reads.mask(view, paths), bits))
+        view, raw, (stored, bits) = self.reads.get(collection, key, access)
+        return json_response(self._record(view, raw, stored, self.reads.mask(view, paths, access), bits))
 
     async def batch_get(self, request: web.Request) -> web.Response:
-        self.edge.authorize(request, "personalize", "HTTP.batchGet")
+        access = self.edge.authorize(request, "personalize", "HTTP.batchGet")
         try:
             body = json.loads(await request.read())
         except (ValueError, UnicodeDecodeError):
@@ -67,8 +68,8 @@ class Records:
         if fields is not None and (not isinstance(fields, list) or not all(isinstance(f, str) for f in fields)):
             raise InvalidRequest("fields must be a list of field names",
                                  violations=[FieldViolation("fields", "must be a list of strings")])
-        view, raws, rows = self.reads.batch_get(request.match_info["collection"], keys)
-        mask = self.reads.mask(view, tuple(fields) if fields else None)
+        view, raws, rows = self.reads.batch_get(request.match_info["collection"], keys, access)
+        mask = self.reads.mask(view, tuple(fields) if fields else None, access)
         records, missing = [], []
         for raw, key, (stored, bits) in zip(raws, keys, rows):
             if stored is None:
@@ -78,10 +79,12 @@ class Records:
         return json_response({"records": records, "missingKeys": missing})
 
     async def member(self, request: web.Request) -> web.Response:
-        self.edge.authorize(request, "personalize", "HTTP.member")
+        access = self.edge.authorize(request, "personalize", "HTTP.member")
         collection, audience, key = (request.match_info[k] for k in ("collection", "audience", "key"))
+        access.check_collection(collection)
+        # The read first: it is what brings this process's audience catalog up to date.
+        _, _, (_, bits) = self.reads.get(collection, key, access)  # KeyNotFound: nobody by that key
         bit = self.reads.audience_bit(audience)
-        _, _, (_, bits) = self.reads.get(collection, key)  # KeyNotFound: nobody by that key
         entered = (bits or {}).get(bit)
         return json_response({"audience": audience, "key": key, "member": entered is not None,
                               "enteredAt": rfc3339(entered) if entered is not None else None})
