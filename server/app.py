@@ -140,13 +140,14 @@ def read_service(reader: Reader, ops: Operations) -> PersonalizeService:
     return PersonalizeService(reader, EventLogView(reader.env), VERSION, ops.limits.max_message_bytes)
 
 
-async def _start_http(project: Project, reads: PersonalizeService, ingest: IngestService | None, gate: Gate):
+async def _start_http(project: Project, reads: PersonalizeService, writing: Writing, gate: Gate):
     """The HTTP API beside gRPC, checking keys and rates with the gate's own objects; (runner, port)."""
     ops = project.ops
     rates = gate.rates
     if rates is None and gate.keys is not None:  # the writer of --workers N: its gRPC gate does not limit
         rates = RateLimiter(ops.limits.requests_per_second, ops.limits.burst)
-    edge = HttpEdge(reads, ingest, keys=gate.keys, rates=rates, limits=ops.limits, settings=ops.http)
+    edge = HttpEdge(reads, writing.ingest.service, keys=gate.keys, rates=rates, limits=ops.limits,
+                    settings=ops.http, audiences=writing.audiences.service)
     return await start_http(edge, ops.http, ops.tls)
 
 
@@ -254,7 +255,7 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
     await server.start()
     # HTTP is served where the writer is: with --workers N that is the writer
     # process alone (README: Security and operations, HTTP).
-    http, http_port = (await _start_http(project, reads, writing.ingest.service, gate)
+    http, http_port = (await _start_http(project, reads, writing, gate)
                        if project.ops.http.enabled else (None, None))
     if internal:  # the writer's socket is for the serving processes of this user only
         os.chmod(address.removeprefix("unix:"), 0o600)

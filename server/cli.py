@@ -27,7 +27,8 @@ def _project(args) -> Project:
         from .demo import demo_project
 
         log.info("no project file: running the embedded demo (%d people)", args.demo_people)
-        project = demo_project(Path(args.data_dir), people=args.demo_people)
+        project = demo_project(Path(args.data_dir), people=args.demo_people,
+                               window=getattr(args, "demo_window", None) or 10.0)
     auth = getattr(args, "auth", None)
     metrics_port = getattr(args, "metrics_port", None)
     http_port = getattr(args, "http_port", None)
@@ -322,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (default [metrics] port; 0 off)")
     p.add_argument("--http-port", type=int,
                    help="serve the HTTP API on this port (default [http] port, 8080 on the demo; 0 any free port; -1 off)")
+    p.add_argument("--demo-window", type=float,
+                   help="the embedded demo's /demo page: seconds its audience's window lasts (default 10)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("sync", help="run one warehouse sync now")

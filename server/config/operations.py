@@ -92,6 +92,7 @@ class HttpSettings:
     port: int | None = None
     host: str = "127.0.0.1"
     cors_origins: tuple[str, ...] = ()  # "*": any origin
+    demo_window: float | None = None  # the embedded demo's /demo page: its audience's window, seconds (not a TOML key)
 
     @property
     def enabled(self) -> bool:

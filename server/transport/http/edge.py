@@ -75,9 +75,11 @@ class HttpEdge:
     """The HTTP API over one process's services; ``ingest`` None: this process does not write."""
 
     def __init__(self, reads: PersonalizeService, ingest: IngestService | None, *, keys: KeyStore | None,
-                 rates: RateLimiter | None, limits: Limits, settings: HttpSettings):
+                 rates: RateLimiter | None, limits: Limits, settings: HttpSettings, audiences=None):
         self.reads = reads
         self.ingest = ingest
+        self.audiences = audiences  # AudienceService: the demo page makes its audience
+        self.demo_window = settings.demo_window
         self.keys = keys
         self.rates = rates
         self.limits = limits
@@ -93,11 +95,13 @@ class HttpEdge:
         return key.access
 
     def app(self) -> web.Application:
-        from . import records, segment  # the routes' modules import this one
+        from . import demo, records, segment  # the routes' modules import this one
 
         app = web.Application(middlewares=[self._middleware], client_max_size=self.limits.max_message_bytes)
         segment.add_routes(app, self)
         records.add_routes(app, self)
+        if self.demo_window is not None and self.audiences is not None:
+            demo.add_routes(app, self)
         return app
 
     # -- every request ----------------------------------------------------------------------
