@@ -293,6 +293,7 @@ class Generator:
         # connection, so SO_REUSEPORT can spread them over the serving processes.
         options = [("grpc.use_local_subchannel_pool", 1)] if connections > 1 else []
         self.channels = [grpc.insecure_channel(address, options=options) for _ in range(connections)]
+        self.connections = connections
         self.ops: list = []
         self.pick: list[int] = [0]
         self.spec: dict = {}
@@ -316,7 +317,7 @@ class Generator:
         keys = _inputs.Keys(inputs, seed)
         ch = self.channels
         timeout = self.timeout
-        if {"track", "ingest", "e2e"} & set(spec["mix"]):
+        if {"track", "ingest", "e2e", "ingest-http"} & set(spec["mix"]):
             events = _inputs.Events(inputs, keys, seed, id_prefix=spec.get("id_prefix", "") + f"{self.index:02x}-")
         ops: dict[str, object] = {}
 
@@ -347,6 +348,12 @@ class Generator:
                 unary("track", TRACK, [_inputs.track_request(e) for e in events.batch(KEY_POOL)])
             elif name == "ingest":
                 ops["ingest"] = Stream(ch, events, spec["batch"])
+            elif name in ("get-http", "ingest-http"):
+                from . import _http  # aiohttp's client, only for the HTTP scenarios
+
+                ops[name] = (_http.get_op(spec["http"], inputs.collection, keys.sample(KEY_POOL), self.connections, timeout)
+                             if name == "get-http" else
+                             _http.IngestOp(spec["http"], events, spec["batch"], self.connections, timeout))
             elif name == "e2e":
                 e2e = spec["e2e"]
                 persons = [keys.key(e2e["person_base"] + g) for g in range(self.index, e2e["persons"], self.processes)]

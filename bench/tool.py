@@ -39,7 +39,12 @@ SCENARIOS = {
     "mixed": (None, "reads and writes in the ratios of --mix (or the inputs file's [mix]): get, batch-get, "
                     "track, noop"),
     "noop": ({"noop": 1.0}, "DiagnosticsService.Noop: the gRPC transport floor of this server stack"),
+    "personalize-http": ({"get-http": 1.0}, "GET /v1/collections/{collection}/records/{key} of one seeded key "
+                                            "(the HTTP API, same server)"),
+    "ingest-http": ({"ingest-http": 1.0}, "POST /v1/batch of --batch events from the event mix (the Segment "
+                                          "tracking API), answered once durable"),
 }
+HTTP_SCENARIOS = ("personalize-http", "ingest-http")
 LAG_WARN_US = 1000.0
 BEHIND_RATIO = 0.95
 
@@ -64,6 +69,8 @@ def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
     g.add_argument("--people", type=int, help="people in the started demo server, and the keys used "
                                               "(default: the inputs file's keys.count, 100000)")
     g.add_argument("--workers", type=int, default=1, help="serving processes of the started server (default 1)")
+    g.add_argument("--http-target", metavar="HOST:PORT",
+                   help="the HTTP API of the --target server, for personalize-http and ingest-http")
     g.add_argument("--server-pid", type=int, action="append", default=[],
                    help="a local server process whose CPU to count (default: found through GetServerInfo)")
     g = p.add_argument_group("load")
@@ -237,7 +244,7 @@ def merge(name: str, role: str, spec: dict, parts: list[dict], wall: float) -> d
     for part in parts:
         if part.get("lag"):
             lag.decode_and_add(part["lag"])
-    items_per = {"batch-get": spec["batch"], "ingest": spec["batch"]}
+    items_per = {"batch-get": spec["batch"], "ingest": spec["batch"], "ingest-http": spec["batch"]}
     out_series = {}
     for sname, m in series.items():
         h = m["hist"]
@@ -335,7 +342,7 @@ def run(args, progress=None) -> dict:
     mix = SCENARIOS[args.scenario][0] or (_inputs.parse_mix(args.mix) if args.mix else inputs.mix)
     mix = {k: v for k, v in mix.items() if v > 0}
     if args.batch is None:
-        args.batch = 100 if args.scenario == "ingest" else 10
+        args.batch = 100 if args.scenario in ("ingest", "ingest-http") else 10
     if not 1 <= args.batch <= 1000:
         raise BenchError("--batch must be between 1 and 1000")
     from dataclasses import replace
@@ -378,7 +385,12 @@ def run(args, progress=None) -> dict:
         target["cpu_measured"] = bool(pids)
         extra: dict = {"id_prefix": run_id}
         background = None
-        if args.scenario == "ingest":
+        if args.scenario in HTTP_SCENARIOS:
+            extra["http"] = server.http_address if server is not None else args.http_target
+            if not extra["http"]:
+                raise BenchError(f"{args.scenario} needs the server's HTTP API: --http-target HOST:PORT")
+            target["http_address"] = extra["http"]
+        if args.scenario in ("ingest", "ingest-http"):
             n = args.audiences if args.audiences is not None else (0 if args.target else 100)
             created = _audiences.create(address, n, f"bench_{run_id}_") if n else []
             target["audiences_created"] = len(created)
