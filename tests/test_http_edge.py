@@ -33,19 +33,13 @@ def test_http_is_off_unless_set_and_on_by_default_on_the_demo(tmp_path):
         assert needle in text, text
 
 
-def test_the_ready_file_names_the_bound_http_port(tmp_path, demo_warehouse):
-    path = project(tmp_path, demo_warehouse)
-    off = QualifyServer(tmp_path, "--project", path, "--http-port", "-1").start()
+def test_http_port_minus_one_turns_it_off(tmp_path, demo_warehouse):
+    """(The other servers here, and every test server, run it on --http-port 0 and read the port back.)"""
+    off = QualifyServer(tmp_path, "--project", project(tmp_path, demo_warehouse), "--http-port", "-1").start()
     try:
         assert off.http_port is None
     finally:
         assert off.stop() == 0, off.log()
-    on = QualifyServer(tmp_path, "--project", path).start()  # the fixture's --http-port 0
-    try:
-        r = requests.get(f"{on.http_url}/v1/collections/customers/records/user-1", timeout=5)
-        assert r.status_code == 200 and r.json()["key"] == "user-1"
-    finally:
-        assert on.stop() == 0, on.log()
 
 
 def test_https_from_the_tls_settings(tmp_path, demo_warehouse):

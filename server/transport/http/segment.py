@@ -22,6 +22,10 @@ answered only after the writer's commit, so a 200 means durable.
   the SDKs read those two, and some fail on a body without them.
 - ``group`` is stored as an EVENT_TYPE_GROUP event whose ``properties``
   carry ``groupId`` beside nothing else, and its ``traits`` the group's.
+- The spec has no session: ``properties.session_id`` or ``context.sessionId``
+  becomes the event's session when present (else the inactivity rule).
+  ``integrations`` (which destinations a message is for) is accepted and not
+  kept: Qualify is the one destination.
 """
 
 from __future__ import annotations
@@ -78,17 +82,17 @@ def to_event(msg: dict, type_: EventType | None, received_us: int, batch_sent_us
     sent_us = _micros(msg.get("sentAt"), "sentAt") or batch_sent_us
     if timestamp_us and sent_us:
         timestamp_us += received_us - sent_us
-    properties, traits = _object(msg.get("properties")), _object(msg.get("traits"))
+    properties, traits, context = _object(msg.get("properties")), _object(msg.get("traits")), _object(msg.get("context"))
     name = msg.get("event") if type_ is EventType.TRACK else msg.get("name")
     if type_ is EventType.IDENTIFY and not traits:
-        traits = _object(_object(msg.get("context")).get("traits"))
+        traits = _object(context.get("traits"))
     if type_ is EventType.GROUP:
         properties = {"groupId": _text(msg.get("groupId"))}
     return Event(message_id=_text(msg.get("messageId")), type=int(type_) if type_ is not None else 0,
                  name=_text(name), user_id=_text(msg.get("userId")), anonymous_id=_text(msg.get("anonymousId")),
                  timestamp_us=timestamp_us, received_us=received_us, properties=properties, traits=traits,
-                 previous_id=_text(msg.get("previousId")), context=_object(msg.get("context")),
-                 session_id=_text(properties.get("session_id") or ""))
+                 previous_id=_text(msg.get("previousId")), context=context,
+                 session_id=_text(properties.get("session_id") or context.get("sessionId") or ""))
 
 
 async def _body(request: web.Request) -> tuple[dict, int]:
