@@ -3,9 +3,10 @@
 Same protocol as the gRPC operations in _loadgen (``send(j, done)``, one
 ``done(status)`` per request) so the schedules, histograms and CPU accounting
 are the ones the gRPC scenarios use, against the same server. Requests go
-through aiohttp's client on one event-loop thread per load process, over
-``connections`` keep-alive connections; the bodies and paths are built in
-``prepare``, so a send is a write of bytes already made.
+through aiohttp's client on one event-loop thread per load process, over a
+pool of keep-alive connections that grows to the requests in flight (HTTP/1.1
+has one request per connection at a time, where gRPC multiplexes them on
+one); the bodies and paths are built in ``prepare``.
 
 A status is "OK" for a 200 whose body is right (one in CHECK_EVERY is
 checked), else ``HTTP_<status>``, or UNAVAILABLE / DEADLINE_EXCEEDED when
@@ -30,8 +31,8 @@ _SEGMENT_TYPES = {1: "track", 2: "page", 3: "screen", 4: "identify", 5: "alias",
 class _Loop:
     """An asyncio loop on a thread of its own, with one aiohttp session."""
 
-    def __init__(self, base: str, connections: int, timeout: float, headers: dict):
-        self.base, self.connections, self.timeout, self.headers = base, connections, timeout, headers
+    def __init__(self, base: str, timeout: float, headers: dict):
+        self.base, self.timeout, self.headers = base, timeout, headers
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="http-load")
         self.session = None
@@ -43,7 +44,7 @@ class _Loop:
 
         async def make():
             return aiohttp.ClientSession(
-                self.base, connector=aiohttp.TCPConnector(limit=self.connections, force_close=False),
+                self.base, connector=aiohttp.TCPConnector(limit=0, force_close=False),
                 timeout=aiohttp.ClientTimeout(total=self.timeout), headers=self.headers, auto_decompress=False)
 
         self.session = asyncio.run_coroutine_threadsafe(make(), self.loop).result(10)
@@ -101,14 +102,21 @@ def _headers(content_type: str | None = None) -> dict:
     return headers
 
 
-def get_op(http: str, collection: str, keys: list[str], connections: int, timeout: float) -> HttpOp:
+def make_op(name: str, spec: dict, inputs, keys: list[str], events, timeout: float) -> HttpOp:
+    """The operation ``name`` (get-http or ingest-http) of a phase ``spec``."""
+    if name == "get-http":
+        return get_op(spec["http"], inputs.collection, keys, timeout)
+    return IngestOp(spec["http"], events, spec["batch"], timeout)
+
+
+def get_op(http: str, collection: str, keys: list[str], timeout: float) -> HttpOp:
     requests = [("GET", f"/v1/collections/{collection}/records/{k}", None) for k in keys]
 
     def check(i: int, raw: bytes) -> str:
         body = json.loads(raw)
         return "OK" if body.get("key") == keys[i] and body.get("fields") else "BAD_RESPONSE"
 
-    return HttpOp("get-http", _Loop(f"http://{http}", connections, timeout, _headers()), requests, 1, check)
+    return HttpOp("get-http", _Loop(f"http://{http}", timeout, _headers()), requests, 1, check)
 
 
 def _segment_fragment(pb) -> str:
@@ -142,8 +150,8 @@ class _Batches:
 class IngestOp(HttpOp):
     """POST /v1/batch; each request a fresh batch (new ids), so nothing is a duplicate."""
 
-    def __init__(self, http: str, events, size: int, connections: int, timeout: float):
-        super().__init__("ingest-http", _Loop(f"http://{http}", connections, timeout, _headers("application/json")),
+    def __init__(self, http: str, events, size: int, timeout: float):
+        super().__init__("ingest-http", _Loop(f"http://{http}", timeout, _headers("application/json")),
                          [None], size, self._check)
         self.batches = _Batches(events, size)
 

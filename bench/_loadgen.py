@@ -293,7 +293,6 @@ class Generator:
         # connection, so SO_REUSEPORT can spread them over the serving processes.
         options = [("grpc.use_local_subchannel_pool", 1)] if connections > 1 else []
         self.channels = [grpc.insecure_channel(address, options=options) for _ in range(connections)]
-        self.connections = connections
         self.ops: list = []
         self.pick: list[int] = [0]
         self.spec: dict = {}
@@ -350,10 +349,8 @@ class Generator:
                 ops["ingest"] = Stream(ch, events, spec["batch"])
             elif name in ("get-http", "ingest-http"):
                 from . import _http  # aiohttp's client, only for the HTTP scenarios
-
-                ops[name] = (_http.get_op(spec["http"], inputs.collection, keys.sample(KEY_POOL), self.connections, timeout)
-                             if name == "get-http" else
-                             _http.IngestOp(spec["http"], events, spec["batch"], self.connections, timeout))
+                ops[name] = _http.make_op(name, spec, inputs, keys.sample(KEY_POOL),
+                                         events if name == "ingest-http" else None, timeout)
             elif name == "e2e":
                 e2e = spec["e2e"]
                 persons = [keys.key(e2e["person_base"] + g) for g in range(self.index, e2e["persons"], self.processes)]

@@ -18,12 +18,14 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 import requests
+from hypothesis import given, settings, strategies as st
 import rudderstack.analytics as rudder_analytics
 import segment.analytics as segment_analytics
 from segment.analytics.request import APIError
 
 from conftest import eventually
 from qualify.clients import Client
+from qualify.server.transport.http.segment import parse_body
 
 PRICING = {"event": {"event_model": "page_views",
                      "filters": [{"property": "path", "operator": "OPERATOR_EQ", "value": {"string_value": "/pricing"}}],
@@ -145,6 +147,11 @@ def test_segment_limits_500kb_batches_and_32kb_events(edge_server):
     big = page("user-41", blob="x" * (33 * 1024))
     r = post(edge_server, "/v1/batch", {"batch": [page("user-41"), big]})
     assert r.status_code == 200 and [x["reason"] for x in r.json()["rejected"]] == ["REJECTION_REASON_TOO_LARGE"]
+    # 11,000 characters, 33,000 bytes of UTF-8: measured in bytes, as sent.
+    euros = page("user-41", blob="\u20ac" * 11_000)
+    r = requests.post(f"{edge_server.http_url}/v1/batch", auth=(edge_server.keys["ingest"], ""), timeout=5,
+                      data=json.dumps({"batch": [euros, page("user-41")]}, ensure_ascii=False).encode())
+    assert r.status_code == 200 and [x["index"] for x in r.json()["rejected"]] == [0], r.text
     batch = [page("user-42", blob="y" * (20 * 1024)) for _ in range(26)]  # 26 fine events, over 500 KB together
     r = post(edge_server, "/v1/batch", {"batch": batch})
     assert r.status_code == 400 and r.json()["error"]["details"][0]["reason"] == "BATCH_TOO_LARGE"
@@ -172,3 +179,30 @@ def test_write_key_in_the_body_as_analytics_js_sends_it(edge_server):
         {"type": "track", "event": "Signed Up", "messageId": str(uuid.uuid4()), "anonymousId": "a-61",
          "writeKey": edge_server.keys["ingest"]}), headers={"Content-Type": "text/plain"}, timeout=5)
     assert r.status_code == 200, r.text
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+                           lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+                           max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(batch=st.lists(json_values, max_size=6), other=st.dictionaries(st.text(max_size=5), json_values, max_size=3),
+       indent=st.sampled_from([None, 0, 2]), ascii_only=st.booleans())
+def test_parse_body_reads_what_json_loads_reads_and_measures_each_message(batch, other, indent, ascii_only):
+    body = {**other, "batch": batch}
+    text = json.dumps(body, indent=indent, ensure_ascii=ascii_only)
+    parsed, sizes = parse_body(text)
+    assert parsed == json.loads(text)
+    assert len(sizes) == len(batch)
+    if indent is None and text.isascii():  # each message's own text, as sent
+        assert sizes == [len(json.dumps(m, ensure_ascii=ascii_only)) for m in batch]
+
+
+@pytest.mark.parametrize("text", ["", "[]", "{", '{"batch": [1,]}', '{"a": 1} x', '{"a" 1}', "{'a': 1}", '{"a": 1,}'])
+def test_parse_body_refuses_what_json_loads_refuses(text):
+    with pytest.raises((ValueError, StopIteration)):
+        parse_body(text)
+    with pytest.raises(ValueError):
+        if not isinstance(json.loads(text), dict):
+            raise ValueError("not an object")

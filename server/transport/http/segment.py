@@ -31,7 +31,9 @@ answered only after the writer's commit, so a 200 means durable.
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
+from json.decoder import scanstring
 
 from aiohttp import web
 
@@ -47,6 +49,70 @@ _ENDPOINTS = {"track": EventType.TRACK, "page": EventType.PAGE, "screen": EventT
               "identify": EventType.IDENTIFY, "alias": EventType.ALIAS, "group": EventType.GROUP}
 _SHORT = {"t": "track", "p": "page", "s": "screen", "i": "identify", "a": "alias", "g": "group"}
 _TYPES = {name: t for name, t in _ENDPOINTS.items()}
+
+
+_scan = json.JSONDecoder().scan_once  # the stdlib's C scanner: one JSON value from a position
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def _expect(text: str, pos: int, chars: str) -> tuple[str, int]:
+    """The character at ``pos`` (after whitespace), which must be one of ``chars``, and the position after it."""
+    pos = _WS.match(text, pos).end()
+    c = text[pos:pos + 1]
+    if not c or c not in chars:
+        raise ValueError(f"expected one of {chars!r} at {pos}")
+    return c, pos + 1
+
+
+def _array(text: str, pos: int) -> tuple[list, list[int], int]:
+    """The JSON array whose '[' is before ``pos``: items, each item's length in ``text``, the end."""
+    items, sizes = [], []
+    pos = _WS.match(text, pos).end()
+    if text[pos:pos + 1] == "]":
+        return items, sizes, pos + 1
+    while True:
+        item, end = _scan(text, pos)
+        items.append(item)
+        sizes.append(end - pos)
+        c, pos = _expect(text, end, ",]")
+        if c == "]":
+            return items, sizes, pos
+        pos = _WS.match(text, pos).end()
+
+
+def parse_body(text: str) -> tuple[dict, list[int]]:
+    """``json.loads(text)`` for a JSON object, and the size in bytes of each message of its ``batch``.
+
+    Segment's 32 KB limit is on a message as sent; re-encoding each parsed
+    message to measure it cost more than parsing. So the object's members
+    are read here with the stdlib's own scanner, which returns where each
+    value ends: the batch's items are measured in the text as they are parsed.
+    """
+    _, pos = _expect(text, 0, "{")
+    body, sizes = {}, []
+    pos = _WS.match(text, pos).end()
+    if text[pos:pos + 1] == "}":
+        pos += 1
+    else:
+        while True:
+            _, pos = _expect(text, pos, '"')
+            key, pos = scanstring(text, pos)
+            _, pos = _expect(text, pos, ":")
+            pos = _WS.match(text, pos).end()
+            if key == "batch" and text[pos:pos + 1] == "[":
+                body[key], sizes, pos = _array(text, pos + 1)
+            else:
+                body[key], pos = _scan(text, pos)
+            c, pos = _expect(text, pos, ",}")
+            if c == "}":
+                break
+    if _WS.match(text, pos).end() != len(text):
+        raise ValueError("text after the JSON object")
+    if sizes and not text.isascii():  # characters are not bytes: measure the few messages that could be over
+        items = body["batch"]
+        sizes = [size if size * 4 <= MAX_MESSAGE_BYTES else len(json.dumps(m, ensure_ascii=False).encode())
+                 for m, size in zip(items, sizes)]
+    return body, sizes
 
 
 def _micros(value, field: str) -> int:
@@ -95,19 +161,18 @@ def to_event(msg: dict, type_: EventType | None, received_us: int, batch_sent_us
                  session_id=_text(properties.get("session_id") or context.get("sessionId") or ""))
 
 
-async def _body(request: web.Request) -> tuple[dict, int]:
-    """The JSON object sent (aiohttp has already undone gzip), and its size."""
+async def _body(request: web.Request) -> tuple[dict, int, list[int]]:
+    """The JSON object sent (aiohttp has already undone gzip), its size, and its batch's message sizes."""
     raw = await request.read()
     if len(raw) > MAX_BATCH_BYTES:
         raise BatchTooLarge(f"the body is {len(raw)} bytes; Segment's limit, kept here, is {MAX_BATCH_BYTES}",
                             violations=[FieldViolation("(body)", f"must be at most {MAX_BATCH_BYTES} bytes")])
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise InvalidRequest("the body is not JSON", violations=[FieldViolation("(body)", "must be a JSON object")]) from None
-    if not isinstance(body, dict):
-        raise InvalidRequest("the body is not a JSON object", violations=[FieldViolation("(body)", "must be a JSON object")])
-    return body, len(raw)
+        body, sizes = parse_body(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, StopIteration, RecursionError):
+        raise InvalidRequest("the body is not a JSON object",
+                             violations=[FieldViolation("(body)", "must be a JSON object")]) from None
+    return body, len(raw), sizes
 
 
 def _write_key(edge: HttpEdge, request: web.Request, body: dict, name: str) -> None:
@@ -121,12 +186,8 @@ def _service(edge: HttpEdge):
     return edge.ingest
 
 
-def _sized(msg) -> int:
-    return len(json.dumps(msg, separators=(",", ":"), ensure_ascii=False).encode())
-
-
 async def _single(edge: HttpEdge, request: web.Request, endpoint: str) -> web.Response:
-    body, size = await _body(request)
+    body, size, _ = await _body(request)
     _write_key(edge, request, body, f"HTTP.{endpoint}")
     service = _service(edge)
     received = service.clock_us()
@@ -139,7 +200,7 @@ async def _single(edge: HttpEdge, request: web.Request, endpoint: str) -> web.Re
 
 
 async def _batch(edge: HttpEdge, request: web.Request) -> web.Response:
-    body, size = await _body(request)
+    body, _, sizes = await _body(request)
     _write_key(edge, request, body, "HTTP.batch")
     messages = body.get("batch")
     if not isinstance(messages, list):
@@ -151,15 +212,12 @@ async def _batch(edge: HttpEdge, request: web.Request) -> web.Response:
         sent = _micros(body.get("sentAt"), "sentAt")
     except ValueError as exc:
         raise InvalidRequest(str(exc), violations=[FieldViolation("sentAt", str(exc))]) from None
-    # A body within the message limit holds no message over it: measuring each
-    # message (re-encoding it, the dearest step here) is needed only past that.
-    small = size <= MAX_MESSAGE_BYTES
     events, unreadable = [], []
-    for i, msg in enumerate(messages):
+    for i, (msg, size) in enumerate(zip(messages, sizes)):
         try:
             if not isinstance(msg, dict):
                 raise ValueError("a message must be a JSON object")
-            events.append((to_event(msg, None, received, sent), 0 if small else _sized(msg)))
+            events.append((to_event(msg, None, received, sent), size))
         except ValueError as exc:
             unreadable.append({"index": i, "messageId": _text(msg.get("messageId")) if isinstance(msg, dict) else "",
                                "reason": "REJECTION_REASON_UNSPECIFIED", "description": str(exc)})
