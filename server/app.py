@@ -21,7 +21,7 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -37,7 +37,6 @@ from .observability import metrics
 from .config.operations import Operations
 from .runtime import fire_timers, sync_schedule
 from .security.keys import KeyStore, keys_path
-from .security.limits import RateLimiter
 from .services.audiences import AudienceService
 from .services.feed import ChangeFeed
 from .services.ingest import IngestService
@@ -55,6 +54,7 @@ from .transport.diagnostics import Diagnostics
 from .transport.gate import Gate, server_credentials
 from .transport.handlers import handlers_for
 from .transport.http import HttpEdge, start_http
+from .transport.http.forward import ForwardedIngest
 from .transport.health import watch_health
 from .transport.ingest import Ingest
 from .transport.personalize import Personalize
@@ -140,15 +140,18 @@ def read_service(reader: Reader, ops: Operations) -> PersonalizeService:
     return PersonalizeService(reader, EventLogView(reader.env), VERSION, ops.limits.max_message_bytes)
 
 
-async def _start_http(project: Project, reads: PersonalizeService, writing: Writing, gate: Gate):
-    """The HTTP API beside gRPC, checking keys and rates with the gate's own objects; (runner, port)."""
+async def _start_http(project: Project, reads: PersonalizeService, gate: Gate, ingest, audiences=None,
+                      port: int | None = None):
+    """The HTTP API beside gRPC, checking keys and rates with the gate's own objects; (runner, port).
+
+    ``port`` (a serving process of --workers N): the port the supervisor
+    reserved, shared with SO_REUSEPORT like the gRPC one.
+    """
     ops = project.ops
-    rates = gate.rates
-    if rates is None and gate.keys is not None:  # the writer of --workers N: its gRPC gate does not limit
-        rates = RateLimiter(ops.limits.requests_per_second, ops.limits.burst)
-    edge = HttpEdge(reads, writing.ingest.service, keys=gate.keys, rates=rates, limits=ops.limits,
-                    settings=ops.http, audiences=writing.audiences.service)
-    return await start_http(edge, ops.http, ops.tls)
+    settings = ops.http if port is None else replace(ops.http, port=port)
+    edge = HttpEdge(reads, ingest, keys=gate.keys, rates=gate.rates, limits=ops.limits, settings=settings,
+                    audiences=audiences)
+    return await start_http(edge, settings, ops.tls, reuse_port=port is not None)
 
 
 def _health(reader: Reader, health_servicer, project: Project):
@@ -253,10 +256,9 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
         reader, host, port, writing=writing, address=address, ops=project.ops, keys=_keys(project),
         internal=internal, reads=reads)
     await server.start()
-    # HTTP is served where the writer is: with --workers N that is the writer
-    # process alone (README: Security and operations, HTTP).
-    http, http_port = (await _start_http(project, reads, writing, gate)
-                       if project.ops.http.enabled else (None, None))
+    # With --workers N the serving processes serve HTTP, as they serve gRPC (serve_reads).
+    http, http_port = (await _start_http(project, reads, gate, writing.ingest.service, writing.audiences.service)
+                       if project.ops.http.enabled and not internal else (None, None))
     if internal:  # the writer's socket is for the serving processes of this user only
         os.chmod(address.removeprefix("unix:"), 0o600)
     log.info("listening on %s (NOT_SERVING until the first sync lands)", address or f"{host}:{port}")
@@ -291,21 +293,31 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
     return 1 if failed else 0
 
 
-async def serve_reads(project: Project, port: int, writer_address: str) -> int:
-    """A serving process of ``--workers N``: reads from the shared map, writes forwarded to the writer."""
+async def serve_reads(project: Project, port: int, writer_address: str, http_port: int | None = None) -> int:
+    """A serving process of ``--workers N``: reads from the shared map, writes forwarded to the writer.
+
+    ``http_port``: the HTTP API too, its events forwarded to the writer as TrackBatch calls.
+    """
     env = open_env(data_path(project.data_dir), project.map_size, readonly=True)
     reader = Reader(env)
     if project.ops.metrics.port:
         metrics.setup()
-    server, _, health_servicer, _ = await create_server(reader, project.server.host, port, reuse_port=True,
-                                                        writer_address=writer_address, ops=project.ops,
-                                                        keys=_keys(project))
+    reads = read_service(reader, project.ops)
+    server, _, health_servicer, gate = await create_server(reader, project.server.host, port, reuse_port=True,
+                                                           writer_address=writer_address, ops=project.ops,
+                                                           keys=_keys(project), reads=reads)
     await server.start()
+    http = None
+    if http_port is not None:
+        forward = ForwardedIngest(grpc.aio.insecure_channel(writer_address), project.ops.limits, make_clock()[0])
+        http, _ = await _start_http(project, reads, gate, forward, port=http_port)
     stop = asyncio.Event()
     stop_on_signals(asyncio.get_running_loop(), stop)
     ready = asyncio.create_task(_health(reader, health_servicer, project))
     await stop.wait()
     await health_servicer.enter_graceful_shutdown()
+    if http is not None:
+        await http.cleanup()
     await server.stop(GRACE_SECONDS)
     ready.cancel()
     env.close()

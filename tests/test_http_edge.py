@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from certs import make_ca, make_leaf
-from conftest import QualifyServer, demo_event_models_toml, write_project
+from conftest import QualifyServer, demo_event_models_toml, make_key, write_project
 from qualify.server.config import ProjectError, parse_project
 from qualify.server.demo import DEMO_HTTP_PORT, demo_project
 
@@ -59,12 +59,30 @@ def test_https_from_the_tls_settings(tmp_path, demo_warehouse):
         assert server.stop() == 0, server.log()
 
 
-def test_workers_mode_serves_http_from_the_writer(tmp_path, demo_warehouse):
-    server = QualifyServer(tmp_path, "--project", project(tmp_path, demo_warehouse), "--workers", "2").start()
+def test_workers_serve_http_in_every_serving_process_and_forward_events_to_the_writer(tmp_path, demo_warehouse):
+    path = project(tmp_path, demo_warehouse, "\n[auth]\nenabled = true\n")
+    keys = {s: make_key(tmp_path / "data", s) for s in ("ingest", "personalize")}
+    server = QualifyServer(tmp_path, "--project", path, "--workers", "2").start()
+    batch_url = f"{server.http_url}/v1/batch"
+    ingest = (keys["ingest"], "")
     try:
-        msg = {"type": "page", "messageId": str(uuid.uuid4()), "userId": "user-3", "properties": {"path": "/"}}
-        r = requests.post(f"{server.http_url}/v1/batch", data=json.dumps({"batch": [msg]}), timeout=5)
-        assert r.status_code == 200 and r.json()["accepted"] == 1, r.text
-        assert requests.get(f"{server.http_url}/v1/collections/customers/records/user-3", timeout=5).ok
+        good = [{"type": "page", "messageId": str(uuid.uuid4()), "userId": "user-3", "properties": {"path": "/"}}
+                for _ in range(2)]
+        bad = {"type": "track", "event": "Product Viewed", "messageId": str(uuid.uuid4()), "userId": "user-3",
+               "properties": {"price": "free"}}
+        big = {**good[0], "messageId": str(uuid.uuid4()), "properties": {"path": "x" * 33_000}}
+        body = json.dumps({"batch": [good[0], bad, big, good[1]]})
+        r = requests.post(batch_url, data=body, auth=ingest, timeout=5)
+        assert r.status_code == 200, r.text
+        assert r.json()["accepted"] == 2 and [(x["index"], x["reason"]) for x in r.json()["rejected"]] == [
+            (1, "REJECTION_REASON_PROPERTY_TYPE"), (2, "REJECTION_REASON_TOO_LARGE")]
+        again = requests.post(batch_url, data=body, auth=ingest, timeout=5).json()
+        assert again["accepted"] == 0 and again["duplicates"] == 2  # deduplicated by the one writer
+        assert requests.post(batch_url, data=body, auth=("qk_nope", ""), timeout=5).status_code == 401
+        single = requests.post(f"{server.http_url}/v1/track", data=json.dumps(bad), auth=ingest, timeout=5)
+        assert single.status_code == 400 and single.json()["error"]["details"][0]["reason"] == "EVENT_REJECTED"
+        read = requests.get(f"{server.http_url}/v1/collections/customers/records/user-3", timeout=5,
+                            headers={"Authorization": f"Bearer {keys['personalize']}"})
+        assert read.status_code == 200 and read.json()["key"] == "user-3"
     finally:
         assert server.stop() == 0, server.log()

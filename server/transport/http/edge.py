@@ -40,6 +40,7 @@ from ...services.ingest import IngestService
 from ...services.personalize import PersonalizeService
 from ..errors import http_error_of, http_internal
 from ..gate import authorize
+from .forward import TOKEN as FORWARD_TOKEN, ForwardedIngest
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def _token(request: web.Request) -> str | None:
 class HttpEdge:
     """The HTTP API over one process's services; ``ingest`` None: this process does not write."""
 
-    def __init__(self, reads: PersonalizeService, ingest: IngestService | None, *, keys: KeyStore | None,
+    def __init__(self, reads: PersonalizeService, ingest: IngestService | ForwardedIngest | None, *, keys: KeyStore | None,
                  rates: RateLimiter | None, limits: Limits, settings: HttpSettings, audiences=None):
         self.reads = reads
         self.ingest = ingest
@@ -90,8 +91,10 @@ class HttpEdge:
         """What the request's key may read; Unauthenticated, PermissionDenied or RateLimited otherwise."""
         if self.keys is None:
             return EVERYTHING
-        key = authorize(self.keys, self.rates, token or _token(request), scope, name, HTTP_UNAUTHENTICATED)
+        token = token or _token(request)
+        key = authorize(self.keys, self.rates, token, scope, name, HTTP_UNAUTHENTICATED)
         request["key_id"] = key.id
+        FORWARD_TOKEN.set(token)  # a serving process of --workers N sends it on to the writer
         return key.access
 
     def app(self) -> web.Application:
