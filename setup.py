@@ -14,6 +14,10 @@ to each .pyx) and line tracing for profilers.
 
 import os
 import pathlib
+import shutil
+import subprocess
+import tarfile
+import tempfile
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext as _build_ext
@@ -76,9 +80,40 @@ def generate_protos():
         os.chdir(cwd)
 
 
+# The demo page's analytics.js (Segment's analytics-next, its UMD build and the
+# chunks it loads), pinned and taken from the npm registry at build time, so a
+# running server never fetches it from a CDN.
+ANALYTICS_NEXT = "@segment/analytics-next@1.84.3"
+VENDOR = ROOT / "server" / "transport" / "http" / "static" / "vendor"
+
+
+def vendor_analytics():
+    """Unpacks ANALYTICS_NEXT's dist/umd/*.js into VENDOR (once); without npm, warns and goes on."""
+    if (VENDOR / "index.js").exists():
+        return
+    npm = shutil.which("npm")
+    if npm is None:
+        print("warning: npm not found: /demo will serve no analytics.js (apt-get install npm)")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        done = subprocess.run([npm, "pack", ANALYTICS_NEXT, "--pack-destination", tmp, "--silent"],
+                              capture_output=True, text=True)
+        packed = sorted(pathlib.Path(tmp).glob("*.tgz"))
+        if done.returncode != 0 or not packed:
+            print(f"warning: npm pack {ANALYTICS_NEXT} failed: {done.stderr.strip()[:400]}")
+            return
+        VENDOR.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(packed[0]) as tar:
+            for member in tar.getmembers():
+                name = member.name.removeprefix("package/")
+                if member.isfile() and (name.upper().startswith("LICENSE") or (name.startswith("dist/umd/") and name.endswith(".js"))):
+                    (VENDOR / pathlib.PurePosixPath(name).name).write_bytes(tar.extractfile(member).read())
+
+
 class build_py(_build_py):
     def run(self):
         generate_protos()
+        vendor_analytics()
         super().run()
 
 
@@ -105,6 +140,7 @@ class build_ext(_build_ext):
 
     def run(self):
         generate_protos()  # editable installs may run build_ext before build_py
+        vendor_analytics()
         super().run()
 
 
@@ -115,8 +151,10 @@ setup(
     package_dir=PACKAGE_DIR,
     packages=PACKAGES,
     package_data={"qualify.v1": ["*.proto", "*.pyi"], "qualify.evaluator": ["*.pyi"], "qualify.server.wire": ["*.pyi"], "qualify.clients": ["py.typed"],
-                  "qualify.bench": ["*.toml"]},
-    exclude_package_data={"": ["*.c", "*.pyx", "*.html"]},
+                  "qualify.bench": ["*.toml"],
+                  "qualify.server.transport.http": ["static/*.html", "static/vendor/*.js", "static/vendor/LICENSE*"]},
+    # Cython's annotation pages stay out; the demo page's HTML goes in.
+    exclude_package_data={"": ["*.c", "*.pyx"], "qualify.evaluator": ["*.html"], "qualify.server.wire": ["*.html"]},
     ext_modules=[
         Extension("qualify.evaluator._evaluator", ["evaluator_ext/_evaluator.pyx"], define_macros=macros, extra_compile_args=extra),
         Extension("qualify.server.wire._codec", ["server/wire/_codec.pyx"], define_macros=macros, extra_compile_args=extra),

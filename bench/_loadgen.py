@@ -91,7 +91,7 @@ class Generator:
         keys = _inputs.Keys(inputs, seed)
         ch = self.channels
         timeout = self.timeout
-        if {"track", "ingest", "e2e"} & set(spec["mix"]):
+        if {"track", "ingest", "e2e", "ingest-http"} & set(spec["mix"]):
             events = _inputs.Events(inputs, keys, seed, id_prefix=spec.get("id_prefix", "") + f"{self.index:02x}-")
         ops: dict[str, object] = {}
 
@@ -122,6 +122,10 @@ class Generator:
                 unary("track", TRACK, [_inputs.track_request(e) for e in events.batch(KEY_POOL)])
             elif name == "ingest":
                 ops["ingest"] = Stream(ch, events, spec["batch"])
+            elif name in ("get-http", "ingest-http"):
+                from . import _http  # aiohttp's client, only for the HTTP scenarios
+                ops[name] = _http.make_op(name, spec, inputs, keys.sample(KEY_POOL),
+                                         events if name == "ingest-http" else None, timeout)
             elif name == "e2e":
                 e2e = spec["e2e"]
                 persons = [keys.key(e2e["person_base"] + g) for g in range(self.index, e2e["persons"], self.processes)]

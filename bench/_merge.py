@@ -27,7 +27,7 @@ def merge(name: str, role: str, spec: dict, parts: list[dict], wall: float) -> d
     """One phase's result from its load processes: histograms added, counts summed."""
     duration, interval = spec["duration"], spec["interval"]
     series = _add_series(parts)
-    items_per = {"batch-get": spec["batch"], "ingest": spec["batch"]}
+    items_per = {"batch-get": spec["batch"], "ingest": spec["batch"], "ingest-http": spec["batch"]}
     out_series = {sname: _series_result(m, duration, interval) for sname, m in series.items()}
     main_names = [s for s in out_series if s != "ack"]
     primary_name = main_names[0] if len(main_names) == 1 else "all"

@@ -30,12 +30,13 @@ class Server:
         # -X faulthandler: a crash (SIGSEGV in an extension) leaves every thread's
         # Python traceback in server.log, which the bench reports.
         self.args = [sys.executable, "-X", "faulthandler", "-m", "qualify.server.cli", "--log-level", log_level, "serve",
-                     "--port", "0", "--ready-file", str(self.ready_file),
+                     "--port", "0", "--http-port", "0", "--ready-file", str(self.ready_file),
                      "--data-dir", str(self.workdir / "data"), "--demo-people", str(people)]
         if workers > 1:
             self.args += ["--workers", str(workers)]
         self.proc: subprocess.Popen | None = None
         self.address = ""
+        self.http_address = ""  # host:port of the HTTP API
         self.pid = 0
         self.startup_seconds = 0.0
 
@@ -58,6 +59,8 @@ class Server:
             time.sleep(0.02)
         info = json.loads(self.ready_file.read_text())
         self.address, self.pid = info["address"], int(info["pid"])
+        if info.get("http_port"):
+            self.http_address = f"{self.address.rsplit(':', 1)[0]}:{info['http_port']}"
         self._wait_serving(deadline)
         self.startup_seconds = time.perf_counter() - t0
         return self

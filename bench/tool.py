@@ -39,7 +39,12 @@ SCENARIOS = {
     "mixed": (None, "reads and writes in the ratios of --mix (or the inputs file's [mix]): get, batch-get, "
                     "track, noop"),
     "noop": ({"noop": 1.0}, "DiagnosticsService.Noop: the gRPC transport floor of this server stack"),
+    "personalize-http": ({"get-http": 1.0}, "GET /v1/collections/{collection}/records/{key} of one seeded key "
+                                            "(the HTTP API, same server)"),
+    "ingest-http": ({"ingest-http": 1.0}, "POST /v1/batch of --batch events from the event mix (the Segment "
+                                          "tracking API), answered once durable"),
 }
+HTTP_SCENARIOS = ("personalize-http", "ingest-http")
 
 
 def _seconds(text: str) -> float:
@@ -62,6 +67,8 @@ def build_parser(prog: str = "python -m bench") -> argparse.ArgumentParser:
     g.add_argument("--people", type=int, help="people in the started demo server, and the keys used "
                                               "(default: the inputs file's keys.count, 100000)")
     g.add_argument("--workers", type=int, default=1, help="serving processes of the started server (default 1)")
+    g.add_argument("--http-target", metavar="HOST:PORT",
+                   help="the HTTP API of the --target server, for personalize-http and ingest-http")
     g.add_argument("--server-pid", type=int, action="append", default=[],
                    help="a local server process whose CPU to count (default: found through GetServerInfo)")
     g = p.add_argument_group("load")
@@ -163,7 +170,7 @@ def _inputs_and_mix(args) -> tuple[_inputs.Inputs, dict]:
     mix = SCENARIOS[args.scenario][0] or (_inputs.parse_mix(args.mix) if args.mix else inputs.mix)
     mix = {k: v for k, v in mix.items() if v > 0}
     if args.batch is None:
-        args.batch = 100 if args.scenario == "ingest" else 10
+        args.batch = 100 if args.scenario in ("ingest", "ingest-http") else 10
     if not 1 <= args.batch <= 1000:
         raise BenchError("--batch must be between 1 and 1000")
     return replace(inputs, **overrides), mix
@@ -208,7 +215,12 @@ def _prepare_scenario(args, inputs: _inputs.Inputs, mix: dict, run_id: str, s: _
     """The scenario's own setup on the server: the phase spec's extras, and the e2e background load's spec."""
     extra: dict = {"id_prefix": run_id}
     background = None
-    if args.scenario == "ingest":
+    if args.scenario in HTTP_SCENARIOS:
+        extra["http"] = s.server.http_address if s.server is not None else args.http_target
+        if not extra["http"]:
+            raise BenchError(f"{args.scenario} needs the server's HTTP API: --http-target HOST:PORT")
+        s.target["http_address"] = extra["http"]
+    if args.scenario in ("ingest", "ingest-http"):
         n = args.audiences if args.audiences is not None else (0 if args.target else 100)
         s.created = _audiences.create(s.address, n, f"bench_{run_id}_") if n else []
         s.target["audiences_created"] = len(s.created)

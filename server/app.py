@@ -21,7 +21,7 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -57,6 +57,8 @@ from .transport.diagnostics import Diagnostics
 from .transport.gate import Gate, server_credentials
 from .transport.handlers import handlers_for
 from .transport.health import MapAlarm, watch_health, writer_probe
+from .transport.http import HttpEdge, start_http
+from .transport.http.forward import ForwardedIngest
 from .transport.ingest import Ingest
 from .transport.personalize import Personalize
 from .transport.proxy import proxy_handler
@@ -95,7 +97,8 @@ class Writing:
 
 async def create_server(reader: Reader, host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False,
                         writing: Writing | None = None, writer_address: str | None = None, address: str | None = None,
-                        ops: Operations | None = None, keys: KeyStore | None = None, internal: bool = False):
+                        ops: Operations | None = None, keys: KeyStore | None = None, internal: bool = False,
+                        reads: PersonalizeService | None = None):
     """A configured, unstarted server: returns (server, bound port, health servicer, gate).
 
     ``writing`` (the writing process) serves IngestService, AudienceService
@@ -112,7 +115,7 @@ async def create_server(reader: Reader, host: str = "127.0.0.1", port: int = 0, 
         ("grpc.max_receive_message_length", ops.limits.max_message_bytes),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ])
-    reads = PersonalizeService(reader, EventLogView(reader.env), VERSION, ops.limits.max_message_bytes)
+    reads = reads or read_service(reader, ops)
     handlers = [handlers_for(PERSONALIZE, Personalize(reads)), handlers_for(DIAGNOSTICS, Diagnostics(reads))]
     if writer_address is not None:
         channel = grpc.aio.insecure_channel(writer_address)
@@ -139,6 +142,24 @@ async def create_server(reader: Reader, host: str = "127.0.0.1", port: int = 0, 
     return server, bound, health_servicer, gate
 
 
+def read_service(reader: Reader, ops: Operations) -> PersonalizeService:
+    return PersonalizeService(reader, EventLogView(reader.env), VERSION, ops.limits.max_message_bytes)
+
+
+async def _start_http(project: Project, reads: PersonalizeService, gate: Gate, ingest, audiences=None,
+                      port: int | None = None):
+    """The HTTP API beside gRPC, checking keys and rates with the gate's own objects; (runner, port).
+
+    ``port`` (a serving process of --workers N): the port the supervisor
+    reserved, shared with SO_REUSEPORT like the gRPC one.
+    """
+    ops = project.ops
+    settings = ops.http if port is None else replace(ops.http, port=port)
+    edge = HttpEdge(reads, ingest, keys=gate.keys, rates=gate.rates, limits=ops.limits, settings=settings,
+                    audiences=audiences)
+    return await start_http(edge, settings, ops.tls, reuse_port=port is not None)
+
+
 def _health(reader: Reader, health_servicer, project: Project, writer_address: str | None = None,
             alarm: MapAlarm | None = None):
     """Health turns SERVING once the first sync has landed (and, with ``writer_address``, the writer
@@ -160,12 +181,13 @@ def announce_auth(project: Project) -> None:
                     "`qualify keys create` makes one")
 
 
-def write_ready_file(path: str | None, host: str, port: int, workers: int) -> None:
+def write_ready_file(path: str | None, host: str, port: int, workers: int, http_port: int | None = None) -> None:
     if not path:
         return
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump({"address": f"{host}:{port}", "port": port, "pid": os.getpid(), "workers": workers}, f)
+        json.dump({"address": f"{host}:{port}", "port": port, "pid": os.getpid(), "workers": workers,
+                   "http_port": http_port}, f)
     os.replace(tmp, path)
 
 
@@ -241,9 +263,14 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
     internal = address is not None
     if project.ops.metrics.port:
         metrics.setup()
-    server, port, health_servicer, gate = await create_server(reader, host, port, writing=writing, address=address,
-                                                        ops=project.ops, keys=_keys(project), internal=internal)
+    reads = read_service(reader, project.ops)
+    server, port, health_servicer, gate = await create_server(
+        reader, host, port, writing=writing, address=address, ops=project.ops, keys=_keys(project),
+        internal=internal, reads=reads)
     await server.start()
+    # With --workers N the serving processes serve HTTP, as they serve gRPC (serve_reads).
+    http, http_port = (await _start_http(project, reads, gate, writing.ingest.service, writing.audiences.service)
+                       if project.ops.http.enabled and not internal else (None, None))
     if internal:  # the writer's socket is for the serving processes of this user only
         os.chmod(address.removeprefix("unix:"), 0o600)
     log.info("listening on %s (NOT_SERVING until the first sync lands)", address or f"{host}:{port}")
@@ -253,7 +280,7 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
     writer.on_map_use = alarm  # health flips with the commit that fills the map
 
     def first_sync(report) -> None:
-        write_ready_file(ready_file, host, port, 1)
+        write_ready_file(ready_file, host, port, 1, http_port)
         # The writer of --workers N listens on its socket only (add_insecure_port says 1 for it).
         log.info("%s %d people from %s on %s", "writing for" if internal else "serving", report.people,
                  ", ".join(c.name for c in project.collections), address or f"{host}:{port}")
@@ -269,6 +296,8 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
     await stop.wait()
     log.info("shutting down (grace %.0fs for unary calls; streams end now)", GRACE_SECONDS)
     await health_servicer.enter_graceful_shutdown()
+    if http is not None:
+        await http.cleanup()  # in-flight requests finish (their events are durable) before the writer stops
     # Streams never end by themselves: watches end UNAVAILABLE now, event streams once what they
     # read is acknowledged, so shutdown lasts as long as the work in flight, not the grace period.
     gate.drain()
@@ -284,21 +313,31 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
     return 1 if failed else 0
 
 
-async def serve_reads(project: Project, port: int, writer_address: str) -> int:
-    """A serving process of ``--workers N``: reads from the shared map, writes forwarded to the writer."""
+async def serve_reads(project: Project, port: int, writer_address: str, http_port: int | None = None) -> int:
+    """A serving process of ``--workers N``: reads from the shared map, writes forwarded to the writer.
+
+    ``http_port``: the HTTP API too, its events forwarded to the writer as TrackBatch calls.
+    """
     env = open_env(data_path(project.data_dir), project.map_size, readonly=True)
     reader = Reader(env)
     if project.ops.metrics.port:
         metrics.setup()
+    reads = read_service(reader, project.ops)
     server, _, health_servicer, gate = await create_server(reader, project.server.host, port, reuse_port=True,
-                                                     writer_address=writer_address, ops=project.ops,
-                                                     keys=_keys(project))
+                                                           writer_address=writer_address, ops=project.ops,
+                                                           keys=_keys(project), reads=reads)
     await server.start()
+    http = None
+    if http_port is not None:
+        forward = ForwardedIngest(grpc.aio.insecure_channel(writer_address), project.ops.limits, make_clock()[0])
+        http, _ = await _start_http(project, reads, gate, forward, port=http_port)
     stop = asyncio.Event()
     stop_on_signals(asyncio.get_running_loop(), stop)
     ready = asyncio.create_task(_health(reader, health_servicer, project, writer_address))
     await stop.wait()
     await health_servicer.enter_graceful_shutdown()
+    if http is not None:
+        await http.cleanup()
     gate.drain()  # forwarded event streams end when the writer drains them
     await server.stop(GRACE_SECONDS)
     ready.cancel()

@@ -27,10 +27,12 @@ def _project(args) -> Project:
         from .demo import demo_project
 
         log.info("no project file: running the embedded demo (%d people)", args.demo_people)
-        project = demo_project(Path(args.data_dir), people=args.demo_people)
+        project = demo_project(Path(args.data_dir), people=args.demo_people,
+                               window=getattr(args, "demo_window", None) or 10.0)
     auth = getattr(args, "auth", None)
     metrics_port = getattr(args, "metrics_port", None)
-    if auth is not None or metrics_port is not None:
+    http_port = getattr(args, "http_port", None)
+    if auth is not None or metrics_port is not None or http_port is not None:
         from dataclasses import replace
 
         ops = project.ops
@@ -38,6 +40,8 @@ def _project(args) -> Project:
             ops = replace(ops, auth=auth == "on")
         if metrics_port is not None:
             ops = replace(ops, metrics=replace(ops.metrics, port=metrics_port))
+        if http_port is not None:  # -1: off
+            ops = replace(ops, http=replace(ops.http, port=None if http_port < 0 else http_port))
         project = replace(project, ops=ops)
     overrides = {}
     if getattr(args, "port", None) is not None:
@@ -327,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth", choices=("on", "off"),
                    help="require API keys (default: on with a project file, off for the embedded demo)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (default [metrics] port; 0 off)")
+    p.add_argument("--http-port", type=int,
+                   help="serve the HTTP API on this port (default [http] port, 8080 on the demo; 0 any free port; -1 off)")
+    p.add_argument("--demo-window", type=float,
+                   help="the embedded demo's /demo page: seconds its audience's window lasts (default 10)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("sync", help="run one warehouse sync now")

@@ -7,6 +7,7 @@ same on every machine and every run: user-42 always has the same record.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from .config import Project, parse_project
@@ -14,6 +15,7 @@ from .config import Project, parse_project
 log = logging.getLogger(__name__)
 
 DEMO_PEOPLE = 100_000
+DEMO_HTTP_PORT = 8080
 
 # r(i, salt) is a deterministic pseudo-random number in [0, 1) (a multiplicative
 # hash; DuckDB's own hash() is not promised stable across versions).
@@ -77,8 +79,27 @@ def generate_demo_warehouse(path: Path, people: int = DEMO_PEOPLE) -> Path:
     return path
 
 
-def demo_project(data_dir: Path, people: int = DEMO_PEOPLE, port: int | None = None) -> Project:
-    """The project used when no qualify.toml is given; generates its warehouse once."""
+DEMO_AUDIENCE = "high_intent_pricing"
+DEMO_WINDOW = 10.0
+
+
+def demo_audience(window_seconds: float) -> dict:
+    """The /demo page's audience (as `qualify demo` makes it): 3+ views of /pricing in the window, plan free."""
+    return {"and": {"conditions": [
+        {"event": {"event_model": "page_views",
+                   "filters": [{"property": "path", "operator": "OPERATOR_EQ", "value": {"string_value": "/pricing"}}],
+                   "scope": "SCOPE_WITHIN", "window": f"{window_seconds:g}s",
+                   "comparison": "COMPARISON_GE", "threshold": 3}},
+        {"attribute": {"attribute": "plan", "operator": "OPERATOR_EQ", "value": {"string_value": "free"}}},
+    ]}}
+
+
+def demo_project(data_dir: Path, people: int = DEMO_PEOPLE, port: int | None = None,
+                 window: float = DEMO_WINDOW) -> Project:
+    """The project used when no qualify.toml is given; generates its warehouse once.
+
+    Its HTTP listener serves /demo, whose audience has a ``window``-second window.
+    """
     data_dir = data_dir.resolve()
     warehouse = data_dir / f"demo-warehouse-{people}.duckdb"
     if not warehouse.exists():
@@ -96,7 +117,10 @@ def demo_project(data_dir: Path, people: int = DEMO_PEOPLE, port: int | None = N
         "collections": {"customers": {}},
         "event_models": DEMO_EVENT_MODELS,
         "auth": {"enabled": False},  # a local try-out; `qualify serve --auth on` turns keys on
+        "http": {"port": DEMO_HTTP_PORT},  # the tracking API, JSON reads and /demo; --http-port moves it
     }
     if port is not None:
         raw["server"] = {"port": port}
-    return parse_project(raw, base=data_dir)
+    project = parse_project(raw, base=data_dir)
+    http = replace(project.ops.http, demo_window=window)
+    return replace(project, ops=replace(project.ops, http=http))

@@ -67,12 +67,15 @@ def serve_workers(project: Project, workers: int, *, ready_file: str | None = No
     writer_address = f"unix:{socket_path}"
     writer_ready = path.parent / "writer.ready"
     writer_ready.unlink(missing_ok=True)
+    http = project.ops.http
+    http_placeholder = _reserve_port(http.host, http.port or 0) if http.enabled else None
+    http_port = http_placeholder.getsockname()[1] if http_placeholder is not None else None
 
     def writer_main() -> int:
         return run_async(serve_single(project, ready_file=str(writer_ready), progress=progress, address=writer_address))
 
     def worker_main() -> int:
-        return run_async(serve_reads(project, port, writer_address))
+        return run_async(serve_reads(project, port, writer_address, http_port))
 
     def metrics_main() -> int:  # a process of its own: the supervisor must not run threads while it forks
         metrics_http.serve_forever()
@@ -91,7 +94,7 @@ def serve_workers(project: Project, workers: int, *, ready_file: str | None = No
     try:
         while not stop.is_set():
             if not announced and writer_ready.exists():
-                write_ready_file(ready_file, project.server.host, port, workers)
+                write_ready_file(ready_file, project.server.host, port, workers, http_port)
                 log.info("serving on %s:%d", project.server.host, port)
                 announced = True
             try:
@@ -120,6 +123,8 @@ def serve_workers(project: Project, workers: int, *, ready_file: str | None = No
             except ChildProcessError:
                 pass
         placeholder.close()
+        if http_placeholder is not None:
+            http_placeholder.close()
     return code
 
 

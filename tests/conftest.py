@@ -37,12 +37,16 @@ class QualifyServer:
         self.credentials = credentials  # TLS: how clients (and the readiness probe) connect
         self.ready_file = workdir / f"ready-{time.monotonic_ns()}.json"
         self.log_path = workdir / f"server-{time.monotonic_ns()}.log"
+        # --http-port 0: the HTTP listener on a free port, so parallel servers
+        # (and the demo's default 8080) never collide.
+        http = () if "--http-port" in args else ("--http-port", "0")
         self.args = [sys.executable, "-m", "qualify.server.cli", "serve", "--port", "0",
-                     "--ready-file", str(self.ready_file), *args]
+                     "--ready-file", str(self.ready_file), *http, *args]
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.address = ""
         self.port = 0
+        self.http_port: int | None = None
 
     def start(self, timeout: float = 60.0, serving: bool = True) -> "QualifyServer":
         """Waits for the ready file and (``serving``) for health SERVING."""
@@ -57,10 +61,15 @@ class QualifyServer:
                 raise AssertionError(f"qualify serve not ready in {timeout}s:\n{self.log()}")
             time.sleep(0.02)
         info = json.loads(self.ready_file.read_text())
-        self.address, self.port = info["address"], info["port"]
+        self.address, self.port, self.http_port = info["address"], info["port"], info.get("http_port")
         if serving:
             wait_serving(self.address, deadline - time.monotonic(), credentials=self.credentials)
         return self
+
+    @property
+    def http_url(self) -> str:
+        scheme = "https" if self.credentials is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.http_port}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -236,3 +245,31 @@ def postgres():
     cluster.start()
     yield cluster
     cluster.stop()
+
+
+EDGE_SCOPES = {"ingest": ("ingest",), "personalize": ("personalize",), "admin": ("admin",),
+               "audiences": ("audiences:read",)}
+
+
+@pytest.fixture(scope="session")
+def edge_server(tmp_path_factory, demo_warehouse):
+    """``qualify serve`` with API keys on, the demo's event models and the HTTP API (tests/test_http_*.py).
+
+    ``edge_server.keys``: a key per EDGE_SCOPES entry, plus ``publishable``
+    (personalize, only ``plan`` and ``recommended_product`` of ``customers``).
+    """
+    folder = tmp_path_factory.mktemp("edge")
+    extra = ('[auth]\nenabled = true\n[http]\ncors_origins = ["https://shop.example"]\n')
+    attributes = 'plan = "string"\nltv = "float"\nloyalty_tier = "string"\norders_count = "int"\n' \
+                 'email_opt_in = "bool"\nrecommended_product = "string"\n'
+    project = write_project(folder, f'type = "duckdb"\npath = "{demo_warehouse}"',
+                            demo_event_models_toml() + "\n" + extra, attributes=attributes)
+    from qualify.server.security.keys import KeyFile, keys_path
+
+    keys = {name: make_key(folder / "data", *scopes, name=name) for name, scopes in EDGE_SCOPES.items()}
+    keys["publishable"] = KeyFile(keys_path(folder / "data")).create(
+        "web", ["personalize"], collections=["customers"], fields=["plan", "recommended_product"])[1]
+    server = QualifyServer(folder, "--project", str(project)).start()
+    server.keys = keys
+    yield server
+    assert server.stop() == 0, server.log()

@@ -229,6 +229,21 @@ def test_ingest_streams_durable_batches_and_cleans_up_its_audiences(demo_server)
     ch.close()
 
 
+def test_http_scenarios_read_and_ingest_durably_over_the_http_api(demo_server):
+    http = f"127.0.0.1:{demo_server.http_port}"
+    target = ("--target", demo_server.address, "--http-target", http, "--people", str(SMALL_DEMO), "--warmup", "0")
+    reads = scenario(bench("personalize-http", *target, "--rate", "100", "--duration", "1"))
+    assert reads["completed"] == 100 and reads["errors"] == 0 and reads["series"]["get-http"]["latency_us"]["p50"] > 0
+    with grpc.insecure_channel(demo_server.address) as ch:
+        info = diagnostics_pb2_grpc.DiagnosticsServiceStub(ch).GetServerInfo
+        logged = info(diagnostics_pb2.GetServerInfoRequest()).events_logged
+        ph = scenario(bench("ingest-http", *target, "--rate", "40", "--duration", "1", "--batch", "25"))
+        assert ph["completed"] == 40 and ph["errors"] == 0 and ph["rejected_events"] == 0
+        assert ph["items"] == 1000 and ph["items_per_request"] == 25
+        # Answered 200 means logged: every event is in the log once the bench returns.
+        assert info(diagnostics_pb2.GetServerInfoRequest()).events_logged - logged == 1000
+
+
 @pytest.mark.parametrize("via", ["watch", "get"])
 def test_e2e_times_each_event_to_its_membership_change(demo_server, via):
     result = bench("e2e", "--target", demo_server.address, "--people", str(SMALL_DEMO), "--rate", "50",

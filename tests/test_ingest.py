@@ -617,7 +617,7 @@ def test_validation_order_and_timestamps():
     assert validate(Event("", 0), MODELS, NOW, encoded_size=40_000).reason is RejectionReason.TOO_LARGE
     assert validate(Event("", 0), MODELS, NOW).reason is RejectionReason.MISSING_MESSAGE_ID
     assert validate(Event("m", 0), MODELS, NOW).reason is RejectionReason.UNKNOWN_TYPE
-    assert validate(Event("m", 6, user_id="u"), MODELS, NOW).reason is RejectionReason.UNKNOWN_TYPE
+    assert validate(Event("m", 99, user_id="u"), MODELS, NOW).reason is RejectionReason.UNKNOWN_TYPE
     assert validate(Event("m", 1), MODELS, NOW).reason is RejectionReason.MISSING_IDENTITY
     edge = Event("m", 1, user_id="u", timestamp_us=NOW + 300 * US)
     assert validate(edge, MODELS, NOW) is None  # exactly 5 minutes ahead is allowed
@@ -686,7 +686,7 @@ session_timeout = "soon"
         load_project(write_project(tmp_path, duckdb_warehouse(demo_warehouse), extra=bad))
     got = [str(p) for p in info.value.problems]
     assert got == [
-        "event_models.clicks.type = 'click': must be one of track, page, screen, identify, alias",
+        "event_models.clicks.type = 'click': must be one of track, page, screen, identify, alias, group",
         "event_models.clicks.properties.money = 'decimal': must be one of string, int, float, bool, timestamp",
         "event_models.clicks.filters[0].property = 'path': is not a declared property of this model (declared: n, flag, when)",
         "event_models.clicks.filters[1].operator = 'like': must be one of eq, ne, lt, le, gt, ge, in, not_in, "

@@ -1,4 +1,4 @@
-"""The operational settings of a project file: [auth], [tls], [limits], [metrics].
+"""The operational settings of a project file: [auth], [tls], [limits], [metrics], [http].
 
 ``config.project.parse_project`` hands each table here (unknown keys already
 reported) with its problem reporter, so these sections read like the rest
@@ -26,6 +26,11 @@ map_nearly_full = 0.95         # health turns NOT_SERVING when the LMDB map is t
 [metrics]
 port = 9464                    # Prometheus /metrics on its own port; 0 or absent: off
 host = "127.0.0.1"
+
+[http]                         # absent (or no port): no HTTP listener
+host = "127.0.0.1"
+port = 8080                    # the Segment tracking API and the Personalization API as JSON; 0: any free port
+cors_origins = ["https://shop.example.com"]   # browsers' origins allowed to call; "*" any; absent: none
 ```
 """
 
@@ -45,6 +50,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     "limits": ("max_message_bytes", "max_batch_events", "max_event_properties", "max_string_bytes",
                "max_streams_per_key", "requests_per_second", "burst", "map_nearly_full"),
     "metrics": ("port", "host"),
+    "http": ("host", "port", "cors_origins"),
 }
 
 
@@ -80,6 +86,20 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class HttpSettings:
+    """The HTTP listener; ``port`` None: off, 0: any free port (the bound one goes in the ready file)."""
+
+    port: int | None = None
+    host: str = "127.0.0.1"
+    cors_origins: tuple[str, ...] = ()  # "*": any origin
+    demo_window: float | None = None  # the embedded demo's /demo page: its audience's window, seconds (not a TOML key)
+
+    @property
+    def enabled(self) -> bool:
+        return self.port is not None
+
+
+@dataclass(frozen=True)
 class Operations:
     """How the server is exposed and watched. Auth is on unless a project turns it off."""
 
@@ -87,6 +107,7 @@ class Operations:
     tls: TlsSettings = field(default_factory=TlsSettings)
     limits: Limits = field(default_factory=Limits)
     metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
 
 
 Report = Callable[[str, Any, str], None]
@@ -103,13 +124,14 @@ _INT_LIMITS = (
 
 
 def parse_operations(tables: dict[str, dict], base: Path, problem: Report, missing: Any) -> Operations:
-    """The four sections (``tables[name]``, {} when absent) as settings; problems go to ``problem``."""
+    """The five sections (``tables[name]``, {} when absent) as settings; problems go to ``problem``."""
     auth = tables["auth"].get("enabled", True)
     if not isinstance(auth, bool):
         problem("auth.enabled", auth, "must be true or false")
         auth = True
     return Operations(auth=auth, tls=_tls(tables["tls"], base, problem, missing),
-                      limits=_limits(tables["limits"], problem), metrics=_metrics(tables["metrics"], problem))
+                      limits=_limits(tables["limits"], problem), metrics=_metrics(tables["metrics"], problem),
+                      http=_http(tables["http"], problem))
 
 
 def _tls(raw: dict, base: Path, problem: Report, missing: Any) -> TlsSettings:
@@ -174,3 +196,19 @@ def _metrics(raw: dict, problem: Report) -> MetricsSettings:
         problem("metrics.host", host, "must be a host name or address")
         host = "127.0.0.1"
     return MetricsSettings(port=port, host=host)
+
+
+def _http(raw: dict, problem: Report) -> HttpSettings:
+    port = raw.get("port")
+    if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535):
+        problem("http.port", port, "must be an integer from 0 (any free port) to 65535")
+        port = None
+    host = raw.get("host", "127.0.0.1")
+    if not isinstance(host, str) or not host.strip():
+        problem("http.host", host, "must be a host name or address")
+        host = "127.0.0.1"
+    origins = raw.get("cors_origins", [])
+    if not isinstance(origins, list) or not all(isinstance(o, str) and o.strip() for o in origins):
+        problem("http.cors_origins", origins, 'must be a list of origins, e.g. ["https://shop.example.com"], or ["*"]')
+        origins = []
+    return HttpSettings(port=port, host=host, cors_origins=tuple(o.strip().rstrip("/") for o in origins))

@@ -79,6 +79,7 @@ class EventType(enum.IntEnum):
     SCREEN = 3
     IDENTIFY = 4
     ALIAS = 5
+    GROUP = 6  # Segment's group call: the person joins a group (properties.groupId, the group's traits)
 
     @classmethod
     def parse(cls, name: str) -> "EventType":

@@ -26,6 +26,7 @@ DiagnosticsService.GetServerInfo).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -37,6 +38,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+
+from ..domain.access import EVERYTHING, Access
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +62,35 @@ class ApiKey:
     created: str  # RFC 3339, UTC
     revoked: str | None  # RFC 3339, UTC; None while valid
     sha256: str  # hex digest of the key
+    collections: frozenset[str] | None = None  # None: every collection (a publishable key names its few)
+    fields: frozenset[str] | None = None  # None: every field
+
+    @property
+    def access(self) -> Access:
+        """What this key may read, as the Personalize use case checks it."""
+        if self.collections is None and self.fields is None:
+            return EVERYTHING
+        return Access(self.collections, self.fields, self.id)
 
     def allows(self, scope: str | None) -> bool:
         """Whether the key may call an RPC needing ``scope`` (None: any valid key)."""
         return scope is None or scope in self.scopes or "admin" in self.scopes
 
     def to_json(self) -> dict:
-        return {"id": self.id, "name": self.name, "scopes": sorted(self.scopes), "created": self.created,
-                "revoked": self.revoked, "sha256": self.sha256}
+        out = {"id": self.id, "name": self.name, "scopes": sorted(self.scopes), "created": self.created,
+               "revoked": self.revoked, "sha256": self.sha256}
+        if self.collections is not None:
+            out["collections"] = sorted(self.collections)
+        if self.fields is not None:
+            out["fields"] = sorted(self.fields)
+        return out
 
     @classmethod
     def from_json(cls, raw: dict) -> "ApiKey":
+        limit = lambda name: frozenset(map(str, raw[name])) if raw.get(name) is not None else None  # noqa: E731
         return cls(id=str(raw["id"]), name=str(raw.get("name", "")), scopes=frozenset(raw["scopes"]),
-                   created=str(raw["created"]), revoked=raw.get("revoked"), sha256=str(raw["sha256"]))
+                   created=str(raw["created"]), revoked=raw.get("revoked"), sha256=str(raw["sha256"]),
+                   collections=limit("collections"), fields=limit("fields"))
 
 
 def digest(token: str) -> bytes:
@@ -95,6 +114,16 @@ def parse_scopes(values: Iterable[str]) -> frozenset[str]:
     if not scopes:
         raise KeyCommandError(f"a key needs at least one scope: {', '.join(SCOPES)}")
     return scopes
+
+
+def _names(values: Iterable[str] | None, what: str) -> frozenset[str] | None:
+    """Names from ``--collection`` / ``--fields`` arguments (repeated or comma-separated); None: no limit."""
+    if values is None:
+        return None
+    names = frozenset(s.strip() for v in values for s in v.split(",") if s.strip())
+    if not names:
+        raise KeyCommandError(f"a limited key needs at least one {what} name")
+    return names
 
 
 class KeyFile:
@@ -134,9 +163,14 @@ class KeyFile:
         finally:
             os.close(dir_fd)
 
-    def create(self, name: str, scopes: Iterable[str]) -> tuple[ApiKey, str]:
-        """A new key: (its record, the plain key, which is not stored anywhere)."""
+    def create(self, name: str, scopes: Iterable[str], collections: Iterable[str] | None = None,
+               fields: Iterable[str] | None = None) -> tuple[ApiKey, str]:
+        """A new key: (its record, the plain key, which is not stored anywhere).
+
+        ``collections`` / ``fields`` (None: no limit) make a key that reads only those.
+        """
         scopes = parse_scopes(scopes)
+        collections, fields = _names(collections, "collection"), _names(fields, "field")
         if len(name) > MAX_NAME or any(not c.isprintable() for c in name):
             raise KeyCommandError(f"the name must be at most {MAX_NAME} printable characters")
         token = PREFIX + secrets.token_urlsafe(32)
@@ -146,7 +180,7 @@ class KeyFile:
             while key_id in taken:
                 key_id = "key_" + secrets.token_hex(4)
             key = ApiKey(id=key_id, name=name, scopes=scopes, created=_now(), revoked=None,
-                         sha256=digest(token).hex())
+                         sha256=digest(token).hex(), collections=collections, fields=fields)
             keys.append(key)
         return key, token
 
@@ -155,7 +189,7 @@ class KeyFile:
             for i, k in enumerate(keys):
                 if k.id == key_id:
                     if k.revoked is None:
-                        keys[i] = k = ApiKey(k.id, k.name, k.scopes, k.created, _now(), k.sha256)
+                        keys[i] = k = dataclasses.replace(k, revoked=_now())
                     return k
         raise KeyCommandError(f"no key with id {key_id!r} (see `qualify keys list`)")
 

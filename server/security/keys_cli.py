@@ -23,17 +23,26 @@ def _data_dir(args) -> Path:
     return Path(args.data_dir).resolve()
 
 
+def _limits(key) -> str:
+    out = ""
+    if key.collections is not None:
+        out += f"  collections {','.join(sorted(key.collections))}"
+    if key.fields is not None:
+        out += f"  fields {','.join(sorted(key.fields))}"
+    return out
+
+
 def cmd_keys(args) -> int:
     keys = KeyFile(keys_path(_data_dir(args)))
     try:
         if args.keys_command == "create":
-            key, token = keys.create(args.name, args.scope)
+            key, token = keys.create(args.name, args.scope, args.collection, args.fields)
             if args.json:
                 print(json.dumps({**key.to_json(), "key": token}, indent=2))
             else:
                 print(f"{token}\t{key.id}")  # `cut -f1` for the key alone
-                print(f"created {key.id} ({key.name or 'no name'}) with scopes {', '.join(sorted(key.scopes))}; "
-                      "the key above is shown once: Qualify keeps only its hash", file=sys.stderr)
+                print(f"created {key.id} ({key.name or 'no name'}) with scopes {', '.join(sorted(key.scopes))}"
+                      f"{_limits(key)}; the key above is shown once: Qualify keeps only its hash", file=sys.stderr)
         elif args.keys_command == "list":
             listed = keys.read()
             if args.json:
@@ -43,7 +52,8 @@ def cmd_keys(args) -> int:
             else:
                 for k in listed:
                     state = f"revoked {k.revoked}" if k.revoked else "valid"
-                    print(f"{k.id}  {k.name or '-':20}  {','.join(sorted(k.scopes)):40}  created {k.created}  {state}")
+                    print(f"{k.id}  {k.name or '-':20}  {','.join(sorted(k.scopes)):40}  created {k.created}  {state}"
+                          f"{_limits(k)}")
         else:
             key = keys.revoke(args.key_id)
             print(f"{key.id} revoked at {key.revoked}")
@@ -64,6 +74,10 @@ def add_parser(sub) -> None:
     c.add_argument("--name", default="", help="what the key is for, e.g. checkout-service")
     c.add_argument("--scope", action="append", required=True, metavar="SCOPE",
                    help="repeat or separate with commas: " + ", ".join(SCOPES))
+    c.add_argument("--collection", action="append", metavar="NAME",
+                   help="read only these collections (repeat or separate with commas; default: all)")
+    c.add_argument("--fields", action="append", metavar="FIELD",
+                   help="read only these fields, e.g. plan,recommended_sku (default: all); for a key a browser holds")
     c.add_argument("--json", action="store_true", help="print the key and its record as JSON")
     ls = keys_sub.add_parser("list", help="every key's id, name, scopes and state (never the key)")
     ls.add_argument("--json", action="store_true", help="print JSON")

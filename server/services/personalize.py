@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 
-from ..domain.errors import BatchTooLarge, FieldViolation, InvalidRequest
+from ..domain.access import EVERYTHING, Access
+from ..domain.errors import AudienceNotFound, BatchTooLarge, FieldViolation, InvalidRequest
 from ..domain.ports import CollectionView, EventCounts, RecordReader
 from .consistency import wait_visible
 
@@ -57,16 +58,23 @@ class PersonalizeService:
         """
         await wait_visible(self.records, min_token, budget)
 
-    def get(self, collection: str, key: str) -> tuple[CollectionView, bytes, Stored]:
-        """(the collection, the key's bytes, its record); KeyNotFound when it has none."""
+    def get(self, collection: str, key: str, access: Access = EVERYTHING) -> tuple[CollectionView, bytes, Stored]:
+        """(the collection, the key's bytes, its record); KeyNotFound when it has none.
+
+        ``access`` (the caller's key) is checked first: a key may not learn
+        whether a record exists in a collection it may not read.
+        """
         _check_collection(collection)
+        access.check_collection(collection)
         raw = check_key(key, "key")
         view, stored, bits = self.records.get_one(collection, raw)
         return view, raw, (stored, bits)
 
-    def batch_get(self, collection: str, keys) -> tuple[CollectionView, list[bytes], list[tuple[bytes | None, dict | None]]]:
+    def batch_get(self, collection: str, keys, access: Access = EVERYTHING
+                  ) -> tuple[CollectionView, list[bytes], list[tuple[bytes | None, dict | None]]]:
         """(the collection, each key's bytes, each key's record or (None, None)), in request order."""
         _check_collection(collection)
+        access.check_collection(collection)
         n = len(keys)
         if n > MAX_BATCH_KEYS:
             raise BatchTooLarge(f"{n} keys in one BatchGet; the limit is {MAX_BATCH_KEYS}",
@@ -74,6 +82,22 @@ class PersonalizeService:
         raws = [check_key(k, f"keys[{i}]") for i, k in enumerate(keys)]
         view, rows = self.records.get(collection, raws)
         return view, raws, rows
+
+    @staticmethod
+    def mask(view: CollectionView, paths: tuple[str, ...] | None, access: Access = EVERYTHING) -> tuple[int, ...] | None:
+        """Column indices to read for ``paths`` (None or (): every field the caller may read)."""
+        if access.fields is not None:
+            paths = access.paths(view.columns, tuple(paths or ()))
+            if not paths:  # a key limited to fields this collection lacks reads none
+                return ()
+        return view.mask_indices(tuple(paths)) if paths else None
+
+    def audience_bit(self, audience: str) -> int:
+        """The membership bit of ``audience``; AudienceNotFound when no audience has that id."""
+        try:
+            return self.audience_ids.index(audience)
+        except ValueError:
+            raise AudienceNotFound(f"no audience with id {audience!r}", metadata={"audience": audience}) from None
 
     def server_info(self) -> dict:
         events_logged, events_unmatched = self.event_counts.counts()

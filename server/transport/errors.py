@@ -12,6 +12,7 @@ import asyncio
 import collections
 import functools
 import logging
+import math
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -155,3 +156,46 @@ def reject_malformed(request) -> None:
     if type(request) is Malformed:
         raise InvalidRequest(f"the request is not a valid {request.type_name} message",
                              violations=[FieldViolation("(request)", f"could not be decoded as {request.type_name}")])
+
+
+# -- the same errors over HTTP (AIP-193) ------------------------------------------------
+
+# google.rpc.Code -> HTTP status, as google/rpc/code.proto documents each code.
+# Not a second error table: a domain error's code still comes from _CODES.
+_HTTP_STATUS = {
+    code_pb2.INVALID_ARGUMENT: 400, code_pb2.FAILED_PRECONDITION: 400, code_pb2.UNAUTHENTICATED: 401,
+    code_pb2.PERMISSION_DENIED: 403, code_pb2.NOT_FOUND: 404, code_pb2.ALREADY_EXISTS: 409,
+    code_pb2.RESOURCE_EXHAUSTED: 429, code_pb2.UNIMPLEMENTED: 501, code_pb2.UNAVAILABLE: 503,
+    code_pb2.INTERNAL: 500,
+}
+_ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"
+
+
+def http_body(code: int, message: str, reason: str, metadata: dict[str, str] | None = None,
+              violations: list[tuple[str, str]] | None = None,
+              retry_after: float | None = None) -> tuple[int, dict, dict[str, str]]:
+    """(HTTP status, AIP-193 JSON body, extra headers) for the status ``to_status`` would send."""
+    details: list[dict] = [{"@type": _ERROR_INFO, "reason": reason, "domain": DOMAIN, "metadata": metadata or {}}]
+    if violations:
+        details.append({"@type": "type.googleapis.com/google.rpc.BadRequest",
+                        "fieldViolations": [{"field": f, "description": d} for f, d in violations]})
+    headers = {}
+    if retry_after is not None:
+        seconds = max(0.001, retry_after)
+        details.append({"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{seconds:.3f}s"})
+        headers["Retry-After"] = str(max(1, math.ceil(seconds)))  # HTTP counts whole seconds
+    http = _HTTP_STATUS.get(code, 500)
+    status = code_pb2.Code.Name(code)
+    return http, {"error": {"code": http, "message": message, "status": status, "details": details}}, headers
+
+
+def http_error_of(err: QualifyError) -> tuple[int, dict, dict[str, str]]:
+    return http_body(_CODES[err.status], err.message, err.reason, err.metadata,
+                     [(v.field, v.description) for v in err.violations], getattr(err, "retry_after", None))
+
+
+def http_internal(exc: BaseException, method: str) -> tuple[int, dict, dict[str, str]]:
+    request_id = REQUEST_ID.get() or new_request_id()
+    log.error("unexpected error in %s (request id %s)", method, request_id, exc_info=exc)
+    return http_body(code_pb2.INTERNAL, f"internal error (request id {request_id})", "INTERNAL_ERROR",
+                     {"request_id": request_id})

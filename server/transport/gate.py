@@ -53,12 +53,13 @@ import time
 
 import grpc
 
+from ..domain.access import EVERYTHING, Access
 from ..domain.errors import (PermissionDenied, QualifyError, RateLimited, ShuttingDown, TooManyStreams,
                              Unauthenticated)
 from ..observability import metrics
 from ..observability.logs import REQUEST_ID, request_id_from
 from ..config.operations import Limits, TlsSettings
-from ..security.keys import KeyStore
+from ..security.keys import ApiKey, KeyStore
 from ..security.limits import RateLimiter, StreamSlots
 from .errors import status_of
 
@@ -86,6 +87,44 @@ class _OpenStream:
             self.ending = err
             if self.waiting:  # not while gRPC sends a reply: the stream ends before the next one instead
                 self.task.cancel()
+
+# The key of the call being served (None: auth off), for the checks that need
+# the decoded request: a key limited to some collections and fields.
+CALLER: contextvars.ContextVar[ApiKey | None] = contextvars.ContextVar("qualify_caller", default=None)
+
+
+def caller_access() -> Access:
+    """What the key of the call being served may read (everything when auth is off)."""
+    key = CALLER.get()
+    return EVERYTHING if key is None else key.access
+
+
+def bearer_token(value: str | None) -> str | None:
+    """The key in an ``authorization: Bearer <key>`` value, or None."""
+    if isinstance(value, str) and value[:7].lower() == "bearer ":
+        return value[7:].strip()
+    return None
+
+
+def authorize(keys: KeyStore, rates: RateLimiter | None, token: str | None, scope: str | None, name: str,
+              message: str = UNAUTHENTICATED_MESSAGE) -> ApiKey:
+    """The valid key ``token`` is, allowed ``scope`` and within its rate; else the domain error to answer.
+
+    Shared by every transport (gRPC here, HTTP in transport/http), so the
+    order of the checks, and what each answer reveals, is the same on both.
+    """
+    key = keys.authenticate(token) if token else None
+    if key is None:
+        raise Unauthenticated(message)
+    if not key.allows(scope):
+        raise PermissionDenied(f"the API key {key.id} does not grant the scope {scope!r} that {name} needs",
+                               metadata={"scope": scope or "", "key_id": key.id})
+    if rates is not None:
+        wait = rates.take(key.id)
+        if wait:
+            raise RateLimited(f"the API key {key.id} is over its rate of {rates.rate:g} requests/s; retry in {wait:.3f}s",
+                              metadata={"key_id": key.id}, retry_after=wait)
+    return key
 
 
 def required_scope(service: str, method: str) -> str | None:
@@ -172,22 +211,12 @@ class Gate(grpc.GenericRpcHandler):
                 request_id = v
         key_id = None
         if self.keys is not None:
-            key = None
-            if isinstance(token, str) and token[:7].lower() == "bearer ":
-                key = self.keys.authenticate(token[7:].strip())
-            if key is None:
-                return self._refuse(m, Unauthenticated(UNAUTHENTICATED_MESSAGE), request_id)
-            if not key.allows(m.scope):
-                return self._refuse(m, PermissionDenied(
-                    f"the API key {key.id} does not grant the scope {m.scope!r} that {m.name} needs",
-                    metadata={"scope": m.scope or "", "key_id": key.id}), request_id, key.id)
-            if self.rates is not None:
-                wait = self.rates.take(key.id)
-                if wait:
-                    return self._refuse(m, RateLimited(
-                        f"the API key {key.id} is over its rate of {self.rates.rate:g} requests/s; retry in {wait:.3f}s",
-                        metadata={"key_id": key.id}, retry_after=wait), request_id, key.id)
+            try:
+                key = authorize(self.keys, self.rates, bearer_token(token), m.scope, m.name)
+            except QualifyError as err:
+                return self._refuse(m, err, request_id, err.metadata.get("key_id"))
             key_id = key.id
+            CALLER.set(key)
         _CALL.set((key_id, request_id))
         return m.wrapped
 

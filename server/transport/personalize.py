@@ -16,6 +16,7 @@ from ..services.consistency import budget_of
 from ..services.personalize import PersonalizeService
 from ..wire import length_delimited, record_message
 from .errors import reject_malformed
+from .gate import caller_access
 
 
 class Personalize:
@@ -43,26 +44,26 @@ class Personalize:
                 out.append(length_delimited(b"\x22", enc[bit] + length_delimited(b"\x12", ts)))
         return b"".join(out)
 
-    @staticmethod
-    def _mask(view, request) -> tuple[int, ...] | None:
-        if not request.HasField("read_mask"):
-            return None
-        return view.mask_indices(tuple(request.read_mask.paths))
+    def _mask(self, view, request, access) -> tuple[int, ...] | None:
+        paths = tuple(request.read_mask.paths) if request.HasField("read_mask") else None
+        return self.service.mask(view, paths, access)
 
     async def get(self, request: personalize_pb2.GetRequest, context) -> bytes:
         reject_malformed(request)
         if request.min_token:
             await self.service.wait(request.min_token, budget_of(context.time_remaining()))
-        view, key, (stored, bits) = self.service.get(request.collection, request.key)
-        record = record_message(view.prefix, key, stored, self._mask(view, request), self._memberships(bits))
+        access = caller_access()
+        view, key, (stored, bits) = self.service.get(request.collection, request.key, access)
+        record = record_message(view.prefix, key, stored, self._mask(view, request, access), self._memberships(bits))
         return length_delimited(b"\x0a", record)
 
     async def batch_get(self, request: personalize_pb2.BatchGetRequest, context) -> bytes:
         reject_malformed(request)
         if request.min_token:
             await self.service.wait(request.min_token, budget_of(context.time_remaining()))
-        view, keys, rows = self.service.batch_get(request.collection, request.keys)
-        mask = self._mask(view, request)
+        access = caller_access()
+        view, keys, rows = self.service.batch_get(request.collection, request.keys, access)
+        mask = self._mask(view, request, access)
         found, missing = [], []
         for key, (stored, bits) in zip(keys, rows):
             if stored is None:
