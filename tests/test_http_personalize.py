@@ -116,7 +116,7 @@ def _domain_errors():
 
 HTTP_OF_STATUS = {"INVALID_ARGUMENT": 400, "FAILED_PRECONDITION": 400, "UNAUTHENTICATED": 401,
                   "PERMISSION_DENIED": 403, "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "RESOURCE_EXHAUSTED": 429,
-                  "UNIMPLEMENTED": 501, "UNAVAILABLE": 503, "INTERNAL": 500}
+                  "UNIMPLEMENTED": 501, "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "INTERNAL": 500}
 
 
 @pytest.mark.parametrize("cls", _domain_errors(), ids=lambda c: c.reason)
@@ -199,3 +199,25 @@ def test_keys_create_limits_collections_and_fields(tmp_path):
     listed = subprocess.run([sys.executable, "-m", "qualify.server.cli", "keys", "--data-dir", str(tmp_path), "list"],
                             capture_output=True, text=True, check=True).stdout
     assert "collections customers" in listed and "fields plan,recommended_sku" in listed
+
+
+def test_read_your_writes_over_http_with_the_tracking_answers_token(edge_server):
+    with Client(edge_server.address, api_key=edge_server.keys["admin"], timeout=5) as c:
+        c.create_audience("http_ryw", {"event": {"event_model": "page_views", "scope": "SCOPE_EVER",
+                                                 "comparison": "COMPARISON_GE", "threshold": 1}})
+    for i in range(20):  # each read follows its write at once, with the write's token: never stale
+        person = f"user-{300 + i}"
+        r = requests.post(f"{edge_server.http_url}/v1/page", auth=(edge_server.keys["ingest"], ""), timeout=5,
+                          json={"messageId": f"ryw-{i}", "userId": person, "name": "Pricing",
+                                "properties": {"path": "/pricing"}})
+        assert r.status_code == 200, r.text
+        token = r.json()["consistencyToken"]
+        got = get(edge_server, f"{CUSTOMERS}/records/{person}", params={"minToken": token})
+        assert "http_ryw" in [m["audience"] for m in got.json()["memberships"]], got.text
+        member = get(edge_server, f"{CUSTOMERS}/audiences/http_ryw/members/{person}", params={"minToken": token})
+        assert member.json()["member"] is True
+    import base64
+    future = base64.b64encode(b"\x01" + (2**62).to_bytes(8, "big")).decode()
+    assert reason(get(edge_server, f"{CUSTOMERS}/records/user-1", params={"minToken": future})) == (
+        503, "UNAVAILABLE", "NOT_YET_CONSISTENT")
+    assert reason(get(edge_server, f"{CUSTOMERS}/records/user-1", params={"minToken": "!!"}))[0] == 400

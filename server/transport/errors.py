@@ -166,6 +166,7 @@ _HTTP_STATUS = {
     code_pb2.INVALID_ARGUMENT: 400, code_pb2.FAILED_PRECONDITION: 400, code_pb2.UNAUTHENTICATED: 401,
     code_pb2.PERMISSION_DENIED: 403, code_pb2.NOT_FOUND: 404, code_pb2.ALREADY_EXISTS: 409,
     code_pb2.RESOURCE_EXHAUSTED: 429, code_pb2.UNIMPLEMENTED: 501, code_pb2.UNAVAILABLE: 503,
+    code_pb2.DEADLINE_EXCEEDED: 504,
     code_pb2.INTERNAL: 500,
 }
 _ERROR_INFO = "type.googleapis.com/google.rpc.ErrorInfo"

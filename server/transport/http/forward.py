@@ -26,6 +26,7 @@ from grpc_status import rpc_status
 from qualify.v1 import event_pb2, ingest_pb2
 
 from ...config.operations import Limits
+from ...domain.consistency import decode_token
 from ...domain.errors import FieldViolation, QualifyError
 from ...domain.events import MAX_EVENT_BYTES, Event, EventRejected, Rejection, RejectionReason
 from ...observability.logs import REQUEST_ID
@@ -105,9 +106,11 @@ class ForwardedIngest:
         rejected += [Rejected(sent[r.index], r.message_id, Rejection(RejectionReason(r.reason), r.description))
                      for r in reply.rejections]
         rejected.sort(key=lambda r: r.index)
-        return IngestOutcome(reply.accepted, reply.duplicates, rejected)
+        return IngestOutcome(reply.accepted, reply.duplicates, rejected,
+                             decode_token(reply.consistency_token, "consistency_token"))
 
-    async def track(self, event: Event, size: int) -> bool:
+    async def track(self, event: Event, size: int) -> tuple[bool, int]:
+        """As IngestService.track: (whether it was a duplicate, the log position after the commit)."""
         outcome = await self.ingest([(event, size)])
         if outcome.rejected:
             r = outcome.rejected[0].rejection
@@ -115,4 +118,4 @@ class ForwardedIngest:
                                 violations=[FieldViolation("event", r.description)],
                                 metadata={"rejection": f"REJECTION_REASON_{r.reason.name}",
                                           "message_id": event.message_id})
-        return bool(outcome.duplicates)
+        return bool(outcome.duplicates), outcome.position

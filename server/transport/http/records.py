@@ -11,16 +11,23 @@ The same use case as gRPC's PersonalizeService (the same key checks,
 including a publishable key's collections and fields). The record's fields
 come from its stored wire form, decoded once per read; memberships are the
 audience ids with their enter times (RFC 3339).
+
+Read-your-writes: every read takes ``minToken`` (query parameter, or in the
+batchGet body), the ``consistencyToken`` of a tracking answer, base64; it
+answers once this process sees that write (503 NOT_YET_CONSISTENT after 1 s).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 
 from aiohttp import web
 
 from qualify.v1 import personalize_pb2
 
+from ...domain.consistency import DEFAULT_MAX_WAIT
 from ...domain.errors import FieldViolation, InvalidRequest
 from ...wire import record_message, rfc3339
 from ..ingest import struct_to_dict  # Struct -> plain values, half json_format's cost
@@ -46,8 +53,18 @@ class Records:
         return {"collection": view.name, "key": message.key,
                 "fields": struct_to_dict(message.fields), "memberships": self._memberships(bits)}
 
+    async def _wait(self, token) -> None:
+        if token:
+            try:
+                raw = base64.b64decode(token, validate=True)
+            except (binascii.Error, ValueError, TypeError):
+                raise InvalidRequest("minToken is not base64", violations=[
+                    FieldViolation("minToken", "must be a consistencyToken from a tracking answer, unchanged")]) from None
+            await self.reads.wait(raw, DEFAULT_MAX_WAIT)
+
     async def get(self, request: web.Request) -> web.Response:
         access = self.edge.authorize(request, "personalize", "HTTP.get")
+        await self._wait(request.query.get("minToken"))
         collection, key = request.match_info["collection"], request.match_info["key"]
         fields = request.query.get("fields")
         paths = tuple(f.strip() for f in fields.split(",") if f.strip()) if fields else None
@@ -68,6 +85,7 @@ class Records:
         if fields is not None and (not isinstance(fields, list) or not all(isinstance(f, str) for f in fields)):
             raise InvalidRequest("fields must be a list of field names",
                                  violations=[FieldViolation("fields", "must be a list of strings")])
+        await self._wait(body.get("minToken"))
         view, raws, rows = self.reads.batch_get(request.match_info["collection"], keys, access)
         mask = self.reads.mask(view, tuple(fields) if fields else None, access)
         records, missing = [], []
@@ -82,6 +100,7 @@ class Records:
         access = self.edge.authorize(request, "personalize", "HTTP.member")
         collection, audience, key = (request.match_info[k] for k in ("collection", "audience", "key"))
         access.check_collection(collection)
+        await self._wait(request.query.get("minToken"))
         # The read first: it is what brings this process's audience catalog up to date.
         _, _, (_, bits) = self.reads.get(collection, key, access)  # KeyNotFound: nobody by that key
         bit = self.reads.audience_bit(audience)

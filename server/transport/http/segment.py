@@ -30,6 +30,7 @@ answered only after the writer's commit, so a 200 means durable.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from datetime import datetime
@@ -37,6 +38,7 @@ from json.decoder import scanstring
 
 from aiohttp import web
 
+from ...domain.consistency import encode_token
 from ...domain.errors import BatchTooLarge, FieldViolation, InvalidRequest
 from ...domain.events import Event, EventType
 from .edge import HttpEdge, json_response
@@ -195,8 +197,8 @@ async def _single(edge: HttpEdge, request: web.Request, endpoint: str) -> web.Re
         event = to_event(body, _ENDPOINTS[endpoint], received, 0)
     except ValueError as exc:
         raise InvalidRequest(str(exc), violations=[FieldViolation("timestamp", str(exc))]) from None
-    duplicate = await service.track(event, size)
-    return json_response({"success": True, "duplicate": duplicate})
+    duplicate, position = await service.track(event, size)
+    return json_response({"success": True, "duplicate": duplicate, **_token(position)})
 
 
 async def _batch(edge: HttpEdge, request: web.Request) -> web.Response:
@@ -229,7 +231,8 @@ async def _batch(edge: HttpEdge, request: web.Request) -> web.Response:
                               "description": r.rejection.description}
                              for r in outcome.rejected if r.index not in bad]
     rejected.sort(key=lambda r: r["index"])
-    return json_response({"success": True, "accepted": outcome.accepted, "duplicates": outcome.duplicates,
+    return json_response({"success": True, **_token(outcome.position), "accepted": outcome.accepted,
+                          "duplicates": outcome.duplicates,
                           "rejected": rejected})
 
 
@@ -250,3 +253,9 @@ def add_routes(app: web.Application, edge: HttpEdge) -> None:
         app.router.add_post(f"/v1/{short}", single(endpoint), name=f"{endpoint}.short")
     app.router.add_post("/v1/batch", batch, name="batch")
     app.router.add_post("/v1/b", batch, name="batch.short")
+
+
+def _token(position: int) -> dict:
+    """Read-your-writes over HTTP: the acknowledgement's consistency token, base64 (absent when nothing was written)."""
+    token = encode_token(position)
+    return {"consistencyToken": base64.b64encode(token).decode()} if token else {}
