@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -21,7 +20,6 @@ import requests
 from hypothesis import given, settings, strategies as st
 import rudderstack.analytics as rudder_analytics
 import segment.analytics as segment_analytics
-from segment.analytics.request import APIError
 
 from conftest import eventually
 from qualify.clients import Client

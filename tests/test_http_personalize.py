@@ -14,7 +14,6 @@ import json
 import subprocess
 import sys
 
-import grpc
 import pytest
 import requests
 
