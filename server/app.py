@@ -230,7 +230,8 @@ async def _writing_parts(env, writer: Writer, reader: Reader, project: Project, 
     feed = ChangeFeed(changelog.head())
     engine = await _start_engine(store, writer, project, clock, _publisher(writer, feed, loop))
     deliveries = Deliveries(tables, writer, feed, changelog, reader, project.parent_model.name, clock,
-                            f"qualify/{VERSION}", project.retry_initial, project.retry_max)
+                            f"qualify/{VERSION}", project.retry_initial, project.retry_max,
+                            int(project.changelog_retention * 1_000_000))
     await deliveries.start(list(project.syncs))
     watch = Watch(WatchService(feed, changelog, project.watch_buffer, project.watch_max_lag))
     writing = Writing(

@@ -264,7 +264,8 @@ def cmd_syncs(args) -> int:
         error = ""
         if st.last_error:
             error = f"{st.last_error_time.ToDatetime():%Y-%m-%d %H:%M:%S}Z {st.last_error}"
-        rows.append((s.id, dest, ",".join(s.audience_ids), f"{st.delivered:,}", _age(st.lag), f"{st.retries:,}",
+        lag = _age(st.lag) + (" (holds the changelog)" if st.holds_changelog else "")
+        rows.append((s.id, dest, ",".join(s.audience_ids), f"{st.delivered:,}", lag, f"{st.retries:,}",
                      f"{st.dead_lettered:,}", error))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:

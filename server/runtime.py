@@ -99,6 +99,7 @@ async def compact(retention, writer, clock, every: float) -> None:
             log.exception("compaction failed; retrying")
             await asyncio.sleep(every)
             continue
+        metrics.changelog_held(done.held_back_by_syncs)
         if done.held_back_by_syncs and time.monotonic() - warned > 60:
             warned = time.monotonic()
             log.warning("a realtime sync has not delivered changes older than [realtime] changelog_retention: "

@@ -79,8 +79,11 @@ def test_a_stalled_sync_holds_the_changelog_back_until_it_delivers(served):
         eventually(lambda: len(changelog(lmdb_dir)) == 6)
         eventually(lambda: events_logged(server) == 1)  # a compaction slice has run since the clock moved
         assert [seq for seq, _ in changelog(lmdb_dir)] == [1, 2, 3, 4, 5, 6]  # held back for the sync
+        status = lambda: syncs.GetSync(sync_pb2.GetSyncRequest(id="hook"), timeout=5).sync.status  # noqa: E731
+        assert status().holds_changelog and status().lag.seconds >= 300  # and it says so
         receiver.up()
         receiver.wait_for({1, 2, 3, 4, 5, 6})
+        eventually(lambda: not status().holds_changelog)
         eventually(lambda: [seq for seq, _ in changelog(lmdb_dir)] == [6],
                    lambda: f"changelog still holds {[seq for seq, _ in changelog(lmdb_dir)]}")
         # A watch cannot resume inside compacted history: it is told so, not handed a gap.

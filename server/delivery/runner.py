@@ -196,7 +196,8 @@ class Deliveries:
     """Every sync's runner, its definition and state in LMDB, and SyncService's operations."""
 
     def __init__(self, tables: SyncStore, jobs, feed: ChangeFeed, changelog: ChangelogReader, records: RecordReader,
-                 parent: str, clock, user_agent: str, retry_initial: float = 0.2, retry_max: float = 30.0):
+                 parent: str, clock, user_agent: str, retry_initial: float = 0.2, retry_max: float = 30.0,
+                 changelog_retention_us: int = 7 * 86400 * 1_000_000):
         self.tables = tables
         self.jobs = jobs
         self.feed = feed
@@ -207,6 +208,7 @@ class Deliveries:
         self.user_agent = user_agent
         self.retry_initial = retry_initial
         self.retry_max = retry_max
+        self.changelog_retention_us = changelog_retention_us
         self.runners: dict[str, SyncRunner] = {}
         self.dirty: set[str] = set()
         self._flusher: asyncio.Task | None = None
@@ -331,6 +333,10 @@ class Deliveries:
 
     def lag_us(self, runner: SyncRunner) -> int:
         return max(0, self.clock() - runner.pending_since_us) if runner.pending_since_us is not None else 0
+
+    def holds_changelog(self, runner: SyncRunner) -> bool:
+        """Whether the sync's oldest undelivered change is past the changelog's retention (kept for it)."""
+        return self.lag_us(runner) > self.changelog_retention_us
 
     # -- person fields -------------------------------------------------------------------
     def person_fields(self, names: tuple[str, ...], keys: list[str]) -> dict[str, dict]:

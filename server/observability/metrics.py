@@ -83,6 +83,9 @@ class _Metrics:
         self.sync_lag = G("qualify_sync_lag_seconds",
                           "Latest delay from a membership change taking effect to its delivery", ("sync",),
                           multiprocess_mode="livemostrecent")
+        self.changelog_held = G("qualify_changelog_held_by_syncs",
+                                "1 while a realtime sync keeps changes older than changelog_retention from compaction",
+                                multiprocess_mode="livemax")
 
 
 _m: _Metrics | None = None
@@ -218,6 +221,12 @@ def sync_failed(sync: str, n: int = 1) -> None:
     """Realtime sync ``sync`` failed ``n`` delivery attempts (each retry that fails counts)."""
     if _m is not None and n:
         _m.sync_failures.labels(sync).inc(n)
+
+
+def changelog_held(held: bool) -> None:
+    """Whether the last compaction slice left old changes for a sync that has not delivered them."""
+    if _m is not None:
+        _m.changelog_held.set(1 if held else 0)
 
 
 def sync_lag(sync: str, seconds: float) -> None:

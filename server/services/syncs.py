@@ -84,3 +84,6 @@ class SyncService:
 
     def lag_us(self, runner) -> int:
         return self.d.lag_us(runner)
+
+    def holds_changelog(self, runner) -> bool:
+        return self.d.holds_changelog(runner)

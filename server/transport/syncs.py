@@ -50,7 +50,8 @@ class Syncs:
             msg.nats.CopyFrom(sync_pb2.NatsDestination(url=dest.url, subject=dest.subject, max_attempts=dest.max_attempts))
         msg.status.CopyFrom(sync_pb2.SyncStatus(delivered=state.delivered, retries=state.retries,
                                                 last_error=state.last_error, dead_lettered=state.dead_lettered,
-                                                cursor=state.cursor, lag=_duration(self.service.lag_us(runner) / 1e6)))
+                                                cursor=state.cursor, lag=_duration(self.service.lag_us(runner) / 1e6),
+                                                holds_changelog=self.service.holds_changelog(runner)))
         if state.last_error_us:
             msg.status.last_error_time.CopyFrom(timestamp(state.last_error_us))
         return msg
