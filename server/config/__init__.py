@@ -10,6 +10,7 @@ what is wrong, so that ``qualify check`` can list them all in one run.
 - ``reader``: the problem collector and the value rules the sections share
 """
 
+from .cluster import ClusterSettings
 from .operations import Limits, MetricsSettings, Operations, TlsSettings
 from .project import (DEFAULT_MAP_SIZE, DEFAULT_PORT, Attribute, Collection, ParentModel, Project,
                       ServerSettings, Warehouse, load_project, parse_project)
@@ -18,7 +19,7 @@ from .realtime import DEFAULT_SESSION_TIMEOUT, DEFAULT_WATCH_BUFFER, DEFAULT_WAT
 
 __all__ = [
     "DEFAULT_MAP_SIZE", "DEFAULT_PORT", "DEFAULT_SESSION_TIMEOUT", "DEFAULT_WATCH_BUFFER", "DEFAULT_WATCH_MAX_LAG",
-    "NAME_RE", "Attribute", "Collection", "Limits", "MetricsSettings", "Operations", "ParentModel", "Problem",
+    "NAME_RE", "Attribute", "ClusterSettings", "Collection", "Limits", "MetricsSettings", "Operations", "ParentModel", "Problem",
     "Project", "ProjectError", "ServerSettings", "TlsSettings", "Warehouse", "load_project", "parse_duration",
     "parse_project",
 ]

@@ -20,6 +20,7 @@ else:  # pragma: no cover
 from ..domain.events import EventModel
 from ..domain.schema import TYPE_NAMES, ValueType
 from ..domain.syncs import SyncSpec
+from .cluster import KEYS as CLUSTER_KEYS, ClusterSettings, parse_cluster
 from .operations import SECTIONS as OPERATION_SECTIONS, Operations, parse_operations
 from .reader import MISSING, NAME_RE, Problem, ProjectError, Reader
 from .realtime import (DEFAULT_CHANGELOG_RETENTION, DEFAULT_EVENT_RETENTION, DEFAULT_PREVIEW_TIMEOUT,
@@ -31,7 +32,7 @@ DEFAULT_PORT = 50051
 DEFAULT_MAP_SIZE = 64 << 30  # LMDB reserves address space, not disk
 _DEFAULT_BATCH_ROWS = 50_000
 _TOP_KEYS = ("data_dir", "warehouse", "parent_model", "collections", "server", "storage",
-             "event_models", "realtime", "syncs", "delivery", *OPERATION_SECTIONS)
+             "event_models", "realtime", "syncs", "delivery", "cluster", *OPERATION_SECTIONS)
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ class Project:
     retry_initial: float = 0.2  # [delivery] retry_initial: first backoff, seconds
     retry_max: float = 30.0  # [delivery] retry_max: longest backoff, seconds
     ops: Operations = field(default_factory=Operations)  # [auth] [tls] [limits] [metrics]
+    cluster: ClusterSettings | None = None  # [cluster]; None: one node on its own
 
     def event_model(self, name: str) -> EventModel | None:
         for m in self.event_models:
@@ -150,11 +152,12 @@ def parse_project(data: dict, base: Path, path: Path | None = None) -> Project:
     delivery = parse_delivery(r, r.table(data, "delivery", DELIVERY_KEYS))
     ops = parse_operations({name: r.table(data, name, keys) for name, keys in OPERATION_SECTIONS.items()},
                            base, r.problem, MISSING)
+    cluster = parse_cluster(r, r.table(data, "cluster", CLUSTER_KEYS), "cluster" in data)
     if r.problems:
         raise ProjectError(str(path or "qualify.toml"), r.problems)
     return Project(path=path, data_dir=data_dir, warehouse=warehouse, parent_model=parent,
                    collections=collections, server=server, event_models=event_models, syncs=syncs, ops=ops,
-                   **storage, **realtime, **delivery)
+                   cluster=cluster, **storage, **realtime, **delivery)
 
 
 # -- [warehouse] ------------------------------------------------------------------
