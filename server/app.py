@@ -249,8 +249,13 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
     """One process serving and syncing; returns an exit code.
 
     With ``address`` it is the writer of ``--workers N``, reached by the
-    serving processes on that (Unix socket) address only.
+    serving processes on that (Unix socket) address only. With [cluster]
+    it is a cluster node (cluster_app.py).
     """
+    if project.cluster is not None:
+        from .cluster_app import serve_cluster
+
+        return await serve_cluster(project, ready_file=ready_file, progress=progress, address=address)
     env = open_env(data_path(project.data_dir), project.map_size, readonly=False)
     clock, test_clock = make_clock()
     writer = Writer(env, clock_us=clock)  # every write (ingest, sync, timers) goes through its thread

@@ -208,11 +208,17 @@ class _Columns:
 
 
 class Syncer:
-    """Runs one sync of a project into an open (writable) LMDB environment."""
+    """Runs one sync of a project into an open (writable) LMDB environment.
 
-    def __init__(self, env, project: Project):
+    ``keep`` (a cluster partition's slice): given a batch's primary key
+    column, which of its people to sync; the others are left out as if the
+    warehouse did not have them.
+    """
+
+    def __init__(self, env, project: Project, keep: Callable[[pa.Array], pa.Array] | None = None):
         self.env = env
         self.project = project
+        self.keep = keep
 
     def run(self, progress: Progress | None = None, txn=None) -> SyncReport:
         """One sync in its own write transaction, or inside ``txn`` (the caller commits it).
@@ -296,6 +302,8 @@ class Syncer:
         if hashed:  # the hashing query names the key: say precisely if it is missing
             self._check_columns(table, source.schema(query).names, key, attributes)
         for batch in source.batches(query, self.project.sync_batch_rows, key=key if hashed else None):
+            if self.keep is not None and table == PEOPLE and key in batch.schema.names:
+                batch = batch.filter(self.keep(batch.column(key)))
             if hashed:
                 row_hash = batch.column(ROW_HASH).to_numpy(zero_copy_only=False).astype(np.uint64, copy=False)
                 key_hash = batch.column(KEY_HASH).to_numpy(zero_copy_only=False).astype(np.uint64, copy=False)

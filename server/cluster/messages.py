@@ -1,0 +1,101 @@
+"""What travels through the streams: events and control messages to owners, changes from them.
+
+On ``qualify.events.<p>`` an event is the event log's own record
+(storage/eventlog.py ``encode_event``: msgpack, with the receiving node's
+``received_us``) and no ``Qualify-Kind`` header, so the common message
+costs nothing extra. Control messages carry ``Qualify-Kind`` and a msgpack
+body whose first field is the publisher's clock reading:
+
+    tick      [time_us]                      time passed: due timers fire (their owner asks for it)
+    sync      [time_us]                      sync the partition's slice of the warehouse now
+    audience  [time_us, revision, op, record] an audience was put (record) or deleted (record None)
+    handover  [time_us, user, source, link message id, [event records]]  a person's history moves here
+    forward   [time_us, event record]        an event for a person who moved here (an alias)
+
+**Time comes from the stream.** An owner evaluates every message at
+``max(partition time, the message's time)`` and fires timers only when a
+tick (or any later message) says time has passed. So what a partition does
+is a function of its stream alone: an owner that takes over replays the
+stream from a snapshot and derives exactly the changes, with exactly the
+same content and sequences, that the old owner derived. That is what makes
+"no change emitted twice with different content" hold without fencing.
+
+On ``qualify.changes.<p>`` a message is one committed transaction's
+changes of one partition (at most MAX_CHANGES_PER_MESSAGE), msgpack
+``[partition, first sequence, [[audience, person, direction, effective_us,
+cause, message_id], ...]]``, with ``Nats-Msg-Id: <p>.<first>.<last>``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from ..domain.changes import Cause, Direction, MembershipChange
+from ..domain.events import Event
+from ..storage.eventlog import decode_event, encode_event
+
+KIND = "Qualify-Kind"
+MSG_ID = "Nats-Msg-Id"
+MAX_CHANGES_PER_MESSAGE = 1000
+
+
+class Kind(enum.IntEnum):
+    EVENT = 0
+    TICK = 1
+    SYNC = 2
+    AUDIENCE = 3
+    HANDOVER = 4
+    FORWARD = 5
+
+
+_BY_NAME = {k.name.lower(): k for k in Kind}
+
+
+@dataclass(slots=True)
+class Item:
+    """One message of a partition's stream, decoded."""
+
+    seq: int  # the stream sequence
+    kind: Kind
+    time_us: int
+    event: Event | None = None
+    body: Any = None
+
+
+def event_message(event: Event) -> bytes:
+    return encode_event(event)
+
+
+def control(kind: Kind, time_us: int, *fields) -> tuple[bytes, dict[str, str]]:
+    """(payload, headers) of a control message."""
+    return msgpack.packb([time_us, *fields]), {KIND: kind.name.lower()}
+
+
+def decode(seq: int, data: bytes, headers: dict | None) -> Item:
+    kind = _BY_NAME.get(headers.get(KIND, "")) if headers else None
+    if kind is None:
+        event = decode_event(0, data)
+        return Item(seq, Kind.EVENT, event.received_us, event)
+    body = msgpack.unpackb(data)
+    if kind == Kind.FORWARD:
+        event = decode_event(0, body[1])
+        return Item(seq, kind, body[0], event)
+    return Item(seq, kind, body[0], None, body[1:])
+
+
+def change_batch(partition: int, changes: list[MembershipChange]) -> tuple[bytes, dict[str, str]]:
+    first, last = changes[0].sequence, changes[-1].sequence
+    rows = [[c.audience_id, c.person_key, int(c.direction), c.effective_us, int(c.cause), c.message_id]
+            for c in changes]
+    return msgpack.packb([partition, first, rows]), {MSG_ID: f"{partition}.{first}.{last}"}
+
+
+def decode_changes(data: bytes) -> tuple[int, int, list[MembershipChange]]:
+    """(partition, first sequence, changes with their partition sequences)."""
+    partition, first, rows = msgpack.unpackb(data)
+    return partition, first, [MembershipChange(a, p, Direction(d), t, Cause(c), m, first + i)
+                              for i, (a, p, d, t, c, m) in enumerate(rows)]

@@ -1,0 +1,251 @@
+"""One owned partition, running: restore, consume the stream in order, publish changes, ask for ticks, snapshot.
+
+Started when this node wins the partition's lease and stopped when it loses
+or releases it (cluster/leases.py). Around the ``Applier`` (cluster/apply.py,
+on the partition's own writer thread) it runs three tasks on the event loop:
+
+- the consumer: an ordered push consumer on ``qualify.events.<p>`` from the
+  sequence after the last one applied; messages are buffered and applied in
+  batches of up to BATCH, one write transaction each. The ordered consumer
+  recreates itself from the last sequence it delivered if NATS drops a
+  message or a server fails, so delivery is gapless and in stream order.
+- the outbox: after each commit it reads the partition's changelog past
+  what was published and publishes it to ``qualify.changes.<p>``, one
+  message per batch, waiting for each PubAck before the next (order). On
+  start it reads the subject's last message to learn what an earlier owner
+  already published, and publishes only what comes after: a replay derives
+  the same changes with the same sequences (cluster/messages.py), so nothing
+  is published twice with different content.
+- the timer: when the engine's earliest timer is due on this node's clock,
+  it publishes a tick to the partition's stream and the timer fires when
+  the tick is applied, at the tick's time. Time enters a partition only
+  through its stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+from nats.js import api
+from nats.js.errors import NotFoundError
+
+from ..storage.writer import Writer
+from . import snapshots
+from .apply import Applier
+from .jetstream import CHANGES, changes_subject, events_subject
+from .messages import MAX_CHANGES_PER_MESSAGE, Kind, change_batch, control, decode, decode_changes
+
+log = logging.getLogger(__name__)
+
+BATCH = 2000  # stream messages per write transaction
+BUFFER = 20_000  # delivered messages waiting to be applied before the consumer is held back
+TICK_RETRY = 0.5  # seconds before a tick that was not applied yet is asked for again
+
+
+class Partition:
+    """See the module docstring. ``node`` is the NodeContext (cluster/node.py)."""
+
+    def __init__(self, number: int, node):
+        self.number = number
+        self.node = node
+        self.path: Path = node.data_dir / "partitions" / f"p{number:04d}"
+        self.env = None
+        self.writer: Writer | None = None
+        self.applier: Applier | None = None
+        self.published = 0
+        self.snapshot_seq = 0  # the stream sequence the latest snapshot covers
+        self.snapshot_at = 0.0
+        self.started_at = 0.0
+        self.failed = False
+        self._buffer: list = []
+        self._arrived = asyncio.Event()
+        self._space = asyncio.Event()
+        self._committed = asyncio.Event()
+        self._deadline = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._sub = None
+        self._tick_asked: tuple[int, float] | None = None
+
+    # -- life cycle ------------------------------------------------------------------
+    async def start(self) -> None:
+        t0 = time.monotonic()
+        node = self.node
+        restored = await self._restore()
+        self.env = snapshots.open_partition_env(self.path, node.project.map_size)
+        self.writer = Writer(self.env, clock_us=lambda: self.applier.state.now_us)
+        self.writer.start()
+        loop = asyncio.get_running_loop()
+
+        def publish(changes) -> None:
+            if changes:
+                self.writer.after_commit(lambda: loop.call_soon_threadsafe(self._committed.set))
+
+        self.applier = Applier(self.number, node.res.partitions, self.env, self.writer, node.project, publish)
+        await asyncio.wrap_future(self.writer.submit(self.applier.open))
+        self.applier.engine.on_deadline = lambda: loop.call_soon_threadsafe(self._deadline.set)
+        self.published = await self._last_published()
+        self.applier.published = self.published
+        state = self.applier.state
+        self._tasks = [asyncio.create_task(t) for t in (self._apply_loop(), self._outbox(), self._timer())]
+        self._committed.set()  # whatever the restored changelog holds past the stream's last change
+        self._sub = await node.res.js.subscribe(
+            events_subject(self.number), cb=self._deliver, ordered_consumer=True, idle_heartbeat=2.0,
+            config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                                      opt_start_seq=state.applied + 1, inactive_threshold=30.0))
+        if not state.synced and state.applied == 0:
+            await self._publish_control(Kind.SYNC)  # a fresh partition learns its people at once
+        self.started_at = time.time()
+        log.info("partition %d: owned (%s at sequence %d, %.2fs)", self.number, restored, state.applied,
+                 time.monotonic() - t0)
+
+    async def _restore(self) -> str:
+        """Brings the partition's directory to the latest state known: the local copy or the snapshot."""
+        node = self.node
+        local = await asyncio.to_thread(snapshots.stored_state, self.path, self.number, node.project.map_size)
+        snap = await snapshots.latest(node.res.snapshots, self.number)
+        if snap is not None:
+            self.snapshot_seq, self.snapshot_at = snap.applied, snap.taken_at
+        if snap is not None and (local is None or snap.applied > local.applied):
+            await snapshots.restore(node.res.snapshots, self.number, self.path)
+            return f"restored the snapshot of {snap.node}"
+        return "resumed the local copy" if local is not None else "new"
+
+    async def stop(self, snapshot: bool) -> None:
+        """Stops consuming; ``snapshot``: a handover, so the next owner replays only a short tail."""
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception:  # noqa: BLE001 - the connection may be gone; the consumer expires on its own
+                pass
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self.writer is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.writer.stop)
+            try:  # what the last transactions derived (a later owner would publish the same)
+                await asyncio.wait_for(self._publish_pending(), 10)
+            except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - the next owner publishes them
+                log.warning("partition %d: changes left unpublished at stop", self.number)
+            if snapshot and not self.failed:
+                try:
+                    await self.take_snapshot()
+                except Exception:  # noqa: BLE001 - the next owner replays a longer tail
+                    log.exception("partition %d: the handover snapshot failed", self.number)
+        if self.env is not None:
+            self.env.close()
+            self.env = None
+
+    # -- the consumer ----------------------------------------------------------------
+    async def _deliver(self, msg) -> None:
+        self._buffer.append((msg.metadata.sequence.stream, msg.data, msg.headers))
+        self._arrived.set()
+        while len(self._buffer) > BUFFER:  # holds the subscription back: flow control slows JetStream
+            self._space.clear()
+            await self._space.wait()
+
+    async def _apply_loop(self) -> None:
+        while True:
+            await self._arrived.wait()
+            self._arrived.clear()
+            while self._buffer:
+                raw, self._buffer = self._buffer[:BATCH], self._buffer[BATCH:]
+                self._space.set()
+                try:
+                    await asyncio.wrap_future(self.writer.submit(lambda txn, raw=raw: self._apply(txn, raw)))
+                except Exception:  # noqa: BLE001 - the engine's memory may be off now: the node reopens us
+                    log.exception("partition %d: applying stream messages failed; reopening it", self.number)
+                    self.failed = True
+                    self.node.reopen(self.number)
+                    return
+
+    def _apply(self, txn, raw) -> None:
+        applied = self.applier.state.applied
+        items = [decode(seq, data, headers) for seq, data, headers in raw if seq > applied]
+        if items:
+            self.applier.apply(txn, items)
+
+    # -- the outbox --------------------------------------------------------------------
+    async def _last_published(self) -> int:
+        try:
+            msg = await self.node.res.js.get_last_msg(CHANGES, changes_subject(self.number))
+        except NotFoundError:
+            return 0
+        _, first, changes = decode_changes(msg.data)
+        return changes[-1].sequence if changes else first - 1
+
+    def _unpublished(self) -> list:
+        with self.env.begin() as txn:
+            return self.applier.store.changes_after(txn, self.published, MAX_CHANGES_PER_MESSAGE)
+
+    async def _outbox(self) -> None:
+        while True:
+            await self._committed.wait()
+            self._committed.clear()
+            await self._publish_pending()
+
+    async def _publish_pending(self) -> None:
+        js = self.node.res.js
+        while changes := self._unpublished():
+            payload, headers = change_batch(self.number, changes)
+            while True:
+                try:
+                    await js.publish(changes_subject(self.number), payload, headers=headers, timeout=5)
+                    break
+                except Exception as exc:  # noqa: BLE001 - NATS unreachable: the changes wait in the changelog
+                    log.warning("partition %d: publishing changes failed (%s); retrying", self.number, exc)
+                    await asyncio.sleep(0.5)
+            self.published = self.applier.published = changes[-1].sequence
+
+    # -- time ------------------------------------------------------------------------------
+    async def _publish_control(self, kind: Kind, *fields) -> None:
+        payload, headers = control(kind, self.node.clock(), *fields)
+        await self.node.res.js.publish(events_subject(self.number), payload, headers=headers, timeout=5)
+
+    async def request_sync(self) -> None:
+        """A warehouse sync of the partition's slice, when the message is applied."""
+        await self._publish_control(Kind.SYNC)
+
+    async def _timer(self) -> None:
+        node = self.node
+        while True:
+            deadline = self.applier.engine.next_deadline()
+            now = node.clock()
+            if deadline is not None and deadline <= now:
+                asked = self._tick_asked
+                if asked is None or self.applier.state.now_us >= asked[0] or time.monotonic() - asked[1] > TICK_RETRY:
+                    self._tick_asked = (now, time.monotonic())
+                    try:
+                        await self._publish_control(Kind.TICK)
+                    except Exception as exc:  # noqa: BLE001 - asked again shortly
+                        log.warning("partition %d: publishing a tick failed (%s)", self.number, exc)
+                delay = 0.002
+            elif deadline is None:
+                delay = 3600.0
+            else:
+                delay = (deadline - now) / 1e6
+            if node.test_clock:
+                delay = min(delay, 0.005)
+            self._deadline.clear()
+            try:
+                await asyncio.wait_for(self._deadline.wait(), timeout=max(0.001, delay))
+            except asyncio.TimeoutError:
+                pass
+
+    # -- snapshots -----------------------------------------------------------------------
+    async def take_snapshot(self) -> None:
+        state = self.applier.state if self.applier else None
+        if state is None or state.applied <= self.snapshot_seq or self.env is None:
+            return
+        info = await snapshots.take(self.node.res.snapshots, self.env, self.number, self.node.node_id,
+                                    self.node.project.map_size)
+        self.snapshot_seq, self.snapshot_at = info.applied, info.taken_at
+        log.info("partition %d: snapshot at sequence %d (%d bytes)", self.number, info.applied, info.size)
+
+    def status(self) -> dict:
+        state = self.applier.state if self.applier else None
+        return {"applied": state.applied if state else 0, "now_us": state.now_us if state else 0,
+                "published": self.published, "snapshot_seq": self.snapshot_seq, "snapshot_at": self.snapshot_at}

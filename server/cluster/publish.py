@@ -1,0 +1,104 @@
+"""Ingest on any node: each event published to its partition's subject, acknowledged after JetStream's.
+
+This is the cluster's ``EventWriter`` (domain/ports.py): IngestService
+validates and matches as on one node, then hands the good events here
+instead of to the LMDB writer. Each event is one JetStream message on
+``qualify.events.<partition>`` (cluster/partitioning.py) with
+``Nats-Msg-Id`` set from its message id, so JetStream drops a retried
+event within its dedupe window (and the owner's event log, which keeps 24
+hours of ids, drops it after that). The call resolves only once every
+message has its PubAck, which JetStream sends after the stream's replicas
+hold it: an acknowledged event is durable and replicated, whichever node
+took it and whichever node owns its partition.
+
+An event that concerns people on other partitions too (an identify that
+links an anonymous id hashed elsewhere, a model keyed by another id) is
+published to each of them, the extra copies with ``<message id>><partition>``
+as their id; the client's duplicate flag is the primary copy's.
+
+Publishes are pipelined (``publish_async``); acks that do not come within
+``ack_timeout`` (a NATS server died, a stream is electing a leader) are
+published again under the same ids, which dedupe makes safe, until
+``deadline``; then the call fails UNAVAILABLE and the client retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+from collections.abc import Sequence
+
+from ..domain.errors import StorageUnavailable
+from ..domain.events import MatchedEvent
+from ..storage.eventlog import encode_event
+from ..storage.writer import IngestResult
+from .jetstream import Resources, events_subject
+from .messages import MSG_ID
+from .partitioning import partitions_of
+
+log = logging.getLogger(__name__)
+
+_SAFE_ID = re.compile(r"^[\x21-\x7e]{1,200}$")  # what a NATS header value can carry as is
+
+
+def header_id(message_id: str) -> str:
+    """A message id as a header value: as is when printable ASCII, else a digest of it (stable)."""
+    if _SAFE_ID.match(message_id):
+        return message_id
+    return "h:" + hashlib.blake2b(message_id.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+class EventPublisher:
+    """The ingest port of a cluster node (see the module docstring)."""
+
+    def __init__(self, resources: Resources, ack_timeout: float = 2.0, deadline: float = 15.0):
+        self.res = resources
+        self.ack_timeout = ack_timeout
+        self.deadline = deadline
+        self.published = 0  # messages acknowledged (the bench reads it)
+
+    async def ingest(self, events: Sequence[MatchedEvent]) -> IngestResult:
+        n = self.res.partitions
+        messages: list[tuple[str, bytes, dict]] = []
+        primary: list[int] = []  # index in messages of each event's primary copy
+        for m in events:
+            data = encode_event(m.event)
+            mid = header_id(m.event.message_id)
+            for i, p in enumerate(partitions_of(m, n)):
+                if i == 0:
+                    primary.append(len(messages))
+                messages.append((events_subject(p), data, {MSG_ID: mid if i == 0 else f"{mid}>{p}"}))
+        acks = await self._publish_all(messages)
+        self.published += len(messages)
+        return IngestResult(tuple(bool(acks[i].duplicate) for i in primary), 0)
+
+    async def _publish_all(self, messages: list[tuple[str, bytes, dict]]) -> list:
+        js = self.res.js
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.deadline
+        acks: list = [None] * len(messages)
+        todo = list(range(len(messages)))
+        while todo:
+            futures = {}
+            try:
+                for i in todo:
+                    subject, data, headers = messages[i]
+                    futures[await js.publish_async(subject, data, headers=dict(headers), wait_stall=self.ack_timeout)] = i
+            except Exception as exc:  # noqa: BLE001 - a stalled or closed connection: retried below
+                log.warning("publishing events failed (%s); retrying", exc)
+            if futures:
+                done, pending = await asyncio.wait(futures, timeout=self.ack_timeout)
+                for f in pending:
+                    f.cancel()
+                for f in done:
+                    if not f.cancelled() and f.exception() is None:
+                        acks[futures[f]] = f.result()
+            todo = [i for i in range(len(messages)) if acks[i] is None]
+            if todo and loop.time() > give_up:
+                raise StorageUnavailable(f"the event stream did not acknowledge {len(todo)} of {len(messages)} "
+                                         f"messages within {self.deadline:g}s; nothing is lost by retrying")
+            if todo:
+                await asyncio.sleep(0.05)
+        return acks

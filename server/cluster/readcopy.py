@@ -1,0 +1,222 @@
+"""Every node's read copy: the whole cluster's memberships, from ``qualify.changes.>``, beside its own warehouse sync.
+
+Reads are answered by any node from its local LMDB environment, laid out
+exactly as on one node (storage/lmdb_store.py, storage/realtime.py), so
+Personalize Get and BatchGet, CheckMembership, ListMembers, GetAudience,
+WatchMemberships and the HTTP API run the single-node code unchanged, at
+its cost. What differs is who writes it:
+
+- the warehouse: this node syncs it itself, as one node does;
+- memberships, the member index, counts and the changelog: applied from
+  the changes every partition owner publishes, consumed in the CHANGES
+  stream's order by an ordered consumer that resumes after the stream
+  sequence stored with them. A partition's changes are applied in its own
+  sequence; one already applied (a replay by a new owner) is skipped;
+- audience definitions: from the ``qualify-audiences`` bucket.
+
+Sequences. Each change in the read copy's changelog gets ``(CHANGES stream
+sequence << 16) | its index in the message``: the same number on every
+node, increasing in the order every node applies them. That is the
+cluster-wide position WatchMemberships resumes from on any node (one
+integer, rather than a vector of per-partition sequences: the stream
+already totally orders the partitions' changes).
+
+Staleness: a read on any node reflects an event once its owner has applied
+it, published the change and this node has applied that message: a few
+milliseconds on a LAN (bench/RESULTS.md measures it), bounded by the
+owner's consumer lag plus this node's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import struct
+from dataclasses import replace
+
+import msgpack
+from nats.js import api
+
+from ..domain.changes import Direction, MembershipChange
+from ..storage.realtime import CHANGELOG_SEQ, SEQ_KEY, RealtimeStore, pack_change
+from .jetstream import CHANGES_PREFIX
+from .messages import decode_changes
+
+log = logging.getLogger(__name__)
+
+POSITION = b"cluster.changes"  # meta: the CHANGES stream sequence applied
+PARTITION_SEQS = b"cluster.partition_seqs"  # meta: JSON {partition: its last change applied}
+U64 = struct.Struct("<Q")
+BATCH = 2000
+INDEX_BITS = 16
+
+
+class ReadCopy:
+    """Applies the cluster's changes and audiences to this node's environment (through its writer)."""
+
+    def __init__(self, env, writer, res, publish):
+        self.env = env
+        self.writer = writer
+        self.res = res
+        self.publish = publish  # called on the writer thread after the commit, with the stored changes
+        self.position = 0
+        self.seqs: dict[int, int] = {}
+        self._buffer: list = []
+        self._arrived = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._sub = None
+        self.store: RealtimeStore | None = None
+
+    async def start(self) -> None:
+        def open_tables(txn):
+            self.store = RealtimeStore(self.env, txn)
+            raw = txn.get(POSITION, db=self.store.meta)
+            self.position = U64.unpack(raw)[0] if raw else 0
+            self.seqs = {int(k): v for k, v in json.loads(txn.get(PARTITION_SEQS, db=self.store.meta) or b"{}").items()}
+
+        await asyncio.wrap_future(self.writer.submit(open_tables))
+        self._tasks = [asyncio.create_task(self._apply_loop()), asyncio.create_task(self._audiences())]
+        self._sub = await self.res.js.subscribe(
+            CHANGES_PREFIX + "*", cb=self._deliver, ordered_consumer=True, idle_heartbeat=2.0,
+            config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                                      opt_start_seq=self.position + 1, inactive_threshold=30.0))
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception:  # noqa: BLE001 - the consumer expires by itself
+                pass
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # -- changes ------------------------------------------------------------------------
+    async def _deliver(self, msg) -> None:
+        self._buffer.append((msg.metadata.sequence.stream, msg.data))
+        self._arrived.set()
+
+    async def _apply_loop(self) -> None:
+        while True:
+            await self._arrived.wait()
+            self._arrived.clear()
+            while self._buffer:
+                batch, self._buffer = self._buffer[:BATCH], self._buffer[BATCH:]
+                try:
+                    await asyncio.wrap_future(self.writer.submit(lambda txn, b=batch: self._apply(txn, b)))
+                except Exception:  # noqa: BLE001 - retried: the position only moves with a commit
+                    log.exception("applying %d change messages failed; retrying", len(batch))
+                    self._buffer[:0] = batch
+                    await asyncio.sleep(0.5)
+
+    def _apply(self, txn, batch) -> None:
+        store = self.store
+        bits = store.catalog_bits(txn)
+        n_bits = list(bits)
+        counts = store.counts(txn)
+        seqs = dict(self.seqs)
+        members: dict[str, dict[int, int]] = {}
+        out: list[MembershipChange] = []
+        position = self.position
+        for stream_seq, data in batch:
+            if stream_seq <= position:
+                continue
+            position = stream_seq
+            partition, _, changes = decode_changes(data)
+            last = seqs.get(partition, 0)
+            for i, c in enumerate(changes):
+                if c.sequence <= last:
+                    continue  # a new owner published what its predecessor had: the same change
+                if c.sequence != last + 1:
+                    log.warning("partition %d: changes %d to %d are missing", partition, last + 1, c.sequence - 1)
+                last = c.sequence
+                out.append(replace(c, sequence=(stream_seq << INDEX_BITS) | i))
+                if c.audience_id not in n_bits and c.direction == Direction.EXIT:
+                    continue  # an exit from an audience deleted meanwhile: its members already left here
+                bit = _bit(n_bits, c.audience_id)
+                m = members.get(c.person_key)
+                if m is None:
+                    m = members[c.person_key] = store.membership(txn, c.person_key)
+                if c.direction == Direction.ENTER:
+                    m[bit] = c.effective_us
+                else:
+                    m.pop(bit, None)
+                store.index_member(txn, c.audience_id, c.person_key, c.direction == Direction.ENTER)
+                counts[c.audience_id] = counts.get(c.audience_id, 0) + (1 if c.direction == Direction.ENTER else -1)
+            seqs[partition] = last
+        for key, m in members.items():
+            store.put_membership(txn, key, m)
+        for c in out:
+            txn.put(SEQ_KEY.pack(c.sequence), msgpack.packb(pack_change(c)), db=store.changelog, append=True)
+        if out:
+            txn.put(CHANGELOG_SEQ, U64.pack(out[-1].sequence), db=store.meta)
+            store.put_counts(txn, counts)
+        if n_bits != bits:
+            store.set_catalog_bits(txn, n_bits)
+        txn.put(POSITION, U64.pack(position), db=store.meta)
+        txn.put(PARTITION_SEQS, json.dumps(seqs).encode(), db=store.meta)
+
+        def committed():
+            self.position, self.seqs = position, seqs
+            if out:
+                self.publish(out)
+
+        self.writer.after_commit(committed)
+
+    # -- audiences ------------------------------------------------------------------------
+    async def _audiences(self) -> None:
+        while True:
+            try:
+                watcher = await self.res.audiences.watchall()
+                async for entry in watcher:
+                    if entry is None:
+                        continue
+                    deleted = entry.operation in ("DEL", "PURGE") or not entry.value
+                    record = None if deleted else json.loads(entry.value)
+                    if record is not None and record.get("deleted"):  # a tombstone (cluster/audiences.py)
+                        record = None
+                    await asyncio.wrap_future(self.writer.submit(
+                        lambda txn, k=entry.key, r=record: self._put_audience(txn, k, r)))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a NATS server went away: watch again
+                log.warning("watching audiences failed (%s); watching again", exc)
+                await asyncio.sleep(0.5)
+
+    def _put_audience(self, txn, audience_id: str, record: dict | None) -> None:
+        store = self.store
+        bits = store.catalog_bits(txn)
+        if record is not None:
+            store.put_audience(txn, {k: record[k] for k in ("id", "display_name", "description", "condition",
+                                                            "create_us", "update_us")})
+            if audience_id not in bits:
+                _bit(bits, audience_id)
+                store.set_catalog_bits(txn, bits)
+            return
+        if txn.get(audience_id.encode(), db=store.audiences) is None:
+            return
+        if audience_id in bits:  # its members leave with it: the bit may serve another audience later
+            bit = bits.index(audience_id)
+            for key in store.member_keys(txn, audience_id):
+                m = store.membership(txn, key)
+                m.pop(bit, None)
+                store.put_membership(txn, key, m)
+            bits[bit] = None
+            store.set_catalog_bits(txn, bits)
+        counts = store.counts(txn)
+        counts.pop(audience_id, None)
+        store.put_counts(txn, counts)
+        store.delete_audience(txn, audience_id)
+
+
+def _bit(bits: list, audience_id: str) -> int:
+    """The audience's membership bit, assigning the first free one on first sight."""
+    if audience_id in bits:
+        return bits.index(audience_id)
+    free = bits.index(None) if None in bits else len(bits)
+    if free == len(bits):
+        bits.append(audience_id)
+    else:
+        bits[free] = audience_id
+    return free

@@ -1,0 +1,94 @@
+"""Audiences in a cluster: definitions go to the cluster's catalog; reads come from this node's read copy.
+
+Create, update and delete are checked here exactly as on one node (the
+same parser, the same window rule) and then stored in the cluster's
+catalog, which every partition applies in its stream's order
+(cluster/audiences.py). Get, List, CheckMembership and ListMembers read
+this node's read copy, as on one node. Member counts and memberships
+follow as each partition evaluates the change: a CreateAudience answers
+with 0 members, and GetAudience shows the count as it grows.
+
+Preview and Explain need every person's realtime state in one place;
+in a cluster it is spread over the partitions' owners, so they answer
+UNIMPLEMENTED (run them against a single node over a copy of the data).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from ..domain.audiences import check_audience_id, check_windows
+from ..domain.conditions import parse_condition
+from ..domain.errors import FieldViolation, InvalidRequest, NotImplementedYet
+from .audiences import UPDATABLE, AudienceInfo, AudienceService
+
+
+class AudienceCatalog(Protocol):
+    """The cluster's definitions (cluster/audiences.py implements it)."""
+
+    async def get(self, audience_id: str) -> tuple[dict, int]: ...
+    async def create(self, record: dict) -> int: ...
+    async def update(self, record: dict, revision: int) -> int: ...
+    async def delete(self, audience_id: str) -> None: ...
+
+
+class ClusterAudienceService(AudienceService):
+    """AudienceService over the cluster's catalog (see the module docstring)."""
+
+    def __init__(self, catalog: AudienceCatalog, reads, clock, attribute_types: dict, event_model_props: dict,
+                 retention_us: int):
+        super().__init__(None, None, reads, clock)
+        self.catalog = catalog
+        self.attribute_types = attribute_types
+        self.event_model_props = event_model_props
+        self.retention_us = retention_us
+
+    def _check(self, definition: dict) -> None:
+        condition = parse_condition(definition, self.attribute_types, self.event_model_props,
+                                    path="audience.condition")
+        check_windows(condition, self.retention_us)
+
+    async def create(self, audience_id: str, display_name: str, description: str, definition: dict | None) -> AudienceInfo:
+        check_audience_id(audience_id)
+        if definition is None:
+            raise InvalidRequest("audience.condition is required",
+                                 violations=[FieldViolation("audience.condition", "is required")])
+        self._check(definition)
+        now = self.clock()
+        record = {"id": audience_id, "display_name": display_name, "description": description,
+                  "condition": definition, "create_us": now, "update_us": now}
+        await self.catalog.create(record)
+        return AudienceInfo.of(record, 0)
+
+    async def update(self, audience_id: str, paths: set[str], display_name: str, description: str,
+                     definition: dict | None) -> AudienceInfo:
+        paths = paths or set(UPDATABLE)
+        unknown = paths - UPDATABLE
+        if unknown:
+            raise InvalidRequest("update_mask names fields that cannot be updated",
+                                 violations=[FieldViolation("update_mask.paths", f"{p!r} is not updatable")
+                                             for p in sorted(unknown)])
+        if "condition" in paths and definition is None:
+            raise InvalidRequest("audience.condition is required",
+                                 violations=[FieldViolation("audience.condition", "is required when updated")])
+        current, revision = await self.catalog.get(audience_id)
+        record = dict(current, update_us=self.clock())
+        for name, value in (("display_name", display_name), ("description", description),
+                            ("condition", definition)):
+            if name in paths:
+                record[name] = value
+        self._check(record["condition"])
+        await self.catalog.update(record, revision)
+        _, count = self.reads.audience(audience_id)
+        return AudienceInfo.of(record, count)
+
+    async def delete(self, audience_id: str) -> None:
+        await self.catalog.delete(audience_id)
+
+    async def preview(self, audience_id, draft, sample):
+        raise NotImplementedYet("PreviewAudience needs every person's realtime state in one place; in a cluster "
+                                "it is spread over the partitions' owners (preview against a single node)")
+
+    async def explain(self, audience_id: str, person_key: str):
+        raise NotImplementedYet("ExplainMembership is not available in a cluster yet: the person's realtime "
+                                "state lives on their partition's owner")
