@@ -129,8 +129,14 @@ async def serve_cluster(project: Project, *, ready_file: str | None = None, prog
     writer.start()
     reader = Reader(env)
     loop = asyncio.get_running_loop()
-    res = await jetstream.connect(settings, f"qualify/{settings.node_id}",
-                                  changelog_retention=project.changelog_retention)
+    try:
+        res = await jetstream.connect(settings, f"qualify/{settings.node_id}",
+                                      changelog_retention=project.changelog_retention)
+    except (ConnectionError, jetstream.ClusterMismatch, jetstream.JetStreamError) as exc:
+        log.error("cannot join the cluster: %s", exc)
+        await loop.run_in_executor(None, writer.stop)
+        env.close()
+        return 1
     feed_box: list[ChangeFeed] = []
     copy = ReadCopy(env, writer, res, lambda changes: loop.call_soon_threadsafe(feed_box[0].publish, changes))
     await copy.start()

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import nats
 from nats.js import api
 from nats.js.errors import BadRequestError, BucketNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import Error as JetStreamError  # noqa: F401 - what callers catch besides ConnectionError
 
 from ..config.cluster import ClusterSettings
 
@@ -106,7 +107,7 @@ async def connect(settings: ClusterSettings, name: str, *, changelog_retention: 
         name=CHANGES, subjects=[CHANGES_PREFIX + "*"], num_replicas=r, duplicate_window=DEDUPE_WINDOW,
         max_age=changelog_retention, storage=api.StorageType.FILE, discard=api.DiscardPolicy.OLD))
     cluster = await _bucket(js, CLUSTER_BUCKET, r)
-    config = await _check_config(cluster, settings)
+    config = await _retry(lambda: _check_config(cluster, settings), "the cluster config")
     return Resources(nc=nc, js=js, settings=settings, config=config,
                      leases=await _bucket(js, LEASES_BUCKET, r),
                      nodes=await _bucket(js, NODES_BUCKET, r, ttl=NODES_TTL),
@@ -136,7 +137,8 @@ async def _retry(make, what: str, attempts: int = 40):
         try:
             return await make()
         except (asyncio.TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError,
-                nats.js.errors.ServiceUnavailableError, nats.js.errors.ServerError) as exc:
+                nats.js.errors.NoStreamResponseError, nats.js.errors.ServiceUnavailableError,
+                nats.js.errors.ServerError) as exc:
             if i == attempts - 1:
                 raise ConnectionError(f"JetStream did not answer while creating {what}: {exc!r}") from None
             await asyncio.sleep(0.25)
@@ -186,7 +188,7 @@ async def _check_config(bucket, settings: ClusterSettings) -> dict:
         log.info("created the Qualify cluster on NATS with %d partitions", settings.partitions)
         return mine
     except KeyWrongLastSequenceError:
-        stored = json.loads((await bucket.get("config")).value)
+        stored = json.loads((await bucket.get("config")).value)  # created by another node
     if stored.get("partitions") != settings.partitions:
         raise ClusterMismatch(
             f"the cluster on NATS was created with {stored.get('partitions')} partitions and [cluster] partitions "

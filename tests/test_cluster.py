@@ -1,0 +1,171 @@
+"""A Qualify cluster answers as one node: 3 NATS servers (replicas = 3), 3 Qualify nodes, one single node beside.
+
+Every event goes to a cluster node in turn and, with the same message id,
+to a single node; both read "now" from the same test clock file, which
+only moves while both are idle. After every round the whole changelog of
+every person (audience, direction, effective time, cause, message id) on a
+random cluster node's read copy must equal the single node's, and at the
+end every person's memberships, read from random nodes, must equal the
+single node's and the pure-Python reference's (tests/test_realtime.py).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+
+import pytest
+
+from clusters import NATS_SERVER, NatsCluster, QualifyCluster, changelog_rows, fresh_nats, nats_json
+from conftest import QualifyServer, write_realtime_project
+from qualify.server.cluster.partitioning import partition_of
+from qualify.server.domain.conditions import parse_condition
+from test_audiences import (CAUSE_AUDIENCE, CAUSE_EVENT, CAUSE_LAPSE, CAUSE_MERGE, CAUSE_SESSION_END, CLOCK_ENV, FREE, PRO, S, T0, Api, TestClock, and_, attr, cart_add, ev, fv, identify,
+                            not_, page, path_is, product_view, wait_for, warehouse_rows)
+from test_realtime import ATTR_TYPES, MODEL_PROPS, Reference
+
+pytestmark = pytest.mark.skipif(NATS_SERVER is None, reason="nats-server is not installed (apt install nats-server)")
+
+PARTITIONS = 16
+AUDIENCES = {
+    "pricing3": and_(ev("page_views", "WITHIN", "60s", "GE", 3, filters=[path_is("path", "/pricing")]), FREE),
+    "cart_session": ev("cart_adds", "SESSION", comparison="GE", threshold=2),
+    "big_spender": ev("cart_adds", "EVER", comparison="GE", threshold=30.0, aggregation="SUM", prop="price"),
+    "quiet_pro": and_(ev("page_views", "WITHIN", "30s", "EQ", 0), PRO),
+    "viewers": and_(ev("product_views", "WITHIN", "10s", "GE", 1), not_(attr("ltv", "GT", fv(2500.0)))),
+}
+
+
+@pytest.fixture(scope="module")
+def nats3(tmp_path_factory):
+    cluster = NatsCluster(tmp_path_factory.mktemp("nats"), 3).start()
+    yield cluster
+    cluster.stop()
+
+
+def per_person(rows) -> dict[str, list]:
+    out: dict[str, list] = defaultdict(list)
+    for _, (aid, person, direction, eff, cause, mid) in rows:
+        out[person].append((aid, direction, eff, cause, mid))
+    return dict(out)
+
+
+def same_partition_anon(user: str, n: int) -> str:
+    """An anonymous id that hashes to the user's partition (merges across partitions: test_cluster_merges)."""
+    return next(f"v{n}-{i}" for i in range(10_000) if partition_of(f"anon:v{n}-{i}", PARTITIONS)
+                == partition_of(user, PARTITIONS))
+
+
+class Scenario:
+    """Random rounds of events and clock moves, fed to the cluster and to the single node alike."""
+
+    def __init__(self, cluster: QualifyCluster, single: Api, clock: TestClock, rows: dict, seed: int = 3):
+        self.cluster, self.single, self.clock = cluster, single, clock
+        self.rng = random.Random(seed)
+        self.users = [f"user-{i}" for i in range(1, 41)]
+        self.anons = {same_partition_anon(u, i): u for i, u in enumerate(self.users[:4])}
+        self.ref = Reference(rows)
+        self.sent = 0
+
+    def event(self):
+        r, now = self.rng, self.clock.now
+        ts = now - r.randint(0, 20) * S
+        who = r.choice(self.users + list(self.anons))
+        user, anon = (who, "") if who.startswith("user-") else ("", who)
+        kind = r.choice(["pricing", "page", "cart", "view"])
+        session = r.choice(["", "", "s1", "s2"])
+        if kind == "pricing":
+            e = page(user, "/pricing", ts, anon=anon, session=session)
+            return e, {"path": "/pricing", "title": "/pricing"}
+        if kind == "page":
+            e = page(user, "/home", ts, anon=anon, session=session)
+            return e, {"path": "/home", "title": "/home"}
+        if kind == "cart":
+            price = float(r.randint(1, 20))
+            return cart_add(user, ts, price=price, anon=anon, session=session), {"sku": "sku-0001", "price": price}
+        return product_view(user, ts, anon=anon, session=session), {"sku": "sku-0001"}
+
+    def send(self, batch) -> None:
+        node = self.cluster.apis[self.sent % len(self.cluster.apis)]
+        self.sent += 1
+        node.send(*(e for e, _ in batch))
+        self.single.send(*(e for e, _ in batch))
+        for e, props in batch:
+            self.ref.add(e, props)
+
+    def round(self, n_events: int) -> None:
+        batch = []
+        for _ in range(n_events):
+            batch.append(self.event())
+            if len(batch) == 5:
+                self.send(batch)
+                batch = []
+        if batch:
+            self.send(batch)
+
+    def identify_one(self) -> None:
+        anon, user = self.anons.popitem()
+        self.send([(identify(user, anon, self.clock.now), {})])
+
+
+def test_three_nodes_answer_as_one_node(tmp_path, nats3, demo_warehouse):
+    fresh_nats(nats3)
+    clock = TestClock(tmp_path / "clock", T0)
+    single_dir = tmp_path / "single"
+    single_dir.mkdir()
+    single = QualifyServer(single_dir, "--project", str(write_realtime_project(single_dir, demo_warehouse)),
+                           env={CLOCK_ENV: str(clock.path)}).start()
+    cluster = QualifyCluster(tmp_path / "cluster", nats3, demo_warehouse, 3, clock, partitions=PARTITIONS).start()
+    solo = Api(single.address)
+    try:
+        for aid, definition in AUDIENCES.items():
+            cluster.api().create(aid, definition)
+            solo.create(aid, definition)
+        sc = Scenario(cluster, solo, clock, warehouse_rows(demo_warehouse, "user_id, plan, ltv"))
+        single_lmdb = single_dir / "data" / "lmdb"
+
+        def converged() -> bool:
+            node = cluster.rng.choice(cluster.live())
+            return per_person(changelog_rows(cluster.lmdb(node))) == per_person(changelog_rows(single_lmdb))
+
+        for step in range(8):
+            sc.round(30)
+            if step in (2, 5):
+                sc.identify_one()
+            assert wait_for(converged, 15.0), _diff(cluster, single_lmdb)
+            clock.advance(sc.rng.choice([1, 5, 11, 31, 61, 1801]))
+            assert wait_for(converged, 15.0), _diff(cluster, single_lmdb)
+        rows = changelog_rows(single_lmdb)
+        causes = {r[4] for _, r in rows}
+        print(f"{len(rows)} changes, causes {sorted(causes)}, {sc.sent} batches")
+        # Every cause a stream of events and time can have, so each path was compared.
+        assert {CAUSE_AUDIENCE, CAUSE_EVENT, CAUSE_LAPSE, CAUSE_SESSION_END, CAUSE_MERGE} <= causes, causes
+        parsed = {a: parse_condition(d, ATTR_TYPES, MODEL_PROPS) for a, d in AUDIENCES.items()}
+        people = sc.users + [f"anon:{a}" for a in sc.anons]
+        for person in people:
+            got = set(cluster.api().check(person, list(AUDIENCES)))
+            assert got == set(solo.check(person, list(AUDIENCES))), person
+            want = {a for a, c in parsed.items() if sc.ref.known(person) and sc.ref.holds(c, person, clock.now)}
+            assert got == want, person
+        assert cluster.api().get("quiet_pro").member_count == solo.get("quiet_pro").member_count
+        leases = nats_json(nats3.urls[0], "qualify-leases")
+        owners = defaultdict(int)
+        for lease in leases.values():
+            owners[lease["node"]] += 1
+        assert sum(owners.values()) == PARTITIONS and len(owners) == 3, owners
+        assert max(owners.values()) / (PARTITIONS / 3) <= 1.25, owners
+    finally:
+        solo.close()
+        codes = cluster.stop()
+        assert single.stop() == 0, single.log()
+    assert codes == [0, 0, 0], cluster.logs()
+
+
+def _diff(cluster: QualifyCluster, single_lmdb) -> str:
+    want = per_person(changelog_rows(single_lmdb))
+    got = per_person(changelog_rows(cluster.lmdb(cluster.live()[0])))
+    lines = []
+    for p in sorted(set(want) | set(got)):
+        if want.get(p) != got.get(p):
+            lines.append(f"{p}:\n  single  {want.get(p)}\n  cluster {got.get(p)}")
+    return "\n".join(lines[:10]) + "\n" + cluster.logs()[-6000:]
