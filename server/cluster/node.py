@@ -107,7 +107,9 @@ class Node:
     def status(self) -> dict:
         return {"node": self.settings.node_id, "address": self.address, "started_us": self.started_us,
                 "heartbeat_us": wall_us(),
-                "partitions": {str(p): part.status() for p, (_, part) in sorted(self.owned.items())}}
+                "partitions": {str(p): part.status() for p, (_, part) in sorted(self.owned.items())
+                               if p not in self.starting},
+                "starting": sorted(self.starting)}
 
     async def _heartbeat_once(self) -> None:
         await self.res.nodes.put(self.settings.node_id, json.dumps(self.status()).encode())
