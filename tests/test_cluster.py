@@ -50,10 +50,10 @@ def per_person(rows) -> dict[str, list]:
     return dict(out)
 
 
-def same_partition_anon(user: str, n: int) -> str:
-    """An anonymous id that hashes to the user's partition (merges across partitions: test_cluster_merges)."""
-    return next(f"v{n}-{i}" for i in range(10_000) if partition_of(f"anon:v{n}-{i}", PARTITIONS)
-                == partition_of(user, PARTITIONS))
+def anon_for(user: str, n: int, same: bool) -> str:
+    """An anonymous id that hashes to the user's partition (``same``) or to another one."""
+    return next(f"v{n}-{i}" for i in range(10_000)
+                if (partition_of(f"anon:v{n}-{i}", PARTITIONS) == partition_of(user, PARTITIONS)) == same)
 
 
 class Scenario:
@@ -63,7 +63,10 @@ class Scenario:
         self.cluster, self.single, self.clock = cluster, single, clock
         self.rng = random.Random(seed)
         self.users = [f"user-{i}" for i in range(1, 41)]
-        self.anons = {same_partition_anon(u, i): u for i, u in enumerate(self.users[:4])}
+        # Visitors who later identify: half hash to their user's partition (merged there, as on one
+        # node), half elsewhere (handed over through the stream: cluster/handover.py).
+        self.anons = {anon_for(u, i, same=i % 2 == 0): u for i, u in enumerate(self.users[:8])}
+        self.unidentified = list(self.anons)
         self.ref = Reference(rows)
         self.sent = 0
 
@@ -103,9 +106,10 @@ class Scenario:
         if batch:
             self.send(batch)
 
-    def identify_one(self) -> None:
-        anon, user = self.anons.popitem()
-        self.send([(identify(user, anon, self.clock.now), {})])
+    def identify(self, n: int) -> None:
+        for _ in range(n):
+            anon = self.unidentified.pop()
+            self.send([(identify(self.anons[anon], anon, self.clock.now), {})])
 
 
 def test_three_nodes_answer_as_one_node(tmp_path, nats3, demo_warehouse):
@@ -131,7 +135,7 @@ def test_three_nodes_answer_as_one_node(tmp_path, nats3, demo_warehouse):
         for step in range(8):
             sc.round(30)
             if step in (2, 5):
-                sc.identify_one()
+                sc.identify(4)
             assert wait_for(converged, 15.0), _diff(cluster, single_lmdb)
             clock.advance(sc.rng.choice([1, 5, 11, 31, 61, 1801]))
             assert wait_for(converged, 15.0), _diff(cluster, single_lmdb)

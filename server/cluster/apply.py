@@ -105,6 +105,8 @@ class Applier:
         self.state = PartitionState(partition)
         self.engine: Engine | None = None
         self.published = 0  # set by the outbox (another thread): changes up to here may be compacted
+        self.outbox_published = 0  # and cross-partition messages up to here (cluster/handover.py)
+        self.notify = lambda: None  # in a transaction: wake the outbox once it commits
         self._compacted_at = 0
         self.handovers: Handovers | None = None
 
@@ -116,17 +118,26 @@ class Applier:
         self.state = PartitionState.load(txn, self.meta, self.partition)
         p = self.project
         log_ = self.writer.log
+        self.handovers = moves = Handovers(self, txn)
+
+        def read_event(t, seq):
+            e = log_.get(t, seq)
+            return e if e is None or moves.visible(e) else None
+
         self.engine = Engine(
             self.store, p.event_models, [(a.name, a.type) for a in p.parent_model.attributes],
-            int(p.session_timeout * 1_000_000), read_event=log_.get, iter_events=lambda t: log_.read(t, 1),
+            int(p.session_timeout * 1_000_000), read_event=read_event,
+            iter_events=lambda t: (e for e in log_.read(t, 1) if moves.visible(e)),
             publish=self.publish, retention_us=int(p.event_retention * 1_000_000), cache_people=p.state_cache)
-        self.handovers = Handovers(self, txn)
         changes = self.engine.recover(txn, self.state.now_us)
         self.state.save(txn, self.meta)
         return changes
 
     def owns(self, key: str) -> bool:
         return partition_of(key, self.partitions) == self.partition
+
+    def partition_of(self, key: str) -> int:
+        return partition_of(key, self.partitions)
 
     # -- applying the stream ------------------------------------------------------------
     def apply(self, txn, items: list[Item]) -> None:
@@ -164,7 +175,7 @@ class Applier:
         logged: list[MatchedEvent] = []
         engine = self.engine
         for item in items:
-            e = item.event
+            e = item.event if item.kind == Kind.EVENT else self.handovers.forwarded(item)
             if e.type in (EventType.IDENTIFY, EventType.ALIAS) and e.user_id and not self.owns(e.user_id):
                 self._flush(txn, logged, now)
                 self.handovers.hand_over(txn, e, now)
@@ -224,6 +235,7 @@ class Applier:
         log_.compact(txn, now - int(self.project.event_retention * 1_000_000), 2000)
         self.store.sweep_person_events(txn, log_.first_seq(txn), 2000)
         self.store.compact_changelog(txn, now - PUBLISHED_CHANGES_KEPT_US, self.published, 2000)
+        self.handovers.compact(txn, self.outbox_published)
 
 
 def _runs(items: list[Item]) -> list[list[Item]]:

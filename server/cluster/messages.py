@@ -10,7 +10,7 @@ body whose first field is the publisher's clock reading:
     sync      [time_us]                      sync the partition's slice of the warehouse now
     audience  [time_us, revision, op, record] an audience was put (record) or deleted (record None)
     handover  [time_us, user, source, link message id, [event records]]  a person's history moves here
-    forward   [time_us, event record]        an event for a person who moved here (an alias)
+    forward   [time_us, user, event record]  an anonymous event for the user it was linked to
 
 **Time comes from the stream.** An owner evaluates every message at
 ``max(partition time, the message's time)`` and fires timers only when a
@@ -81,9 +81,8 @@ def decode(seq: int, data: bytes, headers: dict | None) -> Item:
         event = decode_event(0, data)
         return Item(seq, Kind.EVENT, event.received_us, event)
     body = msgpack.unpackb(data)
-    if kind == Kind.FORWARD:
-        event = decode_event(0, body[1])
-        return Item(seq, kind, body[0], event)
+    if kind == Kind.FORWARD:  # [time, user, event record]
+        return Item(seq, kind, body[0], decode_event(0, body[2]), body[1:2])
     return Item(seq, kind, body[0], None, body[1:])
 
 

@@ -84,6 +84,7 @@ class Partition:
                 self.writer.after_commit(lambda: loop.call_soon_threadsafe(self._committed.set))
 
         self.applier = Applier(self.number, node.res.partitions, self.env, self.writer, node.project, publish)
+        self.applier.notify = lambda: self.writer.after_commit(lambda: loop.call_soon_threadsafe(self._committed.set))
         await asyncio.wrap_future(self.writer.submit(self.applier.open))
         self.applier.engine.on_deadline = lambda: loop.call_soon_threadsafe(self._deadline.set)
         self.published = await self._last_published()
@@ -188,17 +189,27 @@ class Partition:
             await self._publish_pending()
 
     async def _publish_pending(self) -> None:
-        js = self.node.res.js
+        while messages := self._outgoing():  # identity handovers and forwards (cluster/handover.py)
+            for number, subject, payload, headers in messages:
+                await self._publish_retrying(subject, payload, headers)
+                self.applier.outbox_published = number
         while changes := self._unpublished():
             payload, headers = change_batch(self.number, changes)
-            while True:
-                try:
-                    await js.publish(changes_subject(self.number), payload, headers=headers, timeout=5)
-                    break
-                except Exception as exc:  # noqa: BLE001 - NATS unreachable: the changes wait in the changelog
-                    log.warning("partition %d: publishing changes failed (%s); retrying", self.number, exc)
-                    await asyncio.sleep(0.5)
+            await self._publish_retrying(changes_subject(self.number), payload, headers)
             self.published = self.applier.published = changes[-1].sequence
+
+    async def _publish_retrying(self, subject: str, payload: bytes, headers: dict) -> None:
+        while True:
+            try:
+                await self.node.res.js.publish(subject, payload, headers=dict(headers), timeout=5)
+                return
+            except Exception as exc:  # noqa: BLE001 - NATS unreachable: what waits stays in the tables
+                log.warning("partition %d: publishing to %s failed (%s); retrying", self.number, subject, exc)
+                await asyncio.sleep(0.5)
+
+    def _outgoing(self) -> list:
+        with self.env.begin() as txn:
+            return self.applier.handovers.outbox(txn, self.applier.outbox_published)
 
     # -- time ------------------------------------------------------------------------------
     async def _publish_control(self, kind: Kind, *fields) -> None:
