@@ -1,4 +1,4 @@
-"""The ``qualify`` command: serve, sync, check, get, syncs, demo, bench, keys."""
+"""The ``qualify`` command: serve, sync, check, get, syncs, demo, bench, keys, cluster."""
 
 from __future__ import annotations
 
@@ -387,8 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     from .security.keys_cli import add_parser as add_keys_parser
+    from .cluster_cli import add_parser as add_cluster_parser
 
     add_keys_parser(sub)
+    add_cluster_parser(sub)
     return parser
 
 

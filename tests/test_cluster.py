@@ -11,7 +11,10 @@ single node's and the pure-Python reference's (tests/test_realtime.py).
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
 from collections import defaultdict
 
 import pytest
@@ -158,11 +161,26 @@ def test_three_nodes_answer_as_one_node(tmp_path, nats3, demo_warehouse):
             owners[lease["node"]] += 1
         assert sum(owners.values()) == PARTITIONS and len(owners) == 3, owners
         assert max(owners.values()) / (PARTITIONS / 3) <= 1.25, owners
+        _check_status(cluster)
     finally:
         solo.close()
         codes = cluster.stop()
         assert single.stop() == 0, single.log()
     assert codes == [0, 0, 0], cluster.logs()
+
+
+def _check_status(cluster: QualifyCluster) -> None:
+    """`qualify cluster status`, as an operator runs it, shows every node, owner, lag and snapshot."""
+    project = str(cluster.node_dir(0) / "qualify.toml")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "qualify.server.cli", "cluster", "status", "--project",  # noqa: E731
+                                     project, *a], capture_output=True, text=True, timeout=60)
+    status = json.loads(run("--json").stdout)
+    assert [(n["node"], n["alive"]) for n in status["nodes"]] == [("n0", True), ("n1", True), ("n2", True)]
+    assert all(p["running_on"] == p["owner"] is not None for p in status["partitions"]), status["partitions"]
+    assert all(p["pending"] == 0 and p["applied"] <= p["stream_last"] for p in status["partitions"])
+    assert all(p["snapshot_age_s"] is not None for p in status["partitions"]), status["partitions"]
+    text = run().stdout
+    assert "16 partitions, 3 of 3 nodes alive, max/mean owned" in text and "QUALIFY_EVENTS" in text, text
 
 
 def _diff(cluster: QualifyCluster, single_lmdb) -> str:

@@ -68,6 +68,7 @@ class Partition:
         self._tasks: list[asyncio.Task] = []
         self._sub = None
         self._tick_asked: tuple[int, float] | None = None
+        self.pending = 0  # stream messages not applied yet (JetStream's count for the consumer, and the buffer)
 
     # -- life cycle ------------------------------------------------------------------
     async def start(self) -> None:
@@ -90,7 +91,8 @@ class Partition:
         self.published = await self._last_published()
         self.applier.published = self.published
         state = self.applier.state
-        self._tasks = [asyncio.create_task(t) for t in (self._apply_loop(), self._outbox(), self._timer())]
+        self._tasks = [asyncio.create_task(t) for t in (self._apply_loop(), self._outbox(), self._timer(),
+                                                        self._measure_lag())]
         self._committed.set()  # whatever the restored changelog holds past the stream's last change
         self._sub = await node.res.js.subscribe(
             events_subject(self.number), cb=self._deliver, ordered_consumer=True, idle_heartbeat=2.0,
@@ -256,7 +258,17 @@ class Partition:
         self.snapshot_seq, self.snapshot_at = info.applied, info.taken_at
         log.info("partition %d: snapshot at sequence %d (%d bytes)", self.number, info.applied, info.size)
 
+    async def _measure_lag(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            try:
+                if self._sub is not None:
+                    self.pending = (await self._sub.consumer_info()).num_pending + len(self._buffer)
+            except Exception:  # noqa: BLE001 - a NATS server away: measured next time
+                pass
+
     def status(self) -> dict:
         state = self.applier.state if self.applier else None
         return {"applied": state.applied if state else 0, "now_us": state.now_us if state else 0,
-                "published": self.published, "snapshot_seq": self.snapshot_seq, "snapshot_at": self.snapshot_at}
+                "pending": self.pending, "published": self.published, "snapshot_seq": self.snapshot_seq,
+                "snapshot_at": self.snapshot_at}
