@@ -32,18 +32,22 @@ from .app import (GRACE_SECONDS, VERSION, Writing, _health, _keys, _start_http, 
 from .clock import make_clock
 from .cluster import jetstream
 from .cluster.audiences import AudienceCatalog, repair
-from .cluster.leases import Watched
+from .cluster.deliveries import DeliveryLeader
+from .cluster.leases import Leases, Watched
 from .cluster.node import Node
 from .cluster.publish import EventPublisher
 from .cluster.readcopy import ReadCopy
 from .config import Project
+from .delivery.runner import Deliveries
 from .observability import metrics
 from .services.cluster_audiences import ClusterAudienceService
 from .services.feed import ChangeFeed
 from .services.ingest import IngestService
 from .services.watch import WatchService
 from .storage.lmdb_store import Reader, data_path, open_env
+from .storage.realtime import RealtimeStore
 from .storage.realtime_reads import AudienceReads, ChangelogView
+from .storage.sync_tables import SyncTables
 from .storage.warehouse_sync import Progress, SyncError, Syncer
 from .storage.writer import Writer
 from .transport.audience import Audiences
@@ -109,6 +113,42 @@ async def _repair_audiences(node: Node, catalog: AudienceCatalog, res) -> None:
         await watched.stop()
 
 
+async def _compact_reads(env, writer: Writer, project: Project, clock) -> None:
+    """The read copy's changelog keeps [realtime] changelog_retention, and what a sync has not delivered."""
+    def open_tables(txn):
+        return RealtimeStore(env, txn), SyncTables(env, txn)
+
+    store, tables = await asyncio.wrap_future(writer.submit(open_tables))
+    retention_us = int(project.changelog_retention * 1_000_000)
+
+    def compact(txn) -> int:
+        head, cursor = store.changelog_head(txn), tables.min_cursor(txn)
+        return store.compact_changelog(txn, clock() - retention_us, head if cursor is None else min(head, cursor), 2000)
+
+    while True:
+        try:
+            deleted = await asyncio.wrap_future(writer.submit(compact))
+        except Exception:  # noqa: BLE001 - retried at the next tick; the log says why
+            log.exception("compacting the read copy's changelog failed; retrying")
+            deleted = 0
+        await asyncio.sleep(0 if deleted else 1.0)
+
+
+async def _deliveries(project: Project, env, writer: Writer, feed: ChangeFeed, reader, clock,
+                      res) -> DeliveryLeader:
+    """The realtime syncs, delivered by whichever node holds the deliveries lease (cluster/deliveries.py)."""
+    tables = await asyncio.wrap_future(writer.submit(lambda txn: SyncTables(env, txn)))
+
+    def make() -> Deliveries:
+        return Deliveries(tables, writer, feed, ChangelogView(env), reader, project.parent_model.name, clock,
+                          f"qualify/{VERSION}", project.retry_initial, project.retry_max,
+                          int(project.changelog_retention * 1_000_000))
+
+    settings = project.cluster
+    return DeliveryLeader(res, Leases(res.leases, settings.node_id, settings.lease_ttl), make, list(project.syncs),
+                          settings.lease_ttl)
+
+
 def _writing(project: Project, res, env, feed: ChangeFeed, clock) -> Writing:
     catalog = AudienceCatalog(res, clock)
     audiences = ClusterAudienceService(
@@ -119,29 +159,43 @@ def _writing(project: Project, res, env, feed: ChangeFeed, clock) -> Writing:
                    audiences=Audiences(audiences, watch))
 
 
-async def serve_cluster(project: Project, *, ready_file: str | None = None, progress: Progress | None = None,
-                        address: str | None = None) -> int:
-    """One cluster node; returns an exit code (see the module docstring)."""
-    settings = project.cluster
+async def _open(project: Project):
+    """The read copy's environment and writer, and the cluster on NATS (None: it cannot be joined)."""
     env = open_env(data_path(project.data_dir), project.map_size, readonly=False)
-    clock, test_clock = make_clock()
-    writer = Writer(env, clock_us=clock)
+    writer = Writer(env, clock_us=make_clock()[0])
     writer.start()
-    reader = Reader(env)
-    loop = asyncio.get_running_loop()
+    settings = project.cluster
     try:
         res = await jetstream.connect(settings, f"qualify/{settings.node_id}",
                                       changelog_retention=project.changelog_retention)
     except (ConnectionError, jetstream.ClusterMismatch, jetstream.JetStreamError) as exc:
         log.error("cannot join the cluster: %s", exc)
-        await loop.run_in_executor(None, writer.stop)
+        await asyncio.get_running_loop().run_in_executor(None, writer.stop)
         env.close()
-        return 1
+        return None
+    return env, writer, res
+
+
+async def _read_copy(env, writer: Writer, res) -> tuple[ReadCopy, ChangeFeed]:
+    loop = asyncio.get_running_loop()
     feed_box: list[ChangeFeed] = []
     copy = ReadCopy(env, writer, res, lambda changes: loop.call_soon_threadsafe(feed_box[0].publish, changes))
-    await copy.start()
-    feed = ChangeFeed(ChangelogView(env).head())
-    feed_box.append(feed)
+    await copy.start()  # creates the tables the feed and the views read
+    feed_box.append(ChangeFeed(ChangelogView(env).head()))
+    return copy, feed_box[0]
+
+
+async def serve_cluster(project: Project, *, ready_file: str | None = None, progress: Progress | None = None,
+                        address: str | None = None) -> int:
+    """One cluster node; returns an exit code (see the module docstring)."""
+    opened = await _open(project)
+    if opened is None:
+        return 1
+    env, writer, res = opened
+    clock, test_clock = make_clock()
+    reader = Reader(env)
+    loop = asyncio.get_running_loop()
+    copy, feed = await _read_copy(env, writer, res)
     writing = _writing(project, res, env, feed, clock)
     internal = address is not None
     if project.ops.metrics.port:
@@ -158,8 +212,10 @@ async def serve_cluster(project: Project, *, ready_file: str | None = None, prog
         os.chmod(address.removeprefix("unix:"), 0o600)
     node = Node(project, res, clock, test_clock, address or f"{host}:{port}")
     await node.start()
-    log.info("cluster node %s (v%s) on %s: %d partitions over NATS %s", settings.node_id, VERSION,
-             address or f"{host}:{port}", res.partitions, ", ".join(settings.nats_urls))
+    leader = await _deliveries(project, env, writer, feed, reader, clock, res)
+    leader.start()
+    log.info("cluster node %s (v%s) on %s: %d partitions over NATS %s", project.cluster.node_id, VERSION,
+             address or f"{host}:{port}", res.partitions, ", ".join(project.cluster.nats_urls))
     stop, failed = asyncio.Event(), []
     stop_on_signals(loop, stop)
 
@@ -167,12 +223,11 @@ async def serve_cluster(project: Project, *, ready_file: str | None = None, prog
         failed.append(True)
         stop.set()
 
-    tasks = [asyncio.create_task(_sync_reads(env, project, writer, progress,
-                                             lambda report: write_ready_file(ready_file, host, port, 1, http_port),
-                                             fatal, reader)),
-             asyncio.create_task(_health(reader, health_servicer, project)),
-             asyncio.create_task(_warehouse_syncs(node, project)),
-             asyncio.create_task(_repair_audiences(node, AudienceCatalog(res, clock), res))]
+    tasks = [asyncio.create_task(c) for c in (
+        _sync_reads(env, project, writer, progress, lambda report: write_ready_file(ready_file, host, port, 1, http_port),
+                    fatal, reader),
+        _health(reader, health_servicer, project), _warehouse_syncs(node, project),
+        _repair_audiences(node, AudienceCatalog(res, clock), res), _compact_reads(env, writer, project, clock))]
     await stop.wait()
     log.info("shutting down: handing partitions over, then stopping (grace %.0fs)", GRACE_SECONDS)
     await health_servicer.enter_graceful_shutdown()
@@ -184,8 +239,8 @@ async def serve_cluster(project: Project, *, ready_file: str | None = None, prog
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    await node.stop()
-    await copy.stop()
+    for part in (leader, node, copy):
+        await part.stop()
     await res.close()
     await loop.run_in_executor(None, writer.stop)
     env.close()

@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import subprocess
 import textwrap
+import time
 from pathlib import Path
 
 import lmdb
 
-from conftest import QualifyServer, write_realtime_project
+from conftest import QualifyServer, wait_serving, write_realtime_project
 from natsd import NATS_SERVER, NatsCluster, purge_qualify
 from qualify.server.storage.realtime import read_changelog
 from test_audiences import CLOCK_ENV, Api
@@ -42,8 +44,10 @@ def cluster_toml(urls: list[str], node_id: str, partitions: int = 16, replicas: 
 class QualifyCluster:
     """``size`` nodes over ``nats``; ``apis[i]`` talks to node i."""
 
-    def __init__(self, workdir: Path, nats: NatsCluster, warehouse: Path, size: int = 3, clock=None, **settings):
+    def __init__(self, workdir: Path, nats: NatsCluster, warehouse: Path, size: int = 3, clock=None,
+                 project_extra: str = "", env: dict | None = None, **settings):
         self.workdir, self.nats, self.warehouse = workdir, nats, warehouse
+        self.project_extra, self.env = project_extra, env or {}
         self.size, self.clock, self.settings = size, clock, settings
         self.nodes: list[QualifyServer | None] = [None] * size
         self.apis: list[Api | None] = [None] * size
@@ -56,8 +60,8 @@ class QualifyCluster:
         folder = self.node_dir(i)
         folder.mkdir(parents=True, exist_ok=True)
         project = write_realtime_project(folder, self.warehouse,
-                                         cluster_toml(self.nats.urls, f"n{i}", **self.settings))
-        env = {CLOCK_ENV: str(self.clock.path)} if self.clock is not None else {}
+                                         cluster_toml(self.nats.urls, f"n{i}", **self.settings) + self.project_extra)
+        env = dict(self.env, **({CLOCK_ENV: str(self.clock.path)} if self.clock is not None else {}))
         return QualifyServer(folder, "--project", str(project), env=env)
 
     def start(self, *which: int) -> "QualifyCluster":
@@ -65,8 +69,6 @@ class QualifyCluster:
         servers = {i: self.server(i) for i in which}
         for i, s in servers.items():  # started together: they settle their shares at once
             s._log = open(s.log_path, "wb")
-            import subprocess
-
             s.proc = subprocess.Popen(s.args, cwd=s.workdir, stdout=s._log, stderr=subprocess.STDOUT, env=s.env)
         for i, s in servers.items():
             _wait_started(s)
@@ -100,10 +102,6 @@ class QualifyCluster:
 
 
 def _wait_started(s: QualifyServer, timeout: float = 60.0) -> None:
-    import time
-
-    from conftest import wait_serving
-
     deadline = time.monotonic() + timeout
     while not s.ready_file.exists():
         if s.proc.poll() is not None:

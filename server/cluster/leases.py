@@ -46,10 +46,14 @@ def wall_us() -> int:
 
 @dataclass(frozen=True)
 class Lease:
-    partition: int
+    key: str  # p.<partition>, or "deliveries" (cluster/deliveries.py)
     node: str
     expires_us: int
     revision: int
+
+    @property
+    def partition(self) -> int:
+        return int(self.key.split(".", 1)[1])
 
     def expired(self, now_us: int) -> bool:
         return self.expires_us < now_us
@@ -116,22 +120,22 @@ class Leases:
     @staticmethod
     def _decode(entry) -> Lease:
         d = json.loads(entry.value)
-        return Lease(int(entry.key.split(".", 1)[1]), d["node"], d["expires_us"], entry.revision)
+        return Lease(entry.key, d["node"], d["expires_us"], entry.revision)
 
     def _value(self) -> bytes:
         return json.dumps({"node": self.node, "expires_us": wall_us() + self.ttl_us}).encode()
 
-    def holder(self, partition: int) -> Lease | None:
-        return self.view.entries.get(lease_key(partition))
+    def holder(self, partition: int | str) -> Lease | None:
+        return self.view.entries.get(lease_key(partition) if isinstance(partition, int) else partition)
 
-    def claimable(self, partition: int) -> bool:
+    def claimable(self, partition: int | str) -> bool:
         lease = self.holder(partition)
         return lease is None or lease.expired(wall_us())
 
-    async def claim(self, partition: int) -> Lease | None:
-        """The lease, if it was free or expired and this node won it; None otherwise."""
-        key = lease_key(partition)
-        current = self.holder(partition)
+    async def claim(self, partition: int | str) -> Lease | None:
+        """The lease (of a partition, or any key), if it was free or expired and this node won it."""
+        key = lease_key(partition) if isinstance(partition, int) else partition
+        current = self.holder(key)
         try:
             if current is None:
                 revision = await self.bucket.create(key, self._value())
@@ -141,20 +145,20 @@ class Leases:
                 return None
         except KeyWrongLastSequenceError:
             return None  # another node got there first
-        return Lease(partition, self.node, wall_us() + self.ttl_us, revision)
+        return Lease(key, self.node, wall_us() + self.ttl_us, revision)
 
     async def refresh(self, lease: Lease) -> Lease | None:
         """The renewed lease; None when another node holds it now (raises when NATS does not answer)."""
         try:
-            revision = await self.bucket.update(lease_key(lease.partition), self._value(), last=lease.revision)
+            revision = await self.bucket.update(lease.key, self._value(), last=lease.revision)
         except KeyWrongLastSequenceError:
             return None
-        return Lease(lease.partition, self.node, wall_us() + self.ttl_us, revision)
+        return Lease(lease.key, self.node, wall_us() + self.ttl_us, revision)
 
     async def release(self, lease: Lease) -> None:
         try:
-            await self.bucket.delete(lease_key(lease.partition), last=lease.revision)
+            await self.bucket.delete(lease.key, last=lease.revision)
         except (KeyWrongLastSequenceError, KeyNotFoundError):
             pass
         except Exception as exc:  # noqa: BLE001 - it expires by itself after the TTL
-            log.warning("releasing partition %d failed (%s); it expires by itself", lease.partition, exc)
+            log.warning("releasing the lease %s failed (%s); it expires by itself", lease.key, exc)
