@@ -191,3 +191,23 @@ def _diff(cluster: QualifyCluster, single_lmdb) -> str:
         if want.get(p) != got.get(p):
             lines.append(f"{p}:\n  single  {want.get(p)}\n  cluster {got.get(p)}")
     return "\n".join(lines[:10]) + "\n" + cluster.logs()[-6000:]
+
+
+def test_a_node_with_workers_serves_and_forwards(tmp_path, nats3, demo_warehouse):
+    """`--workers 2` on a cluster node: the serving processes read its read copy and forward writes to it."""
+    fresh_nats(nats3)
+    folder = tmp_path / "node"
+    folder.mkdir()
+    from clusters import cluster_toml
+
+    project = write_realtime_project(folder, demo_warehouse, cluster_toml(nats3.urls, "w0", partitions=4))
+    server = QualifyServer(folder, "--project", str(project), "--workers", "2").start()
+    api = Api(server.address)
+    try:
+        api.create("viewers", ev("page_views"))
+        api.send(*(page(f"user-{i}", "/") for i in range(1, 11)))
+        assert wait_for(lambda: all(api.memberships(f"user-{i}").keys() == {"viewers"} for i in range(1, 11)), 15.0)
+        assert api.get("viewers").member_count == 10
+    finally:
+        api.close()
+        assert server.stop() == 0, server.log()
