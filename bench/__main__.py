@@ -20,6 +20,8 @@ MICRO = {  # scenario (its module, with _ for -) -> what it measures
                  "recompute over 1,000,000 people",
     "history": "restart, audience changes, ingest CPU, memory and disk at several lengths of the event log",
     "realtime-syncs": "change -> delivery latency on the watch stream and a local webhook at a steady change rate",
+    "cluster": "a 3-node cluster on NATS against one node, same run: CPU per event and per Get, read staleness, "
+               "partition balance, failover after kill -9",
     "local-reader": "LocalReader get in the caller's process against gRPC Get and the Noop floor; 1 vs 2 reader "
                     "processes; a reader while the server ingests",
 }

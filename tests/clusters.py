@@ -70,9 +70,14 @@ class QualifyCluster:
         for i, s in servers.items():  # started together: they settle their shares at once
             s._log = open(s.log_path, "wb")
             s.proc = subprocess.Popen(s.args, cwd=s.workdir, stdout=s._log, stderr=subprocess.STDOUT, env=s.env)
-        for i, s in servers.items():
-            _wait_started(s)
-            self.nodes[i], self.apis[i] = s, Api(s.address)
+        try:
+            for i, s in servers.items():
+                _wait_started(s)
+                self.nodes[i], self.apis[i] = s, Api(s.address)
+        except BaseException:  # none of them may outlive the test
+            for s in servers.values():
+                s.kill()
+            raise
         return self
 
     def live(self) -> list[int]:

@@ -122,7 +122,11 @@ def test_three_nodes_answer_as_one_node(tmp_path, nats3, demo_warehouse):
     single_dir.mkdir()
     single = QualifyServer(single_dir, "--project", str(write_realtime_project(single_dir, demo_warehouse)),
                            env={CLOCK_ENV: str(clock.path)}).start()
-    cluster = QualifyCluster(tmp_path / "cluster", nats3, demo_warehouse, 3, clock, partitions=PARTITIONS).start()
+    try:
+        cluster = QualifyCluster(tmp_path / "cluster", nats3, demo_warehouse, 3, clock, partitions=PARTITIONS).start()
+    except BaseException:
+        single.kill()
+        raise
     solo = Api(single.address)
     try:
         for aid, definition in AUDIENCES.items():

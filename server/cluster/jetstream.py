@@ -89,7 +89,7 @@ class Resources:
 
     async def close(self) -> None:
         try:
-            await self.nc.drain()
+            await asyncio.wait_for(self.nc.drain(), 5)
         except Exception:  # noqa: BLE001 - closing a connection that NATS already dropped
             await self.nc.close()
 
@@ -107,7 +107,7 @@ async def connect(settings: ClusterSettings, name: str, *, changelog_retention: 
         name=CHANGES, subjects=[CHANGES_PREFIX + "*"], num_replicas=r, duplicate_window=DEDUPE_WINDOW,
         max_age=changelog_retention, storage=api.StorageType.FILE, discard=api.DiscardPolicy.OLD))
     cluster = await _bucket(js, CLUSTER_BUCKET, r)
-    config = await _retry(lambda: _check_config(cluster, settings), "the cluster config")
+    config = await retry(lambda: _check_config(cluster, settings), "the cluster config")
     return Resources(nc=nc, js=js, settings=settings, config=config,
                      leases=await _bucket(js, LEASES_BUCKET, r),
                      nodes=await _bucket(js, NODES_BUCKET, r, ttl=NODES_TTL),
@@ -131,7 +131,7 @@ async def _connect(settings: ClusterSettings, name: str, timeout: float) -> nats
             await asyncio.sleep(0.5)
 
 
-async def _retry(make, what: str, attempts: int = 40):
+async def retry(make, what: str, attempts: int = 40):
     """JetStream answers 'no leader' for a few seconds while a new cluster elects its meta leader."""
     for i in range(attempts):
         try:
@@ -158,7 +158,7 @@ async def _stream(js, config: api.StreamConfig) -> None:
         if info.config.num_replicas != config.num_replicas:
             log.warning("stream %s has %d replicas, [cluster] replicas says %d: keeping the stream's",
                         config.name, info.config.num_replicas, config.num_replicas)
-    await _retry(make, f"stream {config.name}")
+    await retry(make, f"stream {config.name}")
 
 
 async def _bucket(js, name: str, replicas: int, ttl: float | None = None, history: int = 1):
@@ -168,7 +168,7 @@ async def _bucket(js, name: str, replicas: int, ttl: float | None = None, histor
         except BucketNotFoundError:
             return await js.create_key_value(bucket=name, history=history, replicas=replicas, ttl=ttl,
                                              storage=api.StorageType.FILE)
-    return await _retry(make, f"key-value bucket {name}")
+    return await retry(make, f"key-value bucket {name}")
 
 
 async def _object_store(js, name: str, replicas: int):
@@ -177,7 +177,7 @@ async def _object_store(js, name: str, replicas: int):
             return await js.object_store(name)
         except (NotFoundError, BucketNotFoundError):
             return await js.create_object_store(bucket=name, replicas=replicas, storage=api.StorageType.FILE)
-    return await _retry(make, f"object store {name}")
+    return await retry(make, f"object store {name}")
 
 
 async def _check_config(bucket, settings: ClusterSettings) -> dict:

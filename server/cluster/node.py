@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .jetstream import Resources
+from .jetstream import Resources, retry
 from .leases import Lease, Leases, Watched, preference, quota, wall_us
 from .partition import Partition
 
@@ -55,11 +55,12 @@ class NodeContext:
 
 
 class Node:
-    def __init__(self, project, res: Resources, clock, test_clock: bool, address: str = ""):
+    def __init__(self, project, res: Resources, clock, test_clock: bool, address: str = "", read_position=None):
         s = res.settings
         self.settings = s
         self.res = res
         self.address = address
+        self.read_position = read_position or (lambda: 0)  # the read copy's CHANGES sequence (cluster/readcopy.py)
         self.ctx = NodeContext(project, res, s.node_id, clock, test_clock, Path(project.data_dir) / "cluster",
                                self.reopen)
         self.leases = Leases(res.leases, s.node_id, s.lease_ttl)
@@ -76,7 +77,7 @@ class Node:
     async def start(self) -> None:
         self.leases.view.start()
         self.nodes.start()
-        await self._heartbeat_once()
+        await retry(self._heartbeat_once, "the first heartbeat")  # a new bucket may still elect its leader
         await asyncio.wait_for(asyncio.gather(self.leases.view.ready.wait(), self.nodes.ready.wait()), 30)
         self._tasks = [asyncio.create_task(t) for t in
                        (self._balance(), self._refresh(), self._heartbeats(), self._snapshots())]
@@ -87,7 +88,8 @@ class Node:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(*(self._give_up(p, snapshot=True) for p in list(self.owned)), return_exceptions=True)
+        handover = self.res.nc.is_connected  # without NATS there is nothing to hand over to
+        await asyncio.gather(*(self._give_up(p, snapshot=handover) for p in list(self.owned)), return_exceptions=True)
         try:
             await self.res.nodes.delete(self.settings.node_id)
         except Exception:  # noqa: BLE001 - its heartbeat ages out
@@ -106,7 +108,7 @@ class Node:
 
     def status(self) -> dict:
         return {"node": self.settings.node_id, "address": self.address, "started_us": self.started_us,
-                "heartbeat_us": wall_us(),
+                "heartbeat_us": wall_us(), "read_position": self.read_position(),
                 "partitions": {str(p): part.status() for p, (_, part) in sorted(self.owned.items())
                                if p not in self.starting},
                 "starting": sorted(self.starting)}

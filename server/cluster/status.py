@@ -74,6 +74,7 @@ async def gather(settings: ClusterSettings, timeout: float = 5.0) -> dict:
             "partitions_count": n, "nats": list(settings.nats_urls),
             "nodes": [{"node": k, "address": v.get("address", ""), "alive": now - v["heartbeat_us"] / 1e6 < ttl,
                        "heartbeat_age_s": round(now - v["heartbeat_us"] / 1e6, 1), "owned": len(v["partitions"]),
+                       "read_position": v.get("read_position", 0),
                        "starting": len(v.get("starting", ()))} for k, v in sorted(nodes.items())],
             "partitions": partitions,
             "streams": {s.config.name: {"messages": s.state.messages, "bytes": s.state.bytes,
