@@ -36,7 +36,7 @@ def project_toml(folder: Path, warehouse: Path, cluster: str = "") -> Path:
 
 def cluster_section(urls: list[str], node_id: str, partitions: int, replicas: int) -> str:
     return (f"[cluster]\nnats_url = {json.dumps(urls)}\nnode_id = \"{node_id}\"\npartitions = {partitions}\n"
-            f"replicas = {replicas}\nlease_ttl = \"2s\"\nsnapshot_interval = \"5s\"\nevent_retention = \"1h\"\n")
+            f"replicas = {replicas}\nlease_ttl = \"2s\"\nsnapshot_interval = \"60s\"\nevent_retention = \"1h\"\n")
 
 
 class Node:

@@ -6,7 +6,9 @@ Three set-ups over the same demo warehouse and the same 10 audiences:
 
 * ``single``: one ``qualify serve`` without [cluster] (the baseline);
 * ``cluster-1``: one node over one NATS server (replicas 1);
-* ``cluster-3``: three nodes over a three-server NATS cluster (replicas 3).
+* ``cluster-3``: three nodes over a three-server NATS cluster (replicas 3);
+* ``cluster-1-batched``, ``cluster-3-batched``: the same with ``batch_events = true``
+  (one stream message per partition per TrackBatch instead of one per event).
 
 In each, ``--events`` page views go in as TrackBatch calls of 500 (four in
 flight, round-robin over the nodes), and the phase ends when every
@@ -44,6 +46,7 @@ from ._nats import NatsCluster
 from ._proc import CpuSnapshot, machine_note
 from ._stats import percentile
 
+SETUPS = ("single", "cluster-1", "cluster-3", "cluster-1-batched", "cluster-3-batched")
 TARGETS = {"ingest_cpu_ratio_max": 1.5, "get_cpu_ratio_max": 1.3, "balance_max": 1.25, "failover_s_max": 10.0}
 PROBE = {"event": {"event_model": "page_views", "scope": "SCOPE_EVER", "comparison": "COMPARISON_GE", "threshold": 1,
                    "filters": [{"property": "path", "operator": "OPERATOR_EQ", "value": {"string_value": "/probe"}}]}}
@@ -58,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gets", type=int, default=3_000, help="Personalize Gets per set-up (default 3000)")
     p.add_argument("--partitions", type=int, default=16, help="cluster partitions (default 16)")
     p.add_argument("--probes", type=int, default=100, help="staleness probes (default 100)")
-    p.add_argument("--only", choices=("single", "cluster-1", "cluster-3"), action="append",
+    p.add_argument("--only", choices=SETUPS, action="append",
                    help="run only these set-ups (repeatable)")
     return p
 
@@ -216,10 +219,12 @@ def _settled(project: Path, timeout: float = 300.0) -> None:
     raise RuntimeError("the cluster did not settle")
 
 
-def start_cluster(work: Path, warehouse: Path, size: int, partitions: int) -> tuple[NatsCluster, list[Node]]:
+def start_cluster(work: Path, warehouse: Path, size: int, partitions: int,
+                  batch: bool = False) -> tuple[NatsCluster, list[Node]]:
     nats = NatsCluster(work / "nats", size).start()
+    extra = "batch_events = true\n" if batch else ""
     nodes = [Node(work / f"n{i}", project_toml(work / f"n{i}", warehouse, cluster_section(
-        nats.urls, f"n{i}", partitions, size))) for i in range(size)]
+        nats.urls, f"n{i}", partitions, size) + extra)) for i in range(size)]
     for n in nodes:
         n.spawn()
     for n in nodes:
@@ -227,8 +232,8 @@ def start_cluster(work: Path, warehouse: Path, size: int, partitions: int) -> tu
     return nats, nodes
 
 
-def run_cluster(work: Path, warehouse: Path, size: int, args) -> dict:
-    nats, nodes = start_cluster(work, warehouse, size, args.partitions)
+def run_cluster(work: Path, warehouse: Path, size: int, args, batch: bool = False) -> dict:
+    nats, nodes = start_cluster(work, warehouse, size, args.partitions, batch)
     project = nodes[0].folder / "qualify.toml"
     try:
         stubs = [Stubs(n.address) for n in nodes]
@@ -237,7 +242,7 @@ def run_cluster(work: Path, warehouse: Path, size: int, args) -> dict:
         meter = Meter({"qualify": [n.pid for n in nodes], "nats": [p.pid for p in nats.procs],
                        "reader": [nodes[0].pid]})
         out = _phases(stubs, meter, args, settle=lambda: _settled(project))
-        if size > 1:
+        if size > 1 and not batch:
             from ._cluster_failover import balance, failover, staleness
 
             out["staleness"] = staleness(stubs, args.probes)
@@ -254,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from qualify.server.demo import generate_demo_warehouse
 
-    which = args.only or ["single", "cluster-1", "cluster-3"]
+    which = args.only or list(SETUPS)
     out = {"scenario": "cluster", "date": datetime.date.today().isoformat(),
            "config": {"people": args.people, "events": args.events, "gets": args.gets, "partitions": args.partitions,
                       "audiences": 10, "batch": 500, "in_flight": 4}}
@@ -263,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         warehouse = generate_demo_warehouse(work / "demo.duckdb", args.people)
         for name in which:
             out[name] = (run_single(work, warehouse, args) if name == "single"
-                         else run_cluster(work / name, warehouse, int(name[-1]), args))
+                         else run_cluster(work / name, warehouse, int(name[8]), args, name.endswith("batched")))
     out["machine"] = machine_note()
     out["targets"] = _verdict(out)
     print(json.dumps(out, indent=2) if args.json else _summary(out))
@@ -273,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
 def _verdict(out: dict) -> dict:
     verdict = dict(TARGETS)
     single = out.get("single")
-    for name in ("cluster-1", "cluster-3"):
+    for name in SETUPS[1:]:
         c = out.get(name)
         if single and c:
             verdict[name] = {
@@ -288,7 +293,7 @@ def _verdict(out: dict) -> dict:
 
 def _summary(out: dict) -> str:
     lines = []
-    for name in ("single", "cluster-1", "cluster-3"):
+    for name in SETUPS:
         r = out.get(name)
         if r:
             i, g = r["ingest"], r["get"]

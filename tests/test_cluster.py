@@ -115,7 +115,8 @@ class Scenario:
             self.send([(identify(self.anons[anon], anon, self.clock.now), {})])
 
 
-def test_three_nodes_answer_as_one_node(tmp_path, nats3, demo_warehouse):
+@pytest.mark.parametrize("batch", [False, True], ids=["event-per-message", "batch_events"])
+def test_three_nodes_answer_as_one_node(tmp_path, nats3, demo_warehouse, batch):
     fresh_nats(nats3)
     clock = TestClock(tmp_path / "clock", T0)
     single_dir = tmp_path / "single"
@@ -123,7 +124,8 @@ def test_three_nodes_answer_as_one_node(tmp_path, nats3, demo_warehouse):
     single = QualifyServer(single_dir, "--project", str(write_realtime_project(single_dir, demo_warehouse)),
                            env={CLOCK_ENV: str(clock.path)}).start()
     try:
-        cluster = QualifyCluster(tmp_path / "cluster", nats3, demo_warehouse, 3, clock, partitions=PARTITIONS).start()
+        cluster = QualifyCluster(tmp_path / "cluster", nats3, demo_warehouse, 3, clock, partitions=PARTITIONS,
+                                 extra="batch_events = true" if batch else "").start()
     except BaseException:
         single.kill()
         raise

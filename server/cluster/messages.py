@@ -11,6 +11,7 @@ body whose first field is the publisher's clock reading:
     audience  [time_us, revision, op, record] an audience was put (record) or deleted (record None)
     handover  [time_us, user, source, link message id, [event records]]  a person's history moves here
     forward   [time_us, user, event record]  an anonymous event for the user it was linked to
+    events    [time_us, [event records]]     several events of one ingest call ([cluster] batch_events)
 
 **Time comes from the stream.** An owner evaluates every message at
 ``max(partition time, the message's time)`` and fires timers only when a
@@ -50,6 +51,7 @@ class Kind(enum.IntEnum):
     AUDIENCE = 3
     HANDOVER = 4
     FORWARD = 5
+    EVENTS = 6  # a batch of events: decoded into one EVENT item each, all with the message's sequence
 
 
 _BY_NAME = {k.name.lower(): k for k in Kind}
@@ -75,12 +77,19 @@ def control(kind: Kind, time_us: int, *fields) -> tuple[bytes, dict[str, str]]:
     return msgpack.packb([time_us, *fields]), {KIND: kind.name.lower()}
 
 
-def decode(seq: int, data: bytes, headers: dict | None) -> Item:
+def decode(seq: int, data: bytes, headers: dict | None) -> list[Item]:
+    """The items of one stream message (several for a batch of events)."""
     kind = _BY_NAME.get(headers.get(KIND, "")) if headers else None
     if kind is None:
         event = decode_event(0, data)
-        return Item(seq, Kind.EVENT, event.received_us, event)
+        return [Item(seq, Kind.EVENT, event.received_us, event)]
     body = msgpack.unpackb(data)
+    if kind == Kind.EVENTS:
+        return [Item(seq, Kind.EVENT, e.received_us, e) for e in (decode_event(0, raw) for raw in body[1])]
+    return [_control(seq, kind, body)]
+
+
+def _control(seq: int, kind: Kind, body: list) -> Item:
     if kind == Kind.FORWARD:  # [time, user, event record]
         return Item(seq, kind, body[0], decode_event(0, body[2]), body[1:2])
     return Item(seq, kind, body[0], None, body[1:])

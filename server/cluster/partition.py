@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 BATCH = 2000  # stream messages per write transaction
 BUFFER = 20_000  # delivered messages waiting to be applied before the consumer is held back
 TICK_RETRY = 0.5  # seconds before a tick that was not applied yet is asked for again
+# At most one tick per TICK_EVERY: a tick fires every timer due by its time, each at its own instant (the
+# exits' effective times are exact); only their visibility waits up to this long, and a partition with
+# timers due all the time sends 50 ticks a second rather than one per instant.
+TICK_EVERY = 0.02
 
 
 class Partition:
@@ -167,7 +171,7 @@ class Partition:
 
     def _apply(self, txn, raw) -> None:
         applied = self.applier.state.applied
-        items = [decode(seq, data, headers) for seq, data, headers in raw if seq > applied]
+        items = [item for seq, data, headers in raw if seq > applied for item in decode(seq, data, headers)]
         if items:
             self.applier.apply(txn, items)
 
@@ -229,13 +233,15 @@ class Partition:
             now = node.clock()
             if deadline is not None and deadline <= now:
                 asked = self._tick_asked
-                if asked is None or self.applier.state.now_us >= asked[0] or time.monotonic() - asked[1] > TICK_RETRY:
+                since = time.monotonic() - asked[1] if asked else TICK_RETRY
+                if asked is None or (self.applier.state.now_us >= asked[0] and since >= TICK_EVERY) \
+                        or since > TICK_RETRY:
                     self._tick_asked = (now, time.monotonic())
                     try:
                         await self._publish_control(Kind.TICK)
                     except Exception as exc:  # noqa: BLE001 - asked again shortly
                         log.warning("partition %d: publishing a tick failed (%s)", self.number, exc)
-                delay = 0.002
+                delay = TICK_EVERY if not node.test_clock else 0.002
             elif deadline is None:
                 delay = 3600.0
             else:

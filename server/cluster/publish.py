@@ -16,6 +16,15 @@ links an anonymous id hashed elsewhere, a model keyed by another id) is
 published to each of them, the extra copies with ``<message id>><partition>``
 as their id; the client's duplicate flag is the primary copy's.
 
+With ``[cluster] batch_events = true`` the events of one ingest call that
+go to one partition travel as one message (kind ``events``), whose
+``Nats-Msg-Id`` is a digest of their ids and the partition: the stream then
+drops an identical retry within its window, the owner's event log drops any
+other repeat (24 h), and the acknowledgement's duplicate flags count only
+the former. Per-message costs (NATS and its client's) are paid once per
+partition per call instead of once per event; a partition's group of one
+event is sent as a plain event message, with its own id.
+
 Publishes are pipelined (``publish_async``); acks that do not come within
 ``ack_timeout`` (a NATS server died, a stream is electing a leader) are
 published again under the same ids, which dedupe makes safe, until
@@ -35,7 +44,7 @@ from ..domain.events import MatchedEvent
 from ..storage.eventlog import encode_event
 from ..storage.writer import IngestResult
 from .jetstream import Resources, events_subject
-from .messages import MSG_ID
+from .messages import MSG_ID, Kind, control
 from .partitioning import partitions_of
 
 log = logging.getLogger(__name__)
@@ -55,11 +64,14 @@ class EventPublisher:
 
     def __init__(self, resources: Resources, ack_timeout: float = 2.0, deadline: float = 15.0):
         self.res = resources
+        self.batch = resources.settings.batch_events
         self.ack_timeout = ack_timeout
         self.deadline = deadline
         self.published = 0  # messages acknowledged (the bench reads it)
 
     async def ingest(self, events: Sequence[MatchedEvent]) -> IngestResult:
+        if self.batch and len(events) > 1:
+            return await self._ingest_batched(events)
         n = self.res.partitions
         messages: list[tuple[str, bytes, dict]] = []
         primary: list[int] = []  # index in messages of each event's primary copy
@@ -70,16 +82,48 @@ class EventPublisher:
                 if i == 0:
                     primary.append(len(messages))
                 messages.append((events_subject(p), data, {MSG_ID: mid if i == 0 else f"{mid}>{p}"}))
-        acks = await self._publish_all(messages)
+        duplicates = await self._publish_all(messages)
         self.published += len(messages)
-        return IngestResult(tuple(bool(acks[i].duplicate) for i in primary), 0)
+        return IngestResult(tuple(duplicates[i] for i in primary), 0)
 
-    async def _publish_all(self, messages: list[tuple[str, bytes, dict]]) -> list:
+    async def _ingest_batched(self, events: Sequence[MatchedEvent]) -> IngestResult:
+        n = self.res.partitions
+        groups: dict[int, list[tuple[int, str, bytes]]] = {}  # partition -> (event index, id, record)
+        for i, m in enumerate(events):
+            record, mid = encode_event(m.event), header_id(m.event.message_id)
+            for j, p in enumerate(partitions_of(m, n)):
+                groups.setdefault(p, []).append((i if j == 0 else -1, mid if j == 0 else f"{mid}>{p}", record))
+        messages, members = [], []
+        for p, group in groups.items():
+            if len(group) == 1:
+                _, mid, record = group[0]
+                messages.append((events_subject(p), record, {MSG_ID: mid}))
+            else:
+                digest = hashlib.blake2b("\n".join(mid for _, mid, _ in group).encode(), digest_size=16,
+                                         person=f"p{p}".encode()[:16]).hexdigest()
+                payload, headers = control(Kind.EVENTS, events[0].event.received_us, [r for _, _, r in group])
+                messages.append((events_subject(p), payload, {**headers, MSG_ID: f"b:{digest}"}))
+            members.append([i for i, _, _ in group if i >= 0])
+        duplicates = await self._publish_all(messages)
+        self.published += len(messages)
+        duplicate = [False] * len(events)
+        for dup, indices in zip(duplicates, members):
+            for i in indices:
+                duplicate[i] = dup
+        return IngestResult(tuple(duplicate), 0)
+
+    async def _publish_all(self, messages: list[tuple[str, bytes, dict]]) -> list[bool]:
+        """Publishes every message until acknowledged; whether each was a duplicate.
+
+        A message sent again after its ack did not come may have been stored
+        the first time: its duplicate ack then says nothing, and it counts as new.
+        """
         js = self.res.js
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self.deadline
         acks: list = [None] * len(messages)
         todo = list(range(len(messages)))
+        retried: set[int] = set()
         while todo:
             futures = {}
             try:
@@ -100,5 +144,6 @@ class EventPublisher:
                 raise StorageUnavailable(f"the event stream did not acknowledge {len(todo)} of {len(messages)} "
                                          f"messages within {self.deadline:g}s; nothing is lost by retrying")
             if todo:
+                retried.update(todo)
                 await asyncio.sleep(0.05)
-        return acks
+        return [bool(a.duplicate) and i not in retried for i, a in enumerate(acks)]
