@@ -105,7 +105,7 @@ def step(engine, txn, now_us: int, seconds: float = SLICE_SECONDS, people: int |
     if progress["phase"] == "people":
         _people(engine, txn, now_us, progress, until, people, changes)
     else:
-        _warehouse(engine, txn, now_us, progress, changes)
+        _warehouse(engine, txn, now_us, progress, until, changes)
     if progress["phase"] == "live":
         engine.backfilling = None
         engine.store.put_backfill(txn, None)
@@ -140,46 +140,63 @@ def _people(engine, txn, now_us: int, progress: dict, until: float, people: int 
             engine.free_slot(slot)
 
 
-def _warehouse(engine, txn, now_us: int, progress: dict, changes: list[MembershipChange]) -> None:
-    """People without realtime state: their memberships follow from the warehouse parts, a chunk of ids at a time."""
+def _warehouse(engine, txn, now_us: int, progress: dict, until: float, changes: list[MembershipChange]) -> None:
+    """People without realtime state: their memberships follow from the warehouse parts, a slice of ids at a time."""
     if engine.defaults is None:
         engine.defaults = engine._stored_defaults(txn)
     lo = progress["after"]
-    hi = lo + WAREHOUSE_CHUNK
-    with_state = np.zeros(len(engine.warehouse.alive), bool)
+    hi = min(lo + WAREHOUSE_CHUNK, len(engine.warehouse.alive))
+    skip = np.ones(len(engine.warehouse.alive), bool)  # outside [lo, hi), and people with loaded realtime state
+    skip[lo:hi] = False
     for pid in engine.pids:
         if pid is not None and lo <= pid < hi:
-            with_state[pid] = True
+            skip[pid] = True
     new = engine.warehouse.defaults(engine.compiled, engine.warehouse.arrays)
+    moves = []  # (person id, program audience index), in id order
     for i, arr in enumerate(new):
-        bit = engine.program_bits[i]
-        aid = engine.bits[bit]
-        if aid not in progress["audiences"]:
-            continue
-        old = np.zeros(len(arr), bool)
-        stored = engine.defaults.get(aid)
-        if stored is not None:
-            old[:min(len(arr), len(stored))] = stored[:len(arr)]
-        window = np.zeros(len(arr), bool)
-        window[lo:hi] = True
-        for pid in changed(arr, old, with_state | ~window):
-            key = engine.store.person_key(txn, pid)
-            if key is None or engine._has_state(txn, key):  # (people with realtime state were walked)
-                continue
-            bits = engine.store.membership(txn, key)
-            if arr[pid] and bit not in bits:
-                bits[bit] = now_us
-                changes.append(MembershipChange(aid, key, Direction.ENTER, now_us, Cause.AUDIENCE_CHANGE))
-            elif not arr[pid] and bit in bits:
-                del bits[bit]
-                changes.append(MembershipChange(aid, key, Direction.EXIT, now_us, Cause.AUDIENCE_CHANGE))
-            else:
-                continue
-            engine.store.put_membership(txn, key, bits)
-        merged = old.copy()
-        merged[lo:hi] = arr[lo:hi]
-        engine.defaults[aid] = merged
+        if engine.bits[engine.program_bits[i]] in progress["audiences"]:
+            moves += [(pid, i) for pid in changed(arr, _padded(engine.defaults.get(engine.bits[engine.program_bits[i]]),
+                                                               len(arr)), skip)]
+    moves.sort()
+    end = hi
+    for n, (pid, i) in enumerate(moves):
+        if n % 64 == 0 and time.perf_counter() > until and n:
+            end = pid  # the rest of the slice next time (this person included)
+            break
+        _move(engine, txn, pid, i, bool(new[i][pid]), now_us, changes)
+    for i, arr in enumerate(new):
+        aid = engine.bits[engine.program_bits[i]]
+        if aid in progress["audiences"]:
+            merged = _padded(engine.defaults.get(aid), len(arr))
+            merged[lo:end] = arr[lo:end]
+            engine.defaults[aid] = merged
     engine._persist(txn, changes)
-    progress["after"] = hi
-    if hi >= len(engine.warehouse.alive):
+    progress["after"] = end
+    if end >= len(engine.warehouse.alive):
         progress["phase"] = "live"
+
+
+def _padded(arr: np.ndarray | None, n: int) -> np.ndarray:
+    out = np.zeros(n, bool)
+    if arr is not None:
+        out[:min(n, len(arr))] = arr[:n]
+    return out
+
+
+def _move(engine, txn, pid: int, i: int, member: bool, now_us: int, changes: list[MembershipChange]) -> None:
+    """A person without realtime state enters (or exits) program audience i, as the warehouse says."""
+    key = engine.store.person_key(txn, pid)
+    if key is None or engine._has_state(txn, key):  # (people with realtime state were walked)
+        return
+    bit = engine.program_bits[i]
+    aid = engine.bits[bit]
+    bits = engine.store.membership(txn, key)
+    if member and bit not in bits:
+        bits[bit] = now_us
+        changes.append(MembershipChange(aid, key, Direction.ENTER, now_us, Cause.AUDIENCE_CHANGE))
+    elif not member and bit in bits:
+        del bits[bit]
+        changes.append(MembershipChange(aid, key, Direction.EXIT, now_us, Cause.AUDIENCE_CHANGE))
+    else:
+        return
+    engine.store.put_membership(txn, key, bits)
