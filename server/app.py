@@ -260,8 +260,6 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
     engine, deliveries, writing, retention = await _writing_parts(env, writer, reader, project, clock, loop)
     wake = asyncio.Event()
     engine.on_deadline = lambda: loop.call_soon_threadsafe(wake.set)
-    walk = asyncio.Event()
-    engine.on_backfill = lambda: loop.call_soon_threadsafe(walk.set)
     host, port = project.server.host, project.server.port
     internal = address is not None
     if project.ops.metrics.port:
@@ -296,7 +294,7 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
              asyncio.create_task(_health(reader, health_servicer, project, alarm=alarm)),
              asyncio.create_task(fire_timers(engine, writer, wake, clock, test_clock)),
              asyncio.create_task(compact(retention, writer, clock, 0.2 if test_clock else 1.0)),
-             asyncio.create_task(backfill(engine, writer, clock, walk))]
+             asyncio.create_task(backfill(engine, writer, clock))]
     await stop.wait()
     log.info("shutting down (grace %.0fs for unary calls; streams end now)", GRACE_SECONDS)
     await health_servicer.enter_graceful_shutdown()

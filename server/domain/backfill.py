@@ -30,6 +30,7 @@ These functions run inside the engine, on the writer thread.
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -40,6 +41,8 @@ from qualify.evaluator.program import Program
 from .changes import Cause, Direction, MembershipChange
 from .events import matching_models
 from .warehouse_parts import changed
+
+log = logging.getLogger(__name__)
 
 SLICE_SECONDS = 0.004  # a walk slice's work, at most (one person's replay may exceed it)
 WAREHOUSE_CHUNK = 65536  # person ids per slice of the warehouse phase
@@ -52,6 +55,8 @@ def start(engine, txn, audience_ids: list[str], now_us: int) -> None:
     progress.update(phase="people", after="", done=0, total=engine.store.state_count(txn), started_us=now_us)
     engine.store.put_backfill(txn, progress)
     engine.backfilling = progress
+    log.info("backfill of %s: %d people with realtime state, then the warehouse's", ", ".join(progress["audiences"]),
+             progress["total"])
 
 
 def forget(engine, txn, audience_id: str) -> None:
@@ -109,6 +114,8 @@ def step(engine, txn, now_us: int, seconds: float = SLICE_SECONDS, people: int |
     if progress["phase"] == "live":
         engine.backfilling = None
         engine.store.put_backfill(txn, None)
+        log.info("backfill of %s done: %d people with realtime state in %.2fs; live", ", ".join(progress["audiences"]),
+                 progress["done"], (now_us - progress["started_us"]) / 1e6)
     else:
         engine.store.put_backfill(txn, progress)
     return changes

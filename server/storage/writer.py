@@ -134,6 +134,9 @@ class Writer:
         self._space: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._background: Callable[[lmdb.Transaction], bool] | None = None
+        self._background_due = False  # the background has more to do
+        self._background_turn = False  # the last thing run was queued work: a slice may go next
         # Counters, read without the lock (they only grow).
         self.transactions = 0
         self.events_logged = 0
@@ -162,6 +165,21 @@ class Writer:
         if self._thread is not None:
             self._thread.join(timeout)
         self._wake_space()
+
+    def set_background(self, fn: Callable[[lmdb.Transaction], bool]) -> None:
+        """Background work in bounded slices: ``fn(txn)`` runs one in a transaction of its own, True if more remain.
+
+        Slices run when nothing is queued, and otherwise alternate with the
+        queued work: an ingest batch waits for one slice at most, and a busy
+        queue never starves the background. ``wake_background`` says there
+        is work (again).
+        """
+        self._background = fn
+
+    def wake_background(self) -> None:
+        with self._cond:
+            self._background_due = True
+            self._cond.notify()
 
     @property
     def pending(self) -> int:
@@ -239,14 +257,18 @@ class Writer:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._stopping:
+                while not self._queue and not self._stopping and not self._background_due:
                     self._cond.wait()
-                if not self._queue:
+                if not self._queue and self._stopping:
                     return  # stopping, and drained
-                head = self._queue[0]
-                if type(head) is _Job:
-                    self._queue.popleft()
-                    group = None
+                background = (self._background_due and not self._stopping
+                              and (self._background_turn or not self._queue))
+                self._background_turn = not background
+                head = group = None
+                if background:
+                    pass
+                elif type(self._queue[0]) is _Job:
+                    head = self._queue.popleft()
                 else:
                     group, n = [], 0
                     while self._queue and type(self._queue[0]) is _Ingest:
@@ -255,10 +277,26 @@ class Writer:
                             break
                         group.append(self._queue.popleft())
                         n += nxt
-            if group is None:
+            if background:
+                self._run_background()
+            elif group is None:
                 self._run_job(head)
             else:
                 self._run_ingest(group, n)
+
+    def _run_background(self) -> None:
+        fn = self._background
+        more = False
+        try:
+            with self.env.begin(write=True) as txn:
+                more = fn(txn) if fn is not None else False
+        except BaseException as exc:  # noqa: BLE001 - logged; woken again by its owner
+            self._after(False, isinstance(exc, lmdb.MapFullError))
+            log.exception("background slice failed")
+        else:
+            self._after(True)
+        with self._cond:
+            self._background_due = self._background_due and more
 
     def _run_job(self, job: _Job) -> None:
         if not job.future.set_running_or_notify_cancel():
