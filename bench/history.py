@@ -10,7 +10,10 @@ timestamps spread over the last day, up to each size in turn. At each size:
 * restart: SIGTERM, then ``qualify serve`` on the same folder until health
   says SERVING, and the server's own "realtime state loaded in" time;
 * CreateAudience and DeleteAudience return times;
-* the server's anonymous RSS, and LMDB bytes per event and per person.
+* the server's anonymous RSS, and LMDB bytes per event and per person;
+  RSS before the probes per person with realtime state, from a baseline
+  taken once the audiences exist and before any event, and its slope
+  between sizes (``--state-cache`` bounds the people kept in memory).
 
 Costs that grow with the work stay flat across sizes; costs that grow with
 history show it here first.
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import re
 import sys
 import tempfile
@@ -29,6 +33,7 @@ import uuid
 from pathlib import Path
 
 from . import _proc
+from ._project import demo_project_file
 from ._server import Server
 
 S = 1_000_000
@@ -43,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--people", type=int, default=100_000, help="demo warehouse people (default 100000)")
     p.add_argument("--persons", type=int, default=100_000, help="distinct people sending events")
     p.add_argument("--audiences", type=int, default=20)
+    p.add_argument("--state-cache", type=int, default=None,
+                   help="[realtime] state_cache: people whose state stays in memory (default: the demo's 100000)")
+    p.add_argument("--rss-only", action="store_true",
+                   help="skip CreateAudience, DeleteAudience and the restart: ingest and memory only")
     p.add_argument("--workdir", default=None, help="keep the server's folder here (default: a temporary one)")
     return p
 
@@ -101,44 +110,75 @@ def _loaded_seconds(server: Server) -> float | None:
     return float(found[-1]) if found else None
 
 
+def _with_state(events: int, persons: int) -> int:
+    """People with realtime state after ``events`` events: event i goes to person i * 7919 % persons."""
+    return min(events, persons) if math.gcd(7919, persons) == 1 else len({i * 7919 % persons for i in range(events)})
+
+
+def _memory(anon_kib: int, baseline_kib: int, people: int, before: dict | None) -> dict:
+    """Anonymous RSS per person with realtime state: above the baseline, and the slope since the last size."""
+    out = {"rss_anon_kib_before_probes": anon_kib, "people_with_state": people,
+           "rss_anon_bytes_per_person": round((anon_kib - baseline_kib) * 1024 / people, 1)}
+    if before is not None and people > before["people_with_state"]:
+        grew = (anon_kib - before["rss_anon_kib_before_probes"]) * 1024
+        out["rss_anon_bytes_per_added_person"] = round(grew / (people - before["people_with_state"]), 1)
+    return out
+
+
+def _probes(server: Server, aud) -> tuple[dict, tuple]:
+    """CreateAudience and DeleteAudience of a probe, RSS, then a restart; the new stubs."""
+    from qualify.v1 import audience_pb2
+
+    create_s = _create(aud, "probe", _audience(3))
+    t1 = time.perf_counter()
+    aud.DeleteAudience(audience_pb2.DeleteAudienceRequest(id="probe"), timeout=600)
+    delete_s = time.perf_counter() - t1
+    anon_kib, _ = _proc.rss_split_kib(server.pid)
+    server.stop()
+    t2 = time.perf_counter()
+    server.start()
+    restart_s = time.perf_counter() - t2
+    return ({"create_audience_s": round(create_s, 3), "delete_audience_s": round(delete_s, 3),
+             "restart_to_serving_s": round(restart_s, 2), "state_loaded_s": _loaded_seconds(server),
+             "rss_anon_mib": round(anon_kib / 1024, 1)}, _stubs(server.address))
+
+
 def measure(args) -> dict:
     sizes = sorted(int(x) for x in args.sizes.split(","))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="qualify-bench-history-"))
-    server = Server(work, args.people, log_level="INFO").start()
+    project = None if args.state_cache is None else demo_project_file(
+        work, args.people, {"realtime": {"state_cache": args.state_cache}})
+    server = Server(work, args.people, log_level="INFO", project=project).start()
     rows, logged = [], 0
     try:
         channel, aud, ingest = _stubs(server.address)
         for i in range(args.audiences):
             _create(aud, f"h{i}", _audience(i))
+        time.sleep(1.0)
+        baseline_kib, _ = _proc.rss_split_kib(server.pid)
         for size in sizes:
             cpu0, t0 = _proc.cpu_seconds(server.pid), time.perf_counter()
             _ingest(ingest, size - logged, args.persons, logged, time.time())
             seconds, cpu = time.perf_counter() - t0, _proc.cpu_seconds(server.pid) - cpu0
             step, logged = size - logged, size
-            create_s = _create(aud, "probe", _audience(3))
-            t1 = time.perf_counter()
-            from qualify.v1 import audience_pb2
-            aud.DeleteAudience(audience_pb2.DeleteAudienceRequest(id="probe"), timeout=600)
-            delete_s = time.perf_counter() - t1
-            anon_kib, _ = _proc.rss_split_kib(server.pid)
-            channel.close()
-            server.stop()
-            t2 = time.perf_counter()
-            server.start()
-            restart_s = time.perf_counter() - t2
-            channel, aud, ingest = _stubs(server.address)
+            time.sleep(1.0)  # the last batch's transaction and evictions settle
+            row = {"events": size, "ingest_events_per_s": round(step / seconds),
+                   "server_cpu_us_per_event": round(cpu / step * S, 1),
+                   **_memory(_proc.rss_split_kib(server.pid)[0], baseline_kib, _with_state(size, args.persons),
+                             rows[-1] if rows else None)}
+            if not args.rss_only:
+                channel.close()
+                probes, (channel, aud, ingest) = _probes(server, aud)
+                row.update(probes)
             mdb = (work / "data" / "lmdb" / "data.mdb").stat().st_size
-            rows.append({"events": size, "ingest_events_per_s": round(step / seconds),
-                         "server_cpu_us_per_event": round(cpu / step * S, 1),
-                         "create_audience_s": round(create_s, 3), "delete_audience_s": round(delete_s, 3),
-                         "restart_to_serving_s": round(restart_s, 2), "state_loaded_s": _loaded_seconds(server),
-                         "rss_anon_mib": round(anon_kib / 1024, 1),
-                         "lmdb_file_bytes_per_event": round(mdb / size, 1)})
+            row["lmdb_file_bytes_per_event"] = round(mdb / size, 1)
+            rows.append(row)
         channel.close()
     finally:
         server.stop()
     return {"scenario": "history", "date": datetime.date.today().isoformat(), "people": args.people,
-            "persons": args.persons, "audiences": args.audiences, "machine": _proc.machine_note(), "sizes": rows}
+            "persons": args.persons, "audiences": args.audiences, "state_cache": args.state_cache,
+            "rss_baseline_anon_kib": baseline_kib, "machine": _proc.machine_note(), "sizes": rows}
 
 
 def main(argv: list[str] | None = None) -> int:
