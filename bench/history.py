@@ -13,7 +13,9 @@ timestamps spread over the last day, up to each size in turn. At each size:
 * the server's anonymous RSS, and LMDB bytes per event and per person;
   RSS before the probes per person with realtime state, from a baseline
   taken once the audiences exist and before any event, and its slope
-  between sizes (``--state-cache`` bounds the people kept in memory).
+  between sizes (``--state-cache`` bounds the people kept in memory; with
+  the probes, whose restart resets memory, only at the first size: use
+  ``--rss-only`` to measure it at every size).
 
 Costs that grow with the work stay flat across sizes; costs that grow with
 history show it here first.
@@ -125,7 +127,7 @@ def _memory(anon_kib: int, baseline_kib: int, people: int, before: dict | None) 
     return out
 
 
-def _probes(server: Server, aud) -> tuple[dict, tuple]:
+def _probes(server: Server, channel, aud) -> tuple[dict, tuple]:
     """CreateAudience and DeleteAudience of a probe, RSS, then a restart; the new stubs."""
     from qualify.v1 import audience_pb2
 
@@ -134,6 +136,7 @@ def _probes(server: Server, aud) -> tuple[dict, tuple]:
     aud.DeleteAudience(audience_pb2.DeleteAudienceRequest(id="probe"), timeout=600)
     delete_s = time.perf_counter() - t1
     anon_kib, _ = _proc.rss_split_kib(server.pid)
+    channel.close()
     server.stop()
     t2 = time.perf_counter()
     server.start()
@@ -162,13 +165,13 @@ def measure(args) -> dict:
             seconds, cpu = time.perf_counter() - t0, _proc.cpu_seconds(server.pid) - cpu0
             step, logged = size - logged, size
             time.sleep(1.0)  # the last batch's transaction and evictions settle
+            anon_kib = _proc.rss_split_kib(server.pid)[0]
             row = {"events": size, "ingest_events_per_s": round(step / seconds),
-                   "server_cpu_us_per_event": round(cpu / step * S, 1),
-                   **_memory(_proc.rss_split_kib(server.pid)[0], baseline_kib, _with_state(size, args.persons),
-                             rows[-1] if rows else None)}
+                   "server_cpu_us_per_event": round(cpu / step * S, 1), "rss_anon_kib_before_probes": anon_kib}
+            if args.rss_only or not rows:  # (after a restart the baseline no longer applies)
+                row.update(_memory(anon_kib, baseline_kib, _with_state(size, args.persons), rows[-1] if rows else None))
             if not args.rss_only:
-                channel.close()
-                probes, (channel, aud, ingest) = _probes(server, aud)
+                probes, (channel, aud, ingest) = _probes(server, channel, aud)
                 row.update(probes)
             mdb = (work / "data" / "lmdb" / "data.mdb").stat().st_size
             row["lmdb_file_bytes_per_event"] = round(mdb / size, 1)
