@@ -1,4 +1,4 @@
-"""The ``qualify`` command: serve, sync, check, get, syncs, demo, bench, keys."""
+"""The ``qualify`` command: serve, sync, check, get, audiences, syncs, demo, bench, keys."""
 
 from __future__ import annotations
 
@@ -201,24 +201,63 @@ def connection_args(p) -> None:
     p.add_argument("--tls-key", help="mutual TLS: this client's PEM private key")
 
 
-def _sync_call(args, method: str, request):
-    """One SyncService call; prints a clean error and returns None on failure."""
+def _rpc(args, service: str, method: str, request):
+    """One call of ``service`` (SyncService, AudienceService); prints a clean error and returns None on failure."""
     import grpc
 
     from qualify.clients._call import call_metadata, channel_credentials, open_channel
     from qualify.clients._errors import error_from_rpc_error
-    from qualify.v1 import sync_pb2_grpc
+    from qualify.v1 import audience_pb2_grpc, sync_pb2_grpc
 
+    stub = {"SyncService": sync_pb2_grpc.SyncServiceStub, "AudienceService": audience_pb2_grpc.AudienceServiceStub}
     conn = _connection(args)
     credentials = channel_credentials(None, False, conn["root_certificates"], conn["certificate_chain"],
                                       conn["private_key"])
     try:
         with open_channel(args.address, credentials) as channel:
-            return getattr(sync_pb2_grpc.SyncServiceStub(channel), method)(
+            return getattr(stub[service](channel), method)(
                 request, timeout=args.timeout, metadata=call_metadata(None, conn["api_key"]))
     except grpc.RpcError as exc:
-        print(f"qualify syncs: {error_from_rpc_error(exc)}", file=sys.stderr)
+        print(f"qualify {args.command}: {error_from_rpc_error(exc)}", file=sys.stderr)
         return None
+
+
+def _sync_call(args, method: str, request):
+    return _rpc(args, "SyncService", method, request)
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    """Columns padded to their widest cell; the last one is not."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+
+
+def cmd_audiences(args) -> int:
+    from google.protobuf import json_format
+
+    from qualify.v1 import audience_pb2
+
+    audiences, token = [], ""
+    while True:
+        reply = _rpc(args, "AudienceService", "ListAudiences",
+                     audience_pb2.ListAudiencesRequest(page_size=100, page_token=token))
+        if reply is None:
+            return 1
+        audiences += reply.audiences
+        token = reply.next_page_token
+        if not token:
+            break
+    if args.json:
+        print(json.dumps([json_format.MessageToDict(a, preserving_proto_field_name=True) for a in audiences],
+                         indent=2))
+        return 0
+    rows = [("AUDIENCE", "STATE", "MEMBERS", "NAME")]
+    for a in audiences:
+        state = "live" if a.state == audience_pb2.Audience.LIVE else f"backfilling {a.backfill_progress:.0%}"
+        rows.append((a.id, state, f"{a.member_count:,}", a.display_name))
+    _table(rows)
+    return 0
 
 
 def _age(duration) -> str:
@@ -253,9 +292,7 @@ def cmd_syncs(args) -> int:
         lag = _age(st.lag) + (" (holds the changelog)" if st.holds_changelog else "")
         rows.append((s.id, dest, ",".join(s.audience_ids), f"{st.delivered:,}", lag, f"{st.retries:,}",
                      f"{st.dead_lettered:,}", error))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    _table(rows)
     return 0
 
 
@@ -360,6 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("sync")
     address_args(a)
     a.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("audiences", help="realtime audiences: state (backfilling or live) and member counts")
+    address_args(p)
+    p.add_argument("--json", action="store_true", help="print the audiences as JSON")
+    p.set_defaults(func=cmd_audiences)
 
     p = sub.add_parser("demo", help="walk through a realtime audience against a server on the embedded demo")
     p.add_argument("--address", default="127.0.0.1:50051", help="server address (default 127.0.0.1:50051)")
