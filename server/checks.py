@@ -1,4 +1,4 @@
-"""What ``qualify check`` looks at beyond the project file's own rules: the warehouse and the stored audiences.
+"""``qualify check``: the project file's own rules, then the warehouse and the stored audiences.
 
 - The warehouse: every query runs (schema only) and returns the columns the
   project names.
@@ -14,9 +14,12 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import lmdb
 
-from .config import Project
+from .config import Project, ProjectError, load_project
 from .domain.audiences import check_windows
 from .domain.conditions import parse_condition
 from .domain.errors import InvalidAudience
@@ -77,3 +80,38 @@ def audience_problems(project: Project) -> tuple[list[str], str | None]:
     note = (f"{len(records)} stored audience{'s' if len(records) != 1 else ''} checked against "
             f"[realtime] event_retention ({project.event_retention:g}s)")
     return problems, note
+
+
+def check(project_file: str | None) -> int:
+    """``qualify check [--project FILE]``: prints every problem, or ok with notes; the exit code."""
+    path = project_file or "qualify.toml"
+    if project_file is None and not Path(path).is_file():
+        print("qualify check: no ./qualify.toml here; give the project file with --project FILE "
+              "(serve and sync without one run the embedded demo, which needs no check)", file=sys.stderr)
+        return 2
+    try:
+        project = load_project(path)
+    except ProjectError as exc:
+        print(f"{exc.path}: {len(exc.problems)} problem(s)")
+        for p in exc.problems:
+            print(f"  {p}")
+        return 1
+    problems = warehouse_problems(project)
+    stored, note = audience_problems(project)
+    problems += stored
+    if problems:
+        print(f"{path}: {len(problems)} problem(s)")
+        for p in problems:
+            print(f"  {p}")
+        return 1
+    print(f"{path}: ok ({len(project.parent_model.attributes)} attributes, "
+          f"collections: {', '.join(c.name for c in project.collections)})")
+    if note:
+        print(f"  {note}")
+    limits, workers = project.ops.limits, project.server.workers
+    if project.ops.auth and limits.requests_per_second:
+        # Each serving process keeps its own token buckets (nothing is shared between them).
+        print(f"  note: per-key rate limits apply per serving process: with {workers} serving process"
+              f"{'es' if workers != 1 else ''} (--workers), a key may make up to "
+              f"{workers * limits.requests_per_second:g} requests/s (burst {workers * limits.burst})")
+    return 0

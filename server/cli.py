@@ -127,39 +127,9 @@ def cmd_sync(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from .checks import audience_problems, warehouse_problems
+    from .checks import check
 
-    path = args.project or "qualify.toml"
-    if args.project is None and not Path(path).is_file():
-        print("qualify check: no ./qualify.toml here; give the project file with --project FILE "
-              "(serve and sync without one run the embedded demo, which needs no check)", file=sys.stderr)
-        return 2
-    try:
-        project = load_project(path)
-    except ProjectError as exc:
-        print(f"{exc.path}: {len(exc.problems)} problem(s)")
-        for p in exc.problems:
-            print(f"  {p}")
-        return 1
-    problems = warehouse_problems(project)
-    stored, note = audience_problems(project)
-    problems += stored
-    if problems:
-        print(f"{path}: {len(problems)} problem(s)")
-        for p in problems:
-            print(f"  {p}")
-        return 1
-    print(f"{path}: ok ({len(project.parent_model.attributes)} attributes, "
-          f"collections: {', '.join(c.name for c in project.collections)})")
-    if note:
-        print(f"  {note}")
-    limits, workers = project.ops.limits, project.server.workers
-    if project.ops.auth and limits.requests_per_second:
-        # Each serving process keeps its own token buckets (nothing is shared between them).
-        print(f"  note: per-key rate limits apply per serving process: with {workers} serving process"
-              f"{'es' if workers != 1 else ''} (--workers), a key may make up to "
-              f"{workers * limits.requests_per_second:g} requests/s (burst {workers * limits.burst})")
-    return 0
+    return check(args.project)
 
 
 def cmd_get(args) -> int:
