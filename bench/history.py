@@ -9,7 +9,8 @@ timestamps spread over the last day, up to each size in turn. At each size:
 * ingest: events/s and the server's CPU per event while logging the step;
 * restart: SIGTERM, then ``qualify serve`` on the same folder until health
   says SERVING, and the server's own "realtime state loaded in" time;
-* CreateAudience and DeleteAudience return times;
+* CreateAudience and DeleteAudience return times, the probe's backfill time
+  (until GetAudience says LIVE) and RSS once it is done;
 * the server's anonymous RSS, and LMDB bytes per event and per person;
   RSS before the probes per person with realtime state, from a baseline
   taken once the audiences exist and before any event, and its slope
@@ -88,6 +89,19 @@ def _create(aud, aid: str, definition: dict) -> float:
     return time.perf_counter() - t0
 
 
+def _wait_live(aud, aid: str, timeout: float = 1800.0) -> float:
+    """Seconds until the audience's backfill ends (state LIVE)."""
+    from qualify.v1 import audience_pb2
+
+    t0 = time.perf_counter()
+    while aud.GetAudience(audience_pb2.GetAudienceRequest(id=aid), timeout=30).audience.state != \
+            audience_pb2.Audience.LIVE:
+        if time.perf_counter() - t0 > timeout:
+            raise TimeoutError(f"audience {aid!r} still backfilling after {timeout:g}s")
+        time.sleep(0.05)
+    return time.perf_counter() - t0
+
+
 def _ingest(ingest, n: int, persons: int, start: int, now_s: float) -> None:
     from qualify.v1 import event_pb2, ingest_pb2
 
@@ -132,6 +146,8 @@ def _probes(server: Server, channel, aud) -> tuple[dict, tuple]:
     from qualify.v1 import audience_pb2
 
     create_s = _create(aud, "probe", _audience(3))
+    backfill_s = _wait_live(aud, "probe")
+    backfilled_kib, _ = _proc.rss_split_kib(server.pid)
     t1 = time.perf_counter()
     aud.DeleteAudience(audience_pb2.DeleteAudienceRequest(id="probe"), timeout=600)
     delete_s = time.perf_counter() - t1
@@ -141,7 +157,8 @@ def _probes(server: Server, channel, aud) -> tuple[dict, tuple]:
     t2 = time.perf_counter()
     server.start()
     restart_s = time.perf_counter() - t2
-    return ({"create_audience_s": round(create_s, 3), "delete_audience_s": round(delete_s, 3),
+    return ({"create_audience_s": round(create_s, 3), "backfill_s": round(backfill_s, 2),
+             "rss_anon_mib_after_backfill": round(backfilled_kib / 1024, 1), "delete_audience_s": round(delete_s, 3),
              "restart_to_serving_s": round(restart_s, 2), "state_loaded_s": _loaded_seconds(server),
              "rss_anon_mib": round(anon_kib / 1024, 1)}, _stubs(server.address))
 
@@ -157,6 +174,8 @@ def measure(args) -> dict:
         channel, aud, ingest = _stubs(server.address)
         for i in range(args.audiences):
             _create(aud, f"h{i}", _audience(i))
+        for i in range(args.audiences):
+            _wait_live(aud, f"h{i}")
         time.sleep(1.0)
         baseline_kib, _ = _proc.rss_split_kib(server.pid)
         for size in sizes:
