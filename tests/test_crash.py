@@ -186,6 +186,63 @@ def assert_matches(api: Api, lmdb_dir, expected: Expected, people: People) -> No
     assert mine == want, sorted(set(mine.items()) ^ set(want.items()))[:6]
 
 
+class FirstSeq:
+    """The event log's first sequence, read read-only from LMDB while the server compacts it."""
+
+    def __init__(self, lmdb_dir):
+        self.env = lmdb.open(str(lmdb_dir), map_size=0, readonly=True, lock=True, max_dbs=64)
+        self.db = self.env.open_db(b"events", create=False)
+
+    def __call__(self) -> int:
+        try:
+            with self.env.begin() as txn, txn.cursor(db=self.db) as cur:
+                return SEQ.unpack(cur.key())[0] if cur.first() else 0
+        except lmdb.MapResizedError:  # the writer grew the map: adopt its size
+            self.env.set_mapsize(0)
+            return self()
+
+    def wait_between(self, low: int, high: int, until, timeout: float = 30.0) -> int:
+        """Polls until low < first < high and ``until()``: compaction is under way, not done."""
+        deadline = time.monotonic() + timeout
+        while True:
+            first = self()
+            if until() and low < first < high:
+                return first
+            assert first < high, f"compaction finished before the kill (first seq {first}): nothing tested"
+            assert time.monotonic() < deadline, f"no compaction seen: first seq {first}"
+            time.sleep(0.001)
+
+    def close(self) -> int:
+        first = self()
+        self.env.close()
+        return first
+
+
+def old_history(api: Api, people: People, rng: random.Random, now: int) -> list[event_pb2.Event]:
+    """30,000 events, mostly ones that match no model (they fill the log; the reference skips them)."""
+    old = []
+    for _ in range(30):
+        batch = [people.event(now) if rng.random() < 0.04 else
+                 event(event_pb2.EVENT_TYPE_TRACK, "filler", ts_us=now, name="Button Clicked") for _ in range(1000)]
+        assert api.send(*batch).accepted == 1000
+        old += batch
+    return old
+
+
+def assert_compacted_changelog(lmdb_dir, expected: Expected, cutoff: int) -> None:
+    """Contiguous sequences up to a head that counts every change; each pair keeps a suffix, all its young ones."""
+    seqs, got = server_changes(lmdb_dir)
+    total = expected.total()
+    assert head(lmdb_dir) == total and seqs == list(range(seqs[0], total + 1)), (seqs[:3], seqs[-3:], total)
+    for key, want in expected.changes.items():
+        kept = got.pop(key, [])
+        assert kept == want[len(want) - len(kept):], (key, kept, want)
+        assert len(kept) >= sum(1 for c in want if c[1] >= cutoff), (key, kept, want)
+    assert not got, f"changes the reference never made: {list(got.items())[:3]}"
+    at_t0 = sum(1 for cs in expected.changes.values() for c in cs if c[1] == T0)  # all old, first in sequence
+    assert seqs[0] > at_t0, "the changes of the old history were not compacted"
+
+
 @pytest.fixture
 def rows(demo_warehouse):
     return warehouse_rows(demo_warehouse, "user_id, plan, ltv")
@@ -255,28 +312,11 @@ def test_kill_9_during_compaction(tmp_path, demo_warehouse, rows):
         for aid, definition in AUDIENCES.items():
             api.create(aid, definition)
         expected.create(sorted(rows) + people.keys(), clock.now)
-        # Old history: mostly events that match no model (they fill the log, the reference skips them).
-        old = []
-        for _ in range(30):
-            batch = [people.event(clock.now) if rng.random() < 0.04 else
-                     event(event_pb2.EVENT_TYPE_TRACK, "filler", ts_us=clock.now, name="Button Clicked")
-                     for _ in range(1000)]
-            assert api.send(*batch).accepted == 1000
-            old += batch
+        old = old_history(api, people, rng, clock.now)
         for e in old:
             expected.event(e, clock.now)
 
-        env = lmdb.open(str(lmdb_dir), map_size=0, readonly=True, lock=True, max_dbs=64)
-        events_db = env.open_db(b"events", create=False)
-
-        def first_seq() -> int:
-            try:
-                with env.begin() as txn, txn.cursor(db=events_db) as cur:
-                    return SEQ.unpack(cur.key())[0] if cur.first() else 0
-            except lmdb.MapResizedError:  # the writer grew the map: adopt its size
-                env.set_mapsize(0)
-                return first_seq()
-
+        log_head = FirstSeq(lmdb_dir)
         sent: dict[int, list] = {}
         acked: list[str] = []
         stop, go = threading.Event(), threading.Event()
@@ -284,20 +324,12 @@ def test_kill_9_during_compaction(tmp_path, demo_warehouse, rows):
         before = clock.now
         clock.advance(90)  # every old event and change is past its retention now; old windows have lapsed
         go.set()  # new events stream in at the new time, between compaction's slices
-        deadline = time.monotonic() + 30
-        while True:  # until new events are acknowledged while a third of the old ones are deleted, not all
-            first = first_seq()
-            if acked and len(old) // 3 < first < len(old):
-                break
-            assert first < len(old), f"compaction finished before the kill (first seq {first}): nothing tested"
-            assert time.monotonic() < deadline, f"no compaction seen: first seq {first}, {len(acked)} acked"
-            time.sleep(0.001)
+        first = log_head.wait_between(len(old) // 3, len(old), until=lambda: bool(acked))
         api.close()
         server.kill()
         stop.set()
         pump.join(10)
-        left = first_seq()
-        env.close()
+        left = log_head.close()
         assert left >= first > len(old) // 3, (left, first)
         expected.advance(before, clock.now)
 
@@ -319,16 +351,7 @@ def test_kill_9_during_compaction(tmp_path, demo_warehouse, rows):
         cutoff = clock.now - 60 * S
         eventually(lambda: changelog(lmdb_dir)[0][1][3] >= cutoff,  # the oldest change kept is young
                    lambda: f"the changelog was not compacted: {changelog(lmdb_dir)[:2]}")
-        seqs, got = server_changes(lmdb_dir)
-        total = expected.total()
-        assert head(lmdb_dir) == total and seqs == list(range(seqs[0], total + 1)), (seqs[:3], seqs[-3:], total)
-        for key, want in expected.changes.items():  # each pair keeps the latest of its changes, all young ones
-            kept = got.pop(key, [])
-            assert kept == want[len(want) - len(kept):], (key, kept, want)
-            assert len(kept) >= sum(1 for c in want if c[1] >= cutoff), (key, kept, want)
-        assert not got, f"changes the reference never made: {list(got.items())[:3]}"
-        at_t0 = sum(1 for cs in expected.changes.values() for c in cs if c[1] == T0)
-        assert seqs[0] > at_t0, "the changes of the old history were not compacted"
+        assert_compacted_changelog(lmdb_dir, expected, cutoff)
         with server.channel() as ch:  # every acknowledged event is still known, compacted or not
             stub = ingest_pb2_grpc.IngestServiceStub(ch)
             for i in range(0, len(old), 1000):
