@@ -34,6 +34,7 @@ from .clock import make_clock
 from .config import Project
 from .delivery.runner import Deliveries
 from .domain.engine import Engine
+from .domain.errors import QualifyError
 from .observability import metrics
 from .config.operations import Operations
 from .runtime import backfill, compact, fire_timers, sync_schedule
@@ -213,7 +214,10 @@ async def _start_engine(store: RealtimeStore, writer: Writer, project: Project, 
         read_event=log_.get, iter_events=lambda txn: log_.read(txn, 1), publish=publish,
         retention_us=int(project.event_retention * 1_000_000), cache_people=project.state_cache)
     t0 = time.perf_counter()
-    changes = await asyncio.wrap_future(writer.submit(lambda txn: engine.recover(txn, clock())))
+    try:
+        changes = await asyncio.wrap_future(writer.submit(lambda txn: engine.recover(txn, clock())))
+    except QualifyError as exc:  # a stored audience the project no longer describes: say which, no traceback
+        raise SystemExit(f"qualify serve: {exc}; fix the project file, or see `qualify check`") from None
     log.info("realtime state loaded in %.2fs (%d audiences, %d people, %d changes on the way)",
              time.perf_counter() - t0, len(engine.audiences), len(engine.slots), len(changes))
     writer.on_events = engine.apply

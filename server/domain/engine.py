@@ -351,7 +351,11 @@ class Engine:
         """
         self.bits = self.store.catalog_bits(txn)
         for rec in self.store.load_audiences(txn):
-            cond = parse_condition(rec["condition"], self.attribute_types, self.event_model_props)
+            try:
+                cond = parse_condition(rec["condition"], self.attribute_types, self.event_model_props)
+            except InvalidAudience as exc:
+                raise InvalidAudience(f"stored audience {rec['id']!r} no longer fits the project: {exc}",
+                                      violations=exc.violations) from None
             self.audiences[rec["id"]] = Audience(rec["id"], rec["display_name"], rec["description"],
                                                  rec["condition"], cond, rec["create_us"], rec["update_us"])
             if rec["id"] not in self.bits:
