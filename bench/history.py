@@ -197,6 +197,7 @@ def _probes(server: Server, channel, aud, rate: int, persons: int, logged: int) 
 def measure(args) -> dict:
     sizes = sorted(int(x) for x in args.sizes.split(","))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="qualify-bench-history-"))
+    work.mkdir(parents=True, exist_ok=True)
     project = None if args.state_cache is None else demo_project_file(
         work, args.people, {"realtime": {"state_cache": args.state_cache}})
     server = Server(work, args.people, log_level="INFO", project=project).start()

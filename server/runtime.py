@@ -113,8 +113,8 @@ async def backfill(engine, writer, clock) -> None:
     (See Writer.set_background: an acknowledgement waits for one slice at
     most.) A slice that failed is tried again a second later.
     """
-    def slice_(txn) -> bool:
-        engine.backfill_step(txn, clock())
+    def slice_(txn, waiting) -> bool:
+        engine.backfill_step(txn, clock(), waiting=waiting)
         return engine.backfilling is not None
 
     writer.set_background(slice_)

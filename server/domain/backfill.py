@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -44,7 +45,8 @@ from .warehouse_parts import changed
 
 log = logging.getLogger(__name__)
 
-SLICE_SECONDS = 0.004  # a walk slice's work, at most (one person's replay may exceed it)
+SLICE_SECONDS = 0.05  # a walk slice's work, at most (one person's replay may exceed it)
+YIELD_AFTER = 0.002  # ... but once other work waits for the writer, no more than this
 WAREHOUSE_CHUNK = 65536  # person ids per slice of the warehouse phase
 
 
@@ -98,19 +100,29 @@ def graft(engine, txn, key: str, state, generation: int) -> bool:
     return True
 
 
-def step(engine, txn, now_us: int, seconds: float = SLICE_SECONDS, people: int | None = None) -> list[MembershipChange]:
-    """One slice of the walk (a writer job of its own); the changes it made."""
+def step(engine, txn, now_us: int, seconds: float = SLICE_SECONDS, people: int | None = None,
+         waiting: Callable[[], bool] = lambda: False) -> list[MembershipChange]:
+    """One slice of the walk (a transaction of its own); the changes it made.
+
+    It ends after ``seconds``, or sooner once ``waiting()`` says other work
+    waits for the writer (after YIELD_AFTER): one commit per slice, and an
+    acknowledgement waits a couple of milliseconds for it at most.
+    """
     progress = engine.backfilling
     changes: list[MembershipChange] = []
     engine._fire_due(txn, now_us, changes)
     if progress is None:
         engine._persist(txn, changes)
         return changes
-    until = time.perf_counter() + seconds
+    start = time.perf_counter()
+
+    def done() -> bool:
+        elapsed = time.perf_counter() - start
+        return elapsed > seconds or (elapsed > YIELD_AFTER and waiting())
     if progress["phase"] == "people":
-        _people(engine, txn, now_us, progress, until, people, changes)
+        _people(engine, txn, now_us, progress, done, people, changes)
     else:
-        _warehouse(engine, txn, now_us, progress, until, changes)
+        _warehouse(engine, txn, now_us, progress, done, changes)
     if progress["phase"] == "live":
         engine.backfilling = None
         engine.store.put_backfill(txn, None)
@@ -121,12 +133,12 @@ def step(engine, txn, now_us: int, seconds: float = SLICE_SECONDS, people: int |
     return changes
 
 
-def _people(engine, txn, now_us: int, progress: dict, until: float, people: int | None,
+def _people(engine, txn, now_us: int, progress: dict, done: Callable[[], bool], people: int | None,
             changes: list[MembershipChange]) -> None:
     everything = range(len(engine.program_bits))
     visited: list[str] = []
     while people is None or len(visited) < people:
-        batch = engine.store.state_keys_after(txn, progress["after"], 64 if people is None else 1)
+        batch = engine.store.state_keys_after(txn, progress["after"], 16 if people is None else 1)
         if not batch:
             progress.update(phase="warehouse", after=0, people=len(engine.warehouse.alive))
             break
@@ -138,7 +150,7 @@ def _people(engine, txn, now_us: int, progress: dict, until: float, people: int 
             engine._schedule(txn, slot, now_us)
             progress["after"] = key
             progress["done"] += 1
-        if time.perf_counter() > until:
+        if done():
             break
     engine._persist(txn, changes)
     for key in visited:  # the walk does not push the people ingest needs out of the cache
@@ -147,7 +159,8 @@ def _people(engine, txn, now_us: int, progress: dict, until: float, people: int 
             engine.free_slot(slot)
 
 
-def _warehouse(engine, txn, now_us: int, progress: dict, until: float, changes: list[MembershipChange]) -> None:
+def _warehouse(engine, txn, now_us: int, progress: dict, done: Callable[[], bool],
+               changes: list[MembershipChange]) -> None:
     """People without realtime state: their memberships follow from the warehouse parts, a slice of ids at a time."""
     if engine.defaults is None:
         engine.defaults = engine._stored_defaults(txn)
@@ -167,7 +180,7 @@ def _warehouse(engine, txn, now_us: int, progress: dict, until: float, changes: 
     moves.sort()
     end = hi
     for n, (pid, i) in enumerate(moves):
-        if n % 64 == 0 and time.perf_counter() > until and n:
+        if n % 64 == 0 and n and done():
             end = pid  # the rest of the slice next time (this person included)
             break
         _move(engine, txn, pid, i, bool(new[i][pid]), now_us, changes)
