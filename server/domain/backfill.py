@@ -57,6 +57,7 @@ def start(engine, txn, audience_ids: list[str], now_us: int) -> None:
     progress.update(phase="people", after="", done=0, total=engine.store.state_count(txn), started_us=now_us)
     engine.store.put_backfill(txn, progress)
     engine.backfilling = progress
+    engine.walk_baseline = {}
     log.info("backfill of %s: %d people with realtime state, then the warehouse's", ", ".join(progress["audiences"]),
              progress["total"])
 
@@ -78,11 +79,8 @@ def fraction(progress: dict) -> float:
     return 0.9 + 0.1 * min(1.0, progress["after"] / max(1, progress.get("people", 1)))
 
 
-def graft(engine, txn, key: str, state, generation: int) -> bool:
-    """Gives a person's state the leaves that joined the program after ``generation``; True if it had any."""
-    leaves = tuple(j for j, epoch in enumerate(engine.leaf_epochs) if epoch > generation)
-    if not leaves:
-        return False
+def graft(engine, txn, key: str, state, leaves: tuple[int, ...]) -> bool:
+    """Gives a person's state these leaves of the program, from a replay of their retained events."""
     evaluator = engine.grafters.get(leaves)
     if evaluator is None:
         program = engine.compiled.program
@@ -162,8 +160,6 @@ def _people(engine, txn, now_us: int, progress: dict, done: Callable[[], bool], 
 def _warehouse(engine, txn, now_us: int, progress: dict, done: Callable[[], bool],
                changes: list[MembershipChange]) -> None:
     """People without realtime state: their memberships follow from the warehouse parts, a slice of ids at a time."""
-    if engine.defaults is None:
-        engine.defaults = engine._stored_defaults(txn)
     lo = progress["after"]
     hi = min(lo + WAREHOUSE_CHUNK, len(engine.warehouse.alive))
     skip = np.ones(len(engine.warehouse.alive), bool)  # outside [lo, hi), and people with loaded realtime state
@@ -172,11 +168,11 @@ def _warehouse(engine, txn, now_us: int, progress: dict, done: Callable[[], bool
         if pid is not None and lo <= pid < hi:
             skip[pid] = True
     new = engine.warehouse.defaults(engine.compiled, engine.warehouse.arrays)
+    walking = {i: engine.bits[engine.program_bits[i]] for i in range(len(new))
+               if engine.bits[engine.program_bits[i]] in progress["audiences"]}
     moves = []  # (person id, program audience index), in id order
-    for i, arr in enumerate(new):
-        if engine.bits[engine.program_bits[i]] in progress["audiences"]:
-            moves += [(pid, i) for pid in changed(arr, _padded(engine.defaults.get(engine.bits[engine.program_bits[i]]),
-                                                               len(arr)), skip)]
+    for i, aid in walking.items():
+        moves += [(pid, i) for pid in changed(new[i], _baseline(engine, txn, aid, len(new[i])), skip)]
     moves.sort()
     end = hi
     for n, (pid, i) in enumerate(moves):
@@ -184,23 +180,38 @@ def _warehouse(engine, txn, now_us: int, progress: dict, done: Callable[[], bool
             end = pid  # the rest of the slice next time (this person included)
             break
         _move(engine, txn, pid, i, bool(new[i][pid]), now_us, changes)
-    for i, arr in enumerate(new):
-        aid = engine.bits[engine.program_bits[i]]
-        if aid in progress["audiences"]:
-            merged = _padded(engine.defaults.get(aid), len(arr))
-            merged[lo:end] = arr[lo:end]
-            engine.defaults[aid] = merged
+    for i, aid in walking.items():
+        base = engine.walk_baseline[aid]
+        base[lo:end] = new[i][lo:end]
+        if engine.defaults is not None:
+            engine.defaults[aid] = base.copy()
     engine._persist(txn, changes)
     progress["after"] = end
     if end >= len(engine.warehouse.alive):
         progress["phase"] = "live"
 
 
-def _padded(arr: np.ndarray | None, n: int) -> np.ndarray:
-    out = np.zeros(n, bool)
-    if arr is not None:
-        out[:min(n, len(arr))] = arr[:n]
-    return out
+def _baseline(engine, txn, aid: str, n: int) -> np.ndarray:
+    """Who of the people without realtime state is a member now, as stored: what the walk moves them from.
+
+    Built once per walk from the engine's defaults, or else (after a
+    restart) from the audience's member index: what its members cost.
+    """
+    base = engine.walk_baseline.get(aid)
+    if base is None:
+        base = np.zeros(n, bool)
+        if engine.defaults is not None and aid in engine.defaults:
+            known = engine.defaults[aid]
+            base[:min(n, len(known))] = known[:n]
+        else:
+            for key in engine.store.member_keys(txn, aid):
+                pid = engine.store.person_id(txn, key)
+                if pid is not None and pid < n:
+                    base[pid] = True
+        engine.walk_baseline[aid] = base
+    elif len(base) < n:  # the warehouse grew meanwhile
+        base = engine.walk_baseline[aid] = np.concatenate([base, np.zeros(n - len(base), bool)])
+    return base
 
 
 def _move(engine, txn, pid: int, i: int, member: bool, now_us: int, changes: list[MembershipChange]) -> None:

@@ -45,6 +45,8 @@ from .warehouse_parts import WarehouseParts, stored_defaults
 
 log = logging.getLogger(__name__)
 
+RETIRED_PROGRAMS = 8  # earlier programs whose evaluators loaded people may still be of
+
 
 class Engine:
     """Realtime audience membership; every method runs on the writer thread."""
@@ -75,6 +77,8 @@ class Engine:
         self.generation = 0  # bumped whenever a state key joins the program
         self.epoch_keys: dict[str, int] = {}  # state key (hex) -> the generation it joined the program at
         self.backfilling: dict | None = None  # the walk's progress (see backfill.py), while one runs
+        self.program_no = 0  # bumped by every program switch
+        self.walk_baseline: dict[str, np.ndarray] = {}  # see backfill._baseline
         self.on_backfill: Callable[[], None] | None = None  # called when a walk starts
         self._reset_people()
         self._compile()
@@ -90,6 +94,8 @@ class Engine:
         self.members: list[dict[int, int]] = []  # slot -> {bit: enter_us}
         self.current: list[list[bool] | None] = []  # slot -> members as program values (a cache)
         self.statics_of: list[list[bool] | None] = []
+        self.loaded_under: list[int | None] = []  # slot -> the program number its state is of
+        self.retired: dict[int, object] = {}  # program number -> its evaluator, while people loaded under it may remain
         self.deadlines: list[int | None] = []  # slot -> its pending timer (filed in the store's timer index)
         self.earliest: int | None = None  # the earliest pending timer of anyone, as of the last entry point
         self.aliases: dict[str, str] = {}
@@ -117,13 +123,16 @@ class Engine:
         self.grafters: dict[tuple[int, ...], object] = {}  # leaves to graft -> an evaluator of just those
 
     def _switch(self, txn) -> None:
-        """A new program, at once: loaded people are dropped (their states are stored) and reload into it."""
+        """A new program, at once: loaded people move into it when next needed (``_migrate``)."""
         assert not self.dirty
+        self.retired[self.program_no] = self.evaluator
+        if len(self.retired) > RETIRED_PROGRAMS:  # many switches in a row: the loaded reload from the store
+            aliases, earliest = self.aliases, self.earliest
+            self._reset_people()
+            self.aliases, self.earliest = aliases, earliest
+        self.program_no += 1
         self._compile(txn)
         self.load_warehouse(txn)
-        aliases, earliest = self.aliases, self.earliest
-        self._reset_people()
-        self.aliases, self.earliest = aliases, earliest
         self.store.put_program(txn, fingerprint(self))
 
     def _slot(self, key: str, txn) -> int:
@@ -131,13 +140,17 @@ class Engine:
         slot = self.slots.get(key)
         if slot is not None:
             self.slots.move_to_end(key)
+            if self.loaded_under[slot] != self.program_no:
+                self._migrate(slot, txn)
             return slot
         stored = self.store.state(txn, key)
-        pid = None if key.startswith(ANON) else self.store.person_id(txn, key)
+        # (A stored id stays the person's: ids are never reused. Without one, the warehouse may know them by now.)
+        pid = stored[1] if stored and stored[1] is not None else (
+            None if key.startswith(ANON) else self.store.person_id(txn, key))
         state = self.evaluator.load(stored[3]) if stored else self.evaluator.new_state()
         fields = (key, state, stored[0] if stored else None,
-                  pid if pid is not None or not stored else stored[1],  # a person the warehouse removed keeps theirs
-                  self.store.membership(txn, key), None, None)
+                  pid,
+                  self.store.membership(txn, key), None, None, self.program_no)
         if self.free:
             slot = self.free.pop()
             for column, value in zip(self._columns(), fields):
@@ -149,14 +162,26 @@ class Engine:
         self.slots[key] = slot
         if stored is None:
             self.created.add(slot)
-        elif stored[2] < self.newest_epoch and backfill.graft(self, txn, key, state, stored[2]):
+        elif stored[2] < self.newest_epoch:
+            self._graft(slot, txn, tuple(j for j, epoch in enumerate(self.leaf_epochs) if epoch > stored[2]))
+        return slot
+
+    def _migrate(self, slot: int, txn) -> None:
+        """A person loaded under an earlier program, into this one (the leaves it lacks are grafted)."""
+        old = self.retired[self.loaded_under[slot]]
+        self.states[slot], missing = self.evaluator.load_with_missing(old.dump(self.states[slot]))
+        self.loaded_under[slot] = self.program_no
+        self._graft(slot, txn, missing)
+
+    def _graft(self, slot: int, txn, leaves: tuple[int, ...]) -> None:
+        if leaves and backfill.graft(self, txn, self.keys[slot], self.states[slot], leaves):
             self.dirty.add(slot)  # leaves that joined the program since learned the person's history:
             self.created.add(slot)  # they are evaluated for every audience, like someone new
             self.grafted.add(slot)
-        return slot
 
     def _columns(self) -> tuple[list, ...]:
-        return (self.keys, self.states, self.deadlines, self.pids, self.members, self.current, self.statics_of)
+        return (self.keys, self.states, self.deadlines, self.pids, self.members, self.current, self.statics_of,
+                self.loaded_under)
 
     def _evict(self) -> None:
         """Forgets the least recently used people beyond the cache: their state is stored, and reloads when needed."""
