@@ -105,3 +105,21 @@ async def compact(retention, writer, clock, every: float) -> None:
             log.warning("a realtime sync has not delivered changes older than [realtime] changelog_retention: "
                         "the changelog keeps them until it does (qualify syncs shows its lag)")
         await asyncio.sleep(0 if done.full else every)
+
+
+async def backfill(engine, writer, clock) -> None:
+    """Brings new and changed audiences their members: the writer runs a bounded slice between its other work.
+
+    (See Writer.set_background: an acknowledgement waits for one slice at
+    most.) A slice that failed is tried again a second later.
+    """
+    def slice_(txn, waiting) -> bool:
+        engine.backfill_step(txn, clock(), waiting=waiting)
+        return engine.backfilling is not None
+
+    writer.set_background(slice_)
+    engine.on_backfill = writer.wake_background
+    while True:
+        if engine.backfilling is not None:
+            writer.wake_background()
+        await asyncio.sleep(1.0)

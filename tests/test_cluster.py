@@ -26,6 +26,7 @@ from qualify.server.domain.conditions import parse_condition
 from test_audiences import (CAUSE_AUDIENCE, CAUSE_EVENT, CAUSE_LAPSE, CAUSE_MERGE, CAUSE_SESSION_END, CLOCK_ENV, FREE, PRO, S, T0, Api, TestClock, and_, attr, cart_add, ev, fv, identify,
                             not_, page, path_is, product_view, wait_for, warehouse_rows)
 from test_realtime import ATTR_TYPES, MODEL_PROPS, Reference
+from qualify.v1 import audience_pb2
 
 pytestmark = pytest.mark.skipif(NATS_SERVER is None, reason="nats-server is not installed (apt install nats-server)")
 
@@ -134,6 +135,9 @@ def test_three_nodes_answer_as_one_node(tmp_path, nats3, demo_warehouse, batch):
         for aid, definition in AUDIENCES.items():
             cluster.api().create(aid, definition)
             solo.create(aid, definition)
+        # One node walks a new audience's members beside ingest (domain/backfill.py); a partition walks
+        # them when it applies the change. Events go in once the single node's walks are done too.
+        assert wait_for(lambda: all(solo.get(a).state == audience_pb2.Audience.LIVE for a in AUDIENCES), 30.0)
         sc = Scenario(cluster, solo, clock, warehouse_rows(demo_warehouse, "user_id, plan, ltv"))
         single_lmdb = single_dir / "data" / "lmdb"
 

@@ -221,11 +221,24 @@ class Applier:
             if op == "put":
                 engine.put_audience(txn, aid, record["display_name"], record["description"], record["condition"],
                                     now, create=aid not in engine.audiences)
+                self._backfill(txn, now)
             elif aid in engine.audiences:
                 engine.delete_audience(txn, aid, now)
         except QualifyError as exc:  # checked where it was made; the same code refuses it everywhere alike
             log.error("partition %d: audience %s revision %d refused: %s", self.partition, aid, revision, exc)
         self.state.audiences[aid] = revision
+
+    def _backfill(self, txn, now: int) -> None:
+        """The new definition's walk (domain/backfill.py), whole, here and now.
+
+        On one node it runs in slices beside ingest; a partition runs it to
+        its end inside the transaction that applies the audience change, so
+        every replay of the stream finds the same members at the same point.
+        A partition is a small share of the people: the walk is its share too.
+        """
+        engine = self.engine
+        while getattr(engine, "backfilling", None) is not None:
+            engine.backfill_step(txn, now, seconds=float("inf"))
 
     def _compact(self, txn, now: int) -> None:
         if now - self._compacted_at < COMPACT_EVERY_US:

@@ -15,12 +15,17 @@ UNIMPLEMENTED (run them against a single node over a copy of the data).
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Protocol
 
 from ..domain.audiences import check_audience_id, check_windows
 from ..domain.conditions import parse_condition
 from ..domain.errors import FieldViolation, InvalidRequest, NotImplementedYet
 from .audiences import UPDATABLE, AudienceInfo, AudienceService
+
+
+VISIBLE_WITHIN = 5.0  # seconds a change may take to reach this node's read copy before the call answers anyway
 
 
 class AudienceCatalog(Protocol):
@@ -58,6 +63,7 @@ class ClusterAudienceService(AudienceService):
         record = {"id": audience_id, "display_name": display_name, "description": description,
                   "condition": definition, "create_us": now, "update_us": now}
         await self.catalog.create(record)
+        await self._visible(audience_id, lambda r: r is not None and r["update_us"] == now)
         return AudienceInfo.of(record, 0)
 
     async def update(self, audience_id: str, paths: set[str], display_name: str, description: str,
@@ -79,11 +85,19 @@ class ClusterAudienceService(AudienceService):
                 record[name] = value
         self._check(record["condition"])
         await self.catalog.update(record, revision)
+        await self._visible(audience_id, lambda r: r is not None and r["update_us"] == record["update_us"])
         _, count = self.reads.audience(audience_id)
         return AudienceInfo.of(record, count)
 
     async def delete(self, audience_id: str) -> None:
         await self.catalog.delete(audience_id)
+        await self._visible(audience_id, lambda r: r is None)
+
+    async def _visible(self, audience_id: str, seen) -> None:
+        """Until this node's read copy shows the change: a Get after the answer, on this node, sees it."""
+        deadline = time.monotonic() + VISIBLE_WITHIN
+        while not seen(self.reads.audience(audience_id)[0]) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
 
     async def preview(self, audience_id, draft, sample):
         raise NotImplementedYet("PreviewAudience needs every person's realtime state in one place; in a cluster "

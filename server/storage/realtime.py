@@ -12,13 +12,16 @@ Named databases::
     audience_members  audience id | 0x00 | person key -> b"" (ListMembers pages through it)
     changelog         u64 sequence (big-endian) -> msgpack [audience, person, direction, effective_us, cause, message_id]
                       (positional: a MembershipChange without its sequence, the key)
-    rt_state          person key -> i64 next timer (-1: none) | i64 person id (-1: none) (little-endian) | the
-                      evaluator's dump of their state (the id outlives a warehouse removal: ids are never reused)
+    rt_state          person key -> i64 next timer (-1: none) | i64 person id (-1: none) | i64 the program
+                      generation it was dumped at (little-endian) | the evaluator's dump of their state (the id
+                      outlives a warehouse removal: ids are never reused)
     rt_timers         u64 instant (big-endian) | person key -> b"": every pending timer, in time order
     person_events     person key | 0x00 | u64 event sequence (big-endian) -> b"": each person's events in the log
     rt_aliases        anonymous (or aliased) id -> the user id it was linked to
     meta              b"changelog_seq" -> u64 last sequence; b"counts" -> JSON {audience id: members};
-                      b"rt_program" -> the fingerprint of the program the stored states were dumped under
+                      b"rt_program" -> the fingerprint of the program the stored states were dumped under;
+                      b"rt_epochs" -> JSON {generation, leaves: {state key: the generation it joined at}};
+                      b"rt_backfill" -> JSON, the audiences being backfilled and how far (see domain/backfill.py)
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import json
 import struct
 from collections.abc import Iterable, Iterator
 
+import lmdb
 import msgpack
 import numpy as np
 
@@ -34,7 +38,7 @@ from ..domain.changes import Cause, Direction, MembershipChange
 from ..domain.schema import ValueType
 from ..domain.static import Column
 from ..observability import metrics
-from .lmdb_store import CATALOG, GENERATION, ID_KEY, META, PEOPLE, U32, U64, delete_prefix
+from .lmdb_store import CATALOG, GENERATION, ID_KEY, META, PEOPLE, U32, U64, delete_prefix, open_env
 from .lmdb_store import decode_membership as _decode
 
 AUDIENCES = b"audiences"
@@ -49,7 +53,9 @@ TIMER_KEY = struct.Struct(">Q")
 PERSON_EVENTS = b"person_events"
 ALIASES = b"rt_aliases"
 PROGRAM = b"rt_program"
-STATE_HEAD = struct.Struct("<qq")  # next timer, person id
+STATE_HEAD = struct.Struct("<qqq")  # next timer, person id, program generation
+EPOCHS = b"rt_epochs"
+BACKFILL = b"rt_backfill"
 SEQ_KEY = struct.Struct(">Q")
 packb = msgpack.Packer().pack
 _DTYPES = {ValueType.STRING: np.int32, ValueType.INT: np.int64, ValueType.FLOAT: np.float64,
@@ -181,17 +187,51 @@ class RealtimeStore:
     def put_program(self, txn, fingerprint: bytes) -> None:
         txn.put(PROGRAM, fingerprint, db=self.meta)
 
-    def put_state(self, txn, person_key: str, deadline: int | None, pid: int | None, raw: bytes) -> None:
-        head = STATE_HEAD.pack(-1 if deadline is None else deadline, -1 if pid is None else pid)
+    def epochs(self, txn) -> dict:
+        return json.loads(txn.get(EPOCHS, db=self.meta) or b'{"generation": 0, "leaves": {}}')
+
+    def put_epochs(self, txn, epochs: dict) -> None:
+        txn.put(EPOCHS, json.dumps(epochs).encode(), db=self.meta)
+
+    def backfill(self, txn) -> dict | None:
+        raw = txn.get(BACKFILL, db=self.meta)
+        return json.loads(raw) if raw else None
+
+    def put_backfill(self, txn, progress: dict | None) -> None:
+        if progress is None:
+            txn.delete(BACKFILL, db=self.meta)
+        else:
+            txn.put(BACKFILL, json.dumps(progress).encode(), db=self.meta)
+
+    def put_state(self, txn, person_key: str, deadline: int | None, pid: int | None, generation: int,
+                  raw: bytes) -> None:
+        head = STATE_HEAD.pack(-1 if deadline is None else deadline, -1 if pid is None else pid, generation)
         txn.put(person_key.encode(), head + raw, db=self.states)
 
-    def state(self, txn, person_key: str) -> tuple[int | None, int | None, bytes] | None:
-        """(next timer, person id, the evaluator's dump) of one person; None if they have no realtime state."""
+    def state(self, txn, person_key: str) -> tuple[int | None, int | None, int, bytes] | None:
+        """(next timer, person id, generation, the evaluator's dump) of one person; None without realtime state."""
         v = txn.get(person_key.encode(), db=self.states)
         if v is None:
             return None
-        deadline, pid = STATE_HEAD.unpack_from(v)
-        return (None if deadline < 0 else deadline), (None if pid < 0 else pid), bytes(v[STATE_HEAD.size:])
+        deadline, pid, generation = STATE_HEAD.unpack_from(v)
+        return (None if deadline < 0 else deadline), (None if pid < 0 else pid), generation, \
+            bytes(v[STATE_HEAD.size:])
+
+    def state_count(self, txn) -> int:
+        return txn.stat(self.states)["entries"]
+
+    def state_keys_after(self, txn, after: str, limit: int) -> list[str]:
+        """Up to ``limit`` people with realtime state, in key order after ``after``."""
+        out: list[str] = []
+        with txn.cursor(db=self.states) as cur:
+            k = after.encode()
+            found = cur.set_range(k)
+            if found and cur.key() == k:
+                found = cur.next()
+            while found and len(out) < limit:
+                out.append(bytes(cur.key()).decode())
+                found = cur.next()
+        return out
 
     def state_people(self, txn) -> Iterator[tuple[str, int | None]]:
         """(person key, person id as last stored) of everyone with realtime state."""
@@ -367,3 +407,23 @@ def _page(txn, index, audience_id: str, after: str, limit: int) -> tuple[list[st
 
 def _catalog(txn, meta) -> list[str | None]:
     return list(json.loads(txn.get(CATALOG, db=meta) or b"{}").get("audiences", []))
+
+
+def stored_audiences(lmdb_dir) -> list[dict] | None:
+    """The audience records in a data folder's environment, read-only (beside a running server too).
+
+    None when the folder holds no Qualify data; [] when it holds no audiences yet.
+    """
+    try:
+        env = open_env(lmdb_dir, 0, readonly=True)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            db = env.open_db(AUDIENCES, create=False)
+        except lmdb.NotFoundError:
+            return []
+        with env.begin() as txn:
+            return [json.loads(v) for _, v in txn.cursor(db=db)]
+    finally:
+        env.close()

@@ -1,0 +1,233 @@
+"""Backfill: a new or changed audience learns the retained history beside ingest, never in front of it.
+
+CreateAudience and UpdateAudience switch the program at once: what they
+cost is compiling it, not the history. The new event leaves then learn what
+they missed, person by person:
+
+- Every event leaf has an *epoch*, the program generation at which its state
+  key joined the program, and every stored state the generation it was
+  dumped at. A person's stored state lacks the leaves whose epoch is later
+  (or holds a stale copy, from before the key last left the program).
+- Whenever such a person is loaded (by an event, a timer, a sync, a merge or
+  the walk below), those leaves are grafted from a replay of the person's own
+  retained events (their event index, bounded by retention) through an
+  evaluator of just those leaves; the person is then evaluated for every
+  audience. Events that arrive meanwhile go to the switched program, so
+  nothing is missed and nothing counted twice.
+- A walk visits everyone with realtime state, in key order, a bounded slice
+  per writer job between ingest batches; then the people without realtime
+  state, whose memberships follow from the warehouse parts, in chunks of
+  person ids. Enters and exits it finds are changes with cause
+  AUDIENCE_CHANGE. Its progress commits with each slice, so a restart
+  (kill -9 included) resumes it; a person's graft commits with their state.
+
+While the walk runs, the audience is BACKFILLING: people the walk has not
+reached yet still have the memberships of the old definition (none, for a new
+audience). Once it ends the audience is LIVE.
+
+These functions run inside the engine, on the writer thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from qualify.evaluator import make_evaluator
+from qualify.evaluator.program import Program
+
+from .changes import Cause, Direction, MembershipChange
+from .events import matching_models
+from .warehouse_parts import changed
+
+log = logging.getLogger(__name__)
+
+SLICE_SECONDS = 0.05  # a walk slice's work, at most (one person's replay may exceed it)
+YIELD_AFTER = 0.002  # ... but once other work waits for the writer, no more than this
+WAREHOUSE_CHUNK = 65536  # person ids per slice of the warehouse phase
+
+
+def start(engine, txn, audience_ids: list[str], now_us: int) -> None:
+    """Starts (or restarts, with more audiences) the walk: a new definition needs everyone evaluated."""
+    progress = engine.store.backfill(txn) or {"audiences": [], "started_us": now_us}
+    progress["audiences"] = sorted(set(progress["audiences"]) | set(audience_ids))
+    progress.update(phase="people", after="", done=0, total=engine.store.state_count(txn), started_us=now_us)
+    engine.store.put_backfill(txn, progress)
+    engine.backfilling = progress
+    engine.walk_baseline = {}
+    log.info("backfill of %s: %d people with realtime state, then the warehouse's", ", ".join(progress["audiences"]),
+             progress["total"])
+
+
+def forget(engine, txn, audience_id: str) -> None:
+    """A deleted audience leaves the walk (which ends if it was the last)."""
+    progress = engine.backfilling
+    if progress is None or audience_id not in progress["audiences"]:
+        return
+    progress["audiences"].remove(audience_id)
+    engine.backfilling = progress if progress["audiences"] else None
+    engine.store.put_backfill(txn, engine.backfilling)
+
+
+def fraction(progress: dict) -> float:
+    """How far the walk is, from 0 to 1: people with realtime state first, then the warehouse's."""
+    if progress["phase"] == "people":
+        return 0.9 * min(1.0, progress["done"] / max(1, progress["total"]))
+    return 0.9 + 0.1 * min(1.0, progress["after"] / max(1, progress.get("people", 1)))
+
+
+def graft(engine, txn, key: str, state, leaves: tuple[int, ...]) -> bool:
+    """Gives a person's state these leaves of the program, from a replay of their retained events."""
+    evaluator = engine.grafters.get(leaves)
+    if evaluator is None:
+        program = engine.compiled.program
+        evaluator = engine.grafters[leaves] = make_evaluator(
+            Program(tuple(program.leaves[j] for j in leaves), (), 0, program.session_timeout_us),
+            reference=engine.reference)
+    donor = evaluator.new_state()
+    for seq in engine.store.person_seqs(txn, key):
+        ev = engine.read_event(txn, seq)
+        if ev is None:  # older than the log's retention
+            continue
+        for model, _ in matching_models(ev, engine.models):
+            evaluator.observe(donor, model, ev.timestamp_us, ev.properties, ev.session_id)
+    engine.evaluator.graft(state, donor, [(j, i) for i, j in enumerate(leaves)])
+    return True
+
+
+def step(engine, txn, now_us: int, seconds: float = SLICE_SECONDS, people: int | None = None,
+         waiting: Callable[[], bool] = lambda: False) -> list[MembershipChange]:
+    """One slice of the walk (a transaction of its own); the changes it made.
+
+    It ends after ``seconds``, or sooner once ``waiting()`` says other work
+    waits for the writer (after YIELD_AFTER): one commit per slice, and an
+    acknowledgement waits a couple of milliseconds for it at most.
+    """
+    progress = engine.backfilling
+    changes: list[MembershipChange] = []
+    engine._fire_due(txn, now_us, changes)
+    if progress is None:
+        engine._persist(txn, changes)
+        return changes
+    start = time.perf_counter()
+
+    def done() -> bool:
+        elapsed = time.perf_counter() - start
+        return elapsed > seconds or (elapsed > YIELD_AFTER and waiting())
+    if progress["phase"] == "people":
+        _people(engine, txn, now_us, progress, done, people, changes)
+    else:
+        _warehouse(engine, txn, now_us, progress, done, changes)
+    if progress["phase"] == "live":
+        engine.backfilling = None
+        engine.store.put_backfill(txn, None)
+        log.info("backfill of %s done: %d people with realtime state in %.2fs; live", ", ".join(progress["audiences"]),
+                 progress["done"], (now_us - progress["started_us"]) / 1e6)
+    else:
+        engine.store.put_backfill(txn, progress)
+    return changes
+
+
+def _people(engine, txn, now_us: int, progress: dict, done: Callable[[], bool], people: int | None,
+            changes: list[MembershipChange]) -> None:
+    everything = range(len(engine.program_bits))
+    visited: list[str] = []
+    while people is None or len(visited) < people:
+        batch = engine.store.state_keys_after(txn, progress["after"], 16 if people is None else 1)
+        if not batch:
+            progress.update(phase="warehouse", after=0, people=len(engine.warehouse.alive))
+            break
+        for key in batch:
+            if key not in engine.slots:
+                visited.append(key)
+            slot = engine._slot(key, txn)
+            engine._evaluate(slot, now_us, everything, Cause.AUDIENCE_CHANGE, "", changes)
+            engine._schedule(txn, slot, now_us)
+            progress["after"] = key
+            progress["done"] += 1
+        if done():
+            break
+    engine._persist(txn, changes)
+    for key in visited:  # the walk does not push the people ingest needs out of the cache
+        slot = engine.slots.pop(key, None)
+        if slot is not None:
+            engine.free_slot(slot)
+
+
+def _warehouse(engine, txn, now_us: int, progress: dict, done: Callable[[], bool],
+               changes: list[MembershipChange]) -> None:
+    """People without realtime state: their memberships follow from the warehouse parts, a slice of ids at a time."""
+    lo = progress["after"]
+    hi = min(lo + WAREHOUSE_CHUNK, len(engine.warehouse.alive))
+    skip = np.ones(len(engine.warehouse.alive), bool)  # outside [lo, hi), and people with loaded realtime state
+    skip[lo:hi] = False
+    for pid in engine.pids:
+        if pid is not None and lo <= pid < hi:
+            skip[pid] = True
+    new = engine.warehouse.defaults(engine.compiled, engine.warehouse.arrays)
+    walking = {i: engine.bits[engine.program_bits[i]] for i in range(len(new))
+               if engine.bits[engine.program_bits[i]] in progress["audiences"]}
+    moves = []  # (person id, program audience index), in id order
+    for i, aid in walking.items():
+        moves += [(pid, i) for pid in changed(new[i], _baseline(engine, txn, aid, len(new[i])), skip)]
+    moves.sort()
+    end = hi
+    for n, (pid, i) in enumerate(moves):
+        if n % 64 == 0 and n and done():
+            end = pid  # the rest of the slice next time (this person included)
+            break
+        _move(engine, txn, pid, i, bool(new[i][pid]), now_us, changes)
+    for i, aid in walking.items():
+        base = engine.walk_baseline[aid]
+        base[lo:end] = new[i][lo:end]
+        if engine.defaults is not None:
+            engine.defaults[aid] = base.copy()
+    engine._persist(txn, changes)
+    progress["after"] = end
+    if end >= len(engine.warehouse.alive):
+        progress["phase"] = "live"
+
+
+def _baseline(engine, txn, aid: str, n: int) -> np.ndarray:
+    """Who of the people without realtime state is a member now, as stored: what the walk moves them from.
+
+    Built once per walk from the engine's defaults, or else (after a
+    restart) from the audience's member index: what its members cost.
+    """
+    base = engine.walk_baseline.get(aid)
+    if base is None:
+        base = np.zeros(n, bool)
+        if engine.defaults is not None and aid in engine.defaults:
+            known = engine.defaults[aid]
+            base[:min(n, len(known))] = known[:n]
+        else:
+            for key in engine.store.member_keys(txn, aid):
+                pid = engine.store.person_id(txn, key)
+                if pid is not None and pid < n:
+                    base[pid] = True
+        engine.walk_baseline[aid] = base
+    elif len(base) < n:  # the warehouse grew meanwhile
+        base = engine.walk_baseline[aid] = np.concatenate([base, np.zeros(n - len(base), bool)])
+    return base
+
+
+def _move(engine, txn, pid: int, i: int, member: bool, now_us: int, changes: list[MembershipChange]) -> None:
+    """A person without realtime state enters (or exits) program audience i, as the warehouse says."""
+    key = engine.store.person_key(txn, pid)
+    if key is None or engine._has_state(txn, key):  # (people with realtime state were walked)
+        return
+    bit = engine.program_bits[i]
+    aid = engine.bits[bit]
+    bits = engine.store.membership(txn, key)
+    if member and bit not in bits:
+        bits[bit] = now_us
+        changes.append(MembershipChange(aid, key, Direction.ENTER, now_us, Cause.AUDIENCE_CHANGE))
+    elif not member and bit in bits:
+        del bits[bit]
+        changes.append(MembershipChange(aid, key, Direction.EXIT, now_us, Cause.AUDIENCE_CHANGE))
+    else:
+        return
+    engine.store.put_membership(txn, key, bits)
