@@ -38,20 +38,22 @@ def test_absent_means_one_node():
 def test_defaults_and_a_list_of_urls():
     c = parse({"nats_url": ["nats://a:4222", "nats://b:4222"], "node_id": "n-1"}).cluster
     assert c.nats_urls == ("nats://a:4222", "nats://b:4222")
-    assert (c.node_id, c.partitions, c.replicas, c.lease_ttl, c.snapshot_interval, c.event_retention) == \
-        ("n-1", 64, 3, 5.0, 60.0, 86400.0)
+    assert (c.node_id, c.partitions, c.replicas, c.lease_ttl, c.snapshot_interval, c.event_retention,
+            c.batch_events) == ("n-1", 64, 3, 5.0, 60.0, 86400.0, False)
 
 
 def test_one_url_as_a_string_and_every_setting():
     c = parse({"nats_url": "nats://127.0.0.1:4222", "node_id": "a", "partitions": 8, "replicas": 1,
-               "lease_ttl": "3s", "snapshot_interval": "10s", "event_retention": "1h"}).cluster
+               "lease_ttl": "3s", "snapshot_interval": "10s", "event_retention": "1h", "batch_events": True}).cluster
     assert c.nats_urls == ("nats://127.0.0.1:4222",)
-    assert (c.partitions, c.replicas, c.lease_ttl, c.snapshot_interval, c.event_retention) == (8, 1, 3.0, 10.0, 3600.0)
+    assert (c.partitions, c.replicas, c.lease_ttl, c.snapshot_interval, c.event_retention, c.batch_events) == \
+        (8, 1, 3.0, 10.0, 3600.0, True)
 
 
 def test_every_problem_is_named():
     found = problems({"nats_url": ["http://x", 3], "node_id": "bad id!", "partitions": 0, "replicas": 9,
-                      "lease_ttl": "0.5s", "snapshot_interval": "1h", "event_retention": "2h", "nodes": 3})
+                      "lease_ttl": "0.5s", "snapshot_interval": "1h", "event_retention": "2h", "nodes": 3,
+                      "batch_events": "yes"})
     text = "\n".join(found)
     assert "cluster.nats_url = ['http://x', 3]: must be a nats:// URL or a non-empty list of them" in text
     assert "cluster.node_id = 'bad id!': must be 1 to 64 letters, digits, _ or -" in text
@@ -60,6 +62,7 @@ def test_every_problem_is_named():
     assert "cluster.lease_ttl = '0.5s': must be at least 1s" in text
     assert "cluster.event_retention = '2h': must cover at least 4 snapshot intervals" in text
     assert "cluster.nodes: unknown key" in text
+    assert "cluster.batch_events = 'yes': must be true or false" in text
 
 
 def test_missing_url_and_bad_url():
@@ -105,3 +108,18 @@ def test_an_event_goes_to_its_primary_partition_then_to_the_people_it_names():
     assert set(targets) == {partition_of("user-1", 64), partition_of("anon:a1", 64)}
     anon = Event(message_id="m2", type=EventType.TRACK, anonymous_id="a1")
     assert partitions_of(MatchedEvent(anon, ((0, ("anonymous", "a1")),)), 64) == [partition_of("anon:a1", 64)]
+
+
+# -------------------------------------------------------------- the share each node claims
+
+
+@pytest.mark.parametrize("partitions,nodes", [(16, 3), (64, 3), (64, 5), (1024, 128), (7, 7), (3, 5)])
+def test_shares_cover_every_partition_and_stay_within_the_balance_target(partitions, nodes):
+    from qualify.server.cluster.leases import quota
+
+    names = [f"n{i}" for i in range(nodes)]
+    shares = [quota(n, names, partitions) for n in names]
+    assert sum(shares) == partitions
+    assert max(shares) - min(shares) <= 1
+    if partitions >= 2 * nodes:
+        assert max(shares) / (partitions / nodes) <= 1.25
