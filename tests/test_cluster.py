@@ -165,12 +165,16 @@ def test_three_nodes_answer_as_one_node(tmp_path, nats3, demo_warehouse, batch):
             want = {a for a, c in parsed.items() if sc.ref.known(person) and sc.ref.holds(c, person, clock.now)}
             assert got == want, person
         assert cluster.api().get("quiet_pro").member_count == solo.get("quiet_pro").member_count
-        leases = nats_json(nats3.urls[0], "qualify-leases")
-        owners = defaultdict(int)
-        for lease in leases.values():
-            owners[lease["node"]] += 1
-        assert sum(owners.values()) == PARTITIONS and len(owners) == 3, owners
-        assert max(owners.values()) / (PARTITIONS / 3) <= 1.25, owners
+        def owners() -> dict[str, int]:
+            out: dict[str, int] = defaultdict(int)
+            for key, lease in nats_json(nats3.urls[0], "qualify-leases").items():
+                if key.startswith("p."):
+                    out[lease["node"]] += 1
+            return out
+
+        # (A handover in flight leaves a partition unowned for a moment: the balance is checked once settled.)
+        assert wait_for(lambda: sum(owners().values()) == PARTITIONS and len(owners()) == 3, 15.0), owners()
+        assert max(owners().values()) / (PARTITIONS / 3) <= 1.25, owners()
         _check_status(cluster)
     finally:
         solo.close()
@@ -184,11 +188,15 @@ def _check_status(cluster: QualifyCluster) -> None:
     project = str(cluster.node_dir(0) / "qualify.toml")
     run = lambda *a: subprocess.run([sys.executable, "-m", "qualify.server.cli", "cluster", "status", "--project",  # noqa: E731
                                      project, *a], capture_output=True, text=True, timeout=60)
-    status = json.loads(run("--json").stdout)
-    assert [(n["node"], n["alive"]) for n in status["nodes"]] == [("n0", True), ("n1", True), ("n2", True)]
-    assert all(p["running_on"] == p["owner"] is not None for p in status["partitions"]), status["partitions"]
-    assert all(p["pending"] == 0 and p["applied"] <= p["stream_last"] for p in status["partitions"])
-    assert all(p["snapshot_age_s"] is not None for p in status["partitions"]), status["partitions"]
+    def settled(status) -> bool:
+        return ([(n["node"], n["alive"]) for n in status["nodes"]] == [("n0", True), ("n1", True), ("n2", True)]
+                and all(p["running_on"] == p["owner"] is not None for p in status["partitions"])
+                and all(p["pending"] == 0 and p["applied"] <= p["stream_last"] for p in status["partitions"])
+                and all(p["snapshot_age_s"] is not None for p in status["partitions"]))
+
+    # Heartbeats (every second) carry what the table shows: it is read until they have caught up.
+    status = wait_for(lambda: (lambda s: s if settled(s) else None)(json.loads(run("--json").stdout)), 15.0)
+    assert status, run("--json").stdout
     text = run().stdout
     assert "16 partitions, 3 of 3 nodes alive, max/mean owned" in text and "QUALIFY_EVENTS" in text, text
 

@@ -132,13 +132,16 @@ async def _connect(settings: ClusterSettings, name: str, timeout: float) -> nats
 
 
 async def retry(make, what: str, attempts: int = 40):
-    """JetStream answers 'no leader' for a few seconds while a new cluster elects its meta leader."""
+    """``make()`` until it succeeds: JetStream answers 'no leader' for a few seconds while a new cluster
+    elects its meta leader, and nodes that start together race to create the same resources (one's
+    create fails 'already in use', or its lookup 'not found' while the other's create propagates).
+    Every ``make`` here looks up before it creates, so running it again is safe."""
     for i in range(attempts):
         try:
             return await make()
         except (asyncio.TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError,
                 nats.js.errors.NoStreamResponseError, nats.js.errors.ServiceUnavailableError,
-                nats.js.errors.ServerError) as exc:
+                nats.js.errors.ServerError, NotFoundError, BadRequestError) as exc:
             if i == attempts - 1:
                 raise ConnectionError(f"JetStream did not answer while creating {what}: {exc!r}") from None
             await asyncio.sleep(0.25)

@@ -102,7 +102,9 @@ class Node:
 
     # -- who is alive, what is mine ------------------------------------------------------
     def alive(self) -> list[str]:
-        now, ttl = wall_us(), int(self.settings.lease_ttl * 1_000_000)
+        # Three missed heartbeats at least: a node stalled for a second (a loaded machine) is not gone, and
+        # counting it out would make the others claim, then hand back, its share.
+        now, ttl = wall_us(), int(max(self.settings.lease_ttl, 3 * HEARTBEAT_EVERY) * 1_000_000)
         out = {n for n, hb in self.nodes.entries.items() if now - hb.get("heartbeat_us", 0) < ttl}
         return sorted(out | {self.settings.node_id})
 

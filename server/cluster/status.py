@@ -49,7 +49,7 @@ async def gather(settings: ClusterSettings, timeout: float = 5.0) -> dict:
     try:
         js = nc.jetstream(timeout=timeout)
         now = time.time()
-        ttl = settings.lease_ttl
+        ttl = max(settings.lease_ttl, 3.0)  # alive as the nodes count it (cluster/node.py)
         nodes = await _entries(js, NODES_BUCKET)
         leases = await _entries(js, LEASES_BUCKET)
         store = await js.object_store(SNAPSHOTS_BUCKET)
