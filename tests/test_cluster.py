@@ -12,6 +12,7 @@ single node's and the pure-Python reference's (tests/test_realtime.py).
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import pytest
 
 from clusters import NATS_SERVER, NatsCluster, QualifyCluster, changelog_rows, fresh_nats, nats_json
 from conftest import QualifyServer, write_realtime_project
+from receivers import WebhookReceiver
 from qualify.server.cluster.partitioning import partition_of
 from qualify.server.domain.conditions import parse_condition
 from test_audiences import (CAUSE_AUDIENCE, CAUSE_EVENT, CAUSE_LAPSE, CAUSE_MERGE, CAUSE_SESSION_END, CLOCK_ENV, FREE, PRO, S, T0, Api, TestClock, and_, attr, cart_add, ev, fv, identify,
@@ -31,6 +33,7 @@ from qualify.v1 import audience_pb2
 pytestmark = pytest.mark.skipif(NATS_SERVER is None, reason="nats-server is not installed (apt install nats-server)")
 
 PARTITIONS = 16
+SECRET = "cluster-equivalence"
 AUDIENCES = {
     "pricing3": and_(ev("page_views", "WITHIN", "60s", "GE", 3, filters=[path_is("path", "/pricing")]), FREE),
     "cart_session": ev("cart_adds", "SESSION", comparison="GE", threshold=2),
@@ -116,16 +119,34 @@ class Scenario:
             self.send([(identify(self.anons[anon], anon, self.clock.now), {})])
 
 
+def sync_toml(url: str) -> str:
+    """A webhook sync of every audience: its deliveries are compared too."""
+    return (f'\n[[syncs]]\nid = "all"\naudiences = {json.dumps(list(AUDIENCES))}\n[syncs.webhook]\nurl = "{url}"\n'
+            'secret_env = "QUALIFY_TEST_SECRET"\nmax_batch_size = 100\n')
+
+
+def delivered(receiver: WebhookReceiver) -> dict[str, list]:
+    """Each person's delivered changes, once each, in sequence order."""
+    out: dict[str, list] = defaultdict(list)
+    for _, c in sorted(receiver.unique().items()):
+        out[c["person_key"]].append((c["audience_id"], c["direction"], c["effective_time"], c["cause"],
+                                     c.get("message_id", "")))
+    return dict(out)
+
+
 @pytest.mark.parametrize("batch", [False, True], ids=["event-per-message", "batch_events"])
 def test_three_nodes_answer_as_one_node(tmp_path, nats3, demo_warehouse, batch):
     fresh_nats(nats3)
     clock = TestClock(tmp_path / "clock", T0)
     single_dir = tmp_path / "single"
     single_dir.mkdir()
-    single = QualifyServer(single_dir, "--project", str(write_realtime_project(single_dir, demo_warehouse)),
-                           env={CLOCK_ENV: str(clock.path)}).start()
+    solo_rx, cluster_rx = WebhookReceiver(SECRET), WebhookReceiver(SECRET)
+    env = {CLOCK_ENV: str(clock.path), "QUALIFY_TEST_SECRET": SECRET}
+    single = QualifyServer(single_dir, "--project", str(write_realtime_project(
+        single_dir, demo_warehouse, sync_toml(solo_rx.url))), env=env).start()
     try:
         cluster = QualifyCluster(tmp_path / "cluster", nats3, demo_warehouse, 3, clock, partitions=PARTITIONS,
+                                 project_extra=sync_toml(cluster_rx.url), env={"QUALIFY_TEST_SECRET": SECRET},
                                  extra="batch_events = true" if batch else "").start()
     except BaseException:
         single.kill()
@@ -165,6 +186,10 @@ def test_three_nodes_answer_as_one_node(tmp_path, nats3, demo_warehouse, batch):
             want = {a for a, c in parsed.items() if sc.ref.known(person) and sc.ref.holds(c, person, clock.now)}
             assert got == want, person
         assert cluster.api().get("quiet_pro").member_count == solo.get("quiet_pro").member_count
+        # The realtime sync delivered the same changes (content and per-person order) from both.
+        assert wait_for(lambda: len(solo_rx.unique()) == len(changelog_rows(single_lmdb)), 15.0)
+        assert wait_for(lambda: delivered(cluster_rx) == delivered(solo_rx), 15.0), (
+            len(cluster_rx.unique()), len(solo_rx.unique()))
         def owners() -> dict[str, int]:
             out: dict[str, int] = defaultdict(int)
             for key, lease in nats_json(nats3.urls[0], "qualify-leases").items():
@@ -179,6 +204,8 @@ def test_three_nodes_answer_as_one_node(tmp_path, nats3, demo_warehouse, batch):
     finally:
         solo.close()
         codes = cluster.stop()
+        solo_rx.close()
+        cluster_rx.close()
         assert single.stop() == 0, single.log()
     assert codes == [0, 0, 0], cluster.logs()
 
@@ -187,7 +214,8 @@ def _check_status(cluster: QualifyCluster) -> None:
     """`qualify cluster status`, as an operator runs it, shows every node, owner, lag and snapshot."""
     project = str(cluster.node_dir(0) / "qualify.toml")
     run = lambda *a: subprocess.run([sys.executable, "-m", "qualify.server.cli", "cluster", "status", "--project",  # noqa: E731
-                                     project, *a], capture_output=True, text=True, timeout=60)
+                                     project, *a], capture_output=True, text=True, timeout=60,
+                                    env={**os.environ, **cluster.env})  # the project's secret_env, set
     def settled(status) -> bool:
         return ([(n["node"], n["alive"]) for n in status["nodes"]] == [("n0", True), ("n1", True), ("n2", True)]
                 and all(p["running_on"] == p["owner"] is not None for p in status["partitions"])
