@@ -149,3 +149,30 @@ def cmd_replay(args) -> int:
         return 1
     print(f"{reply.replayed} dead letter(s) of sync {args.sync} queued for delivery again")
     return 0
+
+
+def add_remote_parsers(sub) -> None:
+    """The ``audiences`` and ``syncs`` subcommands."""
+    def address_args(p):
+        p.add_argument("--address", default="127.0.0.1:50051", help="server address (default 127.0.0.1:50051)")
+        p.add_argument("--timeout", type=float, default=10.0, help="deadline in seconds (default 10)")
+        connection_args(p)
+
+    p = sub.add_parser("syncs", help="realtime syncs: status table, dead letters, replay")
+    address_args(p)
+    p.add_argument("--json", action="store_true", help="print the syncs as JSON")
+    p.set_defaults(func=cmd_syncs)
+    actions = p.add_subparsers(dest="action")
+    a = actions.add_parser("dead-letters", help="list a sync's dead-lettered changes (tab-separated)")
+    a.add_argument("sync")
+    address_args(a)
+    a.set_defaults(func=cmd_dead_letters)
+    a = actions.add_parser("replay", help="send a sync's dead-lettered changes again")
+    a.add_argument("sync")
+    address_args(a)
+    a.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("audiences", help="realtime audiences: state (backfilling or live) and member counts")
+    address_args(p)
+    p.add_argument("--json", action="store_true", help="print the audiences as JSON")
+    p.set_defaults(func=cmd_audiences)

@@ -79,6 +79,13 @@ def fraction(progress: dict) -> float:
     return 0.9 + 0.1 * min(1.0, progress["after"] / max(1, progress.get("people", 1)))
 
 
+def state_of(progress: dict | None, audience_id: str) -> tuple[bool, float]:
+    """(backfilling, how far from 0 to 1) of an audience, per the walk's progress (None: no walk)."""
+    if progress is None or audience_id not in progress["audiences"]:
+        return False, 1.0
+    return True, fraction(progress)
+
+
 def graft(engine, txn, key: str, state, leaves: tuple[int, ...]) -> bool:
     """Gives a person's state these leaves of the program, from a replay of their retained events."""
     evaluator = engine.grafters.get(leaves)

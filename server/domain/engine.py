@@ -29,12 +29,12 @@ import numpy as np
 from qualify.evaluator import make_evaluator
 from qualify.evaluator.program import Scope, state_key_hash
 
-from . import backfill
+from . import backfill, definitions
 from .changes import Cause, Direction, MembershipChange
-from .audiences import Audience, check_audience_id, check_windows
+from .audiences import Audience, check_audience_id
 from .compile import Compiled, audiences_by_model, compile_audiences
 from .conditions import Condition, parse_condition
-from .errors import AudienceExists, AudienceNotFound, FieldViolation, InvalidAudience
+from .errors import AudienceNotFound, InvalidAudience
 from .events import ANON, Event, EventModel, EventType, MatchedEvent, compile_models
 from .identity import link
 from .queries import explain, preview
@@ -398,7 +398,7 @@ class Engine:
                 log.warning("stored realtime state unreadable (%s): rebuilding it from the event log", exc)
         self.backfilling = None  # the rebuild evaluates everyone
         self.store.put_backfill(txn, None)
-        return rebuild(self, txn, now_us, Cause.WINDOW_LAPSE, self._stored_defaults(txn), lapses=True)
+        return rebuild(self, txn, now_us, self._stored_defaults(txn))
 
     def _stored_defaults(self, txn) -> dict[str, np.ndarray]:
         with_state = set(self.slots) | set(self.store.state_keys(txn))
@@ -406,78 +406,20 @@ class Engine:
 
     def put_audience(self, txn, audience_id: str, display_name: str, description: str, definition: dict,
                      now_us: int, create: bool) -> tuple[Audience, list[MembershipChange]]:
-        """Stores the audience and switches the program at once; a walk then brings its members (backfill.py)."""
-        check_audience_id(audience_id)
-        exists = audience_id in self.audiences
-        if create and exists:
-            raise AudienceExists(f"audience {audience_id!r} already exists", violations=[FieldViolation("audience.id", "already exists")])
-        if not create and not exists:
-            raise AudienceNotFound(f"no audience {audience_id!r}", metadata={"audience": audience_id})
-        condition = parse_condition(definition, self.attribute_types, self.event_model_props, path="audience.condition")
-        check_windows(condition, self.retention_us)
-        due: list[MembershipChange] = []
-        self._fire_due(txn, now_us, due)
-        self._persist(txn, due)
-        old = self.audiences.get(audience_id)
-        audience = Audience(audience_id, display_name, description, definition, condition,
-                            old.create_us if old else now_us, now_us)
-        self.audiences[audience_id] = audience
-        self.store.put_audience(txn, audience.record())
-        if old is not None and old.definition == definition:  # names only: nobody moves
-            return audience, due
-        if not exists:
-            free = self.bits.index(None) if None in self.bits else len(self.bits)
-            if free == len(self.bits):
-                self.bits.append(audience_id)
-            else:
-                self.bits[free] = audience_id
-            self.store.set_catalog_bits(txn, self.bits)
-        self._switch(txn)
-        backfill.start(self, txn, [audience_id], now_us)
-        if self.on_backfill is not None:
-            self.on_backfill()
-        return audience, due
+        """Stores the audience and switches the program at once; a backfill then brings its members."""
+        return definitions.put(self, txn, audience_id, display_name, description, definition, now_us, create)
 
     def backfill_step(self, txn, now_us: int, **limits) -> list[MembershipChange]:
-        """One bounded slice of the walk that brings new definitions their members (a writer job of its own)."""
+        """One bounded slice of the backfill that brings new definitions their members."""
         return backfill.step(self, txn, now_us, **limits)
 
     def delete_audience(self, txn, audience_id: str, now_us: int) -> list[MembershipChange]:
-        if audience_id not in self.audiences:
-            raise AudienceNotFound(f"no audience {audience_id!r}", metadata={"audience": audience_id})
-        due: list[MembershipChange] = []
-        self._fire_due(txn, now_us, due)
-        self._persist(txn, due)
-        bit = self.bits.index(audience_id)
-        changes = []
-        for key in self.store.member_keys(txn, audience_id):  # what its members cost, not everyone
-            bits = self.store.membership(txn, key)
-            if bits.pop(bit, None) is not None:
-                changes.append(MembershipChange(audience_id, key, Direction.EXIT, now_us, Cause.AUDIENCE_CHANGE))
-                self.store.put_membership(txn, key, bits)
-                slot = self.slots.get(key)
-                if slot is not None:
-                    self.members[slot].pop(bit, None)
-                    self.current[slot] = None
-        self._persist(txn, changes)
-        del self.audiences[audience_id]
-        self.bits[bit] = None
-        self.counts.pop(audience_id, None)
-        if self.defaults is not None:
-            self.defaults.pop(audience_id, None)
-        self.store.put_counts(txn, self.counts)
-        self.store.delete_audience(txn, audience_id)
-        self.store.set_catalog_bits(txn, self.bits)
-        backfill.forget(self, txn, audience_id)
-        self._switch(txn)  # the others keep their state: no one's membership in them moves
-        return due + changes
+        """Every member exits; the other audiences keep their state (no one's membership in them moves)."""
+        return definitions.delete(self, txn, audience_id, now_us)
 
     def audience_state(self, audience_id: str) -> tuple[bool, float]:
-        """(backfilling, the walk's progress from 0 to 1)."""
-        progress = self.backfilling
-        if progress is None or audience_id not in progress["audiences"]:
-            return False, 1.0
-        return True, backfill.fraction(progress)
+        """(backfilling, the backfill's progress from 0 to 1)."""
+        return backfill.state_of(self.backfilling, audience_id)
 
     # -- queries -------------------------------------------------------------------------
     def audience(self, audience_id: str) -> Audience:
