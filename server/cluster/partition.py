@@ -35,7 +35,7 @@ from nats.js.errors import NotFoundError
 from ..storage.writer import Writer
 from . import snapshots
 from .apply import Applier
-from .jetstream import CHANGES, changes_subject, events_subject
+from .jetstream import CHANGES, EVENTS, changes_subject, events_subject
 from .messages import MAX_CHANGES_PER_MESSAGE, Kind, change_batch, control, decode, decode_changes
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,8 @@ TICK_RETRY = 0.5  # seconds before a tick that was not applied yet is asked for 
 # exits' effective times are exact); only their visibility waits up to this long, and a partition with
 # timers due all the time sends 50 ticks a second rather than one per instant.
 TICK_EVERY = 0.02
+STALLED = 5.0  # seconds without a delivery, with messages waiting, before the consumer is replaced
+STUCK = 10.0  # seconds without applying anything, with messages in the stream, before the partition is reopened
 
 
 class Partition:
@@ -73,6 +75,7 @@ class Partition:
         self._sub = None
         self._tick_asked: tuple[int, float] | None = None
         self.pending = 0  # stream messages not applied yet (JetStream's count for the consumer, and the buffer)
+        self._delivered_at = time.monotonic()
 
     # -- life cycle ------------------------------------------------------------------
     async def start(self) -> None:
@@ -98,15 +101,21 @@ class Partition:
         self._tasks = [asyncio.create_task(t) for t in (self._apply_loop(), self._outbox(), self._timer(),
                                                         self._measure_lag())]
         self._committed.set()  # whatever the restored changelog holds past the stream's last change
-        self._sub = await node.res.js.subscribe(
-            events_subject(self.number), cb=self._deliver, ordered_consumer=True, idle_heartbeat=2.0,
-            config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-                                      opt_start_seq=state.applied + 1, inactive_threshold=30.0))
+        await self._subscribe()
         if not state.synced and state.applied == 0:
             await self._publish_control(Kind.SYNC)  # a fresh partition learns its people at once
         self.started_at = time.time()
         log.info("partition %d: owned (%s at sequence %d, %.2fs)", self.number, restored, state.applied,
                  time.monotonic() - t0)
+
+    async def _subscribe(self) -> None:
+        """An ordered consumer from the sequence after the last one applied (or buffered)."""
+        start = max([self.applier.state.applied] + [seq for seq, _, _ in self._buffer[-1:]]) + 1
+        self._sub = await self.node.res.js.subscribe(
+            events_subject(self.number), cb=self._deliver, ordered_consumer=True, idle_heartbeat=2.0,
+            config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                                      opt_start_seq=start, inactive_threshold=30.0))
+        self._delivered_at = time.monotonic()
 
     async def _restore(self) -> str:
         """Brings the partition's directory to the latest state known: the local copy or the snapshot."""
@@ -148,7 +157,11 @@ class Partition:
 
     # -- the consumer ----------------------------------------------------------------
     async def _deliver(self, msg) -> None:
-        self._buffer.append((msg.metadata.sequence.stream, msg.data, msg.headers))
+        self._delivered_at = time.monotonic()
+        seq = msg.metadata.sequence.stream
+        if self._buffer and seq <= self._buffer[-1][0]:
+            return  # a resubscription delivers again what was buffered
+        self._buffer.append((seq, msg.data, msg.headers))
         self._arrived.set()
         while len(self._buffer) > BUFFER:  # holds the subscription back: flow control slows JetStream
             self._space.clear()
@@ -265,13 +278,58 @@ class Partition:
         log.info("partition %d: snapshot at sequence %d (%d bytes)", self.number, info.applied, info.size)
 
     async def _measure_lag(self) -> None:
+        """Every second: JetStream's count of what waits for us; and the consumer's watchdog.
+
+        nats-py's ordered consumer recreates itself when it misses heartbeats,
+        but a recreation that fails while a stream elects its leader can leave
+        it dead for good. A consumer that JetStream no longer knows, or one
+        with messages waiting and nothing delivered for STALLED seconds, is
+        replaced by a new subscription from the sequence after the last one
+        buffered (what was delivered twice is dropped by sequence).
+        """
+        failures = 0
+        progress = (self.applier.state.applied, time.monotonic())
         while True:
             await asyncio.sleep(1.0)
+            if await self._stuck(progress):
+                return
+            if self.applier.state.applied != progress[0]:
+                progress = (self.applier.state.applied, time.monotonic())
+            stalled = time.monotonic() - self._delivered_at > STALLED
             try:
-                if self._sub is not None:
-                    self.pending = (await self._sub.consumer_info()).num_pending + len(self._buffer)
-            except Exception:  # noqa: BLE001 - a NATS server away: measured next time
-                pass
+                waiting = (await self._sub.consumer_info()).num_pending
+                self.pending, failures = waiting + len(self._buffer), 0
+            except Exception:  # noqa: BLE001 - a NATS server away, or the consumer is gone
+                waiting, failures = None, failures + 1
+            if stalled and (waiting or failures >= STALLED):
+                log.warning("partition %d: the stream consumer stalled; subscribing again", self.number)
+                try:
+                    await self._sub.unsubscribe()
+                except Exception:  # noqa: BLE001 - it may be gone already
+                    pass
+                try:
+                    await self._subscribe()
+                    failures = 0
+                except Exception as exc:  # noqa: BLE001 - tried again next second
+                    log.warning("partition %d: subscribing again failed (%s)", self.number, exc)
+
+    async def _stuck(self, progress: tuple[int, float]) -> bool:
+        """Whether the partition applied nothing for STUCK seconds while its stream has more: then the
+        node reopens it (a new consumer, buffer and tasks from what LMDB holds), whatever got stuck."""
+        applied, since = progress
+        if self.applier.state.applied != applied or time.monotonic() - since < STUCK:
+            return False
+        try:
+            last = (await self.node.res.js.get_last_msg(EVENTS, events_subject(self.number))).seq
+        except Exception:  # noqa: BLE001 - NATS away: nothing to apply anyway
+            return False
+        if last <= applied:
+            return False
+        log.warning("partition %d: stuck at sequence %d while the stream has %d; reopening it",
+                    self.number, applied, last)
+        self.failed = True
+        self.node.reopen(self.number)
+        return True
 
     def status(self) -> dict:
         state = self.applier.state if self.applier else None

@@ -33,6 +33,7 @@ import asyncio
 import json
 import logging
 import struct
+import time
 from dataclasses import replace
 
 import msgpack
@@ -50,6 +51,7 @@ PARTITION_SEQS = b"cluster.partition_seqs"  # meta: JSON {partition: its last ch
 U64 = struct.Struct("<Q")
 BATCH = 2000
 INDEX_BITS = 16
+STALLED = 5.0  # seconds without a delivery, with changes waiting, before the consumer is replaced
 
 
 class ReadCopy:
@@ -66,6 +68,7 @@ class ReadCopy:
         self._arrived = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._sub = None
+        self._delivered_at = time.monotonic()
         self.store: RealtimeStore | None = None
 
     async def start(self) -> None:
@@ -76,11 +79,38 @@ class ReadCopy:
             self.seqs = {int(k): v for k, v in json.loads(txn.get(PARTITION_SEQS, db=self.store.meta) or b"{}").items()}
 
         await asyncio.wrap_future(self.writer.submit(open_tables))
-        self._tasks = [asyncio.create_task(self._apply_loop()), asyncio.create_task(self._audiences())]
+        await self._subscribe()
+        self._tasks = [asyncio.create_task(t) for t in (self._apply_loop(), self._audiences(), self._watchdog())]
+
+    async def _subscribe(self) -> None:
+        start = max([self.position] + [seq for seq, _ in self._buffer[-1:]]) + 1
         self._sub = await self.res.js.subscribe(
             CHANGES_PREFIX + "*", cb=self._deliver, ordered_consumer=True, idle_heartbeat=2.0,
             config=api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-                                      opt_start_seq=self.position + 1, inactive_threshold=30.0))
+                                      opt_start_seq=start, inactive_threshold=30.0))
+        self._delivered_at = time.monotonic()
+
+    async def _watchdog(self) -> None:
+        """The partitions' consumer watchdog (cluster/partition.py ``_measure_lag``), for the changes."""
+        failures = 0
+        while True:
+            await asyncio.sleep(1.0)
+            stalled = time.monotonic() - self._delivered_at > STALLED
+            try:
+                waiting, failures = (await self._sub.consumer_info()).num_pending, 0
+            except Exception:  # noqa: BLE001 - a NATS server away, or the consumer is gone
+                waiting, failures = None, failures + 1
+            if stalled and (waiting or failures >= STALLED):
+                log.warning("the changes consumer stalled; subscribing again")
+                try:
+                    await self._sub.unsubscribe()
+                except Exception:  # noqa: BLE001 - it may be gone already
+                    pass
+                try:
+                    await self._subscribe()
+                    failures = 0
+                except Exception as exc:  # noqa: BLE001 - tried again next second
+                    log.warning("subscribing to the changes again failed (%s)", exc)
 
     async def stop(self) -> None:
         if self._sub is not None:
@@ -94,7 +124,11 @@ class ReadCopy:
 
     # -- changes ------------------------------------------------------------------------
     async def _deliver(self, msg) -> None:
-        self._buffer.append((msg.metadata.sequence.stream, msg.data))
+        self._delivered_at = time.monotonic()
+        seq = msg.metadata.sequence.stream
+        if self._buffer and seq <= self._buffer[-1][0]:
+            return  # a resubscription delivers again what was buffered
+        self._buffer.append((seq, msg.data))
         self._arrived.set()
 
     async def _apply_loop(self) -> None:
