@@ -23,6 +23,12 @@ block per person laid out once per program:
   person's session moves on.
 - EVER: the same, never reset.
 
+- SEQUENCE / ABSENCE (program.SequenceLeaf, issue 15): per ``same`` value,
+  a reorder buffer of the latest events and a summary of the older ones
+  folded in order (the latest start per step; pending anchors and merged
+  membership intervals). _sequences.pxi has the layout, the bound and the
+  cost; _sequences_codec.pxi the section format.
+
 Per person: the current session's number, id and latest timestamp (sessions
 are decided in arrival order across all models, as in the reference), an
 arrival counter, and ``horizon``, the largest ``now`` ever passed to
@@ -1005,8 +1011,14 @@ cdef class CompiledEvaluator:
     cdef Py_ssize_t state_size  # bytes of a person's state block
     cdef dict plans  # model -> tuple of _LeafPlan
     cdef dict qplans  # model -> tuple of _QPlan (sequence leaves); None when there are none
-    cdef uint8_t* kbuf  # an event's value key, built per sequence leaf
+    cdef list qfilters  # the sequence leaves' distinct step filters (PredicateMatcher)
+    cdef uint8_t* qfmemo  # per observe: 0 not tested yet, 1 fails, 2 passes
+    cdef list qsames  # their distinct same tuples
+    cdef Py_ssize_t* qkoff  # per observe: where the event's key for qsames[i] is in kbuf; -2 not built, -1 missing
+    cdef Py_ssize_t* qklen
+    cdef uint8_t* kbuf  # an event's value keys, built per distinct same tuple
     cdef Py_ssize_t kcap
+    cdef Py_ssize_t kend
     cdef int64_t* ivs  # absence leaves: the membership intervals of one evaluation
     cdef Py_ssize_t ivcap
     # The program's distinct properties (names) and filters (PredicateMatcher); an observe call
@@ -1068,6 +1080,9 @@ cdef class CompiledEvaluator:
         self.wbuf = NULL
         self.wcap = 0
         self.qplans = None
+        self.qfmemo = NULL
+        self.qkoff = NULL
+        self.qklen = NULL
         self.kbuf = NULL
         self.kcap = 0
         self.ivs = NULL
@@ -1097,6 +1112,9 @@ cdef class CompiledEvaluator:
         free(self.wbuf)
         free(self.kbuf)
         free(self.ivs)
+        free(self.qfmemo)
+        free(self.qkoff)
+        free(self.qklen)
 
     def __init__(self, program):
         cdef Py_ssize_t j, k, n_code, pc, depth, max_depth, start, a
@@ -1117,13 +1135,16 @@ cdef class CompiledEvaluator:
         self.props = []
         self.filters = []
         qplans = {}
+        qfilter_index = {}
+        qsame_index = {}
+        self.qfilters = []
         for j, leaf in enumerate(leaves):
             sp = &self.specs[j]
             if isinstance(leaf, SequenceLeaf):
                 sp.offset = self.state_size
                 self.state_size += sizeof(QState)
                 _q_spec(sp, leaf, j)
-                for model, qplan in _q_plans(j, leaf):
+                for model, qplan in _q_plans(j, leaf, qfilter_index, self.qfilters, qsame_index):
                     qplans.setdefault(model, []).append(qplan)
                 continue
             sp.model = leaf.model
@@ -1184,6 +1205,12 @@ cdef class CompiledEvaluator:
             by_model.setdefault(leaf.model, []).append(plan)
         self.plans = {m: tuple(p) for m, p in by_model.items()}
         self.qplans = {m: tuple(p) for m, p in qplans.items()} if qplans else None
+        self.qsames = sorted(qsame_index, key=qsame_index.__getitem__)
+        self.qfmemo = <uint8_t*>calloc(len(self.qfilters) + 1, 1)
+        self.qkoff = <Py_ssize_t*>calloc(len(self.qsames) + 1, sizeof(Py_ssize_t))
+        self.qklen = <Py_ssize_t*>calloc(len(self.qsames) + 1, sizeof(Py_ssize_t))
+        if self.qfmemo == NULL or self.qkoff == NULL or self.qklen == NULL:
+            raise MemoryError()
         self.props = sorted(prop_index, key=prop_index.__getitem__)
         self.pval = <PyObject**>calloc(len(self.props) + 1, sizeof(PyObject*))
         self.pnum = <double*>calloc(len(self.props) + 1, sizeof(double))

@@ -46,6 +46,7 @@ cdef struct QEntry:
 cdef struct QGroup:
     uint8_t* key  # the value key (NULL when the leaf has no same)
     int64_t* iv  # ABSENCE: final intervals, (lo, hi) pairs, ascending, disjoint
+    uint64_t khash  # FNV-1a of the key: the scan for a value compares this first
     int32_t klen
     uint16_t n_iv
     uint16_t iv_cap
@@ -55,7 +56,10 @@ cdef struct QGroup:
 
 
 cdef struct QState:
-    char* groups  # n records of sp.gsize bytes (room for cap)
+    # One allocation: uint64_t hashes[cap] (record g's khash, side by side so that the scan for a value
+    # reads one cache line), then cap records of sp.gsize bytes; n in use.
+    uint64_t* hashes
+    char* groups
     int64_t session  # SESSION: the session the records belong to; -1 for none
     int64_t c_from  # the cache: c_holds for c_from <= now < c_until (session end aside)
     int64_t c_until
@@ -137,26 +141,63 @@ cdef int _q_spec(LeafSpec* sp, leaf, Py_ssize_t j) except -1:
 
 
 cdef class _QPlan:
-    """What observe needs of one sequence leaf for events of one model: the steps of that
-    model with their filters, and the same properties."""
+    """What observe needs of one sequence leaf for events of one model: the steps of that model,
+    each a bit and a run of filter ids (into the evaluator's distinct sequence filters), and the
+    id of the leaf's same properties (into its distinct same tuples; -1 for none). Filters and
+    value keys that several leaves share are computed once per event."""
 
     cdef Py_ssize_t j
-    cdef tuple steps  # ((bit, (PredicateMatcher, ...)), ...)
-    cdef tuple same
+    cdef int n
+    cdef int64_t* bits
+    cdef int32_t* fstart  # step i's filters are fids[fstart[i]:fstart[i + 1]]
+    cdef int32_t* fids
+    cdef Py_ssize_t same_id
+
+    def __cinit__(self):
+        self.bits = NULL
+        self.fstart = NULL
+        self.fids = NULL
+
+    def __dealloc__(self):
+        free(self.bits)
+        free(self.fstart)
+        free(self.fids)
 
 
-def _q_plans(Py_ssize_t j, leaf):
-    """(model, _QPlan) for each model the leaf's steps read."""
+def _q_plans(Py_ssize_t j, leaf, dict filter_index, list filters, dict same_index):
+    """(model, _QPlan) for each model the leaf's steps read; new distinct filters go to ``filters``."""
+    cdef _QPlan plan
+    cdef Py_ssize_t k, m
     by_model = {}
     for i, step in enumerate(leaf.steps):
-        matchers = tuple(PredicateMatcher(f.op, f.values, f.property) for f in step.filters)
-        by_model.setdefault(step.model, []).append((1 << i, matchers))
+        fids = []
+        for f in step.filters:
+            key = _filter_key(f)
+            if key not in filter_index:
+                filter_index[key] = len(filters)
+                filters.append(PredicateMatcher(f.op, f.values, f.property))
+            fids.append(filter_index[key])
+        by_model.setdefault(step.model, []).append((1 << i, fids))
+    same_id = same_index.setdefault(tuple(leaf.same), len(same_index)) if leaf.same else -1
     out = []
     for model, steps in by_model.items():
         plan = _QPlan()
         plan.j = j
-        plan.steps = tuple(steps)
-        plan.same = tuple(leaf.same)
+        plan.n = len(steps)
+        plan.same_id = same_id
+        plan.bits = <int64_t*>calloc(plan.n + 1, sizeof(int64_t))
+        plan.fstart = <int32_t*>calloc(plan.n + 1, sizeof(int32_t))
+        plan.fids = <int32_t*>calloc(sum(len(f) for _, f in steps) + 1, sizeof(int32_t))
+        if plan.bits == NULL or plan.fstart == NULL or plan.fids == NULL:
+            raise MemoryError()
+        m = 0
+        for k, (bit, fids) in enumerate(steps):
+            plan.bits[k] = bit
+            plan.fstart[k] = <int32_t>m
+            for fid in fids:
+                plan.fids[m] = fid
+                m += 1
+        plan.fstart[plan.n] = <int32_t>m
         out.append((model, plan))
     return out
 
@@ -168,9 +209,9 @@ def _q_plans(Py_ssize_t j, leaf):
 # beyond int64 (uv len, its decimal digits). 1 == 1.0 and 10**20 == 1e20 encode alike,
 # as predicates compare them; NaN never equals anything, so it is missing.
 
-cdef Py_ssize_t _q_key(CompiledEvaluator ev, dict props, tuple names) except -2:
-    """Writes the event's value key at ev.kbuf; its length, or -1 when a value is missing."""
-    cdef Py_ssize_t q = 0, n
+cdef Py_ssize_t _q_key(CompiledEvaluator ev, dict props, tuple names, Py_ssize_t q) except -2:
+    """Writes the event's value key at ev.kbuf + q; its end, or -1 when a value is missing."""
+    cdef Py_ssize_t n
     cdef PyObject* pv
     cdef object v
     cdef bytes b
@@ -279,8 +320,9 @@ cdef void _q_clear(QState* qs, const LeafSpec* sp) noexcept nogil:
 
 cdef void _q_free(QState* qs, const LeafSpec* sp) noexcept nogil:
     _q_clear(qs, sp)
-    free(qs.groups)
+    free(qs.hashes)
     qs.groups = NULL
+    qs.hashes = NULL
     qs.cap = 0
 
 
@@ -295,7 +337,7 @@ cdef Py_ssize_t _q_stored(const QState* qs, const LeafSpec* sp) noexcept nogil:
 
 
 cdef Py_ssize_t _q_nbytes(const QState* qs, const LeafSpec* sp) noexcept nogil:
-    cdef Py_ssize_t g, total = qs.cap * sp.gsize
+    cdef Py_ssize_t g, total = qs.cap * (sp.gsize + sizeof(uint64_t))
     cdef QGroup* grp
     for g in range(qs.n):
         grp = _qgroup(qs, sp, g)
@@ -307,13 +349,18 @@ cdef QGroup* _q_new_group(QState* qs, const LeafSpec* sp) except NULL:
     """A zeroed record at the end (room made as needed, up to nvalues)."""
     cdef Py_ssize_t cap = qs.cap
     cdef QGroup* grp
-    cdef void* q
+    cdef char* q
     if qs.n >= cap:
         cap = 1 if cap == 0 else min(2 * cap, sp.nvalues)
-        q = realloc(qs.groups, cap * sp.gsize)
+        q = <char*>malloc(cap * (sizeof(uint64_t) + sp.gsize))
         if q == NULL:
             raise MemoryError()
-        qs.groups = <char*>q
+        if qs.n:
+            memcpy(q, qs.hashes, qs.n * sizeof(uint64_t))
+            memcpy(q + cap * sizeof(uint64_t), qs.groups, qs.n * sp.gsize)
+        free(qs.hashes)
+        qs.hashes = <uint64_t*>q
+        qs.groups = q + cap * sizeof(uint64_t)
         qs.cap = <int32_t>cap
     grp = _qgroup(qs, sp, qs.n)
     memset(grp, 0, sp.gsize)
@@ -321,8 +368,17 @@ cdef QGroup* _q_new_group(QState* qs, const LeafSpec* sp) except NULL:
     return grp
 
 
+cdef inline uint64_t _q_hash(const uint8_t* p, Py_ssize_t n) noexcept nogil:
+    cdef uint64_t h = 14695981039346656037ULL
+    cdef Py_ssize_t i
+    for i in range(n):
+        h = (h ^ p[i]) * 1099511628211ULL
+    return h
+
+
 cdef int _q_set_key(QGroup* grp, const uint8_t* key, Py_ssize_t klen) except -1:
     grp.key = NULL
+    grp.khash = _q_hash(key, klen)
     grp.klen = <int32_t>klen
     if klen:
         grp.key = <uint8_t*>malloc(klen)
@@ -403,14 +459,16 @@ cdef int _q_insert(CompiledState st, const LeafSpec* sp, const uint8_t* key, Py_
     cdef QEntry* ob
     cdef Py_ssize_t g, i, n
     cdef int64_t code = (st.seq << Q_MASK_BITS) | mask
+    cdef uint64_t h = _q_hash(key, klen)
     if sp.scope == SC_SESSION and qs.session != st.session:
         _q_clear(qs, sp)
         qs.session = st.session
     for g in range(qs.n):
-        grp = _qgroup(qs, sp, g)
-        if grp.klen == klen and (klen == 0 or memcmp(grp.key, key, klen) == 0):
-            break
-        grp = NULL
+        if qs.hashes[g] == h:
+            grp = _qgroup(qs, sp, g)
+            if grp.klen == klen and (klen == 0 or memcmp(grp.key, key, klen) == 0):
+                break
+            grp = NULL
     if grp == NULL:
         if qs.n >= sp.nvalues:
             o = _qgroup(qs, sp, 0)
@@ -430,6 +488,7 @@ cdef int _q_insert(CompiledState st, const LeafSpec* sp, const uint8_t* key, Py_
         else:
             grp = _q_new_group(qs, sp)
         _q_set_key(grp, key, klen)
+        qs.hashes[(<char*>grp - qs.groups) // sp.gsize] = grp.khash
     buf = _qbuf(grp)
     n = grp.n
     if n == sp.reorder:
@@ -454,28 +513,49 @@ cdef int _q_observe(CompiledEvaluator ev, CompiledState st, tuple plans, int64_t
     cdef PredicateMatcher f
     cdef dict props = properties if type(properties) is dict else dict(properties)
     cdef int64_t mask
-    cdef Py_ssize_t klen
+    cdef Py_ssize_t i, k, end, pi, n_plans = len(plans)
     cdef PyObject* pv
+    cdef int32_t fid
+    cdef uint8_t r
     cdef bint ok
-    for p in plans:
-        plan = <_QPlan>p
+    memset(ev.qfmemo, 0, len(ev.qfilters))
+    for i in range(len(ev.qsames)):
+        ev.qkoff[i] = -2  # not built yet
+    ev.kend = 0
+    for pi in range(n_plans):
+        plan = <_QPlan>PyTuple_GET_ITEM(plans, pi)
         mask = 0
-        for bit, matchers in plan.steps:
+        for k in range(plan.n):
             ok = True
-            for m in <tuple>matchers:
-                f = <PredicateMatcher>m
-                pv = PyDict_GetItem(props, f.property)
-                if not f.test(None if pv == NULL else <object>pv):
+            for i in range(plan.fstart[k], plan.fstart[k + 1]):
+                fid = plan.fids[i]
+                r = ev.qfmemo[fid]
+                if r == 0:  # a filter several steps or leaves share is tested once per event
+                    f = <PredicateMatcher>PyList_GET_ITEM(ev.qfilters, fid)
+                    pv = PyDict_GetItem(props, f.property)
+                    r = 2 if f.test(None if pv == NULL else <object>pv) else 1
+                    ev.qfmemo[fid] = r
+                if r == 1:
                     ok = False
                     break
             if ok:
-                mask |= <int64_t>bit
+                mask |= plan.bits[k]
         if mask == 0:
             continue
-        klen = _q_key(ev, props, plan.same) if plan.same else 0
-        if klen < 0:
+        if plan.same_id < 0:
+            _q_insert(st, &ev.specs[plan.j], ev.kbuf, 0, ts, mask)
+            continue
+        if ev.qkoff[plan.same_id] == -2:  # the value key, once per event per distinct same tuple
+            end = _q_key(ev, props, <tuple>PyList_GET_ITEM(ev.qsames, plan.same_id), ev.kend)
+            if end < 0:
+                ev.qkoff[plan.same_id] = -1
+            else:
+                ev.qkoff[plan.same_id] = ev.kend
+                ev.qklen[plan.same_id] = end - ev.kend
+                ev.kend = end
+        if ev.qkoff[plan.same_id] < 0:
             continue  # a missing same value never matches
-        _q_insert(st, &ev.specs[plan.j], ev.kbuf, klen, ts, mask)
+        _q_insert(st, &ev.specs[plan.j], ev.kbuf + ev.qkoff[plan.same_id], ev.qklen[plan.same_id], ts, mask)
     return 0
 
 

@@ -105,6 +105,7 @@ cdef int _q_get_group(CompiledState st, const LeafSpec* sp, QState* qs, Reader* 
                 _corrupt(b"a value twice")
     grp = _q_new_group(qs, sp)
     _q_set_key(grp, r.p + r.pos, <Py_ssize_t>klen)
+    qs.hashes[qs.n - 1] = grp.khash
     r.pos += klen
     _get_uv(r, &n)
     if n == 0 or n > <uint64_t>sp.reorder:
