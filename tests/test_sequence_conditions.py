@@ -154,6 +154,6 @@ def test_explain_an_absence_waiting_and_holding():
     node = explain_tree(cond, ev, s, lambda name: None, lambda c: 0, T0 + MIN)
     assert node["changes_at"] == T0 + 30 * MIN
     assert node["summary"] == ("a cart_adds at 2025-06-15T15:06:40Z; qualifies at 2025-06-15T15:36:40Z unless "
-                               "a orders arrives first")
+                               "an orders arrives first")
     node = explain_tree(cond, ev, s, lambda name: None, lambda c: 0, T0 + 31 * MIN)
     assert node["value"] and node["summary"].startswith("holds: a cart_adds with no orders after it; exits at ")

@@ -121,3 +121,23 @@ def test_a_pending_absence_survives_a_restart(tmp_path):
         assert rows(d, "abandoners", "abs-r") == [(ENTER, t + 30 * MIN, CAUSE_LAPSE)]
     finally:
         assert d.stop() == 0, d.server.log()
+
+
+def test_the_abandoners_walkthrough_on_a_real_clock(tmp_path):
+    """`qualify demo --scenario abandoners` against `qualify serve` on the embedded demo, in real time."""
+    import subprocess
+    import sys
+
+    from conftest import SMALL_DEMO, QualifyServer
+
+    server = QualifyServer(tmp_path, "--demo-people", str(SMALL_DEMO)).start()
+    try:
+        done = subprocess.run([sys.executable, "-m", "qualify.server.cli", "demo", "--scenario", "abandoners",
+                               "--within", "2", "--address", server.address], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, done.stderr
+        out = done.stdout
+        assert "qualifies at" in out and "the cart + 2s, with no new event" in out, out
+        assert "not a member: the order cancelled it" in out and "exited on arrival" in out, out
+    finally:
+        assert server.stop() == 0, server.log()

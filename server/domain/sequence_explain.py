@@ -34,7 +34,8 @@ def _event(step: Step, same: tuple[str, ...] = (), values: tuple = ()) -> str:
     """'a cart_adds with sku = 'sku-9'': the step's model, its filters and the match's same values."""
     parts = [_predicate(p) for p in step.filters]
     parts += [f"{name} = {v!r}" for name, v in zip(same, values)]
-    return f"a {step.event_model}" + (f" with {' and '.join(parts)}" if parts else "")
+    article = "an" if step.event_model[:1].lower() in "aeiou" else "a"
+    return f"{article} {step.event_model}" + (f" with {' and '.join(parts)}" if parts else "")
 
 
 def _scope_end(c) -> str:
