@@ -9,7 +9,11 @@ timestamps spread over the last day, up to each size in turn. At each size:
 * ingest: events/s and the server's CPU per event while logging the step;
 * restart: SIGTERM, then ``qualify serve`` on the same folder until health
   says SERVING, and the server's own "realtime state loaded in" time;
-* CreateAudience and DeleteAudience return times;
+* CreateAudience return time, then its backfill's time and events/s (until
+  GetAudience says LIVE), and DeleteAudience's return time;
+* the acknowledgement p50/p99/max of a steady 1,000 events/s stream
+  (``--steady``) in the same run: quiet, during the backfill, and during a
+  PreviewAudience of a draft;
 * the server's anonymous RSS, and LMDB bytes per event and per person.
 
 Costs that grow with the work stay flat across sizes; costs that grow with
@@ -30,6 +34,7 @@ from pathlib import Path
 
 from . import _proc
 from ._server import Server
+from ._steady import Steady
 
 S = 1_000_000
 WINDOWS = ["10s", "30s", "60s", "300s", "600s", "1800s", "3600s", "7200s", "21600s", "86400s"]
@@ -43,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--people", type=int, default=100_000, help="demo warehouse people (default 100000)")
     p.add_argument("--persons", type=int, default=100_000, help="distinct people sending events")
     p.add_argument("--audiences", type=int, default=20)
+    p.add_argument("--steady", type=int, default=1000, help="events/s of the steady stream beside audience changes")
     p.add_argument("--workdir", default=None, help="keep the server's folder here (default: a temporary one)")
     return p
 
@@ -96,6 +102,44 @@ def _ingest(ingest, n: int, persons: int, start: int, now_s: float) -> None:
             raise RuntimeError(f"events rejected: {reply.rejections[0]}")
 
 
+def _until_live(aud, aid: str) -> float:
+    from qualify.v1 import audience_pb2
+
+    t0 = time.perf_counter()
+    while aud.GetAudience(audience_pb2.GetAudienceRequest(id=aid), timeout=60).audience.state \
+            != audience_pb2.Audience.LIVE:
+        time.sleep(0.01)
+    return time.perf_counter() - t0
+
+
+def _audience_change(aud, address: str, rate: int, persons: int, logged: int) -> dict:
+    """CreateAudience, its backfill and a preview, each beside a steady ingest stream; then DeleteAudience."""
+    from google.protobuf import json_format
+
+    from qualify.v1 import audience_pb2
+
+    out = {}
+    with Steady(address, rate, persons) as steady:
+        time.sleep(3.0)
+        out["ack_quiet"] = steady.window()
+        out["create_audience_s"] = round(_create(aud, "probe", _audience(3)), 4)
+        backfill_s = _until_live(aud, "probe")
+        out["ack_during_backfill"] = steady.window()
+        out["backfill_s"] = round(backfill_s, 2)
+        out["backfill_events_per_s"] = round(logged / backfill_s)
+        draft = audience_pb2.PreviewAudienceRequest()
+        json_format.ParseDict(_audience(5), draft.condition)
+        t0 = time.perf_counter()
+        aud.PreviewAudience(draft, timeout=600)
+        out["preview_s"] = round(time.perf_counter() - t0, 2)
+        out["ack_during_preview"] = steady.window()
+        t1 = time.perf_counter()
+        aud.DeleteAudience(audience_pb2.DeleteAudienceRequest(id="probe"), timeout=600)
+        out["delete_audience_s"] = round(time.perf_counter() - t1, 4)
+        out["steady_errors"] = steady.errors
+    return out
+
+
 def _loaded_seconds(server: Server) -> float | None:
     found = re.findall(r"realtime state loaded in ([0-9.]+)s", server.log_path.read_text(errors="replace"))
     return float(found[-1]) if found else None
@@ -115,11 +159,7 @@ def measure(args) -> dict:
             _ingest(ingest, size - logged, args.persons, logged, time.time())
             seconds, cpu = time.perf_counter() - t0, _proc.cpu_seconds(server.pid) - cpu0
             step, logged = size - logged, size
-            create_s = _create(aud, "probe", _audience(3))
-            t1 = time.perf_counter()
-            from qualify.v1 import audience_pb2
-            aud.DeleteAudience(audience_pb2.DeleteAudienceRequest(id="probe"), timeout=600)
-            delete_s = time.perf_counter() - t1
+            change = _audience_change(aud, server.address, args.steady, args.persons, logged)
             anon_kib, _ = _proc.rss_split_kib(server.pid)
             channel.close()
             server.stop()
@@ -130,7 +170,7 @@ def measure(args) -> dict:
             mdb = (work / "data" / "lmdb" / "data.mdb").stat().st_size
             rows.append({"events": size, "ingest_events_per_s": round(step / seconds),
                          "server_cpu_us_per_event": round(cpu / step * S, 1),
-                         "create_audience_s": round(create_s, 3), "delete_audience_s": round(delete_s, 3),
+                         **change,
                          "restart_to_serving_s": round(restart_s, 2), "state_loaded_s": _loaded_seconds(server),
                          "rss_anon_mib": round(anon_kib / 1024, 1),
                          "lmdb_file_bytes_per_event": round(mdb / size, 1)})

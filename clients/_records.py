@@ -82,6 +82,10 @@ class Audience:
     create_time: datetime | None
     update_time: datetime | None
     member_count: int
+    #: False while a backfill brings members to a new or changed definition (BACKFILLING); True once LIVE.
+    live: bool = True
+    #: While not live, how far the backfill is, from 0 to 1.
+    backfill_progress: float = 1.0
 
     def condition_message(self) -> condition_pb2.Condition:
         return json_format.ParseDict(self.condition, condition_pb2.Condition())
@@ -215,6 +219,8 @@ def audience_from_proto(message: audience_pb2.Audience) -> Audience:
         create_time=_time(message, "create_time"),
         update_time=_time(message, "update_time"),
         member_count=message.member_count,
+        live=message.state != audience_pb2.Audience.BACKFILLING,
+        backfill_progress=message.backfill_progress if message.state == audience_pb2.Audience.BACKFILLING else 1.0,
     )
 
 

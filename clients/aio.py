@@ -161,6 +161,16 @@ class AsyncClient:
         request = audience_pb2.GetAudienceRequest(id=audience_id)
         return audience_from_proto((await self._read(lambda s: s.audiences.GetAudience, request, timeout)).audience)
 
+    async def wait_live(self, audience_id: str, *, timeout: float = 600.0, poll: float = 0.05) -> Audience:
+        """Waits until the audience's backfill has ended (TimeoutError after ``timeout`` s); returns it, live."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not (audience := await self.get_audience(audience_id)).live:
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"audience {audience_id!r} still backfilling after {timeout:g}s "
+                                   f"({audience.backfill_progress:.0%})")
+            await asyncio.sleep(poll)
+        return audience
+
     async def list_audiences(self, *, timeout: float | None = None) -> list[Audience]:
         out: list[Audience] = []
         token = ""

@@ -169,14 +169,18 @@ class Client:
 
     def create_audience(self, audience_id: str, condition: ConditionLike, *, display_name: str = "",
                         description: str = "", timeout: float | None = None) -> Audience:
-        """Creates an audience (AlreadyExistsError if the id is taken); people who qualify enter at once."""
+        """Creates an audience (AlreadyExistsError if the id is taken) and returns at once.
+
+        A backfill over the retained events then brings its members, beside
+        ingest: the audience is not ``live`` until it ends (``wait_live``).
+        """
         request = create_audience_request(audience_id, condition, display_name, description)
         return audience_from_proto(self._write(lambda s: s.audiences.CreateAudience, request, timeout).audience)
 
     def update_audience(self, audience_id: str, condition: ConditionLike | None = None, *,
                         display_name: str | None = None, description: str | None = None,
                         timeout: float | None = None) -> Audience:
-        """Replaces the fields given (the rest stay); memberships follow at once."""
+        """Replaces the fields given (the rest stay); a new condition's members come by a backfill (``wait_live``)."""
         request = update_audience_request(audience_id, condition, display_name, description)
         return audience_from_proto(self._write(lambda s: s.audiences.UpdateAudience, request, timeout).audience)
 
@@ -187,6 +191,16 @@ class Client:
     def get_audience(self, audience_id: str, *, timeout: float | None = None) -> Audience:
         request = audience_pb2.GetAudienceRequest(id=audience_id)
         return audience_from_proto(self._read(lambda s: s.audiences.GetAudience, request, timeout).audience)
+
+    def wait_live(self, audience_id: str, *, timeout: float = 600.0, poll: float = 0.05) -> Audience:
+        """Waits until the audience's backfill has ended (TimeoutError after ``timeout`` s); returns it, live."""
+        deadline = time.monotonic() + timeout
+        while not (audience := self.get_audience(audience_id)).live:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"audience {audience_id!r} still backfilling after {timeout:g}s "
+                                   f"({audience.backfill_progress:.0%})")
+            time.sleep(poll)
+        return audience
 
     def list_audiences(self, *, timeout: float | None = None) -> list[Audience]:
         """Every audience (all pages; each page call gets the whole timeout)."""

@@ -63,6 +63,7 @@ def _run(address, window_seconds, say, api_key, root_certificates, certificate_c
             if err.code() != grpc.StatusCode.ALREADY_EXISTS:
                 raise
             audiences.UpdateAudience(audience_pb2.UpdateAudienceRequest(audience=audience), metadata=metadata)
+        client.wait_live(AUDIENCE)  # its backfill over the retained events, beside ingest
         say(f"audience {AUDIENCE}: page_views of /pricing >= 3 within {window_seconds}s AND plan = free")
         person = next(k for k in (f"user-{i}" for i in range(1, 1000))
                       if client.get(k, fields=["plan"]).fields.get("plan") == "free" and not client.get(k).memberships)

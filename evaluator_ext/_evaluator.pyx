@@ -2054,6 +2054,85 @@ cdef class CompiledEvaluator:
         st = self._load(raw)
         return st, self._missing()
 
+    # ------------------------------------------------------------ backfill
+
+    def graft(self, CompiledState state not None, CompiledState donor not None, pairs):
+        """Gives ``state`` the donor's state of some leaves: ``pairs`` of (leaf j here, leaf k of the donor's).
+
+        A leaf added to the program after the person's state was made (a new
+        or changed audience) learns their history this way: the donor, made
+        by any evaluator whose leaf k has the same state key as leaf j here,
+        has seen the person's retained events in order (a suffix of what the
+        state has seen). Arrival numbers are shifted so that the donor's
+        latest is the state's; a SESSION leaf keeps its count only when the
+        donor's current session is the state's (same id, same latest event).
+        """
+        cdef CompiledState st = state, dn = donor
+        cdef const LeafSpec* sp
+        cdef const LeafSpec* dp
+        cdef WState* w
+        cdef WState* dw
+        cdef SState* ss
+        cdef SState* ds
+        cdef WEntry* e
+        cdef Py_ssize_t j, k, i, n
+        cdef size_t size
+        cdef int64_t shift = (st.seq - dn.seq) * 4, s
+        cdef bint same_session
+        self._check(st)
+        same_session = (dn.session >= 0 and st.session >= 0 and dn.session_last_ts == st.session_last_ts
+                        and dn.session_id == st.session_id)
+        for j, k in pairs:
+            if not (0 <= j < self.n_leaves and 0 <= k < dn.n_leaves):
+                raise IndexError("graft: event leaf index out of range")
+            sp = &self.specs[j]
+            dp = &dn.specs[k]
+            if sp.kind != KIND_EVENT or dp.kind != KIND_EVENT:
+                _q_graft(st, dn, sp, dp, same_session)
+                continue
+            if (sp.scope != dp.scope or sp.agg != dp.agg or sp.model != dp.model
+                    or (sp.scope == SC_WITHIN and (sp.window != dp.window or sp.keep != dp.keep))):
+                raise ValueError("graft: the two leaves keep different state")
+            if sp.scope == SC_WITHIN:
+                w = _wstate(st.block, sp)
+                dw = _wstate(dn.block, dp)
+                n = dw.n
+                size = sizeof(int64_t) if sp.agg == AG_COUNT else sizeof(WEntry)
+                _reserve(w, n, size)
+                if n:
+                    memcpy(w.buf, dw.buf, n * size)
+                w.n = <int32_t>n
+                w.c_valid = False
+                if sp.agg != AG_COUNT:
+                    e = <WEntry*>w.buf
+                    for i in range(n):
+                        s = e[i].seq + shift
+                        e[i].seq = s if s >= 4 else 4 + (e[i].seq & 3)
+                continue
+            ss = _sstate(st.block, sp)
+            ds = _sstate(dn.block, dp)
+            if sp.scope == SC_SESSION and not (same_session and ds.session == dn.session):
+                _scalar_reset(sp, ss)
+                ss.session = -1
+                continue
+            ss.count = ds.count
+            if sp.scope == SC_SESSION:
+                ss.session = st.session
+            if sp.agg == AG_COUNT:
+                continue
+            ss.n_values = ds.n_values
+            ss.vmin = ds.vmin
+            ss.vmax = ds.vmax
+            if sp.agg == AG_SUM or sp.agg == AG_AVG:
+                _grow(<void**>&ss.sum.p, &ss.sum.cap, ds.sum.n, sizeof(double))
+                if ds.sum.n:
+                    memcpy(ss.sum.p, ds.sum.p, ds.sum.n * sizeof(double))
+                ss.sum.n = ds.sum.n
+                ss.sum.special = ds.sum.special
+                ss.sum.inf = ds.sum.inf
+                ss.sum.naive = ds.sum.naive
+                ss.sum.failed = ds.sum.failed
+
 
 # Sequence and absence leaves (issue 15): their state, evaluation and codec sections.
 include "_sequences.pxi"

@@ -788,3 +788,53 @@ cdef inline bint _q_latest_after(QGroup* a, QGroup* b) noexcept nogil:
     cdef QEntry* x = _qbuf(a)
     cdef QEntry* y = _qbuf(b)
     return _q_before(y[b.n - 1].ts, y[b.n - 1].code, x[a.n - 1].ts, x[a.n - 1].code)
+
+
+# ---------------------------------------------------------------- graft (a backfill's new leaves)
+
+cdef int _q_graft(CompiledState st, CompiledState dn, const LeafSpec* sp, const LeafSpec* dp,
+                  bint same_session) except -1:
+    """CompiledEvaluator.graft for a sequence leaf: the donor's value records, arrival numbers shifted.
+
+    The donor saw the person's retained events in order, so its records are
+    what this leaf keeps of them; only the arrival numbers move, by the
+    state's count minus the donor's (their order, all the caps depend on, is
+    kept). A SESSION leaf keeps them only when the donor's current session is
+    the state's, as the other SESSION leaves do.
+    """
+    cdef QState* qs = _qstate(st.block, sp)
+    cdef QState* ds = _qstate(dn.block, dp)
+    cdef QGroup* grp
+    cdef QGroup* dg
+    cdef QEntry* buf
+    cdef Py_ssize_t g, i
+    cdef int64_t shift = st.seq - dn.seq, seq
+    if (sp.kind != dp.kind or sp.scope != dp.scope or sp.nsteps != dp.nsteps or sp.within != dp.within
+            or sp.reorder != dp.reorder or sp.nvalues != dp.nvalues or sp.nsame != dp.nsame
+            or (sp.kind == KIND_ABSENCE and sp.npending != dp.npending)
+            or (sp.scope == SC_WITHIN and sp.window != dp.window)):
+        raise ValueError("graft: the two leaves keep different state")
+    _q_clear(qs, sp)
+    qs.session = -1
+    if sp.scope == SC_SESSION:
+        if not (same_session and ds.session == dn.session):
+            return 0
+        qs.session = st.session
+    for g in range(ds.n):
+        dg = _qgroup(ds, dp, g)
+        grp = _q_new_group(qs, sp)
+        memcpy(grp, dg, sp.gsize)
+        grp.key = NULL
+        grp.iv = NULL
+        grp.n_iv = 0
+        grp.iv_cap = 0
+        _q_set_key(grp, dg.key, dg.klen)
+        qs.hashes[g] = grp.khash
+        for i in range(dg.n_iv):
+            _q_add_iv_raw(grp, dg.iv[2 * i], dg.iv[2 * i + 1])
+        buf = _qbuf(grp)
+        for i in range(grp.n):
+            seq = (buf[i].code >> Q_MASK_BITS) + shift
+            buf[i].code = ((seq if seq >= 1 else 1) << Q_MASK_BITS) | (buf[i].code & ((1 << Q_MASK_BITS) - 1))
+    qs.c_valid = False
+    return 0

@@ -309,6 +309,16 @@ class ReferenceEvaluator:
         """Indices of this program's leaves whose state ``raw`` lacks (all of them for None or b"")."""
         return self.load_with_missing(raw)[1]
 
+    def graft(self, state: PersonState, donor: PersonState, pairs) -> None:
+        """Leaf j (of each ``(j, k)`` in ``pairs``) sees only the events the donor has seen: its latest arrivals.
+
+        The donor saw the person's retained events, the latest of the
+        state's; so the leaf counts events from the arrival that many before
+        the state's last (what a backfill of a new leaf can know).
+        """
+        for j, _ in pairs:
+            state.born[self.keys[j]] = max(0, state.arrivals - donor.arrivals)
+
     def evaluate(self, state: PersonState, now_us: int, static: Sequence[bool]) -> list[bool]:
         """Every audience's value for the person at ``now_us``."""
         leaves = [self.leaf(state, j, now_us).holds for j in range(len(self.program.leaves))]

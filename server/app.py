@@ -36,7 +36,7 @@ from .delivery.runner import Deliveries
 from .domain.engine import Engine
 from .observability import metrics
 from .config.operations import Operations
-from .runtime import compact, fire_timers, sync_schedule
+from .runtime import backfill, compact, fire_timers, sync_schedule
 from .security.keys import KeyStore, keys_path
 from .services.audiences import AudienceService
 from .services.feed import ChangeFeed
@@ -260,6 +260,8 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
     engine, deliveries, writing, retention = await _writing_parts(env, writer, reader, project, clock, loop)
     wake = asyncio.Event()
     engine.on_deadline = lambda: loop.call_soon_threadsafe(wake.set)
+    walk = asyncio.Event()
+    engine.on_backfill = lambda: loop.call_soon_threadsafe(walk.set)
     host, port = project.server.host, project.server.port
     internal = address is not None
     if project.ops.metrics.port:
@@ -293,7 +295,8 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
     tasks = [asyncio.create_task(sync_schedule(env, project, engine, writer, clock, progress, first_sync, fatal, reader)),
              asyncio.create_task(_health(reader, health_servicer, project, alarm=alarm)),
              asyncio.create_task(fire_timers(engine, writer, wake, clock, test_clock)),
-             asyncio.create_task(compact(retention, writer, clock, 0.2 if test_clock else 1.0))]
+             asyncio.create_task(compact(retention, writer, clock, 0.2 if test_clock else 1.0)),
+             asyncio.create_task(backfill(engine, writer, clock, walk))]
     await stop.wait()
     log.info("shutting down (grace %.0fs for unary calls; streams end now)", GRACE_SECONDS)
     await health_servicer.enter_graceful_shutdown()

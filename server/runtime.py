@@ -105,3 +105,26 @@ async def compact(retention, writer, clock, every: float) -> None:
             log.warning("a realtime sync has not delivered changes older than [realtime] changelog_retention: "
                         "the changelog keeps them until it does (qualify syncs shows its lag)")
         await asyncio.sleep(0 if done.full else every)
+
+
+async def backfill(engine, writer, clock, wake: asyncio.Event) -> None:
+    """Brings new and changed audiences their members: one bounded slice per writer job while a backfill runs.
+
+    Each slice is a job of its own, so ingest batches queue between them
+    (an acknowledgement waits for one slice at most). ``wake`` is set when
+    one starts.
+    """
+    while True:
+        if engine.backfilling is None:
+            wake.clear()
+            try:
+                await asyncio.wait_for(wake.wait(), timeout=1.0)
+            except asyncio.TimeoutError:
+                pass
+            continue
+        try:
+            await asyncio.wrap_future(writer.submit(lambda txn: engine.backfill_step(txn, clock())))
+        except Exception:  # noqa: BLE001 - retried; the log says why
+            log.exception("audience backfill slice failed; retrying")
+            await asyncio.sleep(1.0)
+        await asyncio.sleep(0)

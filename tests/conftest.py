@@ -50,6 +50,7 @@ class QualifyServer:
 
     def start(self, timeout: float = 60.0, serving: bool = True) -> "QualifyServer":
         """Waits for the ready file and (``serving``) for health SERVING."""
+        self.ready_file.unlink(missing_ok=True)  # a kill -9 left the last run's behind
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.args, cwd=self.workdir, stdout=self._log, stderr=subprocess.STDOUT, env=self.env)
         deadline = time.monotonic() + timeout

@@ -7,6 +7,7 @@ through the same real server on the embedded demo (event model page_views).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import uuid
 from typing import Any
@@ -107,7 +108,10 @@ def test_an_audience_round_trip_with_the_readme_shape(client: Harness, server) -
     created = client.run("create_audience", aid, viewed(path), display_name="Viewers", description="d")
     assert isinstance(created, Audience) and created.id == aid and created.display_name == "Viewers"
     assert created.condition == viewed(path) and created.member_count == 0 and created.create_time is not None
-    assert client.run("get_audience", aid) == created
+    assert not created.live or created.backfill_progress == 1.0  # it returned at once, perhaps backfilling
+    live = client.run("wait_live", aid)
+    assert live.live and live.backfill_progress == 1.0
+    assert client.run("get_audience", aid) == live == dataclasses.replace(created, live=True, backfill_progress=1.0)
     assert aid in [a.id for a in client.run("list_audiences")]
     with pytest.raises(AlreadyExistsError) as err:
         client.run("create_audience", aid, viewed(path))
@@ -132,6 +136,7 @@ def test_an_audience_round_trip_with_the_readme_shape(client: Harness, server) -
     message = json_format.ParseDict(viewed(path, times=2), condition_pb2.Condition())
     updated = client.run("update_audience", aid, message)
     assert updated.condition == viewed(path, times=2) and updated.display_name == "Viewers"
+    client.run("wait_live", aid)
     assert client.run("check_membership", "user-7", [aid]) == []
     renamed = client.run("update_audience", aid, display_name="Twice")
     assert renamed.display_name == "Twice" and renamed.condition == viewed(path, times=2)

@@ -19,7 +19,7 @@ from qualify.evaluator.program import Program
 from qualify.evaluator.reference import ReferenceEvaluator, matches_predicate
 from qualify.server.config import parse_project
 from qualify.server.domain.conditions import And, AttributeCondition, Not, Or, parse_condition
-from qualify.server.domain.changes import Direction
+from qualify.server.domain.changes import Cause, Direction
 from qualify.server.domain.compile import leaf_for
 from qualify.server.domain.engine import ANON, Engine
 from qualify.server.domain.events import Event, EventModel, EventType, MatchedEvent, matching_models
@@ -88,11 +88,11 @@ class World:
             ref.observe(state, m, ts, props, sid)
         return ref.leaf(state, 0, now).holds
 
-    def memberships(self, now: int) -> dict[str, set[str]]:
+    def memberships(self, now: int, skip=()) -> dict[str, set[str]]:
         people = set(self.rows) | set(self.events)
         out = {}
         for p in people:
-            got = {a for a, c in self.audiences.items() if self.holds(c, p, now)}
+            got = {a for a, c in self.audiences.items() if a not in skip and self.holds(c, p, now)}
             if got:
                 out[p] = got
         return out
@@ -194,10 +194,11 @@ row = st.fixed_dictionaries({"plan": st.sampled_from(PLANS + [None]), "ltv": st.
 @st.composite
 def action(draw):
     kind = draw(st.sampled_from(["events", "events", "events", "advance", "advance", "identify", "sync", "restart",
-                                 "redefine"]))
-    if kind == "restart":
-        return ("restart",)
-    if kind == "redefine":  # delete an audience, and maybe create it again (it then sees its history anew)
+                                 "redefine", "walk", "walk"]))
+    if kind in ("restart", "walk"):  # walk: one person further in the backfill of a redefined audience
+        return (kind,)
+    if kind == "redefine":  # delete an audience, and maybe create it again (it then sees its history anew),
+        # or create a deleted one again
         return ("redefine", draw(st.sampled_from(["a1", "a2", "a3"])), draw(st.booleans()))
     if kind == "advance":
         return ("advance", draw(st.sampled_from([1, 5, 10, 29, 31, 61])) * S)
@@ -244,6 +245,23 @@ class Harness:
             self.engine.recover(txn, self.now)
             for aid, definition in audiences.items():
                 self.engine.put_audience(txn, aid, aid, "", definition, self.now, create=True)
+        self.finish_backfill()
+
+    def backfilling(self) -> set[str]:
+        progress = self.engine.backfilling
+        return set(progress["audiences"]) if progress else set()
+
+    def walk(self) -> list:
+        with self.env.begin(write=True) as txn:
+            return self.engine.backfill_step(txn, self.now, people=1)
+
+    def finish_backfill(self) -> None:
+        for _ in range(10_000):
+            if not self.backfilling():
+                return
+            for c in self.walk():
+                assert c.cause == Cause.AUDIENCE_CHANGE
+        raise AssertionError("the backfill did not end")
 
     def new_engine(self) -> Engine:
         def replay(txn):
@@ -266,9 +284,10 @@ class Harness:
             for key, r in self.rows.items():
                 con.execute("INSERT INTO customers VALUES (?, ?, ?, ?, ?)", [key, r["plan"], r["ltv"], r["orders"], r["opt_in"]])
 
-    def memberships(self) -> dict[str, set[str]]:
+    def memberships(self, skip=()) -> dict[str, set[str]]:
         with self.env.begin() as txn:
-            return {k: {self.engine.bits[b] for b in bits} for k, bits in self.store.all_memberships(txn) if bits}
+            out = {k: {self.engine.bits[b] for b in bits} - set(skip) for k, bits in self.store.all_memberships(txn)}
+        return {k: v for k, v in out.items() if v}
 
 
 @pytest.mark.parametrize("reference", [True, False], ids=["reference-evaluator", "compiled-evaluator"])
@@ -291,9 +310,13 @@ def test_engine_matches_the_world(tmp_path_factory, reference, audiences, rows, 
                 changes = h.engine.tick(txn, h.now)
             for c in changes:  # a lapse takes effect exactly where the answer flips
                 assert before < c.effective_us <= h.now
+                if c.cause == Cause.AUDIENCE_CHANGE:  # a backfill reached them, at the timer's instant
+                    continue
                 cond = conditions[c.audience_id]
                 assert world.holds(cond, c.person_key, c.effective_us) == (c.direction == Direction.ENTER)
                 assert world.holds(cond, c.person_key, c.effective_us - 1) == (c.direction == Direction.EXIT)
+        elif act[0] == "walk":
+            h.walk()
         elif act[0] == "restart":
             replays = h.replays
             for c in h.restart():  # only timers that came due exactly now, none made up
@@ -308,6 +331,10 @@ def test_engine_matches_the_world(tmp_path_factory, reference, audiences, rows, 
                         h.engine.put_audience(txn, aid, aid, "", audiences[aid], h.now, create=True)
                 if not recreate:
                     del world.audiences[aid]
+            elif aid in audiences and recreate:  # back after a while: what it kept before is stale
+                with h.env.begin(write=True) as txn:
+                    h.engine.put_audience(txn, aid, aid, "", audiences[aid], h.now, create=True)
+                world.audiences[aid] = conditions[aid]
         elif act[0] == "sync":
             h.rows[act[1]] = act[2]
             h.write_warehouse()
@@ -332,4 +359,140 @@ def test_engine_matches_the_world(tmp_path_factory, reference, audiences, rows, 
                 world.add(ev)
             with h.env.begin(write=True) as txn:
                 h.engine.apply(txn, [MatchedEvent(ev, tuple(matching_models(ev, MODELS))) for ev in batch], h.now)
-        assert h.memberships() == world.memberships(h.now), act
+        # An audience being backfilled is exact only once its walk ends; the others are, always.
+        assert h.memberships(h.backfilling()) == world.memberships(h.now, h.backfilling()), act
+    h.finish_backfill()
+    assert h.memberships() == world.memberships(h.now)
+
+
+# -- backfill: audiences created or changed beside ingest ----------------------------------------------
+
+EVER_TWO_VIEWS = {"event": {"event_model": "views", "scope": "SCOPE_EVER", "comparison": "COMPARISON_GE", "threshold": 2}}
+TWO_CARTS_IN_A_MINUTE = {"event": {"event_model": "carts", "scope": "SCOPE_WITHIN", "window": "60s",
+                                   "comparison": "COMPARISON_GE", "threshold": 2}}
+FREE_PLAN = {"attribute": {"attribute": "plan", "operator": "OPERATOR_EQ", "value": {"string_value": "free"}}}
+ROWS = {p: {"plan": "free" if i % 2 else "pro", "ltv": None, "orders": None, "opt_in": None} for i, p in enumerate(PEOPLE)}
+
+
+class Backfill:
+    """A harness with its world, and events sent through both."""
+
+    def __init__(self, tmp, audiences: dict[str, dict]):
+        self.h = Harness(tmp, audiences, dict(ROWS), reference=False)
+        self.reads = 0
+        read = self.h.engine.read_event
+        self.h.engine.read_event = lambda txn, seq: (self.count(), read(txn, seq))[1]
+        self.world = World(self.h.rows, {a: self.parse(d) for a, d in audiences.items()})
+
+    def count(self):
+        self.reads += 1
+
+    @staticmethod
+    def parse(definition):
+        return parse_condition(definition, dict(ATTRS), {m.name: dict(m.properties) for m in MODELS})
+
+    def send(self, who: str, model: str, n: int = 1) -> list:
+        batch = []
+        for _ in range(n):
+            user, anon = (who, "") if who.startswith("u") else ("", who)
+            typ, name = (EventType.PAGE, "") if model == "views" else (EventType.TRACK, "Added")
+            ev = Event(message_id=f"m{len(self.h.log)}", type=typ, name=name, user_id=user, anonymous_id=anon,
+                       timestamp_us=self.h.now, received_us=self.h.now, properties={})
+            self.h.log.append(ev)
+            ev.seq = len(self.h.log)
+            self.world.add(ev)
+            batch.append(ev)
+        with self.h.env.begin(write=True) as txn:
+            return self.h.engine.apply(txn, [MatchedEvent(ev, tuple(matching_models(ev, MODELS))) for ev in batch],
+                                       self.h.now)
+
+    def create(self, aid: str, definition: dict) -> None:
+        with self.h.env.begin(write=True) as txn:
+            self.h.engine.put_audience(txn, aid, aid, "", definition, self.h.now, create=True)
+        self.world.audiences[aid] = self.parse(definition)
+
+    def exact(self) -> bool:
+        return self.h.memberships() == self.world.memberships(self.h.now)
+
+
+def test_a_new_audience_returns_at_once_and_a_walk_brings_its_members(tmp_path):
+    b = Backfill(tmp_path, {})
+    for i, who in enumerate(PEOPLE[:4]):
+        b.send(who, "views", n=i)  # u2 and u3 viewed twice or more
+    b.create("two_views", EVER_TWO_VIEWS)
+    assert b.reads == 0, "CreateAudience read the event log"
+    assert b.h.backfilling() == {"two_views"}
+    assert b.h.memberships() == {}  # nobody reached yet
+    entered = []
+    while b.h.backfilling():
+        step = b.h.walk()
+        assert all(c.cause == Cause.AUDIENCE_CHANGE and c.direction == Direction.ENTER for c in step)
+        entered += [c.person_key for c in step]
+    assert sorted(entered) == ["u2", "u3"]
+    assert b.exact()
+    assert b.reads == 0 + 1 + 2 + 3  # each person's own events, once
+
+
+def test_an_event_before_the_walk_grafts_the_person_once(tmp_path):
+    b = Backfill(tmp_path, {})
+    b.send("u1", "views")
+    b.create("two_views", EVER_TWO_VIEWS)
+    changes = b.send("u1", "views")  # the history, grafted, and this event: two views
+    assert [(c.person_key, c.direction) for c in changes] == [("u1", Direction.ENTER)]
+    b.h.finish_backfill()
+    assert b.exact()
+    with b.h.env.begin() as txn:
+        assert sum(1 for c in b.h.store.changes_after(txn, 0, 100) if c.person_key == "u1") == 1
+
+
+def test_an_audience_back_after_a_while_learns_again_what_it_missed(tmp_path):
+    b = Backfill(tmp_path, {"carts": TWO_CARTS_IN_A_MINUTE})
+    b.send("u1", "carts")
+    with b.h.env.begin(write=True) as txn:
+        b.h.engine.delete_audience(txn, "carts", b.h.now)
+    del b.world.audiences["carts"]
+    b.send("u1", "carts")  # stored without the leaf now: it left the program
+    b.create("carts", TWO_CARTS_IN_A_MINUTE)
+    b.h.finish_backfill()
+    assert b.h.memberships() == {"u1": {"carts"}}
+    assert b.exact()
+
+
+def test_a_restart_in_the_middle_of_a_walk_resumes_it(tmp_path):
+    b = Backfill(tmp_path, {"free": FREE_PLAN})
+    for who in PEOPLE:
+        b.send(who, "views", n=2)
+    b.create("two_views", EVER_TWO_VIEWS)
+    b.h.walk()
+    b.h.walk()
+    done = b.h.engine.backfilling["done"]
+    b.h.restart()  # as after a kill -9: no shutdown step
+    assert b.h.engine.backfilling["done"] == done == 2
+    b.send("u5", "views")
+    b.h.finish_backfill()
+    assert b.exact()
+    assert b.h.memberships()["u0"] == {"two_views"}
+
+
+def test_renaming_an_audience_moves_nobody(tmp_path):
+    b = Backfill(tmp_path, {"two_views": EVER_TWO_VIEWS})
+    b.send("u1", "views", n=2)
+    with b.h.env.begin(write=True) as txn:
+        _, changes = b.h.engine.put_audience(txn, "two_views", "Two views", "renamed", EVER_TWO_VIEWS, b.h.now,
+                                             create=False)
+    assert changes == [] and not b.h.backfilling()
+    assert b.exact()
+
+
+def test_a_changed_definition_moves_people_to_it_by_the_walk(tmp_path):
+    b = Backfill(tmp_path, {"aud": EVER_TWO_VIEWS})
+    b.send("u1", "views", n=2)
+    b.send("u2", "carts", n=2)
+    assert b.h.memberships() == {"u1": {"aud"}}
+    with b.h.env.begin(write=True) as txn:
+        b.h.engine.put_audience(txn, "aud", "aud", "", TWO_CARTS_IN_A_MINUTE, b.h.now, create=False)
+    b.world.audiences["aud"] = b.parse(TWO_CARTS_IN_A_MINUTE)
+    assert b.h.memberships() == {"u1": {"aud"}}  # the old definition's, until the walk reaches them
+    b.h.finish_backfill()
+    assert b.h.memberships() == {"u2": {"aud"}}
+    assert b.exact()

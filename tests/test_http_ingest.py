@@ -65,6 +65,7 @@ def page(user: str, path: str = "/pricing", **extra) -> dict:
 def pricing_audience(edge_server):
     with admin(edge_server) as c:
         c.create_audience("http_pricing", PRICING)
+        c.wait_live("http_pricing")
     return "http_pricing"
 
 
@@ -166,6 +167,7 @@ def test_sent_at_corrects_the_device_clock(edge_server, tmp_path):
     # Corrected into "now", the three views count in a 10-minute window: the audience reacts.
     with admin(edge_server) as c:
         c.create_audience("http_pricing_skew", PRICING)
+        c.wait_live("http_pricing_skew")
     eventually(lambda: "http_pricing_skew" in [m["audience"] for m in record(edge_server, user)["memberships"]],
                lambda: str(record(edge_server, user)), timeout=5)
     # Without sentAt the same timestamps are an hour ahead, and refused.

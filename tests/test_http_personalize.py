@@ -70,6 +70,7 @@ def test_membership_check(edge_server):
     with Client(edge_server.address, api_key=edge_server.keys["admin"], timeout=5) as c:
         c.create_audience("http_pros", {"attribute": {"attribute": "plan", "operator": "OPERATOR_EQ",
                                                       "value": {"string_value": "pro"}}})
+        c.wait_live("http_pros")
         pro = next(k for k in (f"user-{i}" for i in range(1, 200)) if c.get(k).fields["plan"] == "pro")
         other = next(k for k in (f"user-{i}" for i in range(1, 200)) if c.get(k).fields["plan"] != "pro")
     r = get(edge_server, f"{CUSTOMERS}/audiences/http_pros/members/{pro}")
@@ -176,6 +177,7 @@ def test_a_publishable_key_reads_only_its_fields_over_http_and_grpc(edge_server)
     assert r.status_code == 403
     with Client(edge_server.address, api_key=edge_server.keys["admin"], timeout=5) as c:
         c.create_audience("http_web", {"attribute": {"attribute": "plan", "operator": "OPERATOR_IS_SET"}})
+        c.wait_live("http_web")
     member = lambda: get(edge_server, f"{CUSTOMERS}/audiences/http_web/members/user-7", key="publishable")  # noqa: E731
     eventually(lambda: member().status_code == 200, lambda: member().text, timeout=5)
     assert member().json()["member"] is True  # membership is the page's to know
@@ -204,6 +206,7 @@ def test_read_your_writes_over_http_with_the_tracking_answers_token(edge_server)
     with Client(edge_server.address, api_key=edge_server.keys["admin"], timeout=5) as c:
         c.create_audience("http_ryw", {"event": {"event_model": "page_views", "scope": "SCOPE_EVER",
                                                  "comparison": "COMPARISON_GE", "threshold": 1}})
+        c.wait_live("http_ryw")
     for i in range(20):  # each read follows its write at once, with the write's token: never stale
         person = f"user-{300 + i}"
         r = requests.post(f"{edge_server.http_url}/v1/page", auth=(edge_server.keys["ingest"], ""), timeout=5,

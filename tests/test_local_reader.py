@@ -47,6 +47,7 @@ def start(server_factory, project, *args):
     server = server_factory("--project", str(project[0]), *args)
     with Client(server.address) as client:
         client.create_audience("viewed", AUDIENCE)
+        client.wait_live("viewed")
     return server
 
 

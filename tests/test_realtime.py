@@ -297,6 +297,7 @@ def test_updating_a_windowed_audience_moves_members_at_once_and_reschedules(rt):
         a = audience_pb2.Audience(id="upd_window", display_name="upd_window")
         a.condition.CopyFrom(cond(definition(window)))
         api.aud.UpdateAudience(audience_pb2.UpdateAudienceRequest(audience=a), timeout=30)
+        api.wait_live("upd_window")
 
     clock.set(t + S)
     update("60s")  # the view is 101 s old: out at once

@@ -506,3 +506,55 @@ def test_mutated_sections_with_a_valid_checksum_never_crash(data):
         ev.observe(r, e[0], e[1] + 60 * MIN, e[2])
     ev.evaluate(r, 200 * MIN, [])
     ev.dump(r)
+
+
+@settings(max_examples=300, derandomize=True, database=None, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(mixed_program_st(), any_stream_st, st.integers(0, 11), st.randoms(use_true_random=False))
+def test_graft_differential(p2, stream, split, rnd):
+    """A backfill's graft (domain/backfill.py) of new sequence leaves: dumped under a program without
+    them, loaded under one with them, grafted from a donor that saw the events: as if there all along."""
+    keep = [lf for lf in p2.leaves if not isinstance(lf, SequenceLeaf) or rnd.random() < 0.4]
+    p1 = Program(tuple(keep), (tuple((Code.EVENT, j) for j in range(len(keep))) + ((Code.OR, len(keep)),),)
+                 if keep else (), 0, p2.session_timeout_us)
+    old = {state_key(lf) for lf in p1.leaves}
+    new = tuple(j for j, lf in enumerate(p2.leaves) if state_key(lf) not in old)
+    donor_program = Program(tuple(p2.leaves[j] for j in new), (), 0, p2.session_timeout_us)
+    c1, r1, c2, r2 = CompiledEvaluator(p1), ReferenceEvaluator(p1), CompiledEvaluator(p2), ReferenceEvaluator(p2)
+    cd, rd = CompiledEvaluator(donor_program), ReferenceEvaluator(donor_program)
+    s1c, s1r, uc, dc, dr = c1.new_state(), r1.new_state(), c2.new_state(), cd.new_state(), rd.new_state()
+    split %= len(stream)
+    now = 0
+    lc = lr = None
+    for i, (events, (advance, _)) in enumerate(stream):
+        states = [(c2, uc)] + ([(c1, s1c), (r1, s1r), (cd, dc), (rd, dr)] if lc is None else [(c2, lc), (r2, lr)])
+        for model, offset, props, sid in events:
+            for ev, s in states:
+                ev.observe(s, model, now + offset, props, sid)
+        if advance is None:
+            nxt = c2.next_change(uc, now)
+            now = nxt if nxt is not None else now + S
+        else:
+            now += advance
+        if lc is None:
+            c1.evaluate(s1c, now, [])
+            c2.evaluate(uc, now, [])
+            if i != split:
+                continue
+            lc, lr = c2.load(c1.dump(s1c)), r2.load(r1.dump(s1r))
+            pairs = [(j, k) for k, j in enumerate(new)]
+            c2.graft(lc, dc, pairs)
+            r2.graft(lr, dr, pairs)
+            lc = c2.load(c2.dump(lc))  # and it survives a round trip
+        check_agree(c2, r2, lc, lr, p2, now, ())
+        for j, lf in enumerate(p2.leaves):  # (check_agree held the event leaves to the reference)
+            if isinstance(lf, SequenceLeaf):
+                assert c2.leaf(lc, j, now) == c2.leaf(uc, j, now), (j, lf, now)
+
+
+def test_graft_refuses_sequence_leaves_that_keep_different_state():
+    main = CompiledEvaluator(program(seq(VIEW, CART, within=10 * S)))
+    for other in (seq(VIEW, CART, within=11 * S), absence(VIEW, CART, 10 * S), seq(VIEW, CART, within=10 * S, reorder=2)):
+        donor = CompiledEvaluator(program(other))
+        with pytest.raises(ValueError):
+            main.graft(main.new_state(), donor.new_state(), [(0, 0)])

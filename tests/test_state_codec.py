@@ -349,3 +349,58 @@ def test_program_change_differential(pair, stream, split):
             if j not in expected_missing:
                 a, b = c2.leaf(lc, j, now), c2.leaf(uc, j, now)
                 assert same_values(([a], None), ([b], None)), (j, p2.leaves[j], now, a, b)
+
+
+@settings(max_examples=300, derandomize=True, database=None, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(program_pair_st(), stream_st, st.integers(0, 13))
+def test_graft_differential(pair, stream, split):
+    """Dump under P1, load under P2, graft P2's new leaves from a replay: every leaf as if P2 all along.
+
+    (A backfill, domain/backfill.py: the donor is an evaluator of just the
+    new leaves that saw the person's events again, in order.)
+    """
+    p1, p2, n_models = pair
+    split %= len(stream)
+    old = {state_key(lf) for lf in p1.leaves}
+    new = tuple(j for j, lf in enumerate(p2.leaves) if state_key(lf) not in old)
+    donor_program = Program(tuple(p2.leaves[j] for j in new), (), 0, p2.session_timeout_us)
+    c1, r1, c2, r2 = CompiledEvaluator(p1), ReferenceEvaluator(p1), CompiledEvaluator(p2), ReferenceEvaluator(p2)
+    cd, rd = CompiledEvaluator(donor_program), ReferenceEvaluator(donor_program)
+    s1c, s1r, uc = c1.new_state(), r1.new_state(), c2.new_state()
+    dc, dr = cd.new_state(), rd.new_state()
+    now = 0
+    lc = lr = None
+    for i, (events, (advance, _static)) in enumerate(stream):
+        states = [(c2, uc)] + ([(c1, s1c), (r1, s1r), (cd, dc), (rd, dr)] if lc is None else [(c2, lc), (r2, lr)])
+        for model, offset, props, sid in events:
+            for ev, s in states:
+                ev.observe(s, model % n_models, now + offset, props, sid)
+        if advance is None:
+            nxt = c2.next_change(uc, now)
+            now = nxt if nxt is not None else now + S
+        else:
+            now += advance
+        if lc is None:
+            c1.evaluate(s1c, now, [False] * p1.n_static)
+            c2.evaluate(uc, now, [])
+            if i != split:
+                continue
+            lc, lr = c2.load(c1.dump(s1c)), r2.load(r1.dump(s1r))
+            pairs = [(j, k) for k, j in enumerate(new)]
+            c2.graft(lc, dc, pairs)
+            r2.graft(lr, dr, pairs)
+            lc = c2.load(c2.dump(lc))  # and it survives a round trip
+        check_agree(c2, r2, lc, lr, p2, now, ())
+        for j in range(len(p2.leaves)):
+            a, b = c2.leaf(lc, j, now), c2.leaf(uc, j, now)
+            assert same_values(([a], None), ([b], None)), (j, p2.leaves[j], now, a, b)
+
+
+def test_graft_refuses_leaves_that_keep_different_state():
+    counts, sums = leaf(), dataclasses.replace(leaf(), aggregation=Aggregation.SUM, property="n")
+    main, donor = CompiledEvaluator(program(counts)), CompiledEvaluator(program(sums))
+    with pytest.raises(ValueError):
+        main.graft(main.new_state(), donor.new_state(), [(0, 0)])
+    with pytest.raises(IndexError):
+        main.graft(main.new_state(), donor.new_state(), [(1, 0)])

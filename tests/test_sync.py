@@ -326,8 +326,8 @@ def test_update_delete_insert_are_counted_exactly(env, customers_db, customers_p
     report = sync(env, customers_project)
     assert report.generation == 2
     assert report.people == 101
-    assert counts(table_report(report)) == dict(rows=101, added=4, changed=5, removed=3, unchanged=92,
-                                                duplicate_keys=0, null_keys=0)
+    assert counts(table_report(report)) == dict(rows=101, added=len(added), changed=len(changed),
+                                                removed=len(removed), unchanged=92, duplicate_keys=0, null_keys=0)
 
     reader = Reader(env)
     for k in removed:

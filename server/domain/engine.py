@@ -27,8 +27,9 @@ from collections.abc import Callable
 import numpy as np
 
 from qualify.evaluator import make_evaluator
-from qualify.evaluator.program import Scope
+from qualify.evaluator.program import Scope, state_key_hash
 
+from . import backfill
 from .changes import Cause, Direction, MembershipChange
 from .audiences import Audience, check_audience_id, check_windows
 from .compile import Compiled, audiences_by_model, compile_audiences
@@ -71,6 +72,10 @@ class Engine:
         self.counts: dict[str, int] = {}
         self.defaults: dict[str, np.ndarray] | None = None  # audience -> members without realtime state
         self.warehouse = WarehouseParts()
+        self.generation = 0  # bumped whenever a state key joins the program
+        self.epoch_keys: dict[str, int] = {}  # state key (hex) -> the generation it joined the program at
+        self.backfilling: dict | None = None  # the walk's progress (see backfill.py), while one runs
+        self.on_backfill: Callable[[], None] | None = None  # called when a walk starts
         self._reset_people()
         self._compile()
 
@@ -89,8 +94,10 @@ class Engine:
         self.earliest: int | None = None  # the earliest pending timer of anyone, as of the last entry point
         self.aliases: dict[str, str] = {}
         self.dirty: set[int] = set()  # slots whose state or timer the running transaction changed
+        self.grafted: set[int] = set()  # slots the running transaction grafted new leaves into (backfill.py)
 
-    def _compile(self) -> None:
+    def _compile(self, txn=None) -> None:
+        """Compiles the audiences; with ``txn``, files the epochs of the state keys that join the program."""
         active = sorted(self.audiences.values(), key=lambda a: self.bits.index(a.id))
         self.compiled: Compiled = compile_audiences([(a.id, a.condition) for a in active], self.model_index,
                                                     self.session_timeout_us)
@@ -98,6 +105,26 @@ class Engine:
         self.current = [None] * len(self.keys)  # program values are per program
         self.evaluator = make_evaluator(self.compiled.program, reference=self.reference)
         self.by_model = audiences_by_model(self.compiled.program, self.model_index.values())
+        keys = [format(state_key_hash(leaf), "016x") for leaf in self.compiled.program.leaves]
+        if txn is not None:
+            if any(k not in self.epoch_keys for k in keys):
+                self.generation += 1
+            # A key that leaves the program is forgotten: if it comes back, states dumped before are stale.
+            self.epoch_keys = {k: self.epoch_keys.get(k, self.generation) for k in keys}
+            self.store.put_epochs(txn, {"generation": self.generation, "leaves": self.epoch_keys})
+        self.leaf_epochs = [self.epoch_keys.get(k, 0) for k in keys]
+        self.newest_epoch = max(self.leaf_epochs, default=0)
+        self.grafters: dict[tuple[int, ...], object] = {}  # leaves to graft -> an evaluator of just those
+
+    def _switch(self, txn) -> None:
+        """A new program, at once: loaded people are dropped (their states are stored) and reload into it."""
+        assert not self.dirty
+        self._compile(txn)
+        self.load_warehouse(txn)
+        aliases, earliest = self.aliases, self.earliest
+        self._reset_people()
+        self.aliases, self.earliest = aliases, earliest
+        self.store.put_program(txn, fingerprint(self))
 
     def _slot(self, key: str, txn) -> int:
         """The person's slot, loading their stored state the first time they are needed."""
@@ -107,8 +134,8 @@ class Engine:
             return slot
         stored = self.store.state(txn, key)
         pid = None if key.startswith(ANON) else self.store.person_id(txn, key)
-        fields = (key, self.evaluator.load(stored[2]) if stored else self.evaluator.new_state(),
-                  stored[0] if stored else None,
+        state = self.evaluator.load(stored[3]) if stored else self.evaluator.new_state()
+        fields = (key, state, stored[0] if stored else None,
                   pid if pid is not None or not stored else stored[1],  # a person the warehouse removed keeps theirs
                   self.store.membership(txn, key), None, None)
         if self.free:
@@ -122,6 +149,10 @@ class Engine:
         self.slots[key] = slot
         if stored is None:
             self.created.add(slot)
+        elif stored[2] < self.newest_epoch and backfill.graft(self, txn, key, state, stored[2]):
+            self.dirty.add(slot)  # leaves that joined the program since learned the person's history:
+            self.created.add(slot)  # they are evaluated for every audience, like someone new
+            self.grafted.add(slot)
         return slot
 
     def _columns(self) -> tuple[list, ...]:
@@ -177,16 +208,18 @@ class Engine:
         if values == current:
             return
         self.current[slot] = None  # recomputed from members next time
+        walking = self.backfilling["audiences"] if self.backfilling is not None and slot in self.grafted else ()
         for i in audiences:
             bit = self.program_bits[i]
             if values[i] != (bit in members):
                 aid = self.bits[bit]
+                why = Cause.AUDIENCE_CHANGE if aid in walking else cause  # the backfill reached them
                 if values[i]:
                     members[bit] = now_us
-                    out.append(MembershipChange(aid, self.keys[slot], Direction.ENTER, now_us, cause, message_id))
+                    out.append(MembershipChange(aid, self.keys[slot], Direction.ENTER, now_us, why, message_id))
                 else:
                     del members[bit]
-                    out.append(MembershipChange(aid, self.keys[slot], Direction.EXIT, now_us, cause, message_id))
+                    out.append(MembershipChange(aid, self.keys[slot], Direction.EXIT, now_us, why, message_id))
 
     def _schedule(self, txn, slot: int, now_us: int) -> None:
         self._set_timer(txn, slot, self.evaluator.next_change(self.states[slot], now_us))
@@ -287,9 +320,10 @@ class Engine:
         for slot in self.dirty:
             key = self.keys[slot]
             if self.slots.get(key) == slot:
-                self.store.put_state(txn, key, self.deadlines[slot], self.pids[slot],
+                self.store.put_state(txn, key, self.deadlines[slot], self.pids[slot], self.generation,
                                      self.evaluator.dump(self.states[slot]))
         self.dirty.clear()
+        self.grafted.clear()
         self._file_earliest(txn)
         if changes:
             self._record(txn, changes)
@@ -312,7 +346,8 @@ class Engine:
         """Loads the audiences; fires the timers that came due meanwhile; people load when needed.
 
         The log is replayed only when the stored states were dumped under
-        another program (or none were, or they cannot be read).
+        another program (or none were, or they cannot be read). A walk that
+        was under way resumes where it stood.
         """
         self.bits = self.store.catalog_bits(txn)
         for rec in self.store.load_audiences(txn):
@@ -322,13 +357,18 @@ class Engine:
             if rec["id"] not in self.bits:
                 self.bits.append(rec["id"])
         self.counts = self.store.counts(txn)
-        self._compile()
+        epochs = self.store.epochs(txn)
+        self.generation, self.epoch_keys = epochs["generation"], epochs["leaves"]
+        self.backfilling = self.store.backfill(txn)
+        self._compile(txn)
         self.load_warehouse(txn)
         if self.store.program(txn) == fingerprint(self):
             try:
                 return restore(self, txn, now_us)
             except ValueError as exc:  # a state this evaluator cannot read: the log still has everything
                 log.warning("stored realtime state unreadable (%s): rebuilding it from the event log", exc)
+        self.backfilling = None  # the rebuild evaluates everyone
+        self.store.put_backfill(txn, None)
         return rebuild(self, txn, now_us, Cause.WINDOW_LAPSE, self._stored_defaults(txn), lapses=True)
 
     def _stored_defaults(self, txn) -> dict[str, np.ndarray]:
@@ -337,6 +377,7 @@ class Engine:
 
     def put_audience(self, txn, audience_id: str, display_name: str, description: str, definition: dict,
                      now_us: int, create: bool) -> tuple[Audience, list[MembershipChange]]:
+        """Stores the audience and switches the program at once; a walk then brings its members (backfill.py)."""
         check_audience_id(audience_id)
         exists = audience_id in self.audiences
         if create and exists:
@@ -348,20 +389,29 @@ class Engine:
         due: list[MembershipChange] = []
         self._fire_due(txn, now_us, due)
         self._persist(txn, due)
-        created = self.audiences[audience_id].create_us if exists else now_us
-        audience = Audience(audience_id, display_name, description, definition, condition, created, now_us)
-        old_defaults = self.defaults if self.defaults is not None else self._stored_defaults(txn)
+        old = self.audiences.get(audience_id)
+        audience = Audience(audience_id, display_name, description, definition, condition,
+                            old.create_us if old else now_us, now_us)
+        self.audiences[audience_id] = audience
+        self.store.put_audience(txn, audience.record())
+        if old is not None and old.definition == definition:  # names only: nobody moves
+            return audience, due
         if not exists:
             free = self.bits.index(None) if None in self.bits else len(self.bits)
             if free == len(self.bits):
                 self.bits.append(audience_id)
             else:
                 self.bits[free] = audience_id
-        self.audiences[audience_id] = audience
-        self.store.put_audience(txn, audience.record())
-        self.store.set_catalog_bits(txn, self.bits)
-        changes = self._redefine(txn, now_us, old_defaults)
-        return audience, changes
+            self.store.set_catalog_bits(txn, self.bits)
+        self._switch(txn)
+        backfill.start(self, txn, [audience_id], now_us)
+        if self.on_backfill is not None:
+            self.on_backfill()
+        return audience, due
+
+    def backfill_step(self, txn, now_us: int, **limits) -> list[MembershipChange]:
+        """One bounded slice of the walk that brings new definitions their members (a writer job of its own)."""
+        return backfill.step(self, txn, now_us, **limits)
 
     def delete_audience(self, txn, audience_id: str, now_us: int) -> list[MembershipChange]:
         if audience_id not in self.audiences:
@@ -384,33 +434,21 @@ class Engine:
         del self.audiences[audience_id]
         self.bits[bit] = None
         self.counts.pop(audience_id, None)
+        if self.defaults is not None:
+            self.defaults.pop(audience_id, None)
         self.store.put_counts(txn, self.counts)
         self.store.delete_audience(txn, audience_id)
         self.store.set_catalog_bits(txn, self.bits)
-        self._migrate(txn)  # the others keep their state: no one's membership in them moves
+        backfill.forget(self, txn, audience_id)
+        self._switch(txn)  # the others keep their state: no one's membership in them moves
         return due + changes
 
-    def _migrate(self, txn) -> None:
-        """A program with fewer audiences: every state keeps the leaves still used, nothing is replayed.
-
-        (People not loaded now are read into the new program when next
-        needed; the sections of the leaves it no longer has are dropped then.)
-        """
-        old = self.evaluator
-        self._compile()
-        self.load_warehouse(txn)
-        for slot in self.slots.values():
-            self.states[slot] = self.evaluator.load(old.dump(self.states[slot]))
-            self.dirty.add(slot)
-        self.defaults = {self.bits[self.program_bits[i]]: arr for i, arr in
-                         enumerate(self.warehouse.defaults(self.compiled, self.warehouse.arrays))}
-        self.store.put_program(txn, fingerprint(self))
-        self._persist(txn, [])
-
-    def _redefine(self, txn, now_us: int, old_defaults: dict) -> list[MembershipChange]:
-        self._compile()
-        self.load_warehouse(txn)
-        return rebuild(self, txn, now_us, Cause.AUDIENCE_CHANGE, old_defaults, lapses=False)
+    def audience_state(self, audience_id: str) -> tuple[bool, float]:
+        """(backfilling, the walk's progress from 0 to 1)."""
+        progress = self.backfilling
+        if progress is None or audience_id not in progress["audiences"]:
+            return False, 1.0
+        return True, backfill.fraction(progress)
 
     # -- queries -------------------------------------------------------------------------
     def audience(self, audience_id: str) -> Audience:

@@ -16,10 +16,12 @@ from .changes import Cause, MembershipChange
 from .events import matching_models
 from .reconcile import reconcile
 
+STATE_LAYOUT = 2  # 2: a stored state carries the program generation it was dumped at (backfill.py)
+
 
 def fingerprint(engine) -> bytes:
     """Stored states are valid for this program and this evaluator only."""
-    what = repr((engine.compiled.program, type(engine.evaluator).__name__))
+    what = repr((engine.compiled.program, type(engine.evaluator).__name__, STATE_LAYOUT))
     return hashlib.sha256(what.encode()).digest()
 
 

@@ -2,7 +2,9 @@
 
 Definitions arrive as the JSON form of ``qualify.v1.Condition`` (the
 project file's and the domain's form). Changes run on the writer thread, in
-order with ingest and timers. Reads (get, list, check, members) are
+order with ingest and timers, and return at once: a new definition's
+members come from a backfill in bounded slices beside ingest (the audience
+is BACKFILLING until it ends, then LIVE; see domain/backfill.py). Reads (get, list, check, members) are
 answered from read transactions of what has committed, on the caller's
 thread: they never wait behind the writer's queue.
 """
@@ -38,11 +40,12 @@ class AudienceInfo:
     create_us: int
     update_us: int
     member_count: int
+    backfill: float | None = None  # None: LIVE; else BACKFILLING, this far (0 to 1)
 
     @classmethod
     def of(cls, record: dict, count: int) -> "AudienceInfo":
         return cls(record["id"], record["display_name"], record["description"], record["condition"],
-                   record["create_us"], record["update_us"], max(0, count))
+                   record["create_us"], record["update_us"], max(0, count), record.get("backfill"))
 
 
 def page_size(n: int, maximum: int, default: int | None = None) -> int:
@@ -74,7 +77,9 @@ class AudienceService:
         return await asyncio.wrap_future(self.jobs.submit(fn))
 
     def _info(self, audience: Audience) -> AudienceInfo:
-        return AudienceInfo.of(audience.record(), self.engine.counts.get(audience.id, 0))
+        backfilling, progress = self.engine.audience_state(audience.id)
+        return AudienceInfo.of({**audience.record(), "backfill": progress if backfilling else None},
+                               self.engine.counts.get(audience.id, 0))
 
     async def create(self, audience_id: str, display_name: str, description: str, definition: dict | None) -> AudienceInfo:
         check_audience_id(audience_id)

@@ -12,13 +12,16 @@ Named databases::
     audience_members  audience id | 0x00 | person key -> b"" (ListMembers pages through it)
     changelog         u64 sequence (big-endian) -> msgpack [audience, person, direction, effective_us, cause, message_id]
                       (positional: a MembershipChange without its sequence, the key)
-    rt_state          person key -> i64 next timer (-1: none) | i64 person id (-1: none) (little-endian) | the
-                      evaluator's dump of their state (the id outlives a warehouse removal: ids are never reused)
+    rt_state          person key -> i64 next timer (-1: none) | i64 person id (-1: none) | i64 the program
+                      generation it was dumped at (little-endian) | the evaluator's dump of their state (the id
+                      outlives a warehouse removal: ids are never reused)
     rt_timers         u64 instant (big-endian) | person key -> b"": every pending timer, in time order
     person_events     person key | 0x00 | u64 event sequence (big-endian) -> b"": each person's events in the log
     rt_aliases        anonymous (or aliased) id -> the user id it was linked to
     meta              b"changelog_seq" -> u64 last sequence; b"counts" -> JSON {audience id: members};
-                      b"rt_program" -> the fingerprint of the program the stored states were dumped under
+                      b"rt_program" -> the fingerprint of the program the stored states were dumped under;
+                      b"rt_epochs" -> JSON {generation, leaves: {state key: the generation it joined at}};
+                      b"rt_backfill" -> JSON, the audiences being backfilled and how far (see domain/backfill.py)
 """
 
 from __future__ import annotations
@@ -49,7 +52,9 @@ TIMER_KEY = struct.Struct(">Q")
 PERSON_EVENTS = b"person_events"
 ALIASES = b"rt_aliases"
 PROGRAM = b"rt_program"
-STATE_HEAD = struct.Struct("<qq")  # next timer, person id
+STATE_HEAD = struct.Struct("<qqq")  # next timer, person id, program generation
+EPOCHS = b"rt_epochs"
+BACKFILL = b"rt_backfill"
 SEQ_KEY = struct.Struct(">Q")
 packb = msgpack.Packer().pack
 _DTYPES = {ValueType.STRING: np.int32, ValueType.INT: np.int64, ValueType.FLOAT: np.float64,
@@ -181,17 +186,51 @@ class RealtimeStore:
     def put_program(self, txn, fingerprint: bytes) -> None:
         txn.put(PROGRAM, fingerprint, db=self.meta)
 
-    def put_state(self, txn, person_key: str, deadline: int | None, pid: int | None, raw: bytes) -> None:
-        head = STATE_HEAD.pack(-1 if deadline is None else deadline, -1 if pid is None else pid)
+    def epochs(self, txn) -> dict:
+        return json.loads(txn.get(EPOCHS, db=self.meta) or b'{"generation": 0, "leaves": {}}')
+
+    def put_epochs(self, txn, epochs: dict) -> None:
+        txn.put(EPOCHS, json.dumps(epochs).encode(), db=self.meta)
+
+    def backfill(self, txn) -> dict | None:
+        raw = txn.get(BACKFILL, db=self.meta)
+        return json.loads(raw) if raw else None
+
+    def put_backfill(self, txn, progress: dict | None) -> None:
+        if progress is None:
+            txn.delete(BACKFILL, db=self.meta)
+        else:
+            txn.put(BACKFILL, json.dumps(progress).encode(), db=self.meta)
+
+    def put_state(self, txn, person_key: str, deadline: int | None, pid: int | None, generation: int,
+                  raw: bytes) -> None:
+        head = STATE_HEAD.pack(-1 if deadline is None else deadline, -1 if pid is None else pid, generation)
         txn.put(person_key.encode(), head + raw, db=self.states)
 
-    def state(self, txn, person_key: str) -> tuple[int | None, int | None, bytes] | None:
-        """(next timer, person id, the evaluator's dump) of one person; None if they have no realtime state."""
+    def state(self, txn, person_key: str) -> tuple[int | None, int | None, int, bytes] | None:
+        """(next timer, person id, generation, the evaluator's dump) of one person; None without realtime state."""
         v = txn.get(person_key.encode(), db=self.states)
         if v is None:
             return None
-        deadline, pid = STATE_HEAD.unpack_from(v)
-        return (None if deadline < 0 else deadline), (None if pid < 0 else pid), bytes(v[STATE_HEAD.size:])
+        deadline, pid, generation = STATE_HEAD.unpack_from(v)
+        return (None if deadline < 0 else deadline), (None if pid < 0 else pid), generation, \
+            bytes(v[STATE_HEAD.size:])
+
+    def state_count(self, txn) -> int:
+        return txn.stat(self.states)["entries"]
+
+    def state_keys_after(self, txn, after: str, limit: int) -> list[str]:
+        """Up to ``limit`` people with realtime state, in key order after ``after``."""
+        out: list[str] = []
+        with txn.cursor(db=self.states) as cur:
+            k = after.encode()
+            found = cur.set_range(k)
+            if found and cur.key() == k:
+                found = cur.next()
+            while found and len(out) < limit:
+                out.append(bytes(cur.key()).decode())
+                found = cur.next()
+        return out
 
     def state_people(self, txn) -> Iterator[tuple[str, int | None]]:
         """(person key, person id as last stored) of everyone with realtime state."""

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
+from ..domain.backfill import fraction
 from ..domain.changes import MembershipChange
 from .lmdb_store import META
-from .realtime import (AUDIENCE_MEMBERS, AUDIENCES, CHANGELOG, COUNTS, MEMBERS, SEQ_KEY, _catalog, _page,
+from .realtime import (AUDIENCE_MEMBERS, AUDIENCES, BACKFILL, CHANGELOG, COUNTS, MEMBERS, SEQ_KEY, _catalog, _page,
                        changelog_head, decode_membership, read_changelog)
 
 
@@ -72,20 +73,23 @@ class AudienceReads:
             return fn(txn)
 
     def audience(self, audience_id: str) -> tuple[dict | None, int]:
-        """The stored record (None: no such audience) and its member count."""
+        """The stored record (None: no such audience, else with its ``backfill`` progress) and its member count."""
         k = _key(audience_id)
         if k is None:
             return None, 0
         with self.env.begin() as txn:
             raw = txn.get(k, db=self.audiences)
             counts = json.loads(txn.get(COUNTS, db=self.meta) or b"{}")
-        return (json.loads(raw) if raw else None), counts.get(audience_id, 0)
+            walk = _backfill(txn, self.meta)
+        return (_with_state(json.loads(raw), walk) if raw else None), counts.get(audience_id, 0)
 
     def all(self) -> list[tuple[dict, int]]:
-        """Every stored record, in id order, with its member count."""
+        """Every stored record, in id order (with its ``backfill`` progress), and its member count."""
         with self.env.begin() as txn:
             counts = json.loads(txn.get(COUNTS, db=self.meta) or b"{}")
-            return [(json.loads(v), counts.get(k.decode(), 0)) for k, v in txn.cursor(db=self.audiences)]
+            walk = _backfill(txn, self.meta)
+            return [(_with_state(json.loads(v), walk), counts.get(k.decode(), 0))
+                    for k, v in txn.cursor(db=self.audiences)]
 
     def memberships(self, person_key: str, audience_ids: list[str]) -> tuple[list[str], list[tuple[str, int]]]:
         """(the named audiences that do not exist, (audience, enter time) of those the person is in); none named: all."""
@@ -109,6 +113,17 @@ class AudienceReads:
                 return False, [], ""
             keys, token = _page(txn, self.audience_members, audience_id, after, limit)
         return True, keys, token
+
+
+def _backfill(txn, meta) -> dict | None:
+    raw = txn.get(BACKFILL, db=meta)
+    return json.loads(raw) if raw else None
+
+
+def _with_state(record: dict, walk: dict | None) -> dict:
+    """The record, with ``backfill``: None when LIVE, else how far its backfill is (0 to 1)."""
+    record["backfill"] = fraction(walk) if walk is not None and record["id"] in walk["audiences"] else None
+    return record
 
 
 def _members_of(txn, index, members, audience_id: str, bit: int) -> Iterator[tuple[str, int]]:

@@ -95,7 +95,9 @@ def _bad_sequence_time(body, kind: str, sub: str) -> FieldViolation | None:
 def _message(a: AudienceInfo) -> audience_pb2.Audience:
     msg = audience_pb2.Audience(id=a.id, display_name=a.display_name, description=a.description,
                                 create_time=timestamp(a.create_us), update_time=timestamp(a.update_us),
-                                member_count=a.member_count)
+                                member_count=a.member_count,
+                                state=audience_pb2.Audience.LIVE if a.backfill is None else audience_pb2.Audience.BACKFILLING,
+                                backfill_progress=1.0 if a.backfill is None else a.backfill)
     json_format.ParseDict(a.definition, msg.condition)
     return msg
 

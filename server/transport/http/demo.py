@@ -14,6 +14,8 @@ exist, with the window ``qualify serve --demo-window`` sets.
 
 from __future__ import annotations
 
+import asyncio
+
 import html
 import json
 import logging
@@ -51,6 +53,10 @@ class DemoPage:
             log.info("/demo: audience %s made (window %gs)", DEMO_AUDIENCE, window)
         except AudienceExists:
             pass
+        for _ in range(1000):  # its backfill (people with realtime state, then the warehouse's): milliseconds
+            if (await self.edge.audiences.get(DEMO_AUDIENCE)).backfill is None:
+                break
+            await asyncio.sleep(0.01)
         self.audience_ready = True
 
     def _visitor(self) -> str:
