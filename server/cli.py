@@ -283,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     address_args(p)
     p.add_argument("--json", action="store_true", help="print the audiences as JSON")
     p.set_defaults(func=cmd_audiences)
+    from .cli_simulate import add_parser as add_simulate_parser
+
+    add_simulate_parser(p.add_subparsers(dest="action"), address_args)
 
     p = sub.add_parser("demo", help="walk through a realtime audience against a server on the embedded demo")
     p.add_argument("--address", default="127.0.0.1:50051", help="server address (default 127.0.0.1:50051)")

@@ -116,10 +116,12 @@ def _explanation(node: dict) -> audience_pb2.ConditionExplanation:
 class Audiences:
     """AudienceService handlers; WatchMemberships is the Watch's."""
 
-    def __init__(self, service: AudienceService, watch: Watch | None = None):
+    def __init__(self, service: AudienceService, watch: Watch | None = None, simulation=None):
         self.service = service
         if watch is not None:
             self.watch_memberships = watch.watch_memberships
+        if simulation is not None:  # transport/simulate.py's Simulation
+            self.simulate_audience = simulation.simulate_audience
 
     async def create_audience(self, request: audience_pb2.CreateAudienceRequest, context):
         reject_malformed(request)
