@@ -19,6 +19,7 @@ MICRO = {  # scenario (its module, with _ for -) -> what it measures
     "evaluator": "the compiled evaluator in process: per-event evaluation of 100 audiences, and the full "
                  "recompute over 1,000,000 people",
     "history": "restart, audience changes, ingest CPU, memory and disk at several lengths of the event log",
+    "simulate": "SimulateAudience over 1,000,000 logged events: replay events/s, and a steady stream's ack p99",
     "realtime-syncs": "change -> delivery latency on the watch stream and a local webhook at a steady change rate",
     "local-reader": "LocalReader get in the caller's process against gRPC Get and the Noop floor; 1 vs 2 reader "
                     "processes; a reader while the server ingests",

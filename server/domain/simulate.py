@@ -95,15 +95,56 @@ class _Replay:
         self.members_at_start: int | None = None
         self.sample: dict[str, list[tuple[Direction, int]]] = {}
         self.next_bucket = 0  # buckets before it have their members count
+        self.next_close = start_us  # the next instant at which advance() has something to do
+        # An event of no model this program reads changes nobody when nothing counts sessions and
+        # someone with no events and no warehouse row is not a member: the replay can skip it unread.
+        alone = self.evaluator.evaluate(self.evaluator.new_state(), 0, list(self.static_missing))[0]
+        self.skip_others = not self.sessions and not alone
+        self._kept: dict[tuple[int, str], bool] = {}
+        self.read = 0  # events read, kept or not, before the span's end
+        self.first_us: int | None = None  # the first one's received time
+        self.pause, self.deadline, self.slice_seconds = (lambda: None), math.inf, SLICE_SECONDS
+        self.until = time.perf_counter() + self.slice_seconds
+
+    def count(self, received_us: int) -> None:
+        """The first event read, and every 128th: the slice's time is checked (pause, deadline)."""
+        if self.first_us is None:
+            self.first_us = received_us
+        if time.perf_counter() > self.until:
+            if time.monotonic() > self.deadline:
+                raise SimulationTooSlow("the simulation did not finish in time; try a shorter span")
+            self.pause()
+            self.until = time.perf_counter() + self.slice_seconds
+
+    def keep(self, kind: int, name: str, received_us: int) -> bool:
+        """Whether an event of this type and name can matter (see skip_others); cached per (type, name).
+
+        Every event from the span's end on is kept, so that the replay sees where to stop.
+        """
+        if received_us >= self.end_us:
+            return True
+        self.read += 1
+        if self.read & 127 == 0 or self.first_us is None:
+            self.count(received_us)
+        hit = self._kept.get((kind, name))
+        if hit is None:
+            k = (kind, name)
+            probe = Event(message_id="", type=EventType(kind), name=name)
+            hit = self._kept[k] = (not self.skip_others or kind in (EventType.IDENTIFY, EventType.ALIAS)
+                                   or any(m in self.used for m in self.models.candidates(probe)))
+        return hit
 
     # -- time ---------------------------------------------------------------------------------------
     def advance(self, now_us: int) -> None:
         """Closes the buckets (and the start) that end at or before ``now_us``; nothing changes between."""
-        if self.members_at_start is None and now_us >= self.start_us:
+        if now_us < self.next_close:
+            return
+        if self.members_at_start is None:
             self.members_at_start = self.members
         while self.next_bucket < len(self.buckets) and self._end_of(self.next_bucket) <= now_us:
             self.buckets[self.next_bucket].members = self.members
             self.next_bucket += 1
+        self.next_close = self._end_of(self.next_bucket) if self.next_bucket < len(self.buckets) else 2**63
 
     def _end_of(self, i: int) -> int:
         return min(self.end_us, self.buckets[i].start_us + self.bucket_us)
@@ -164,8 +205,10 @@ class _Replay:
     # -- events -------------------------------------------------------------------------------------
     def event(self, ev: Event) -> None:
         now = ev.received_us
-        self.fire_due(now)
-        self.advance(now)
+        if self.timers and self.timers[0][0] <= now:
+            self.fire_due(now)
+        if now >= self.next_close:
+            self.advance(now)
         if ev.type in (EventType.IDENTIFY, EventType.ALIAS):
             self.link(ev, now)
         touched: dict[str, _Person] = {}
@@ -209,27 +252,22 @@ class _Replay:
         self.evaluate(into, p, now_us)
 
 
-def simulate(engine, txn, condition: Condition, start_us: int, end_us: int, bucket_us: int, sample: int = 10,
-             pause=lambda: None, deadline: float = math.inf, slice_seconds: float = SLICE_SECONDS) -> Timeline:
-    """The audience's timeline over [start_us, end_us) in buckets of ``bucket_us``, from the retained log."""
+def simulate(engine, txn, condition: Condition, start_us: int, end_us: int, bucket_us: int, *, events,
+             sample: int = 10, pause=lambda: None, deadline: float = math.inf,
+             slice_seconds: float = SLICE_SECONDS) -> Timeline:
+    """The audience's timeline over [start_us, end_us) in buckets of ``bucket_us``, from the retained log.
+
+    ``events(keep)``: the log in ``txn``, in log order, without the events ``keep(type, name,
+    received_us)`` refuses (ports.AudienceReads.events); ``keep`` counts every event it is shown.
+    """
     replay = _Replay(engine, txn, condition, start_us, end_us, bucket_us, sample)
-    n = 0
-    first = None
-    until = time.perf_counter() + slice_seconds
-    for ev in engine.iter_events(txn):
+    replay.pause, replay.deadline, replay.slice_seconds = pause, deadline, slice_seconds
+    for ev in events(replay.keep):
         if ev.received_us >= end_us:
             break
-        if first is None:
-            first = ev.received_us
         replay.event(ev)
-        n += 1
-        if n & 63 == 0 and time.perf_counter() > until:
-            if time.monotonic() > deadline:
-                raise SimulationTooSlow("the simulation did not finish in time; try a shorter span")
-            pause()
-            until = time.perf_counter() + slice_seconds
     replay.fire_due(end_us - 1)
     replay.advance(end_us)
     return Timeline(start_us, end_us, bucket_us, replay.buckets,
                     replay.members_at_start if replay.members_at_start is not None else replay.members,
-                    replay.sample, n, first)
+                    replay.sample, replay.read, replay.first_us)

@@ -73,8 +73,8 @@ class SimulateService:
             condition = parse_condition(draft, self.engine.attribute_types, self.engine.event_model_props)
         deadline = time.monotonic() + self.seconds
         run = functools.partial(self.reads.read, lambda txn: simulate(
-            self.engine, txn, condition, start, end, bucket, sample, pause=_pause, deadline=deadline,
-            slice_seconds=SLICE_SECONDS))
+            self.engine, txn, condition, start, end, bucket, events=lambda keep: self.reads.events(txn, keep),
+            sample=sample, pause=_pause, deadline=deadline, slice_seconds=SLICE_SECONDS))
         try:
             return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self._pool, run), self.seconds)
         except asyncio.TimeoutError:  # still queued behind another simulation
