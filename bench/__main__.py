@@ -4,7 +4,8 @@ The load scenarios (personalize, batch-get, ingest, e2e, mixed, noop) are
 ``qualify bench``: see ``python -m bench --help``. ``warehouse-sync`` and
 ``evaluator`` time the warehouse sync and the compiled evaluator without a
 gRPC client; ``local-reader`` times LocalReader against gRPC Get; ``realtime-syncs`` times changes to their delivery on the watch
-stream and a webhook.
+stream and a webhook; ``history`` measures what grows with the event log; ``retention-soak`` ingests past
+event_retention and watches the log and the changelog level off.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ MICRO = {  # scenario (its module, with _ for -) -> what it measures
     "history": "restart, audience changes, ingest CPU, memory and disk at several lengths of the event log",
     "simulate": "SimulateAudience over 1,000,000 logged events: replay events/s, and a steady stream's ack p99",
     "realtime-syncs": "change -> delivery latency on the watch stream and a local webhook at a steady change rate",
+    "retention-soak": "ingest for longer than event_retention: the event log's size levels off; a stalled webhook "
+                      "sync holds the changelog back until it catches up, then it is compacted",
     "local-reader": "LocalReader get in the caller's process against gRPC Get and the Noop floor; 1 vs 2 reader "
                     "processes; a reader while the server ingests",
 }

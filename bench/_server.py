@@ -18,9 +18,11 @@ class ServerError(RuntimeError):
 
 
 class Server:
-    """The embedded demo served from ``workdir``; ``address`` and ``pids`` once started."""
+    """The embedded demo (or a project file) served from ``workdir``; ``address`` and ``pids`` once started."""
 
-    def __init__(self, workdir: Path, people: int, workers: int = 1, log_level: str = "INFO", nice: int = 0):
+    def __init__(self, workdir: Path, people: int, workers: int = 1, log_level: str = "INFO", nice: int = 0,
+                 project: Path | None = None):
+        """``project``: serve this project file (bench/_project.py) instead of the embedded demo."""
         self.workdir = Path(workdir)
         self.nice = nice
         self.people = people
@@ -30,8 +32,9 @@ class Server:
         # -X faulthandler: a crash (SIGSEGV in an extension) leaves every thread's
         # Python traceback in server.log, which the bench reports.
         self.args = [sys.executable, "-X", "faulthandler", "-m", "qualify.server.cli", "--log-level", log_level, "serve",
-                     "--port", "0", "--http-port", "0", "--ready-file", str(self.ready_file),
-                     "--data-dir", str(self.workdir / "data"), "--demo-people", str(people)]
+                     "--port", "0", "--http-port", "0", "--ready-file", str(self.ready_file)]
+        self.args += (["--project", str(project)] if project is not None
+                      else ["--data-dir", str(self.workdir / "data"), "--demo-people", str(people)])
         if workers > 1:
             self.args += ["--workers", str(workers)]
         self.proc: subprocess.Popen | None = None

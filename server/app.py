@@ -34,6 +34,7 @@ from .clock import make_clock
 from .config import Project
 from .delivery.runner import Deliveries
 from .domain.engine import Engine
+from .domain.errors import QualifyError
 from .observability import metrics
 from .config.operations import Operations
 from .runtime import backfill, compact, fire_timers, sync_schedule
@@ -215,7 +216,10 @@ async def _start_engine(store: RealtimeStore, writer: Writer, project: Project, 
         read_event=log_.get, iter_events=lambda txn: log_.read(txn, 1), publish=publish,
         retention_us=int(project.event_retention * 1_000_000), cache_people=project.state_cache)
     t0 = time.perf_counter()
-    changes = await asyncio.wrap_future(writer.submit(lambda txn: engine.recover(txn, clock())))
+    try:
+        changes = await asyncio.wrap_future(writer.submit(lambda txn: engine.recover(txn, clock())))
+    except QualifyError as exc:  # a stored audience the project no longer describes: say which, no traceback
+        raise SystemExit(f"qualify serve: {exc}; fix the project file, or see `qualify check`") from None
     log.info("realtime state loaded in %.2fs (%d audiences, %d people, %d changes on the way)",
              time.perf_counter() - t0, len(engine.audiences), len(engine.slots), len(changes))
     writer.on_events = engine.apply
@@ -263,8 +267,6 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
     engine, deliveries, writing, retention = await _writing_parts(env, writer, reader, project, clock, loop)
     wake = asyncio.Event()
     engine.on_deadline = lambda: loop.call_soon_threadsafe(wake.set)
-    walk = asyncio.Event()
-    engine.on_backfill = lambda: loop.call_soon_threadsafe(walk.set)
     host, port = project.server.host, project.server.port
     internal = address is not None
     if project.ops.metrics.port:
@@ -299,7 +301,7 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
              asyncio.create_task(_health(reader, health_servicer, project, alarm=alarm)),
              asyncio.create_task(fire_timers(engine, writer, wake, clock, test_clock)),
              asyncio.create_task(compact(retention, writer, clock, 0.2 if test_clock else 1.0)),
-             asyncio.create_task(backfill(engine, writer, clock, walk))]
+             asyncio.create_task(backfill(engine, writer, clock))]
     await stop.wait()
     log.info("shutting down (grace %.0fs for unary calls; streams end now)", GRACE_SECONDS)
     await health_servicer.enter_graceful_shutdown()

@@ -128,53 +128,9 @@ def cmd_sync(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from .storage.warehouse_sources import WarehouseError, open_source
+    from .checks import check
 
-    path = args.project or "qualify.toml"
-    if args.project is None and not Path(path).is_file():
-        print("qualify check: no ./qualify.toml here; give the project file with --project FILE "
-              "(serve and sync without one run the embedded demo, which needs no check)", file=sys.stderr)
-        return 2
-    try:
-        project = load_project(path)
-    except ProjectError as exc:
-        print(f"{exc.path}: {len(exc.problems)} problem(s)")
-        for p in exc.problems:
-            print(f"  {p}")
-        return 1
-    problems = []
-    try:
-        with open_source(project.warehouse) as source:
-            pm = project.parent_model
-            checks = [("parent_model.query", pm.query, [("parent_model.primary_key", pm.primary_key)]
-                       + [(f"parent_model.attributes.{a.name}", a.name) for a in pm.attributes])]
-            checks += [(f"collections.{c.name}.query", c.query, [(f"collections.{c.name}.key", c.key)])
-                       for c in project.collections if c.query]
-            for key, query, needed in checks:
-                try:
-                    columns = source.schema(query).names
-                except WarehouseError as exc:
-                    problems.append(f"{key}: the query fails: {exc}")
-                    continue
-                for k, col in needed:
-                    if col not in columns:
-                        problems.append(f"{k} = {col!r}: the query returns no such column (it returns {', '.join(columns)})")
-    except WarehouseError as exc:
-        problems.append(f"warehouse: {exc}")
-    if problems:
-        print(f"{path}: {len(problems)} problem(s)")
-        for p in problems:
-            print(f"  {p}")
-        return 1
-    print(f"{path}: ok ({len(project.parent_model.attributes)} attributes, "
-          f"collections: {', '.join(c.name for c in project.collections)})")
-    limits, workers = project.ops.limits, project.server.workers
-    if project.ops.auth and limits.requests_per_second:
-        # Each serving process keeps its own token buckets (nothing is shared between them).
-        print(f"  note: per-key rate limits apply per serving process: with {workers} serving process"
-              f"{'es' if workers != 1 else ''} (--workers), a key may make up to "
-              f"{workers * limits.requests_per_second:g} requests/s (burst {workers * limits.burst})")
-    return 0
+    return check(args.project)
 
 
 def cmd_get(args) -> int:
@@ -247,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_sync)
 
-    p = sub.add_parser("check", help="validate a project file and its queries")
+    p = sub.add_parser("check", help="validate a project file, its queries and the audiences stored in its data folder")
     p.add_argument("--project", help="the project file (default ./qualify.toml)")
     p.set_defaults(func=cmd_check)
 

@@ -107,24 +107,19 @@ async def compact(retention, writer, clock, every: float) -> None:
         await asyncio.sleep(0 if done.full else every)
 
 
-async def backfill(engine, writer, clock, wake: asyncio.Event) -> None:
-    """Brings new and changed audiences their members: one bounded slice per writer job while a backfill runs.
+async def backfill(engine, writer, clock) -> None:
+    """Brings new and changed audiences their members: the writer runs a bounded slice between its other work.
 
-    Each slice is a job of its own, so ingest batches queue between them
-    (an acknowledgement waits for one slice at most). ``wake`` is set when
-    one starts.
+    (See Writer.set_background: an acknowledgement waits for one slice at
+    most.) A slice that failed is tried again a second later.
     """
+    def slice_(txn, waiting) -> bool:
+        engine.backfill_step(txn, clock(), waiting=waiting)
+        return engine.backfilling is not None
+
+    writer.set_background(slice_)
+    engine.on_backfill = writer.wake_background
     while True:
-        if engine.backfilling is None:
-            wake.clear()
-            try:
-                await asyncio.wait_for(wake.wait(), timeout=1.0)
-            except asyncio.TimeoutError:
-                pass
-            continue
-        try:
-            await asyncio.wrap_future(writer.submit(lambda txn: engine.backfill_step(txn, clock())))
-        except Exception:  # noqa: BLE001 - retried; the log says why
-            log.exception("audience backfill slice failed; retrying")
-            await asyncio.sleep(1.0)
-        await asyncio.sleep(0)
+        if engine.backfilling is not None:
+            writer.wake_background()
+        await asyncio.sleep(1.0)

@@ -272,3 +272,24 @@ def test_python_m_bench_starts_its_own_server_and_explains_mistakes(tmp_path):
     assert scenario(run)["completed"] == 50
     bad = run_cli("personalize", "--target", "127.0.0.1:1", "--schedule", "ramp:5", check=False)
     assert bad.returncode == 1 and "ramp:R0:R1" in bad.stderr
+
+
+def test_retention_soak_sees_the_log_level_off_and_a_stalled_sync_hold_the_changelog(tmp_path):
+    """python -m bench retention-soak, scaled down to seconds: retention 3 s, a receiver refusing for 3 s."""
+    proc = subprocess.run([sys.executable, "-m", "bench", "retention-soak", "--json", "--duration", "10",
+                           "--event-retention", "3", "--changelog-retention", "2", "--stall", "3",
+                           "--sample-every", "0.5", "--rate", "200", "--people", "500", "--persons", "500",
+                           "--workdir", str(tmp_path)],
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.startswith("{"), proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    samples = out["samples"]
+    assert samples and samples[-1]["t_s"] >= 9, proc.stderr[-2000:]
+    sent = 200 * samples[-1]["t_s"]
+    assert max(s["events_entries"] for s in samples) < 0.6 * sent  # the log kept about its retention, not all
+    assert out["pass"]["changelog_held_back_while_stalled"], out["changelog"]
+    assert out["changelog"]["sync_caught_up_at_s"] is not None and out["pass"]["nothing_dead_lettered"]
+    assert out["changelog"]["entries_at_end"] < out["changelog"]["entries_max"], out["changelog"]
+    assert set(out["pass"]) == {"event_log_levels_off", "changelog_held_back_while_stalled",
+                                "changelog_compacted_after_catch_up", "nothing_dead_lettered"}

@@ -16,8 +16,9 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from conftest import write_project
+from conftest import QualifyServer, write_project, write_realtime_project
 from qualify.clients import Client
+from test_audiences import Api, and_, attr, ev, fv
 
 
 def qualify(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -134,6 +135,43 @@ def test_check_says_per_key_rates_multiply_with_workers(tmp_path, demo_warehouse
     proc = qualify("check", "--project", str(project), cwd=tmp_path)
     assert proc.returncode == 0, proc
     assert "3 serving processes" in proc.stdout and "30000 requests/s" in proc.stdout, proc.stdout
+
+
+def test_check_refuses_stored_audiences_whose_windows_outlast_the_event_retention(tmp_path, demo_warehouse):
+    """The audiences live in the data folder's LMDB: check reads them (read-only, beside the server too)."""
+    project = write_realtime_project(tmp_path, demo_warehouse, '[realtime]\nevent_retention = "2h"\n')
+    server = QualifyServer(tmp_path, "--project", str(project)).start()
+    try:
+        api = Api(server.address)
+        api.create("last_hour", ev("page_views", "WITHIN", "3600s", threshold=2))
+        api.create("last_ten_minutes", and_(ev("cart_adds", "WITHIN", "600s"), attr("ltv", "GT", fv(100.0))))
+        api.create("ever_viewed", ev("page_views"))
+        api.close()
+        proc = qualify("check", "--project", str(project), cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "3 stored audiences checked against [realtime] event_retention (7200s)" in proc.stdout, proc.stdout
+
+        _set(project, 'event_retention = "2h"', 'event_retention = "30m"')  # while the server runs
+        proc = qualify("check", "--project", str(project), cwd=tmp_path)
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        assert proc.stdout.startswith(f"{project}: 1 problem(s)\n"), proc.stdout
+        assert "audience 'last_hour'" in proc.stdout, proc.stdout
+        assert "a window of 3600s is longer than [realtime] event_retention (1800s)" in proc.stdout, proc.stdout
+        assert "last_ten_minutes" not in proc.stdout and "ever_viewed" not in proc.stdout
+    finally:
+        assert server.stop() == 0, server.log()
+
+    _set(project, 'event_retention = "30m"', 'event_retention = "5m"')
+    proc = qualify("check", "--project", str(project), cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stdout.startswith(f"{project}: 2 problem(s)\n"), proc.stdout
+    assert "audience 'last_ten_minutes'" in proc.stdout and "a window of 600s" in proc.stdout, proc.stdout
+    # A stored audience that no longer parses against the project is named too (serve would fail on it).
+    _set(project, 'event_retention = "5m"', 'event_retention = "1h"')
+    _set(project, 'ltv = "float"\n', "")
+    proc = qualify("check", "--project", str(project), cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stdout.startswith(f"{project}: 1 problem(s)\n"), proc.stdout
+    assert "audience 'last_ten_minutes'" in proc.stdout and "no longer fits this project" in proc.stdout
+    assert "ltv" in proc.stdout, proc.stdout
 
 
 def test_log_options_work_after_the_subcommand_too(tmp_path, demo_warehouse):

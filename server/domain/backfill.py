@@ -30,7 +30,9 @@ These functions run inside the engine, on the writer thread.
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -41,7 +43,10 @@ from .changes import Cause, Direction, MembershipChange
 from .events import matching_models
 from .warehouse_parts import changed
 
-SLICE_SECONDS = 0.004  # a walk slice's work, at most (one person's replay may exceed it)
+log = logging.getLogger(__name__)
+
+SLICE_SECONDS = 0.05  # a walk slice's work, at most (one person's replay may exceed it)
+YIELD_AFTER = 0.002  # ... but once other work waits for the writer, no more than this
 WAREHOUSE_CHUNK = 65536  # person ids per slice of the warehouse phase
 
 
@@ -52,6 +57,9 @@ def start(engine, txn, audience_ids: list[str], now_us: int) -> None:
     progress.update(phase="people", after="", done=0, total=engine.store.state_count(txn), started_us=now_us)
     engine.store.put_backfill(txn, progress)
     engine.backfilling = progress
+    engine.walk_baseline = {}
+    log.info("backfill of %s: %d people with realtime state, then the warehouse's", ", ".join(progress["audiences"]),
+             progress["total"])
 
 
 def forget(engine, txn, audience_id: str) -> None:
@@ -71,11 +79,15 @@ def fraction(progress: dict) -> float:
     return 0.9 + 0.1 * min(1.0, progress["after"] / max(1, progress.get("people", 1)))
 
 
-def graft(engine, txn, key: str, state, generation: int) -> bool:
-    """Gives a person's state the leaves that joined the program after ``generation``; True if it had any."""
-    leaves = tuple(j for j, epoch in enumerate(engine.leaf_epochs) if epoch > generation)
-    if not leaves:
-        return False
+def state_of(progress: dict | None, audience_id: str) -> tuple[bool, float]:
+    """(backfilling, how far from 0 to 1) of an audience, per the walk's progress (None: no walk)."""
+    if progress is None or audience_id not in progress["audiences"]:
+        return False, 1.0
+    return True, fraction(progress)
+
+
+def graft(engine, txn, key: str, state, leaves: tuple[int, ...]) -> bool:
+    """Gives a person's state these leaves of the program, from a replay of their retained events."""
     evaluator = engine.grafters.get(leaves)
     if evaluator is None:
         program = engine.compiled.program
@@ -93,33 +105,45 @@ def graft(engine, txn, key: str, state, generation: int) -> bool:
     return True
 
 
-def step(engine, txn, now_us: int, seconds: float = SLICE_SECONDS, people: int | None = None) -> list[MembershipChange]:
-    """One slice of the walk (a writer job of its own); the changes it made."""
+def step(engine, txn, now_us: int, seconds: float = SLICE_SECONDS, people: int | None = None,
+         waiting: Callable[[], bool] = lambda: False) -> list[MembershipChange]:
+    """One slice of the walk (a transaction of its own); the changes it made.
+
+    It ends after ``seconds``, or sooner once ``waiting()`` says other work
+    waits for the writer (after YIELD_AFTER): one commit per slice, and an
+    acknowledgement waits a couple of milliseconds for it at most.
+    """
     progress = engine.backfilling
     changes: list[MembershipChange] = []
     engine._fire_due(txn, now_us, changes)
     if progress is None:
         engine._persist(txn, changes)
         return changes
-    until = time.perf_counter() + seconds
+    start = time.perf_counter()
+
+    def done() -> bool:
+        elapsed = time.perf_counter() - start
+        return elapsed > seconds or (elapsed > YIELD_AFTER and waiting())
     if progress["phase"] == "people":
-        _people(engine, txn, now_us, progress, until, people, changes)
+        _people(engine, txn, now_us, progress, done, people, changes)
     else:
-        _warehouse(engine, txn, now_us, progress, until, changes)
+        _warehouse(engine, txn, now_us, progress, done, changes)
     if progress["phase"] == "live":
         engine.backfilling = None
         engine.store.put_backfill(txn, None)
+        log.info("backfill of %s done: %d people with realtime state in %.2fs; live", ", ".join(progress["audiences"]),
+                 progress["done"], (now_us - progress["started_us"]) / 1e6)
     else:
         engine.store.put_backfill(txn, progress)
     return changes
 
 
-def _people(engine, txn, now_us: int, progress: dict, until: float, people: int | None,
+def _people(engine, txn, now_us: int, progress: dict, done: Callable[[], bool], people: int | None,
             changes: list[MembershipChange]) -> None:
     everything = range(len(engine.program_bits))
     visited: list[str] = []
     while people is None or len(visited) < people:
-        batch = engine.store.state_keys_after(txn, progress["after"], 64 if people is None else 1)
+        batch = engine.store.state_keys_after(txn, progress["after"], 16 if people is None else 1)
         if not batch:
             progress.update(phase="warehouse", after=0, people=len(engine.warehouse.alive))
             break
@@ -131,7 +155,7 @@ def _people(engine, txn, now_us: int, progress: dict, until: float, people: int 
             engine._schedule(txn, slot, now_us)
             progress["after"] = key
             progress["done"] += 1
-        if time.perf_counter() > until:
+        if done():
             break
     engine._persist(txn, changes)
     for key in visited:  # the walk does not push the people ingest needs out of the cache
@@ -140,10 +164,9 @@ def _people(engine, txn, now_us: int, progress: dict, until: float, people: int 
             engine.free_slot(slot)
 
 
-def _warehouse(engine, txn, now_us: int, progress: dict, until: float, changes: list[MembershipChange]) -> None:
+def _warehouse(engine, txn, now_us: int, progress: dict, done: Callable[[], bool],
+               changes: list[MembershipChange]) -> None:
     """People without realtime state: their memberships follow from the warehouse parts, a slice of ids at a time."""
-    if engine.defaults is None:
-        engine.defaults = engine._stored_defaults(txn)
     lo = progress["after"]
     hi = min(lo + WAREHOUSE_CHUNK, len(engine.warehouse.alive))
     skip = np.ones(len(engine.warehouse.alive), bool)  # outside [lo, hi), and people with loaded realtime state
@@ -152,35 +175,50 @@ def _warehouse(engine, txn, now_us: int, progress: dict, until: float, changes: 
         if pid is not None and lo <= pid < hi:
             skip[pid] = True
     new = engine.warehouse.defaults(engine.compiled, engine.warehouse.arrays)
+    walking = {i: engine.bits[engine.program_bits[i]] for i in range(len(new))
+               if engine.bits[engine.program_bits[i]] in progress["audiences"]}
     moves = []  # (person id, program audience index), in id order
-    for i, arr in enumerate(new):
-        if engine.bits[engine.program_bits[i]] in progress["audiences"]:
-            moves += [(pid, i) for pid in changed(arr, _padded(engine.defaults.get(engine.bits[engine.program_bits[i]]),
-                                                               len(arr)), skip)]
+    for i, aid in walking.items():
+        moves += [(pid, i) for pid in changed(new[i], _baseline(engine, txn, aid, len(new[i])), skip)]
     moves.sort()
     end = hi
     for n, (pid, i) in enumerate(moves):
-        if n % 64 == 0 and time.perf_counter() > until and n:
+        if n % 64 == 0 and n and done():
             end = pid  # the rest of the slice next time (this person included)
             break
         _move(engine, txn, pid, i, bool(new[i][pid]), now_us, changes)
-    for i, arr in enumerate(new):
-        aid = engine.bits[engine.program_bits[i]]
-        if aid in progress["audiences"]:
-            merged = _padded(engine.defaults.get(aid), len(arr))
-            merged[lo:end] = arr[lo:end]
-            engine.defaults[aid] = merged
+    for i, aid in walking.items():
+        base = engine.walk_baseline[aid]
+        base[lo:end] = new[i][lo:end]
+        if engine.defaults is not None:
+            engine.defaults[aid] = base.copy()
     engine._persist(txn, changes)
     progress["after"] = end
     if end >= len(engine.warehouse.alive):
         progress["phase"] = "live"
 
 
-def _padded(arr: np.ndarray | None, n: int) -> np.ndarray:
-    out = np.zeros(n, bool)
-    if arr is not None:
-        out[:min(n, len(arr))] = arr[:n]
-    return out
+def _baseline(engine, txn, aid: str, n: int) -> np.ndarray:
+    """Who of the people without realtime state is a member now, as stored: what the walk moves them from.
+
+    Built once per walk from the engine's defaults, or else (after a
+    restart) from the audience's member index: what its members cost.
+    """
+    base = engine.walk_baseline.get(aid)
+    if base is None:
+        base = np.zeros(n, bool)
+        if engine.defaults is not None and aid in engine.defaults:
+            known = engine.defaults[aid]
+            base[:min(n, len(known))] = known[:n]
+        else:
+            for key in engine.store.member_keys(txn, aid):
+                pid = engine.store.person_id(txn, key)
+                if pid is not None and pid < n:
+                    base[pid] = True
+        engine.walk_baseline[aid] = base
+    elif len(base) < n:  # the warehouse grew meanwhile
+        base = engine.walk_baseline[aid] = np.concatenate([base, np.zeros(n - len(base), bool)])
+    return base
 
 
 def _move(engine, txn, pid: int, i: int, member: bool, now_us: int, changes: list[MembershipChange]) -> None:

@@ -29,12 +29,12 @@ import numpy as np
 from qualify.evaluator import make_evaluator
 from qualify.evaluator.program import Scope, state_key_hash
 
-from . import backfill
+from . import backfill, definitions
 from .changes import Cause, Direction, MembershipChange
-from .audiences import Audience, check_audience_id, check_windows
+from .audiences import Audience, check_audience_id
 from .compile import Compiled, audiences_by_model, compile_audiences
 from .conditions import Condition, parse_condition
-from .errors import AudienceExists, AudienceNotFound, FieldViolation, InvalidAudience
+from .errors import AudienceNotFound, InvalidAudience
 from .events import ANON, Event, EventModel, EventType, MatchedEvent, compile_models
 from .identity import link
 from .queries import explain, preview
@@ -44,6 +44,8 @@ from .schema import ValueType
 from .warehouse_parts import WarehouseParts, stored_defaults
 
 log = logging.getLogger(__name__)
+
+RETIRED_PROGRAMS = 8  # earlier programs whose evaluators loaded people may still be of
 
 
 class Engine:
@@ -75,6 +77,8 @@ class Engine:
         self.generation = 0  # bumped whenever a state key joins the program
         self.epoch_keys: dict[str, int] = {}  # state key (hex) -> the generation it joined the program at
         self.backfilling: dict | None = None  # the walk's progress (see backfill.py), while one runs
+        self.program_no = 0  # bumped by every program switch
+        self.walk_baseline: dict[str, np.ndarray] = {}  # see backfill._baseline
         self.on_backfill: Callable[[], None] | None = None  # called when a walk starts
         self._reset_people()
         self._compile()
@@ -90,6 +94,8 @@ class Engine:
         self.members: list[dict[int, int]] = []  # slot -> {bit: enter_us}
         self.current: list[list[bool] | None] = []  # slot -> members as program values (a cache)
         self.statics_of: list[list[bool] | None] = []
+        self.loaded_under: list[int | None] = []  # slot -> the program number its state is of
+        self.retired: dict[int, object] = {}  # program number -> its evaluator, while people loaded under it may remain
         self.deadlines: list[int | None] = []  # slot -> its pending timer (filed in the store's timer index)
         self.earliest: int | None = None  # the earliest pending timer of anyone, as of the last entry point
         self.aliases: dict[str, str] = {}
@@ -117,13 +123,16 @@ class Engine:
         self.grafters: dict[tuple[int, ...], object] = {}  # leaves to graft -> an evaluator of just those
 
     def _switch(self, txn) -> None:
-        """A new program, at once: loaded people are dropped (their states are stored) and reload into it."""
+        """A new program, at once: loaded people move into it when next needed (``_migrate``)."""
         assert not self.dirty
+        self.retired[self.program_no] = self.evaluator
+        if len(self.retired) > RETIRED_PROGRAMS:  # many switches in a row: the loaded reload from the store
+            aliases, earliest = self.aliases, self.earliest
+            self._reset_people()
+            self.aliases, self.earliest = aliases, earliest
+        self.program_no += 1
         self._compile(txn)
         self.load_warehouse(txn)
-        aliases, earliest = self.aliases, self.earliest
-        self._reset_people()
-        self.aliases, self.earliest = aliases, earliest
         self.store.put_program(txn, fingerprint(self))
 
     def _slot(self, key: str, txn) -> int:
@@ -131,13 +140,17 @@ class Engine:
         slot = self.slots.get(key)
         if slot is not None:
             self.slots.move_to_end(key)
+            if self.loaded_under[slot] != self.program_no:
+                self._migrate(slot, txn)
             return slot
         stored = self.store.state(txn, key)
-        pid = None if key.startswith(ANON) else self.store.person_id(txn, key)
+        # (A stored id stays the person's: ids are never reused. Without one, the warehouse may know them by now.)
+        pid = stored[1] if stored and stored[1] is not None else (
+            None if key.startswith(ANON) else self.store.person_id(txn, key))
         state = self.evaluator.load(stored[3]) if stored else self.evaluator.new_state()
         fields = (key, state, stored[0] if stored else None,
-                  pid if pid is not None or not stored else stored[1],  # a person the warehouse removed keeps theirs
-                  self.store.membership(txn, key), None, None)
+                  pid,
+                  self.store.membership(txn, key), None, None, self.program_no)
         if self.free:
             slot = self.free.pop()
             for column, value in zip(self._columns(), fields):
@@ -149,14 +162,26 @@ class Engine:
         self.slots[key] = slot
         if stored is None:
             self.created.add(slot)
-        elif stored[2] < self.newest_epoch and backfill.graft(self, txn, key, state, stored[2]):
+        elif stored[2] < self.newest_epoch:
+            self._graft(slot, txn, tuple(j for j, epoch in enumerate(self.leaf_epochs) if epoch > stored[2]))
+        return slot
+
+    def _migrate(self, slot: int, txn) -> None:
+        """A person loaded under an earlier program, into this one (the leaves it lacks are grafted)."""
+        old = self.retired[self.loaded_under[slot]]
+        self.states[slot], missing = self.evaluator.load_with_missing(old.dump(self.states[slot]))
+        self.loaded_under[slot] = self.program_no
+        self._graft(slot, txn, missing)
+
+    def _graft(self, slot: int, txn, leaves: tuple[int, ...]) -> None:
+        if leaves and backfill.graft(self, txn, self.keys[slot], self.states[slot], leaves):
             self.dirty.add(slot)  # leaves that joined the program since learned the person's history:
             self.created.add(slot)  # they are evaluated for every audience, like someone new
             self.grafted.add(slot)
-        return slot
 
     def _columns(self) -> tuple[list, ...]:
-        return (self.keys, self.states, self.deadlines, self.pids, self.members, self.current, self.statics_of)
+        return (self.keys, self.states, self.deadlines, self.pids, self.members, self.current, self.statics_of,
+                self.loaded_under)
 
     def _evict(self) -> None:
         """Forgets the least recently used people beyond the cache: their state is stored, and reloads when needed."""
@@ -351,7 +376,11 @@ class Engine:
         """
         self.bits = self.store.catalog_bits(txn)
         for rec in self.store.load_audiences(txn):
-            cond = parse_condition(rec["condition"], self.attribute_types, self.event_model_props)
+            try:
+                cond = parse_condition(rec["condition"], self.attribute_types, self.event_model_props)
+            except InvalidAudience as exc:
+                raise InvalidAudience(f"stored audience {rec['id']!r} no longer fits the project: {exc}",
+                                      violations=exc.violations) from None
             self.audiences[rec["id"]] = Audience(rec["id"], rec["display_name"], rec["description"],
                                                  rec["condition"], cond, rec["create_us"], rec["update_us"])
             if rec["id"] not in self.bits:
@@ -369,7 +398,7 @@ class Engine:
                 log.warning("stored realtime state unreadable (%s): rebuilding it from the event log", exc)
         self.backfilling = None  # the rebuild evaluates everyone
         self.store.put_backfill(txn, None)
-        return rebuild(self, txn, now_us, Cause.WINDOW_LAPSE, self._stored_defaults(txn), lapses=True)
+        return rebuild(self, txn, now_us, self._stored_defaults(txn))
 
     def _stored_defaults(self, txn) -> dict[str, np.ndarray]:
         with_state = set(self.slots) | set(self.store.state_keys(txn))
@@ -377,78 +406,20 @@ class Engine:
 
     def put_audience(self, txn, audience_id: str, display_name: str, description: str, definition: dict,
                      now_us: int, create: bool) -> tuple[Audience, list[MembershipChange]]:
-        """Stores the audience and switches the program at once; a walk then brings its members (backfill.py)."""
-        check_audience_id(audience_id)
-        exists = audience_id in self.audiences
-        if create and exists:
-            raise AudienceExists(f"audience {audience_id!r} already exists", violations=[FieldViolation("audience.id", "already exists")])
-        if not create and not exists:
-            raise AudienceNotFound(f"no audience {audience_id!r}", metadata={"audience": audience_id})
-        condition = parse_condition(definition, self.attribute_types, self.event_model_props, path="audience.condition")
-        check_windows(condition, self.retention_us)
-        due: list[MembershipChange] = []
-        self._fire_due(txn, now_us, due)
-        self._persist(txn, due)
-        old = self.audiences.get(audience_id)
-        audience = Audience(audience_id, display_name, description, definition, condition,
-                            old.create_us if old else now_us, now_us)
-        self.audiences[audience_id] = audience
-        self.store.put_audience(txn, audience.record())
-        if old is not None and old.definition == definition:  # names only: nobody moves
-            return audience, due
-        if not exists:
-            free = self.bits.index(None) if None in self.bits else len(self.bits)
-            if free == len(self.bits):
-                self.bits.append(audience_id)
-            else:
-                self.bits[free] = audience_id
-            self.store.set_catalog_bits(txn, self.bits)
-        self._switch(txn)
-        backfill.start(self, txn, [audience_id], now_us)
-        if self.on_backfill is not None:
-            self.on_backfill()
-        return audience, due
+        """Stores the audience and switches the program at once; a backfill then brings its members."""
+        return definitions.put(self, txn, audience_id, display_name, description, definition, now_us, create)
 
     def backfill_step(self, txn, now_us: int, **limits) -> list[MembershipChange]:
-        """One bounded slice of the walk that brings new definitions their members (a writer job of its own)."""
+        """One bounded slice of the backfill that brings new definitions their members."""
         return backfill.step(self, txn, now_us, **limits)
 
     def delete_audience(self, txn, audience_id: str, now_us: int) -> list[MembershipChange]:
-        if audience_id not in self.audiences:
-            raise AudienceNotFound(f"no audience {audience_id!r}", metadata={"audience": audience_id})
-        due: list[MembershipChange] = []
-        self._fire_due(txn, now_us, due)
-        self._persist(txn, due)
-        bit = self.bits.index(audience_id)
-        changes = []
-        for key in self.store.member_keys(txn, audience_id):  # what its members cost, not everyone
-            bits = self.store.membership(txn, key)
-            if bits.pop(bit, None) is not None:
-                changes.append(MembershipChange(audience_id, key, Direction.EXIT, now_us, Cause.AUDIENCE_CHANGE))
-                self.store.put_membership(txn, key, bits)
-                slot = self.slots.get(key)
-                if slot is not None:
-                    self.members[slot].pop(bit, None)
-                    self.current[slot] = None
-        self._persist(txn, changes)
-        del self.audiences[audience_id]
-        self.bits[bit] = None
-        self.counts.pop(audience_id, None)
-        if self.defaults is not None:
-            self.defaults.pop(audience_id, None)
-        self.store.put_counts(txn, self.counts)
-        self.store.delete_audience(txn, audience_id)
-        self.store.set_catalog_bits(txn, self.bits)
-        backfill.forget(self, txn, audience_id)
-        self._switch(txn)  # the others keep their state: no one's membership in them moves
-        return due + changes
+        """Every member exits; the other audiences keep their state (no one's membership in them moves)."""
+        return definitions.delete(self, txn, audience_id, now_us)
 
     def audience_state(self, audience_id: str) -> tuple[bool, float]:
-        """(backfilling, the walk's progress from 0 to 1)."""
-        progress = self.backfilling
-        if progress is None or audience_id not in progress["audiences"]:
-            return False, 1.0
-        return True, backfill.fraction(progress)
+        """(backfilling, the backfill's progress from 0 to 1)."""
+        return backfill.state_of(self.backfilling, audience_id)
 
     # -- queries -------------------------------------------------------------------------
     def audience(self, audience_id: str) -> Audience:

@@ -40,8 +40,11 @@ def restore(engine, txn, now_us: int) -> list[MembershipChange]:
     return changes
 
 
-def rebuild(engine, txn, now_us: int, cause: Cause, old_defaults: dict, lapses: bool) -> list[MembershipChange]:
-    """Replays the retained log into fresh states, then reconciles everyone at now."""
+def rebuild(engine, txn, now_us: int, old_defaults: dict) -> list[MembershipChange]:
+    """Replays the retained log into fresh states, then reconciles everyone at now.
+
+    Windows that lapsed while no process ran lapse at their own instants.
+    """
     engine._reset_people()
     engine.store.clear_states(txn)
     engine.store.put_program(txn, fingerprint(engine))
@@ -53,14 +56,13 @@ def rebuild(engine, txn, now_us: int, cause: Cause, old_defaults: dict, lapses: 
             last[slot] = event.received_us
         touched.clear()
     changes: list[MembershipChange] = []
-    if lapses:  # windows that lapsed while no process was running, each at its own instant
-        for slot, t0 in last.items():
-            if engine.slots.get(engine.keys[slot]) != slot:
-                continue
-            t = engine.evaluator.next_change(engine.states[slot], t0)
-            while t is not None and t <= now_us:
-                engine._evaluate(slot, t, range(len(engine.program_bits)), cause, "", changes)
-                t = engine.evaluator.next_change(engine.states[slot], t)
-    changes += reconcile(engine, txn, now_us, cause, old_defaults, list(engine.slots.values()))
+    for slot, t0 in last.items():
+        if engine.slots.get(engine.keys[slot]) != slot:
+            continue
+        t = engine.evaluator.next_change(engine.states[slot], t0)
+        while t is not None and t <= now_us:
+            engine._evaluate(slot, t, range(len(engine.program_bits)), Cause.WINDOW_LAPSE, "", changes)
+            t = engine.evaluator.next_change(engine.states[slot], t)
+    changes += reconcile(engine, txn, now_us, Cause.WINDOW_LAPSE, old_defaults, list(engine.slots.values()))
     engine._persist(txn, changes)
     return changes

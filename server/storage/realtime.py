@@ -30,6 +30,7 @@ import json
 import struct
 from collections.abc import Iterable, Iterator
 
+import lmdb
 import msgpack
 import numpy as np
 
@@ -37,7 +38,7 @@ from ..domain.changes import Cause, Direction, MembershipChange
 from ..domain.schema import ValueType
 from ..domain.static import Column
 from ..observability import metrics
-from .lmdb_store import CATALOG, GENERATION, ID_KEY, META, PEOPLE, U32, U64, delete_prefix
+from .lmdb_store import CATALOG, GENERATION, ID_KEY, META, PEOPLE, U32, U64, delete_prefix, open_env
 from .lmdb_store import decode_membership as _decode
 
 AUDIENCES = b"audiences"
@@ -406,3 +407,23 @@ def _page(txn, index, audience_id: str, after: str, limit: int) -> tuple[list[st
 
 def _catalog(txn, meta) -> list[str | None]:
     return list(json.loads(txn.get(CATALOG, db=meta) or b"{}").get("audiences", []))
+
+
+def stored_audiences(lmdb_dir) -> list[dict] | None:
+    """The audience records in a data folder's environment, read-only (beside a running server too).
+
+    None when the folder holds no Qualify data; [] when it holds no audiences yet.
+    """
+    try:
+        env = open_env(lmdb_dir, 0, readonly=True)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            db = env.open_db(AUDIENCES, create=False)
+        except lmdb.NotFoundError:
+            return []
+        with env.begin() as txn:
+            return [json.loads(v) for _, v in txn.cursor(db=db)]
+    finally:
+        env.close()

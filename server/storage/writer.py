@@ -134,6 +134,8 @@ class Writer:
         self._space: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._background: Callable[[lmdb.Transaction, Callable[[], bool]], bool] | None = None
+        self._background_due = False  # the background has more to do
         # Counters, read without the lock (they only grow).
         self.transactions = 0
         self.events_logged = 0
@@ -162,6 +164,24 @@ class Writer:
         if self._thread is not None:
             self._thread.join(timeout)
         self._wake_space()
+
+    def set_background(self, fn: Callable[[lmdb.Transaction, Callable[[], bool]], bool]) -> None:
+        """Background work in bounded slices: ``fn(txn, waiting)`` runs one, True if more remain.
+
+        ``waiting()`` says whether queued work waits meanwhile, for the
+        slice to end early. With nothing queued, slices run back to back,
+        each in a transaction of its own; under ingest, a short one rides in
+        each ingest batch's transaction (a nested one: its failure leaves the
+        batch alone), so both share one commit and an acknowledgement waits
+        for a slice's couple of milliseconds at most. ``wake_background``
+        says there is work (again).
+        """
+        self._background = fn
+
+    def wake_background(self) -> None:
+        with self._cond:
+            self._background_due = True
+            self._cond.notify()
 
     @property
     def pending(self) -> int:
@@ -239,14 +259,16 @@ class Writer:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._stopping:
+                while not self._queue and not self._stopping and not self._background_due:
                     self._cond.wait()
-                if not self._queue:
+                if not self._queue and self._stopping:
                     return  # stopping, and drained
-                head = self._queue[0]
-                if type(head) is _Job:
-                    self._queue.popleft()
-                    group = None
+                background = not self._queue
+                head = group = None
+                if background:
+                    pass
+                elif type(self._queue[0]) is _Job:
+                    head = self._queue.popleft()
                 else:
                     group, n = [], 0
                     while self._queue and type(self._queue[0]) is _Ingest:
@@ -255,10 +277,41 @@ class Writer:
                             break
                         group.append(self._queue.popleft())
                         n += nxt
-            if group is None:
+            if background:
+                self._run_background()
+            elif group is None:
                 self._run_job(head)
             else:
                 self._run_ingest(group, n)
+
+    def _waiting(self) -> bool:
+        return bool(self._queue)  # (a racy read is fine: it only ends a slice sooner or later)
+
+    def _background_within(self, txn) -> None:
+        mark = len(self._committed)
+        more = True
+        try:
+            with self.env.begin(write=True, parent=txn) as nested:
+                more = self._background(nested, lambda: True)
+        except Exception:  # noqa: BLE001 - the batch commits without it
+            del self._committed[mark:]
+            log.exception("background slice failed")
+        with self._cond:
+            self._background_due = self._background_due and more
+
+    def _run_background(self) -> None:
+        fn = self._background
+        more = False
+        try:
+            with self.env.begin(write=True) as txn:
+                more = fn(txn, self._waiting) if fn is not None else False
+        except BaseException as exc:  # noqa: BLE001 - logged; woken again by its owner
+            self._after(False, isinstance(exc, lmdb.MapFullError))
+            log.exception("background slice failed")
+        else:
+            self._after(True)
+        with self._cond:
+            self._background_due = self._background_due and more
 
     def _run_job(self, job: _Job) -> None:
         if not job.future.set_running_or_notify_cancel():
@@ -313,6 +366,8 @@ class Writer:
                     self.on_events(txn, [events[i] for i in accepted] if duplicates else events, now)
                 self.log.prune_dedupe(txn, now, max(self.prune_min, 2 * n))
                 position = self.log.last_seq(txn)
+                if self._background_due and self._background is not None:
+                    self._background_within(txn)
         except lmdb.Error as exc:
             log.error("event log write failed, %d events not acknowledged: %s", n, exc)
             full = isinstance(exc, lmdb.MapFullError)
