@@ -27,7 +27,8 @@ block per person laid out once per program:
   a reorder buffer of the latest events and a summary of the older ones
   folded in order (the latest start per step; pending anchors and merged
   membership intervals). _sequences.pxi has the layout, the bound and the
-  cost; _sequences_codec.pxi the section format.
+  cost, _sequences_eval.pxi the evaluation, _sequences_codec.pxi the
+  section format.
 
 Per person: the current session's number, id and latest timestamp (sessions
 are decided in arrival order across all models, as in the reference), an
@@ -2136,4 +2137,6 @@ cdef class CompiledEvaluator:
 
 # Sequence and absence leaves (issue 15): their state, evaluation and codec sections.
 include "_sequences.pxi"
+include "_sequences_keys.pxi"
+include "_sequences_eval.pxi"
 include "_sequences_codec.pxi"
