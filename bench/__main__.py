@@ -20,6 +20,7 @@ MICRO = {  # scenario (its module, with _ for -) -> what it measures
     "evaluator": "the compiled evaluator in process: per-event evaluation of 100 audiences, and the full "
                  "recompute over 1,000,000 people",
     "history": "restart, audience changes, ingest CPU, memory and disk at several lengths of the event log",
+    "simulate": "SimulateAudience over 1,000,000 logged events: replay events/s, and a steady stream's ack p99",
     "realtime-syncs": "change -> delivery latency on the watch stream and a local webhook at a steady change rate",
     "cluster": "a 3-node cluster on NATS against one node, same run: CPU per event and per Get, read staleness, "
                "partition balance, failover after kill -9",

@@ -124,3 +124,43 @@ def setup_e2e(address: str, inputs, persons: int, run_id: str, via: str | None =
             finally:
                 watch.cancel()
     raise RuntimeError("e2e: the probe event's membership change never arrived on the watch stream")
+
+
+def sequence_definitions(n: int, offset: int = 0) -> list[dict]:
+    """n sequence and absence audiences over page_views, product_views, cart_adds and orders (issue 15):
+    checkout abandoners (cart add, then no order within 30 min; with and without the same sku),
+    pricing then cart within 10 min, viewed then added the same sku, a three-step funnel in a session;
+    in windows, sessions and ever, each ANDed with a warehouse condition like audience_definitions'."""
+    paths = ["/pricing", "/home", "/docs", "/blog", "/cart"]
+    out = []
+    for k in range(n):
+        i = offset + k
+        window = f"{3600 * (1 + i % 24)}s"
+        kind = k % 6
+        if kind == 0:
+            body = {"absence": {"after": {"event_model": "cart_adds"}, "absent": {"event_model": "orders"},
+                                "within": "1800s", "scope": "SCOPE_WITHIN", "window": window}}
+        elif kind == 1:
+            body = {"absence": {"after": {"event_model": "cart_adds"}, "absent": {"event_model": "orders"},
+                                "within": f"{600 * (1 + i % 3)}s", "same": ["sku"], "scope": "SCOPE_EVER"}}
+        elif kind == 2:
+            body = {"sequence": {"steps": [
+                {"event_model": "page_views", "filters": [{"property": "path", "operator": "OPERATOR_EQ",
+                                                           "value": {"string_value": paths[i % len(paths)]}}]},
+                {"event_model": "cart_adds"}], "within": "600s", "scope": "SCOPE_WITHIN", "window": window}}
+        elif kind == 3:
+            body = {"sequence": {"steps": [{"event_model": "product_views"}, {"event_model": "cart_adds"}],
+                                 "same": ["sku"], "scope": "SCOPE_SESSION"}}
+        elif kind == 4:
+            body = {"sequence": {"steps": [{"event_model": "page_views"}, {"event_model": "product_views"},
+                                           {"event_model": "cart_adds"}],
+                                 "within": f"{300 * (1 + i % 4)}s", "scope": "SCOPE_SESSION"}}
+        else:
+            body = {"absence": {"after": {"event_model": "product_views"}, "absent": {"event_model": "cart_adds"},
+                                "within": "900s", "same": ["sku"], "scope": "SCOPE_WITHIN", "window": window}}
+        attr = [{"attribute": {"attribute": "plan", "operator": "OPERATOR_EQ", "value": {"string_value": "free"}}},
+                {"attribute": {"attribute": "ltv", "operator": "OPERATOR_GT", "value": {"float_value": float(40 * i)}}},
+                {"attribute": {"attribute": "country", "operator": "OPERATOR_IN",
+                               "values": [{"string_value": "US"}, {"string_value": "GB"}]}}][i % 3]
+        out.append({"and": {"conditions": [body, attr]}})
+    return out

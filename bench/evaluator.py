@@ -1,11 +1,15 @@
 """The evaluator alone, in process: per-event evaluation and the full recompute.
 
-    python -m bench evaluator --json [--audiences 100] [--people 1000000] [--events 20000]
+    python -m bench evaluator --json [--audiences 100] [--sequences 33] [--people 1000000] [--events 20000]
 
-* per event: a person's event is observed and the audiences on its model are
-  evaluated (100 audiences over one event model: windowed counts with
-  property filters, sessions, aggregates, each ANDed with a warehouse bit),
-  timed per call; the same loop with an empty program is the floor;
+* per event: a person's event is observed and every audience is evaluated
+  (100 audiences: windowed counts with property filters, sessions,
+  aggregates, and --sequences of them sequences and absences over four event
+  models, each ANDed with a warehouse bit), timed per call; the same loop with
+  an empty program is the floor; ``--sequences 0`` is the earlier mix, all on
+  page_views;
+* state: the bytes each sequence or absence leaf takes in a person's stored
+  state (its section of the dump), per person, after the run;
 * full recompute: the warehouse-only parts of every audience, and each
   audience's value for people with no realtime events, over N people,
   vectorised over the attribute columns, as after a sync.
@@ -26,13 +30,55 @@ from ._stats import percentile
 
 S = 1_000_000
 TARGETS = {"event_p99_us_max": 20.0, "recompute_seconds_max": 2.0}
+SEQUENCE_BYTES_MAX = 64  # per person per sequence leaf; with same, per value remembered (at most the cap, 8)
+FRAMING = 9  # every section's 8-byte key and (here) 1-byte length, whatever the leaf: the codec's, not the leaf's
+
+
+def sequence_state(evaluator, states: list, leaves: list) -> dict:
+    """Bytes each sequence leaf's section takes in each person's dump (8-byte key and length prefix included)."""
+    from qualify.evaluator.program import state_key_hash
+
+    from ._state_bytes import section_bytes
+    from ._stats import percentile
+
+    keys = {state_key_hash(lf): lf for lf in leaves}
+    sizes: dict[bool, list[int]] = {False: [], True: []}
+    payload: list[int] = []
+    per_value, values_held, total = [], [], []
+    for s in states:
+        raw = evaluator.dump(s)
+        total.append(len(raw))
+        for key, (n, n_values) in section_bytes(raw, with_first=True).items():
+            if key in keys:
+                sizes[bool(keys[key].same)].append(n)
+                if not keys[key].same:
+                    payload.append(n - FRAMING)
+                if keys[key].same and n_values:
+                    per_value.append((n - FRAMING) / n_values)
+                    values_held.append(n_values)
+
+    def summary(xs: list[int]) -> dict:
+        return {"sections": len(xs), "mean_bytes": round(sum(xs) / len(xs), 1) if xs else 0,
+                "p50_bytes": percentile(xs, 0.5) if xs else 0, "p99_bytes": percentile(xs, 0.99) if xs else 0,
+                "max_bytes": max(xs, default=0)}
+    values = max((lf.values for lf in leaves if lf.same), default=0)
+    return {"without_same": {**summary(sizes[False]), "payload_p99_bytes": percentile(payload, 0.99) if payload else 0,
+                             "payload_max_bytes": max(payload, default=0), "framing_bytes": FRAMING},
+            "with_same": {**summary(sizes[True]), "values_cap": values,
+                          "max_values_held": max(values_held, default=0),
+                          "max_bytes_per_value": round(max(per_value, default=0), 1),
+                          "mean_bytes_per_value": round(sum(per_value) / len(per_value), 1) if per_value else 0},
+            "dump_bytes_per_person": summary(total), "nbytes_per_person_in_memory": round(
+                sum(s.nbytes() for s in states) / len(states), 1)}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench evaluator", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    p.add_argument("--audiences", type=int, default=100, help="audiences on the event's model (default 100)")
+    p.add_argument("--audiences", type=int, default=100, help="audiences in all (default 100)")
+    p.add_argument("--sequences", type=int, default=None,
+                   help="how many of them are sequences or absences (default: a third)")
     p.add_argument("--people", type=int, default=1_000_000, help="people in the full recompute (default 1000000)")
     p.add_argument("--persons", type=int, default=1000, help="distinct people receiving events (default 1000)")
     p.add_argument("--events", type=int, default=20_000, help="timed events (default 20000)")
@@ -40,19 +86,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def per_event(evaluator, n_static: int, persons: int, events: int, by_model: list[int], rng: random.Random) -> dict:
-    states = [evaluator.new_state() for _ in range(persons)]
-    statics = [[bool(rng.getrandbits(1)) for _ in range(n_static)] for _ in range(persons)]
+MODELS = {"page_views": {"path": "STRING", "seconds": "FLOAT"}, "product_views": {"sku": "STRING", "price": "FLOAT"},
+          "cart_adds": {"sku": "STRING", "price": "FLOAT"}, "orders": {"sku": "STRING", "total": "FLOAT"}}
+MIX = (0.5, 0.25, 0.15, 0.10)  # of page_views, product_views, cart_adds, orders, when there are sequences
+
+
+def _event(rng: random.Random, mixed: bool) -> tuple[int, dict]:
     paths = ["/pricing", "/home", "/docs", "/blog", "/cart"]
+    model = rng.choices(range(4), MIX)[0] if mixed else 0
+    if model == 0:
+        return 0, {"path": paths[rng.randrange(5)], "seconds": float(rng.randint(1, 60))}
+    sku = f"sku-{rng.randrange(20):02d}"
+    return model, {"sku": sku, ("total" if model == 3 else "price"): float(rng.randint(1, 200))}
+
+
+def per_event(evaluator, n_static: int, persons: int, events: int, by_model: list[int], rng: random.Random,
+              mixed: bool = False, states: list | None = None) -> dict:
+    states = states if states is not None else []
+    states[:] = [evaluator.new_state() for _ in range(persons)]
+    statics = [[bool(rng.getrandbits(1)) for _ in range(n_static)] for _ in range(persons)]
     now = 1_800_000_000 * S
     times = []
     perf = time.perf_counter_ns
     for i in range(events):
         p = rng.randrange(persons)
         now += rng.randint(0, 2 * S)
-        props = {"path": paths[rng.randrange(5)], "seconds": float(rng.randint(1, 60))}
+        model, props = _event(rng, mixed)
         t0 = perf()
-        evaluator.observe(states[p], 0, now, props, "")
+        evaluator.observe(states[p], model, now, props, "")
         values = evaluator.evaluate(states[p], now, statics[p])
         evaluator.next_change(states[p], now)
         times.append((perf() - t0) / 1000)
@@ -66,27 +127,38 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from qualify.evaluator import make_evaluator
 
-    from ._audiences import audience_definitions
+    from ._audiences import audience_definitions, sequence_definitions
+    from qualify.evaluator.program import SequenceLeaf
     from qualify.server.domain.compile import compile_audiences
     from qualify.server.domain.conditions import parse_condition
     from qualify.server.domain.schema import ValueType
     from qualify.server.domain.static import Column, evaluate_static, without_events
 
+    n_seq = args.audiences // 3 if args.sequences is None else min(args.sequences, args.audiences)
     attrs = {"plan": ValueType.STRING, "ltv": ValueType.FLOAT, "country": ValueType.STRING}
-    models = {"page_views": {"path": ValueType.STRING, "seconds": ValueType.FLOAT}}
-    defs = audience_definitions(args.audiences, aggregate_property="seconds")
+    models = {m: {p: ValueType[t] for p, t in props.items()} for m, props in MODELS.items()}
+    index = {m: i for i, m in enumerate(MODELS)}
+    defs = (audience_definitions(args.audiences - n_seq, aggregate_property="seconds")
+            + sequence_definitions(n_seq, offset=args.audiences - n_seq))
     compiled = compile_audiences([(f"a{i}", parse_condition(d, attrs, models)) for i, d in enumerate(defs)],
-                                 {"page_views": 0}, 30 * 60 * S)
-    empty = compile_audiences([], {"page_views": 0}, 30 * 60 * S)
+                                 index, 30 * 60 * S)
+    empty = compile_audiences([], index, 30 * 60 * S)
+    seq_leaves = [lf for lf in compiled.program.leaves if isinstance(lf, SequenceLeaf)]
     out = {"scenario": "evaluator", "date": datetime.date.today().isoformat(),
-           "config": {"audiences": args.audiences, "event_leaves": len(compiled.program.leaves),
+           "config": {"audiences": args.audiences, "sequence_audiences": n_seq,
+                      "event_leaves": len(compiled.program.leaves), "sequence_leaves": len(seq_leaves),
                       "static_leaves": len(compiled.statics), "persons": args.persons, "events": args.events,
-                      "people": args.people}}
+                      "people": args.people, "event_mix": dict(zip(MODELS, MIX)) if n_seq else {"page_views": 1.0}}}
     for name, reference in (("compiled", False), ("reference", True)):
         n = args.events if not reference else max(1000, args.events // 20)
-        out[name] = per_event(make_evaluator(compiled.program, reference), len(compiled.statics), args.persons, n,
-                              list(range(args.audiences)), random.Random(args.seed))
-    out["floor"] = per_event(make_evaluator(empty.program), 0, args.persons, args.events, [], random.Random(args.seed))
+        states: list = []
+        evaluator = make_evaluator(compiled.program, reference)
+        out[name] = per_event(evaluator, len(compiled.statics), args.persons, n, list(range(args.audiences)),
+                              random.Random(args.seed), mixed=n_seq > 0, states=states)
+        if not reference and seq_leaves:
+            out["state"] = sequence_state(evaluator, states, seq_leaves)
+    out["floor"] = per_event(make_evaluator(empty.program), 0, args.persons, args.events, [], random.Random(args.seed),
+                             mixed=n_seq > 0)
 
     # Full recompute over N people, as after a warehouse sync.
     n = args.people
@@ -109,6 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     out["targets"] = {**TARGETS, "pass": {
         "event_p99": out["compiled"]["p99_us"] <= TARGETS["event_p99_us_max"],
         "recompute": out["recompute"]["seconds"] <= TARGETS["recompute_seconds_max"]}}
+    if "state" in out:
+        st = out["state"]
+        out["targets"]["sequence_state_bytes_max"] = SEQUENCE_BYTES_MAX
+        out["targets"]["pass"]["sequence_state"] = (st["without_same"]["payload_max_bytes"] <= SEQUENCE_BYTES_MAX
+                                                    and st["with_same"]["max_bytes_per_value"] <= SEQUENCE_BYTES_MAX)
     if args.json:
         print(json.dumps(out, indent=2))
     else:
@@ -116,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"per event, {args.audiences} audiences: p50 {c['p50_us']} µs, p99 {c['p99_us']} µs "
               f"(floor p99 {out['floor']['p99_us']} µs; reference p99 {out['reference']['p99_us']} µs)")
         print(f"full recompute of {r['people']:,} people: {r['seconds']} s")
+        if "state" in out:
+            w, n = out["state"]["with_same"], out["state"]["without_same"]
+            print(f"state per person per sequence leaf: without same p99 {n['payload_p99_bytes']} B, max "
+                  f"{n['payload_max_bytes']} B (+ {n['framing_bytes']} B of section framing); "
+                  f"with same max {w['max_bytes']} B for {w['max_values_held']} values (cap {w['values_cap']}), "
+                  f"at most {w['max_bytes_per_value']} B per value (target {SEQUENCE_BYTES_MAX} B)")
     return 0
 
 

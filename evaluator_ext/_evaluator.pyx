@@ -23,6 +23,13 @@ block per person laid out once per program:
   person's session moves on.
 - EVER: the same, never reset.
 
+- SEQUENCE / ABSENCE (program.SequenceLeaf, issue 15): per ``same`` value,
+  a reorder buffer of the latest events and a summary of the older ones
+  folded in order (the latest start per step; pending anchors and merged
+  membership intervals). _sequences.pxi has the layout, the bound and the
+  cost, _sequences_eval.pxi the evaluation, _sequences_codec.pxi the
+  section format.
+
 Per person: the current session's number, id and latest timestamp (sessions
 are decided in arrival order across all models, as in the reference), an
 arrival counter, and ``horizon``, the largest ``now`` ever passed to
@@ -120,15 +127,15 @@ from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.tuple cimport PyTuple_GET_ITEM
 from cpython.float cimport PyFloat_AS_DOUBLE
 from cpython.object cimport PyObject
-from libc.math cimport INFINITY, NAN, fabs, isfinite, isinf, isnan
-from libc.stdint cimport INT64_MAX, INT64_MIN, int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.math cimport INFINITY, NAN, fabs, floor, isfinite, isinf, isnan
+from libc.stdint cimport INT64_MAX, INT64_MIN, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, qsort, realloc
-from libc.string cimport memcpy, memmove, memset
+from libc.string cimport memcmp, memcpy, memmove, memset
 
 cimport cython
 
 from . import program as _program
-from .program import LeafValue, state_key_hash
+from .program import LeafValue, SequenceLeaf, SequenceProgress, state_key_hash
 
 
 # The numbers of program.Op, Scope, Aggregation, Comparison and Code (checked at import, below).
@@ -168,6 +175,11 @@ cdef enum:
     CMP_GE = 6
 
 cdef enum:
+    KIND_EVENT = 0  # LeafSpec.kind of an EventLeaf; the others are program.Kind's
+    KIND_SEQUENCE = 1
+    KIND_ABSENCE = 2
+
+cdef enum:
     CODE_STATIC = 1
     CODE_EVENT = 2
     CODE_AND = 3
@@ -186,6 +198,7 @@ ENUMS = {
     "Aggregation": {"COUNT": AG_COUNT, "SUM": AG_SUM, "MIN": AG_MIN, "MAX": AG_MAX, "AVG": AG_AVG},
     "Comparison": {"EQ": CMP_EQ, "NE": CMP_NE, "LT": CMP_LT, "LE": CMP_LE, "GT": CMP_GT, "GE": CMP_GE},
     "Code": {"STATIC": CODE_STATIC, "EVENT": CODE_EVENT, "AND": CODE_AND, "OR": CODE_OR, "NOT": CODE_NOT},
+    "Kind": {"SEQUENCE": KIND_SEQUENCE, "ABSENCE": KIND_ABSENCE},
 }
 
 
@@ -599,7 +612,17 @@ cdef struct LeafSpec:
     int64_t keep
     double threshold
     bint empty_holds  # the comparison's value with no events in scope
-    Py_ssize_t offset  # of the leaf's WState or SState in a person's state block
+    Py_ssize_t offset  # of the leaf's WState or SState (QState for sequences) in a person's state block
+    # Sequence and absence leaves (kind != KIND_EVENT; see _sequences.pxi); 0 for the others.
+    int kind
+    int nsteps
+    int64_t within
+    int32_t reorder
+    int32_t nvalues
+    int32_t npending
+    int32_t nsame
+    int32_t nsum  # int64 summary slots per value: SEQUENCE one per step, ABSENCE npending
+    Py_ssize_t gsize  # bytes of one value's record
 
 
 cdef struct WState:
@@ -670,7 +693,9 @@ cdef class CompiledState:
             return
         for j in range(self.n_leaves):
             sp = &self.specs[j]
-            if sp.scope == SC_WITHIN:
+            if sp.kind != KIND_EVENT:
+                _q_free(_qstate(self.block, sp), sp)
+            elif sp.scope == SC_WITHIN:
                 free(_wstate(self.block, sp).buf)
             elif sp.agg == AG_SUM or sp.agg == AG_AVG:
                 free(_sstate(self.block, sp).sum.p)
@@ -685,6 +710,8 @@ cdef class CompiledState:
         """How many events leaf j keeps (timestamps or (ts, value) pairs; 0 for SESSION/EVER)."""
         if j < 0 or j >= self.n_leaves:
             raise IndexError("event leaf index out of range")
+        if self.specs[j].kind != KIND_EVENT:
+            return _q_stored(_qstate(self.block, &self.specs[j]), &self.specs[j])
         if self.specs[j].scope != SC_WITHIN:
             return 0
         return _wstate(self.block, &self.specs[j]).n
@@ -696,7 +723,9 @@ cdef class CompiledState:
         cdef WState* w
         for j in range(self.n_leaves):
             sp = &self.specs[j]
-            if sp.scope == SC_WITHIN:
+            if sp.kind != KIND_EVENT:
+                total += _q_nbytes(_qstate(self.block, sp), sp)
+            elif sp.scope == SC_WITHIN:
                 w = _wstate(self.block, sp)
                 total += w.cap * (sizeof(int64_t) if sp.agg == AG_COUNT else sizeof(WEntry))
             elif sp.agg == AG_SUM or sp.agg == AG_AVG:
@@ -982,6 +1011,17 @@ cdef class CompiledEvaluator:
     cdef LeafSpec* specs
     cdef Py_ssize_t state_size  # bytes of a person's state block
     cdef dict plans  # model -> tuple of _LeafPlan
+    cdef dict qplans  # model -> tuple of _QPlan (sequence leaves); None when there are none
+    cdef list qfilters  # the sequence leaves' distinct step filters (PredicateMatcher)
+    cdef uint8_t* qfmemo  # per observe: 0 not tested yet, 1 fails, 2 passes
+    cdef list qsames  # their distinct same tuples
+    cdef Py_ssize_t* qkoff  # per observe: where the event's key for qsames[i] is in kbuf; -2 not built, -1 missing
+    cdef Py_ssize_t* qklen
+    cdef uint8_t* kbuf  # an event's value keys, built per distinct same tuple
+    cdef Py_ssize_t kcap
+    cdef Py_ssize_t kend
+    cdef int64_t* ivs  # absence leaves: the membership intervals of one evaluation
+    cdef Py_ssize_t ivcap
     # The program's distinct properties (names) and filters (PredicateMatcher); an observe call
     # looks each property up, and tests each filter, at most once.
     cdef list props
@@ -1040,6 +1080,14 @@ cdef class CompiledEvaluator:
         self.found = NULL
         self.wbuf = NULL
         self.wcap = 0
+        self.qplans = None
+        self.qfmemo = NULL
+        self.qkoff = NULL
+        self.qklen = NULL
+        self.kbuf = NULL
+        self.kcap = 0
+        self.ivs = NULL
+        self.ivcap = 0
 
     def __dealloc__(self):
         free(self.specs)
@@ -1063,6 +1111,11 @@ cdef class CompiledEvaluator:
         free(self.unext)
         free(self.found)
         free(self.wbuf)
+        free(self.kbuf)
+        free(self.ivs)
+        free(self.qfmemo)
+        free(self.qkoff)
+        free(self.qklen)
 
     def __init__(self, program):
         cdef Py_ssize_t j, k, n_code, pc, depth, max_depth, start, a
@@ -1082,8 +1135,19 @@ cdef class CompiledEvaluator:
         filter_index = {}
         self.props = []
         self.filters = []
+        qplans = {}
+        qfilter_index = {}
+        qsame_index = {}
+        self.qfilters = []
         for j, leaf in enumerate(leaves):
             sp = &self.specs[j]
+            if isinstance(leaf, SequenceLeaf):
+                sp.offset = self.state_size
+                self.state_size += sizeof(QState)
+                _q_spec(sp, leaf, j)
+                for model, qplan in _q_plans(j, leaf, qfilter_index, self.qfilters, qsame_index):
+                    qplans.setdefault(model, []).append(qplan)
+                continue
             sp.model = leaf.model
             sp.scope = int(leaf.scope)
             sp.agg = int(leaf.aggregation)
@@ -1141,6 +1205,13 @@ cdef class CompiledEvaluator:
                 plan.prop = prop_index.setdefault(leaf.property, len(prop_index))
             by_model.setdefault(leaf.model, []).append(plan)
         self.plans = {m: tuple(p) for m, p in by_model.items()}
+        self.qplans = {m: tuple(p) for m, p in qplans.items()} if qplans else None
+        self.qsames = sorted(qsame_index, key=qsame_index.__getitem__)
+        self.qfmemo = <uint8_t*>calloc(len(self.qfilters) + 1, 1)
+        self.qkoff = <Py_ssize_t*>calloc(len(self.qsames) + 1, sizeof(Py_ssize_t))
+        self.qklen = <Py_ssize_t*>calloc(len(self.qsames) + 1, sizeof(Py_ssize_t))
+        if self.qfmemo == NULL or self.qkoff == NULL or self.qklen == NULL:
+            raise MemoryError()
         self.props = sorted(prop_index, key=prop_index.__getitem__)
         self.pval = <PyObject**>calloc(len(self.props) + 1, sizeof(PyObject*))
         self.pnum = <double*>calloc(len(self.props) + 1, sizeof(double))
@@ -1215,7 +1286,9 @@ cdef class CompiledEvaluator:
         st.n_leaves = self.n_leaves
         st.size = self.state_size
         for j in range(self.n_leaves):
-            if self.specs[j].scope == SC_SESSION:
+            if self.specs[j].kind != KIND_EVENT:
+                _qstate(st.block, &self.specs[j]).session = -1
+            elif self.specs[j].scope == SC_SESSION:
                 _sstate(st.block, &self.specs[j]).session = -1
         return st
 
@@ -1259,6 +1332,10 @@ cdef class CompiledEvaluator:
         elif ts_us > st.session_last_ts:
             st.session_last_ts = ts_us
         st.seq += 1
+        if self.qplans is not None:
+            qplans = self.qplans.get(model)
+            if qplans is not None:
+                _q_observe(self, st, <tuple>qplans, ts_us, properties)
         plans = self.plans.get(model)
         if plans is None:
             return
@@ -1439,6 +1516,8 @@ cdef class CompiledEvaluator:
         cdef int64_t count = 0
         cdef bint has = False
         cdef double v = 0.0
+        if sp.kind != KIND_EVENT:
+            return _q_holds(self, st, sp, now)
         if sp.scope == SC_WITHIN:
             ws = _wstate(st.block, sp)
             if ws.c_valid and ws.c_from <= now and now < ws.c_until:
@@ -1454,6 +1533,8 @@ cdef class CompiledEvaluator:
     cdef int64_t _flip(self, CompiledState st, const LeafSpec* sp, int64_t now) except? -1:
         """The first instant after ``now`` at which the leaf flips by itself; NO_FLIP for never."""
         cdef WState* ws
+        if sp.kind != KIND_EVENT:
+            return _q_flip(self, st, sp, now)
         if sp.scope == SC_WITHIN:
             ws = _wstate(st.block, sp)
             if not (ws.c_valid and ws.c_from <= now and now < ws.c_until):
@@ -1486,6 +1567,11 @@ cdef class CompiledEvaluator:
         if now_us > st.horizon:
             st.horizon = now_us
         sp = &self.specs[j]
+        if sp.kind != KIND_EVENT:
+            holds = _q_holds(self, st, sp, now_us)
+            flip = _q_flip(self, st, sp, now_us)
+            return LeafValue(holds, _q_progress(self, st, sp, now_us).steps_done, None,
+                             None if flip == NO_FLIP else flip)
         if sp.scope == SC_WITHIN:
             holds = self._within(st, sp, now_us, &count, &has, &v)
         else:
@@ -1499,6 +1585,17 @@ cdef class CompiledEvaluator:
             holds = _value_holds(sp, has, v)
         flip = self._flip(st, sp, now_us)
         return LeafValue(holds, count, v if has else None, None if flip == NO_FLIP else flip)
+
+    def progress(self, CompiledState state not None, Py_ssize_t j, int64_t now_us):
+        """How far sequence leaf j's best match has got at ``now_us``: a SequenceProgress."""
+        self._check(state)
+        if j < 0 or j >= self.n_leaves:
+            raise IndexError("event leaf index out of range")
+        if self.specs[j].kind == KIND_EVENT:
+            raise TypeError(f"leaf {j} is not a sequence leaf")
+        if now_us > state.horizon:
+            state.horizon = now_us
+        return _q_progress(self, state, &self.specs[j], now_us)
 
     # ------------------------------------------------------------ audiences
 
@@ -1657,6 +1754,8 @@ cdef class CompiledEvaluator:
     cdef Py_ssize_t _section_bound(self, CompiledState st, const LeafSpec* sp) noexcept:
         cdef WState* ws
         cdef SState* ss
+        if sp.kind != KIND_EVENT:
+            return _q_section_bound(st, sp)
         if sp.scope == SC_WITHIN:
             ws = _wstate(st.block, sp)
             return 10 + ws.n * (10 if sp.agg == AG_COUNT else 28)
@@ -1674,6 +1773,8 @@ cdef class CompiledEvaluator:
         cdef int64_t* a
         cdef WEntry* e
         cdef uint8_t flags
+        if sp.kind != KIND_EVENT:
+            return _q_put_section(st, sp, p)
         if sp.scope == SC_WITHIN:
             ws = _wstate(st.block, sp)
             n = ws.n
@@ -1781,6 +1882,8 @@ cdef class CompiledEvaluator:
         cdef int64_t* a
         cdef WEntry* e
         cdef uint8_t flags
+        if sp.kind != KIND_EVENT:
+            return _q_get_section(st, sp, r)
         if sp.scope == SC_WITHIN:
             ws = _wstate(st.block, sp)
             # every kept event takes at least one byte
@@ -1985,6 +2088,9 @@ cdef class CompiledEvaluator:
                 raise IndexError("graft: event leaf index out of range")
             sp = &self.specs[j]
             dp = &dn.specs[k]
+            if sp.kind != KIND_EVENT or dp.kind != KIND_EVENT:
+                _q_graft(st, dn, sp, dp, same_session)
+                continue
             if (sp.scope != dp.scope or sp.agg != dp.agg or sp.model != dp.model
                     or (sp.scope == SC_WITHIN and (sp.window != dp.window or sp.keep != dp.keep))):
                 raise ValueError("graft: the two leaves keep different state")
@@ -2027,3 +2133,10 @@ cdef class CompiledEvaluator:
                 ss.sum.inf = ds.sum.inf
                 ss.sum.naive = ds.sum.naive
                 ss.sum.failed = ds.sum.failed
+
+
+# Sequence and absence leaves (issue 15): their state, evaluation and codec sections.
+include "_sequences.pxi"
+include "_sequences_keys.pxi"
+include "_sequences_eval.pxi"
+include "_sequences_codec.pxi"

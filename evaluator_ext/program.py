@@ -8,7 +8,9 @@ a postfix program over two kinds of leaves:
 
 - ``STATIC k``: the k-th warehouse-only subtree, precomputed per person (a bit
   of a bitset over all people) and passed in at evaluation time;
-- ``EVENT j``: the j-th event leaf, computed from the person's realtime state.
+- ``EVENT j``: the j-th event leaf, computed from the person's realtime state:
+  an ``EventLeaf`` (a count or aggregate) or a ``SequenceLeaf`` (ordered steps,
+  or an anchor followed by the absence of another event).
 
 Semantics are those of ``qualify.evaluator.reference``, the executable
 specification.
@@ -63,6 +65,13 @@ class Comparison(enum.IntEnum):
     GE = 6
 
 
+class Kind(enum.IntEnum):
+    """What a SequenceLeaf asks of its steps."""
+
+    SEQUENCE = 1  # the steps happen in order
+    ABSENCE = 2  # steps[0] (A) happens, then no steps[1] (B) within ``within_us``
+
+
 class Code(enum.IntEnum):
     """Postfix instructions; each is (code, argument)."""
 
@@ -102,10 +111,74 @@ class EventLeaf:
 
 
 @dataclass(frozen=True)
+class Step:
+    """One step of a sequence: an event of ``model`` passing every filter."""
+
+    model: int
+    filters: tuple[Filter, ...] = ()
+
+
+# Caps of a SequenceLeaf's bounded state (see SequenceLeaf, and reference.py for the rules).
+REORDER = 4  # per value: the latest events kept as they are; later-arriving older ones beyond it are ignored
+VALUES = 8  # per person and leaf: `same` values remembered; the one whose latest event is oldest goes first
+PENDING = 4  # ABSENCE, per value: anchors older than the reorder buffer still waiting for their B, earliest kept
+
+
+@dataclass(frozen=True)
+class SequenceLeaf:
+    """A sequence or absence condition over a person's events of several models.
+
+    SEQUENCE: events e1 < e2 < ... < ek (by timestamp, then arrival), ei an
+    event of ``steps[i]``, ``ek.ts - e1.ts <= within_us`` (0: no bound), all
+    carrying equal values of every ``same`` property, all in ``scope``; holds
+    while such a match is in scope. ABSENCE: an anchor A (``steps[0]``) with
+    no B (``steps[1]``, equal ``same`` values) after it and at most
+    ``within_us`` later; holds from ``A.ts + within_us`` while A is in scope.
+    ``reorder``, ``values`` and ``pending`` bound the state (reference.py
+    states the rules exactly).
+    """
+
+    kind: Kind
+    steps: tuple[Step, ...]
+    within_us: int
+    same: tuple[str, ...]
+    scope: Scope
+    window_us: int
+    reorder: int = REORDER
+    values: int = VALUES
+    pending: int = PENDING
+
+    @property
+    def models(self) -> tuple[int, ...]:
+        return tuple(sorted({s.model for s in self.steps}))
+
+
+@dataclass(frozen=True)
+class SequenceProgress:
+    """How far a sequence leaf's best match has got, for explanations.
+
+    SEQUENCE: ``steps_done`` steps of the match with the most steps in scope
+    (the latest-starting such match), whose first step was at ``started_us``;
+    ABSENCE: 2 when it holds, 1 while an anchor in scope still waits (the
+    earliest: ``started_us`` its timestamp), 0 otherwise. ``values`` are the
+    match's ``same`` values, in the leaf's order.
+    """
+
+    steps_done: int
+    started_us: int | None
+    values: tuple = ()
+
+
+def leaf_models(leaf) -> tuple[int, ...]:
+    """The event models an event leaf reads."""
+    return leaf.models if isinstance(leaf, SequenceLeaf) else (leaf.model,)
+
+
+@dataclass(frozen=True)
 class Program:
     """Everything an evaluator runs. Audience i is ``audiences[i]``, a postfix code."""
 
-    leaves: tuple[EventLeaf, ...]
+    leaves: tuple[EventLeaf | SequenceLeaf, ...]
     audiences: tuple[tuple[tuple[int, int], ...], ...]
     n_static: int
     session_timeout_us: int
@@ -131,7 +204,7 @@ def _kept(threshold: float) -> str:
     return str(int(threshold) + 1)
 
 
-def state_key(leaf: EventLeaf) -> bytes:
+def state_key(leaf: EventLeaf | SequenceLeaf) -> bytes:
     """The identity of the state an event leaf keeps, as canonical bytes.
 
     Two leaves with equal keys keep identical state from identical events, so
@@ -141,12 +214,12 @@ def state_key(leaf: EventLeaf) -> bytes:
     WITHIN COUNT (and nothing else of the comparison); on the property and on
     the aggregate's family for the others (SUM and AVG keep the same exact sum,
     MIN and MAX the same extremes). The comparison and threshold otherwise only
-    read the state.
+    read the state. A sequence leaf's key is every field of it: all of them
+    shape what it keeps.
     """
-    # A conjunction does not depend on the order of its filters. Values keep their type:
-    # (1,), (1.0,) and (True,) are different filters.
-    filters = sorted({repr((f.property, int(f.op), tuple((type(v).__name__, v) for v in f.values)))
-                      for f in leaf.filters})
+    if isinstance(leaf, SequenceLeaf):
+        return _sequence_key(leaf)
+    filters = _filters_key(leaf.filters)
     parts = [f"model={leaf.model!r}", f"filters={filters!r}", f"scope={int(leaf.scope)}"]
     if leaf.scope == Scope.WITHIN:
         parts.append(f"window={int(leaf.window_us)}")
@@ -158,6 +231,25 @@ def state_key(leaf: EventLeaf) -> bytes:
     return "\x1f".join(parts).encode("utf-8", "surrogatepass")
 
 
-def state_key_hash(leaf: EventLeaf) -> int:
+def _filters_key(filters) -> list[str]:
+    # A conjunction does not depend on the order of its filters. Values keep their type:
+    # (1,), (1.0,) and (True,) are different filters.
+    return sorted({repr((f.property, int(f.op), tuple((type(v).__name__, v) for v in f.values))) for f in filters})
+
+
+def _sequence_key(leaf: SequenceLeaf) -> bytes:
+    # Everything a sequence leaf keeps depends on: its kind, its steps in order, the bound,
+    # the same properties in order (they make the value key), the scope and the caps.
+    steps = [f"{s.model!r}:{_filters_key(s.filters)!r}" for s in leaf.steps]
+    parts = [f"kind={int(leaf.kind)}", f"steps={steps!r}", f"within={int(leaf.within_us)}", f"same={list(leaf.same)!r}",
+             f"scope={int(leaf.scope)}", f"reorder={int(leaf.reorder)}", f"values={int(leaf.values)}"]
+    if leaf.scope == Scope.WITHIN:
+        parts.append(f"window={int(leaf.window_us)}")
+    if leaf.kind == Kind.ABSENCE:
+        parts.append(f"pending={int(leaf.pending)}")
+    return "\x1f".join(parts).encode("utf-8", "surrogatepass")
+
+
+def state_key_hash(leaf: EventLeaf | SequenceLeaf) -> int:
     """``state_key`` as the unsigned 64-bit number a dumped state section is keyed by."""
     return int.from_bytes(hashlib.blake2b(state_key(leaf), digest_size=8).digest(), "little")

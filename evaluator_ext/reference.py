@@ -21,6 +21,8 @@ Semantics:
   * SESSION: the events of the person's current session (below), none once
     it has ended;
   * EVER: all of them.
+  Sequence and absence leaves (``SequenceLeaf``) are specified in
+  ``_reference_sequences``, with the caps that bound their state.
   COUNT is their number; SUM MIN MAX AVG aggregate ``property`` over those
   events that have it as a number, and are missing when none has. The value is
   compared with the threshold; a missing aggregate satisfies only NE.
@@ -46,7 +48,9 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .program import Aggregation, Code, Comparison, EventLeaf, LeafValue, Op, Program, Scope, state_key_hash
+from . import _reference_sequences as _seq
+from .program import (Aggregation, Code, Comparison, EventLeaf, LeafValue, Op, Program, Scope, SequenceLeaf,
+                      SequenceProgress, state_key_hash)
 
 REFERENCE_FORMAT = 0xF1  # byte 0 of the reference's dumps; the compiled format's is its version, 1
 
@@ -151,7 +155,11 @@ def aggregate(aggregation: Aggregation, values: list[float], count: int) -> floa
 
 
 def passes(leaf: EventLeaf, properties: dict) -> bool:
-    return all(matches_predicate(f.op, f.values, properties.get(f.property)) for f in leaf.filters)
+    return _passes(leaf.filters, properties)
+
+
+def _passes(filters, properties: dict) -> bool:
+    return all(matches_predicate(f.op, f.values, properties.get(f.property)) for f in filters)
 
 
 @dataclass
@@ -215,9 +223,25 @@ class ReferenceEvaluator:
         value = aggregate(leaf.aggregation, values, len(scoped))
         return compare(leaf.comparison, value, leaf.threshold), len(scoped), value
 
+    def _sequence(self, state: PersonState, j: int, now_us: int):
+        return _seq.sequence_leaf(self.program.leaves[j], state, now_us, state.born.get(self.keys[j], 0),
+                                  self.timeout, _passes)
+
+    def progress(self, state: PersonState, j: int, now_us: int) -> SequenceProgress:
+        """How far sequence leaf j's best match has got at ``now_us`` (for explanations)."""
+        if not isinstance(self.program.leaves[j], SequenceLeaf):
+            raise TypeError(f"leaf {j} is not a sequence leaf")
+        return self._sequence(state, j, now_us)[1]
+
     def leaf(self, state: PersonState, j: int, now_us: int) -> LeafValue:
-        """Event leaf j's value at ``now_us``, and when it next flips by itself."""
+        """Event leaf j's value at ``now_us``, and when it next flips by itself.
+
+        A sequence leaf's ``count`` is its progress's ``steps_done``; its aggregate is None.
+        """
         leaf = self.program.leaves[j]
+        if isinstance(leaf, SequenceLeaf):
+            holds, progress, flips_at = self._sequence(state, j, now_us)
+            return LeafValue(holds, progress.steps_done, None, flips_at)
         born = state.born.get(self.keys[j], 0)
         holds, count, value = self._value(state, leaf, now_us, born)
         # Only time passing changes anything: events leave windows, sessions end.

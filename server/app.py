@@ -40,6 +40,7 @@ from .config.operations import Operations
 from .runtime import backfill, compact, fire_timers, sync_schedule
 from .security.keys import KeyStore, keys_path
 from .services.audiences import AudienceService
+from .services.simulate import SimulateService
 from .services.feed import ChangeFeed
 from .services.ingest import IngestService
 from .services.personalize import PersonalizeService
@@ -61,6 +62,7 @@ from .transport.health import MapAlarm, watch_health, writer_probe
 from .transport.http import HttpEdge, start_http
 from .transport.http.forward import ForwardedIngest
 from .transport.ingest import Ingest
+from .transport.simulate import Simulation
 from .transport.personalize import Personalize
 from .transport.proxy import proxy_handler
 from .transport.standard import add_standard
@@ -241,7 +243,8 @@ async def _writing_parts(env, writer: Writer, reader: Reader, project: Project, 
     writing = Writing(
         ingest=Ingest(IngestService(writer, project.event_models, clock, project.ops.limits)),
         audiences=Audiences(AudienceService(engine, writer, AudienceReads(env), clock, reader,
-                                            project.preview_timeout), watch),
+                                            project.preview_timeout), watch,
+                            Simulation(SimulateService(engine, AudienceReads(env), clock))),
         syncs=Syncs(SyncService(deliveries, reader)))
     retention = Retention(writer.log, store, tables, int(project.event_retention * 1_000_000),
                           int(project.changelog_retention * 1_000_000))

@@ -149,10 +149,16 @@ def cmd_get(args) -> int:
 
 def cmd_demo(args) -> int:
     from qualify.clients import QualifyError
-    from qualify.clients.walkthrough import run
 
     try:
-        run(args.address, args.window, **connection(args))
+        if args.scenario == "abandoners":
+            from qualify.clients.walkthrough_abandoners import run as run_abandoners
+
+            run_abandoners(args.address, args.within, **connection(args))
+        else:
+            from qualify.clients.walkthrough import run
+
+            run(args.address, args.window, **connection(args))
     except QualifyError as exc:
         print(f"qualify demo: {exc}", file=sys.stderr)
         return 1
@@ -215,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="walk through a realtime audience against a server on the embedded demo")
     p.add_argument("--address", default="127.0.0.1:50051", help="server address (default 127.0.0.1:50051)")
     p.add_argument("--window", type=int, default=10, help="the audience's window in seconds (default 10)")
+    p.add_argument("--scenario", choices=("pricing", "abandoners"), default="pricing",
+                   help="pricing: 3 views of /pricing in a window (default); abandoners: a cart add, then no order")
+    p.add_argument("--within", type=int, default=5,
+                   help="abandoners: seconds an order must stay away (default 5)")
     connection_args(p)
     p.set_defaults(func=cmd_demo)
 

@@ -176,3 +176,6 @@ def add_remote_parsers(sub) -> None:
     address_args(p)
     p.add_argument("--json", action="store_true", help="print the audiences as JSON")
     p.set_defaults(func=cmd_audiences)
+    from .cli_simulate import add_parser as add_simulate_parser
+
+    add_simulate_parser(p.add_subparsers(dest="action"), address_args)

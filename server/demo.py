@@ -63,6 +63,7 @@ DEMO_EVENT_MODELS = {
     "product_views": {"type": "track", "event": "Product Viewed", "properties": {"sku": "string", "price": "float"}},
     "cart_adds": {"type": "track", "event": "Product Added", "properties": {"sku": "string", "price": "float"}},
     "searches": {"type": "track", "event": "Products Searched", "properties": {"query": "string"}},
+    "orders": {"type": "track", "event": "Order Completed", "properties": {"sku": "string", "total": "float"}},
 }
 
 

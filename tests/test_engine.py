@@ -15,11 +15,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qualify.evaluator.program import EventLeaf, Filter, Program
+from qualify.evaluator.program import Program
 from qualify.evaluator.reference import ReferenceEvaluator, matches_predicate
 from qualify.server.config import parse_project
 from qualify.server.domain.conditions import And, AttributeCondition, Not, Or, parse_condition
 from qualify.server.domain.changes import Cause, Direction
+from qualify.server.domain.compile import leaf_for
 from qualify.server.domain.engine import ANON, Engine
 from qualify.server.domain.events import Event, EventModel, EventType, MatchedEvent, matching_models
 from qualify.server.domain.schema import ValueType
@@ -80,8 +81,7 @@ class World:
             p = cond.predicate
             row = self.rows.get(person)
             return matches_predicate(p.op, p.values, None if row is None else row.get(p.field))
-        leaf = EventLeaf(0 if cond.event_model == "views" else 1, tuple(Filter(p.field, p.op, p.values) for p in cond.filters),
-                         cond.scope, cond.window_us, cond.aggregation, cond.property, cond.comparison, cond.threshold)
+        leaf = leaf_for(cond, {"views": 0, "carts": 1})  # an event, sequence or absence condition
         ref = ReferenceEvaluator(Program((leaf,), (), 0, TIMEOUT))
         state = ref.new_state()
         for _, m, ts, props, sid in self.events.get(person, []):
@@ -147,9 +147,35 @@ def event_condition(draw):
     return {"event": body}
 
 
+@st.composite
+def sequence_condition(draw):
+    """A sequence or an absence over views and carts (same sku only when every step is a cart)."""
+    absence = draw(st.booleans())
+    steps = []
+    for _ in range(2 if absence else draw(st.sampled_from([2, 2, 3]))):
+        model = draw(st.sampled_from(MODELS))
+        step = {"event_model": model.name}
+        if draw(st.integers(0, 3)) == 0:
+            name, vtype = draw(st.sampled_from(model.properties))
+            step["filters"] = [draw(predicate(name, vtype, "property"))]
+        steps.append(step)
+    scope = draw(st.sampled_from(["SCOPE_WITHIN", "SCOPE_SESSION", "SCOPE_EVER"]))
+    within = draw(st.integers(1, 20))
+    body = {"scope": scope}
+    if scope == "SCOPE_WITHIN":
+        body["window"] = f"{draw(st.integers(within + 1, 60))}s"
+    if all(step["event_model"] == "carts" for step in steps) and draw(st.booleans()):
+        body["same"] = ["sku"]
+    if absence:
+        return {"absence": {"after": steps[0], "absent": steps[1], "within": f"{within}s", **body}}
+    if draw(st.booleans()):
+        body["within"] = f"{within}s"
+    return {"sequence": {"steps": steps, **body}}
+
+
 def condition(depth=2):
     attr = st.sampled_from(ATTRS).flatmap(lambda a: predicate(a[0], a[1], "attribute")).map(lambda b: {"attribute": b})
-    leaf = st.one_of(attr, event_condition(), event_condition())
+    leaf = st.one_of(attr, event_condition(), event_condition(), sequence_condition(), sequence_condition())
     if depth == 0:
         return leaf
     sub = condition(depth - 1)

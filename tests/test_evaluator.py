@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from qualify.evaluator import CompiledEvaluator, make_evaluator
 from qualify.evaluator._evaluator import _fsum
-from qualify.evaluator.program import Aggregation, Code, Comparison, EventLeaf, Filter, Op, Program, Scope
+from qualify.evaluator.program import Aggregation, Code, Comparison, EventLeaf, Filter, Op, Program, Scope, SequenceLeaf
 from qualify.evaluator.reference import ReferenceEvaluator, exact_sum, matches_predicate, run
 
 S = 1_000_000  # one second in microseconds
@@ -53,6 +53,8 @@ def within(window_s, **kw) -> EventLeaf:
 
 def capped(ev, lf: EventLeaf, count: int) -> int:
     """What ``leaf().count`` reports: WITHIN COUNT is capped at keep by the compiled evaluator."""
+    if isinstance(lf, SequenceLeaf):
+        return count  # steps done: exact in both
     if isinstance(ev, CompiledEvaluator) and lf.scope == Scope.WITHIN and lf.aggregation == Aggregation.COUNT:
         if math.isnan(lf.threshold):  # every comparison with NaN is constant: nothing is kept
             return 0
@@ -688,7 +690,10 @@ def check_agree(comp, ref, cs, rs, program, now, static):
         c = comp.leaf(cs, j, now)
         assert (c.holds, c.flips_at) == (r.holds, r.flips_at), (j, lf, now, c, r)
         assert c.count == capped(comp, lf, r.count), (j, lf, now, c, r)
-        if lf.scope == Scope.WITHIN and lf.aggregation == Aggregation.COUNT:
+        if isinstance(lf, SequenceLeaf):
+            assert c.aggregate is None
+            assert comp.progress(cs, j, now) == ref.progress(rs, j, now), (j, lf, now)
+        elif lf.scope == Scope.WITHIN and lf.aggregation == Aggregation.COUNT:
             assert c.aggregate == float(c.count)
         else:
             assert same(c.aggregate, r.aggregate), (j, lf, now, c, r)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .conditions import Condition, EventCondition, walk
+from .conditions import REALTIME, Condition, walk
 from .errors import FieldViolation, InvalidAudience, InvalidRequest
 
 AUDIENCE_ID_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789_-")
@@ -34,7 +34,9 @@ def check_audience_id(audience_id: str) -> None:
 
 def check_windows(condition: Condition, retention_us: int) -> None:
     """Refuses a window longer than the event log keeps: its backfill, and a restart's, would miss events."""
-    longest = max((c.window_us for c in walk(condition) if isinstance(c, EventCondition)), default=0)
+    # a sequence's within reaches back as far as its window: its first step may be that old
+    longest = max((max(c.window_us, getattr(c, "within_us", 0)) for c in walk(condition) if isinstance(c, REALTIME)),
+                  default=0)
     if longest > retention_us:
         raise InvalidAudience(
             f"a window of {longest / 1e6:g}s is longer than [realtime] event_retention ({retention_us / 1e6:g}s)",

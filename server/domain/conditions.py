@@ -22,6 +22,9 @@ specification; in short:
   current SESSION, or EVER. COUNT is never missing; SUM MIN MAX AVG over a
   property are missing when no event in scope has the property, and a missing
   aggregate satisfies only NE. The result is compared with the threshold.
+- Sequence and absence conditions (``sequences.py``): events of several
+  models in order ("did A, then B within T"), or an event not followed by
+  another ("did A, then no B within T").
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from qualify.evaluator.program import Aggregation, Comparison, Op, Scope
 
 from .errors import FieldViolation, InvalidAudience
 from .schema import ValueType
+from .sequences import AbsenceCondition, SequenceCondition, parse_absence, parse_sequence
 
 Value = Union[str, int, float, bool, None]
 _NUMERIC = (ValueType.INT, ValueType.FLOAT)
@@ -83,7 +87,8 @@ class Not:
     child: "Condition"
 
 
-Condition = Union[And, Or, Not, AttributeCondition, EventCondition]
+Condition = Union[And, Or, Not, AttributeCondition, EventCondition, SequenceCondition, AbsenceCondition]
+REALTIME = (EventCondition, SequenceCondition, AbsenceCondition)  # the leaves read realtime state
 
 
 # -- shape ---------------------------------------------------------------------
@@ -104,7 +109,7 @@ def event_conditions(condition: Condition) -> list[EventCondition]:
 
 def is_static(condition: Condition) -> bool:
     """True when the subtree reads warehouse attributes only."""
-    return not event_conditions(condition)
+    return not any(isinstance(n, REALTIME) for n in walk(condition))
 
 
 # -- predicates: the rules every spelling shares -----------------------------------
@@ -216,7 +221,8 @@ class _Parser:
             return None
         if not isinstance(raw, dict) or len(raw) != 1:
             kinds = ", ".join(raw) if isinstance(raw, dict) else type(raw).__name__
-            self.bad(path, f"must set exactly one of and, or, not, attribute, event (found: {kinds or 'none'})")
+            self.bad(path, "must set exactly one of and, or, not, attribute, event, sequence, absence "
+                           f"(found: {kinds or 'none'})")
             return None
         (kind, body), = raw.items()
         sub = f"{path}.{kind}"
@@ -240,7 +246,11 @@ class _Parser:
             return None if pred is None else AttributeCondition(pred)
         if kind == "event":
             return self.event(body, sub)
-        self.bad(path, f"unknown condition kind {kind!r}; use and, or, not, attribute or event")
+        if kind == "sequence":
+            return parse_sequence(self, body, sub)
+        if kind == "absence":
+            return parse_absence(self, body, sub)
+        self.bad(path, f"unknown condition kind {kind!r}; use and, or, not, attribute, event, sequence or absence")
         return None
 
     def literal(self, raw: Any, path: str, want: ValueType) -> Value:
@@ -361,14 +371,15 @@ class _Parser:
             return None
         return EventCondition(model, tuple(filters), scope, window_us, agg, prop, Comparison[cmp_name], threshold)
 
-    def duration(self, raw: Any, path: str) -> int | None:
+    def duration(self, raw: Any, path: str, what: str = "window") -> int | None:
         m = _DURATION.match(raw) if isinstance(raw, str) else None
         if not m:
-            self.bad(path, 'SCOPE_WITHIN needs a window such as "600s" (JSON Duration)')
+            self.bad(path, 'SCOPE_WITHIN needs a window such as "600s" (JSON Duration)' if what == "window"
+                     else f'{what} must be a JSON Duration such as "600s"')
             return None
         us = int(m.group(1)) * 1_000_000 + int((m.group(2) or "0").ljust(9, "0")[:6])
         if not 0 < us <= 366 * 86400 * 1_000_000:
-            self.bad(path, "the window must be longer than 0 and at most 366 days")
+            self.bad(path, f"the {what} must be longer than 0 and at most 366 days")
             return None
         return us
 

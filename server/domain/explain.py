@@ -9,6 +9,8 @@ from qualify.evaluator import match_predicate
 from qualify.evaluator.program import Aggregation, Comparison, Scope
 
 from .conditions import And, AttributeCondition, Condition, EventCondition, Not, Or
+from .sequences import AbsenceCondition, SequenceCondition
+from .sequence_explain import sequence_summary
 
 
 def _iso(us: int) -> str:
@@ -48,6 +50,11 @@ def explain_tree(condition: Condition, evaluator, state, attr_value, leaf_index,
         v = attr_value(p.field)
         node["value"] = match_predicate(p.op, p.values, v)
         node["summary"] = f"{p.field} is {'missing' if v is None else repr(v)}"
+    elif isinstance(condition, (SequenceCondition, AbsenceCondition)):
+        j = leaf_index(condition)
+        leaf = evaluator.leaf(state, j, now_us)
+        node.update(value=leaf.holds, count=leaf.count, changes_at=leaf.flips_at,
+                    summary=sequence_summary(condition, leaf, evaluator.progress(state, j, now_us)))
     else:
         leaf = evaluator.leaf(state, leaf_index(condition), now_us)
         aggregate = None if condition.aggregation == Aggregation.COUNT else leaf.aggregate

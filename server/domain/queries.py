@@ -8,9 +8,8 @@ import time
 import numpy as np
 
 from qualify.evaluator import make_evaluator
-from qualify.evaluator.program import EventLeaf, Filter
 
-from .compile import compile_audiences
+from .compile import compile_audiences, leaf_for
 from .conditions import Condition
 from .errors import PreviewTooSlow
 from .events import ANON, matching_models
@@ -67,9 +66,7 @@ def explain(engine, txn, audience_id: str, person_key: str, now_us: int) -> tupl
         None if person_key.startswith(ANON) else engine.store.person_id(txn, person_key))
 
     def leaf_index(c) -> int:
-        return engine.compiled.program.leaves.index(EventLeaf(
-            engine.model_index[c.event_model], tuple(Filter(p.field, p.op, p.values) for p in c.filters),
-            c.scope, c.window_us, c.aggregation, c.property, c.comparison, c.threshold))
+        return engine.compiled.program.leaves.index(leaf_for(c, engine.model_index))
 
     tree = explain_tree(audience.condition, engine.evaluator, state, lambda name: engine.warehouse.value(name, pid),
                         leaf_index, now_us)

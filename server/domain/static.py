@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from qualify.evaluator import PredicateMatcher, compare_value, match_predicate
-from qualify.evaluator.program import Aggregation, Code, Op
+from qualify.evaluator.program import Aggregation, Code, Op, SequenceLeaf
 
 from .conditions import And, AttributeCondition, Condition, EventCondition, Not, Or
 from .schema import ValueType
@@ -156,7 +156,9 @@ def without_events(program, static_arrays: list[np.ndarray], size: int) -> list[
     warehouse arrays, EVENT leaves their value over an empty history (a count
     of 0; an aggregate over nothing is missing).
     """
-    empty = [compare_value(l.comparison, 0.0 if l.aggregation == Aggregation.COUNT else None, l.threshold)
+    # (a sequence or an absence never holds over no events)
+    empty = [False if isinstance(l, SequenceLeaf) else
+             compare_value(l.comparison, 0.0 if l.aggregation == Aggregation.COUNT else None, l.threshold)
              for l in program.leaves]
     out = []
     for code in program.audiences:

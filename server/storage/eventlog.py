@@ -73,13 +73,20 @@ def encode_event(e: Event, _packb=msgpack.packb) -> bytes:
                    e.received_us, e.properties, e.traits, e.session_id, e.previous_id, e.context))
 
 
+_TYPE_OF = {int(t): t for t in EventType}  # EventType(n) is an enum call, ten times a dict lookup
+
+
 def decode_event(seq: int, raw) -> Event:
-    t = msgpack.unpackb(raw)
+    return _from_record(seq, msgpack.unpackb(raw))
+
+
+def _from_record(seq: int, t) -> Event:
     if t[0] != FORMAT:
         raise ValueError(f"event {seq}: unknown record format {t[0]}")
-    return Event(message_id=t[1], type=EventType(t[2]), name=t[3], user_id=t[4], anonymous_id=t[5], timestamp_us=t[6],
-                 received_us=t[7], properties=t[8], traits=t[9], session_id=t[10], previous_id=t[11],
-                 context=t[12], seq=seq)
+    kind = _TYPE_OF.get(t[2])
+    return Event(message_id=t[1], type=kind if kind is not None else EventType(t[2]), name=t[3], user_id=t[4],
+                 anonymous_id=t[5], timestamp_us=t[6], received_us=t[7], properties=t[8], traits=t[9],
+                 session_id=t[10], previous_id=t[11], context=t[12], seq=seq)
 
 
 class EventLog:
@@ -206,17 +213,28 @@ class EventLog:
                 deleted += 1
         return deleted
 
-    def read(self, txn: lmdb.Transaction, from_seq: int = 1, limit: int | None = None) -> Iterator[Event]:
-        """Events with seq >= from_seq, in log order (decoded copies: safe after the txn)."""
+    def read(self, txn: lmdb.Transaction, from_seq: int = 1, limit: int | None = None,
+             keep=None) -> Iterator[Event]:
+        """Events with seq >= from_seq, in log order (decoded copies: safe after the txn).
+
+        ``keep(type, name, received_us)`` (the event type's number, the event
+        name, when it was received), when given, skips the events it refuses
+        before an Event is made of them: a replay that needs a few models'
+        events only pays for decoding the others' records.
+        """
         n = 0
+        unpack = msgpack.unpackb
         with txn.cursor(db=self.events) as cur:
             if not cur.set_range(SEQ.pack(max(0, from_seq))):
                 return
             for k, v in cur:
                 if limit is not None and n >= limit:
                     return
-                yield decode_event(SEQ.unpack(k)[0], v)
+                t = unpack(v)
                 n += 1
+                if keep is not None and not keep(t[2], t[3], t[7]):
+                    continue
+                yield _from_record(SEQ.unpack(k)[0], t)
 
     def seen(self, txn: lmdb.Transaction, message_id: str, now_us: int) -> bool:
         """Whether message_id was accepted within the last 24 hours."""

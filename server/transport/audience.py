@@ -74,6 +74,21 @@ def _bad_time(c: condition_pb2.Condition, path: str) -> FieldViolation | None:
         for i, f in enumerate(c.event.filters):
             if (found := _bad_literals(f, f"{sub}.filters[{i}]")) is not None:
                 return found
+    elif kind in ("sequence", "absence"):
+        return _bad_sequence_time(getattr(c, kind), kind, sub)
+    return None
+
+
+def _bad_sequence_time(body, kind: str, sub: str) -> FieldViolation | None:
+    for name in ("within", "window"):
+        if body.HasField(name) and _bad_duration(getattr(body, name)):
+            return FieldViolation(f"{sub}.{name}", _BAD_DURATION)
+    steps = [(s, f"{sub}.steps[{i}]") for i, s in enumerate(body.steps)] if kind == "sequence" else \
+        [(body.after, f"{sub}.after"), (body.absent, f"{sub}.absent")]
+    for step, at in steps:
+        for i, f in enumerate(step.filters):
+            if (found := _bad_literals(f, f"{at}.filters[{i}]")) is not None:
+                return found
     return None
 
 
@@ -101,10 +116,12 @@ def _explanation(node: dict) -> audience_pb2.ConditionExplanation:
 class Audiences:
     """AudienceService handlers; WatchMemberships is the Watch's."""
 
-    def __init__(self, service: AudienceService, watch: Watch | None = None):
+    def __init__(self, service: AudienceService, watch: Watch | None = None, simulation=None):
         self.service = service
         if watch is not None:
             self.watch_memberships = watch.watch_memberships
+        if simulation is not None:  # transport/simulate.py's Simulation
+            self.simulate_audience = simulation.simulate_audience
 
     async def create_audience(self, request: audience_pb2.CreateAudienceRequest, context):
         reject_malformed(request)

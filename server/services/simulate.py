@@ -1,0 +1,81 @@
+"""SimulateAudience: a what-if timeline of a saved or draft audience over the retained history.
+
+The replay (domain/simulate.py) reads one read snapshot in a pool of its
+own (one simulation at a time), never on the writer thread: ingest, timers
+and other RPCs go on while it runs. It is CPU work in the same interpreter,
+so after each slice of ``SLICE_SECONDS`` it sleeps for a moment: that hands
+the interpreter to the writer and the event loop at once (waiting for the
+interpreter's switch interval would let one slice hold them up for 5 ms).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import time
+
+from ..domain.conditions import parse_condition
+from ..domain.errors import FieldViolation, InvalidRequest
+from ..domain.ports import AudienceReads
+from ..domain.simulate import SimulationTooSlow, Timeline, simulate
+
+DAY_US = 86_400 * 1_000_000
+HOUR_US = 3_600 * 1_000_000
+MAX_BUCKETS = 10_000
+MAX_SAMPLE = 100
+SLICE_SECONDS = 0.001  # a slice of replay work; ingest waits at most about this long for the interpreter
+PAUSE_SECONDS = 0.0001  # how long each pause sleeps: the writer, if waiting, takes the interpreter meanwhile
+
+
+def _pause() -> None:
+    time.sleep(PAUSE_SECONDS)
+
+
+class SimulateService:
+    """Simulations over the engine's read-only parts and a read snapshot."""
+
+    def __init__(self, engine, reads: AudienceReads, clock, seconds: float = 120.0):
+        self.engine = engine
+        self.reads = reads
+        self.clock = clock
+        self.seconds = seconds
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qualify-simulate")
+
+    def _span(self, start_us: int | None, end_us: int | None, bucket_us: int | None,
+              last_us: int | None) -> tuple[int, int, int]:
+        end = end_us if end_us is not None else self.clock()
+        start = start_us if start_us is not None else end - (last_us if last_us is not None else 7 * DAY_US)
+        bucket = bucket_us if bucket_us is not None else HOUR_US
+        bad = []
+        if start >= end:
+            bad.append(FieldViolation("start_time", "must be before end_time"))
+        if bucket <= 0:
+            bad.append(FieldViolation("bucket", "must be longer than 0"))
+        elif start < end and -(-(end - start) // bucket) > MAX_BUCKETS:
+            bad.append(FieldViolation("bucket", f"makes more than {MAX_BUCKETS} buckets of the span"))
+        if bad:
+            raise InvalidRequest(f"invalid span: {bad[0].field}: {bad[0].description}", violations=bad)
+        return start, end, bucket
+
+    async def simulate(self, audience_id: str | None, draft: dict | None, start_us: int | None, end_us: int | None,
+                       bucket_us: int | None, sample: int, last_us: int | None = None) -> Timeline:
+        """The audience's timeline over [start, end) (default: the ``last`` 7 days up to now, in hours)."""
+        if not 0 <= sample <= MAX_SAMPLE:
+            raise InvalidRequest("sample_size out of range",
+                                 violations=[FieldViolation("sample_size", f"must be from 0 to {MAX_SAMPLE}")])
+        if audience_id is None and draft is None:
+            raise InvalidRequest("set id or condition", violations=[FieldViolation("target", "set id or condition")])
+        start, end, bucket = self._span(start_us, end_us, bucket_us, last_us)
+        if draft is None:
+            condition = self.engine.audience(audience_id).condition
+        else:
+            condition = parse_condition(draft, self.engine.attribute_types, self.engine.event_model_props)
+        deadline = time.monotonic() + self.seconds
+        run = functools.partial(self.reads.read, lambda txn: simulate(
+            self.engine, txn, condition, start, end, bucket, events=lambda keep: self.reads.events(txn, keep),
+            sample=sample, pause=_pause, deadline=deadline, slice_seconds=SLICE_SECONDS))
+        try:
+            return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self._pool, run), self.seconds)
+        except asyncio.TimeoutError:  # still queued behind another simulation
+            raise SimulationTooSlow(f"the simulation did not finish within {self.seconds:g}s") from None
