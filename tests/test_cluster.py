@@ -225,13 +225,16 @@ def _check_status(cluster: QualifyCluster) -> None:
         return ([(n["node"], n["alive"]) for n in status["nodes"]] == [("n0", True), ("n1", True), ("n2", True)]
                 and all(p["running_on"] == p["owner"] is not None for p in status["partitions"])
                 and all(p["pending"] == 0 and p["applied"] <= p["stream_last"] for p in status["partitions"])
-                and all(p["snapshot_age_s"] is not None for p in status["partitions"]))
+                and all(p["snapshot_age_s"] is not None for p in status["partitions"])
+                and status["deliveries"]["node"] is not None and "all" in status["deliveries"]["syncs"])
 
     # Heartbeats (every second) carry what the table shows: it is read until they have caught up.
     status = wait_for(lambda: (lambda s: s if settled(s) else None)(json.loads(run("--json").stdout)), 15.0)
     assert status, run("--json").stdout
+    assert status["deliveries"]["node"] in ("n0", "n1", "n2") and "all" in status["deliveries"]["syncs"], status
     text = run().stdout
     assert "16 partitions, 3 of 3 nodes alive, max/mean owned" in text and "QUALIFY_EVENTS" in text, text
+    assert "realtime syncs delivered by n" in text, text
 
 
 def _diff(cluster: QualifyCluster, single_lmdb) -> str:

@@ -70,6 +70,8 @@ async def gather(settings: ClusterSettings, timeout: float = 5.0) -> dict:
                 "snapshot_seq": snap.applied if snap else None, "snapshot_bytes": snap.size if snap else None,
                 "snapshot_age_s": round(now - snap.taken_at, 1) if snap else None})
         events, changes = await js.stream_info(EVENTS), await js.stream_info(CHANGES)
+        cluster = await _entries(js, "qualify-cluster")
+        deliverer = leases.get("deliveries")
         return {
             "partitions_count": n, "nats": list(settings.nats_urls),
             "nodes": [{"node": k, "address": v.get("address", ""), "alive": now - v["heartbeat_us"] / 1e6 < ttl,
@@ -77,6 +79,9 @@ async def gather(settings: ClusterSettings, timeout: float = 5.0) -> dict:
                        "read_position": v.get("read_position", 0),
                        "starting": len(v.get("starting", ()))} for k, v in sorted(nodes.items())],
             "partitions": partitions,
+            "deliveries": {"node": deliverer["node"] if deliverer and deliverer["expires_us"] / 1e6 > now else None,
+                           "syncs": {k[5:]: {"cursor": v.get("cursor", 0), "delivered": v.get("delivered", 0)}
+                                     for k, v in sorted(cluster.items()) if k.startswith("sync.")}},
             "streams": {s.config.name: {"messages": s.state.messages, "bytes": s.state.bytes,
                                         "first_seq": s.state.first_seq, "last_seq": s.state.last_seq,
                                         "replicas": s.config.num_replicas} for s in (events, changes)},
@@ -103,6 +108,10 @@ def render(status: dict) -> str:
         age = f"{p['snapshot_age_s']}s" if p["snapshot_age_s"] is not None else "-"
         lines.append(f"{p['partition']:>4} {owner:<16} {_n(p['applied']):>9} {_n(p['pending']):>7} "
                      f"{_n(p['snapshot_seq']):>9} {age:>7} {_n(p['snapshot_bytes']):>9}")
+    d = status["deliveries"]
+    if d["syncs"]:
+        lines.append(f"\nrealtime syncs delivered by {d['node'] or '(nobody yet)'}: " + ", ".join(
+            f"{sid} at {v['cursor']:,} ({v['delivered']:,} delivered)" for sid, v in d["syncs"].items()))
     for name, s in status["streams"].items():
         lines.append(f"\n{name}: {s['messages']:,} messages, {s['bytes']:,} bytes, sequences {s['first_seq']:,}"
                      f"-{s['last_seq']:,}, {s['replicas']} replicas")
