@@ -229,8 +229,14 @@ def start_cluster(work: Path, warehouse: Path, size: int, partitions: int,
         nats.urls, f"n{i}", partitions, size) + extra)) for i in range(size)]
     for n in nodes:
         n.spawn()
-    for n in nodes:
-        n.wait()
+    try:
+        for n in nodes:
+            n.wait()
+    except BaseException:  # nothing of a failed start outlives the bench
+        for n in nodes:
+            n.kill()
+        nats.stop()
+        raise
     return nats, nodes
 
 
