@@ -274,11 +274,9 @@ class Syncer:
     def _table(self, txn, meta, source, table, query, key, attributes, progress):
         """Syncs one table; returns its report and its columns.
 
-        With a source that hashes rows (DuckDB), a row whose key hash and row
-        hash equal those stored for the person at the same position in the
-        previous sync is unchanged: such rows are skipped in bulk, vectorised,
-        without encoding or a key lookup. Every other row takes the exact path,
-        which compares encoded records.
+        With a source that hashes rows (DuckDB), rows whose key and row hashes
+        equal those stored at the same position in the previous sync are
+        skipped in bulk, vectorised; the others take the exact path.
         """
         t0 = time.perf_counter()
         report = TableReport(table)
@@ -302,8 +300,7 @@ class Syncer:
         if hashed:  # the hashing query names the key: say precisely if it is missing
             self._check_columns(table, source.schema(query).names, key, attributes)
         for batch in source.batches(query, self.project.sync_batch_rows, key=key if hashed else None):
-            if self.keep is not None and table == PEOPLE and key in batch.schema.names:
-                batch = batch.filter(self.keep(batch.column(key)))
+            batch = self._kept(table, key, batch)
             if hashed:
                 row_hash = batch.column(ROW_HASH).to_numpy(zero_copy_only=False).astype(np.uint64, copy=False)
                 key_hash = batch.column(KEY_HASH).to_numpy(zero_copy_only=False).astype(np.uint64, copy=False)
@@ -352,6 +349,12 @@ class Syncer:
         txn.put(next_key, U32.pack(next_id), db=meta)
         report.seconds = time.perf_counter() - t0
         return report, list(columns)
+
+    def _kept(self, table: str, key: str, batch: pa.RecordBatch) -> pa.RecordBatch:
+        """The rows this store keeps (a cluster partition keeps its people's only)."""
+        if self.keep is not None and table == PEOPLE and key in batch.schema.names:
+            return batch.filter(self.keep(batch.column(key)))
+        return batch
 
     def _exact(self, txn, batch, columns, kinds, key_parts, key, attributes, keys_db, ids_db, cols, seen,
                next_id, report):
@@ -423,11 +426,7 @@ class Syncer:
 
 
 def _skip_unchanged(prev, key_hash, row_hash, cols, seen, order, report):
-    """The fast path: rows whose key and row hashes equal the stored ones at the same position.
-
-    They keep their person id in ``order`` and are marked seen; returns the
-    indices of the other rows, which take the exact path.
-    """
+    """The fast path: rows with the stored hashes at their position keep their id; the others' indices."""
     n = len(order)
     cand = np.full(n, -1, np.int64)
     cand[: len(prev)] = prev
