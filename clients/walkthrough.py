@@ -47,6 +47,16 @@ def run(address: str, window_seconds: int = 10, say: Callable[[str], None] = pri
         raise error_from_rpc_error(err) from err
 
 
+def put_audience(audiences, audience: audience_pb2.Audience, metadata) -> None:
+    """Creates the walk-through's audience, or (made by an earlier run) updates it to this definition."""
+    try:
+        audiences.CreateAudience(audience_pb2.CreateAudienceRequest(audience=audience), metadata=metadata)
+    except grpc.RpcError as err:
+        if err.code() != grpc.StatusCode.ALREADY_EXISTS:
+            raise
+        audiences.UpdateAudience(audience_pb2.UpdateAudienceRequest(audience=audience), metadata=metadata)
+
+
 def _run(address, window_seconds, say, api_key, root_certificates, certificate_chain, private_key) -> None:
     credentials = channel_credentials(None, False, root_certificates, certificate_chain, private_key)
     metadata = call_metadata(None, api_key)
@@ -57,12 +67,7 @@ def _run(address, window_seconds, say, api_key, root_certificates, certificate_c
         audience = audience_pb2.Audience(id=AUDIENCE, display_name="High intent pricing",
                                          description=f"viewed /pricing 3+ times in {window_seconds}s, on the free plan")
         json_format.ParseDict(condition(window_seconds), audience.condition)
-        try:
-            audiences.CreateAudience(audience_pb2.CreateAudienceRequest(audience=audience), metadata=metadata)
-        except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.ALREADY_EXISTS:
-                raise
-            audiences.UpdateAudience(audience_pb2.UpdateAudienceRequest(audience=audience), metadata=metadata)
+        put_audience(audiences, audience, metadata)
         client.wait_live(AUDIENCE)  # its backfill over the retained events, beside ingest
         say(f"audience {AUDIENCE}: page_views of /pricing >= 3 within {window_seconds}s AND plan = free")
         person = next(k for k in (f"user-{i}" for i in range(1, 1000))

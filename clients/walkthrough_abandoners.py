@@ -21,6 +21,7 @@ from qualify.v1 import audience_pb2, audience_pb2_grpc, event_pb2, ingest_pb2, i
 
 from ._call import call_metadata, channel_credentials, open_channel
 from ._errors import error_from_rpc_error
+from .walkthrough import put_audience
 
 AUDIENCE = "checkout_abandoners"
 
@@ -67,12 +68,7 @@ def _run(address, within, say, api_key, root_certificates, certificate_chain, pr
         audience = audience_pb2.Audience(id=AUDIENCE, display_name="Checkout abandoners",
                                          description=f"added to cart, no order of that sku within {within}s")
         json_format.ParseDict(condition(within), audience.condition)
-        try:
-            audiences.CreateAudience(audience_pb2.CreateAudienceRequest(audience=audience), metadata=metadata)
-        except grpc.RpcError as err:
-            if err.code() != grpc.StatusCode.ALREADY_EXISTS:
-                raise
-            audiences.UpdateAudience(audience_pb2.UpdateAudienceRequest(audience=audience), metadata=metadata)
+        put_audience(audiences, audience, metadata)
 
         def enter_us(person: str) -> int | None:
             r = audiences.CheckMembership(audience_pb2.CheckMembershipRequest(

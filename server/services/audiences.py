@@ -55,6 +55,20 @@ def page_size(n: int, maximum: int, default: int | None = None) -> int:
     return min(n or default or maximum, maximum)
 
 
+def update_paths(paths: set[str], definition: dict | None) -> set[str]:
+    """The fields an update replaces (an empty mask: every updatable one), checked."""
+    paths = paths or set(UPDATABLE)
+    unknown = paths - UPDATABLE
+    if unknown:
+        raise InvalidRequest("update_mask names fields that cannot be updated",
+                             violations=[FieldViolation("update_mask.paths", f"{p!r} is not updatable")
+                                         for p in sorted(unknown)])
+    if "condition" in paths and definition is None:
+        raise InvalidRequest("audience.condition is required",
+                             violations=[FieldViolation("audience.condition", "is required when updated")])
+    return paths
+
+
 def _require_person(person_key: str) -> None:
     if not person_key:
         raise InvalidRequest("person_key is empty", violations=[FieldViolation("person_key", "is required")])
@@ -93,15 +107,7 @@ class AudienceService:
     async def update(self, audience_id: str, paths: set[str], display_name: str, description: str,
                      definition: dict | None) -> AudienceInfo:
         """Replaces the fields named in ``paths`` (empty: every updatable field)."""
-        paths = paths or set(UPDATABLE)
-        unknown = paths - UPDATABLE
-        if unknown:
-            raise InvalidRequest("update_mask names fields that cannot be updated",
-                                 violations=[FieldViolation("update_mask.paths", f"{p!r} is not updatable")
-                                             for p in sorted(unknown)])
-        if "condition" in paths and definition is None:
-            raise InvalidRequest("audience.condition is required",
-                                 violations=[FieldViolation("audience.condition", "is required when updated")])
+        paths = update_paths(paths, definition)
 
         def update(txn):
             current = self.engine.audience(audience_id)

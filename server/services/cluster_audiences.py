@@ -22,7 +22,7 @@ from typing import Protocol
 from ..domain.audiences import check_audience_id, check_windows
 from ..domain.conditions import parse_condition
 from ..domain.errors import FieldViolation, InvalidRequest, NotImplementedYet
-from .audiences import UPDATABLE, AudienceInfo, AudienceService
+from .audiences import AudienceInfo, AudienceService, update_paths
 
 
 VISIBLE_WITHIN = 5.0  # seconds a change may take to reach this node's read copy before the call answers anyway
@@ -68,15 +68,7 @@ class ClusterAudienceService(AudienceService):
 
     async def update(self, audience_id: str, paths: set[str], display_name: str, description: str,
                      definition: dict | None) -> AudienceInfo:
-        paths = paths or set(UPDATABLE)
-        unknown = paths - UPDATABLE
-        if unknown:
-            raise InvalidRequest("update_mask names fields that cannot be updated",
-                                 violations=[FieldViolation("update_mask.paths", f"{p!r} is not updatable")
-                                             for p in sorted(unknown)])
-        if "condition" in paths and definition is None:
-            raise InvalidRequest("audience.condition is required",
-                                 violations=[FieldViolation("audience.condition", "is required when updated")])
+        paths = update_paths(paths, definition)
         current, revision = await self.catalog.get(audience_id)
         record = dict(current, update_us=self.clock())
         for name, value in (("display_name", display_name), ("description", description),
