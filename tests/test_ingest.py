@@ -509,6 +509,48 @@ def test_the_hook_sees_only_new_events_and_its_failure_acknowledges_nothing(env)
         assert [e.message_id for e in writer.log.read(txn)] == ["a", "b", "c", "d"]
 
 
+def test_ingest_that_queues_during_a_background_slice_shares_its_commit(env):
+    """A slice alone ends when a batch waits, and the batch joins its transaction: one commit, not two."""
+    writer = Writer(env)
+    writer.start()
+    db = writer.submit(lambda txn: env.open_db(b"scratch", txn=txn)).result()
+    running, slices = threading.Event(), []
+
+    def slice_(txn, waiting):
+        running.set()
+        deadline = time.monotonic() + 10
+        while not waiting() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        txn.put(b"slice-%d" % len(slices), b"", db=db)
+        slices.append(waiting())
+        return False
+
+    def poison(txn, events, now):
+        if any(m.event.message_id == "poison" for m in events):
+            raise RuntimeError("engine bug")
+
+    writer.on_events = poison
+    writer.set_background(slice_)
+    for k, ids in enumerate((["a", "b"], ["poison"])):
+        running.clear()
+        writer.wake_background()
+        assert running.wait(5)
+        before = env.info()["last_txnid"]
+        ack = writer.ingest_blocking([plain(m) for m in ids])
+        if ids == ["poison"]:  # the batch fails; the slice's work commits all the same
+            with pytest.raises(QualifyError):
+                ack.result(5)
+        else:
+            assert ack.result(5).accepted == 2
+        assert env.info()["last_txnid"] == before + 1
+        with env.begin() as txn:
+            assert txn.get(b"slice-%d" % k, db=db) is not None
+    writer.stop()
+    assert slices == [True, True]  # each slice saw the batch waiting
+    with env.begin() as txn:
+        assert [e.message_id for e in writer.log.read(txn)] == ["a", "b"]
+
+
 def test_message_ids_are_forgotten_after_24_hours_and_pruned(env):
     clock = Clock()
     writer = Writer(env, clock_us=clock, prune_min=10)
@@ -561,6 +603,14 @@ def test_submit_runs_in_order_with_ingest_and_reports_failures(env):
     failed = writer.submit(lambda txn: (txn.put(b"k", b"changed", db=db), 1 / 0))
     with pytest.raises(ZeroDivisionError):
         failed.result()
+    gate, order = threading.Event(), []
+    writer.on_events = lambda txn, events, now: order.append(events[0].event.message_id)
+    writer.submit(lambda txn: gate.wait(5))  # holds the writer while the rest queues
+    queued = [writer.ingest_blocking([plain("first")]), writer.submit(lambda txn: order.append("job")),
+              writer.ingest_blocking([plain("second")])]
+    gate.set()
+    assert [f.result(5) is not None for f in queued] == [True, False, True]
+    assert order == ["first", "job", "second"]
     writer.stop()
     with env.begin() as txn:
         assert txn.get(b"k", db=db) == b"v"  # the failed job was rolled back

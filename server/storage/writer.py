@@ -170,11 +170,12 @@ class Writer:
 
         ``waiting()`` says whether queued work waits meanwhile, for the
         slice to end early. With nothing queued, slices run back to back,
-        each in a transaction of its own; under ingest, a short one rides in
-        each ingest batch's transaction (a nested one: its failure leaves the
-        batch alone), so both share one commit and an acknowledgement waits
-        for a slice's couple of milliseconds at most. ``wake_background``
-        says there is work (again).
+        each in a transaction of its own; ingest that queues during one ends
+        it and joins its transaction. Under ingest, a short slice rides in
+        each ingest batch's transaction. Either way the two share one commit
+        (the batch's part nested, or the slice's: the failure of one leaves
+        the other), and an acknowledgement waits for a slice's couple of
+        milliseconds at most. ``wake_background`` says there is work (again).
         """
         self._background = fn
 
@@ -263,26 +264,28 @@ class Writer:
                     self._cond.wait()
                 if not self._queue and self._stopping:
                     return  # stopping, and drained
-                background = not self._queue
                 head = group = None
-                if background:
-                    pass
-                elif type(self._queue[0]) is _Job:
+                if self._queue and type(self._queue[0]) is _Job:
                     head = self._queue.popleft()
                 else:
-                    group, n = [], 0
-                    while self._queue and type(self._queue[0]) is _Ingest:
-                        nxt = len(self._queue[0].events)
-                        if group and n + nxt > self.max_txn_events:
-                            break
-                        group.append(self._queue.popleft())
-                        n += nxt
-            if background:
-                self._run_background()
-            elif group is None:
+                    group = self._take_ingest()
+            if head is not None:
                 self._run_job(head)
+            elif group is not None:
+                self._run_ingest(*group)
             else:
-                self._run_ingest(group, n)
+                self._run_background()
+
+    def _take_ingest(self) -> tuple[list[_Ingest], int] | None:
+        """The ingest requests queued at the head, up to ``max_txn_events`` (with the lock held)."""
+        group, n = [], 0
+        while self._queue and type(self._queue[0]) is _Ingest:
+            nxt = len(self._queue[0].events)
+            if group and n + nxt > self.max_txn_events:
+                break
+            group.append(self._queue.popleft())
+            n += nxt
+        return (group, n) if group else None
 
     def _waiting(self) -> bool:
         return bool(self._queue)  # (a racy read is fine: it only ends a slice sooner or later)
@@ -300,16 +303,29 @@ class Writer:
             self._background_due = self._background_due and more
 
     def _run_background(self) -> None:
+        """One slice alone; ingest that queued meanwhile rides in its transaction (one commit for both)."""
         fn = self._background
         more = False
+        txn = self.env.begin(write=True)
         try:
-            with self.env.begin(write=True) as txn:
-                more = fn(txn, self._waiting) if fn is not None else False
+            more = fn(txn, self._waiting) if fn is not None else False
         except BaseException as exc:  # noqa: BLE001 - logged; woken again by its owner
+            txn.abort()
             self._after(False, isinstance(exc, lmdb.MapFullError))
             log.exception("background slice failed")
         else:
-            self._after(True)
+            with self._cond:
+                riders = self._take_ingest()
+            if riders is not None:
+                self._run_ingest(*riders, within=txn)
+            else:
+                try:
+                    txn.commit()
+                except lmdb.Error as exc:
+                    self._after(False, isinstance(exc, lmdb.MapFullError))
+                    log.error("background slice failed to commit: %s", exc)
+                else:
+                    self._after(True)
         with self._cond:
             self._background_due = self._background_due and more
 
@@ -350,37 +366,36 @@ class Writer:
             except Exception:  # noqa: BLE001 - what committed stays committed
                 log.exception("after-commit callback failed")
 
-    def _run_ingest(self, group: list[_Ingest], n: int) -> None:
+    def _run_ingest(self, group: list[_Ingest], n: int, within: lmdb.Transaction | None = None) -> None:
+        """Appends and evaluates a group of requests in one transaction, commits, then acknowledges them.
+
+        ``within``: a background slice's open transaction, which the group
+        joins (nested: the group's failure leaves the slice) and commits.
+        """
         events = [e for req in group for e in req.events] if len(group) > 1 else list(group[0].events)
         now = self.clock_us()
         error: Callable[[], BaseException] | None = None  # makes one exception per request
-        full = False
+        committed = full = False
         dup = [False] * len(events)
         position = 0
         try:
-            with self.env.begin(write=True) as txn:
-                accepted, duplicates = self.log.append(txn, events, now)
-                for i in duplicates:
-                    dup[i] = True
-                if accepted and self.on_events is not None:
-                    self.on_events(txn, [events[i] for i in accepted] if duplicates else events, now)
-                self.log.prune_dedupe(txn, now, max(self.prune_min, 2 * n))
-                position = self.log.last_seq(txn)
-                if self._background_due and self._background is not None:
-                    self._background_within(txn)
-        except lmdb.Error as exc:
-            log.error("event log write failed, %d events not acknowledged: %s", n, exc)
-            full = isinstance(exc, lmdb.MapFullError)
-            what = type(exc).__name__
-            error = lambda: StorageUnavailable(  # noqa: E731
-                f"the event log could not be written ({what}); nothing in this batch was acknowledged")
-        except Exception:  # noqa: BLE001 - the hook's failure fails the batch, not the writer
-            # Logged here, once, with the traceback; callers get an INTERNAL
-            # error that leaks nothing.
-            log.exception("on_events hook failed, %d events not acknowledged", n)
-            error = lambda: QualifyError(  # noqa: E731
-                "evaluating the batch failed; nothing in it was acknowledged (see the server log)")
-        self._after(error is None, full)
+            with self.env.begin(write=True) if within is None else within as outer:
+                if within is None:
+                    position = self._append(outer, events, now, dup, n)
+                    if self._background_due and self._background is not None:
+                        self._background_within(outer)
+                else:
+                    mark = len(self._committed)
+                    try:
+                        with self.env.begin(write=True, parent=outer) as txn:
+                            position = self._append(txn, events, now, dup, n)
+                    except Exception as exc:  # noqa: BLE001 - the group fails, the slice commits
+                        del self._committed[mark:]
+                        error, full = self._failed(exc, n)
+            committed = True
+        except Exception as exc:  # noqa: BLE001 - the hook's failure fails the batch, not the writer
+            error, full = self._failed(exc, n)
+        self._after(committed, full)
         if error is None:
             # The first event queued is the oldest: its wait is the transaction's evaluation lag.
             metrics.evaluation_lag((self.clock_us() - events[0].event.received_us) / 1e6)
@@ -412,6 +427,30 @@ class Writer:
             self._pending -= n
             self._cond.notify_all()
         self._wake_space()
+
+    def _append(self, txn, events: list[MatchedEvent], now: int, dup: list[bool], n: int) -> int:
+        """The group's events into the log and the engine (marking duplicates); the log's position after them."""
+        accepted, duplicates = self.log.append(txn, events, now)
+        for i in duplicates:
+            dup[i] = True
+        if accepted and self.on_events is not None:
+            self.on_events(txn, [events[i] for i in accepted] if duplicates else events, now)
+        self.log.prune_dedupe(txn, now, max(self.prune_min, 2 * n))
+        return self.log.last_seq(txn)
+
+    @staticmethod
+    def _failed(exc: Exception, n: int) -> tuple[Callable[[], BaseException], bool]:
+        """(what each request of a failed group gets, whether the map is full), logged once."""
+        if isinstance(exc, lmdb.Error):
+            log.error("event log write failed, %d events not acknowledged: %s", n, exc)
+            what = type(exc).__name__
+            return (lambda: StorageUnavailable(
+                f"the event log could not be written ({what}); nothing in this batch was acknowledged"),
+                isinstance(exc, lmdb.MapFullError))
+        # Logged here, once, with the traceback; callers get an INTERNAL error that leaks nothing.
+        log.exception("on_events hook failed, %d events not acknowledged", n)
+        return (lambda: QualifyError(
+            "evaluating the batch failed; nothing in it was acknowledged (see the server log)"), False)
 
     def _wake_space(self) -> None:
         with self._cond:
