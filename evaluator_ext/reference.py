@@ -324,6 +324,10 @@ class ReferenceEvaluator:
         leaves = [self.leaf(state, j, now_us).holds for j in range(len(self.program.leaves))]
         return [run(code, leaves, static) for code in self.program.audiences]
 
+    def evaluate_bytes(self, state: PersonState, now_us: int, static: Sequence[bool]) -> bytes:
+        """``evaluate`` as bytes of 0 and 1."""
+        return bytes(self.evaluate(state, now_us, static))
+
     def next_change(self, state: PersonState, now_us: int) -> int | None:
         """The first instant after ``now_us`` at which some event leaf flips with no new event.
 

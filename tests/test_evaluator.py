@@ -11,6 +11,7 @@ evaluators to each other on random programs and event streams.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 
 import numpy as np
@@ -198,6 +199,9 @@ def test_compiled_state_is_one_small_block():
     assert s.nbytes() <= 40 + 16 + 96 + 40 + 4 * 8 + 8 * 8  # + 3 kept timestamps (capacity 4), + fsum partials
     with pytest.raises(ValueError):
         CompiledEvaluator(prog).evaluate(s, 0, [])  # a state belongs to the evaluator that made it
+    # One per loaded person, and never in a reference cycle: the cyclic collector does not track them
+    # (tracked, every full collection scanned them all: 110-180 ms with 100,000 people loaded).
+    assert not gc.is_tracked(s) and not gc.is_tracked(ev.load(ev.dump(s)))
 
 
 # ---------------------------------------------------------------- aggregates

@@ -92,8 +92,8 @@ class Engine:
         self.states: list = []
         self.pids: list[int | None] = []
         self.members: list[dict[int, int]] = []  # slot -> {bit: enter_us}
-        self.current: list[list[bool] | None] = []  # slot -> members as program values (a cache)
-        self.statics_of: list[list[bool] | None] = []
+        self.current: list[bytes | None] = []  # slot -> members as program values (a cache)
+        self.statics_of: list[bytes | None] = []  # (bytes, not lists: the cyclic collector does not track them)
         self.loaded_under: list[int | None] = []  # slot -> the program number its state is of
         self.retired: dict[int, object] = {}  # program number -> its evaluator, while people loaded under it may remain
         self.deadlines: list[int | None] = []  # slot -> its pending timer (filed in the store's timer index)
@@ -205,7 +205,7 @@ class Engine:
             self.deadlines[slot] = t
             self.dirty.add(slot)
 
-    def _statics(self, slot: int) -> list[bool]:
+    def _statics(self, slot: int) -> bytes:
         st = self.statics_of[slot]
         if st is None:
             st = self.statics_of[slot] = self.warehouse.statics(self.pids[slot])
@@ -224,12 +224,12 @@ class Engine:
     # -- evaluation ------------------------------------------------------------------------
     def _evaluate(self, slot: int, now_us: int, audiences, cause: Cause, message_id: str,
                   out: list[MembershipChange]) -> None:
-        values = self.evaluator.evaluate(self.states[slot], now_us, self._statics(slot))
+        values = self.evaluator.evaluate_bytes(self.states[slot], now_us, self._statics(slot))
         members = self.members[slot]
-        # Most events change nothing: one list comparison (in C) says so.
+        # Most events change nothing: one comparison of bytes says so.
         current = self.current[slot]
         if current is None:
-            current = self.current[slot] = [bit in members for bit in self.program_bits]
+            current = self.current[slot] = bytes([bit in members for bit in self.program_bits])
         if values == current:
             return
         self.current[slot] = None  # recomputed from members next time

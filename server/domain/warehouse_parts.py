@@ -50,9 +50,13 @@ class WarehouseParts:
         differ = np.flatnonzero((before.rows[:n] != self.rows[:n]).any(axis=1)).tolist()
         return differ + list(range(n, len(self.rows)))  # people the warehouse has just learned about
 
-    def statics(self, pid: int | None) -> list[bool]:
-        """The static subtrees' values for one person id (None: not in the warehouse)."""
-        return self.rows[pid].tolist() if pid is not None and pid < len(self.rows) else self.missing
+    def statics(self, pid: int | None) -> bytes:
+        """The static subtrees' values for one person id (None: not in the warehouse), as bytes of 0 and 1.
+
+        (Bytes, not a list: the engine keeps one per loaded person, and the
+        cyclic collector tracks lists but not bytes.)
+        """
+        return self.rows[pid].tobytes() if pid is not None and pid < len(self.rows) else bytes(self.missing)
 
     def value(self, name: str, pid: int | None):
         """An attribute's synced value for a person id (None: missing)."""
