@@ -40,7 +40,7 @@ from qualify.evaluator import make_evaluator
 from qualify.evaluator.program import Program
 
 from .changes import Cause, Direction, MembershipChange
-from .events import matching_models
+from .events import ANON, matching_models
 from .warehouse_parts import changed
 
 log = logging.getLogger(__name__)
@@ -140,21 +140,25 @@ def step(engine, txn, now_us: int, seconds: float = SLICE_SECONDS, people: int |
 
 def _people(engine, txn, now_us: int, progress: dict, done: Callable[[], bool], people: int | None,
             changes: list[MembershipChange]) -> None:
-    everything = range(len(engine.program_bits))
+    walked = [(i, bit, engine.bits[bit]) for i, bit in enumerate(engine.program_bits)
+              if engine.bits[bit] in progress["audiences"]]
     visited: list[str] = []
-    while people is None or len(visited) < people:
-        batch = engine.store.state_keys_after(txn, progress["after"], 16 if people is None else 1)
+    n = 0
+    while people is None or n < people:
+        batch = engine.store.states_after(txn, progress["after"], 64 if people is None else 1)
         if not batch:
             progress.update(phase="warehouse", after=0, people=len(engine.warehouse.alive))
             break
-        for key in batch:
-            if key not in engine.slots:
-                visited.append(key)
-            slot = engine._slot(key, txn)
-            engine._evaluate(slot, now_us, everything, Cause.AUDIENCE_CHANGE, "", changes)
-            engine._schedule(txn, slot, now_us)
+        for key, stored in batch:
+            if not _visit(engine, txn, key, stored, walked, now_us, changes):
+                if key not in engine.slots:
+                    visited.append(key)
+                slot = engine._slot(key, txn)  # the whole way: graft, and every audience
+                engine._evaluate(slot, now_us, range(len(engine.program_bits)), Cause.AUDIENCE_CHANGE, "", changes)
+                engine._schedule(txn, slot, now_us)
             progress["after"] = key
-            progress["done"] += 1
+            n += 1
+        progress["done"] += len(batch)
         if done():
             break
     engine._persist(txn, changes)
@@ -162,6 +166,53 @@ def _people(engine, txn, now_us: int, progress: dict, done: Callable[[], bool], 
         slot = engine.slots.pop(key, None)
         if slot is not None:
             engine.free_slot(slot)
+
+
+def _visit(engine, txn, key: str, stored: tuple, walked: list[tuple[int, int, str]], now_us: int,
+           changes: list[MembershipChange]) -> bool:
+    """The walk's way for most people: their stored state evaluated for the walked audiences alone.
+
+    No slot is made, nothing else is evaluated, and only a membership that
+    moves is written. False (nothing done) for someone it cannot take: a
+    graft is due, their loaded state is newer than the stored one, or their
+    next timer moves under the new program.
+    """
+    deadline, pid, generation, raw = stored
+    if generation < engine.newest_epoch:
+        return False
+    slot = engine.slots.get(key)
+    if slot is None:
+        state = engine.evaluator.load(raw)
+    elif slot in engine.dirty:
+        return False
+    else:
+        deadline = engine.deadlines[slot]
+        state = engine.states[slot] if engine.loaded_under[slot] == engine.program_no else engine.evaluator.load(raw)
+    if engine.evaluator.next_change(state, now_us) != deadline:
+        return False
+    if pid is None and not key.startswith(ANON):
+        pid = engine.store.person_id(txn, key)
+    values = engine.evaluator.evaluate_bytes(state, now_us, engine.warehouse.statics(pid))
+    for i, bit, aid in walked:
+        if slot is not None:
+            member = bit in engine.members[slot]
+        else:
+            member = engine.store.is_member(txn, aid, key)
+        if values[i] == member:
+            continue
+        change = MembershipChange(aid, key, Direction.ENTER if values[i] else Direction.EXIT, now_us,
+                                  Cause.AUDIENCE_CHANGE)
+        changes.append(change)
+        bits = engine.members[slot] if slot is not None else engine.store.membership(txn, key)
+        if values[i]:
+            bits[bit] = now_us
+        else:
+            del bits[bit]
+        if slot is not None:
+            engine.current[slot] = None  # (_record writes a loaded person's memberships)
+        else:
+            engine.store.put_membership(txn, key, bits)
+    return True
 
 
 def _warehouse(engine, txn, now_us: int, progress: dict, done: Callable[[], bool],

@@ -168,6 +168,10 @@ class RealtimeStore:
         else:
             txn.delete(k, db=self.audience_members)
 
+    def is_member(self, txn, audience_id: str, person_key: str) -> bool:
+        """Whether the member index has the person in the audience."""
+        return txn.get(audience_id.encode() + b"\x00" + person_key.encode(), db=self.audience_members) is not None
+
     def list_members(self, txn, audience_id: str, after: str, limit: int) -> tuple[list[str], str]:
         """A page of member keys in key order after ``after``; the token for the next page."""
         return _page(txn, self.audience_members, audience_id, after, limit)
@@ -211,25 +215,21 @@ class RealtimeStore:
     def state(self, txn, person_key: str) -> tuple[int | None, int | None, int, bytes] | None:
         """(next timer, person id, generation, the evaluator's dump) of one person; None without realtime state."""
         v = txn.get(person_key.encode(), db=self.states)
-        if v is None:
-            return None
-        deadline, pid, generation = STATE_HEAD.unpack_from(v)
-        return (None if deadline < 0 else deadline), (None if pid < 0 else pid), generation, \
-            bytes(v[STATE_HEAD.size:])
+        return None if v is None else _stored_state(v)
 
     def state_count(self, txn) -> int:
         return txn.stat(self.states)["entries"]
 
-    def state_keys_after(self, txn, after: str, limit: int) -> list[str]:
-        """Up to ``limit`` people with realtime state, in key order after ``after``."""
-        out: list[str] = []
+    def states_after(self, txn, after: str, limit: int) -> list[tuple[str, tuple[int | None, int | None, int, bytes]]]:
+        """Up to ``limit`` people with realtime state, in key order after ``after``, each with ``state``'s tuple."""
+        out = []
         with txn.cursor(db=self.states) as cur:
             k = after.encode()
             found = cur.set_range(k)
             if found and cur.key() == k:
                 found = cur.next()
             while found and len(out) < limit:
-                out.append(bytes(cur.key()).decode())
+                out.append((bytes(cur.key()).decode(), _stored_state(cur.value())))
                 found = cur.next()
         return out
 
@@ -358,6 +358,11 @@ class RealtimeStore:
         txn.put(CHANGELOG_SEQ, U64.pack(seq), db=self.meta)
         metrics.membership_changes((c.audience_id, c.direction) for c in changes)  # counted as written, before the commit
         return out
+
+
+def _stored_state(v) -> tuple[int | None, int | None, int, bytes]:
+    deadline, pid, generation = STATE_HEAD.unpack_from(v)
+    return (None if deadline < 0 else deadline), (None if pid < 0 else pid), generation, bytes(v[STATE_HEAD.size:])
 
 
 def pack_change(c: MembershipChange) -> list:
