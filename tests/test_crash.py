@@ -269,7 +269,8 @@ def test_kill_9_during_ingest(tmp_path, demo_warehouse, rows):
         stop.set()
         pump.join(10)
 
-        by_id = {e.message_id: e for batch in sent.values() for e in batch}
+        # (list(): one step in C, so grpc's thread, maybe still in the request generator, cannot change it meanwhile)
+        by_id = {e.message_id: e for batch in list(sent.values()) for e in batch}
         log = logged_events(tmp_path)
         counts = Counter(e.message_id for e in log)
         assert not [m for m in acked if counts[m] != 1], "acknowledged events lost or logged twice"
@@ -333,7 +334,8 @@ def test_kill_9_during_compaction(tmp_path, demo_warehouse, rows):
         assert left >= first > len(old) // 3, (left, first)
         expected.advance(before, clock.now)
 
-        by_id = {e.message_id: e for batch in sent.values() for e in batch}
+        # (list(): one step in C, so grpc's thread, maybe still in the request generator, cannot change it meanwhile)
+        by_id = {e.message_id: e for batch in list(sent.values()) for e in batch}
         log = logged_events(tmp_path)
         counts = Counter(e.message_id for e in log)
         assert [e.message_id for e in log if e.message_id not in by_id] == [e.message_id for e in old[left - 1:]]
