@@ -11,7 +11,9 @@ timestamps spread over the last day, up to each size in turn. At each size:
   says SERVING, and the server's own "realtime state loaded in" time;
 * CreateAudience return time, then its backfill's time and events/s (until
   GetAudience says LIVE), RSS once it is done, and DeleteAudience's return
-  time;
+  time. The probe reuses a window the other audiences have, so the walk
+  evaluates everyone's stored state; a second probe (``graft_*``) has a
+  window nobody has, so the walk replays each person's retained events too;
 * the acknowledgement p50/p99/max of a steady 1,000 events/s stream
   (``--steady``) in the same run: quiet, during the backfill, and during a
   PreviewAudience of a draft;
@@ -46,6 +48,9 @@ from ._steady import Steady
 
 S = 1_000_000
 WINDOWS = ["10s", "30s", "60s", "300s", "600s", "1800s", "3600s", "7200s", "21600s", "86400s"]
+# A window none of the audiences has: its backfill replays everyone's retained events.
+GRAFT_PROBE = {"event": {"event_model": "page_views", "scope": "SCOPE_WITHIN", "window": "43200s",
+                         "comparison": "COMPARISON_GE", "threshold": 2}}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,6 +178,12 @@ def _audience_change(aud, address: str, pid: int, rate: int, persons: int, logge
         except grpc.RpcError as exc:  # past [realtime] preview_timeout: say so, measure the rest
             out["preview_s"] = f"{exc.code().name} after {time.perf_counter() - t0:.1f}s"
         out["ack_during_preview"] = steady.window()
+        out["graft_create_audience_s"] = round(_create(aud, "probe_graft", GRAFT_PROBE), 4)
+        graft_s = _wait_live(aud, "probe_graft")
+        out["ack_during_graft_backfill"] = steady.window()
+        out["graft_backfill_s"] = round(graft_s, 2)
+        out["graft_backfill_events_per_s"] = round(logged / graft_s)
+        aud.DeleteAudience(audience_pb2.DeleteAudienceRequest(id="probe_graft"), timeout=600)
         t1 = time.perf_counter()
         aud.DeleteAudience(audience_pb2.DeleteAudienceRequest(id="probe"), timeout=600)
         out["delete_audience_s"] = round(time.perf_counter() - t1, 4)
