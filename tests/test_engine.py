@@ -433,6 +433,19 @@ def test_a_new_audience_returns_at_once_and_a_walk_brings_its_members(tmp_path):
     assert b.reads == 0 + 1 + 2 + 3  # each person's own events, once
 
 
+def test_explain_reads_a_snapshot_and_grafts_what_the_walk_has_not_brought_yet(tmp_path):
+    b = Backfill(tmp_path, {})
+    b.send("u2", "views", n=3)
+    b.create("two_views", EVER_TWO_VIEWS)
+    with b.h.env.begin() as txn:  # a read transaction, as ExplainMembership runs it beside the writer
+        member, tree = b.h.engine.explain(txn, "two_views", "u2", b.h.now)
+    assert not member  # the walk has not reached them...
+    assert tree["value"] and tree["count"] == 3  # ... but the explanation already counts their history
+    b.h.finish_backfill()
+    with b.h.env.begin() as txn:
+        assert b.h.engine.explain(txn, "two_views", "u2", b.h.now)[0]
+
+
 def test_an_event_before_the_walk_grafts_the_person_once(tmp_path):
     b = Backfill(tmp_path, {})
     b.send("u1", "views")

@@ -86,12 +86,17 @@ def state_of(progress: dict | None, audience_id: str) -> tuple[bool, float]:
     return True, fraction(progress)
 
 
-def graft(engine, txn, key: str, state, leaves: tuple[int, ...]) -> bool:
-    """Gives a person's state these leaves of the program, from a replay of their retained events."""
-    evaluator = engine.grafters.get(leaves)
+def graft(engine, txn, key: str, state, leaves: tuple[int, ...], into: tuple | None = None) -> bool:
+    """Gives a person's state these leaves of the program, from a replay of their retained events.
+
+    ``into``: (the evaluator that made ``state``, its program), when not the
+    engine's (a read beside the writer: no cache is shared).
+    """
+    grafters = engine.grafters if into is None else {}
+    evaluator = grafters.get(leaves)
     if evaluator is None:
-        program = engine.compiled.program
-        evaluator = engine.grafters[leaves] = make_evaluator(
+        program = engine.compiled.program if into is None else into[1]
+        evaluator = grafters[leaves] = make_evaluator(
             Program(tuple(program.leaves[j] for j in leaves), (), 0, program.session_timeout_us),
             reference=engine.reference)
     donor = evaluator.new_state()
@@ -101,7 +106,7 @@ def graft(engine, txn, key: str, state, leaves: tuple[int, ...]) -> bool:
             continue
         for model, _ in matching_models(ev, engine.models):
             evaluator.observe(donor, model, ev.timestamp_us, ev.properties, ev.session_id)
-    engine.evaluator.graft(state, donor, [(j, i) for i, j in enumerate(leaves)])
+    (engine.evaluator if into is None else into[0]).graft(state, donor, [(j, i) for i, j in enumerate(leaves)])
     return True
 
 

@@ -436,14 +436,5 @@ class Engine:
         """Whether the person is a member now, and every node's value with what decides it."""
         return explain(self, txn, audience_id, person_key, now_us)
 
-    def is_member(self, txn, person_key: str, audience_id: str) -> int | None:
-        """The enter time if the person is a member now."""
-        bit = self.bits.index(audience_id) if audience_id in self.bits else None
-        if bit is None:
-            return None
-        slot = self.slots.get(person_key)
-        bits = self.members[slot] if slot is not None else self.store.membership(txn, person_key)
-        return bits.get(bit)
-
 
 __all__ = ["ANON", "Audience", "Engine", "InvalidAudience", "check_audience_id"]

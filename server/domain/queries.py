@@ -9,6 +9,7 @@ import numpy as np
 
 from qualify.evaluator import make_evaluator
 
+from . import backfill
 from .compile import compile_audiences, leaf_for
 from .conditions import Condition
 from .errors import PreviewTooSlow
@@ -58,17 +59,31 @@ def preview(engine, txn, condition: Condition, now_us: int, sample: int,
 
 
 def explain(engine, txn, audience_id: str, person_key: str, now_us: int) -> tuple[bool, dict]:
-    """Whether the person is a member now, and every node's value with what decides it."""
+    """Whether the person is a member now, and every node's value with what decides it.
+
+    Like ``preview``, it reads only ``txn`` and what the engine replaces
+    whole, so it runs beside the writer: the person's state as committed,
+    evaluated by an evaluator of its own (the writer's has scratch buffers),
+    with the leaves a walk has not brought them yet grafted from their
+    retained events.
+    """
     audience = engine.audience(audience_id)
-    slot = engine._slot(person_key, txn) if engine._has_state(txn, person_key) else None
-    state = engine.states[slot] if slot is not None else engine.evaluator.new_state()
-    pid = engine.pids[slot] if slot is not None else (
+    compiled, epochs, warehouse = engine.compiled, engine.leaf_epochs, engine.warehouse
+    evaluator = make_evaluator(compiled.program, reference=engine.reference)
+    stored = engine.store.state(txn, person_key)
+    state = evaluator.new_state()
+    if stored is not None:
+        state, missing = evaluator.load_with_missing(stored[3])
+        stale = sorted(set(missing) | {j for j, epoch in enumerate(epochs) if epoch > stored[2]})
+        if stale:
+            backfill.graft(engine, txn, person_key, state, tuple(stale), into=(evaluator, compiled.program))
+    pid = stored[1] if stored is not None and stored[1] is not None else (
         None if person_key.startswith(ANON) else engine.store.person_id(txn, person_key))
 
     def leaf_index(c) -> int:
-        return engine.compiled.program.leaves.index(leaf_for(c, engine.model_index))
+        return compiled.program.leaves.index(leaf_for(c, engine.model_index))
 
-    tree = explain_tree(audience.condition, engine.evaluator, state, lambda name: engine.warehouse.value(name, pid),
-                        leaf_index, now_us)
-    return engine.is_member(txn, person_key, audience_id) is not None, tree
-
+    tree = explain_tree(audience.condition, evaluator, state, lambda name: warehouse.value(name, pid), leaf_index,
+                        now_us)
+    bit = engine.bits.index(audience_id)
+    return bit in engine.store.membership(txn, person_key), tree

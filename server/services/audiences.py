@@ -6,7 +6,8 @@ order with ingest and timers, and return at once: a new definition's
 members come from a backfill in bounded slices beside ingest (the audience
 is BACKFILLING until it ends, then LIVE; see domain/backfill.py). Reads (get, list, check, members) are
 answered from read transactions of what has committed, on the caller's
-thread: they never wait behind the writer's queue.
+thread, and explanations and previews from read transactions on threads of
+their own: they never wait behind the writer's queue.
 """
 
 from __future__ import annotations
@@ -185,4 +186,5 @@ class AudienceService:
 
     async def explain(self, audience_id: str, person_key: str) -> tuple[bool, dict]:
         _require_person(person_key)
-        return await self._run(lambda txn: self.engine.explain(txn, audience_id, person_key, self.clock()))
+        now = self.clock()
+        return await asyncio.to_thread(self.reads.read, lambda txn: self.engine.explain(txn, audience_id, person_key, now))
