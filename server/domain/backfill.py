@@ -177,26 +177,33 @@ def _visit(engine, txn, key: str, stored: tuple, walked: list[tuple[int, int, st
            changes: list[MembershipChange]) -> bool:
     """The walk's way for most people: their stored state evaluated for the walked audiences alone.
 
-    No slot is made, nothing else is evaluated, and only a membership that
-    moves is written. False (nothing done) for someone it cannot take: a
-    graft is due, their loaded state is newer than the stored one, or their
-    next timer moves under the new program.
+    No slot is made, nothing else is evaluated (only walked audiences use
+    leaves a graft brings), and only what moves is written: a membership,
+    or the state and timer of someone grafted. False (nothing done) for a
+    loaded person it cannot take: a graft is due, their loaded state is
+    newer than the stored one, or their next timer moves.
     """
     deadline, pid, generation, raw = stored
-    if generation < engine.newest_epoch:
-        return False
+    grafting = generation < engine.newest_epoch
     slot = engine.slots.get(key)
     if slot is None:
         state = engine.evaluator.load(raw)
-    elif slot in engine.dirty:
+        if grafting:
+            graft(engine, txn, key, state, engine.leaves_after(generation))
+    elif grafting or slot in engine.dirty:
         return False
     else:
         deadline = engine.deadlines[slot]
         state = engine.states[slot] if engine.loaded_under[slot] == engine.program_no else engine.evaluator.load(raw)
-    if engine.evaluator.next_change(state, now_us) != deadline:
+    timer = engine.evaluator.next_change(state, now_us)
+    if timer != deadline and slot is not None:
         return False
     if pid is None and not key.startswith(ANON):
         pid = engine.store.person_id(txn, key)
+    if timer != deadline:
+        engine.store.move_timer(txn, key, deadline, timer)
+    if grafting or timer != deadline:
+        engine.store.put_state(txn, key, timer, pid, engine.generation, engine.evaluator.dump(state))
     values = engine.evaluator.evaluate_bytes(state, now_us, engine.warehouse.statics(pid))
     for i, bit, aid in walked:
         if slot is not None:

@@ -121,6 +121,7 @@ class Engine:
         self.leaf_epochs = [self.epoch_keys.get(k, 0) for k in keys]
         self.newest_epoch = max(self.leaf_epochs, default=0)
         self.grafters: dict[tuple[int, ...], object] = {}  # leaves to graft -> an evaluator of just those
+        self.stale_leaves: dict[int, tuple[int, ...]] = {}  # see leaves_after
 
     def _switch(self, txn) -> None:
         """A new program, at once: loaded people move into it when next needed (``_migrate``)."""
@@ -163,8 +164,15 @@ class Engine:
         if stored is None:
             self.created.add(slot)
         elif stored[2] < self.newest_epoch:
-            self._graft(slot, txn, tuple(j for j, epoch in enumerate(self.leaf_epochs) if epoch > stored[2]))
+            self._graft(slot, txn, self.leaves_after(stored[2]))
         return slot
+
+    def leaves_after(self, generation: int) -> tuple[int, ...]:
+        """The program's leaves that joined after ``generation``: a state dumped then lacks them."""
+        leaves = self.stale_leaves.get(generation)
+        if leaves is None:
+            leaves = self.stale_leaves[generation] = tuple(j for j, e in enumerate(self.leaf_epochs) if e > generation)
+        return leaves
 
     def _migrate(self, slot: int, txn) -> None:
         """A person loaded under an earlier program, into this one (the leaves it lacks are grafted)."""
