@@ -157,3 +157,23 @@ def test_explain_an_absence_waiting_and_holding():
                                "an orders arrives first")
     node = explain_tree(cond, ev, s, lambda name: None, lambda c: 0, T0 + 31 * MIN)
     assert node["value"] and node["summary"].startswith("holds: a cart_adds with no orders after it; exits at ")
+
+
+@pytest.mark.parametrize("raw,field", [
+    ({"event": {"event_model": "page_views", "scope": "SCOPE_EVER", "comparison": "COMPARISON_GE", "count": 3}},
+     "condition.event.count"),
+    ({"attribute": {"attribute": "plan", "operator": "OPERATOR_EQ", "value": {"string_value": "x"}, "op": 1}},
+     "condition.attribute.op"),
+    ({"event": {"event_model": "page_views", "scope": "SCOPE_EVER", "comparison": "COMPARISON_GE", "threshold": 1,
+                "filters": [{"property": "path", "operator": "OPERATOR_EQ", "valu": {"string_value": "/"}}]}},
+     "condition.event.filters[0].valu"),
+    ({"absence": {**ABANDONERS["absence"], "after": {"event_model": "cart_adds", "filter": []}}},
+     "condition.absence.after.filter"),
+    ({"sequence": {**PRICING_THEN_TRIAL["sequence"], "within_s": 600}}, "condition.sequence.within_s"),
+    ({"and": {"conditions": [ABANDONERS], "condition": ABANDONERS}}, "condition.and.condition"),
+])
+def test_an_unknown_field_is_a_violation_not_a_default(raw, field):
+    with pytest.raises(InvalidAudience) as exc:
+        parse(raw)
+    assert [v.field for v in exc.value.violations] == [field]
+    assert "unknown field" in exc.value.violations[0].description

@@ -15,7 +15,7 @@ import enum
 import pytest
 
 from qualify.evaluator import _evaluator, program
-from qualify.server.domain import changes, errors, events, schema
+from qualify.server.domain import changes, conditions, errors, events, schema
 from qualify.server.services import watch
 from qualify.v1 import audience_pb2, condition_pb2, errors_pb2, event_pb2, ingest_pb2, membership_pb2, schema_pb2
 
@@ -74,3 +74,13 @@ def test_error_reasons_are_the_proto_reasons():
     assert events.EventRejected in _error_classes()
     assert reasons <= proto, sorted(reasons - proto)
     assert proto - reasons == set(UNRAISED_REASONS), sorted(proto - reasons)
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("and", condition_pb2.AndCondition), ("or", condition_pb2.OrCondition), ("not", condition_pb2.NotCondition),
+    ("attribute", condition_pb2.AttributeCondition), ("property", condition_pb2.PropertyCondition),
+    ("event", condition_pb2.EventCondition), ("step", condition_pb2.SequenceStep),
+    ("sequence", condition_pb2.SequenceCondition), ("absence", condition_pb2.AbsenceCondition),
+])
+def test_the_condition_parser_knows_exactly_the_proto_fields(kind, message):
+    assert set(conditions.FIELDS[kind]) == {f.name for f in message.DESCRIPTOR.fields}

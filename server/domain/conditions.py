@@ -203,6 +203,22 @@ _TYPE_OF = {
     "bool_value": ValueType.BOOL,
     "timestamp_value": ValueType.TIMESTAMP,
 }
+# The fields of each object of the JSON form (qualify.v1.Condition's, by proto field name;
+# tests/test_vocabulary.py holds them to the proto). A key outside them is a mistake to report,
+# not to ignore: {"count": 3} for "threshold" would otherwise mean a threshold of 0.
+FIELDS = {
+    "and": ("conditions",),
+    "or": ("conditions",),
+    "not": ("condition",),
+    "attribute": ("attribute", "operator", "value", "values"),
+    "property": ("property", "operator", "value", "values"),
+    "event": ("event_model", "filters", "scope", "window", "aggregation", "property", "comparison", "threshold"),
+    "step": ("event_model", "filters"),
+    "sequence": ("steps", "within", "same", "scope", "window"),
+    "absence": ("after", "absent", "within", "same", "scope", "window"),
+}
+
+
 class _Parser:
     def __init__(self, attributes: dict[str, ValueType], event_models: dict[str, dict[str, ValueType]]):
         self.attributes = attributes
@@ -212,6 +228,14 @@ class _Parser:
 
     def bad(self, path: str, message: str) -> None:
         self.violations.append(FieldViolation(path, message))
+
+    def known(self, body: dict, path: str, kind: str) -> bool:
+        """Whether ``body`` has only the fields of a ``kind`` object (each other one is reported)."""
+        fields = FIELDS[kind]
+        unknown = [k for k in body if k not in fields]
+        for k in unknown:
+            self.bad(f"{path}.{k}", f"unknown field {k!r} (known here: {', '.join(fields)})")
+        return not unknown
 
     def condition(self, raw: Any, path: str, depth: int) -> Condition | None:
         self.nodes += 1
@@ -228,6 +252,8 @@ class _Parser:
         sub = f"{path}.{kind}"
         if not isinstance(body, dict):
             self.bad(sub, "must be an object")
+            return None
+        if kind in FIELDS and kind != "attribute" and not self.known(body, sub, kind):  # (predicate checks attributes)
             return None
         if kind in ("and", "or"):
             children = body.get("conditions", [])
@@ -272,6 +298,11 @@ class _Parser:
             return None
 
     def predicate(self, body: dict, path: str, name_key: str, fields: dict[str, ValueType], what: str) -> Predicate | None:
+        if not isinstance(body, dict):
+            self.bad(path, "must be an object")
+            return None
+        if not self.known(body, path, name_key):
+            return None
         name = body.get(name_key, "")
         if not name:
             self.bad(f"{path}.{name_key}", f"must name a {what}")

@@ -71,6 +71,8 @@ def _step(parser, raw: Any, path: str) -> Step | None:
     if not isinstance(raw, dict):
         parser.bad(path, "must be a step: {\"event_model\": ..., \"filters\": [...]}")
         return None
+    if not parser.known(raw, path, "step"):
+        return None
     model = raw.get("event_model", "")
     props = parser.event_models.get(model)
     if props is None:
