@@ -148,8 +148,8 @@ def _people(engine, txn, now_us: int, progress: dict, done: Callable[[], bool], 
     walked = [(i, bit, engine.bits[bit]) for i, bit in enumerate(engine.program_bits)
               if engine.bits[bit] in progress["audiences"]]
     visited: list[str] = []
-    n = 0
-    while people is None or n < people:
+    n, stop = 0, False
+    while not stop:
         batch = engine.store.states_after(txn, progress["after"], 64 if people is None else 1)
         if not batch:
             progress.update(phase="warehouse", after=0, people=len(engine.warehouse.alive))
@@ -162,10 +162,11 @@ def _people(engine, txn, now_us: int, progress: dict, done: Callable[[], bool], 
                 engine._evaluate(slot, now_us, range(len(engine.program_bits)), Cause.AUDIENCE_CHANGE, "", changes)
                 engine._schedule(txn, slot, now_us)
             progress["after"] = key
+            progress["done"] += 1
             n += 1
-        progress["done"] += len(batch)
-        if done():
-            break
+            stop = n == people or done()  # (a graft replays the person's events: check after each)
+            if stop:
+                break
     engine._persist(txn, changes)
     for key in visited:  # the walk does not push the people ingest needs out of the cache
         slot = engine.slots.pop(key, None)
