@@ -330,6 +330,8 @@ class _Replay:
 
 def simulate(plan: ReplayPlan, history: History, pause=lambda: None) -> Timeline:
     """The plan's audience's timeline over [start_us, end_us) in buckets of ``bucket_us``, from ``history``."""
+    if time.monotonic() > plan.deadline:  # it waited for the replay process that long
+        raise SimulationTooSlow("the simulation did not start in time; try again later")
     replay = _Replay(plan, history)
     replay.pause = pause
     wanted = replay.wanted()

@@ -48,6 +48,7 @@ from .realtime import PERSON_EVENTS, person_seqs
 log = logging.getLogger(__name__)
 
 CANCEL = "cancel"
+STARTED = "started"  # the child's first answer to a plan: from then on a failure is the plan's, not a dead idle child's
 GRACE_SECONDS = 5.0  # past the deadline (or a cancellation) before the child is killed
 POLL_SECONDS = 0.05  # how often a waiting server thread looks at the cancellation flag
 
@@ -109,11 +110,11 @@ class ReplayProcess:
     def run(self, plan: ReplayPlan, cancelled: threading.Event) -> Timeline:
         """The plan's timeline; raises the replay's own errors, or ReplayFailed if its process ended."""
         with self._lock:
-            if self._proc is None or self._proc.poll() is not None:
-                self._stop()
-                self._start()
             try:
-                self._jobs.send(plan)
+                if not self._begin(plan, cancelled):  # it had died while idle: once more, with a new one
+                    self._stop()
+                    if not self._begin(plan, cancelled):
+                        raise EOFError
                 kind, value = self._wait(plan.deadline, cancelled)
             except (EOFError, OSError):  # it died, or close() ended it
                 raise ReplayFailed(f"the simulation's process ended before it answered ({self._stop()})") from None
@@ -121,7 +122,19 @@ class ReplayProcess:
             raise value
         return value
 
+    def _begin(self, plan: ReplayPlan, cancelled: threading.Event) -> bool:
+        """Hands the plan over; False if the process ended before it took it (so the plan never ran)."""
+        if self._proc is None or self._proc.poll() is not None:
+            self._stop()
+            self._start()
+        try:
+            self._jobs.send(plan)
+            return self._wait(plan.deadline, cancelled) == STARTED
+        except (EOFError, OSError):
+            return False
+
     def _wait(self, deadline: float, cancelled: threading.Event):
+        """The child's next message (EOFError: it ended, or missed its deadline by GRACE_SECONDS)."""
         give_up = deadline + GRACE_SECONDS
         while not self._results.poll(POLL_SECONDS):
             if cancelled.is_set() and give_up > time.monotonic() + GRACE_SECONDS:
@@ -174,6 +187,7 @@ def _serve(jobs: Connection, results: Connection, path: Path, map_size: int) -> 
             return
         if plan == CANCEL:  # for a replay that had already answered
             continue
+        results.send(STARTED)
         if tables is None:  # the writer has made them by the time anyone simulates
             tables = EventLog(env), _handle(env, f"{PEOPLE}.keys".encode()), _handle(env, PERSON_EVENTS)
         results.send(_replay(env, tables, plan, jobs))
