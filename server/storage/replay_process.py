@@ -27,8 +27,15 @@ cancellation is killed, and its stale slot in the lock table cleared
 
 from __future__ import annotations
 
-import logging
 import os
+
+if __name__ == "__main__":
+    # The child. A replay is background work: when the cores are contended the writer and the event loop
+    # (an ingest ack waits on them) should get them first, the replay what is left. Nice 10 weighs about a
+    # tenth of nice 0; set before the imports below, which cost a quarter of a second of a core.
+    os.nice(10)
+
+import logging
 import subprocess
 import sys
 import threading
@@ -51,9 +58,6 @@ CANCEL = "cancel"
 STARTED = "started"  # the child's first answer to a plan: from then on a failure is the plan's, not a dead idle child's
 GRACE_SECONDS = 5.0  # past the deadline (or a cancellation) before the child is killed
 POLL_SECONDS = 0.05  # how often a waiting server thread looks at the cancellation flag
-# The replay is background work: when the cores are contended, the writer and the event loop should get them
-# first (an ingest ack waits on them), and the replay what is left. Linux nice 10 weighs about 1/10 of nice 0.
-REPLAY_NICE = 10
 
 
 class ReplayFailed(QualifyError):
@@ -215,8 +219,6 @@ def _replay(env, tables, plan: ReplayPlan, jobs: Connection):
 
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if REPLAY_NICE:
-        os.nice(REPLAY_NICE)
     jobs_fd, results_fd, path, map_size = int(argv[0]), int(argv[1]), Path(argv[2]), int(argv[3])
     _serve(Connection(jobs_fd, writable=False), Connection(results_fd, readable=False), path, map_size)
     return 0
