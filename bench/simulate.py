@@ -116,9 +116,13 @@ def _rounds(server, aud, req, args) -> tuple[list[dict], list[float], list[float
     quiet, during, runs = [], [], []
     with Steady(server.address, args.steady, args.persons) as steady:
         for _ in range(args.rounds):
+            cpu0 = _proc.cpu_seconds(server.pid)
             time.sleep(args.quiet)
             quiet += steady.take()
+            quiet_cpu = (_proc.cpu_seconds(server.pid) - cpu0) / args.quiet
             runs.append(_simulate(aud, req, server))
+            runs[-1]["server_cpu_per_s_quiet"] = round(quiet_cpu, 3)
+            runs[-1]["server_cpu_per_s_during"] = round(runs[-1]["server_cpu_s"] / runs[-1]["seconds"], 3)
             xs = steady.take()
             runs[-1]["ack_during"] = _stats(xs)
             during += xs

@@ -199,6 +199,7 @@ def test_the_replay_runs_in_a_process_of_its_own_and_a_dead_one_is_replaced(live
     before = simulate(d, "sim_abandoners", first, last, HOUR)
     children = _replay_children(d.server.proc.pid)
     assert len(children) == 1, "one long-lived simulation process beside the server"
+    assert os.getpriority(os.PRIO_PROCESS, children[0]) == os.getpriority(os.PRIO_PROCESS, d.server.proc.pid) + 10
     os.kill(children[0], signal.SIGKILL)
     again = simulate(d, "sim_abandoners", first, last, HOUR)
     assert [(b.enters, b.exits, b.members) for b in again.buckets] == [(b.enters, b.exits, b.members)
