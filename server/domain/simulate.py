@@ -40,7 +40,7 @@ from .changes import Direction
 from .compile import compile_audiences
 from .conditions import Condition
 from .errors import PreviewTooSlow
-from .events import ANON, Event, EventModel, EventType, compile_models, matching_models
+from .events import ANON, Event, EventModel, EventType, Identifier, compile_models, matching_models
 
 SLICE_SECONDS = 0.002
 
@@ -173,6 +173,7 @@ class _Replay:
         # someone with no events and no warehouse row is not a member: the replay can skip it unread.
         alone = self.evaluator.evaluate(self.evaluator.new_state(), 0, list(self.static_missing))[0]
         self.skip_others = not self.sessions and not alone
+        self._routes: dict[tuple[int, str], int] = {}  # (type, name) -> see _route
         self.pause, self.deadline, self.slice_seconds = (lambda: None), plan.deadline, plan.slice_seconds
         self.until = time.perf_counter() + self.slice_seconds
 
@@ -273,10 +274,16 @@ class _Replay:
             self.advance(now)
         if ev.type in _LINKS:
             self.link(ev, now)
-        matches = matching_models(ev, self.models)
-        if len(matches) == 1:  # most events: one model, one person, no dict of the people touched
-            model, (kind, ident) = matches[0]
-            key = ident if kind == "user" else self.resolve(kind, ident)
+        model = self._routes.get((ev.type, ev.name))
+        if model is None:
+            model = self._route(ev)
+        if model >= 0:  # most events: one model, no filter, identified by user id (else anonymous id)
+            if ev.user_id:
+                key = ev.user_id
+            elif ev.anonymous_id:
+                key = self.resolve("anonymous", ev.anonymous_id)
+            else:
+                return  # it identifies nobody: it matches no model
             p = self.people.get(key)
             created = p is None
             if created:
@@ -288,7 +295,7 @@ class _Replay:
             self.evaluate(key, p, now)
             return
         touched: dict[str, _Person] = {}
-        for model, (kind, ident) in matches:
+        for model, (kind, ident) in matching_models(ev, self.models):
             key = self.resolve(kind, ident)
             p, created = self.person(key)
             if model in self.used or self.sessions:  # other models move nothing but sessions
@@ -298,6 +305,15 @@ class _Replay:
                 touched[key] = p  # someone new is evaluated once, as the engine does
         for key, p in touched.items():
             self.evaluate(key, p, now)
+
+    def _route(self, ev: Event) -> int:
+        """The one model events of this type and name can match, when that is all matching does; else -1."""
+        models = self.models
+        found = models.candidates(ev)
+        one = (len(found) == 1 and models.filters[found[0]] is None
+               and models.models[found[0]].identifier is Identifier.USER_ID)
+        self._routes[(ev.type, ev.name)] = route = found[0] if one else -1
+        return route
 
     def link(self, ev: Event, now_us: int) -> None:
         """domain/identity.link for this audience: the anonymous history joins the user's."""
