@@ -1,10 +1,10 @@
 """Simulations in a process of their own, over the same LMDB environment opened read-only.
 
-Why a process: a replay is seconds of CPU. On a thread of the server it held
-the interpreter that the writer and the event loop need, so each step of an
-ingest acknowledgement waited up to one slice of replay work (and longer
-when the cores were contended): the ingest stream's ack p99 grew 3-5x during
-a simulation. LMDB takes any number of reader processes beside the one
+Why a process: a replay is seconds of CPU. On a thread of the server it
+shared the interpreter with the writer and the event loop: each step of an
+ingest acknowledgement could wait for a slice of replay work, and the
+replay slept after every millisecond of it to let them in, so it ran at
+about half of one core (91-160k events/s in the bench). LMDB takes any number of reader processes beside the one
 writer (MVCC: a reader never blocks the writer, and sees one committed
 snapshot), so the replay reads the map directly, as the ``--workers``
 serving processes do, and only the plan (domain/simulate.py's ReplayPlan)
@@ -19,7 +19,7 @@ the server closes (the server stopped or died), even in the middle of a
 replay.
 
 Cancellation: the server sends ``CANCEL`` on the same pipe; the replay looks
-for it after each slice of work (a poll, no system call between). A child
+for it after each slice of work (one poll of the pipe). A child
 that does not answer in ``GRACE_SECONDS`` after its deadline or a
 cancellation is killed, and its stale slot in the lock table cleared
 (``reader_check``), so that it pins no old pages of the map.
