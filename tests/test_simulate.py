@@ -208,29 +208,24 @@ def test_the_replay_runs_in_a_process_of_its_own_and_a_dead_one_is_replaced(live
 
 
 def _plan(d, deadline):
+    """The saved abandoners' plan over the last 9 hours, made as the server makes it (domain/simulate.plan)."""
     import math
+    from types import SimpleNamespace
 
-    from qualify.server.demo import DEMO_EVENT_MODELS, demo_project
+    from qualify.server.demo import demo_project
     from qualify.server.domain.conditions import parse_condition
+    from qualify.server.domain.events import compile_models
     from qualify.server.domain.simulate import plan
+    from qualify.server.domain.warehouse_parts import WarehouseParts
 
-    del DEMO_EVENT_MODELS
     project = demo_project(d.lmdb.parent, people=len(warehouse_keys(d.warehouse, "TRUE")))
-
-    class Parts:  # what plan() reads of the engine: the demo's models, no warehouse part in this audience
-        from qualify.server.domain.events import compile_models
-        from qualify.server.domain.warehouse_parts import WarehouseParts
-
-        models = compile_models(project.event_models)
-        model_index = {m.name: i for i, m in enumerate(models.models)}
-        session_timeout_us = int(project.session_timeout * 1_000_000)
-        reference = False
-        warehouse = WarehouseParts()
-
-    props = {m.name: dict(m.properties) for m in Parts.models.models}
+    models = compile_models(project.event_models)
+    engine = SimpleNamespace(  # what plan() reads of the engine; the abandoners read no warehouse attribute
+        models=models, model_index={m.name: i for i, m in enumerate(models.models)},
+        session_timeout_us=int(project.session_timeout * 1_000_000), reference=False, warehouse=WarehouseParts())
     condition = parse_condition(AUDIENCES["sim_abandoners"], {a.name: a.type for a in project.parent_model.attributes},
-                                props)
-    return plan(Parts, condition, d.clock.now - 9 * HOUR, d.clock.now, HOUR, 0, deadline if deadline else math.inf)
+                                {m.name: dict(m.properties) for m in models.models})
+    return plan(engine, condition, d.clock.now - 9 * HOUR, d.clock.now, HOUR, 0, deadline if deadline else math.inf)
 
 
 def test_past_its_deadline_or_cancelled_a_replay_answers_with_its_error_and_the_next_one_runs(lived):
