@@ -69,10 +69,15 @@ class Steady:
             else:
                 due = time.perf_counter()  # behind: no burst to catch up (an open loop would hide the stall)
 
-    def window(self) -> dict:
-        """Acknowledgement p50/p99/max in ms of the calls since the last window, and how many."""
+    def take(self) -> list[float]:
+        """The calls' round trips (seconds) since the last take or window."""
         with self._lock:
             xs, self.latencies = self.latencies, []
+        return xs
+
+    def window(self) -> dict:
+        """Acknowledgement p50/p99/max in ms of the calls since the last window, and how many."""
+        xs = self.take()
         if not xs:
             return {"calls": 0}
         ms = [x * 1000 for x in xs]

@@ -8,7 +8,9 @@ The domain reaches compiled code only through the names exported here:
   interface;
 - ``PredicateMatcher``, ``FilterSet``, ``match_predicate`` and
   ``compare_value`` are the compiled predicate kernels, for the domain's
-  event-model filters, warehouse predicates and explanations.
+  event-model filters, warehouse predicates and explanations;
+- ``RecordScan`` picks a log's records by their leading msgpack fields
+  without decoding them, for a replay that reads a few models' events.
 
 The IR and its enums live in ``qualify.evaluator.program``.
 """
@@ -18,13 +20,13 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from ._evaluator import CompiledEvaluator, FilterSet, PredicateMatcher, compare_value, match_predicate
+from ._evaluator import CompiledEvaluator, FilterSet, PredicateMatcher, RecordScan, compare_value, match_predicate
 from .program import Program
 
 if TYPE_CHECKING:
     from .reference import ReferenceEvaluator
 
-__all__ = ["CompiledEvaluator", "FilterSet", "PredicateMatcher", "compare_value", "make_evaluator",
+__all__ = ["CompiledEvaluator", "FilterSet", "PredicateMatcher", "RecordScan", "compare_value", "make_evaluator",
            "match_predicate"]
 
 

@@ -1,4 +1,4 @@
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 from .program import Comparison, LeafValue, Op, Program, SequenceProgress
 
@@ -24,6 +24,17 @@ class FilterSet:
     def __init__(self, filters: Iterable[tuple[str, Op | int, Sequence[Value]]]) -> None: ...
     def __len__(self) -> int: ...
     def matches(self, properties: Mapping[str, object]) -> bool: ...
+
+class RecordScan:
+    """Picks msgpack-array records by a kind, a name and a time among their leading fields, without decoding them."""
+
+    read: int
+    first_time: int | None
+
+    def __init__(self, kind_field: int, name_field: int, time_field: int, named: Iterable[tuple[int, str]],
+                 kinds: Iterable[int], everything: bool, until: int) -> None: ...
+    def scan(self, items: Iterable[tuple[bytes, bytes]], tick: Callable[[], None] | None = None,
+             every: int = 128) -> Iterator[tuple[bytes, bytes]]: ...
 
 class CompiledState:
     """One person's realtime state (one C block); made by CompiledEvaluator.new_state()."""

@@ -50,6 +50,7 @@ from .storage.eventlog import EventLogView
 from .storage.lmdb_store import Reader, data_path, open_env
 from .storage.realtime import RealtimeStore
 from .storage.realtime_reads import AudienceReads, ChangelogView
+from .storage.replay_process import ReplayProcess
 from .storage.retention import Retention
 from .storage.sync_tables import SyncTables
 from .storage.warehouse_sync import Progress
@@ -96,6 +97,7 @@ class Writing:
     ingest: Ingest | None = None
     audiences: Audiences | None = None
     syncs: Syncs | None = None
+    simulations: SimulateService | None = None  # closed at shutdown: it ends its replay process
 
 
 async def create_server(reader: Reader, host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False,
@@ -240,12 +242,12 @@ async def _writing_parts(env, writer: Writer, reader: Reader, project: Project, 
                             int(project.changelog_retention * 1_000_000))
     await deliveries.start(list(project.syncs))
     watch = Watch(WatchService(feed, changelog, project.watch_buffer, project.watch_max_lag))
+    simulations = SimulateService(engine, ReplayProcess(env, data_path(project.data_dir), project.map_size), clock)
     writing = Writing(
         ingest=Ingest(IngestService(writer, project.event_models, clock, project.ops.limits)),
         audiences=Audiences(AudienceService(engine, writer, AudienceReads(env), clock, reader,
-                                            project.preview_timeout), watch,
-                            Simulation(SimulateService(engine, AudienceReads(env), clock))),
-        syncs=Syncs(SyncService(deliveries, reader)))
+                                            project.preview_timeout), watch, Simulation(simulations)),
+        syncs=Syncs(SyncService(deliveries, reader)), simulations=simulations)
     retention = Retention(writer.log, store, tables, int(project.event_retention * 1_000_000),
                           int(project.changelog_retention * 1_000_000))
     return engine, deliveries, writing, retention
@@ -321,6 +323,7 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await deliveries.close()  # cursors persisted: a restart resumes where delivery stopped
+    await loop.run_in_executor(None, writing.simulations.close)
     # After the server stopped: whatever it queued is committed, then the thread ends.
     await loop.run_in_executor(None, writer.stop)
     env.close()

@@ -171,3 +171,89 @@ def test_the_cli_prints_the_timeline_and_draws_it(lived, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "qualify.server.cli", "audiences", "simulate", "--last", "soon",
                           "--id", "sim_abandoners", "--address", d.server.address], capture_output=True, text=True)
     assert bad.returncode == 2 and "not a duration" in bad.stderr
+
+
+def _replay_children(server_pid: int) -> list[int]:
+    """The server's simulation processes (qualify.server.storage.replay_process), by /proc."""
+    import os
+    from pathlib import Path
+
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat[1]) == server_pid and b"replay_process" in cmd:
+                found.append(int(entry))
+    return found
+
+
+def test_the_replay_runs_in_a_process_of_its_own_and_a_dead_one_is_replaced(lived):
+    import os
+    import signal
+
+    d, first, last = lived
+    before = simulate(d, "sim_abandoners", first, last, HOUR)
+    children = _replay_children(d.server.proc.pid)
+    assert len(children) == 1, "one long-lived simulation process beside the server"
+    assert os.getpriority(os.PRIO_PROCESS, children[0]) == os.getpriority(os.PRIO_PROCESS, d.server.proc.pid) + 10
+    os.kill(children[0], signal.SIGKILL)
+    again = simulate(d, "sim_abandoners", first, last, HOUR)
+    assert [(b.enters, b.exits, b.members) for b in again.buckets] == [(b.enters, b.exits, b.members)
+                                                                        for b in before.buckets]
+    assert _replay_children(d.server.proc.pid) not in ([], children)
+
+
+def _plan(d, deadline):
+    """The saved abandoners' plan over the last 9 hours, made as the server makes it (domain/simulate.plan)."""
+    import math
+    from types import SimpleNamespace
+
+    from qualify.server.demo import demo_project
+    from qualify.server.domain.conditions import parse_condition
+    from qualify.server.domain.events import compile_models
+    from qualify.server.domain.simulate import plan
+    from qualify.server.domain.warehouse_parts import WarehouseParts
+
+    project = demo_project(d.lmdb.parent, people=len(warehouse_keys(d.warehouse, "TRUE")))
+    models = compile_models(project.event_models)
+    engine = SimpleNamespace(  # what plan() reads of the engine; the abandoners read no warehouse attribute
+        models=models, model_index={m.name: i for i, m in enumerate(models.models)},
+        session_timeout_us=int(project.session_timeout * 1_000_000), reference=False, warehouse=WarehouseParts())
+    condition = parse_condition(AUDIENCES["sim_abandoners"], {a.name: a.type for a in project.parent_model.attributes},
+                                {m.name: dict(m.properties) for m in models.models})
+    return plan(engine, condition, d.clock.now - 9 * HOUR, d.clock.now, HOUR, 0, deadline if deadline else math.inf)
+
+
+def test_past_its_deadline_or_cancelled_a_replay_answers_with_its_error_and_the_next_one_runs(lived):
+    import threading
+    import time
+
+    import lmdb
+
+    from qualify.server.domain.simulate import SimulationTooSlow
+    from qualify.server.storage.replay_process import ReplayProcess
+
+    d, _, _ = lived
+    env = lmdb.open(str(d.lmdb), readonly=True, lock=True, max_dbs=64)
+    runner = ReplayProcess(env, d.lmdb, 1 << 30)
+    try:
+        with pytest.raises(SimulationTooSlow):
+            runner.run(_plan(d, time.monotonic() - 1), threading.Event())
+        cancelled = threading.Event()
+        cancelled.set()
+        try:  # it may have answered before it saw the cancellation: either way the process serves the next one
+            runner.run(_plan(d, None), cancelled)
+        except SimulationTooSlow:
+            pass
+        done = runner.run(_plan(d, None), threading.Event())
+        saved = simulate(d, "sim_abandoners", d.clock.now - 9 * HOUR, d.clock.now, HOUR)
+        assert [(b.enters, b.exits) for b in done.buckets] == [(b.enters, b.exits) for b in saved.buckets]
+        proc = runner._proc
+    finally:
+        runner.close()
+        env.close()
+    assert proc.wait(5) == 0, "closing its pipe ends the simulation process"

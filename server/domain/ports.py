@@ -9,6 +9,7 @@ the concrete adapters and passes them in.
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -106,8 +107,6 @@ class AudienceReads(Protocol):
 
     def read(self, fn: Callable[[Any], Any]) -> Any:
         """``fn(txn)`` in a read snapshot of its own."""
-    def events(self, txn, keep: Callable[[int, str, int], bool] | None = None) -> Iterator[Any]:
-        """The event log in ``txn``, in log order; with ``keep(type, name, received_us)`` only those it keeps."""
     def audience(self, audience_id: str) -> tuple[dict | None, int]: ...
     def all(self) -> list[tuple[dict, int]]: ...
     def memberships(self, person_key: str, audience_ids: list[str]) -> tuple[list[str], list[tuple[str, int]]]: ...
@@ -168,3 +167,12 @@ class SyncRunners(Protocol):
     async def replay(self, sync_id: str) -> int: ...
     def lag_us(self, runner) -> int: ...
     def holds_changelog(self, runner) -> bool: ...
+
+
+class Simulations(Protocol):
+    """Runs replays (domain/simulate.py) away from the server's interpreter (storage/replay_process.py)."""
+
+    def run(self, plan: Any, cancelled: threading.Event) -> Any:
+        """The plan's Timeline, blocking; gives up soon after ``cancelled`` is set. Raises the replay's errors."""
+
+    def close(self) -> None: ...

@@ -1,43 +1,39 @@
 """SimulateAudience: a what-if timeline of a saved or draft audience over the retained history.
 
-The replay (domain/simulate.py) reads one read snapshot in a pool of its
-own (one simulation at a time), never on the writer thread: ingest, timers
-and other RPCs go on while it runs. It is CPU work in the same interpreter,
-so after each slice of ``SLICE_SECONDS`` it sleeps for a moment: that hands
-the interpreter to the writer and the event loop at once (waiting for the
-interpreter's switch interval would let one slice hold them up for 5 ms).
+The plan (domain/simulate.py) is made here from what the engine holds in
+memory; the replay runs in a process of its own (the Simulations port,
+storage/replay_process.py) over a read snapshot of the log, one simulation
+at a time: it takes none of the interpreter that ingest, timers and other
+RPCs need. A thread of this service waits for it (in a poll, without the
+interpreter) and tells it to stop when the caller goes away or the deadline
+passes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
+import threading
 import time
 
 from ..domain.conditions import parse_condition
 from ..domain.errors import FieldViolation, InvalidRequest
-from ..domain.ports import AudienceReads
-from ..domain.simulate import SimulationTooSlow, Timeline, simulate
+from ..domain.ports import Simulations
+from ..domain.simulate import SimulationTooSlow, Timeline, plan
 
 DAY_US = 86_400 * 1_000_000
 HOUR_US = 3_600 * 1_000_000
 MAX_BUCKETS = 10_000
 MAX_SAMPLE = 100
-SLICE_SECONDS = 0.001  # a slice of replay work; ingest waits at most about this long for the interpreter
-PAUSE_SECONDS = 0.0001  # how long each pause sleeps: the writer, if waiting, takes the interpreter meanwhile
-
-
-def _pause() -> None:
-    time.sleep(PAUSE_SECONDS)
+SLICE_SECONDS = 0.005  # replay work between two looks for a cancellation
 
 
 class SimulateService:
-    """Simulations over the engine's read-only parts and a read snapshot."""
+    """Simulations of the engine's audiences and drafts, replayed by ``runner``."""
 
-    def __init__(self, engine, reads: AudienceReads, clock, seconds: float = 120.0):
+    def __init__(self, engine, runner: Simulations, clock, seconds: float = 120.0):
         self.engine = engine
-        self.reads = reads
+        self.runner = runner
         self.clock = clock
         self.seconds = seconds
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qualify-simulate")
@@ -72,10 +68,20 @@ class SimulateService:
         else:
             condition = parse_condition(draft, self.engine.attribute_types, self.engine.event_model_props)
         deadline = time.monotonic() + self.seconds
-        run = functools.partial(self.reads.read, lambda txn: simulate(
-            self.engine, txn, condition, start, end, bucket, events=lambda keep: self.reads.events(txn, keep),
-            sample=sample, pause=_pause, deadline=deadline, slice_seconds=SLICE_SECONDS))
+        cancelled = threading.Event()
+
+        def run() -> Timeline:  # on the pool's thread: the plan evaluates the warehouse parts for everyone
+            return self.runner.run(plan(self.engine, condition, start, end, bucket, sample, deadline, SLICE_SECONDS),
+                                   cancelled)
         try:
             return await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(self._pool, run), self.seconds)
         except asyncio.TimeoutError:  # still queued behind another simulation
+            cancelled.set()
             raise SimulationTooSlow(f"the simulation did not finish within {self.seconds:g}s") from None
+        except asyncio.CancelledError:  # the caller went away: the replay stops at its next slice
+            cancelled.set()
+            raise
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.runner.close()

@@ -44,7 +44,10 @@ from collections.abc import Iterator, Sequence
 import lmdb
 import msgpack
 
+from qualify.evaluator import RecordScan
+
 from ..domain.events import DEDUPE_WINDOW_US, Event, EventType, MatchedEvent
+from ..domain.simulate import Wanted
 from .lmdb_store import _handle
 
 EVENTS = b"events"
@@ -213,15 +216,8 @@ class EventLog:
                 deleted += 1
         return deleted
 
-    def read(self, txn: lmdb.Transaction, from_seq: int = 1, limit: int | None = None,
-             keep=None) -> Iterator[Event]:
-        """Events with seq >= from_seq, in log order (decoded copies: safe after the txn).
-
-        ``keep(type, name, received_us)`` (the event type's number, the event
-        name, when it was received), when given, skips the events it refuses
-        before an Event is made of them: a replay that needs a few models'
-        events only pays for decoding the others' records.
-        """
+    def read(self, txn: lmdb.Transaction, from_seq: int = 1, limit: int | None = None) -> Iterator[Event]:
+        """Events with seq >= from_seq, in log order (decoded copies: safe after the txn)."""
         n = 0
         unpack = msgpack.unpackb
         with txn.cursor(db=self.events) as cur:
@@ -230,11 +226,26 @@ class EventLog:
             for k, v in cur:
                 if limit is not None and n >= limit:
                     return
-                t = unpack(v)
                 n += 1
-                if keep is not None and not keep(t[2], t[3], t[7]):
-                    continue
-                yield _from_record(SEQ.unpack(k)[0], t)
+                yield _from_record(SEQ.unpack(k)[0], unpack(v))
+
+    def select(self, txn: lmdb.Transaction, wanted: Wanted) -> Iterator[Event]:
+        """The events ``wanted`` names, in log order, up to the first received at ``wanted.until_us`` or later.
+
+        The others are never decoded: RecordScan reads the type, name and
+        received time in place (fields 2, 3 and 7 of the record), so a replay
+        that needs a few models' events pays little for the rest of the log.
+        """
+        scan = RecordScan(2, 3, 7, wanted.named, wanted.kinds, wanted.everything, wanted.until_us)
+        unpack = msgpack.unpackb
+        try:
+            with txn.cursor(db=self.events) as cur:
+                if not cur.first():
+                    return
+                for k, v in scan.scan(cur.iternext(), wanted.tick):
+                    yield _from_record(SEQ.unpack(k)[0], unpack(v))
+        finally:
+            wanted.read, wanted.first_us = scan.read, scan.first_time
 
     def seen(self, txn: lmdb.Transaction, message_id: str, now_us: int) -> bool:
         """Whether message_id was accepted within the last 24 hours."""

@@ -275,18 +275,7 @@ class RealtimeStore:
 
     def person_seqs(self, txn, person_key: str, upto: int | None = None) -> list[int]:
         """The log sequences of a person's events, ascending (up to ``upto``, inclusive)."""
-        prefix = person_key.encode() + b"\x00"
-        out = []
-        cur = txn.cursor(db=self.person_events)
-        if cur.set_range(prefix):
-            for k in cur.iternext(values=False):
-                if not k.startswith(prefix):
-                    break
-                seq = SEQ_KEY.unpack(k[len(prefix):])[0]
-                if upto is not None and seq > upto:
-                    break
-                out.append(seq)
-        return out
+        return person_seqs(txn, self.person_events, person_key, upto)
 
     def move_events(self, txn, source: str, into: str) -> None:
         """A merge: ``source``'s events are ``into``'s from now on."""
@@ -432,3 +421,19 @@ def stored_audiences(lmdb_dir) -> list[dict] | None:
             return [json.loads(v) for _, v in txn.cursor(db=db)]
     finally:
         env.close()
+
+
+def person_seqs(txn, db, person_key: str, upto: int | None = None) -> list[int]:
+    """The log sequences in the person index ``db`` of a person's events, ascending (up to ``upto``, inclusive)."""
+    prefix = person_key.encode() + b"\x00"
+    out = []
+    cur = txn.cursor(db=db)
+    if cur.set_range(prefix):
+        for k in cur.iternext(values=False):
+            if not k.startswith(prefix):
+                break
+            seq = SEQ_KEY.unpack(k[len(prefix):])[0]
+            if upto is not None and seq > upto:
+                break
+            out.append(seq)
+    return out

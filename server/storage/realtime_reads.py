@@ -66,20 +66,11 @@ class AudienceReads:
             self.audiences = env.open_db(AUDIENCES, txn=txn, create=False)
             self.members = env.open_db(MEMBERS, txn=txn, create=False)
             self.audience_members = env.open_db(AUDIENCE_MEMBERS, txn=txn, create=False)
-        self._log = None
 
     def read(self, fn):
         """``fn(txn)`` in a read transaction of its own: a consistent snapshot of what has committed."""
         with self.env.begin() as txn:
             return fn(txn)
-
-    def events(self, txn, keep=None):
-        """The event log in ``txn``, in log order (``keep(type, name, received_us)``: only those); see EventLog.read."""
-        from .eventlog import EventLog  # the log's handles, opened once the writer has made them
-
-        if self._log is None:
-            self._log = EventLog(self.env)
-        return self._log.read(txn, 1, keep=keep)
 
     def audience(self, audience_id: str) -> tuple[dict | None, int]:
         """The stored record (None: no such audience, else with its ``backfill`` progress) and its member count."""

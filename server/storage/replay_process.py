@@ -1,0 +1,235 @@
+"""Simulations in a process of their own, over the same LMDB environment opened read-only.
+
+Why a process: a replay is seconds of CPU. On a thread of the server it
+shared the interpreter with the writer and the event loop: each step of an
+ingest acknowledgement could wait for a slice of replay work, and the
+replay slept after every millisecond of it to let them in, so it ran at
+about half of one core (91-160k events/s in the bench). LMDB takes any number of reader processes beside the one
+writer (MVCC: a reader never blocks the writer, and sees one committed
+snapshot), so the replay reads the map directly, as the ``--workers``
+serving processes do, and only the plan (domain/simulate.py's ReplayPlan)
+and the timeline cross a pipe.
+
+Why a long-lived child started with ``python -m`` rather than
+multiprocessing's spawn: spawn re-imports the server's main module (grpc and
+all) in the child, and a fresh process per simulation would pay the
+interpreter's start (about 0.25 s) each time. The child is started at the
+first simulation and serves one plan at a time; it exits when its pipe from
+the server closes (the server stopped or died), even in the middle of a
+replay.
+
+Cancellation: the server sends ``CANCEL`` on the same pipe; the replay looks
+for it after each slice of work (one poll of the pipe). A child
+that does not answer in ``GRACE_SECONDS`` after its deadline or a
+cancellation is killed, and its stale slot in the lock table cleared
+(``reader_check``), so that it pins no old pages of the map.
+"""
+
+from __future__ import annotations
+
+import os
+
+if __name__ == "__main__":
+    # The child. A replay is background work: when the cores are contended the writer and the event loop
+    # (an ingest ack waits on them) should get them first, the replay what is left. Nice 10 weighs about a
+    # tenth of nice 0; set before the imports below, which cost a quarter of a second of a core. SCHED_BATCH:
+    # a CPU-bound task that never preempts the server's threads when it wakes.
+    os.nice(10)
+    if hasattr(os, "SCHED_BATCH"):
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+
+import logging
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import lmdb
+
+from ..domain.errors import QualifyError, ShuttingDown
+from ..domain.events import Event
+from ..domain.simulate import ReplayPlan, SimulationTooSlow, Timeline, Wanted, simulate
+from .eventlog import EventLog
+from .lmdb_store import PEOPLE, U32, _handle, open_env
+from .realtime import PERSON_EVENTS, person_seqs
+
+log = logging.getLogger(__name__)
+
+CANCEL = "cancel"
+STARTED = "started"  # the child's first answer to a plan: from then on a failure is the plan's, not a dead idle child's
+GRACE_SECONDS = 5.0  # past the deadline (or a cancellation) before the child is killed
+POLL_SECONDS = 0.05  # how often a waiting server thread looks at the cancellation flag
+
+
+class ReplayFailed(QualifyError):
+    """The simulation's process ended before it answered."""
+
+
+class Cancelled(Exception):
+    """The server no longer waits for this replay."""
+
+
+class SnapshotHistory:
+    """domain/simulate.History over one read transaction of a read-only environment."""
+
+    def __init__(self, log_: EventLog, people_keys, person_events, txn):
+        self.log, self.people_keys, self.person_events, self.txn = log_, people_keys, person_events, txn
+
+    def events(self, wanted: Wanted):
+        return self.log.select(self.txn, wanted)
+
+    def person_id(self, key: str) -> int | None:
+        raw = self.txn.get(key.encode(), db=self.people_keys)
+        return U32.unpack_from(raw)[0] if raw else None
+
+    def person_seqs(self, key: str, upto: int) -> list[int]:
+        return person_seqs(self.txn, self.person_events, key, upto)
+
+    def event(self, seq: int) -> Event | None:
+        return self.log.get(self.txn, seq)
+
+
+class ReplayProcess:
+    """The domain's Simulations port: one child process, one simulation at a time (callers queue on a lock)."""
+
+    def __init__(self, env, path: Path, map_size: int):
+        self.env = env  # the server's own: to clear a killed child's reader slot
+        self.path, self.map_size = Path(path), map_size
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._jobs: Connection | None = None
+        self._results: Connection | None = None
+        self._closed = False
+
+    def _start(self) -> None:
+        if self._closed:
+            raise ShuttingDown("the server is shutting down")
+        jobs_r, jobs_w = os.pipe()
+        results_r, results_w = os.pipe()
+        args = [sys.executable, "-m", __name__, str(jobs_r), str(results_w), str(self.path), str(self.map_size)]
+        try:
+            self._proc = subprocess.Popen(args, pass_fds=(jobs_r, results_w), stdin=subprocess.DEVNULL)
+        finally:
+            os.close(jobs_r)
+            os.close(results_w)
+        self._jobs, self._results = Connection(jobs_w, readable=False), Connection(results_r, writable=False)
+        log.info("simulation process %d started", self._proc.pid)
+
+    def run(self, plan: ReplayPlan, cancelled: threading.Event) -> Timeline:
+        """The plan's timeline; raises the replay's own errors, or ReplayFailed if its process ended."""
+        with self._lock:
+            try:
+                if not self._begin(plan, cancelled):  # it had died while idle: once more, with a new one
+                    self._stop()
+                    if not self._begin(plan, cancelled):
+                        raise EOFError
+                kind, value = self._wait(plan.deadline, cancelled)
+            except (EOFError, OSError):  # it died, or close() ended it
+                raise ReplayFailed(f"the simulation's process ended before it answered ({self._stop()})") from None
+        if kind == "error":
+            raise value
+        return value
+
+    def _begin(self, plan: ReplayPlan, cancelled: threading.Event) -> bool:
+        """Hands the plan over; False if the process ended before it took it (so the plan never ran)."""
+        if self._proc is None or self._proc.poll() is not None:
+            self._stop()
+            self._start()
+        try:
+            self._jobs.send(plan)
+            return self._wait(plan.deadline, cancelled) == STARTED
+        except (EOFError, OSError):
+            return False
+
+    def _wait(self, deadline: float, cancelled: threading.Event):
+        """The child's next message (EOFError: it ended, or missed its deadline by GRACE_SECONDS)."""
+        give_up = deadline + GRACE_SECONDS
+        while not self._results.poll(POLL_SECONDS):
+            if cancelled.is_set() and give_up > time.monotonic() + GRACE_SECONDS:
+                self._jobs.send(CANCEL)
+                give_up = time.monotonic() + GRACE_SECONDS
+            if self._proc.poll() is not None or time.monotonic() > give_up:
+                raise EOFError
+        return self._results.recv()
+
+    def _stop(self) -> int | None:
+        """Ends the child, killing it if it is still there; its exit code."""
+        proc, jobs, results = self._proc, self._jobs, self._results
+        self._proc = self._jobs = self._results = None
+        for conn in (jobs, results):
+            if conn is not None:
+                conn.close()
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.kill()
+        code = proc.wait()
+        try:
+            self.env.reader_check()  # its read transaction's slot, if it held one, left in the lock table
+        except lmdb.Error:  # the environment is closing with the server
+            pass
+        return code
+
+    def close(self) -> None:
+        """Ends the child: closing its pipe makes it exit, at its next look at the pipe."""
+        self._closed = True
+        proc, jobs = self._proc, self._jobs
+        if proc is None:
+            return
+        try:
+            jobs.close()
+            proc.wait(GRACE_SECONDS)
+        except (OSError, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait()
+
+
+# -- the child ------------------------------------------------------------------------------------------------------
+def _serve(jobs: Connection, results: Connection, path: Path, map_size: int) -> None:
+    env = open_env(path, map_size, readonly=True)
+    tables = None
+    while True:
+        try:
+            plan = jobs.recv()
+        except EOFError:
+            return
+        if plan == CANCEL:  # for a replay that had already answered
+            continue
+        results.send(STARTED)
+        if tables is None:  # the writer has made them by the time anyone simulates
+            tables = EventLog(env), _handle(env, f"{PEOPLE}.keys".encode()), _handle(env, PERSON_EVENTS)
+        results.send(_replay(env, tables, plan, jobs))
+
+
+def _replay(env, tables, plan: ReplayPlan, jobs: Connection):
+    def pause() -> None:
+        if jobs.poll():
+            if jobs.recv() == CANCEL:
+                raise Cancelled
+    try:
+        with env.begin(buffers=False) as txn:
+            return "ok", simulate(plan, SnapshotHistory(*tables, txn), pause)
+    except (QualifyError, Cancelled) as exc:  # SimulationTooSlow among them: the caller's status
+        return "error", exc if not isinstance(exc, Cancelled) else SimulationTooSlow("the simulation was cancelled")
+    except EOFError:
+        raise SystemExit(0) from None  # the server is gone
+    except Exception as exc:  # noqa: BLE001 - reported as INTERNAL, without the internals
+        log.exception("simulation failed")
+        return "error", ReplayFailed(f"the simulation failed ({type(exc).__name__})")
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    jobs_fd, results_fd, path, map_size = int(argv[0]), int(argv[1]), Path(argv[2]), int(argv[3])
+    _serve(Connection(jobs_fd, writable=False), Connection(results_fd, readable=False), path, map_size)
+    return 0
+
+
+if __name__ == "__main__":
+    # The module under its own name, not as __main__: what the child pickles (ReplayFailed) must unpickle as
+    # the server's class.
+    import importlib
+
+    sys.exit(importlib.import_module(__spec__.name).main(sys.argv[1:]))
