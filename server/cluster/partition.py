@@ -34,7 +34,7 @@ from nats.js.errors import NotFoundError
 
 from ..storage.writer import Writer
 from . import snapshots
-from .apply import Applier
+from .apply import APPLYING, Applier
 from .jetstream import CHANGES, EVENTS, changes_subject, events_subject
 from .messages import MAX_CHANGES_PER_MESSAGE, Kind, change_batch, control, decode, decode_changes
 
@@ -184,9 +184,10 @@ class Partition:
 
     def _apply(self, txn, raw) -> None:
         applied = self.applier.state.applied
-        items = [item for seq, data, headers in raw if seq > applied for item in decode(seq, data, headers)]
-        if items:
-            self.applier.apply(txn, items)
+        with APPLYING:
+            items = [item for seq, data, headers in raw if seq > applied for item in decode(seq, data, headers)]
+            if items:
+                self.applier.apply(txn, items)
 
     # -- the outbox --------------------------------------------------------------------
     async def _last_published(self) -> int:
