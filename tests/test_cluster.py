@@ -151,7 +151,7 @@ def test_three_nodes_answer_as_one_node(tmp_path, nats3, demo_warehouse, batch):
     try:
         cluster = QualifyCluster(tmp_path / "cluster", nats3, demo_warehouse, 3, clock, partitions=PARTITIONS,
                                  project_extra=sync_toml(cluster_rx.url), env={"QUALIFY_TEST_SECRET": SECRET},
-                                 extra="batch_events = true" if batch else "").start()
+                                 extra="" if batch else "batch_events = false").start()
     except BaseException:
         single.kill()
         raise
