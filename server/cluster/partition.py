@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from pathlib import Path
 
 from nats.js import api
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 BATCH = 2000  # stream messages per write transaction
 BUFFER = 20_000  # delivered messages waiting to be applied before the consumer is held back
+FRESH_KEPT = 100_000  # committed changes held in memory for the outbox
 TICK_RETRY = 0.5  # seconds before a tick that was not applied yet is asked for again
 # At most one tick per TICK_EVERY: a tick fires every timer due by its time, each at its own instant (the
 # exits' effective times are exact); only their visibility waits up to this long, and a partition with
@@ -70,6 +72,7 @@ class Partition:
         self._arrived = asyncio.Event()
         self._space = asyncio.Event()
         self._committed = asyncio.Event()
+        self._fresh: deque = deque()  # committed changes not published yet (see _unpublished)
         self._deadline = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._sub = None
@@ -89,7 +92,8 @@ class Partition:
 
         def publish(changes) -> None:
             if changes:
-                self.writer.after_commit(lambda: loop.call_soon_threadsafe(self._committed.set))
+                batch = list(changes)
+                self.writer.after_commit(lambda: loop.call_soon_threadsafe(self._handed, batch))
 
         self.applier = Applier(self.number, node.res.partitions, self.env, self.writer, node.project, publish)
         self.applier.notify = lambda: self.writer.after_commit(lambda: loop.call_soon_threadsafe(self._committed.set))
@@ -198,7 +202,24 @@ class Partition:
         _, first, changes = decode_changes(msg.data)
         return changes[-1].sequence if changes else first - 1
 
+    def _handed(self, changes: list) -> None:
+        """Changes just committed, kept for the outbox so it need not read them back from LMDB."""
+        if len(self._fresh) < FRESH_KEPT:  # (past it, NATS is away: the outbox reads the changelog)
+            self._fresh.extend(changes)
+        self._committed.set()
+
     def _unpublished(self) -> list:
+        """The next changes to publish: the ones handed over in memory when they follow on from what
+        was published, else (after a restart, or past FRESH_KEPT) read from the partition's changelog."""
+        fresh, after = self._fresh, self.published
+        while fresh and fresh[0].sequence <= after:
+            fresh.popleft()
+        if fresh and fresh[0].sequence == after + 1:
+            out = []
+            while fresh and len(out) < MAX_CHANGES_PER_MESSAGE and fresh[0].sequence == after + 1 + len(out):
+                out.append(fresh.popleft())
+            return out
+        fresh.clear()
         with self.env.begin() as txn:
             return self.applier.store.changes_after(txn, self.published, MAX_CHANGES_PER_MESSAGE)
 
