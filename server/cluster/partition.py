@@ -49,6 +49,7 @@ TICK_RETRY = 0.5  # seconds before a tick that was not applied yet is asked for 
 # exits' effective times are exact); only their visibility waits up to this long, and a partition with
 # timers due all the time sends 50 ticks a second rather than one per instant.
 TICK_EVERY = 0.02
+INFO_TIMEOUT = 2.0  # a consumer_info the stream's leader election leaves unanswered counts as a failure
 STALLED = 5.0  # seconds without a delivery, with messages waiting, before the consumer is replaced
 STUCK = 10.0  # seconds without applying anything, with messages in the stream, before the partition is reopened
 
@@ -319,7 +320,7 @@ class Partition:
                 progress = (self.applier.state.applied, time.monotonic())
             stalled = time.monotonic() - self._delivered_at > STALLED
             try:
-                waiting = (await self._sub.consumer_info()).num_pending
+                waiting = (await asyncio.wait_for(self._sub.consumer_info(), INFO_TIMEOUT)).num_pending
                 self.pending, failures = waiting + len(self._buffer), 0
             except Exception:  # noqa: BLE001 - a NATS server away, or the consumer is gone
                 waiting, failures = None, failures + 1

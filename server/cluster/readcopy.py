@@ -52,6 +52,7 @@ U64 = struct.Struct("<Q")
 BATCH = 2000
 INDEX_BITS = 16
 ENTER = int(Direction.ENTER)
+INFO_TIMEOUT = 2.0  # a consumer_info the stream's leader election leaves unanswered counts as a failure
 STALLED = 5.0  # seconds without a delivery, with changes waiting, before the consumer is replaced
 
 
@@ -98,7 +99,7 @@ class ReadCopy:
             await asyncio.sleep(1.0)
             stalled = time.monotonic() - self._delivered_at > STALLED
             try:
-                waiting, failures = (await self._sub.consumer_info()).num_pending, 0
+                waiting, failures = (await asyncio.wait_for(self._sub.consumer_info(), INFO_TIMEOUT)).num_pending, 0
             except Exception:  # noqa: BLE001 - a NATS server away, or the consumer is gone
                 waiting, failures = None, failures + 1
             if stalled and (waiting or failures >= STALLED):
