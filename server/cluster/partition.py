@@ -34,7 +34,7 @@ from nats.js import api
 from nats.js.errors import NotFoundError
 
 from ..storage.writer import Writer
-from . import snapshots
+from . import explain, snapshots
 from .apply import APPLYING, Applier
 from .jetstream import CHANGES, EVENTS, changes_subject, events_subject
 from .messages import MAX_CHANGES_PER_MESSAGE, Kind, change_batch, control, decode, decode_changes
@@ -77,6 +77,7 @@ class Partition:
         self._deadline = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._sub = None
+        self._explain_sub = None  # ExplainMembership's questions for this partition (cluster/explain.py)
         self._tick_asked: tuple[int, float] | None = None
         self.pending = 0  # stream messages not applied yet (JetStream's count for the consumer, and the buffer)
         self._delivered_at = time.monotonic()
@@ -107,6 +108,7 @@ class Partition:
                                                         self._measure_lag())]
         self._committed.set()  # whatever the restored changelog holds past the stream's last change
         await self._subscribe()
+        self._explain_sub = await explain.serve(node.res.nc, self)
         if not state.synced and state.applied == 0:
             await self._publish_control(Kind.SYNC)  # a fresh partition learns its people at once
         self.started_at = time.time()
@@ -136,9 +138,11 @@ class Partition:
 
     async def stop(self, snapshot: bool) -> None:
         """Stops consuming; ``snapshot``: a handover, so the next owner replays only a short tail."""
-        if self._sub is not None:
+        for sub in (self._explain_sub, self._sub):
+            if sub is None:
+                continue
             try:
-                await self._sub.unsubscribe()
+                await sub.unsubscribe()
             except Exception:  # noqa: BLE001 - the connection may be gone; the consumer expires on its own
                 pass
         for t in self._tasks:
