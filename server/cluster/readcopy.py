@@ -40,7 +40,6 @@ from nats.js import api
 
 from ..domain.changes import Direction, MembershipChange
 from ..storage.realtime import CHANGELOG_SEQ, SEQ_KEY, RealtimeStore
-from .apply import APPLYING
 from .jetstream import CHANGES_PREFIX
 from .messages import change_of, change_rows
 
@@ -147,10 +146,6 @@ class ReadCopy:
                     await asyncio.sleep(0.5)
 
     def _apply(self, txn, batch) -> None:
-        with APPLYING:  # (cluster/apply.py says why)
-            self._apply_changes(txn, batch)
-
-    def _apply_changes(self, txn, batch) -> None:
         store = self.store
         bits = store.catalog_bits(txn)
         n_bits = list(bits)
