@@ -24,7 +24,7 @@ drops an identical retry within its window, the owner's event log drops any
 other repeat (24 h), and the acknowledgement's duplicate flags count only
 the former. Per-message costs (NATS and its client's) are paid once per
 partition per call instead of once per event (13-17x a single node's CPU
-per event became 1.4-2x, bench/RESULTS.md); a partition's group of one
+per event became 1.4-2.6x, bench/RESULTS.md); a partition's group of one
 event is sent as a plain event message, with its own id.
 
 Publishes are pipelined (``publish_async``); acks that do not come within
