@@ -7,8 +7,8 @@ Three set-ups over the same demo warehouse and the same 10 audiences:
 * ``single``: one ``qualify serve`` without [cluster] (the baseline);
 * ``cluster-1``: one node over one NATS server (replicas 1);
 * ``cluster-3``: three nodes over a three-server NATS cluster (replicas 3);
-* ``cluster-1-batched``, ``cluster-3-batched``: the same with ``batch_events = true``
-  (one stream message per partition per TrackBatch instead of one per event).
+* ``cluster-1-per-event``, ``cluster-3-per-event``: the same with ``batch_events = false``
+  (one stream message per event instead of one per partition per TrackBatch, the default).
 
 In each, ``--events`` page views go in as TrackBatch calls of 500 (four in
 flight, round-robin over the nodes), and the phase ends when every
@@ -46,7 +46,7 @@ from ._nats import NatsCluster
 from ._proc import CpuSnapshot, machine_note
 from ._stats import percentile
 
-SETUPS = ("single", "cluster-1", "cluster-3", "cluster-1-batched", "cluster-3-batched")
+SETUPS = ("single", "cluster-1", "cluster-3", "cluster-1-per-event", "cluster-3-per-event")
 TARGETS = {"ingest_cpu_ratio_max": 1.5, "get_cpu_ratio_max": 1.3, "balance_max": 1.25, "failover_s_max": 10.0}
 PROBE = {"event": {"event_model": "page_views", "scope": "SCOPE_EVER", "comparison": "COMPARISON_GE", "threshold": 1,
                    "filters": [{"property": "path", "operator": "OPERATOR_EQ", "value": {"string_value": "/probe"}}]}}
@@ -222,9 +222,9 @@ def _settled(project: Path, timeout: float = 300.0) -> None:
 
 
 def start_cluster(work: Path, warehouse: Path, size: int, partitions: int,
-                  batch: bool = False) -> tuple[NatsCluster, list[Node]]:
+                  batch: bool = True) -> tuple[NatsCluster, list[Node]]:
     nats = NatsCluster(work / "nats", size).start()
-    extra = "batch_events = true\n" if batch else ""
+    extra = "" if batch else "batch_events = false\n"
     nodes = [Node(work / f"n{i}", project_toml(work / f"n{i}", warehouse, cluster_section(
         nats.urls, f"n{i}", partitions, size) + extra)) for i in range(size)]
     for n in nodes:
@@ -240,7 +240,7 @@ def start_cluster(work: Path, warehouse: Path, size: int, partitions: int,
     return nats, nodes
 
 
-def run_cluster(work: Path, warehouse: Path, size: int, args, batch: bool = False) -> dict:
+def run_cluster(work: Path, warehouse: Path, size: int, args, batch: bool = True) -> dict:
     nats, nodes = start_cluster(work, warehouse, size, args.partitions, batch)
     project = nodes[0].folder / "qualify.toml"
     try:
@@ -250,7 +250,7 @@ def run_cluster(work: Path, warehouse: Path, size: int, args, batch: bool = Fals
         meter = Meter({"qualify": [n.pid for n in nodes], "nats": [p.pid for p in nats.procs],
                        "reader": [nodes[0].pid]})
         out = _phases(stubs, meter, args, settle=lambda: _settled(project))
-        if size > 1 and not batch:
+        if size > 1 and batch:
             from ._cluster_failover import balance, failover, staleness
 
             out["staleness"] = staleness(stubs, args.probes)
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         warehouse = generate_demo_warehouse(work / "demo.duckdb", args.people)
         for name in which:
             out[name] = (run_single(work, warehouse, args) if name == "single"
-                         else run_cluster(work / name, warehouse, int(name[8]), args, name.endswith("batched")))
+                         else run_cluster(work / name, warehouse, int(name[8]), args, not name.endswith("per-event")))
     out["machine"] = machine_note()
     out["targets"] = _verdict(out)
     print(json.dumps(out, indent=2) if args.json else _summary(out))

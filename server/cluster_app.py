@@ -35,6 +35,7 @@ from .cluster.audiences import AudienceCatalog, repair
 from .cluster.deliveries import DeliveryLeader
 from .cluster.leases import Leases, Watched
 from .cluster.node import Node
+from .cluster.explain import Explainer
 from .cluster.publish import EventPublisher
 from .cluster.readcopy import ReadCopy
 from .config import Project
@@ -153,7 +154,8 @@ def _writing(project: Project, res, env, feed: ChangeFeed, clock) -> Writing:
     catalog = AudienceCatalog(res, clock)
     audiences = ClusterAudienceService(
         catalog, AudienceReads(env), clock, {a.name: a.type for a in project.parent_model.attributes},
-        {m.name: dict(m.properties) for m in project.event_models}, int(project.event_retention * 1_000_000))
+        {m.name: dict(m.properties) for m in project.event_models}, int(project.event_retention * 1_000_000),
+        explainer=Explainer(res.nc, res.partitions))
     watch = Watch(WatchService(feed, ChangelogView(env), project.watch_buffer, project.watch_max_lag))
     return Writing(ingest=Ingest(IngestService(EventPublisher(res), project.event_models, clock, project.ops.limits)),
                    audiences=Audiences(audiences, watch))

@@ -18,6 +18,7 @@ import subprocess
 import sys
 from collections import defaultdict
 
+import grpc
 import pytest
 
 from clusters import NATS_SERVER, NatsCluster, QualifyCluster, changelog_rows, fresh_nats, nats_json
@@ -25,7 +26,7 @@ from conftest import QualifyServer, write_realtime_project
 from receivers import WebhookReceiver
 from qualify.server.cluster.partitioning import partition_of
 from qualify.server.domain.conditions import parse_condition
-from test_audiences import (CAUSE_AUDIENCE, CAUSE_EVENT, CAUSE_LAPSE, CAUSE_MERGE, CAUSE_SESSION_END, CLOCK_ENV, FREE, PRO, S, T0, Api, TestClock, and_, attr, cart_add, ev, fv, identify,
+from test_audiences import (CAUSE_AUDIENCE, CAUSE_EVENT, CAUSE_LAPSE, CAUSE_MERGE, CAUSE_SESSION_END, CLOCK_ENV, FREE, PRO, S, T0, Api, TestClock, and_, attr, cart_add, error_of, ev, fv, identify,
                             not_, page, path_is, product_view, wait_for, warehouse_rows)
 from test_realtime import ATTR_TYPES, MODEL_PROPS, Reference
 from qualify.v1 import audience_pb2
@@ -151,7 +152,7 @@ def test_three_nodes_answer_as_one_node(tmp_path, nats3, demo_warehouse, batch):
     try:
         cluster = QualifyCluster(tmp_path / "cluster", nats3, demo_warehouse, 3, clock, partitions=PARTITIONS,
                                  project_extra=sync_toml(cluster_rx.url), env={"QUALIFY_TEST_SECRET": SECRET},
-                                 extra="batch_events = true" if batch else "").start()
+                                 extra="" if batch else "batch_events = false").start()
     except BaseException:
         single.kill()
         raise
@@ -191,6 +192,13 @@ def test_three_nodes_answer_as_one_node(tmp_path, nats3, demo_warehouse, batch):
             want = {a for a, c in parsed.items() if sc.ref.known(person) and sc.ref.holds(c, person, clock.now)}
             assert got & set(REFERENCE_AUDIENCES) == want, person
         assert cluster.api().get("quiet_pro").member_count == solo.get("quiet_pro").member_count
+        # ExplainMembership on any node is the person's partition owner's answer, the one node's answer.
+        for person in sc.users[:15]:
+            for aid in AUDIENCES:
+                assert cluster.api().explain(aid, person) == solo.explain(aid, person), (person, aid)
+        code, err = error_of(cluster.api().aud.ExplainMembership,
+                             audience_pb2.ExplainMembershipRequest(id="nope", person_key="user-1"), timeout=10)
+        assert (code, err.reason) == (grpc.StatusCode.NOT_FOUND, "AUDIENCE_NOT_FOUND")
         # The realtime sync delivered the same changes (content and per-person order) from both.
         assert wait_for(lambda: len(solo_rx.unique()) == len(changelog_rows(single_lmdb)), 15.0)
         assert wait_for(lambda: delivered(cluster_rx) == delivered(solo_rx), 15.0), (

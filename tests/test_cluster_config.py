@@ -39,15 +39,15 @@ def test_defaults_and_a_list_of_urls():
     c = parse({"nats_url": ["nats://a:4222", "nats://b:4222"], "node_id": "n-1"}).cluster
     assert c.nats_urls == ("nats://a:4222", "nats://b:4222")
     assert (c.node_id, c.partitions, c.replicas, c.lease_ttl, c.snapshot_interval, c.event_retention,
-            c.batch_events) == ("n-1", 64, 3, 5.0, 60.0, 86400.0, False)
+            c.batch_events) == ("n-1", 64, 3, 5.0, 60.0, 86400.0, True)
 
 
 def test_one_url_as_a_string_and_every_setting():
     c = parse({"nats_url": "nats://127.0.0.1:4222", "node_id": "a", "partitions": 8, "replicas": 1,
-               "lease_ttl": "3s", "snapshot_interval": "10s", "event_retention": "1h", "batch_events": True}).cluster
+               "lease_ttl": "3s", "snapshot_interval": "10s", "event_retention": "1h", "batch_events": False}).cluster
     assert c.nats_urls == ("nats://127.0.0.1:4222",)
     assert (c.partitions, c.replicas, c.lease_ttl, c.snapshot_interval, c.event_retention, c.batch_events) == \
-        (8, 1, 3.0, 10.0, 3600.0, True)
+        (8, 1, 3.0, 10.0, 3600.0, False)
 
 
 def test_every_problem_is_named():

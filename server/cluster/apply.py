@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
+import threading
 from dataclasses import dataclass, field, replace
 
 import pyarrow as pa
@@ -49,6 +50,16 @@ from .messages import Item, Kind
 from .partitioning import partition_of, person_key, primary_key
 
 log = logging.getLogger(__name__)
+
+# Held by every partition's apply job, so a node's partition writer threads take turns by the job
+# rather than by the LMDB call. py-lmdb releases the GIL around each put and get: with 16 partition
+# threads runnable at once, every put handed the GIL to another thread and took it back (a futex
+# round trip and a context switch per call), and py-spy showed EventLog.append's dedupe put as the
+# node's hottest line. One lock costs one hand-off per transaction; the jobs are CPU in Python
+# anyway, so on a node's cores they never ran in parallel. The read copy does not take it: it would
+# wait behind a partition's long jobs (an audience's walk, a warehouse sync), and reads on this
+# node would lag the cluster by as much.
+APPLYING = threading.Lock()
 
 CLUSTER_DB = b"cluster"
 U64 = struct.Struct("<Q")

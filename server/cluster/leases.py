@@ -7,8 +7,9 @@ revision)`` over a lease whose ``expires_us`` has passed, and kept by
 ``update(last=my revision)`` every third of the TTL. Two nodes racing for a
 lease both send a revision; JetStream accepts one and refuses the other
 ("wrong last sequence"), so at most one node believes it holds a lease at a
-revision. A holder that cannot refresh for a whole TTL (NATS unreachable)
-gives its partitions up on its own.
+revision. A holder that cannot refresh (NATS unreachable, the bucket
+electing a leader) keeps running until a refresh is answered: by then
+another node may have taken the lease, and the answer stops the holder.
 
 Leases order work, they do not guard correctness: if two nodes ever ran a
 partition at once (a holder paused past its TTL), both would derive the
@@ -149,10 +150,19 @@ class Leases:
 
     async def refresh(self, lease: Lease) -> Lease | None:
         """The renewed lease; None when another node holds it now (raises when NATS does not answer)."""
+        value = self._value()
         try:
-            revision = await self.bucket.update(lease.key, self._value(), last=lease.revision)
+            revision = await self.bucket.update(lease.key, value, last=lease.revision)
         except KeyWrongLastSequenceError:
-            return None
+            # An update of ours whose answer was lost (a NATS server died before replying) moved the
+            # revision on too: the lease is still ours when the latest entry names this node.
+            try:
+                entry = await self.bucket.get(lease.key)
+            except KeyNotFoundError:
+                return None
+            if entry.value is None or json.loads(entry.value).get("node") != self.node:
+                return None
+            revision = await self.bucket.update(lease.key, value, last=entry.revision)
         return Lease(lease.key, self.node, wall_us() + self.ttl_us, revision)
 
     async def release(self, lease: Lease) -> None:

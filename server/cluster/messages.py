@@ -102,8 +102,23 @@ def change_batch(partition: int, changes: list[MembershipChange]) -> tuple[bytes
     return msgpack.packb([partition, first, rows]), {MSG_ID: f"{partition}.{first}.{last}"}
 
 
+_DIRECTIONS = {int(d): d for d in Direction}
+_CAUSES = {int(c): c for c in Cause}
+
+
 def decode_changes(data: bytes) -> tuple[int, int, list[MembershipChange]]:
     """(partition, first sequence, changes with their partition sequences)."""
     partition, first, rows = msgpack.unpackb(data)
-    return partition, first, [MembershipChange(a, p, Direction(d), t, Cause(c), m, first + i)
+    return partition, first, [MembershipChange(a, p, _DIRECTIONS[d], t, _CAUSES[c], m, first + i)
                               for i, (a, p, d, t, c, m) in enumerate(rows)]
+
+
+def change_rows(data: bytes) -> tuple[int, int, list[list]]:
+    """(partition, first sequence, the rows): the read copy's form, whose rows are the changelog's own
+    stored form (storage/realtime.py ``pack_change``), so it stores them without building changes first."""
+    return msgpack.unpackb(data)
+
+
+def change_of(row: list, sequence: int) -> MembershipChange:
+    a, p, d, t, c, m = row
+    return MembershipChange(a, p, _DIRECTIONS[d], t, _CAUSES[c], m, sequence)

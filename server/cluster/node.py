@@ -13,8 +13,8 @@ Every node runs the same loop every BALANCE_EVERY seconds:
   partitions, whose copies are still on its disk);
 - leases are refreshed every third of the TTL by a task of their own (a
   partition that takes long to restore must not lose its lease meanwhile);
-  a lease another node took is given up at once, and all of them after a
-  whole TTL without NATS.
+  a lease another node took is given up at once; one NATS does not answer
+  for is kept (see ``_refresh``).
 
 A node that starts waits SETTLE seconds before its first claim, so nodes
 started together see each other and do not all claim everything first.
@@ -70,6 +70,7 @@ class Node:
         self.started_us = wall_us()
         self._tasks: list[asyncio.Task] = []
         self._refreshed = time.monotonic()
+        self._unanswered = False  # a whole TTL without a refresh answered (logged once)
         self._reopen: set[int] = set()
         self.stopping = False
 
@@ -210,13 +211,19 @@ class Node:
                     await part.stop(snapshot=False)
                 elif p in self.owned:
                     self.owned[p] = (renewed, part)
+            # A refresh that got no answer (the bucket electing a leader after a NATS server died, or
+            # NATS out of reach) keeps the partition running: no other node can take a lease the bucket
+            # does not answer for, and one that takes it once the bucket answers again makes this
+            # node's next refresh fail, which stops it here (two owners meanwhile derive the same
+            # changes from the same stream: leases.py). Giving every partition up after a TTL without
+            # answers turned a bucket's few seconds of election into every partition of every node
+            # stopping and restarting while the streams elected too: 15 s and more of evaluation lag.
             if ok:
-                self._refreshed = time.monotonic()
-            elif time.monotonic() - self._refreshed > self.settings.lease_ttl:
-                log.error("no lease refreshed for a whole TTL: giving every partition up")
-                for p in list(self.owned):
-                    _, part = self.owned.pop(p)
-                    await part.stop(snapshot=False)
+                self._refreshed, self._unanswered = time.monotonic(), False
+            elif time.monotonic() - self._refreshed > self.settings.lease_ttl and not self._unanswered:
+                self._unanswered = True
+                log.warning("no lease refreshed for a whole TTL: the partitions keep running until another "
+                            "node is seen to hold their leases")
 
     async def _snapshots(self) -> None:
         while True:

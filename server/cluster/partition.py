@@ -27,14 +27,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from pathlib import Path
 
 from nats.js import api
 from nats.js.errors import NotFoundError
 
 from ..storage.writer import Writer
-from . import snapshots
-from .apply import Applier
+from . import explain, snapshots
+from .apply import APPLYING, Applier
 from .jetstream import CHANGES, EVENTS, changes_subject, events_subject
 from .messages import MAX_CHANGES_PER_MESSAGE, Kind, change_batch, control, decode, decode_changes
 
@@ -42,11 +43,13 @@ log = logging.getLogger(__name__)
 
 BATCH = 2000  # stream messages per write transaction
 BUFFER = 20_000  # delivered messages waiting to be applied before the consumer is held back
+FRESH_KEPT = 100_000  # committed changes held in memory for the outbox
 TICK_RETRY = 0.5  # seconds before a tick that was not applied yet is asked for again
 # At most one tick per TICK_EVERY: a tick fires every timer due by its time, each at its own instant (the
 # exits' effective times are exact); only their visibility waits up to this long, and a partition with
 # timers due all the time sends 50 ticks a second rather than one per instant.
 TICK_EVERY = 0.02
+INFO_TIMEOUT = 2.0  # a consumer_info the stream's leader election leaves unanswered counts as a failure
 STALLED = 5.0  # seconds without a delivery, with messages waiting, before the consumer is replaced
 STUCK = 10.0  # seconds without applying anything, with messages in the stream, before the partition is reopened
 
@@ -70,9 +73,11 @@ class Partition:
         self._arrived = asyncio.Event()
         self._space = asyncio.Event()
         self._committed = asyncio.Event()
+        self._fresh: deque = deque()  # committed changes not published yet (see _unpublished)
         self._deadline = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._sub = None
+        self._explain_sub = None  # ExplainMembership's questions for this partition (cluster/explain.py)
         self._tick_asked: tuple[int, float] | None = None
         self.pending = 0  # stream messages not applied yet (JetStream's count for the consumer, and the buffer)
         self._delivered_at = time.monotonic()
@@ -89,7 +94,8 @@ class Partition:
 
         def publish(changes) -> None:
             if changes:
-                self.writer.after_commit(lambda: loop.call_soon_threadsafe(self._committed.set))
+                batch = list(changes)
+                self.writer.after_commit(lambda: loop.call_soon_threadsafe(self._handed, batch))
 
         self.applier = Applier(self.number, node.res.partitions, self.env, self.writer, node.project, publish)
         self.applier.notify = lambda: self.writer.after_commit(lambda: loop.call_soon_threadsafe(self._committed.set))
@@ -102,6 +108,7 @@ class Partition:
                                                         self._measure_lag())]
         self._committed.set()  # whatever the restored changelog holds past the stream's last change
         await self._subscribe()
+        self._explain_sub = await explain.serve(node.res.nc, self)
         if not state.synced and state.applied == 0:
             await self._publish_control(Kind.SYNC)  # a fresh partition learns its people at once
         self.started_at = time.time()
@@ -131,9 +138,11 @@ class Partition:
 
     async def stop(self, snapshot: bool) -> None:
         """Stops consuming; ``snapshot``: a handover, so the next owner replays only a short tail."""
-        if self._sub is not None:
+        for sub in (self._explain_sub, self._sub):
+            if sub is None:
+                continue
             try:
-                await self._sub.unsubscribe()
+                await sub.unsubscribe()
             except Exception:  # noqa: BLE001 - the connection may be gone; the consumer expires on its own
                 pass
         for t in self._tasks:
@@ -184,9 +193,10 @@ class Partition:
 
     def _apply(self, txn, raw) -> None:
         applied = self.applier.state.applied
-        items = [item for seq, data, headers in raw if seq > applied for item in decode(seq, data, headers)]
-        if items:
-            self.applier.apply(txn, items)
+        with APPLYING:
+            items = [item for seq, data, headers in raw if seq > applied for item in decode(seq, data, headers)]
+            if items:
+                self.applier.apply(txn, items)
 
     # -- the outbox --------------------------------------------------------------------
     async def _last_published(self) -> int:
@@ -197,7 +207,24 @@ class Partition:
         _, first, changes = decode_changes(msg.data)
         return changes[-1].sequence if changes else first - 1
 
+    def _handed(self, changes: list) -> None:
+        """Changes just committed, kept for the outbox so it need not read them back from LMDB."""
+        if len(self._fresh) < FRESH_KEPT:  # (past it, NATS is away: the outbox reads the changelog)
+            self._fresh.extend(changes)
+        self._committed.set()
+
     def _unpublished(self) -> list:
+        """The next changes to publish: the ones handed over in memory when they follow on from what
+        was published, else (after a restart, or past FRESH_KEPT) read from the partition's changelog."""
+        fresh, after = self._fresh, self.published
+        while fresh and fresh[0].sequence <= after:
+            fresh.popleft()
+        if fresh and fresh[0].sequence == after + 1:
+            out = []
+            while fresh and len(out) < MAX_CHANGES_PER_MESSAGE and fresh[0].sequence == after + 1 + len(out):
+                out.append(fresh.popleft())
+            return out
+        fresh.clear()
         with self.env.begin() as txn:
             return self.applier.store.changes_after(txn, self.published, MAX_CHANGES_PER_MESSAGE)
 
@@ -297,7 +324,7 @@ class Partition:
                 progress = (self.applier.state.applied, time.monotonic())
             stalled = time.monotonic() - self._delivered_at > STALLED
             try:
-                waiting = (await self._sub.consumer_info()).num_pending
+                waiting = (await asyncio.wait_for(self._sub.consumer_info(), INFO_TIMEOUT)).num_pending
                 self.pending, failures = waiting + len(self._buffer), 0
             except Exception:  # noqa: BLE001 - a NATS server away, or the consumer is gone
                 waiting, failures = None, failures + 1

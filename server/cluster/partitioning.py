@@ -47,10 +47,13 @@ def partitions_of(matched: MatchedEvent, partitions: int) -> list[int]:
     links: their partitions get the event too, and each owner evaluates
     only the people it owns (cluster/apply.py).
     """
-    first = partition_of(primary_key(matched), partitions)
-    out = [first]
+    primary = primary_key(matched)
+    out = [partition_of(primary, partitions)]
     for _, (kind, ident) in matched.matches:
-        p = partition_of(person_key(kind, ident), partitions)
+        key = person_key(kind, ident)
+        if key == primary:  # the common case: every model keyed by the same id (one hash, not one per model)
+            continue
+        p = partition_of(key, partitions)
         if p not in out:
             out.append(p)
     e = matched.event

@@ -2,9 +2,10 @@
 
 This is the cluster's ``EventWriter`` (domain/ports.py): IngestService
 validates and matches as on one node, then hands the good events here
-instead of to the LMDB writer. Each event is one JetStream message on
-``qualify.events.<partition>`` (cluster/partitioning.py) with
-``Nats-Msg-Id`` set from its message id, so JetStream drops a retried
+instead of to the LMDB writer. With ``[cluster] batch_events = false``
+each event is one JetStream message on ``qualify.events.<partition>``
+(cluster/partitioning.py) with ``Nats-Msg-Id`` set from its message id,
+so JetStream drops a retried
 event within its dedupe window (and the owner's event log, which keeps 24
 hours of ids, drops it after that). The call resolves only once every
 message has its PubAck, which JetStream sends after the stream's replicas
@@ -16,13 +17,14 @@ links an anonymous id hashed elsewhere, a model keyed by another id) is
 published to each of them, the extra copies with ``<message id>><partition>``
 as their id; the client's duplicate flag is the primary copy's.
 
-With ``[cluster] batch_events = true`` the events of one ingest call that
+By default (``batch_events = true``) the events of one ingest call that
 go to one partition travel as one message (kind ``events``), whose
 ``Nats-Msg-Id`` is a digest of their ids and the partition: the stream then
 drops an identical retry within its window, the owner's event log drops any
 other repeat (24 h), and the acknowledgement's duplicate flags count only
 the former. Per-message costs (NATS and its client's) are paid once per
-partition per call instead of once per event; a partition's group of one
+partition per call instead of once per event (13-17x a single node's CPU
+per event became 1.4-2.6x, bench/RESULTS.md); a partition's group of one
 event is sent as a plain event message, with its own id.
 
 Publishes are pipelined (``publish_async``); acks that do not come within

@@ -34,15 +34,14 @@ import json
 import logging
 import struct
 import time
-from dataclasses import replace
 
 import msgpack
 from nats.js import api
 
 from ..domain.changes import Direction, MembershipChange
-from ..storage.realtime import CHANGELOG_SEQ, SEQ_KEY, RealtimeStore, pack_change
+from ..storage.realtime import CHANGELOG_SEQ, SEQ_KEY, RealtimeStore
 from .jetstream import CHANGES_PREFIX
-from .messages import decode_changes
+from .messages import change_of, change_rows
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +50,8 @@ PARTITION_SEQS = b"cluster.partition_seqs"  # meta: JSON {partition: its last ch
 U64 = struct.Struct("<Q")
 BATCH = 2000
 INDEX_BITS = 16
+ENTER = int(Direction.ENTER)
+INFO_TIMEOUT = 2.0  # a consumer_info the stream's leader election leaves unanswered counts as a failure
 STALLED = 5.0  # seconds without a delivery, with changes waiting, before the consumer is replaced
 
 
@@ -97,7 +98,7 @@ class ReadCopy:
             await asyncio.sleep(1.0)
             stalled = time.monotonic() - self._delivered_at > STALLED
             try:
-                waiting, failures = (await self._sub.consumer_info()).num_pending, 0
+                waiting, failures = (await asyncio.wait_for(self._sub.consumer_info(), INFO_TIMEOUT)).num_pending, 0
             except Exception:  # noqa: BLE001 - a NATS server away, or the consumer is gone
                 waiting, failures = None, failures + 1
             if stalled and (waiting or failures >= STALLED):
@@ -151,39 +152,31 @@ class ReadCopy:
         counts = store.counts(txn)
         seqs = dict(self.seqs)
         members: dict[str, dict[int, int]] = {}
+        stored: list[tuple[bytes, bytes]] = []  # the changelog's (key, value) pairs, in order
         out: list[MembershipChange] = []
         position = self.position
         for stream_seq, data in batch:
             if stream_seq <= position:
                 continue
             position = stream_seq
-            partition, _, changes = decode_changes(data)
+            partition, first, rows = change_rows(data)
             last = seqs.get(partition, 0)
-            for i, c in enumerate(changes):
-                if c.sequence <= last:
+            for i, row in enumerate(rows):
+                if first + i <= last:
                     continue  # a new owner published what its predecessor had: the same change
-                if c.sequence != last + 1:
-                    log.warning("partition %d: changes %d to %d are missing", partition, last + 1, c.sequence - 1)
-                last = c.sequence
-                out.append(replace(c, sequence=(stream_seq << INDEX_BITS) | i))
-                if c.audience_id not in n_bits and c.direction == Direction.EXIT:
-                    continue  # an exit from an audience deleted meanwhile: its members already left here
-                bit = _bit(n_bits, c.audience_id)
-                m = members.get(c.person_key)
-                if m is None:
-                    m = members[c.person_key] = store.membership(txn, c.person_key)
-                if c.direction == Direction.ENTER:
-                    m[bit] = c.effective_us
-                else:
-                    m.pop(bit, None)
-                store.index_member(txn, c.audience_id, c.person_key, c.direction == Direction.ENTER)
-                counts[c.audience_id] = counts.get(c.audience_id, 0) + (1 if c.direction == Direction.ENTER else -1)
+                if first + i != last + 1:
+                    log.warning("partition %d: changes %d to %d are missing", partition, last + 1, first + i - 1)
+                last = first + i
+                sequence = (stream_seq << INDEX_BITS) | i
+                stored.append((SEQ_KEY.pack(sequence), msgpack.packb(row)))  # the row is pack_change's form
+                out.append(change_of(row, sequence))
+                self._member(txn, row, n_bits, members, counts)
             seqs[partition] = last
         for key, m in members.items():
             store.put_membership(txn, key, m)
-        for c in out:
-            txn.put(SEQ_KEY.pack(c.sequence), msgpack.packb(pack_change(c)), db=store.changelog, append=True)
-        if out:
+        if stored:
+            with txn.cursor(db=store.changelog) as cur:
+                cur.putmulti(stored, append=True)
             txn.put(CHANGELOG_SEQ, U64.pack(out[-1].sequence), db=store.meta)
             store.put_counts(txn, counts)
         if n_bits != bits:
@@ -197,6 +190,23 @@ class ReadCopy:
                 self.publish(out)
 
         self.writer.after_commit(committed)
+
+    def _member(self, txn, row: list, n_bits: list, members: dict, counts: dict) -> None:
+        """One change's effect on the membership bits, the member index and the counts."""
+        audience_id, person_key, direction, effective_us = row[0], row[1], row[2], row[3]
+        enter = direction == ENTER
+        if not enter and audience_id not in n_bits:
+            return  # an exit from an audience deleted meanwhile: its members already left here
+        bit = _bit(n_bits, audience_id)
+        m = members.get(person_key)
+        if m is None:
+            m = members[person_key] = self.store.membership(txn, person_key)
+        if enter:
+            m[bit] = effective_us
+        else:
+            m.pop(bit, None)
+        self.store.index_member(txn, audience_id, person_key, enter)
+        counts[audience_id] = counts.get(audience_id, 0) + (1 if enter else -1)
 
     # -- audiences ------------------------------------------------------------------------
     async def _audiences(self) -> None:

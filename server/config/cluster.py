@@ -11,7 +11,7 @@ replicas = 3                   # JetStream replicas of every stream, bucket and 
 lease_ttl = "5s"               # an owner that stops refreshing loses its partitions after this
 snapshot_interval = "60s"      # how often an owner snapshots each partition into the object store
 event_retention = "24h"        # how long the event streams keep events (at least 4 snapshot intervals)
-batch_events = false           # true: one stream message per partition per ingest call (see cluster/publish.py)
+batch_events = true            # one stream message per partition per ingest call; false: one per event (cluster/publish.py)
 ```
 """
 
@@ -44,7 +44,7 @@ class ClusterSettings:
     lease_ttl: float = DEFAULT_LEASE_TTL  # seconds
     snapshot_interval: float = DEFAULT_SNAPSHOT_INTERVAL  # seconds
     event_retention: float = DEFAULT_EVENT_RETENTION  # seconds the event streams keep
-    batch_events: bool = False  # one message per partition per ingest call, rather than per event
+    batch_events: bool = True  # one message per partition per ingest call, rather than per event
 
 
 def _default_node_id() -> str:
@@ -89,10 +89,10 @@ def parse_cluster(r: Reader, raw: dict, present: bool) -> ClusterSettings | None
         r.problem("cluster.event_retention", raw.get("event_retention", MISSING),
                   f"must cover at least {MIN_SNAPSHOTS_RETAINED} snapshot intervals ({MIN_SNAPSHOTS_RETAINED} x "
                   f"{snapshots:g}s): a partition that moves replays the stream from its last snapshot")
-    batch = raw.get("batch_events", False)
+    batch = raw.get("batch_events", True)
     if not isinstance(batch, bool):
         r.problem("cluster.batch_events", batch, "must be true or false")
-        batch = False
+        batch = True
     if not urls:
         return None
     return ClusterSettings(nats_urls=urls, node_id=node_id, partitions=partitions, replicas=replicas,

@@ -8,9 +8,10 @@ this node's read copy, as on one node. Member counts and memberships
 follow as each partition evaluates the change: a CreateAudience answers
 with 0 members, and GetAudience shows the count as it grows.
 
-Preview and Explain need every person's realtime state in one place;
-in a cluster it is spread over the partitions' owners, so they answer
-UNIMPLEMENTED (run them against a single node over a copy of the data).
+Explain is asked of the person's partition owner, which holds their
+realtime state (cluster/explain.py). Preview needs every person's state in
+one place; in a cluster it is spread over the owners, so it answers
+UNIMPLEMENTED (run it against a single node over a copy of the data).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from typing import Protocol
 
 from ..domain.audiences import check_audience_id, check_windows
 from ..domain.conditions import parse_condition
-from ..domain.errors import FieldViolation, InvalidRequest, NotImplementedYet
-from .audiences import AudienceInfo, AudienceService, update_paths
+from ..domain.errors import AudienceNotFound, FieldViolation, InvalidRequest, NotImplementedYet
+from .audiences import AudienceInfo, AudienceService, _require_person, update_paths
 
 
 VISIBLE_WITHIN = 5.0  # seconds a change may take to reach this node's read copy before the call answers anyway
@@ -41,8 +42,9 @@ class ClusterAudienceService(AudienceService):
     """AudienceService over the cluster's catalog (see the module docstring)."""
 
     def __init__(self, catalog: AudienceCatalog, reads, clock, attribute_types: dict, event_model_props: dict,
-                 retention_us: int):
+                 retention_us: int, explainer=None):
         super().__init__(None, None, reads, clock)
+        self.explainer = explainer  # (audience id, person key, now_us) -> (member, tree), asked of the owner
         self.catalog = catalog
         self.attribute_types = attribute_types
         self.event_model_props = event_model_props
@@ -95,6 +97,11 @@ class ClusterAudienceService(AudienceService):
         raise NotImplementedYet("PreviewAudience needs every person's realtime state in one place; in a cluster "
                                 "it is spread over the partitions' owners (preview against a single node)")
 
-    async def explain(self, audience_id: str, person_key: str):
-        raise NotImplementedYet("ExplainMembership is not available in a cluster yet: the person's realtime "
-                                "state lives on their partition's owner")
+    async def explain(self, audience_id: str, person_key: str) -> tuple[bool, dict]:
+        """Asked of the person's partition owner, which holds their realtime state (cluster/explain.py)."""
+        _require_person(person_key)
+        if self.explainer is None:
+            raise NotImplementedYet("ExplainMembership needs the partition owners' answers, not wired here")
+        if self.reads.audience(audience_id)[0] is None:
+            raise AudienceNotFound(f"no audience {audience_id!r}", metadata={"audience": audience_id})
+        return await self.explainer(audience_id, person_key, self.clock())
