@@ -215,7 +215,7 @@ async def _start_engine(store: RealtimeStore, writer: Writer, project: Project, 
     engine = Engine(
         store, project.event_models, [(a.name, a.type) for a in project.parent_model.attributes],
         int(project.session_timeout * 1_000_000),
-        read_event=log_.get, iter_events=lambda txn: log_.read(txn, 1), publish=publish,
+        read_event=log_.get, read_fields=log_.fields, iter_events=lambda txn: log_.read(txn, 1), publish=publish,
         retention_us=int(project.event_retention * 1_000_000), cache_people=project.state_cache)
     t0 = time.perf_counter()
     try:

@@ -269,8 +269,12 @@ class Harness:
             return iter(self.log)
 
         # A cache of two people: most people are evicted and reloaded from their stored state all the time.
+        def fields(txn, seq):  # what the event log's fields() reads from a record
+            e = self.log[seq - 1]
+            return int(e.type), e.name, e.timestamp_us, e.properties, e.session_id
+
         return Engine(self.store, MODELS, ATTRS, TIMEOUT, read_event=lambda txn, seq: self.log[seq - 1],
-                      iter_events=replay, reference=self.reference, cache_people=2)
+                      read_fields=fields, iter_events=replay, reference=self.reference, cache_people=2)
 
     def restart(self) -> list:
         """A new engine over the same tables, as after a process restart (or a kill -9: no shutdown step)."""
@@ -380,8 +384,9 @@ class Backfill:
     def __init__(self, tmp, audiences: dict[str, dict]):
         self.h = Harness(tmp, audiences, dict(ROWS), reference=False)
         self.reads = 0
-        read = self.h.engine.read_event
+        read, fields = self.h.engine.read_event, self.h.engine.read_fields
         self.h.engine.read_event = lambda txn, seq: (self.count(), read(txn, seq))[1]
+        self.h.engine.read_fields = lambda txn, seq: (self.count(), fields(txn, seq))[1]
         self.world = World(self.h.rows, {a: self.parse(d) for a, d in audiences.items()})
 
     def count(self):

@@ -100,11 +100,20 @@ def graft(engine, txn, key: str, state, leaves: tuple[int, ...], into: tuple | N
             Program(tuple(program.leaves[j] for j in leaves), (), 0, program.session_timeout_us),
             reference=engine.reference)
     donor = evaluator.new_state()
+    models, fields = engine.models, engine.read_fields
     for seq in engine.store.person_seqs(txn, key):
+        f = fields(txn, seq) if fields is not None else None
+        route = models.by_user(f[0], f[1]) if f is not None else None
+        if route is not None:  # most events: matched here, no Event made
+            for model in route:
+                filters = models.filters[model]
+                if filters is None or filters.matches(f[3]):
+                    evaluator.observe(donor, model, f[2], f[3], f[4])
+            continue
         ev = engine.read_event(txn, seq)
         if ev is None:  # older than the log's retention
             continue
-        for model, _ in matching_models(ev, engine.models):
+        for model, _ in matching_models(ev, models):
             evaluator.observe(donor, model, ev.timestamp_us, ev.properties, ev.session_id)
     (engine.evaluator if into is None else into[0]).graft(state, donor, [(j, i) for i, j in enumerate(leaves)])
     return True

@@ -54,7 +54,8 @@ class Engine:
     def __init__(self, store, models: list[EventModel], attributes: list[tuple[str, ValueType]],
                  session_timeout_us: int, read_event: Callable, iter_events: Callable, reference: bool = False,
                  publish: Callable[[list[MembershipChange]], None] = lambda changes: None,
-                 retention_us: int = 30 * 86400 * 1_000_000, cache_people: int = 100_000):
+                 retention_us: int = 30 * 86400 * 1_000_000, cache_people: int = 100_000,
+                 read_fields: Callable | None = None):
         self.store = store
         self.cache_people = cache_people  # people whose state stays in memory between transactions, at most
         self.retention_us = retention_us  # the event log's history: no window may be longer
@@ -66,6 +67,7 @@ class Engine:
         self.event_model_props = {m.name: dict(m.properties) for m in self.models.models}
         self.session_timeout_us = session_timeout_us
         self.read_event = read_event  # (txn, seq) -> Event
+        self.read_fields = read_fields  # (txn, seq) -> (type, name, timestamp_us, properties, session_id) or None
         self.iter_events = iter_events  # (txn) -> Iterator[Event], in log order
         self.reference = reference
         self.on_deadline: Callable[[], None] | None = None  # called when an earlier timer appears

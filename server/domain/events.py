@@ -188,6 +188,7 @@ class ModelSet:
             FilterSet((p.field, p.op, p.values) for p in m.filters) if m.filters else None for m in self.models)
         self._named: dict[tuple[int, str], tuple[int, ...]] = {}
         self._any: dict[int, tuple[int, ...]] = {}
+        self._by_user: dict[tuple[int, str], tuple[int, ...] | None] = {}  # see by_user
         named: dict[tuple[int, str], list[int]] = {}
         any_name: dict[int, list[int]] = {}
         for i, m in enumerate(self.models):
@@ -207,8 +208,27 @@ class ModelSet:
 
     def candidates(self, event: Event) -> tuple[int, ...]:
         """Indices of the models whose type and event name match (filters not applied)."""
-        hit = self._named.get((event.type, event.name))
-        return hit if hit is not None else self._any.get(event.type, ())
+        return self.candidates_of(event.type, event.name)
+
+    def candidates_of(self, type_: int, name: str) -> tuple[int, ...]:
+        hit = self._named.get((type_, name))
+        return hit if hit is not None else self._any.get(type_, ())
+
+    def by_user(self, type_: int, name: str) -> tuple[int, ...] | None:
+        """The candidates of a (type, name) when each is identified by user id; else None.
+
+        Then a logged event (which always names someone) matches exactly the
+        candidates whose filters accept its properties: ``matching_models``
+        without the Event.
+        """
+        key = (type_, name)
+        found = self._by_user.get(key, _NO)
+        if found is _NO:
+            found = self.candidates_of(type_, name)
+            if any(self.models[i].identifier is not Identifier.USER_ID for i in found):
+                found = None
+            self._by_user[key] = found
+        return found
 
 
 Models = Union[ModelSet, Sequence[EventModel]]

@@ -192,6 +192,16 @@ class EventLog:
         with txn.cursor(db=self.events) as cur:
             return SEQ.unpack(cur.key())[0] if cur.first() else 0
 
+    def fields(self, txn: lmdb.Transaction, seq: int) -> tuple | None:
+        """(type, name, timestamp_us, properties, session_id) of the event ``seq``, without making an Event."""
+        raw = txn.get(SEQ.pack(seq), db=self.events)
+        if raw is None:
+            return None
+        t = msgpack.unpackb(raw)
+        if t[0] != FORMAT:
+            raise ValueError(f"event {seq}: unknown record format {t[0]}")
+        return t[2], t[3], t[6], t[8], t[10]
+
     def get(self, txn: lmdb.Transaction, seq: int) -> Event | None:
         """The event ``seq``, or None once retention removed it."""
         raw = txn.get(SEQ.pack(seq), db=self.events)
