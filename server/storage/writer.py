@@ -174,7 +174,7 @@ class Writer:
         it and joins its transaction. Under ingest, a short slice rides in
         each ingest batch's transaction. Either way the two share one commit
         (the batch's part nested, or the slice's: the failure of one leaves
-        the other), and an acknowledgement waits for a slice's couple of
+        the other), and an acknowledgement waits for a slice's few
         milliseconds at most. ``wake_background`` says there is work (again).
         """
         self._background = fn
