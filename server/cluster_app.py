@@ -58,6 +58,9 @@ from .transport.watch import Watch
 log = logging.getLogger(__name__)
 
 REPAIR_EVERY = 5.0
+# At most this long for the handover at shutdown (leader, partitions, read copy together): with a NATS
+# server down or a stream still electing, a snapshot may not land, and the next owner replays a longer tail.
+HANDOVER_SECONDS = 15.0
 
 
 async def _sync_reads(env, project: Project, writer: Writer, progress, on_first, on_fatal, reader) -> None:
@@ -232,6 +235,7 @@ async def serve_cluster(project: Project, *, ready_file: str | None = None, prog
         _repair_audiences(node, AudienceCatalog(res, clock), res), _compact_reads(env, writer, project, clock))]
     await stop.wait()
     log.info("shutting down: handing partitions over, then stopping (grace %.0fs)", GRACE_SECONDS)
+    node.stopping = True  # from now on it claims no partition another node releases
     await health_servicer.enter_graceful_shutdown()
     if http is not None:
         await http.cleanup()
@@ -241,9 +245,10 @@ async def serve_cluster(project: Project, *, ready_file: str | None = None, prog
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    handover_by = loop.time() + HANDOVER_SECONDS
     for part in (leader, node, copy):
         try:  # bounded: with NATS gone, a handover cannot finish and the next owner replays a longer tail
-            await asyncio.wait_for(part.stop(), 30)
+            await asyncio.wait_for(part.stop(), max(1.0, handover_by - loop.time()))
         except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - logged, and the shutdown goes on
             log.warning("stopping %s did not finish cleanly", type(part).__name__)
     await res.close()

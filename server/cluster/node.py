@@ -157,7 +157,7 @@ class Node:
             await self._give_up(worst, snapshot=True)
             return
         want = share - held
-        if want <= 0:
+        if want <= 0 or self.stopping:  # (a node shutting down claims nothing more: it would have to hand it back)
             return
         free = [p for p in range(self.res.partitions)
                 if p not in self.owned and p not in self.starting and self.leases.claimable(p)]
