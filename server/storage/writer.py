@@ -78,21 +78,17 @@ class IngestResult:
         return sum(self.duplicate)
 
 
+@dataclass(slots=True)
 class _Ingest:
-    __slots__ = ("events", "loop", "future")
-
-    def __init__(self, events, loop, future):
-        self.events = events
-        self.loop = loop  # None: future is a concurrent.futures.Future
-        self.future = future
+    events: Sequence[MatchedEvent]
+    loop: asyncio.AbstractEventLoop | None  # None: future is a concurrent.futures.Future
+    future: Any
 
 
+@dataclass(slots=True)
 class _Job:
-    __slots__ = ("fn", "future")
-
-    def __init__(self, fn, future):
-        self.fn = fn
-        self.future = future
+    fn: Callable[[lmdb.Transaction], Any]
+    future: concurrent.futures.Future
 
 
 def _settle(pairs) -> None:
@@ -168,14 +164,13 @@ class Writer:
     def set_background(self, fn: Callable[[lmdb.Transaction, Callable[[], bool]], bool]) -> None:
         """Background work in bounded slices: ``fn(txn, waiting)`` runs one, True if more remain.
 
-        ``waiting()`` says whether queued work waits meanwhile, for the
-        slice to end early. With nothing queued, slices run back to back,
-        each in a transaction of its own; ingest that queues during one ends
-        it and joins its transaction. Under ingest, a short slice rides in
-        each ingest batch's transaction. Either way the two share one commit
-        (the batch's part nested, or the slice's: the failure of one leaves
-        the other), and an acknowledgement waits for a slice's few
-        milliseconds at most. ``wake_background`` says there is work (again).
+        ``waiting()`` says whether queued work waits, for the slice to end
+        early. With nothing queued, slices run back to back; ingest that
+        queues during one ends it and joins its transaction, and under
+        ingest a short slice rides in each batch's. Either way one commit
+        serves both (one part nested: its failure leaves the other), and an
+        acknowledgement waits a slice's few milliseconds at most.
+        ``wake_background`` says there is work (again).
         """
         self._background = fn
 
