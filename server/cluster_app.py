@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 REPAIR_EVERY = 5.0
 # At most this long for the handover at shutdown (leader, partitions, read copy together): with a NATS
 # server down or a stream still electing, a snapshot may not land, and the next owner replays a longer tail.
-HANDOVER_SECONDS = 15.0
+HANDOVER_SECONDS = 10.0
 
 
 async def _sync_reads(env, project: Project, writer: Writer, progress, on_first, on_fatal, reader) -> None:

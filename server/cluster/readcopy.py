@@ -40,7 +40,7 @@ from nats.js import api
 
 from ..domain.changes import Direction, MembershipChange
 from ..storage.realtime import CHANGELOG_SEQ, SEQ_KEY, RealtimeStore
-from .jetstream import CHANGES_PREFIX
+from .jetstream import CHANGES_PREFIX, retry
 from .messages import change_of, change_rows
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,8 @@ class ReadCopy:
             self.seqs = {int(k): v for k, v in json.loads(txn.get(PARTITION_SEQS, db=self.store.meta) or b"{}").items()}
 
         await asyncio.wrap_future(self.writer.submit(open_tables))
-        await self._subscribe()
+        # (JetStream may not answer for a few seconds yet: a NATS server that just restarted is rejoining.)
+        await retry(self._subscribe, "the changes subscription")
         self._tasks = [asyncio.create_task(t) for t in (self._apply_loop(), self._audiences(), self._watchdog())]
 
     async def _subscribe(self) -> None:
