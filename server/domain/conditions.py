@@ -344,7 +344,8 @@ class _Parser:
             return None
         return tuple(self.literal(v, f"{path}.values[{i}]", ftype) for i, v in enumerate(values))
 
-    def event(self, body: dict, path: str) -> EventCondition | None:
+    def model_filters(self, body: dict, path: str) -> tuple[str, tuple[Predicate, ...]] | None:
+        """The ``event_model`` an event condition or a sequence step names, and its property filters."""
         model = body.get("event_model", "")
         props = self.event_models.get(model)
         if props is None:
@@ -357,6 +358,14 @@ class _Parser:
             if p is None:
                 return None
             filters.append(p)
+        return model, tuple(filters)
+
+    def event(self, body: dict, path: str) -> EventCondition | None:
+        parsed = self.model_filters(body, path)
+        if parsed is None:
+            return None
+        model, filters = parsed
+        props = self.event_models[model]
         scope_name = str(body.get("scope", "SCOPE_UNSPECIFIED")).removeprefix("SCOPE_")
         if scope_name not in Scope.__members__:
             self.bad(f"{path}.scope", "must be SCOPE_WITHIN, SCOPE_SESSION or SCOPE_EVER")
@@ -400,7 +409,7 @@ class _Parser:
         if agg is Aggregation.COUNT and (threshold < 0 or threshold != int(threshold) or threshold > 1_000_000):
             self.bad(f"{path}.threshold", "a count threshold must be a whole number from 0 to 1000000")
             return None
-        return EventCondition(model, tuple(filters), scope, window_us, agg, prop, Comparison[cmp_name], threshold)
+        return EventCondition(model, filters, scope, window_us, agg, prop, Comparison[cmp_name], threshold)
 
     def duration(self, raw: Any, path: str, what: str = "window") -> int | None:
         m = _DURATION.match(raw) if isinstance(raw, str) else None

@@ -73,19 +73,8 @@ def _step(parser, raw: Any, path: str) -> Step | None:
         return None
     if not parser.known(raw, path, "step"):
         return None
-    model = raw.get("event_model", "")
-    props = parser.event_models.get(model)
-    if props is None:
-        known = ", ".join(sorted(parser.event_models)) or "none"
-        parser.bad(f"{path}.event_model", f"{model!r} is not a realtime event model (known: {known})")
-        return None
-    filters = []
-    for i, f in enumerate(raw.get("filters", [])):
-        p = parser.predicate(f, f"{path}.filters[{i}]", "property", props, "property")
-        if p is None:
-            return None
-        filters.append(p)
-    return Step(model, tuple(filters))
+    parsed = parser.model_filters(raw, path)
+    return None if parsed is None else Step(*parsed)
 
 
 def _same(parser, raw: Any, steps: list[tuple[Step, str]], path: str) -> tuple[str, ...] | None:
