@@ -147,6 +147,21 @@ async def retry(make, what: str, attempts: int = 40):
             await asyncio.sleep(0.25)
 
 
+async def resubscribe(sub, subscribe, what: str) -> bool:
+    """A stalled consumer, again: ``sub`` unsubscribed (it may be gone), ``subscribe()`` awaited; False if it failed."""
+    log.warning("%s stalled; subscribing again", what)
+    try:
+        await sub.unsubscribe()
+    except Exception:  # noqa: BLE001 - it may be gone already
+        pass
+    try:
+        await subscribe()
+    except Exception as exc:  # noqa: BLE001 - the caller's watchdog tries again next second
+        log.warning("%s: subscribing again failed (%s)", what, exc)
+        return False
+    return True
+
+
 async def _stream(js, config: api.StreamConfig) -> None:
     async def make():
         try:

@@ -36,7 +36,7 @@ from nats.js.errors import NotFoundError
 from ..storage.writer import Writer
 from . import explain, snapshots
 from .apply import APPLYING, Applier
-from .jetstream import CHANGES, EVENTS, changes_subject, events_subject
+from .jetstream import CHANGES, EVENTS, changes_subject, events_subject, resubscribe
 from .messages import MAX_CHANGES_PER_MESSAGE, Kind, change_batch, control, decode, decode_changes
 
 log = logging.getLogger(__name__)
@@ -328,17 +328,9 @@ class Partition:
                 self.pending, failures = waiting + len(self._buffer), 0
             except Exception:  # noqa: BLE001 - a NATS server away, or the consumer is gone
                 waiting, failures = None, failures + 1
-            if stalled and (waiting or failures >= STALLED):
-                log.warning("partition %d: the stream consumer stalled; subscribing again", self.number)
-                try:
-                    await self._sub.unsubscribe()
-                except Exception:  # noqa: BLE001 - it may be gone already
-                    pass
-                try:
-                    await self._subscribe()
-                    failures = 0
-                except Exception as exc:  # noqa: BLE001 - tried again next second
-                    log.warning("partition %d: subscribing again failed (%s)", self.number, exc)
+            if stalled and (waiting or failures >= STALLED) and \
+                    await resubscribe(self._sub, self._subscribe, f"partition {self.number}: the stream consumer"):
+                failures = 0
 
     async def _stuck(self, progress: tuple[int, float]) -> bool:
         """Whether the partition applied nothing for STUCK seconds while its stream has more: then the

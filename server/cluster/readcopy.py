@@ -40,7 +40,7 @@ from nats.js import api
 
 from ..domain.changes import Direction, MembershipChange
 from ..storage.realtime import CHANGELOG_SEQ, SEQ_KEY, RealtimeStore
-from .jetstream import CHANGES_PREFIX, retry
+from .jetstream import CHANGES_PREFIX, resubscribe, retry
 from .messages import change_of, change_rows
 
 log = logging.getLogger(__name__)
@@ -102,17 +102,9 @@ class ReadCopy:
                 waiting, failures = (await asyncio.wait_for(self._sub.consumer_info(), INFO_TIMEOUT)).num_pending, 0
             except Exception:  # noqa: BLE001 - a NATS server away, or the consumer is gone
                 waiting, failures = None, failures + 1
-            if stalled and (waiting or failures >= STALLED):
-                log.warning("the changes consumer stalled; subscribing again")
-                try:
-                    await self._sub.unsubscribe()
-                except Exception:  # noqa: BLE001 - it may be gone already
-                    pass
-                try:
-                    await self._subscribe()
-                    failures = 0
-                except Exception as exc:  # noqa: BLE001 - tried again next second
-                    log.warning("subscribing to the changes again failed (%s)", exc)
+            if stalled and (waiting or failures >= STALLED) and \
+                    await resubscribe(self._sub, self._subscribe, "the changes consumer"):
+                failures = 0
 
     async def stop(self) -> None:
         if self._sub is not None:
