@@ -194,7 +194,9 @@ row = st.fixed_dictionaries({"plan": st.sampled_from(PLANS + [None]), "ltv": st.
 @st.composite
 def action(draw):
     kind = draw(st.sampled_from(["events", "events", "events", "advance", "advance", "identify", "sync", "restart",
-                                 "redefine", "walk", "walk"]))
+                                 "redefine", "walk", "walk", "preview"]))
+    if kind == "preview":  # a draft, read beside the writer
+        return ("preview", draw(condition()))
     if kind in ("restart", "walk"):  # walk: one person further in the backfill of a redefined audience
         return (kind,)
     if kind == "redefine":  # delete an audience, and maybe create it again (it then sees its history anew),
@@ -298,8 +300,8 @@ class Harness:
 @settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(audiences=st.dictionaries(st.sampled_from(["a1", "a2", "a3"]), condition(), min_size=1, max_size=3),
        rows=st.dictionaries(st.sampled_from(PEOPLE[:4]), row, min_size=2, max_size=4),
-       actions=st.lists(action(), min_size=1, max_size=12))
-def test_engine_matches_the_world(tmp_path_factory, reference, audiences, rows, actions):
+       actions=st.lists(action(), min_size=1, max_size=12), drafts=st.lists(condition(), max_size=2))
+def test_engine_matches_the_world(tmp_path_factory, reference, audiences, rows, actions, drafts):
     attrs = dict(ATTRS)
     models = {m.name: dict(m.properties) for m in MODELS}
     conditions = {a: parse_condition(d, attrs, models) for a, d in audiences.items()}
@@ -321,6 +323,8 @@ def test_engine_matches_the_world(tmp_path_factory, reference, audiences, rows, 
                 assert world.holds(cond, c.person_key, c.effective_us - 1) == (c.direction == Direction.EXIT)
         elif act[0] == "walk":
             h.walk()
+        elif act[0] == "preview":
+            check_preview(h, world, parse_condition(act[1], attrs, models))
         elif act[0] == "restart":
             replays = h.replays
             for c in h.restart():  # only timers that came due exactly now, none made up
@@ -367,6 +371,16 @@ def test_engine_matches_the_world(tmp_path_factory, reference, audiences, rows, 
         assert h.memberships(h.backfilling()) == world.memberships(h.now, h.backfilling()), act
     h.finish_backfill()
     assert h.memberships() == world.memberships(h.now)
+    for definition in [*drafts, *audiences.values()]:
+        check_preview(h, world, parse_condition(definition, attrs, models))
+
+
+def check_preview(h: Harness, world: World, draft) -> None:
+    """A draft's preview holds everyone the draft would hold now, whatever is being backfilled."""
+    with h.env.begin() as txn:
+        count, sample = h.engine.preview(txn, draft, h.now, 100, float("inf"))
+    expected = {p for p in set(h.rows) | set(world.events) if world.holds(draft, p, h.now)}
+    assert (count, set(sample)) == (len(expected), expected), draft
 
 
 # -- backfill: audiences created or changed beside ingest ----------------------------------------------

@@ -88,13 +88,18 @@ def state_of(progress: dict | None, audience_id: str) -> tuple[bool, float]:
     return True, fraction(progress)
 
 
-def graft(engine, txn, key: str, state, leaves: tuple[int, ...], into: tuple | None = None) -> bool:
+def graft(engine, txn, key: str, state, leaves: tuple[int, ...], into: tuple | None = None,
+          grafters: dict | None = None) -> bool:
     """Gives a person's state these leaves of the program, from a replay of their retained events.
 
     ``into``: (the evaluator that made ``state``, its program), when not the
-    engine's (a read beside the writer: no cache is shared).
+    engine's (a read beside the writer, which shares no cache with it; it
+    may keep its own in ``grafters``).
     """
-    grafters = engine.grafters if into is None else {}
+    if into is None:
+        grafters = engine.grafters
+    elif grafters is None:
+        grafters = {}
     evaluator = grafters.get(leaves)
     if evaluator is None:
         program = engine.compiled.program if into is None else into[1]

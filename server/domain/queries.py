@@ -8,12 +8,13 @@ import time
 import numpy as np
 
 from qualify.evaluator import make_evaluator
+from qualify.evaluator.program import state_key_hash
 
 from . import backfill
 from .compile import compile_audiences, leaf_for
 from .conditions import Condition
 from .errors import PreviewTooSlow
-from .events import ANON, matching_models
+from .events import ANON
 from .explain import explain_tree
 
 
@@ -22,28 +23,32 @@ def preview(engine, txn, condition: Condition, now_us: int, sample: int,
     """How many people qualify now under a draft condition, and some of their keys.
 
     Reads only ``txn`` (a read snapshot is enough) and what the engine
-    replaces whole (its models, its warehouse parts), so it may run on any
-    thread beside the writer. Past ``deadline`` (time.monotonic) it raises
-    PreviewTooSlow.
+    replaces whole (its models, its warehouse parts, its program's epochs),
+    so it may run on any thread beside the writer. A draft's leaf whose
+    state the program keeps is read from each person's stored state, as a
+    live audience's would be; only the others (a new window, say) replay the
+    person's retained events (``backfill.graft``). Past ``deadline``
+    (time.monotonic) it raises PreviewTooSlow.
     """
-    warehouse = engine.warehouse  # one consistent set of columns, even if a sync lands meanwhile
+    warehouse, epochs = engine.warehouse, engine.epoch_keys  # each replaced whole: one consistent set
     compiled = compile_audiences([("draft", condition)], engine.model_index, engine.session_timeout_us)
-    evaluator = make_evaluator(compiled.program, reference=engine.reference)
+    program = compiled.program
+    evaluator = make_evaluator(program, reference=engine.reference)
+    leaf_keys = [format(state_key_hash(leaf), "016x") for leaf in program.leaves]  # as engine.epoch_keys
     static_arrays, static_missing = warehouse.evaluate(compiled)
     default = warehouse.defaults(compiled, static_arrays)[0].copy()
     members: list[str] = []
-    for n, key in enumerate(engine.store.state_keys(txn)):  # everyone with realtime state, as committed
+    grafters: dict = {}
+    for n, (key, (_, pid, generation, raw)) in enumerate(engine.store.stored_states(txn)):
         if n % 256 == 0 and time.monotonic() > deadline:
             raise PreviewTooSlow("the preview did not finish in time; try again when ingest is quieter, "
                                  "or preview a narrower draft")
-        state = evaluator.new_state()  # the person's own retained events, replayed into the draft
-        for seq in engine.store.person_seqs(txn, key):
-            ev = engine.read_event(txn, seq)
-            if ev is None:  # older than the log's retention
-                continue
-            for model, _ in matching_models(ev, engine.models):
-                evaluator.observe(state, model, ev.timestamp_us, ev.properties, ev.session_id)
-        pid = None if key.startswith(ANON) else engine.store.person_id(txn, key)
+        state, missing = evaluator.load_with_missing(raw)
+        stale = sorted(set(missing) | {j for j, k in enumerate(leaf_keys) if epochs.get(k, math.inf) > generation})
+        if stale:  # leaves the program lacks, or learned after this state was stored
+            backfill.graft(engine, txn, key, state, tuple(stale), into=(evaluator, program), grafters=grafters)
+        if pid is None and not key.startswith(ANON):
+            pid = engine.store.person_id(txn, key)
         statics = [bool(a[pid]) if pid is not None and pid < len(a) else m for a, m in zip(static_arrays, static_missing)]
         if evaluator.evaluate(state, now_us, statics)[0]:
             members.append(key)

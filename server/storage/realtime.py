@@ -233,6 +233,11 @@ class RealtimeStore:
                 found = cur.next()
         return out
 
+    def stored_states(self, txn) -> Iterator[tuple[str, tuple[int | None, int | None, int, bytes]]]:
+        """Everyone with realtime state, in key order, each with ``state``'s tuple."""
+        for k, v in txn.cursor(db=self.states):
+            yield bytes(k).decode(), _stored_state(v)
+
     def state_people(self, txn) -> Iterator[tuple[str, int | None]]:
         """(person key, person id as last stored) of everyone with realtime state."""
         for k, v in txn.cursor(db=self.states):
