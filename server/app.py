@@ -288,14 +288,22 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
                        if project.ops.http.enabled and not internal else (None, None))
     if internal:  # the writer's socket is for the serving processes of this user only
         os.chmod(address.removeprefix("unix:"), 0o600)
-    log.info("listening on %s (NOT_SERVING until the first sync lands)", address or f"{host}:{port}")
+    # A restart serves what it stored (the last sync's data, the realtime state) at once, as health says;
+    # the first sync runs beside it. A new data folder has nothing to serve until its first sync lands.
+    restarted = reader.generation > 0
+    if restarted:
+        write_ready_file(ready_file, host, port, 1, http_port)
+    log.info("listening on %s (%s)", address or f"{host}:{port}",
+             "serving the last sync's data while the first sync runs" if restarted
+             else "NOT_SERVING until the first sync lands")
     stop, failed = asyncio.Event(), []
     stop_on_signals(loop, stop)
     alarm = MapAlarm(loop, project.ops.limits.map_nearly_full)
     writer.on_map_use = alarm  # health flips with the commit that fills the map
 
     def first_sync(report) -> None:
-        write_ready_file(ready_file, host, port, 1, http_port)
+        if not restarted:
+            write_ready_file(ready_file, host, port, 1, http_port)
         # The writer of --workers N listens on its socket only (add_insecure_port says 1 for it).
         log.info("%s %d people from %s on %s", "writing for" if internal else "serving", report.people,
                  ", ".join(c.name for c in project.collections), address or f"{host}:{port}")

@@ -649,6 +649,33 @@ def test_warehouse_syncs_continue_after_an_audience_is_deleted(tmp_path, demo_wa
         p.server.stop()
 
 
+def test_a_restart_while_the_warehouse_is_down_serves_what_it_stored(tmp_path, demo_warehouse):
+    """A restart is ready at once on what it stored (health says SERVING), and does not wait for the warehouse."""
+    p = ProjectServer(tmp_path, demo_warehouse)
+    try:
+        api, t = p.api, p.clock.now
+        api.create("carted", ev("cart_adds", threshold=1))
+        api.send(cart_add("user-6", t - S))
+        before = api.pers.Get(personalize_pb2.GetRequest(collection="customers", key="user-7"), timeout=5).record
+        api.close()
+        assert p.server.stop() == 0, p.server.log()
+        held = duckdb.connect(str(p.warehouse))  # another process's write lock: the warehouse cannot be read
+        p.server.start()
+        api = p.api = Api(p.server.address)
+        after = api.pers.Get(personalize_pb2.GetRequest(collection="customers", key="user-7"), timeout=5).record
+        assert after == before and after.fields.fields["country"].string_value
+        assert "carted" in api.check("user-6", ["carted"])
+        eventually(lambda: "warehouse sync failed, nothing changed" in p.server.log(), lambda: p.server.log()[-2000:])
+        landed = p.server.log().count("landed in")
+        held.close()  # back: the next sync lands, ingest goes on
+        eventually(lambda: p.server.log().count("landed in") > landed, lambda: p.server.log()[-2000:], timeout=15)
+        api.send(cart_add("user-8", p.clock.now))
+        assert "carted" in api.check("user-8", ["carted"])
+    finally:
+        p.api.close()
+        p.server.stop()
+
+
 # ---------------------------------------------------------------- differential, against the reference
 
 MODEL_INDEX = {name: i for i, name in enumerate(DEMO_EVENT_MODELS)}
