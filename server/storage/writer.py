@@ -10,15 +10,12 @@ arrangement.
 Group commit. ``ingest`` calls from every RPC are queued; the thread takes
 everything queued (up to ``max_txn_events``) into ONE write transaction:
 append to the log, run the ``on_events`` hook (evaluation), prune the dedupe
-index, commit. Work done inside a transaction may ask, through
-``after_commit``, to be told once it committed: that is how membership
-changes reach the live feed in commit order, and never when the
-transaction was rolled back. The environment is opened with sync on, so the commit is the
-fsync; a hundred concurrent small batches cost one fsync, not a hundred. The
-callers' futures are resolved only after the commit returned, so an
-acknowledgement always means durable. If the hook or the commit raises, the
-transaction is aborted and every request in it fails (nothing is
-acknowledged); the thread carries on with the next transaction.
+index, commit (with sync on, the fsync: a hundred concurrent small batches
+cost one). Futures resolve after the commit, so an acknowledgement means
+durable; if the hook or the commit raises, every request in the transaction
+fails and the thread goes on. ``after_commit`` callbacks run once their
+transaction committed (membership changes reach the live feed in commit
+order, never from a rolled-back one).
 
 Backpressure. At most ``max_pending`` events wait (queued or in the running
 transaction). Past that, ``ingest`` awaits space rather than buffering: the
@@ -112,14 +109,11 @@ class Writer:
         self.max_txn_events = max_txn_events
         self.max_pending = max_pending
         self.prune_min = prune_min
-        #: Called inside the ingest transaction, right after the append, with
-        #: the accepted (non-duplicate) events, seq set, and the transaction's
-        #: clock reading. Raising fails the whole transaction.
+        #: Called in the ingest transaction after the append, with the accepted events (seq set) and the
+        #: transaction's clock reading. Raising fails the whole transaction.
         self.on_events: EventsHook | None = None
-        #: Called on the writer thread after every transaction (committed or
-        #: not) with (bytes of the map in use, map size): health must see a
-        #: fast fill at the commit that made it, not at its next poll. A
-        #: MapFullError reports the map as full.
+        #: Called after every transaction with (bytes of the map in use, map size), so that health sees a
+        #: fast fill at the commit that made it. A MapFullError reports the map as full.
         self.on_map_use: Callable[[int, int], None] | None = None
         self._psize = 0
         self._committed: list[Callable[[], None]] = []  # after_commit callbacks of the running transaction
@@ -187,10 +181,7 @@ class Writer:
     # -- entry points ----------------------------------------------------------------
 
     def after_commit(self, fn: Callable[[], None]) -> None:
-        """From work running in a transaction: call ``fn`` on the writer thread once it committed.
-
-        Callbacks run in commit order, and are dropped if the transaction aborts.
-        """
+        """From work in a transaction: ``fn`` on the writer thread once it committed (dropped if it aborts)."""
         self._committed.append(fn)
 
     async def ingest(self, events: Sequence[MatchedEvent]) -> IngestResult:
