@@ -11,10 +11,44 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Callable
 
 from ._stats import percentile
 
 BATCH = 10
+
+
+def stream_paced(address: str, rate: float, interval: float, stop: threading.Event,
+                 fill: Callable[[object, int, int], None]) -> None:
+    """Page views over one StreamEvents at ``rate`` events/s, a batch every ``interval`` s, until ``stop``.
+
+    ``fill(event, batch_number, i)`` sets each event's ids and properties.
+    A rejected event ends the stream with RuntimeError.
+    """
+    import grpc
+
+    from qualify.clients.emitter import new_message_id
+    from qualify.v1 import event_pb2, ingest_pb2, ingest_pb2_grpc
+
+    per_batch = max(1, round(rate * interval))
+
+    def requests():
+        n, t = 0, time.perf_counter()
+        while not stop.is_set():
+            n += 1
+            req = ingest_pb2.StreamEventsRequest(batch_number=n)
+            for i in range(per_batch):
+                e = req.events.add(message_id=new_message_id(), type=event_pb2.EVENT_TYPE_PAGE)
+                fill(e, n, i)
+                e.timestamp.GetCurrentTime()
+            yield req
+            t += interval
+            time.sleep(max(0.0, t - time.perf_counter()))
+
+    with grpc.insecure_channel(address) as channel:
+        for reply in ingest_pb2_grpc.IngestServiceStub(channel).StreamEvents(requests()):
+            if reply.rejections:
+                raise RuntimeError(f"events rejected: {reply.rejections[0]}")
 
 
 class Steady:

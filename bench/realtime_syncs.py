@@ -28,6 +28,7 @@ from pathlib import Path
 from . import _proc
 from ._server import Server, server_note
 from ._stats import stats_ms
+from ._steady import stream_paced
 
 TARGETS = {"watch_p99_ms_max": 10.0, "webhook_p99_ms_max": 25.0}
 AUDIENCE = {"event": {"event_model": "page_views", "scope": "SCOPE_EVER", "comparison": "COMPARISON_GE", "threshold": 1}}
@@ -48,32 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load(address: str, rate: float, stop) -> None:
     """Page views by new anonymous people at ``rate`` events/s, a batch every 5 ms."""
-    import grpc
-
-    from qualify.clients.emitter import new_message_id
-    from qualify.v1 import event_pb2, ingest_pb2, ingest_pb2_grpc
-
     tag = uuid.uuid4().hex[:8]
-    interval = 0.005
-    per_batch = max(1, round(rate * interval))
 
-    def requests():
-        n, t = 0, time.perf_counter()
-        while not stop.is_set():
-            n += 1
-            req = ingest_pb2.StreamEventsRequest(batch_number=n)
-            for i in range(per_batch):
-                e = req.events.add(message_id=new_message_id(), type=event_pb2.EVENT_TYPE_PAGE,
-                                   anonymous_id=f"{tag}-{n}-{i}")
-                e.properties.update({"path": "/"})
-                e.timestamp.GetCurrentTime()
-            yield req
-            t += interval
-            time.sleep(max(0.0, t - time.perf_counter()))
+    def fill(e, n: int, i: int) -> None:
+        e.anonymous_id = f"{tag}-{n}-{i}"
+        e.properties.update({"path": "/"})
 
-    with grpc.insecure_channel(address) as channel:
-        for _ in ingest_pb2_grpc.IngestServiceStub(channel).StreamEvents(requests()):
-            pass
+    stream_paced(address, rate, 0.005, stop, fill)
 
 
 def _consume(role: str, address: str, port: int, ready, start_at: float, end_at: float, results) -> None:

@@ -41,6 +41,7 @@ from pathlib import Path
 from . import _proc
 from ._project import demo_project_file
 from ._server import Server, server_note
+from ._steady import stream_paced
 
 SECRET = "bench-soak-secret-0123456789"
 
@@ -79,32 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _load(address: str, rate: float, persons: int, stop) -> None:
     """Page views of random people at ``rate`` events/s, a batch every 10 ms, over one StreamEvents."""
-    import grpc
+    rng = random.Random(7)
 
-    from qualify.clients.emitter import new_message_id
-    from qualify.v1 import event_pb2, ingest_pb2, ingest_pb2_grpc
+    def fill(e, n: int, i: int) -> None:
+        e.name, e.user_id = "/p", f"user-{rng.randrange(persons)}"
+        e.properties.update({"path": "/pricing"})
 
-    interval, rng = 0.01, random.Random(7)
-    per_batch = max(1, round(rate * interval))
-
-    def requests():
-        n, t = 0, time.perf_counter()
-        while not stop.is_set():
-            n += 1
-            req = ingest_pb2.StreamEventsRequest(batch_number=n)
-            for _ in range(per_batch):
-                e = req.events.add(message_id=new_message_id(), type=event_pb2.EVENT_TYPE_PAGE, name="/p",
-                                   user_id=f"user-{rng.randrange(persons)}")
-                e.properties.update({"path": "/pricing"})
-                e.timestamp.GetCurrentTime()
-            yield req
-            t += interval
-            time.sleep(max(0.0, t - time.perf_counter()))
-
-    with grpc.insecure_channel(address) as channel:
-        for reply in ingest_pb2_grpc.IngestServiceStub(channel).StreamEvents(requests()):
-            if reply.rejections:
-                raise RuntimeError(f"events rejected: {reply.rejections[0]}")
+    stream_paced(address, rate, 0.01, stop, fill)
 
 
 class Receiver:
