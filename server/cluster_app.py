@@ -36,12 +36,15 @@ from .cluster.deliveries import DeliveryLeader
 from .cluster.leases import Leases, Watched
 from .cluster.node import Node
 from .cluster.explain import Explainer
+from .cluster.queries import Scatter
 from .cluster.publish import EventPublisher
 from .cluster.readcopy import ReadCopy
 from .config import Project
 from .delivery.runner import Deliveries
 from .observability import metrics
 from .services.cluster_audiences import ClusterAudienceService
+from .services.cluster_simulate import ClusterSimulateService
+from .services.deadlines import CALL_REMAINING
 from .services.feed import ChangeFeed
 from .services.ingest import IngestService
 from .services.watch import WatchService
@@ -53,6 +56,7 @@ from .storage.warehouse_sync import Progress, SyncError, Syncer
 from .storage.writer import Writer
 from .transport.audience import Audiences
 from .transport.ingest import Ingest
+from .transport.simulate import Simulation
 from .transport.watch import Watch
 
 log = logging.getLogger(__name__)
@@ -153,15 +157,33 @@ async def _deliveries(project: Project, env, writer: Writer, feed: ChangeFeed, r
                           settings.lease_ttl)
 
 
+def _with_deadline(handler):
+    """The handler with the client's remaining time in CALL_REMAINING (services/deadlines.py)."""
+    async def call(request, context):
+        token = CALL_REMAINING.set(context.time_remaining())
+        try:
+            return await handler(request, context)
+        finally:
+            CALL_REMAINING.reset(token)
+    return call
+
+
 def _writing(project: Project, res, env, feed: ChangeFeed, clock) -> Writing:
     catalog = AudienceCatalog(res, clock)
+    attribute_types = {a.name: a.type for a in project.parent_model.attributes}
+    event_model_props = {m.name: dict(m.properties) for m in project.event_models}
+    scatter = Scatter(res.nc, res.partitions)  # previews and simulations: every partition's owner answers
     audiences = ClusterAudienceService(
-        catalog, AudienceReads(env), clock, {a.name: a.type for a in project.parent_model.attributes},
-        {m.name: dict(m.properties) for m in project.event_models}, int(project.event_retention * 1_000_000),
-        explainer=Explainer(res.nc, res.partitions))
+        catalog, AudienceReads(env), clock, attribute_types, event_model_props,
+        int(project.event_retention * 1_000_000), explainer=Explainer(res.nc, res.partitions), scatter=scatter,
+        preview_seconds=project.preview_timeout)
+    simulations = ClusterSimulateService(scatter, AudienceReads(env), clock, attribute_types, event_model_props)
     watch = Watch(WatchService(feed, ChangelogView(env), project.watch_buffer, project.watch_max_lag))
+    servicer = Audiences(audiences, watch, Simulation(simulations))
+    servicer.preview_audience = _with_deadline(servicer.preview_audience)
+    servicer.simulate_audience = _with_deadline(servicer.simulate_audience)
     return Writing(ingest=Ingest(IngestService(EventPublisher(res), project.event_models, clock, project.ops.limits)),
-                   audiences=Audiences(audiences, watch))
+                   audiences=servicer)
 
 
 async def _open(project: Project):

@@ -34,7 +34,7 @@ from nats.js import api
 from nats.js.errors import NotFoundError
 
 from ..storage.writer import Writer
-from . import explain, snapshots
+from . import explain, queries, snapshots
 from .apply import APPLYING, Applier
 from .jetstream import CHANGES, EVENTS, changes_subject, events_subject, resubscribe
 from .messages import MAX_CHANGES_PER_MESSAGE, Kind, change_batch, control, decode, decode_changes
@@ -78,6 +78,7 @@ class Partition:
         self._tasks: list[asyncio.Task] = []
         self._sub = None
         self._explain_sub = None  # ExplainMembership's questions for this partition (cluster/explain.py)
+        self._query_sub = None  # PreviewAudience's and SimulateAudience's (cluster/queries.py)
         self._tick_asked: tuple[int, float] | None = None
         self.pending = 0  # stream messages not applied yet (JetStream's count for the consumer, and the buffer)
         self._delivered_at = time.monotonic()
@@ -109,6 +110,7 @@ class Partition:
         self._committed.set()  # whatever the restored changelog holds past the stream's last change
         await self._subscribe()
         self._explain_sub = await explain.serve(node.res.nc, self)
+        self._query_sub = await queries.serve(node.res.nc, self)
         if not state.synced and state.applied == 0:
             await self._publish_control(Kind.SYNC)  # a fresh partition learns its people at once
         self.started_at = time.time()
@@ -138,7 +140,7 @@ class Partition:
 
     async def stop(self, snapshot: bool) -> None:
         """Stops consuming; ``snapshot``: a handover, so the next owner replays only a short tail."""
-        for sub in (self._explain_sub, self._sub):
+        for sub in (self._query_sub, self._explain_sub, self._sub):
             if sub is None:
                 continue
             try:

@@ -9,9 +9,10 @@ follow as each partition evaluates the change: a CreateAudience answers
 with 0 members, and GetAudience shows the count as it grows.
 
 Explain is asked of the person's partition owner, which holds their
-realtime state (cluster/explain.py). Preview needs every person's state in
-one place; in a cluster it is spread over the owners, so it answers
-UNIMPLEMENTED (run it against a single node over a copy of the data).
+realtime state (cluster/explain.py). Preview is checked here as on one node,
+then asked of every partition's owner, each counting its own people, and the
+counts added up (the ``scatter`` port, cluster/queries.py), within the
+client's deadline, at most ``preview_seconds``.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from typing import Protocol
 
 from ..domain.audiences import check_audience_id, check_windows
 from ..domain.conditions import parse_condition
-from ..domain.errors import AudienceNotFound, FieldViolation, InvalidRequest, NotImplementedYet
-from .audiences import AudienceInfo, AudienceService, _require_person, update_paths
+from ..domain.errors import AudienceNotFound, FieldViolation, InvalidRequest, NotImplementedYet, PreviewTooSlow
+from .audiences import MAX_SAMPLE, AudienceInfo, AudienceService, _require_person, update_paths
+from .deadlines import budget
 
 
 VISIBLE_WITHIN = 5.0  # seconds a change may take to reach this node's read copy before the call answers anyway
@@ -42,9 +44,10 @@ class ClusterAudienceService(AudienceService):
     """AudienceService over the cluster's catalog (see the module docstring)."""
 
     def __init__(self, catalog: AudienceCatalog, reads, clock, attribute_types: dict, event_model_props: dict,
-                 retention_us: int, explainer=None):
-        super().__init__(None, None, reads, clock)
+                 retention_us: int, explainer=None, scatter=None, preview_seconds: float = 10.0):
+        super().__init__(None, None, reads, clock, preview_seconds=preview_seconds)
         self.explainer = explainer  # (audience id, person key, now_us) -> (member, tree), asked of the owner
+        self.scatter = scatter  # .preview(condition, now_us, sample, budget) -> (count, keys), asked of every owner
         self.catalog = catalog
         self.attribute_types = attribute_types
         self.event_model_props = event_model_props
@@ -93,9 +96,26 @@ class ClusterAudienceService(AudienceService):
         while not seen(self.reads.audience(audience_id)[0]) and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
 
-    async def preview(self, audience_id, draft, sample):
-        raise NotImplementedYet("PreviewAudience needs every person's realtime state in one place; in a cluster "
-                                "it is spread over the partitions' owners (preview against a single node)")
+    async def preview(self, audience_id: str | None, draft: dict | None, sample: int) -> tuple[int, list[str]]:
+        """As on one node (services/audiences.py), summed over every partition's owner."""
+        if not 0 <= sample <= MAX_SAMPLE:
+            raise InvalidRequest("sample_size out of range",
+                                 violations=[FieldViolation("sample_size", f"must be from 0 to {MAX_SAMPLE}")])
+        if audience_id is None and draft is None:
+            raise InvalidRequest("set id or condition", violations=[FieldViolation("target", "set id or condition")])
+        if draft is None:
+            record = self.reads.audience(audience_id)[0]
+            if record is None:
+                raise AudienceNotFound(f"no audience {audience_id!r}", metadata={"audience": audience_id})
+            draft = record["condition"]
+        else:
+            parse_condition(draft, self.attribute_types, self.event_model_props)
+        if self.scatter is None:
+            raise NotImplementedYet("PreviewAudience needs the partition owners' answers, not wired here")
+        seconds = budget(self.preview_seconds)
+        if seconds <= 0:
+            raise PreviewTooSlow("the call's deadline has passed")
+        return await self.scatter.preview(draft, self.clock(), sample, seconds)
 
     async def explain(self, audience_id: str, person_key: str) -> tuple[bool, dict]:
         """Asked of the person's partition owner, which holds their realtime state (cluster/explain.py)."""

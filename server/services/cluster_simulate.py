@@ -1,0 +1,51 @@
+"""SimulateAudience in a cluster: checked here as on one node, replayed by every partition's owner.
+
+The span, the sample size and the definition are checked exactly as one node
+checks them (services/simulate.py), before anything leaves this node; then
+the ``scatter`` port (cluster/queries.py) has each owner replay its
+partitions' history and adds the timelines up. The deadline is the client's,
+at most ``seconds``.
+"""
+
+from __future__ import annotations
+
+from ..domain.conditions import parse_condition
+from ..domain.errors import AudienceNotFound, FieldViolation, InvalidRequest
+from ..domain.simulate import SimulationTooSlow, Timeline
+from .deadlines import budget
+from .simulate import MAX_SAMPLE, SimulateService
+
+
+class ClusterSimulateService(SimulateService):
+    """SimulateService over the partitions' owners (see the module docstring)."""
+
+    def __init__(self, scatter, reads, clock, attribute_types: dict, event_model_props: dict, seconds: float = 120.0):
+        self.scatter = scatter  # .simulate(condition, start, end, bucket, sample, budget) -> Timeline
+        self.reads = reads
+        self.clock = clock
+        self.attribute_types = attribute_types
+        self.event_model_props = event_model_props
+        self.seconds = seconds
+
+    async def simulate(self, audience_id: str | None, draft: dict | None, start_us: int | None, end_us: int | None,
+                       bucket_us: int | None, sample: int, last_us: int | None = None) -> Timeline:
+        if not 0 <= sample <= MAX_SAMPLE:
+            raise InvalidRequest("sample_size out of range",
+                                 violations=[FieldViolation("sample_size", f"must be from 0 to {MAX_SAMPLE}")])
+        if audience_id is None and draft is None:
+            raise InvalidRequest("set id or condition", violations=[FieldViolation("target", "set id or condition")])
+        start, end, bucket = self._span(start_us, end_us, bucket_us, last_us)
+        if draft is None:
+            record = self.reads.audience(audience_id)[0]
+            if record is None:
+                raise AudienceNotFound(f"no audience {audience_id!r}", metadata={"audience": audience_id})
+            draft = record["condition"]
+        else:
+            parse_condition(draft, self.attribute_types, self.event_model_props)
+        seconds = budget(self.seconds)
+        if seconds <= 0:
+            raise SimulationTooSlow("the call's deadline has passed")
+        return await self.scatter.simulate(draft, start, end, bucket, sample, seconds)
+
+    def close(self) -> None:
+        pass
