@@ -65,6 +65,9 @@ REPAIR_EVERY = 5.0
 # At most this long for the handover at shutdown (leader, partitions, read copy together): with a NATS
 # server down or a stream still electing, a snapshot may not land, and the next owner replays a longer tail.
 HANDOVER_SECONDS = 10.0
+# A watch resumed here after a position another node handed out waits this long for this node's read copy
+# to reach it (milliseconds on loopback; longer while a partition's consumer catches up after a failure).
+WATCH_CATCH_UP = 10.0
 
 
 async def _sync_reads(env, project: Project, writer: Writer, progress, on_first, on_fatal, reader) -> None:
@@ -178,7 +181,8 @@ def _writing(project: Project, res, env, feed: ChangeFeed, clock) -> Writing:
         int(project.event_retention * 1_000_000), explainer=Explainer(res.nc, res.partitions), scatter=scatter,
         preview_seconds=project.preview_timeout)
     simulations = ClusterSimulateService(scatter, AudienceReads(env), clock, attribute_types, event_model_props)
-    watch = Watch(WatchService(feed, ChangelogView(env), project.watch_buffer, project.watch_max_lag))
+    watch = Watch(WatchService(feed, ChangelogView(env), project.watch_buffer, project.watch_max_lag,
+                               catch_up=WATCH_CATCH_UP))
     servicer = Audiences(audiences, watch, Simulation(simulations))
     servicer.preview_audience = _with_deadline(servicer.preview_audience)
     servicer.simulate_audience = _with_deadline(servicer.simulate_audience)

@@ -227,3 +227,39 @@ def test_resume_across_a_restart_has_no_gap(tmp_path, demo_warehouse):
     finally:
         api.close()
         assert s.stop() == 0, s.log()
+
+
+def test_a_resume_ahead_of_the_changelog_waits_for_it_when_told_to(tmp_path):
+    """A cluster node's copy may trail a position another node handed out: it waits (catch_up), one node refuses."""
+    import asyncio
+
+    from qualify.server.domain.changes import Cause, Direction, MembershipChange
+    from qualify.server.domain.errors import InvalidRequest
+    from qualify.server.services.feed import ChangeFeed
+    from qualify.server.services.watch import Start, WatchService
+    from qualify.server.storage.lmdb_store import open_env
+    from qualify.server.storage.realtime import RealtimeStore
+    from qualify.server.storage.realtime_reads import ChangelogView
+
+    env = open_env(tmp_path / "lmdb", 1 << 26, readonly=False)
+    with env.begin(write=True) as txn:
+        store = RealtimeStore(env, txn)
+    change = MembershipChange("a", "user-1", Direction.ENTER, 1, Cause.EVENT)
+
+    async def main():
+        feed = ChangeFeed(0)
+        with pytest.raises(InvalidRequest):  # one node: sequence 1 never existed
+            await anext(WatchService(feed, ChangelogView(env), 100, 1000).watch([], Start.SEQUENCE, 1))
+        watch = WatchService(feed, ChangelogView(env), 100, 1000, catch_up=5.0).watch([], Start.SEQUENCE, 1)
+        first = asyncio.ensure_future(anext(watch))
+        await asyncio.sleep(0.1)
+        assert not first.done()  # waiting for sequence 1 to arrive here
+        with env.begin(write=True) as txn:
+            rows = store.append_changes(txn, [change, change])
+        feed.publish(rows)
+        batch = await asyncio.wait_for(first, 5)
+        assert [c.sequence for c in batch] == [2]  # what follows the position, not the position again
+        await watch.aclose()
+
+    asyncio.run(main())
+    env.close()

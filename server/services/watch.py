@@ -53,11 +53,18 @@ def _batches(changes: list[MembershipChange]):
 class WatchService:
     """Watches over the live feed and the changelog."""
 
-    def __init__(self, feed: ChangeFeed, changelog: ChangelogReader, buffer: int, max_lag: int):
+    def __init__(self, feed: ChangeFeed, changelog: ChangelogReader, buffer: int, max_lag: int,
+                 catch_up: float = 0.0):
+        """``catch_up``: how long a resume after a sequence this changelog has not reached yet waits for it.
+
+        On one node such a sequence never existed (0: refused at once). On a
+        cluster node it may be one another node's copy applied first.
+        """
         self.feed = feed
         self.changelog = changelog
         self.buffer = buffer
         self.max_lag = max_lag
+        self.catch_up = catch_up
 
     def _check_lag(self, after: int) -> None:
         if self.feed.head - after > self.max_lag:
@@ -94,6 +101,8 @@ class WatchService:
     async def watch(self, audience_ids: list[str], start: int, after_sequence: int = 0) -> AsyncIterator:
         """Yields lists of changes in sequence order (and one SnapshotEnd after a snapshot)."""
         wanted = frozenset(audience_ids) or None
+        if start == Start.SEQUENCE and self.catch_up and after_sequence > self.feed.head:
+            await self.feed.wait_beyond(after_sequence - 1, self.catch_up)
         known, after = self._start(audience_ids, start or Start.NOW, after_sequence)
         sub = self.feed.subscribe(wanted, self.buffer)
         try:
