@@ -126,7 +126,9 @@ def test_kill9_a_node_then_a_nats_server(tmp_path, nats3, demo_warehouse):
         cluster.start(victim)
         for i in cluster.live():
             api = cluster.apis[i]
-            ok = _wait(lambda api=api: all(api.check(u, [f"cnt_{n}"]) for u, n in want.items()), 30.0)
+            # After a NATS server's restart a partition's consumer may lag for tens of seconds (README,
+            # "Running a cluster"): what this checks is that nothing is lost, not how fast it catches up.
+            ok = _wait(lambda api=api: all(api.check(u, [f"cnt_{n}"]) for u, n in want.items()), 60.0)
             got = {u: set(api.check(u, [f"cnt_{k}" for k in COUNTS])) for u in want}
             wrong = {u: (sorted(got[u]), f"cnt_{n}") for u, n in want.items() if got[u] != {f"cnt_{n}"}}
             if wrong:  # what the stream holds for them, to tell a lost event from a stale read
