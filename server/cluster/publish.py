@@ -41,15 +41,18 @@ import logging
 import re
 from collections.abc import Sequence
 
+import msgpack
+
 from ..domain.errors import StorageUnavailable
 from ..domain.events import MatchedEvent
-from ..storage.eventlog import encode_event
+from ..storage.eventlog import encode_event, event_record
 from ..storage.writer import IngestResult
 from .jetstream import Resources, events_subject
 from .messages import MSG_ID, Kind, control
 from .partitioning import partitions_of
 
 log = logging.getLogger(__name__)
+packb = msgpack.packb
 
 _SAFE_ID = re.compile(r"^[\x21-\x7e]{1,200}$")  # what a NATS header value can carry as is
 
@@ -90,19 +93,32 @@ class EventPublisher:
 
     async def _ingest_batched(self, events: Sequence[MatchedEvent]) -> IngestResult:
         n = self.res.partitions
-        groups: dict[int, list[tuple[int, str, bytes]]] = {}  # partition -> (event index, id, record)
+        # partition -> its events: (event index, or -1 for a copy for another person's partition; message id;
+        # record). Ids enter the group's digest as sent (a copy's as "<id>><partition>"); only a group of one,
+        # sent as a plain event message under its own id, needs its id as a header value.
+        groups: dict[int, list[tuple[int, str, tuple]]] = {}
         for i, m in enumerate(events):
-            record, mid = encode_event(m.event), header_id(m.event.message_id)
-            for j, p in enumerate(partitions_of(m, n)):
-                groups.setdefault(p, []).append((i if j == 0 else -1, mid if j == 0 else f"{mid}>{p}", record))
+            e = m.event
+            record, mid = event_record(e), e.message_id
+            first, *others = partitions_of(m, n)
+            group = groups.get(first)
+            if group is None:
+                group = groups[first] = []
+            group.append((i, mid, record))
+            for p in others:
+                groups.setdefault(p, []).append((-1, mid, record))
         messages, members = [], []
         for p, group in groups.items():
             if len(group) == 1:
-                _, mid, record = group[0]
-                messages.append((events_subject(p), record, {MSG_ID: mid}))
+                i, mid, record = group[0]
+                messages.append((events_subject(p), packb(record),
+                                 {MSG_ID: header_id(mid) if i >= 0 else f"{header_id(mid)}>{p}"}))
             else:
-                digest = hashlib.blake2b("\n".join(mid for _, mid, _ in group).encode(), digest_size=16,
+                ids = "\n".join([mid if i >= 0 else f"{mid}>{p}" for i, mid, _ in group])
+                digest = hashlib.blake2b(ids.encode("utf-8", "surrogatepass"), digest_size=16,
                                          person=f"p{p}".encode()[:16]).hexdigest()
+                # One packing of the group's records (not one per event, nested as bytes): the owner unpacks
+                # the message in one call too (cluster/messages.py reads both forms).
                 payload, headers = control(Kind.EVENTS, events[0].event.received_us, [r for _, _, r in group])
                 messages.append((events_subject(p), payload, {**headers, MSG_ID: f"b:{digest}"}))
             members.append([i for i, _, _ in group if i >= 0])
