@@ -210,7 +210,7 @@ async def _open(project: Project):
 async def _read_copy(env, writer: Writer, res) -> tuple[ReadCopy, ChangeFeed]:
     loop = asyncio.get_running_loop()
     feed_box: list[ChangeFeed] = []
-    copy = ReadCopy(env, writer, res, lambda changes: loop.call_soon_threadsafe(feed_box[0].publish, changes))
+    copy = ReadCopy(env, writer, res, lambda head, rows: loop.call_soon_threadsafe(feed_box[0].advance, head, rows))
     await copy.start()  # creates the tables the feed and the views read
     feed_box.append(ChangeFeed(ChangelogView(env).head()))
     return copy, feed_box[0]

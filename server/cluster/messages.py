@@ -11,7 +11,8 @@ body whose first field is the publisher's clock reading:
     audience  [time_us, revision, op, record] an audience was put (record) or deleted (record None)
     handover  [time_us, user, source, link message id, [event records]]  a person's history moves here
     forward   [time_us, user, event record]  an anonymous event for the user it was linked to
-    events    [time_us, [event records]]     several events of one ingest call ([cluster] batch_events)
+    events    [time_us, [event records]]     several events of one ingest call ([cluster] batch_events), each
+                                             record unpacked (nested in the message), or packed (before)
 
 **Time comes from the stream.** An owner evaluates every message at
 ``max(partition time, the message's time)`` and fires timers only when a
@@ -37,7 +38,7 @@ import msgpack
 
 from ..domain.changes import Cause, Direction, MembershipChange
 from ..domain.events import Event
-from ..storage.eventlog import decode_event, encode_event
+from ..storage.eventlog import decode_event, encode_event, event_of_record
 
 KIND = "Qualify-Kind"
 MSG_ID = "Nats-Msg-Id"
@@ -84,8 +85,11 @@ def decode(seq: int, data: bytes, headers: dict | None) -> list[Item]:
         event = decode_event(0, data)
         return [Item(seq, Kind.EVENT, event.received_us, event)]
     body = msgpack.unpackb(data)
-    if kind == Kind.EVENTS:
-        return [Item(seq, Kind.EVENT, e.received_us, e) for e in (decode_event(0, raw) for raw in body[1])]
+    if kind == Kind.EVENTS:  # the records nested as they are (one unpacking), or packed one by one (before)
+        records = body[1]
+        if records and isinstance(records[0], bytes):
+            return [Item(seq, Kind.EVENT, e.received_us, e) for e in (decode_event(0, raw) for raw in records)]
+        return [Item(seq, Kind.EVENT, e.received_us, e) for e in (event_of_record(0, r) for r in records)]
     return [_control(seq, kind, body)]
 
 

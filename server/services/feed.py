@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 
 from ..domain.changes import MembershipChange
 
@@ -75,11 +76,17 @@ class ChangeFeed:
 
     # -- the writer side (on the loop) -------------------------------------------
     def publish(self, rows: list[MembershipChange]) -> None:
-        if not rows:
-            return
-        self.head = max(self.head, rows[-1].sequence)
-        for sub in self._subs:
-            sub._offer(rows)
+        if rows:
+            self.advance(rows[-1].sequence, lambda: rows)
+
+    def advance(self, head: int, rows: Callable[[], list[MembershipChange]]) -> None:
+        """``publish`` for a writer that builds the changes only if a subscription wants them: ``rows()``
+        makes the committed changes up to ``head``; it is not called while nobody watches."""
+        self.head = max(self.head, head)
+        if self._subs:
+            made = rows()
+            for sub in self._subs:
+                sub._offer(made)
         if self._waiters:
             keep = []
             for seq, fut in self._waiters:

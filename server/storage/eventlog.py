@@ -71,6 +71,12 @@ def dedupe_key(message_id: str) -> bytes:
     return b"\x00" + hashlib.blake2b(raw, digest_size=32).digest()
 
 
+def event_record(e: Event) -> tuple:
+    """The event as its log record, before packing (``encode_event`` packs it; a cluster packs many in one call)."""
+    return (FORMAT, e.message_id, int(e.type), e.name, e.user_id, e.anonymous_id, e.timestamp_us,
+            e.received_us, e.properties, e.traits, e.session_id, e.previous_id, e.context)
+
+
 def encode_event(e: Event, _packb=msgpack.packb) -> bytes:
     return _packb((FORMAT, e.message_id, int(e.type), e.name, e.user_id, e.anonymous_id, e.timestamp_us,
                    e.received_us, e.properties, e.traits, e.session_id, e.previous_id, e.context))
@@ -81,6 +87,11 @@ _TYPE_OF = {int(t): t for t in EventType}  # EventType(n) is an enum call, ten t
 
 def decode_event(seq: int, raw) -> Event:
     return _from_record(seq, msgpack.unpackb(raw))
+
+
+def event_of_record(seq: int, t) -> Event:
+    """An event from its unpacked log record (``event_record``'s tuple, or the list msgpack makes of it)."""
+    return _from_record(seq, t)
 
 
 def _from_record(seq: int, t) -> Event:
