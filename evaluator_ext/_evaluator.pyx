@@ -720,6 +720,17 @@ cdef class CompiledState:
             return 0
         return _wstate(self.block, &self.specs[j]).n
 
+    def spilled(self, Py_ssize_t j):
+        """Sequence leaf j's value records: (in use, spilled out of their 64-byte slots; see _sequences.pxi)."""
+        cdef QState* qs
+        cdef Py_ssize_t g, k = 0
+        if j < 0 or j >= self.n_leaves or self.specs[j].kind == KIND_EVENT:
+            raise IndexError("sequence leaf index out of range")
+        qs = _qstate(self.block, &self.specs[j])
+        for g in range(qs.n):
+            k += _q_slot(qs, g)[0] == Q_SPILLED
+        return qs.n, k
+
     def nbytes(self):
         """Bytes this state holds in C: the block and the buffers it points to (capacity)."""
         cdef Py_ssize_t j, total = self.size
