@@ -578,7 +578,7 @@ cdef int _q_reserve(QState* qs, const LeafSpec* sp, int64_t tbase, int64_t abase
     cdef Py_ssize_t cap = qs.cap
     cdef char* q
     if qs.n >= cap:
-        cap = 1 if cap == 0 else min(2 * cap, sp.nvalues)
+        cap = min(cap + (cap // 4 if cap >= 4 else 1), sp.nvalues)  # one slot at a time up to 4: records are 64 bytes
         q = <char*>malloc(2 * sizeof(int64_t) + cap * (sizeof(uint32_t) + Q_SLOT))
         if q == NULL:
             raise MemoryError()
