@@ -98,12 +98,11 @@ cdef enum:
 
 cdef struct QTmp:
     # A record unpacked on the stack: the QGroup header, buf and summary laid out as sp.gsize bytes from &g
-    # (buf then summary, sized for the largest caps), then room for the key and the intervals it borrows.
+    # (buf then summary, sized for the largest caps), then room for the intervals of a packed record.
     QGroup g
     QEntry buf[Q_MAX_REORDER]
     int64_t sum[Q_MAX_PENDING]
     int64_t ivs[2 * Q_TMP_IV]
-    uint8_t key[Q_SLOT]
 
 
 cdef inline QState* _qstate(char* block, const LeafSpec* sp) noexcept nogil:
@@ -341,7 +340,7 @@ cdef Py_ssize_t _q_pack(const int64_t* bases, const LeafSpec* sp, QGroup* grp, u
 
 
 cdef void _q_unpack(const int64_t* bases, const LeafSpec* sp, const uint8_t* p, QTmp* t) noexcept nogil:
-    """A packed payload (_q_pack's) into t.g; the key and intervals in t's own room."""
+    """A packed payload (_q_pack's) into t.g: the key borrowed from the payload, the intervals in t's room."""
     cdef QGroup* grp = &t.g
     cdef QEntry* buf
     cdef int64_t* s
@@ -351,8 +350,7 @@ cdef void _q_unpack(const int64_t* bases, const LeafSpec* sp, const uint8_t* p, 
     memset(grp, 0, sizeof(QGroup))
     grp.klen = <int32_t>_q_uv(p, &q)
     if grp.klen:
-        memcpy(t.key, p + q, grp.klen)
-        grp.key = t.key
+        grp.key = <uint8_t*>(p + q)  # borrowed from the slot: _q_store packs it aside before writing the slot
         q += grp.klen
     grp.n = p[q]
     q += 1
@@ -522,14 +520,6 @@ cdef void _q_latest(const QState* qs, const LeafSpec* sp, Py_ssize_t g, int64_t*
                         | (u & ((1 << Q_MASK_BITS) - 1)))
 
 
-cdef inline bint _q_latest_before(const QState* qs, const LeafSpec* sp, Py_ssize_t a, Py_ssize_t b) noexcept nogil:
-    """Whether record a's latest remembered event is before record b's."""
-    cdef int64_t ta, ca, tb, cb
-    _q_latest(qs, sp, a, &ta, &ca)
-    _q_latest(qs, sp, b, &tb, &cb)
-    return _q_before(ta, ca, tb, cb)
-
-
 cdef void _q_clear(QState* qs, const LeafSpec* sp) noexcept nogil:
     cdef Py_ssize_t g
     cdef uint8_t* slot
@@ -689,7 +679,7 @@ cdef int _q_insert(CompiledState st, const LeafSpec* sp, const uint8_t* key, Py_
     cdef QEntry* buf
     cdef QTmp t
     cdef Py_ssize_t g = -1, i, n, o, last
-    cdef int64_t code = (st.seq << Q_MASK_BITS) | mask, ots, ocode
+    cdef int64_t code = (st.seq << Q_MASK_BITS) | mask, ots, ocode, lts, lcode
     cdef uint32_t h = _q_hash(key, klen)
     cdef uint32_t* hashes
     cdef bint new = False
@@ -705,10 +695,11 @@ cdef int _q_insert(CompiledState st, const LeafSpec* sp, const uint8_t* key, Py_
     if g < 0:
         if qs.n >= sp.nvalues:
             o = 0
+            _q_latest(qs, sp, 0, &ots, &ocode)
             for i in range(1, qs.n):
-                if _q_latest_before(qs, sp, i, o):
-                    o = i
-            _q_latest(qs, sp, o, &ots, &ocode)
+                _q_latest(qs, sp, i, &lts, &lcode)
+                if _q_before(lts, lcode, ots, ocode):
+                    o, ots, ocode = i, lts, lcode
             if _q_before(ts, code, ots, ocode):
                 return 0  # the newcomer is the oldest: forgotten at once
             if _q_slot(qs, o)[0] == Q_SPILLED:
