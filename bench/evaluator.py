@@ -94,9 +94,11 @@ def sequence_memory(program, seq_leaves: list, persons: int, log: list) -> dict:
            "sequence_bytes_per_person": round((held + persons * fresh) / persons, 1)}
     if hasattr(states[0], "spilled"):  # the packed layout: its records and how many are spilled
         counts = [s.spilled(j) for s in states for j in range(len(seq_leaves))]
-        records = sum(n for n, _ in counts)
-        out.update(records_per_person=round(records / persons, 2), spilled_records=sum(k for _, k in counts),
-                   bytes_per_record=round(held / records, 1) if records else 0)
+        records, spilled = sum(c[0] for c in counts), sum(c[1] for c in counts)
+        out.update(records_per_person=round(records / persons, 2), spilled_records=spilled,
+                   bytes_per_record=round(held / records, 1) if records else 0,
+                   mean_packed_payload_bytes=round(sum(c[2] for c in counts) / (records - spilled), 1)
+                   if records > spilled else 0)
     return out
 
 

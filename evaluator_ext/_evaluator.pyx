@@ -721,15 +721,19 @@ cdef class CompiledState:
         return _wstate(self.block, &self.specs[j]).n
 
     def spilled(self, Py_ssize_t j):
-        """Sequence leaf j's value records: (in use, spilled out of their 64-byte slots; see _sequences.pxi)."""
+        """Sequence leaf j's value records: (in use, spilled out of their 64-byte slots, payload bytes of the
+        packed ones); see _sequences.pxi."""
         cdef QState* qs
-        cdef Py_ssize_t g, k = 0
+        cdef Py_ssize_t g, k = 0, payload = 0
         if j < 0 or j >= self.n_leaves or self.specs[j].kind == KIND_EVENT:
             raise IndexError("sequence leaf index out of range")
         qs = _qstate(self.block, &self.specs[j])
         for g in range(qs.n):
-            k += _q_slot(qs, g)[0] == Q_SPILLED
-        return qs.n, k
+            if _q_slot(qs, g)[0] == Q_SPILLED:
+                k += 1
+            else:
+                payload += _q_slot(qs, g)[0]
+        return qs.n, k, payload
 
     def nbytes(self):
         """Bytes this state holds in C: the block and the buffers it points to (capacity)."""

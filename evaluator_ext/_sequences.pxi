@@ -11,8 +11,8 @@
 #   int64_t tbase, abase | uint32_t hashes[cap] | uint8_t slot[cap][Q_SLOT]
 #
 # A slot holds its value record *packed*: byte 0 the payload's length, then the
-# payload, the record's fields as varints (the dump's encoding, relative to the
-# allocation's bases; _q_pack). A record whose payload does not fit (a long key,
+# payload, the record's fields as varints (much as the dump writes them, but
+# relative to the allocation's bases; _q_pack). A record whose payload does not fit (a long key,
 # timestamps far from tbase, many events, intervals or steps) is *spilled*: byte
 # 0 is Q_SPILLED and the slot holds a pointer to the record unpacked on the heap.
 # Packing is exact for any field values, so spilling is only a matter of space:
@@ -41,7 +41,8 @@
 #   bytewise. The record whose buf[n-1] is the oldest is the one cap 1 evicts.
 #
 # Bound, per person and leaf: sizeof(QState) (40 bytes) before its first
-# relevant event; then 16 + values * (4 + Q_SLOT) = 16 + 64 * values bytes, each
+# relevant event; then 16 + values * (4 + Q_SLOT) = 16 + 64 * values bytes more
+# (without ``same``: 16 + 64), each
 # value's record packed in its 64 bytes of hash and slot when its payload is at
 # most Q_SLOT - 1 = 59 bytes (typically: key ~8 B, 3-4 bytes per buffered event,
 # 1-4 per summary timestamp or interval, near tbase); a spilled record adds
