@@ -612,7 +612,7 @@ cdef struct LeafSpec:
     int64_t keep
     double threshold
     bint empty_holds  # the comparison's value with no events in scope
-    Py_ssize_t offset  # of the leaf's WState or SState (QState for sequences) in a person's state block
+    Py_ssize_t offset  # of the leaf's WState or SState (a QState* for sequences) in a person's state block
     # Sequence and absence leaves (kind != KIND_EVENT; see _sequences.pxi); 0 for the others.
     int kind
     int nsteps
@@ -698,7 +698,7 @@ cdef class CompiledState:
         for j in range(self.n_leaves):
             sp = &self.specs[j]
             if sp.kind != KIND_EVENT:
-                _q_free(_qstate(self.block, sp), sp)
+                _q_free(self.block, sp)
             elif sp.scope == SC_WITHIN:
                 free(_wstate(self.block, sp).buf)
             elif sp.agg == AG_SUM or sp.agg == AG_AVG:
@@ -1162,7 +1162,7 @@ cdef class CompiledEvaluator:
             sp = &self.specs[j]
             if isinstance(leaf, SequenceLeaf):
                 sp.offset = self.state_size
-                self.state_size += sizeof(QState)
+                self.state_size += sizeof(QState*)  # NULL until the leaf's first relevant event
                 _q_spec(sp, leaf, j)
                 for model, qplan in _q_plans(j, leaf, qfilter_index, self.qfilters, qsame_index):
                     qplans.setdefault(model, []).append(qplan)
@@ -1305,9 +1305,7 @@ cdef class CompiledEvaluator:
         st.n_leaves = self.n_leaves
         st.size = self.state_size
         for j in range(self.n_leaves):
-            if self.specs[j].kind != KIND_EVENT:
-                _qstate(st.block, &self.specs[j]).session = -1
-            elif self.specs[j].scope == SC_SESSION:
+            if self.specs[j].kind == KIND_EVENT and self.specs[j].scope == SC_SESSION:
                 _sstate(st.block, &self.specs[j]).session = -1
         return st
 

@@ -3,18 +3,20 @@
 # Included by _evaluator.pyx. The semantics, and the caps that bound the state,
 # are _reference_sequences.py's; this is how they are kept in C.
 #
-# Per person and leaf, a QState in the person's block points at one allocation
-# (none before the leaf's first relevant event): two int64 bases, the record
-# hashes, then up to ``values`` *slots* of Q_SLOT bytes, one per distinct
-# ``same`` value (one slot when the leaf has no ``same``):
+# Per person and leaf, the person's block holds a pointer to the leaf's QState
+# (NULL before its first relevant event: readers then see _Q_EMPTY). The QState
+# heads one allocation: the bases packed fields are relative to, the session
+# and the cache, then the record hashes and up to ``values`` *slots* of Q_SLOT
+# bytes, one per distinct ``same`` value (one slot when the leaf has no ``same``):
 #
-#   int64_t tbase, abase | uint32_t hashes[cap] | uint8_t slot[cap][Q_SLOT]
+#   QState (48 bytes) | uint32_t hashes[cap] | uint8_t slot[cap][Q_SLOT]
 #
 # A slot holds its value record *packed*: byte 0 the payload's length, then the
 # payload, the record's fields as varints (much as the dump writes them, but
-# relative to the allocation's bases; _q_pack). A record whose payload does not fit (a long key,
-# timestamps far from tbase, many events, intervals or steps) is *spilled*: byte
-# 0 is Q_SPILLED and the slot holds a pointer to the record unpacked on the heap.
+# relative to the QState's bases; _q_pack). A record whose payload does not fit
+# (a long key, timestamps far from tbase, many events, intervals or steps) is
+# *spilled*: byte 0 is Q_SPILLED and the slot holds a pointer to the record
+# unpacked on the heap.
 # Packing is exact for any field values, so spilling is only a matter of space:
 # every operation unpacks a record (_q_open), works on the unpacked form, which
 # is the one below, and packs it back (_q_store), spilled only when it must be
@@ -40,9 +42,9 @@
 # - The value key: the canonical encoding of the ``same`` values (below), compared
 #   bytewise. The record whose buf[n-1] is the oldest is the one cap 1 evicts.
 #
-# Bound, per person and leaf: sizeof(QState) (40 bytes) before its first
-# relevant event; then 16 + values * (4 + Q_SLOT) = 16 + 64 * values bytes more
-# (without ``same``: 16 + 64), each
+# Bound, per person and leaf: a pointer (8 bytes) before its first relevant
+# event; then sizeof(QState) + values * (4 + Q_SLOT) = 48 + 64 * values bytes
+# more (without ``same``: 48 + 64), each
 # value's record packed in its 64 bytes of hash and slot when its payload is at
 # most Q_SLOT - 1 = 59 bytes (typically: key ~8 B, 3-4 bytes per buffered event,
 # 1-4 per summary timestamp or interval, near tbase); a spilled record adds
@@ -76,7 +78,9 @@ cdef struct QGroup:
 
 
 cdef struct QState:
-    char* mem  # NULL, or tbase, abase, uint32_t hashes[cap], then cap slots (above); n in use
+    # The head of the leaf's one allocation: then uint32_t hashes[cap] and cap slots (above); n in use.
+    int64_t tbase  # the bases packed timestamps and arrival numbers are relative to
+    int64_t abase
     int64_t session  # SESSION: the session the records belong to; -1 for none
     int64_t c_from  # the cache: c_holds for c_from <= now < c_until (session end aside)
     int64_t c_until
@@ -106,20 +110,47 @@ cdef struct QTmp:
     int64_t ivs[2 * Q_TMP_IV]
 
 
+# A leaf before its first relevant event: the person's block holds NULL where its QState* goes, and
+# readers see this one, empty, its cache valid for every instant (so nothing ever writes it).
+cdef QState _Q_EMPTY
+_Q_EMPTY.tbase = 0
+_Q_EMPTY.abase = 0
+_Q_EMPTY.session = -1
+_Q_EMPTY.c_from = INT64_MIN
+_Q_EMPTY.c_until = INT64_MAX  # NO_FLIP
+_Q_EMPTY.n = 0
+_Q_EMPTY.cap = 0
+_Q_EMPTY.c_valid = True
+_Q_EMPTY.c_holds = False
+
+
 cdef inline QState* _qstate(char* block, const LeafSpec* sp) noexcept nogil:
-    return <QState*>(block + sp.offset)
+    """The leaf's state, to read (_Q_EMPTY before its first relevant event)."""
+    cdef QState* qs = (<QState**>(block + sp.offset))[0]
+    return qs if qs != NULL else &_Q_EMPTY
+
+
+cdef QState* _qstate_w(char* block, const LeafSpec* sp) except NULL:
+    """The leaf's state, to write: allocated (with no slots) at the first need."""
+    cdef QState** slot = <QState**>(block + sp.offset)
+    if slot[0] == NULL:
+        slot[0] = <QState*>calloc(1, sizeof(QState))
+        if slot[0] == NULL:
+            raise MemoryError()
+        slot[0].session = -1
+    return slot[0]
 
 
 cdef inline int64_t* _q_bases(const QState* qs) noexcept nogil:
-    return <int64_t*>qs.mem  # tbase, abase
+    return <int64_t*>&qs.tbase  # tbase, abase
 
 
 cdef inline uint32_t* _q_hashes(const QState* qs) noexcept nogil:
-    return <uint32_t*>(qs.mem + 2 * sizeof(int64_t))
+    return <uint32_t*>(<char*>qs + sizeof(QState))
 
 
 cdef inline uint8_t* _q_slot(const QState* qs, Py_ssize_t g) noexcept nogil:
-    return <uint8_t*>(qs.mem + 2 * sizeof(int64_t) + qs.cap * sizeof(uint32_t) + g * Q_SLOT)
+    return <uint8_t*>(<char*>qs + sizeof(QState) + qs.cap * sizeof(uint32_t) + g * Q_SLOT)
 
 
 cdef inline QGroup* _q_spilled(const uint8_t* slot) noexcept nogil:
@@ -533,11 +564,13 @@ cdef void _q_clear(QState* qs, const LeafSpec* sp) noexcept nogil:
     qs.c_valid = False
 
 
-cdef void _q_free(QState* qs, const LeafSpec* sp) noexcept nogil:
-    _q_clear(qs, sp)
-    free(qs.mem)
-    qs.mem = NULL
-    qs.cap = 0
+cdef void _q_free(char* block, const LeafSpec* sp) noexcept nogil:
+    cdef QState** slot = <QState**>(block + sp.offset)
+    if slot[0] == NULL:
+        return
+    _q_clear(slot[0], sp)
+    free(slot[0])
+    slot[0] = NULL
 
 
 cdef Py_ssize_t _q_stored(const QState* qs, const LeafSpec* sp) noexcept nogil:
@@ -554,9 +587,9 @@ cdef Py_ssize_t _q_stored(const QState* qs, const LeafSpec* sp) noexcept nogil:
 cdef Py_ssize_t _q_nbytes(const QState* qs, const LeafSpec* sp) noexcept nogil:
     cdef Py_ssize_t g, total = 0
     cdef QGroup* rec
-    if qs.mem == NULL:
+    if qs == &_Q_EMPTY:
         return 0
-    total = 2 * sizeof(int64_t) + qs.cap * (sizeof(uint32_t) + Q_SLOT)
+    total = sizeof(QState) + qs.cap * (sizeof(uint32_t) + Q_SLOT)
     for g in range(qs.n):
         if _q_slot(qs, g)[0] == Q_SPILLED:
             rec = _q_spilled(_q_slot(qs, g))
@@ -564,26 +597,29 @@ cdef Py_ssize_t _q_nbytes(const QState* qs, const LeafSpec* sp) noexcept nogil:
     return total
 
 
-cdef int _q_reserve(QState* qs, const LeafSpec* sp, int64_t tbase, int64_t abase) except -1:
-    """Room for slot qs.n (up to nvalues), cleared; the bases set when no record is in use."""
+cdef QState* _q_reserve(char* block, const LeafSpec* sp, int64_t tbase, int64_t abase) except NULL:
+    """Room for slot n (up to nvalues), cleared; the bases set when no record is in use. The QState may
+    move: the new one (the block points at it; earlier pointers to it and its slots are stale)."""
+    cdef QState* qs = _qstate_w(block, sp)
     cdef Py_ssize_t cap = qs.cap
-    cdef char* q
+    cdef QState* q
     if qs.n >= cap:
         cap = min(cap + (cap // 4 if cap >= 4 else 1), sp.nvalues)  # one slot at a time up to 4: records are 64 bytes
-        q = <char*>malloc(2 * sizeof(int64_t) + cap * (sizeof(uint32_t) + Q_SLOT))
+        q = <QState*>malloc(sizeof(QState) + cap * (sizeof(uint32_t) + Q_SLOT))
         if q == NULL:
             raise MemoryError()
+        memcpy(q, qs, sizeof(QState) + qs.n * sizeof(uint32_t))
+        q.cap = <uint16_t>cap
         if qs.n:
-            memcpy(q, qs.mem, 2 * sizeof(int64_t) + qs.n * sizeof(uint32_t))
-            memcpy(q + 2 * sizeof(int64_t) + cap * sizeof(uint32_t), _q_slot(qs, 0), qs.n * Q_SLOT)
-        free(qs.mem)
-        qs.mem = q
-        qs.cap = <uint16_t>cap
+            memcpy(_q_slot(q, 0), _q_slot(qs, 0), qs.n * Q_SLOT)
+        free(qs)
+        (<QState**>(block + sp.offset))[0] = q
+        qs = q
     if qs.n == 0:
-        _q_bases(qs)[0] = tbase
-        _q_bases(qs)[1] = abase
+        qs.tbase = tbase
+        qs.abase = abase
     _q_slot(qs, qs.n)[0] = 0
-    return 0
+    return qs
 
 
 cdef int _q_append(QState* qs, const LeafSpec* sp, QGroup* grp) except -1:
@@ -675,7 +711,7 @@ cdef int _q_fold(QGroup* grp, const LeafSpec* sp, int64_t ts, int64_t mask) exce
 cdef int _q_insert(CompiledState st, const LeafSpec* sp, const uint8_t* key, Py_ssize_t klen, int64_t ts,
                    int64_t mask) except -1:
     """Caps 1 and 2, then the event into its value's buffer (folding the oldest out of a full one)."""
-    cdef QState* qs = _qstate(st.block, sp)
+    cdef QState* qs = _qstate_w(st.block, sp)
     cdef QGroup* grp = NULL
     cdef QEntry* buf
     cdef QTmp t
@@ -708,7 +744,7 @@ cdef int _q_insert(CompiledState st, const LeafSpec* sp, const uint8_t* key, Py_
             _q_slot(qs, o)[0] = 0  # the newcomer takes its place
             g = o
         else:
-            _q_reserve(qs, sp, ts, st.seq)
+            qs = _q_reserve(st.block, sp, ts, st.seq)
             g = qs.n
         _q_fresh(&t, sp, key, klen)
         grp = &t.g

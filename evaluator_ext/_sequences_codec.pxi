@@ -87,14 +87,13 @@ cdef inline int _q_get_ts(Reader* r, int64_t base, int64_t* out) except -1:
     return 0
 
 
-cdef int _q_get_group(CompiledState st, const LeafSpec* sp, QState* qs, Reader* r) except -1:
+cdef int _q_get_group(CompiledState st, const LeafSpec* sp, Reader* r) except -1:
     cdef QTmp t
     cdef QGroup* grp = &t.g
     _q_fresh(&t, sp, NULL, 0)
     try:
-        _q_read_group(st, sp, qs, r, &t)
-        _q_reserve(qs, sp, st.session_last_ts, st.seq)
-        _q_append(qs, sp, grp)
+        _q_read_group(st, sp, _qstate(st.block, sp), r, &t)
+        _q_append(_q_reserve(st.block, sp, st.session_last_ts, st.seq), sp, grp)
     except BaseException:
         _q_drop_tmp(grp)
         raise
@@ -184,7 +183,7 @@ cdef int _q_add_iv_raw(QGroup* grp, int64_t lo, int64_t hi) except -1:
 
 
 cdef int _q_get_section(CompiledState st, const LeafSpec* sp, Reader* r) except -1:
-    cdef QState* qs = _qstate(st.block, sp)
+    cdef QState* qs = _qstate_w(st.block, sp)
     cdef uint64_t n
     cdef Py_ssize_t g
     _get_uv(r, &n)
@@ -195,6 +194,6 @@ cdef int _q_get_section(CompiledState st, const LeafSpec* sp, Reader* r) except 
             _corrupt(b"a session's sequence state with no session")
         qs.session = st.session
     for g in range(<Py_ssize_t>n):
-        _q_get_group(st, sp, qs, r)
-    qs.c_valid = False
+        _q_get_group(st, sp, r)  # (may move the QState)
+    _qstate(st.block, sp).c_valid = False
     return 0

@@ -137,8 +137,8 @@ cdef int _q_compute_absence(CompiledEvaluator ev, CompiledState st, const LeafSp
 
 cdef int _q_ensure(CompiledEvaluator ev, CompiledState st, const LeafSpec* sp, int64_t now) except -1:
     cdef QState* qs = _qstate(st.block, sp)
-    if qs.c_valid and qs.c_from <= now and now < qs.c_until:
-        return 0
+    if qs == &_Q_EMPTY or (qs.c_valid and qs.c_from <= now and now < qs.c_until):
+        return 0  # (_Q_EMPTY: never holds, never flips, at any instant)
     if sp.kind == KIND_SEQUENCE:
         return _q_compute_sequence(sp, qs, now)
     return _q_compute_absence(ev, st, sp, qs, now)
@@ -253,7 +253,7 @@ cdef int _q_graft(CompiledState st, CompiledState dn, const LeafSpec* sp, const 
     kept). A SESSION leaf keeps them only when the donor's current session is
     the state's, as the other SESSION leaves do.
     """
-    cdef QState* qs = _qstate(st.block, sp)
+    cdef QState* qs
     cdef QState* ds = _qstate(dn.block, dp)
     cdef QGroup* grp
     cdef QEntry* buf
@@ -265,11 +265,11 @@ cdef int _q_graft(CompiledState st, CompiledState dn, const LeafSpec* sp, const 
             or (sp.kind == KIND_ABSENCE and sp.npending != dp.npending)
             or (sp.scope == SC_WITHIN and sp.window != dp.window)):
         raise ValueError("graft: the two leaves keep different state")
-    _q_clear(qs, sp)
-    qs.session = -1
+    _q_free(st.block, sp)  # back to a leaf before its first event, then the donor's records
+    if ds.n == 0 or (sp.scope == SC_SESSION and not (same_session and ds.session == dn.session)):
+        return 0
+    qs = _qstate_w(st.block, sp)
     if sp.scope == SC_SESSION:
-        if not (same_session and ds.session == dn.session):
-            return 0
         qs.session = st.session
     for g in range(ds.n):
         grp = _q_open_copy(ds, dp, g, &t)  # the donor's key and intervals borrowed: _q_store copies them
@@ -277,7 +277,7 @@ cdef int _q_graft(CompiledState st, CompiledState dn, const LeafSpec* sp, const 
         for i in range(grp.n):
             seq = (buf[i].code >> Q_MASK_BITS) + shift
             buf[i].code = ((seq if seq >= 1 else 1) << Q_MASK_BITS) | (buf[i].code & ((1 << Q_MASK_BITS) - 1))
-        _q_reserve(qs, sp, _q_bases(ds)[0], <int64_t>(<uint64_t>_q_bases(ds)[1] + <uint64_t>shift))
+        qs = _q_reserve(st.block, sp, ds.tbase, <int64_t>(<uint64_t>ds.abase + <uint64_t>shift))
         _q_append(qs, sp, grp)
     qs.c_valid = False
     return 0
