@@ -9,7 +9,9 @@
   an empty program is the floor; ``--sequences 0`` is the earlier mix, all on
   page_views;
 * state: the bytes each sequence or absence leaf takes in a person's stored
-  state (its section of the dump), per person, after the run;
+  state (its section of the dump), per person, after the run; and in memory
+  (the run's events replayed into the sequence leaves alone): per leaf before
+  its first event, per value record held;
 * full recompute: the warehouse-only parts of every audience, and each
   audience's value for people with no realtime events, over N people,
   vectorised over the attribute columns, as after a sync.
@@ -72,6 +74,34 @@ def sequence_state(evaluator, states: list, leaves: list) -> dict:
                 sum(s.nbytes() for s in states) / len(states), 1)}
 
 
+def sequence_memory(program, seq_leaves: list, persons: int, log: list) -> dict:
+    """The sequence leaves' state in memory: the run's events replayed into a program of those leaves alone.
+
+    Per leaf before its first event (the state block's share), and per value record held (the bytes the
+    leaves hold beyond the block, over the records in use; capacity included, as nbytes counts it)."""
+    from qualify.evaluator import CompiledEvaluator
+    from qualify.evaluator.program import Code, Program
+
+    only = CompiledEvaluator(Program(tuple(seq_leaves), tuple(((Code.EVENT, j),) for j in range(len(seq_leaves))),
+                                     0, program.session_timeout_us))
+    none = CompiledEvaluator(Program((), (), 0, program.session_timeout_us))
+    states = [only.new_state() for _ in range(persons)]
+    for p, model, now, props in log:
+        only.observe(states[p], model, now, props, "")
+    fresh = only.new_state().nbytes()
+    held = sum(s.nbytes() for s in states) - persons * fresh
+    out = {"bytes_per_leaf_before_first_event": round((fresh - none.new_state().nbytes()) / len(seq_leaves), 1),
+           "sequence_bytes_per_person": round((held + persons * fresh) / persons, 1)}
+    if hasattr(states[0], "spilled"):  # the packed layout: its records and how many are spilled
+        counts = [s.spilled(j) for s in states for j in range(len(seq_leaves))]
+        records, spilled = sum(c[0] for c in counts), sum(c[1] for c in counts)
+        out.update(records_per_person=round(records / persons, 2), spilled_records=spilled,
+                   bytes_per_record=round(held / records, 1) if records else 0,
+                   mean_packed_payload_bytes=round(sum(c[2] for c in counts) / (records - spilled), 1)
+                   if records > spilled else 0)
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench evaluator", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -101,7 +131,7 @@ def _event(rng: random.Random, mixed: bool) -> tuple[int, dict]:
 
 
 def per_event(evaluator, n_static: int, persons: int, events: int, by_model: list[int], rng: random.Random,
-              mixed: bool = False, states: list | None = None) -> dict:
+              mixed: bool = False, states: list | None = None, log: list | None = None) -> dict:
     states = states if states is not None else []
     states[:] = [evaluator.new_state() for _ in range(persons)]
     statics = [[bool(rng.getrandbits(1)) for _ in range(n_static)] for _ in range(persons)]
@@ -112,6 +142,8 @@ def per_event(evaluator, n_static: int, persons: int, events: int, by_model: lis
         p = rng.randrange(persons)
         now += rng.randint(0, 2 * S)
         model, props = _event(rng, mixed)
+        if log is not None:
+            log.append((p, model, now, props))
         t0 = perf()
         evaluator.observe(states[p], model, now, props, "")
         values = evaluator.evaluate(states[p], now, statics[p])
@@ -152,11 +184,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, reference in (("compiled", False), ("reference", True)):
         n = args.events if not reference else max(1000, args.events // 20)
         states: list = []
+        log: list = []
         evaluator = make_evaluator(compiled.program, reference)
         out[name] = per_event(evaluator, len(compiled.statics), args.persons, n, list(range(args.audiences)),
-                              random.Random(args.seed), mixed=n_seq > 0, states=states)
+                              random.Random(args.seed), mixed=n_seq > 0, states=states, log=log)
         if not reference and seq_leaves:
             out["state"] = sequence_state(evaluator, states, seq_leaves)
+            out["state"]["in_memory"] = sequence_memory(compiled.program, seq_leaves, args.persons, log)
     out["floor"] = per_event(make_evaluator(empty.program), 0, args.persons, args.events, [], random.Random(args.seed),
                              mixed=n_seq > 0)
 

@@ -612,7 +612,7 @@ cdef struct LeafSpec:
     int64_t keep
     double threshold
     bint empty_holds  # the comparison's value with no events in scope
-    Py_ssize_t offset  # of the leaf's WState or SState (QState for sequences) in a person's state block
+    Py_ssize_t offset  # of the leaf's WState or SState (a QState* for sequences) in a person's state block
     # Sequence and absence leaves (kind != KIND_EVENT; see _sequences.pxi); 0 for the others.
     int kind
     int nsteps
@@ -698,7 +698,7 @@ cdef class CompiledState:
         for j in range(self.n_leaves):
             sp = &self.specs[j]
             if sp.kind != KIND_EVENT:
-                _q_free(_qstate(self.block, sp), sp)
+                _q_free(self.block, sp)
             elif sp.scope == SC_WITHIN:
                 free(_wstate(self.block, sp).buf)
             elif sp.agg == AG_SUM or sp.agg == AG_AVG:
@@ -719,6 +719,21 @@ cdef class CompiledState:
         if self.specs[j].scope != SC_WITHIN:
             return 0
         return _wstate(self.block, &self.specs[j]).n
+
+    def spilled(self, Py_ssize_t j):
+        """Sequence leaf j's value records: (in use, spilled out of their 64-byte slots, payload bytes of the
+        packed ones); see _sequences.pxi."""
+        cdef QState* qs
+        cdef Py_ssize_t g, k = 0, payload = 0
+        if j < 0 or j >= self.n_leaves or self.specs[j].kind == KIND_EVENT:
+            raise IndexError("sequence leaf index out of range")
+        qs = _qstate(self.block, &self.specs[j])
+        for g in range(qs.n):
+            if _q_slot(qs, g)[0] == Q_SPILLED:
+                k += 1
+            else:
+                payload += _q_slot(qs, g)[0]
+        return qs.n, k, payload
 
     def nbytes(self):
         """Bytes this state holds in C: the block and the buffers it points to (capacity)."""
@@ -1147,7 +1162,7 @@ cdef class CompiledEvaluator:
             sp = &self.specs[j]
             if isinstance(leaf, SequenceLeaf):
                 sp.offset = self.state_size
-                self.state_size += sizeof(QState)
+                self.state_size += sizeof(QState*)  # NULL until the leaf's first relevant event
                 _q_spec(sp, leaf, j)
                 for model, qplan in _q_plans(j, leaf, qfilter_index, self.qfilters, qsame_index):
                     qplans.setdefault(model, []).append(qplan)
@@ -1290,9 +1305,7 @@ cdef class CompiledEvaluator:
         st.n_leaves = self.n_leaves
         st.size = self.state_size
         for j in range(self.n_leaves):
-            if self.specs[j].kind != KIND_EVENT:
-                _qstate(st.block, &self.specs[j]).session = -1
-            elif self.specs[j].scope == SC_SESSION:
+            if self.specs[j].kind == KIND_EVENT and self.specs[j].scope == SC_SESSION:
                 _sstate(st.block, &self.specs[j]).session = -1
         return st
 

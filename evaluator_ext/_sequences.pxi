@@ -3,9 +3,24 @@
 # Included by _evaluator.pyx. The semantics, and the caps that bound the state,
 # are _reference_sequences.py's; this is how they are kept in C.
 #
-# Per person and leaf, a QState in the person's block points at an array of
-# *value records*, one per distinct ``same`` value (at most ``values``; one
-# record when the leaf has no ``same``), each of sp.gsize bytes:
+# Per person and leaf, the person's block holds a pointer to the leaf's QState
+# (NULL before its first relevant event: readers then see _Q_EMPTY). The QState
+# heads one allocation: the bases packed fields are relative to, the session
+# and the cache, then the record hashes and up to ``values`` *slots* of Q_SLOT
+# bytes, one per distinct ``same`` value (one slot when the leaf has no ``same``):
+#
+#   QState (48 bytes) | uint32_t hashes[cap] | uint8_t slot[cap][Q_SLOT]
+#
+# A slot holds its value record *packed*: byte 0 the payload's length, then the
+# payload, the record's fields as varints (much as the dump writes them, but
+# relative to the QState's bases; _q_pack). A record whose payload does not fit
+# (a long key, timestamps far from tbase, many events, intervals or steps) is
+# *spilled*: byte 0 is Q_SPILLED and the slot holds a pointer to the record
+# unpacked on the heap.
+# Packing is exact for any field values, so spilling is only a matter of space:
+# every operation unpacks a record (_q_open), works on the unpacked form, which
+# is the one below, and packs it back (_q_store), spilled only when it must be
+# (and packed again once it fits). The unpacked record, sp.gsize bytes:
 #
 #   QGroup header | QEntry buf[reorder] | int64_t summary[nsum]
 #
@@ -27,16 +42,23 @@
 # - The value key: the canonical encoding of the ``same`` values (below), compared
 #   bytewise. The record whose buf[n-1] is the oldest is the one cap 1 evicts.
 #
-# Bound, per person and leaf: sizeof(QState) + values * (sizeof(QGroup) +
-# 16 * reorder + 8 * nsum + key bytes) + 16 bytes per final interval (one for
-# SESSION/EVER; for WITHIN at most (window + how far timestamps run ahead of
-# the clock) / (window - within) + 1 alive). Nothing grows with the events.
+# Bound, per person and leaf: a pointer (8 bytes) before its first relevant
+# event; then sizeof(QState) + values * (4 + Q_SLOT) = 48 + 64 * values bytes
+# more (without ``same``: 48 + 64), each
+# value's record packed in its 64 bytes of hash and slot when its payload is at
+# most Q_SLOT - 1 = 59 bytes (typically: key ~8 B, 3-4 bytes per buffered event,
+# 1-4 per summary timestamp or interval, near tbase); a spilled record adds
+# sizeof(QGroup) + 16 * reorder + 8 * nsum + key bytes + 16 bytes per final
+# interval (one for SESSION/EVER; for WITHIN at most (window + how far
+# timestamps run ahead of the clock) / (window - within) + 1 alive). Nothing
+# grows with the events.
 #
 # Cost: observe runs each step's filters on events of its model, builds the
-# value key, finds the record (a scan of at most ``values`` keys) and inserts
-# into buf (at most ``reorder`` moves). A leaf's value is cached with the
-# instant it next flips, like a WITHIN leaf's; recomputing it is one pass over
-# each record's buf (times the steps) or its intervals.
+# value key, finds the record (a scan of at most ``values`` hashes, then the
+# key), unpacks it, inserts into buf (at most ``reorder`` moves) and packs it.
+# A leaf's value is cached with the instant it next flips, like a WITHIN leaf's;
+# recomputing it is one pass over each record, unpacked, and its buf (times the
+# steps) or its intervals.
 
 cdef struct QEntry:
     int64_t ts
@@ -44,27 +66,26 @@ cdef struct QEntry:
 
 
 cdef struct QGroup:
-    uint8_t* key  # the value key (NULL when the leaf has no same)
+    uint8_t* key  # the value key (NULL when the leaf has no same); a spilled record owns it, an unpacked one borrows
     int64_t* iv  # ABSENCE: final intervals, (lo, hi) pairs, ascending, disjoint
-    uint64_t khash  # FNV-1a of the key: the scan for a value compares this first
     int32_t klen
     uint16_t n_iv
     uint16_t iv_cap
     uint8_t n  # buf entries used (>= 1 in a record in use)
     uint8_t has  # SEQUENCE: bit i, summary[i] is set
     uint8_t n_pend  # ABSENCE: pending anchors in summary[0:n_pend]
+    uint8_t iv_heap  # iv is malloc'd and owned (else NULL or a QTmp's inline array)
 
 
 cdef struct QState:
-    # One allocation: uint64_t hashes[cap] (record g's khash, side by side so that the scan for a value
-    # reads one cache line), then cap records of sp.gsize bytes; n in use.
-    uint64_t* hashes
-    char* groups
+    # The head of the leaf's one allocation: then uint32_t hashes[cap] and cap slots (above); n in use.
+    int64_t tbase  # the bases packed timestamps and arrival numbers are relative to
+    int64_t abase
     int64_t session  # SESSION: the session the records belong to; -1 for none
     int64_t c_from  # the cache: c_holds for c_from <= now < c_until (session end aside)
     int64_t c_until
-    int32_t n
-    int32_t cap
+    uint16_t n
+    uint16_t cap
     uint8_t c_valid
     uint8_t c_holds
 
@@ -74,14 +95,68 @@ cdef enum:
     Q_MAX_REORDER = 64
     Q_MAX_VALUES = 4096
     Q_MAX_PENDING = 64
+    Q_SLOT = 60  # bytes of a slot: with its 4-byte hash, a value record is 64 bytes
+    Q_PAYLOAD = Q_SLOT - 1
+    Q_SPILLED = 0xFF  # slot byte 0 of a spilled record (a payload is at most Q_PAYLOAD bytes)
+    Q_TMP_IV = 30  # a packed record has fewer intervals: each takes at least 2 payload bytes
+
+
+cdef struct QTmp:
+    # A record unpacked on the stack: the QGroup header, buf and summary laid out as sp.gsize bytes from &g
+    # (buf then summary, sized for the largest caps), then room for the intervals of a packed record.
+    QGroup g
+    QEntry buf[Q_MAX_REORDER]
+    int64_t sum[Q_MAX_PENDING]
+    int64_t ivs[2 * Q_TMP_IV]
+
+
+# A leaf before its first relevant event: the person's block holds NULL where its QState* goes, and
+# readers see this one, empty, its cache valid for every instant (so nothing ever writes it).
+cdef QState _Q_EMPTY
+_Q_EMPTY.tbase = 0
+_Q_EMPTY.abase = 0
+_Q_EMPTY.session = -1
+_Q_EMPTY.c_from = INT64_MIN
+_Q_EMPTY.c_until = INT64_MAX  # NO_FLIP
+_Q_EMPTY.n = 0
+_Q_EMPTY.cap = 0
+_Q_EMPTY.c_valid = True
+_Q_EMPTY.c_holds = False
 
 
 cdef inline QState* _qstate(char* block, const LeafSpec* sp) noexcept nogil:
-    return <QState*>(block + sp.offset)
+    """The leaf's state, to read (_Q_EMPTY before its first relevant event)."""
+    cdef QState* qs = (<QState**>(block + sp.offset))[0]
+    return qs if qs != NULL else &_Q_EMPTY
 
 
-cdef inline QGroup* _qgroup(const QState* qs, const LeafSpec* sp, Py_ssize_t g) noexcept nogil:
-    return <QGroup*>(qs.groups + g * sp.gsize)
+cdef QState* _qstate_w(char* block, const LeafSpec* sp) except NULL:
+    """The leaf's state, to write: allocated (with no slots) at the first need."""
+    cdef QState** slot = <QState**>(block + sp.offset)
+    if slot[0] == NULL:
+        slot[0] = <QState*>calloc(1, sizeof(QState))
+        if slot[0] == NULL:
+            raise MemoryError()
+        slot[0].session = -1
+    return slot[0]
+
+
+cdef inline int64_t* _q_bases(const QState* qs) noexcept nogil:
+    return <int64_t*>&qs.tbase  # tbase, abase
+
+
+cdef inline uint32_t* _q_hashes(const QState* qs) noexcept nogil:
+    return <uint32_t*>(<char*>qs + sizeof(QState))
+
+
+cdef inline uint8_t* _q_slot(const QState* qs, Py_ssize_t g) noexcept nogil:
+    return <uint8_t*>(<char*>qs + sizeof(QState) + qs.cap * sizeof(uint32_t) + g * Q_SLOT)
+
+
+cdef inline QGroup* _q_spilled(const uint8_t* slot) noexcept nogil:
+    cdef QGroup* rec
+    memcpy(&rec, slot + 1, sizeof(QGroup*))
+    return rec
 
 
 cdef inline QEntry* _qbuf(QGroup* grp) noexcept nogil:
@@ -204,84 +279,374 @@ def _q_plans(Py_ssize_t j, leaf, dict filter_index, list filters, dict same_inde
 
 # ---------------------------------------------------------------- state
 
+cdef inline uint32_t _q_hash(const uint8_t* p, Py_ssize_t n) noexcept nogil:
+    cdef uint64_t h = 14695981039346656037ULL
+    cdef Py_ssize_t i
+    for i in range(n):
+        h = (h ^ p[i]) * 1099511628211ULL
+    return <uint32_t>(h ^ (h >> 32))  # FNV-1a, folded: the scan compares it first, then the key
+
+
+cdef inline uint64_t _q_uv(const uint8_t* p, Py_ssize_t* q) noexcept nogil:
+    """A varint of a payload _q_pack wrote (trusted: no bounds checks)."""
+    cdef uint64_t v = 0
+    cdef int shift = 0
+    cdef uint8_t b
+    while True:
+        b = p[q[0]]
+        q[0] += 1
+        v |= (<uint64_t>(b & 0x7F)) << shift
+        if not (b & 0x80):
+            return v
+        shift += 7
+
+
+cdef inline Py_ssize_t _q_put_rel(uint8_t* p, int64_t v, int64_t base) noexcept nogil:
+    return _put_uv(p, _zz(<int64_t>(<uint64_t>v - <uint64_t>base)))
+
+
+cdef inline int64_t _q_get_rel(const uint8_t* p, Py_ssize_t* q, int64_t base) noexcept nogil:
+    return <int64_t>(<uint64_t>base + <uint64_t>_unzz(_q_uv(p, q)))
+
+
+cdef Py_ssize_t _q_pack(const int64_t* bases, const LeafSpec* sp, QGroup* grp, uint8_t* p) noexcept nogil:
+    """The record's payload into p (room for Q_PAYLOAD + 24 bytes): its length, or -1 when over Q_PAYLOAD.
+
+        uv klen, key | u8 n, per buffered event: ts (zz from tbase, then uv deltas), uv zz(arrival - abase) << 5 | mask
+        SEQUENCE: u8 has, zz summary[i] - tbase per set bit
+        ABSENCE:  u8 n_pend, zz pending[i] - tbase each; uv n_iv, per interval zz lo - tbase, uv hi - lo (0: +inf)
+
+    Every field is written exactly (64-bit wrapping differences), so unpacking gives the record back.
+    """
+    cdef Py_ssize_t q, i
+    cdef int64_t tb = bases[0], ab = bases[1]
+    cdef QEntry* buf = _qbuf(grp)
+    cdef int64_t* s = _qsum(grp, sp)
+    cdef uint64_t z
+    if grp.klen > Q_PAYLOAD - 2:
+        return -1
+    q = _put_uv(p, <uint64_t>grp.klen)
+    if grp.klen:
+        memcpy(p + q, grp.key, grp.klen)
+        q += grp.klen
+    p[q] = grp.n
+    q += 1
+    for i in range(grp.n):
+        if q > Q_PAYLOAD:
+            return -1
+        if i == 0:
+            q += _q_put_rel(p + q, buf[0].ts, tb)
+        else:
+            q += _put_uv(p + q, <uint64_t>buf[i].ts - <uint64_t>buf[i - 1].ts)
+        z = _zz(<int64_t>(<uint64_t>(buf[i].code >> Q_MASK_BITS) - <uint64_t>ab))
+        if z >> (64 - Q_MASK_BITS):
+            return -1  # an arrival number too far from abase to shift: kept spilled
+        q += _put_uv(p + q, (z << Q_MASK_BITS) | <uint64_t>(buf[i].code & ((1 << Q_MASK_BITS) - 1)))
+    if q > Q_PAYLOAD:
+        return -1
+    if sp.kind == KIND_SEQUENCE:
+        p[q] = grp.has
+        q += 1
+        for i in range(sp.nsteps):
+            if (grp.has >> i) & 1:
+                if q > Q_PAYLOAD:
+                    return -1
+                q += _q_put_rel(p + q, s[i], tb)
+        return q if q <= Q_PAYLOAD else -1
+    p[q] = grp.n_pend
+    q += 1
+    for i in range(grp.n_pend):
+        if q > Q_PAYLOAD:
+            return -1
+        q += _q_put_rel(p + q, s[i], tb)
+    if q > Q_PAYLOAD or grp.n_iv >= Q_TMP_IV:
+        return -1
+    q += _put_uv(p + q, grp.n_iv)
+    for i in range(grp.n_iv):
+        if q > Q_PAYLOAD:
+            return -1
+        q += _q_put_rel(p + q, grp.iv[2 * i], tb)
+        q += _put_uv(p + q, 0 if grp.iv[2 * i + 1] == INT64_MAX
+                     else <uint64_t>grp.iv[2 * i + 1] - <uint64_t>grp.iv[2 * i])
+    return q if q <= Q_PAYLOAD else -1
+
+
+cdef void _q_unpack(const int64_t* bases, const LeafSpec* sp, const uint8_t* p, QTmp* t) noexcept nogil:
+    """A packed payload (_q_pack's) into t.g: the key borrowed from the payload, the intervals in t's room."""
+    cdef QGroup* grp = &t.g
+    cdef QEntry* buf
+    cdef int64_t* s
+    cdef int64_t tb = bases[0], ab = bases[1], ts = 0
+    cdef Py_ssize_t q = 0, i
+    cdef uint64_t u
+    memset(grp, 0, sizeof(QGroup))
+    grp.klen = <int32_t>_q_uv(p, &q)
+    if grp.klen:
+        grp.key = <uint8_t*>(p + q)  # borrowed from the slot: _q_store packs it aside before writing the slot
+        q += grp.klen
+    grp.n = p[q]
+    q += 1
+    buf = _qbuf(grp)
+    for i in range(grp.n):
+        if i == 0:
+            ts = _q_get_rel(p, &q, tb)
+        else:
+            ts = <int64_t>(<uint64_t>ts + _q_uv(p, &q))
+        buf[i].ts = ts
+        u = _q_uv(p, &q)
+        buf[i].code = <int64_t>(((<uint64_t>ab + <uint64_t>_unzz(u >> Q_MASK_BITS)) << Q_MASK_BITS)
+                                | (u & ((1 << Q_MASK_BITS) - 1)))
+    s = _qsum(grp, sp)
+    grp.iv = t.ivs
+    grp.iv_cap = Q_TMP_IV
+    if sp.kind == KIND_SEQUENCE:
+        grp.has = p[q]
+        q += 1
+        for i in range(sp.nsteps):
+            s[i] = _q_get_rel(p, &q, tb) if (grp.has >> i) & 1 else 0
+        return
+    grp.n_pend = p[q]
+    q += 1
+    for i in range(grp.n_pend):
+        s[i] = _q_get_rel(p, &q, tb)
+    grp.n_iv = <uint16_t>_q_uv(p, &q)
+    for i in range(grp.n_iv):
+        t.ivs[2 * i] = _q_get_rel(p, &q, tb)
+        u = _q_uv(p, &q)
+        t.ivs[2 * i + 1] = INT64_MAX if u == 0 else <int64_t>(<uint64_t>t.ivs[2 * i] + u)
+
+
+cdef inline void _q_fresh(QTmp* t, const LeafSpec* sp, const uint8_t* key, Py_ssize_t klen) noexcept nogil:
+    """t.g a new, empty record of the key (borrowed)."""
+    memset(&t.g, 0, sp.gsize)
+    t.g.key = <uint8_t*>key if klen else NULL
+    t.g.klen = <int32_t>klen
+    t.g.iv = t.ivs
+    t.g.iv_cap = Q_TMP_IV
+
+
+cdef inline QGroup* _q_open(const QState* qs, const LeafSpec* sp, Py_ssize_t g, QTmp* t) noexcept nogil:
+    """Record g: the spilled record itself, or unpacked into t. Writers then _q_store it back."""
+    cdef const uint8_t* slot = _q_slot(qs, g)
+    if slot[0] == Q_SPILLED:
+        return _q_spilled(slot)
+    _q_unpack(_q_bases(qs), sp, slot + 1, t)
+    return &t.g
+
+
+cdef QGroup* _q_open_copy(const QState* qs, const LeafSpec* sp, Py_ssize_t g, QTmp* t) noexcept nogil:
+    """Record g as a copy in t, whatever its slot (a spilled one's key and intervals borrowed, read only)."""
+    cdef const uint8_t* slot = _q_slot(qs, g)
+    cdef QGroup* rec
+    if slot[0] != Q_SPILLED:
+        _q_unpack(_q_bases(qs), sp, slot + 1, t)
+        return &t.g
+    rec = _q_spilled(slot)
+    memcpy(&t.g, rec, sp.gsize)
+    t.g.iv_heap = 0
+    t.g.iv_cap = t.g.n_iv  # any interval added would go to a copy of its own
+    return &t.g
+
+
+cdef void _q_free_rec(QGroup* rec) noexcept nogil:
+    free(rec.key)
+    if rec.iv_heap:
+        free(rec.iv)
+    free(rec)
+
+
+cdef inline void _q_drop_tmp(QGroup* grp) noexcept nogil:
+    """An unpacked record's intervals, when an operation moved them to the heap."""
+    if grp.iv_heap:
+        free(grp.iv)
+        grp.iv_heap = 0
+        grp.iv = NULL
+        grp.n_iv = 0
+
+
+cdef int _q_store(QState* qs, const LeafSpec* sp, Py_ssize_t g, QGroup* grp) except -1:
+    """grp (unpacked, or slot g's spilled record itself) into slot g: packed when it fits, else spilled.
+
+    Slot g is in use (packed or spilled) or cleared (byte 0 is 0). grp must not be used after this."""
+    cdef uint8_t pk[Q_PAYLOAD + 32]
+    cdef uint8_t* slot = _q_slot(qs, g)
+    cdef QGroup* old = _q_spilled(slot) if slot[0] == Q_SPILLED else NULL
+    cdef QGroup* rec
+    cdef Py_ssize_t n = _q_pack(_q_bases(qs), sp, grp, pk)
+    if n >= 0:
+        if old != NULL:
+            _q_free_rec(old)  # grp may be old: it is packed in pk already
+        if grp != old:
+            _q_drop_tmp(grp)
+        slot[0] = <uint8_t>n
+        memcpy(slot + 1, pk, n)
+        return 0
+    if grp == old:
+        return 0  # still too big: stays where it is
+    rec = <QGroup*>malloc(sp.gsize)
+    if rec == NULL:
+        raise MemoryError()
+    memcpy(rec, grp, sp.gsize)
+    rec.key = NULL
+    rec.iv = NULL
+    rec.iv_cap = 0
+    rec.iv_heap = 0
+    if grp.klen:
+        rec.key = <uint8_t*>malloc(grp.klen)
+        if rec.key == NULL:
+            free(rec)
+            raise MemoryError()
+        memcpy(rec.key, grp.key, grp.klen)
+    if grp.iv_heap:
+        rec.iv, rec.iv_cap, rec.iv_heap = grp.iv, grp.iv_cap, 1
+        grp.iv, grp.iv_heap = NULL, 0
+    elif grp.n_iv:
+        rec.iv = <int64_t*>malloc(grp.n_iv * 2 * sizeof(int64_t))
+        if rec.iv == NULL:
+            free(rec.key)
+            free(rec)
+            raise MemoryError()
+        memcpy(rec.iv, grp.iv, grp.n_iv * 2 * sizeof(int64_t))
+        rec.iv_cap = grp.n_iv
+        rec.iv_heap = 1
+    if old != NULL:
+        _q_free_rec(old)
+    slot[0] = Q_SPILLED
+    memcpy(slot + 1, &rec, sizeof(QGroup*))
+    return 0
+
+
+cdef inline bint _q_key_is(const QState* qs, Py_ssize_t g, const uint8_t* key, Py_ssize_t klen) noexcept nogil:
+    cdef const uint8_t* slot = _q_slot(qs, g)
+    cdef QGroup* rec
+    cdef Py_ssize_t q = 1
+    if slot[0] == Q_SPILLED:
+        rec = _q_spilled(slot)
+        return rec.klen == klen and (klen == 0 or memcmp(rec.key, key, klen) == 0)
+    return <Py_ssize_t>_q_uv(slot, &q) == klen and (klen == 0 or memcmp(slot + q, key, klen) == 0)
+
+
+cdef void _q_latest(const QState* qs, const LeafSpec* sp, Py_ssize_t g, int64_t* ts, int64_t* code) noexcept nogil:
+    """(ts, code) of record g's latest remembered event, buf[n - 1]."""
+    cdef const uint8_t* slot = _q_slot(qs, g)
+    cdef QGroup* rec
+    cdef Py_ssize_t q = 1, i, n
+    cdef int64_t t = 0
+    cdef uint64_t u = 0
+    if slot[0] == Q_SPILLED:
+        rec = _q_spilled(slot)
+        ts[0] = _qbuf(rec)[rec.n - 1].ts
+        code[0] = _qbuf(rec)[rec.n - 1].code
+        return
+    q += <Py_ssize_t>_q_uv(slot, &q)
+    n = slot[q]
+    q += 1
+    for i in range(n):
+        if i == 0:
+            t = _q_get_rel(slot, &q, _q_bases(qs)[0])
+        else:
+            t = <int64_t>(<uint64_t>t + _q_uv(slot, &q))
+        u = _q_uv(slot, &q)
+    ts[0] = t
+    code[0] = <int64_t>(((<uint64_t>_q_bases(qs)[1] + <uint64_t>_unzz(u >> Q_MASK_BITS)) << Q_MASK_BITS)
+                        | (u & ((1 << Q_MASK_BITS) - 1)))
+
+
 cdef void _q_clear(QState* qs, const LeafSpec* sp) noexcept nogil:
     cdef Py_ssize_t g
-    cdef QGroup* grp
+    cdef uint8_t* slot
     for g in range(qs.n):
-        grp = _qgroup(qs, sp, g)
-        free(grp.key)
-        free(grp.iv)
+        slot = _q_slot(qs, g)
+        if slot[0] == Q_SPILLED:
+            _q_free_rec(_q_spilled(slot))
+        slot[0] = 0
     qs.n = 0
     qs.c_valid = False
 
 
-cdef void _q_free(QState* qs, const LeafSpec* sp) noexcept nogil:
-    _q_clear(qs, sp)
-    free(qs.hashes)
-    qs.groups = NULL
-    qs.hashes = NULL
-    qs.cap = 0
+cdef void _q_free(char* block, const LeafSpec* sp) noexcept nogil:
+    cdef QState** slot = <QState**>(block + sp.offset)
+    if slot[0] == NULL:
+        return
+    _q_clear(slot[0], sp)
+    free(slot[0])
+    slot[0] = NULL
 
 
 cdef Py_ssize_t _q_stored(const QState* qs, const LeafSpec* sp) noexcept nogil:
     """Events kept as they are (the reorder buffers) and pending anchors."""
     cdef Py_ssize_t g, total = 0
     cdef QGroup* grp
+    cdef QTmp t
     for g in range(qs.n):
-        grp = _qgroup(qs, sp, g)
+        grp = _q_open(qs, sp, g, &t)
         total += grp.n + grp.n_pend
     return total
 
 
 cdef Py_ssize_t _q_nbytes(const QState* qs, const LeafSpec* sp) noexcept nogil:
-    cdef Py_ssize_t g, total = qs.cap * (sp.gsize + sizeof(uint64_t))
-    cdef QGroup* grp
+    cdef Py_ssize_t g, total = 0
+    cdef QGroup* rec
+    if qs == &_Q_EMPTY:
+        return 0
+    total = sizeof(QState) + qs.cap * (sizeof(uint32_t) + Q_SLOT)
     for g in range(qs.n):
-        grp = _qgroup(qs, sp, g)
-        total += grp.klen + grp.iv_cap * 2 * sizeof(int64_t)
+        if _q_slot(qs, g)[0] == Q_SPILLED:
+            rec = _q_spilled(_q_slot(qs, g))
+            total += sp.gsize + rec.klen + rec.iv_cap * 2 * sizeof(int64_t)
     return total
 
 
-cdef QGroup* _q_new_group(QState* qs, const LeafSpec* sp) except NULL:
-    """A zeroed record at the end (room made as needed, up to nvalues)."""
+cdef QState* _q_reserve(char* block, const LeafSpec* sp, int64_t tbase, int64_t abase) except NULL:
+    """Room for slot n (up to nvalues), cleared; the bases set when no record is in use. The QState may
+    move: the new one (the block points at it; earlier pointers to it and its slots are stale)."""
+    cdef QState* qs = _qstate_w(block, sp)
     cdef Py_ssize_t cap = qs.cap
-    cdef QGroup* grp
-    cdef char* q
+    cdef QState* q
     if qs.n >= cap:
-        cap = 1 if cap == 0 else min(2 * cap, sp.nvalues)
-        q = <char*>malloc(cap * (sizeof(uint64_t) + sp.gsize))
+        cap = min(cap + (cap // 4 if cap >= 4 else 1), sp.nvalues)  # one slot at a time up to 4: records are 64 bytes
+        q = <QState*>malloc(sizeof(QState) + cap * (sizeof(uint32_t) + Q_SLOT))
         if q == NULL:
             raise MemoryError()
+        memcpy(q, qs, sizeof(QState) + qs.n * sizeof(uint32_t))
+        q.cap = <uint16_t>cap
         if qs.n:
-            memcpy(q, qs.hashes, qs.n * sizeof(uint64_t))
-            memcpy(q + cap * sizeof(uint64_t), qs.groups, qs.n * sp.gsize)
-        free(qs.hashes)
-        qs.hashes = <uint64_t*>q
-        qs.groups = q + cap * sizeof(uint64_t)
-        qs.cap = <int32_t>cap
-    grp = _qgroup(qs, sp, qs.n)
-    memset(grp, 0, sp.gsize)
+            memcpy(_q_slot(q, 0), _q_slot(qs, 0), qs.n * Q_SLOT)
+        free(qs)
+        (<QState**>(block + sp.offset))[0] = q
+        qs = q
+    if qs.n == 0:
+        qs.tbase = tbase
+        qs.abase = abase
+    _q_slot(qs, qs.n)[0] = 0
+    return qs
+
+
+cdef int _q_append(QState* qs, const LeafSpec* sp, QGroup* grp) except -1:
+    """A new record (unpacked; its key borrowed) as slot qs.n, after _q_reserve."""
+    _q_store(qs, sp, qs.n, grp)
+    _q_hashes(qs)[qs.n] = _q_hash(grp.key, grp.klen)
     qs.n += 1
-    return grp
+    return 0
 
 
-cdef inline uint64_t _q_hash(const uint8_t* p, Py_ssize_t n) noexcept nogil:
-    cdef uint64_t h = 14695981039346656037ULL
-    cdef Py_ssize_t i
-    for i in range(n):
-        h = (h ^ p[i]) * 1099511628211ULL
-    return h
-
-
-cdef int _q_set_key(QGroup* grp, const uint8_t* key, Py_ssize_t klen) except -1:
-    grp.key = NULL
-    grp.khash = _q_hash(key, klen)
-    grp.klen = <int32_t>klen
-    if klen:
-        grp.key = <uint8_t*>malloc(klen)
-        if grp.key == NULL:
+cdef int _q_iv_room(QGroup* grp) except -1:
+    """Room for one more interval: on the heap once the inline or borrowed array is full."""
+    cdef Py_ssize_t cap = grp.iv_cap
+    cdef int64_t* p
+    if grp.n_iv < cap:
+        return 0
+    if grp.iv_heap or grp.iv == NULL:
+        _grow(<void**>&grp.iv, &cap, grp.n_iv + 1, 2 * sizeof(int64_t))
+    else:
+        cap = 2 * cap if cap >= 4 else 4
+        p = <int64_t*>malloc(cap * 2 * sizeof(int64_t))
+        if p == NULL:
             raise MemoryError()
-        memcpy(grp.key, key, klen)
+        memcpy(p, grp.iv, grp.n_iv * 2 * sizeof(int64_t))
+        grp.iv = p
+    grp.iv_heap = 1
+    grp.iv_cap = <uint16_t>min(cap, 0xFFFF)
     return 0
 
 
@@ -289,7 +654,6 @@ cdef int _q_add_iv(QGroup* grp, const LeafSpec* sp, int64_t a) except -1:
     """A final anchor: its membership interval, merged into the last one when they meet."""
     cdef int64_t lo = _q_add(a, sp.within)
     cdef int64_t hi = _q_add(a, sp.window) if sp.scope == SC_WITHIN else INT64_MAX
-    cdef Py_ssize_t cap = grp.iv_cap
     if lo >= hi:
         return 0  # within >= window: never a member
     if grp.n_iv and lo <= grp.iv[2 * grp.n_iv - 1]:
@@ -298,9 +662,7 @@ cdef int _q_add_iv(QGroup* grp, const LeafSpec* sp, int64_t a) except -1:
         return 0
     if grp.n_iv >= 0xFFFF:
         raise MemoryError("too many membership intervals for one value")
-    if grp.n_iv >= cap:
-        _grow(<void**>&grp.iv, &cap, grp.n_iv + 1, 2 * sizeof(int64_t))
-        grp.iv_cap = <uint16_t>min(cap, 0xFFFF)
+    _q_iv_room(grp)
     grp.iv[2 * grp.n_iv] = lo
     grp.iv[2 * grp.n_iv + 1] = hi
     grp.n_iv += 1
@@ -349,49 +711,57 @@ cdef int _q_fold(QGroup* grp, const LeafSpec* sp, int64_t ts, int64_t mask) exce
 cdef int _q_insert(CompiledState st, const LeafSpec* sp, const uint8_t* key, Py_ssize_t klen, int64_t ts,
                    int64_t mask) except -1:
     """Caps 1 and 2, then the event into its value's buffer (folding the oldest out of a full one)."""
-    cdef QState* qs = _qstate(st.block, sp)
+    cdef QState* qs = _qstate_w(st.block, sp)
     cdef QGroup* grp = NULL
-    cdef QGroup* o
     cdef QEntry* buf
-    cdef QEntry* ob
-    cdef Py_ssize_t g, i, n
-    cdef int64_t code = (st.seq << Q_MASK_BITS) | mask
-    cdef uint64_t h = _q_hash(key, klen)
+    cdef QTmp t
+    cdef Py_ssize_t g = -1, i, n, o, last
+    cdef int64_t code = (st.seq << Q_MASK_BITS) | mask, ots, ocode, lts, lcode
+    cdef uint32_t h = _q_hash(key, klen)
+    cdef uint32_t* hashes
+    cdef bint new = False
     if sp.scope == SC_SESSION and qs.session != st.session:
         _q_clear(qs, sp)
         qs.session = st.session
-    for g in range(qs.n):
-        if qs.hashes[g] == h:
-            grp = _qgroup(qs, sp, g)
-            if grp.klen == klen and (klen == 0 or memcmp(grp.key, key, klen) == 0):
+    if qs.n:
+        hashes = _q_hashes(qs)
+        for i in range(qs.n):
+            if hashes[i] == h and _q_key_is(qs, i, key, klen):
+                g = i
                 break
-            grp = NULL
-    if grp == NULL:
+    if g < 0:
         if qs.n >= sp.nvalues:
-            o = _qgroup(qs, sp, 0)
-            for g in range(1, qs.n):
-                grp = _qgroup(qs, sp, g)
-                buf = _qbuf(grp)
-                ob = _qbuf(o)
-                if _q_before(buf[grp.n - 1].ts, buf[grp.n - 1].code, ob[o.n - 1].ts, ob[o.n - 1].code):
-                    o = grp
-            ob = _qbuf(o)
-            if _q_before(ts, code, ob[o.n - 1].ts, ob[o.n - 1].code):
+            o = 0
+            _q_latest(qs, sp, 0, &ots, &ocode)
+            for i in range(1, qs.n):
+                _q_latest(qs, sp, i, &lts, &lcode)
+                if _q_before(lts, lcode, ots, ocode):
+                    o, ots, ocode = i, lts, lcode
+            if _q_before(ts, code, ots, ocode):
                 return 0  # the newcomer is the oldest: forgotten at once
-            free(o.key)
-            free(o.iv)
-            memset(o, 0, sp.gsize)
-            grp = o
+            if _q_slot(qs, o)[0] == Q_SPILLED:
+                _q_free_rec(_q_spilled(_q_slot(qs, o)))
+            _q_slot(qs, o)[0] = 0  # the newcomer takes its place
+            g = o
         else:
-            grp = _q_new_group(qs, sp)
-        _q_set_key(grp, key, klen)
-        qs.hashes[(<char*>grp - qs.groups) // sp.gsize] = grp.khash
+            qs = _q_reserve(st.block, sp, ts, st.seq)
+            g = qs.n
+        _q_fresh(&t, sp, key, klen)
+        grp = &t.g
+        new = True
+    else:
+        grp = _q_open(qs, sp, g, &t)
     buf = _qbuf(grp)
     n = grp.n
     if n == sp.reorder:
         if _q_before(ts, code, buf[0].ts, buf[0].code):
-            return 0  # too late: reorder later events of its value are remembered
-        _q_fold(grp, sp, buf[0].ts, buf[0].code & ((1 << Q_MASK_BITS) - 1))
+            return 0  # too late: reorder later events of its value are remembered (nothing changed)
+        try:
+            _q_fold(grp, sp, buf[0].ts, buf[0].code & ((1 << Q_MASK_BITS) - 1))
+        except BaseException:
+            if grp == &t.g:
+                _q_drop_tmp(grp)
+            raise
         memmove(buf, buf + 1, (n - 1) * sizeof(QEntry))
         n -= 1
     i = n
@@ -402,6 +772,20 @@ cdef int _q_insert(CompiledState st, const LeafSpec* sp, const uint8_t* key, Py_
     buf[i].code = code
     grp.n = <uint8_t>(n + 1)
     qs.c_valid = False
+    if not new:
+        _q_store(qs, sp, g, grp)
+        return 0
+    try:
+        _q_store(qs, sp, g, grp)
+    except BaseException:
+        if g < qs.n:  # an evicted record's slot, cleared: the last record takes it
+            qs.n -= 1
+            memcpy(_q_slot(qs, g), _q_slot(qs, qs.n), Q_SLOT)
+            _q_hashes(qs)[g] = _q_hashes(qs)[qs.n]
+        raise
+    _q_hashes(qs)[g] = h
+    if g == qs.n:
+        qs.n += 1
     return 0
 
 

@@ -20,8 +20,9 @@ cdef Py_ssize_t _q_section_bound(CompiledState st, const LeafSpec* sp) noexcept:
     cdef QState* qs = _qstate(st.block, sp)
     cdef Py_ssize_t g, total = 10
     cdef QGroup* grp
+    cdef QTmp t
     for g in range(qs.n):
-        grp = _qgroup(qs, sp, g)
+        grp = _q_open(qs, sp, g, &t)
         total += 20 + grp.klen + 20 * grp.n + 1 + 10 * sp.nsum + 10 + 20 * grp.n_iv
     return total
 
@@ -35,13 +36,14 @@ cdef Py_ssize_t _q_put_section(CompiledState st, const LeafSpec* sp, uint8_t* p)
     cdef Py_ssize_t g, i, q = 0, k, n_iv
     cdef QGroup* grp
     cdef QEntry* buf
+    cdef QTmp t
     cdef int64_t* s
     cdef int64_t base = st.session_last_ts
     if qs.n == 0 or (sp.scope == SC_SESSION and qs.session != st.session):
         return 0
     q += _put_uv(p + q, <uint64_t>qs.n)
     for g in range(qs.n):
-        grp = _qgroup(qs, sp, g)
+        grp = _q_open(qs, sp, g, &t)
         q += _put_uv(p + q, <uint64_t>grp.klen)
         if grp.klen:
             memcpy(p + q, grp.key, grp.klen)
@@ -85,9 +87,22 @@ cdef inline int _q_get_ts(Reader* r, int64_t base, int64_t* out) except -1:
     return 0
 
 
-cdef int _q_get_group(CompiledState st, const LeafSpec* sp, QState* qs, Reader* r) except -1:
-    cdef QGroup* grp
-    cdef QGroup* other
+cdef int _q_get_group(CompiledState st, const LeafSpec* sp, Reader* r) except -1:
+    cdef QTmp t
+    cdef QGroup* grp = &t.g
+    _q_fresh(&t, sp, NULL, 0)
+    try:
+        _q_read_group(st, sp, _qstate(st.block, sp), r, &t)
+        _q_append(_q_reserve(st.block, sp, st.session_last_ts, st.seq), sp, grp)
+    except BaseException:
+        _q_drop_tmp(grp)
+        raise
+    return 0
+
+
+cdef int _q_read_group(CompiledState st, const LeafSpec* sp, QState* qs, Reader* r, QTmp* t) except -1:
+    """One value's record from the section into t (its key borrowed from the section's bytes)."""
+    cdef QGroup* grp = &t.g
     cdef QEntry* buf
     cdef int64_t* s
     cdef int64_t base = st.session_last_ts, mask, ts = 0, lo, prev_hi = INT64_MIN
@@ -100,12 +115,10 @@ cdef int _q_get_group(CompiledState st, const LeafSpec* sp, QState* qs, Reader* 
         if len(_q_key_values(r.p + r.pos, <Py_ssize_t>klen)) != sp.nsame:
             _corrupt(b"value key of another leaf")
         for g in range(qs.n):
-            other = _qgroup(qs, sp, g)
-            if other.klen == <int32_t>klen and memcmp(other.key, r.p + r.pos, klen) == 0:
+            if _q_key_is(qs, g, r.p + r.pos, <Py_ssize_t>klen):
                 _corrupt(b"a value twice")
-    grp = _q_new_group(qs, sp)
-    _q_set_key(grp, r.p + r.pos, <Py_ssize_t>klen)
-    qs.hashes[qs.n - 1] = grp.khash
+        grp.key = <uint8_t*>(r.p + r.pos)
+        grp.klen = <int32_t>klen
     r.pos += klen
     _get_uv(r, &n)
     if n == 0 or n > <uint64_t>sp.reorder:
@@ -162,10 +175,7 @@ cdef int _q_get_group(CompiledState st, const LeafSpec* sp, QState* qs, Reader* 
 
 
 cdef int _q_add_iv_raw(QGroup* grp, int64_t lo, int64_t hi) except -1:
-    cdef Py_ssize_t cap = grp.iv_cap
-    if grp.n_iv >= cap:
-        _grow(<void**>&grp.iv, &cap, grp.n_iv + 1, 2 * sizeof(int64_t))
-        grp.iv_cap = <uint16_t>min(cap, 0xFFFF)
+    _q_iv_room(grp)
     grp.iv[2 * grp.n_iv] = lo
     grp.iv[2 * grp.n_iv + 1] = hi
     grp.n_iv += 1
@@ -173,7 +183,7 @@ cdef int _q_add_iv_raw(QGroup* grp, int64_t lo, int64_t hi) except -1:
 
 
 cdef int _q_get_section(CompiledState st, const LeafSpec* sp, Reader* r) except -1:
-    cdef QState* qs = _qstate(st.block, sp)
+    cdef QState* qs = _qstate_w(st.block, sp)
     cdef uint64_t n
     cdef Py_ssize_t g
     _get_uv(r, &n)
@@ -184,6 +194,6 @@ cdef int _q_get_section(CompiledState st, const LeafSpec* sp, Reader* r) except 
             _corrupt(b"a session's sequence state with no session")
         qs.session = st.session
     for g in range(<Py_ssize_t>n):
-        _q_get_group(st, sp, qs, r)
-    qs.c_valid = False
+        _q_get_group(st, sp, r)  # (may move the QState)
+    _qstate(st.block, sp).c_valid = False
     return 0

@@ -13,12 +13,13 @@ cdef int _q_compute_sequence(const LeafSpec* sp, QState* qs, int64_t now) except
     cdef Py_ssize_t g, i
     cdef QGroup* grp
     cdef QEntry* buf
+    cdef QTmp t
     cdef int64_t s[Q_MASK_BITS]
     cdef uint8_t has
     cdef bint found = False
     cdef int64_t best = 0, last = sp.nsteps - 1
     for g in range(qs.n):
-        grp = _qgroup(qs, sp, g)
+        grp = _q_open(qs, sp, g, &t)
         has = grp.has
         memcpy(s, _qsum(grp, sp), sp.nsteps * sizeof(int64_t))
         buf = _qbuf(grp)
@@ -50,25 +51,27 @@ cdef bint _q_cancelled(const LeafSpec* sp, const QEntry* buf, Py_ssize_t start, 
 
 cdef Py_ssize_t _q_intervals(CompiledEvaluator ev, CompiledState st, const LeafSpec* sp, QState* qs) except -1:
     """Every live anchor's membership interval, into ev.ivs as (lo, hi) pairs; how many."""
-    cdef Py_ssize_t g, i, k, m = 0, need = 0
+    cdef Py_ssize_t g, i, k, m = 0
     cdef QGroup* grp
     cdef QEntry* buf
+    cdef QTmp t
     cdef int64_t* pend
     cdef int64_t a
+    cdef bint pruned
     for g in range(qs.n):
-        grp = _qgroup(qs, sp, g)
+        grp = _q_open(qs, sp, g, &t)
+        k = 0
+        pruned = False
         if sp.scope == SC_WITHIN and grp.n_iv and st.horizon != INT64_MIN:
-            k = 0  # intervals that ended before the horizon: no later query is inside them
+            # intervals that ended before the horizon: no later query is inside them
             while k < grp.n_iv and grp.iv[2 * k + 1] <= st.horizon:
                 k += 1
             if k:
                 memmove(grp.iv, grp.iv + 2 * k, (grp.n_iv - k) * 2 * sizeof(int64_t))
                 grp.n_iv = <uint16_t>(grp.n_iv - k)
-        need += grp.n_iv + grp.n_pend + grp.n
-    if 2 * need + 2 > ev.ivcap:
-        _grow(<void**>&ev.ivs, &ev.ivcap, 2 * need + 2, sizeof(int64_t))
-    for g in range(qs.n):
-        grp = _qgroup(qs, sp, g)
+                pruned = True
+        if 2 * (m + grp.n_iv + grp.n_pend + grp.n) + 2 > ev.ivcap:
+            _grow(<void**>&ev.ivs, &ev.ivcap, 2 * (m + grp.n_iv + grp.n_pend + grp.n) + 2, sizeof(int64_t))
         buf = _qbuf(grp)
         memcpy(ev.ivs + 2 * m, grp.iv, grp.n_iv * 2 * sizeof(int64_t))
         m += grp.n_iv
@@ -87,6 +90,8 @@ cdef Py_ssize_t _q_intervals(CompiledEvaluator ev, CompiledState st, const LeafS
             ev.ivs[2 * m + 1] = _q_add(a, sp.window) if sp.scope == SC_WITHIN else INT64_MAX
             if ev.ivs[2 * m] < ev.ivs[2 * m + 1]:
                 m += 1
+        if pruned:
+            _q_store(qs, sp, g, grp)  # fewer intervals (last: grp may be freed)
     return m
 
 
@@ -132,8 +137,8 @@ cdef int _q_compute_absence(CompiledEvaluator ev, CompiledState st, const LeafSp
 
 cdef int _q_ensure(CompiledEvaluator ev, CompiledState st, const LeafSpec* sp, int64_t now) except -1:
     cdef QState* qs = _qstate(st.block, sp)
-    if qs.c_valid and qs.c_from <= now and now < qs.c_until:
-        return 0
+    if qs == &_Q_EMPTY or (qs.c_valid and qs.c_from <= now and now < qs.c_until):
+        return 0  # (_Q_EMPTY: never holds, never flips, at any instant)
     if sp.kind == KIND_SEQUENCE:
         return _q_compute_sequence(sp, qs, now)
     return _q_compute_absence(ev, st, sp, qs, now)
@@ -174,20 +179,20 @@ cdef bint _q_in_scope(CompiledEvaluator ev, CompiledState st, const LeafSpec* sp
 cdef object _q_progress(CompiledEvaluator ev, CompiledState st, const LeafSpec* sp, int64_t now):
     """reference._sequence_at / _absence_at from the bounded state: a SequenceProgress."""
     cdef QState* qs = _qstate(st.block, sp)
-    cdef Py_ssize_t g, i, k
+    cdef Py_ssize_t g, i, k, found = -1
     cdef QGroup* grp
-    cdef QGroup* found = NULL
     cdef QEntry* buf
+    cdef QTmp t
     cdef int64_t s[Q_MASK_BITS]
     cdef int64_t* pend
     cdef uint8_t has
     cdef int depth, best_depth = 0
-    cdef int64_t best_ts = 0, a
+    cdef int64_t best_ts = 0, a, f_ts = 0, f_code = 0
     if _q_holds(ev, st, sp, now):
         if sp.kind == KIND_ABSENCE:
             return SequenceProgress(2, None, ())
     for g in range(qs.n):
-        grp = _qgroup(qs, sp, g)
+        grp = _q_open(qs, sp, g, &t)
         buf = _qbuf(grp)
         if sp.kind == KIND_SEQUENCE:
             has = grp.has
@@ -198,8 +203,9 @@ cdef object _q_progress(CompiledEvaluator ev, CompiledState st, const LeafSpec* 
                 if (has >> (depth - 1)) & 1 and _q_in_scope(ev, st, sp, qs, s[depth - 1], now):
                     a = s[depth - 1]
                     if (depth > best_depth or (depth == best_depth and (a > best_ts or (
-                            a == best_ts and found != NULL and _q_latest_after(grp, found))))):
-                        best_depth, best_ts, found = depth, a, grp
+                            a == best_ts and found >= 0 and _q_latest_after(grp, f_ts, f_code))))):
+                        best_depth, best_ts, found = depth, a, g
+                        f_ts, f_code = buf[grp.n - 1].ts, buf[grp.n - 1].code
                     break
         else:
             # the earliest anchor still waiting: final intervals not yet begun, live pending and buffered anchors
@@ -220,18 +226,19 @@ cdef object _q_progress(CompiledEvaluator ev, CompiledState st, const LeafSpec* 
                         continue
                 if not (now < _q_add(a, sp.within) and _q_in_scope(ev, st, sp, qs, a, now)):
                     continue
-                if found == NULL or a < best_ts or (a == best_ts and _q_latest_after(grp, found)):
-                    best_depth, best_ts, found = 1, a, grp
-    if found == NULL:
+                if found < 0 or a < best_ts or (a == best_ts and _q_latest_after(grp, f_ts, f_code)):
+                    best_depth, best_ts, found = 1, a, g
+                    f_ts, f_code = buf[grp.n - 1].ts, buf[grp.n - 1].code
+    if found < 0:
         return SequenceProgress(0, None, ())
-    return SequenceProgress(best_depth, best_ts, _q_key_values(found.key, found.klen))
+    grp = _q_open(qs, sp, found, &t)
+    return SequenceProgress(best_depth, best_ts, _q_key_values(grp.key, grp.klen))
 
 
-cdef inline bint _q_latest_after(QGroup* a, QGroup* b) noexcept nogil:
-    """Whether value a's latest remembered event is after value b's."""
+cdef inline bint _q_latest_after(QGroup* a, int64_t ts, int64_t code) noexcept nogil:
+    """Whether value a's latest remembered event is after (ts, code), another value's latest."""
     cdef QEntry* x = _qbuf(a)
-    cdef QEntry* y = _qbuf(b)
-    return _q_before(y[b.n - 1].ts, y[b.n - 1].code, x[a.n - 1].ts, x[a.n - 1].code)
+    return _q_before(ts, code, x[a.n - 1].ts, x[a.n - 1].code)
 
 
 # ---------------------------------------------------------------- graft (a backfill's new leaves)
@@ -246,11 +253,11 @@ cdef int _q_graft(CompiledState st, CompiledState dn, const LeafSpec* sp, const 
     kept). A SESSION leaf keeps them only when the donor's current session is
     the state's, as the other SESSION leaves do.
     """
-    cdef QState* qs = _qstate(st.block, sp)
+    cdef QState* qs
     cdef QState* ds = _qstate(dn.block, dp)
     cdef QGroup* grp
-    cdef QGroup* dg
     cdef QEntry* buf
+    cdef QTmp t
     cdef Py_ssize_t g, i
     cdef int64_t shift = st.seq - dn.seq, seq
     if (sp.kind != dp.kind or sp.scope != dp.scope or sp.nsteps != dp.nsteps or sp.within != dp.within
@@ -258,27 +265,19 @@ cdef int _q_graft(CompiledState st, CompiledState dn, const LeafSpec* sp, const 
             or (sp.kind == KIND_ABSENCE and sp.npending != dp.npending)
             or (sp.scope == SC_WITHIN and sp.window != dp.window)):
         raise ValueError("graft: the two leaves keep different state")
-    _q_clear(qs, sp)
-    qs.session = -1
+    _q_free(st.block, sp)  # back to a leaf before its first event, then the donor's records
+    if ds.n == 0 or (sp.scope == SC_SESSION and not (same_session and ds.session == dn.session)):
+        return 0
+    qs = _qstate_w(st.block, sp)
     if sp.scope == SC_SESSION:
-        if not (same_session and ds.session == dn.session):
-            return 0
         qs.session = st.session
     for g in range(ds.n):
-        dg = _qgroup(ds, dp, g)
-        grp = _q_new_group(qs, sp)
-        memcpy(grp, dg, sp.gsize)
-        grp.key = NULL
-        grp.iv = NULL
-        grp.n_iv = 0
-        grp.iv_cap = 0
-        _q_set_key(grp, dg.key, dg.klen)
-        qs.hashes[g] = grp.khash
-        for i in range(dg.n_iv):
-            _q_add_iv_raw(grp, dg.iv[2 * i], dg.iv[2 * i + 1])
+        grp = _q_open_copy(ds, dp, g, &t)  # the donor's key and intervals borrowed: _q_store copies them
         buf = _qbuf(grp)
         for i in range(grp.n):
             seq = (buf[i].code >> Q_MASK_BITS) + shift
             buf[i].code = ((seq if seq >= 1 else 1) << Q_MASK_BITS) | (buf[i].code & ((1 << Q_MASK_BITS) - 1))
+        qs = _q_reserve(st.block, sp, ds.tbase, <int64_t>(<uint64_t>ds.abase + <uint64_t>shift))
+        _q_append(qs, sp, grp)
     qs.c_valid = False
     return 0
