@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qualify.evaluator import CompiledEvaluator
-from qualify.evaluator.program import Code, Kind, Program, Scope, SequenceLeaf, Step
+from qualify.evaluator.program import Code, Kind, Program, Scope, SequenceLeaf
 from qualify.evaluator.reference import ReferenceEvaluator
 
 from test_evaluator import check_agree

@@ -26,6 +26,15 @@ from .consistency import wait_visible
 
 MAX_PAGE = 1000
 MAX_SAMPLE = 100
+
+
+def check_target(audience_id: str | None, draft: dict | None, sample: int) -> None:
+    """A preview's or a simulation's request: a saved audience or a draft, and a sample size in range."""
+    if not 0 <= sample <= MAX_SAMPLE:
+        raise InvalidRequest("sample_size out of range",
+                             violations=[FieldViolation("sample_size", f"must be from 0 to {MAX_SAMPLE}")])
+    if audience_id is None and draft is None:
+        raise InvalidRequest("set id or condition", violations=[FieldViolation("target", "set id or condition")])
 PREVIEW_THREADS = 1  # previews at once: each holds a read snapshot and shares the interpreter with ingest
 UPDATABLE = frozenset({"display_name", "description", "condition"})
 
@@ -145,11 +154,7 @@ class AudienceService:
         It runs on a read snapshot in a pool of PREVIEW_THREADS, beside
         ingest (never on the writer), and gives up after ``preview_seconds``.
         """
-        if not 0 <= sample <= MAX_SAMPLE:
-            raise InvalidRequest("sample_size out of range",
-                                 violations=[FieldViolation("sample_size", f"must be from 0 to {MAX_SAMPLE}")])
-        if audience_id is None and draft is None:
-            raise InvalidRequest("set id or condition", violations=[FieldViolation("target", "set id or condition")])
+        check_target(audience_id, draft, sample)
         if draft is None:
             condition = self.engine.audience(audience_id).condition
         else:

@@ -24,7 +24,7 @@ from typing import Protocol
 from ..domain.audiences import check_audience_id, check_windows
 from ..domain.conditions import parse_condition
 from ..domain.errors import AudienceNotFound, FieldViolation, InvalidRequest, NotImplementedYet, PreviewTooSlow
-from .audiences import MAX_SAMPLE, AudienceInfo, AudienceService, _require_person, update_paths
+from .audiences import AudienceInfo, AudienceService, _require_person, check_target, update_paths
 from .deadlines import budget
 
 
@@ -98,11 +98,7 @@ class ClusterAudienceService(AudienceService):
 
     async def preview(self, audience_id: str | None, draft: dict | None, sample: int) -> tuple[int, list[str]]:
         """As on one node (services/audiences.py), summed over every partition's owner."""
-        if not 0 <= sample <= MAX_SAMPLE:
-            raise InvalidRequest("sample_size out of range",
-                                 violations=[FieldViolation("sample_size", f"must be from 0 to {MAX_SAMPLE}")])
-        if audience_id is None and draft is None:
-            raise InvalidRequest("set id or condition", violations=[FieldViolation("target", "set id or condition")])
+        check_target(audience_id, draft, sample)
         if draft is None:
             record = self.reads.audience(audience_id)[0]
             if record is None:

@@ -10,10 +10,11 @@ at most ``seconds``.
 from __future__ import annotations
 
 from ..domain.conditions import parse_condition
-from ..domain.errors import AudienceNotFound, FieldViolation, InvalidRequest
+from ..domain.errors import AudienceNotFound
 from ..domain.simulate import SimulationTooSlow, Timeline
 from .deadlines import budget
-from .simulate import MAX_SAMPLE, SimulateService
+from .audiences import check_target
+from .simulate import SimulateService
 
 
 class ClusterSimulateService(SimulateService):
@@ -29,11 +30,7 @@ class ClusterSimulateService(SimulateService):
 
     async def simulate(self, audience_id: str | None, draft: dict | None, start_us: int | None, end_us: int | None,
                        bucket_us: int | None, sample: int, last_us: int | None = None) -> Timeline:
-        if not 0 <= sample <= MAX_SAMPLE:
-            raise InvalidRequest("sample_size out of range",
-                                 violations=[FieldViolation("sample_size", f"must be from 0 to {MAX_SAMPLE}")])
-        if audience_id is None and draft is None:
-            raise InvalidRequest("set id or condition", violations=[FieldViolation("target", "set id or condition")])
+        check_target(audience_id, draft, sample)
         start, end, bucket = self._span(start_us, end_us, bucket_us, last_us)
         if draft is None:
             record = self.reads.audience(audience_id)[0]

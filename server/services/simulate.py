@@ -20,11 +20,11 @@ from ..domain.conditions import parse_condition
 from ..domain.errors import FieldViolation, InvalidRequest
 from ..domain.ports import Simulations
 from ..domain.simulate import SimulationTooSlow, Timeline, plan
+from .audiences import check_target
 
 DAY_US = 86_400 * 1_000_000
 HOUR_US = 3_600 * 1_000_000
 MAX_BUCKETS = 10_000
-MAX_SAMPLE = 100
 SLICE_SECONDS = 0.005  # replay work between two looks for a cancellation
 
 
@@ -57,11 +57,7 @@ class SimulateService:
     async def simulate(self, audience_id: str | None, draft: dict | None, start_us: int | None, end_us: int | None,
                        bucket_us: int | None, sample: int, last_us: int | None = None) -> Timeline:
         """The audience's timeline over [start, end) (default: the ``last`` 7 days up to now, in hours)."""
-        if not 0 <= sample <= MAX_SAMPLE:
-            raise InvalidRequest("sample_size out of range",
-                                 violations=[FieldViolation("sample_size", f"must be from 0 to {MAX_SAMPLE}")])
-        if audience_id is None and draft is None:
-            raise InvalidRequest("set id or condition", violations=[FieldViolation("target", "set id or condition")])
+        check_target(audience_id, draft, sample)
         start, end, bucket = self._span(start_us, end_us, bucket_us, last_us)
         if draft is None:
             condition = self.engine.audience(audience_id).condition
