@@ -14,12 +14,14 @@ import random
 import subprocess
 import textwrap
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import lmdb
 
 from conftest import QualifyServer, wait_serving, write_realtime_project
 from natsd import NATS_SERVER, NatsCluster, purge_qualify
+from qualify.server.cluster.partitioning import partition_of
 from qualify.server.storage.realtime import read_changelog
 from test_audiences import CLOCK_ENV, Api
 
@@ -159,3 +161,17 @@ def nats_json(url: str, bucket: str) -> dict:
 
 def fresh_nats(nats: NatsCluster) -> None:
     asyncio.run(purge_qualify(nats.urls[0]))
+
+
+def per_person(rows) -> dict[str, list]:
+    """Changelog rows (changelog_rows) as each person's changes in order, sequences left out."""
+    out: dict[str, list] = defaultdict(list)
+    for _, (aid, person, direction, eff, cause, mid) in rows:
+        out[person].append((aid, direction, eff, cause, mid))
+    return dict(out)
+
+
+def anon_for(user: str, n: int, same: bool, partitions: int, prefix: str = "v") -> str:
+    """An anonymous id that hashes to the user's partition (``same``) or to another one."""
+    return next(f"{prefix}{n}-{i}" for i in range(10_000)
+                if (partition_of(f"anon:{prefix}{n}-{i}", partitions) == partition_of(user, partitions)) == same)

@@ -21,10 +21,10 @@ from collections import defaultdict
 import grpc
 import pytest
 
-from clusters import NATS_SERVER, NatsCluster, QualifyCluster, changelog_rows, fresh_nats, nats_json
+from clusters import (NATS_SERVER, NatsCluster, QualifyCluster, anon_for, changelog_rows, fresh_nats, nats_json,
+                      per_person)
 from conftest import QualifyServer, write_realtime_project
 from receivers import WebhookReceiver
-from qualify.server.cluster.partitioning import partition_of
 from qualify.server.domain.conditions import parse_condition
 from test_audiences import (CAUSE_AUDIENCE, CAUSE_EVENT, CAUSE_LAPSE, CAUSE_MERGE, CAUSE_SESSION_END, CLOCK_ENV, FREE, PRO, S, T0, Api, TestClock, and_, attr, cart_add, error_of, ev, fv, identify,
                             not_, page, path_is, product_view, wait_for, warehouse_rows)
@@ -55,19 +55,6 @@ def nats3(tmp_path_factory):
     cluster.stop()
 
 
-def per_person(rows) -> dict[str, list]:
-    out: dict[str, list] = defaultdict(list)
-    for _, (aid, person, direction, eff, cause, mid) in rows:
-        out[person].append((aid, direction, eff, cause, mid))
-    return dict(out)
-
-
-def anon_for(user: str, n: int, same: bool) -> str:
-    """An anonymous id that hashes to the user's partition (``same``) or to another one."""
-    return next(f"v{n}-{i}" for i in range(10_000)
-                if (partition_of(f"anon:v{n}-{i}", PARTITIONS) == partition_of(user, PARTITIONS)) == same)
-
-
 class Scenario:
     """Random rounds of events and clock moves, fed to the cluster and to the single node alike."""
 
@@ -77,7 +64,7 @@ class Scenario:
         self.users = [f"user-{i}" for i in range(1, 41)]
         # Visitors who later identify: half hash to their user's partition (merged there, as on one
         # node), half elsewhere (handed over through the stream: cluster/handover.py).
-        self.anons = {anon_for(u, i, same=i % 2 == 0): u for i, u in enumerate(self.users[:8])}
+        self.anons = {anon_for(u, i, i % 2 == 0, PARTITIONS, "v"): u for i, u in enumerate(self.users[:8])}
         self.unidentified = list(self.anons)
         self.ref = Reference(rows)
         self.sent = 0

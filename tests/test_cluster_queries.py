@@ -16,15 +16,13 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections import defaultdict
 
 import grpc
 import pytest
 from google.protobuf import json_format
 
-from clusters import NATS_SERVER, NatsCluster, QualifyCluster, changelog_rows, nats_json
+from clusters import NATS_SERVER, NatsCluster, QualifyCluster, anon_for, changelog_rows, nats_json, per_person
 from conftest import QualifyServer, write_realtime_project
-from qualify.server.cluster.partitioning import partition_of
 from qualify.v1 import audience_pb2
 from test_audiences import (CAUSE_MERGE, CLOCK_ENV, FREE, PRO, S, T0, Api, TestClock, and_, attr, cart_add, error_of, ev, fv,
                             identify, not_, product_view, track, wait_for, warehouse_keys)
@@ -58,18 +56,6 @@ def cond(d: dict):
     return c
 
 
-def per_person(rows) -> dict[str, list]:
-    out: dict[str, list] = defaultdict(list)
-    for _, (aid, person, direction, eff, cause, mid) in rows:
-        out[person].append((aid, direction, eff, cause, mid))
-    return dict(out)
-
-
-def anon_for(user: str, n: int, same: bool) -> str:
-    return next(f"q{n}-{i}" for i in range(10_000)
-                if (partition_of(f"anon:q{n}-{i}", PARTITIONS) == partition_of(user, PARTITIONS)) == same)
-
-
 class Fed:
     def __init__(self, cluster: QualifyCluster, single: QualifyServer, solo: Api, clock: TestClock, first: int,
                  last: int):
@@ -99,7 +85,7 @@ def fed(tmp_path_factory, demo_warehouse):
             cluster.api().create(aid, definition)
             solo.create(aid, definition)
         users = sorted(warehouse_keys(demo_warehouse, "TRUE"), key=lambda k: int(k.split("-")[1]))[:30]
-        visitors = {anon_for(u, i, same=i % 2 == 0): u for i, u in enumerate(users[:6])}
+        visitors = {anon_for(u, i, i % 2 == 0, PARTITIONS, "q"): u for i, u in enumerate(users[:6])}
         lonely = "q-never-identified"
         rnd = random.Random(16)
         start = clock.now + MIN
