@@ -40,9 +40,13 @@ def preview(engine, txn, condition: Condition, now_us: int, sample: int,
     members: list[str] = []
     grafters: dict = {}
     for n, (key, (_, pid, generation, raw)) in enumerate(engine.store.stored_states(txn)):
-        if n % 256 == 0 and time.monotonic() > deadline:
-            raise PreviewTooSlow("the preview did not finish in time; try again when ingest is quieter, "
-                                 "or preview a narrower draft")
+        if n % 64 == 0:
+            if time.monotonic() > deadline:
+                raise PreviewTooSlow("the preview did not finish in time; try again when ingest is quieter, "
+                                     "or preview a narrower draft")
+            # The loop holds the GIL between LMDB calls: hand it to the writer and the event loop every few
+            # hundred microseconds, or an acknowledgement waits out a whole switch interval (5 ms) each time.
+            time.sleep(0)
         state, missing = evaluator.load_with_missing(raw)
         stale = sorted(set(missing) | {j for j, k in enumerate(leaf_keys) if epochs.get(k, math.inf) > generation})
         if stale:  # leaves the program lacks, or learned after this state was stored
