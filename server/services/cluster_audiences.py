@@ -31,6 +31,18 @@ from .deadlines import budget
 VISIBLE_WITHIN = 5.0  # seconds a change may take to reach this node's read copy before the call answers anyway
 
 
+
+def definition_of(reads, audience_id: str | None, draft: dict | None, attribute_types: dict,
+                  event_model_props: dict) -> dict:
+    """What a cluster preview or simulation evaluates: the draft, checked here, or the saved audience's."""
+    if draft is not None:
+        parse_condition(draft, attribute_types, event_model_props)
+        return draft
+    record = reads.audience(audience_id)[0]
+    if record is None:
+        raise AudienceNotFound(f"no audience {audience_id!r}", metadata={"audience": audience_id})
+    return record["condition"]
+
 class AudienceCatalog(Protocol):
     """The cluster's definitions (cluster/audiences.py implements it)."""
 
@@ -99,13 +111,7 @@ class ClusterAudienceService(AudienceService):
     async def preview(self, audience_id: str | None, draft: dict | None, sample: int) -> tuple[int, list[str]]:
         """As on one node (services/audiences.py), summed over every partition's owner."""
         check_target(audience_id, draft, sample)
-        if draft is None:
-            record = self.reads.audience(audience_id)[0]
-            if record is None:
-                raise AudienceNotFound(f"no audience {audience_id!r}", metadata={"audience": audience_id})
-            draft = record["condition"]
-        else:
-            parse_condition(draft, self.attribute_types, self.event_model_props)
+        draft = definition_of(self.reads, audience_id, draft, self.attribute_types, self.event_model_props)
         if self.scatter is None:
             raise NotImplementedYet("PreviewAudience needs the partition owners' answers, not wired here")
         seconds = budget(self.preview_seconds)

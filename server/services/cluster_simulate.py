@@ -9,11 +9,10 @@ at most ``seconds``.
 
 from __future__ import annotations
 
-from ..domain.conditions import parse_condition
-from ..domain.errors import AudienceNotFound
 from ..domain.simulate import SimulationTooSlow, Timeline
-from .deadlines import budget
 from .audiences import check_target
+from .cluster_audiences import definition_of
+from .deadlines import budget
 from .simulate import SimulateService
 
 
@@ -32,13 +31,7 @@ class ClusterSimulateService(SimulateService):
                        bucket_us: int | None, sample: int, last_us: int | None = None) -> Timeline:
         check_target(audience_id, draft, sample)
         start, end, bucket = self._span(start_us, end_us, bucket_us, last_us)
-        if draft is None:
-            record = self.reads.audience(audience_id)[0]
-            if record is None:
-                raise AudienceNotFound(f"no audience {audience_id!r}", metadata={"audience": audience_id})
-            draft = record["condition"]
-        else:
-            parse_condition(draft, self.attribute_types, self.event_model_props)
+        draft = definition_of(self.reads, audience_id, draft, self.attribute_types, self.event_model_props)
         seconds = budget(self.seconds)
         if seconds <= 0:
             raise SimulationTooSlow("the call's deadline has passed")
