@@ -2154,6 +2154,8 @@ cdef class CompiledEvaluator:
 
 # Sequence and absence leaves (issue 15): their state, evaluation and codec sections.
 include "_sequences.pxi"
+include "_sequences_plans.pxi"
+include "_sequences_slots.pxi"
 include "_sequences_keys.pxi"
 include "_sequences_eval.pxi"
 include "_sequences_codec.pxi"
