@@ -78,23 +78,18 @@ def event_record(e: Event) -> tuple:
 
 
 def encode_event(e: Event, _packb=msgpack.packb) -> bytes:
-    return _packb((FORMAT, e.message_id, int(e.type), e.name, e.user_id, e.anonymous_id, e.timestamp_us,
-                   e.received_us, e.properties, e.traits, e.session_id, e.previous_id, e.context))
+    return _packb(event_record(e))
 
 
 _TYPE_OF = {int(t): t for t in EventType}  # EventType(n) is an enum call, ten times a dict lookup
 
 
 def decode_event(seq: int, raw) -> Event:
-    return _from_record(seq, msgpack.unpackb(raw))
+    return event_of_record(seq, msgpack.unpackb(raw))
 
 
 def event_of_record(seq: int, t) -> Event:
     """An event from its unpacked log record (``event_record``'s tuple, or the list msgpack makes of it)."""
-    return _from_record(seq, t)
-
-
-def _from_record(seq: int, t) -> Event:
     if t[0] != FORMAT:
         raise ValueError(f"event {seq}: unknown record format {t[0]}")
     kind = _TYPE_OF.get(t[2])
@@ -248,7 +243,7 @@ class EventLog:
                 if limit is not None and n >= limit:
                     return
                 n += 1
-                yield _from_record(SEQ.unpack(k)[0], unpack(v))
+                yield event_of_record(SEQ.unpack(k)[0], unpack(v))
 
     def select(self, txn: lmdb.Transaction, wanted: Wanted) -> Iterator[Event]:
         """The events ``wanted`` names, in log order, up to the first received at ``wanted.until_us`` or later.
@@ -264,7 +259,7 @@ class EventLog:
                 if not cur.first():
                     return
                 for k, v in scan.scan(cur.iternext(), wanted.tick):
-                    yield _from_record(SEQ.unpack(k)[0], unpack(v))
+                    yield event_of_record(SEQ.unpack(k)[0], unpack(v))
         finally:
             wanted.read, wanted.first_us = scan.read, scan.first_time
 
