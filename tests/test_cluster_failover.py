@@ -25,7 +25,9 @@ import grpc
 import pytest
 
 from clusters import NATS_SERVER, NatsCluster, QualifyCluster, fresh_nats, nats_json
-from qualify.server.cluster.messages import decode_changes
+from qualify.server.cluster.jetstream import events_subject
+from qualify.server.cluster.messages import decode, decode_changes
+from qualify.server.cluster.partitioning import partition_of
 from test_audiences import ev, page
 
 pytestmark = pytest.mark.skipif(NATS_SERVER is None, reason="nats-server is not installed (apt install nats-server)")
@@ -136,10 +138,8 @@ def test_kill9_a_node_then_a_nats_server(tmp_path, nats3, demo_warehouse):
             ok = _wait(lambda api=api: all(api.check(u, [f"cnt_{n}"]) for u, n in want.items()), 60.0)
             got = {u: set(api.check(u, [f"cnt_{k}" for k in COUNTS])) for u in want}
             wrong = {u: (sorted(got[u]), f"cnt_{n}") for u, n in want.items() if got[u] != {f"cnt_{n}"}}
-            if wrong:  # what the stream holds for them, to tell a lost event from a stale read
-                history = [(p, seq, c) for p, seq, c in changes_stream(nats3.urls[0]) if c[1] in wrong]
-                raise AssertionError(f"node {i}: {wrong}\n" + "\n".join(map(str, history)) + "\n"
-                                     + cluster.logs()[-3000:])
+            if wrong:  # what the streams hold for them, to tell a lost event from a stale read
+                raise AssertionError(f"node {i}: {wrong}\n" + _diagnose(nats3, cluster, api, wrong, want))
             assert ok
         for k in COUNTS:
             assert cluster.api().get(f"cnt_{k}").member_count == sum(1 for n in want.values() if n == k)
@@ -149,6 +149,45 @@ def test_kill9_a_node_then_a_nats_server(tmp_path, nats3, demo_warehouse):
     finally:
         codes = cluster.stop()
     assert all(c == 0 for c in codes), cluster.logs()
+
+
+def _diagnose(nats: NatsCluster, cluster: QualifyCluster, api, wrong: dict, want: dict) -> str:
+    """Whether each wrong person's events are all in their partition's stream, what their owner applied
+    of it, and whether the node converges when given another minute: a loss, or only a longer lag."""
+    url = nats.urls[0]
+    parts = {u: partition_of(u, PARTITIONS) for u in wrong}
+    beats = nats_json(url, "qualify-nodes")
+    lines = []
+    for u, p in sorted(parts.items()):
+        seqs = [seq for seq, e in stream_events(url, p) if e.user_id == u]
+        owner = [(n, b["partitions"].get(str(p))) for n, b in beats.items() if str(p) in b["partitions"]]
+        changes = [(seq, c) for q, seq, c in changes_stream(url) if c[1] == u]
+        lines.append(f"{u}: partition {p}, {len(seqs)} events in its stream (want {want[u]}) at {seqs}; "
+                     f"owner {owner}; changes {changes}")
+    late = _wait(lambda: all(api.check(u, [f"cnt_{want[u]}"]) for u in wrong), 90.0)
+    lines.append("converged within 90 s more: a lag" if late else "still wrong 90 s later")
+    return "\n".join(lines) + "\n" + cluster.logs()[-6000:]
+
+
+def stream_events(url: str, partition: int) -> list[tuple[int, object]]:
+    """(stream sequence, event) of every event message on a partition's subject."""
+    import nats
+
+    async def read():
+        nc = await nats.connect(url)
+        sub = await nc.jetstream().subscribe(events_subject(partition), ordered_consumer=True)
+        out = []
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=2)
+                out += [(it.seq, it.event) for it in decode(msg.metadata.sequence.stream, msg.data, msg.headers)
+                        if it.event is not None]
+        except nats.errors.TimeoutError:
+            pass
+        await nc.close()
+        return out
+
+    return asyncio.run(read())
 
 
 def _wait(predicate, timeout: float) -> bool:

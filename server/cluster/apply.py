@@ -46,6 +46,7 @@ from ..domain.events import EventType, MatchedEvent, matching_models
 from ..storage.realtime import RealtimeStore
 from ..storage.warehouse_sync import SyncError, Syncer
 from .handover import Handovers
+from .holds import Holds
 from .messages import Item, Kind
 from .partitioning import partition_of, person_key, primary_key
 
@@ -64,6 +65,7 @@ APPLYING = threading.Lock()
 CLUSTER_DB = b"cluster"
 U64 = struct.Struct("<Q")
 I64 = struct.Struct("<q")
+LINKS = (EventType.IDENTIFY, EventType.ALIAS)
 COMPACT_EVERY_US = 1_000_000
 PUBLISHED_CHANGES_KEPT_US = 60 * 1_000_000  # the local changelog is an outbox: the stream keeps the history
 
@@ -130,6 +132,7 @@ class Applier:
         p = self.project
         log_ = self.writer.log
         self.handovers = moves = Handovers(self, txn)
+        self.holds = Holds(self, txn)
 
         def read_event(t, seq):
             e = log_.get(t, seq)
@@ -196,12 +199,38 @@ class Applier:
             matches = matching_models(e, engine.models)
             own = tuple(m for m in matches if self.owns(person_key(*m[1])))
             if len(own) == len(matches):
+                if (self.holds.held or e.type in LINKS) and self._held(txn, MatchedEvent(e, own), logged, now):
+                    continue
                 if own or item.kind == Kind.FORWARD or self.owns(primary_key(MatchedEvent(e, ()))):
                     logged.append(MatchedEvent(e, own))
             elif own:  # names people elsewhere too: evaluated, not logged (see the module docstring)
                 self._flush(txn, logged, now)
                 engine.apply(txn, [MatchedEvent(e, own)], now)
         self._flush(txn, logged, now)
+
+    def _held(self, txn, matched: MatchedEvent, logged: list[MatchedEvent], now: int) -> bool:
+        """Whether the event is held (cluster/holds.py): it names a held user, or it is a link that holds
+        its user until the other partitions' handovers come. Then it is logged, indexed for them, and
+        evaluated for the other people it names; a link is applied (its alias recorded) all the same."""
+        engine, holds, e = self.engine, self.holds, matched.event
+        link = e.type in LINKS and bool(e.user_id)
+        awaited = holds.awaited(e, lambda source: self.handovers.received(txn, source, e.message_id)) if link else []
+        held = {k for _, who in matched.matches if (k := engine._person(*who)) in holds.held}
+        if awaited or (link and e.user_id in holds.held):
+            held.add(e.user_id)
+        if not held:
+            return False
+        self._flush(txn, logged, now)
+        if not self.writer.log.append(txn, [matched], now)[0]:
+            return True  # a repeat
+        rest = tuple(m for m in matched.matches if engine._person(*m[1]) not in held)
+        if rest or link:
+            engine.apply(txn, [MatchedEvent(e, rest)], now)  # (first: what was due fires before the hold)
+        if awaited:
+            holds.expect(txn, e, now, awaited)
+        for key in held:
+            holds.hold(txn, key, e.seq, now)
+        return True
 
     def _flush(self, txn, logged: list[MatchedEvent], now: int) -> None:
         if not logged:

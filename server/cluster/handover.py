@@ -50,6 +50,7 @@ from ..domain.events import ANON, Event, EventType, MatchedEvent, matching_model
 from ..storage.eventlog import decode_event, encode_event
 from ..storage.lmdb_store import delete_prefix
 from .jetstream import events_subject
+from .holds import replayed, sources
 from .messages import MSG_ID, Item, Kind, control
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,10 @@ RECEIVED = b"cluster_received"  # handover id -> u64 partition time it was appli
 OUTBOX = b"cluster_outbox"  # u64 (big-endian) -> msgpack [subject, payload, headers]
 KEY = struct.Struct(">Q")
 U64 = struct.Struct("<Q")
+
+
+def _hid(source: str, link_id: str) -> bytes:
+    return f"{source}\x00{link_id}".encode()[:500]
 
 
 class Handovers:
@@ -88,20 +93,23 @@ class Handovers:
     def hand_over(self, txn, event: Event, now: int) -> None:
         """An identify or alias links people of this partition to a user owned elsewhere."""
         user = event.user_id
-        other = event.anonymous_id if event.type == EventType.IDENTIFY else event.previous_id
-        if not other:
-            return
-        sources = (ANON + other,) if event.type == EventType.IDENTIFY else (ANON + other, other)
-        for source in sources:
-            if source == user or not self.a.owns(source) or self.moved.get(source, ("",))[0] == user:
+        for source in sources(event):
+            if source == user or not self.a.owns(source):
                 continue
-            upto = self.a.writer.log.last_seq(txn)
-            self.moved[source] = (user, upto)
-            txn.put(source.encode(), json.dumps([user, upto]).encode(), db=self.moved_db)
-            if self.a.engine._has_state(txn, source):
-                self._send_history(txn, source, user, event, now)
+            merge = self.moved.get(source, ("",))[0] != user  # a repeated link merges nothing, as on one node
+            if merge:
+                upto = self.a.writer.log.last_seq(txn)
+                self.moved[source] = (user, upto)
+                txn.put(source.encode(), json.dumps([user, upto]).encode(), db=self.moved_db)
+                merge = self.a.engine._has_state(txn, source)
+            # Sent even when it merges nothing: the user's partition holds the user until it comes (cluster/holds.py).
+            records = self._move_out(txn, source, event, now) if merge else []
+            payload, headers = control(Kind.HANDOVER, now, user, source, event.message_id, records, merge)
+            headers[MSG_ID] = f"ho.{self.a.partition}.{source}.{event.message_id}"[:250]
+            self._out(txn, events_subject(self.a.partition_of(user)), payload, headers)
 
-    def _send_history(self, txn, source: str, user: str, event: Event, now: int) -> None:
+    def _move_out(self, txn, source: str, event: Event, now: int) -> list[bytes]:
+        """The source's logged events, as they go; the source exits everything here, as on one node."""
         engine, store, log_ = self.a.engine, self.a.store, self.a.writer.log
         records = [encode_event(e) for e in (log_.get(txn, s) for s in store.person_seqs(txn, source))
                    if e is not None]
@@ -118,10 +126,7 @@ class Handovers:
         del engine.slots[source]
         engine.free_slot(slot)
         engine._persist(txn, changes)
-        target = self.a.partition_of(user)
-        payload, headers = control(Kind.HANDOVER, now, user, source, event.message_id, records)
-        headers[MSG_ID] = f"ho.{self.a.partition}.{source}.{event.message_id}"[:250]
-        self._out(txn, events_subject(target), payload, headers)
+        return records
 
     def forward(self, txn, event: Event, now: int) -> bool:
         """Whether ``event`` is an anonymous person's who moved away (then it goes to their partition)."""
@@ -164,10 +169,14 @@ class Handovers:
         """A forwarded event, as the user's."""
         return replace(item.event, user_id=item.body[0])
 
+    def received(self, txn, source: str, link_id: str) -> bool:
+        return txn.get(_hid(source, link_id), db=self.received_db) is not None
+
     def receive(self, txn, item: Item, now: int) -> None:
         """A history handed over by another partition joins its user's here (see the module docstring)."""
-        user, source, link_id, records = item.body
-        hid = f"{source}\x00{link_id}".encode()[:500]
+        user, source, link_id, records, *rest = item.body
+        merge = rest[0] if rest else True  # (a handover from before holds was sent only to merge)
+        hid = _hid(source, link_id)
         if txn.get(hid, db=self.received_db) is not None:
             return
         txn.put(hid, U64.pack(now), db=self.received_db)
@@ -177,14 +186,13 @@ class Handovers:
         accepted, _ = log_.append(txn, matched, now)
         for i in accepted:
             store.index_event(txn, user, matched[i].event.seq)
+        moved = [matched[i].event.seq for i in accepted] if merge else None
+        if self.a.holds.handed(txn, user, source, link_id, moved, now) or not merge:
+            return
+        # No hold waits for it: it came before its link (whose publish was retried). Merged at once.
         dst = engine._slot(user, txn)
         history = [e for e in (log_.get(txn, s) for s in store.person_seqs(txn, user)) if e is not None]
-        history.sort(key=lambda e: (e.received_us, e.seq))
-        state = engine.evaluator.new_state()
-        for e in history:
-            for model, _ in matching_models(e, engine.models):
-                engine.evaluator.observe(state, model, e.timestamp_us, e.properties, e.session_id)
-        engine.states[dst] = state
+        engine.states[dst] = replayed(engine, history)
         engine.current[dst] = None
         engine.dirty.add(dst)
         changes: list[MembershipChange] = []

@@ -96,7 +96,8 @@ class EventPublisher:
         n = self.res.partitions
         messages: list[tuple[str, bytes, dict]] = []
         primary: list[int] = []  # index in messages of each event's primary copy
-        for m in events:
+        for i, m in enumerate(events):
+            m.event.arrival = i
             data = encode_event(m.event)
             mid = header_id(m.event.message_id)
             for i, p in enumerate(partitions_of(m, n)):
@@ -115,6 +116,7 @@ class EventPublisher:
         groups: dict[int, list[tuple[int, str, tuple]]] = {}
         for i, m in enumerate(events):
             e = m.event
+            e.arrival = i
             record, mid = event_record(e), e.message_id
             first, *others = partitions_of(m, n)
             group = groups.get(first)

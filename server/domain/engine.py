@@ -334,12 +334,16 @@ class Engine:
             t, key = due
             slot = self._slot(key, txn)
             self._set_timer(txn, slot, None)
-            state = self.states[slot]
-            flipped = [leaf.scope for j, leaf in enumerate(self.compiled.program.leaves)
-                       if self.evaluator.leaf(state, j, t - 1).holds != self.evaluator.leaf(state, j, t).holds]
-            cause = Cause.SESSION_END if flipped and all(s == Scope.SESSION for s in flipped) else Cause.WINDOW_LAPSE
-            self._evaluate(slot, t, range(len(self.program_bits)), cause, "", changes)
-            self._schedule(txn, slot, t)
+            self.lapse(txn, slot, t, changes)
+
+    def lapse(self, txn, slot: int, t: int, changes: list[MembershipChange]) -> None:
+        """One person's timer fires at its instant ``t``: they are evaluated then, and their next one is set."""
+        state = self.states[slot]
+        flipped = [leaf.scope for j, leaf in enumerate(self.compiled.program.leaves)
+                   if self.evaluator.leaf(state, j, t - 1).holds != self.evaluator.leaf(state, j, t).holds]
+        cause = Cause.SESSION_END if flipped and all(s == Scope.SESSION for s in flipped) else Cause.WINDOW_LAPSE
+        self._evaluate(slot, t, range(len(self.program_bits)), cause, "", changes)
+        self._schedule(txn, slot, t)
 
     def after_sync(self, txn, now_us: int) -> list[MembershipChange]:
         """A warehouse sync landed: recompute the warehouse parts; move people at once."""

@@ -163,6 +163,9 @@ class Event:
     previous_id: str = ""
     context: dict = field(default_factory=dict)
     seq: int = 0
+    # Its place in its ingest call, set by a cluster node: one call's events at one received instant land
+    # on several partitions, and a merge across them interleaves them by it as one node's log order does.
+    arrival: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -74,7 +74,7 @@ def dedupe_key(message_id: str) -> bytes:
 def event_record(e: Event) -> tuple:
     """The event as its log record, before packing (``encode_event`` packs it; a cluster packs many in one call)."""
     return (FORMAT, e.message_id, int(e.type), e.name, e.user_id, e.anonymous_id, e.timestamp_us,
-            e.received_us, e.properties, e.traits, e.session_id, e.previous_id, e.context)
+            e.received_us, e.properties, e.traits, e.session_id, e.previous_id, e.context, e.arrival)
 
 
 def encode_event(e: Event, _packb=msgpack.packb) -> bytes:
@@ -95,7 +95,7 @@ def event_of_record(seq: int, t) -> Event:
     kind = _TYPE_OF.get(t[2])
     return Event(message_id=t[1], type=kind if kind is not None else EventType(t[2]), name=t[3], user_id=t[4],
                  anonymous_id=t[5], timestamp_us=t[6], received_us=t[7], properties=t[8], traits=t[9],
-                 session_id=t[10], previous_id=t[11], context=t[12], seq=seq)
+                 session_id=t[10], previous_id=t[11], context=t[12], seq=seq, arrival=t[13] if len(t) > 13 else 0)
 
 
 class EventLog:
