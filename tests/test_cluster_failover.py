@@ -161,12 +161,16 @@ def _diagnose(nats: NatsCluster, cluster: QualifyCluster, api, wrong: dict, want
     for u, p in sorted(parts.items()):
         seqs = [seq for seq, e in stream_events(url, p) if e.user_id == u]
         owner = [(n, b["partitions"].get(str(p))) for n, b in beats.items() if str(p) in b["partitions"]]
+        owner += [(n, "starting") for n, b in beats.items() if p in b.get("starting", ())]
+        owner.append(("lease", nats_json(url, "qualify-leases").get(f"p.{p}")))
         changes = [(seq, c) for q, seq, c in changes_stream(url) if c[1] == u]
         lines.append(f"{u}: partition {p}, {len(seqs)} events in its stream (want {want[u]}) at {seqs}; "
                      f"owner {owner}; changes {changes}")
     late = _wait(lambda: all(api.check(u, [f"cnt_{want[u]}"]) for u in wrong), 90.0)
     lines.append("converged within 90 s more: a lag" if late else "still wrong 90 s later")
-    return "\n".join(lines) + "\n" + cluster.logs()[-6000:]
+    mentioned = [line for i in cluster.live() for line in cluster.nodes[i].log().splitlines()
+                 if any(f"partition {p}:" in line or f"partition {p}'" in line for p in set(parts.values()))]
+    return "\n".join(lines + mentioned[-40:]) + "\n" + cluster.logs()[-6000:]
 
 
 def stream_events(url: str, partition: int) -> list[tuple[int, object]]:

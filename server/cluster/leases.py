@@ -144,9 +144,25 @@ class Leases:
                 revision = await self.bucket.update(key, self._value(), last=current.revision)
             else:
                 return None
-        except KeyWrongLastSequenceError:
-            return None  # another node got there first
+        except KeyWrongLastSequenceError:  # another node got there first, or the view is behind the bucket
+            await self._reread(key)
+            return None
         return Lease(key, self.node, wall_us() + self.ttl_us, revision)
+
+    async def _reread(self, key: str) -> None:
+        """The key as the bucket has it now, into the view: a watcher that fell behind (its NATS server
+        restarted) must not leave this node claiming with a revision that can never match."""
+        try:
+            entry = await self.bucket.get(key)
+        except KeyNotFoundError:
+            self.view.entries.pop(key, None)
+            return
+        except Exception:  # noqa: BLE001 - NATS away: the next round asks again
+            return
+        if entry.value:
+            self.view.entries[key] = self._decode(entry)
+        else:
+            self.view.entries.pop(key, None)
 
     async def refresh(self, lease: Lease) -> Lease | None:
         """The renewed lease; None when another node holds it now (raises when NATS does not answer)."""

@@ -134,7 +134,7 @@ class Partition:
         if snap is not None:
             self.snapshot_seq, self.snapshot_at = snap.applied, snap.taken_at
         if snap is not None and (local is None or snap.applied > local.applied):
-            await snapshots.restore(node.res.snapshots, self.number, self.path)
+            await snapshots.restore(node.res.snapshots, self.number, self.path, snap.size)
             return f"restored the snapshot of {snap.node}"
         return "resumed the local copy" if local is not None else "new"
 

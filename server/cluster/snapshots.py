@@ -86,6 +86,13 @@ def _copy(env: lmdb.Environment, partition: int, map_size: int) -> tuple[str, Pa
     return folder, state
 
 
+def transfer_timeout(size: int) -> float:
+    """Seconds an upload or download of ``size`` bytes may take before it counts as failed: a transfer whose
+    NATS server went away mid-way never ends by itself (nats-py's object store waits for chunks forever),
+    and a partition start or handover waiting on it held its node's balancing with it."""
+    return 30.0 + size / 20e6
+
+
 async def take(store, env: lmdb.Environment, partition: int, node: str, map_size: int) -> SnapshotInfo:
     """Copies the environment (in a thread) and uploads it; returns what the snapshot covers."""
     loop = asyncio.get_running_loop()
@@ -96,18 +103,19 @@ async def take(store, env: lmdb.Environment, partition: int, node: str, map_size
         description = json.dumps({"applied": info.applied, "now_us": info.now_us, "node": node,
                                   "taken_at": info.taken_at})
         with open(os.path.join(folder, "data.mdb"), "rb") as f:
-            await store.put(snapshot_name(partition), f, meta=api.ObjectMeta(description=description))
+            await asyncio.wait_for(store.put(snapshot_name(partition), f, meta=api.ObjectMeta(description=description)),
+                                   transfer_timeout(info.size))
         return info
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-async def restore(store, partition: int, path: Path) -> None:
-    """Replaces ``path`` with the latest snapshot of ``partition``."""
+async def restore(store, partition: int, path: Path, size: int) -> None:
+    """Replaces ``path`` with the latest snapshot of ``partition`` (of ``size`` bytes)."""
     tmp = path.with_name(path.name + ".restoring")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     with open(tmp / "data.mdb", "wb") as f:
-        await store.get(snapshot_name(partition), writeinto=f)
+        await asyncio.wait_for(store.get(snapshot_name(partition), writeinto=f), transfer_timeout(size))
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
