@@ -15,8 +15,8 @@ from typing import Any
 
 from qualify.evaluator.program import Op
 
-from ..domain.conditions import (Arity, Predicate, arity, coerce_literal, literal_fits, misfit,
-                                 parse_operator)
+from ..domain.conditions import Predicate
+from ..domain.operators import Arity, arity, coerce_literal, literal_fits, misfit, parse_operator
 from ..domain.events import EVENT_TYPE_NAMES, EventModel, EventType, Identifier
 from ..domain.schema import TYPE_NAMES, ValueType
 from .reader import MISSING, NAME_RE, Reader

@@ -32,18 +32,15 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from datetime import date, datetime, time, timezone
-from enum import Enum
 from typing import Any, Union
 
 from qualify.evaluator.program import Aggregation, Comparison, Op, Scope
 
 from .errors import FieldViolation, InvalidAudience
+from .operators import NUMERIC, Arity, Misfit, Value, arity, coerce_literal, literal_fits, misfit, parse_operator
 from .schema import ValueType
 from .sequences import AbsenceCondition, SequenceCondition, parse_absence, parse_sequence
 
-Value = Union[str, int, float, bool, None]
-_NUMERIC = (ValueType.INT, ValueType.FLOAT)
 
 
 @dataclass(frozen=True)
@@ -110,85 +107,6 @@ def event_conditions(condition: Condition) -> list[EventCondition]:
 def is_static(condition: Condition) -> bool:
     """True when the subtree reads warehouse attributes only."""
     return not any(isinstance(n, REALTIME) for n in walk(condition))
-
-
-# -- predicates: the rules every spelling shares -----------------------------------
-#
-# A predicate is spelled two ways: the JSON mapping of ``qualify.v1.Predicate``
-# (parsed below) and a filter table in the project file (``config.realtime``).
-# What an operator takes, which field types it applies to and how a literal
-# becomes a value are decided here once; each spelling words its own messages.
-
-
-class Arity(Enum):
-    """How many values an operator takes, and under which key (``value`` or ``values``)."""
-
-    NONE = ("", 0, 0)  # IS_SET, IS_NOT_SET
-    ONE = ("value", 1, 1)
-    SOME = ("values", 1, None)  # IN, NOT_IN: one or more
-    PAIR = ("values", 2, 2)  # BETWEEN: the lower and upper bounds
-
-    def __init__(self, key: str, least: int, most: int | None):
-        self.key, self.least, self.most = key, least, most
-
-    def accepts(self, n: int) -> bool:
-        return self.least <= n and (self.most is None or n <= self.most)
-
-
-_ARITY = {Op.IS_SET: Arity.NONE, Op.IS_NOT_SET: Arity.NONE, Op.IN: Arity.SOME, Op.NOT_IN: Arity.SOME,
-          Op.BETWEEN: Arity.PAIR}
-
-
-def arity(op: Op) -> Arity:
-    return _ARITY.get(op, Arity.ONE)
-
-
-class Misfit(Enum):
-    """Why an operator cannot apply to a field of some type."""
-
-    STRINGS_ONLY = "applies to strings"  # CONTAINS, STARTS_WITH
-    NOT_BOOLEANS = "does not apply to booleans"  # the orderings, BETWEEN
-
-
-def misfit(op: Op, ftype: ValueType) -> Misfit | None:
-    if op in (Op.CONTAINS, Op.STARTS_WITH) and ftype is not ValueType.STRING:
-        return Misfit.STRINGS_ONLY
-    if op in (Op.LT, Op.LE, Op.GT, Op.GE, Op.BETWEEN) and ftype is ValueType.BOOL:
-        return Misfit.NOT_BOOLEANS
-    return None
-
-
-_OPS_LOWER = {o.name.lower(): o for o in Op}
-
-
-def parse_operator(name: str, ignore_case: bool = False) -> Op | None:
-    """``OPERATOR_EQ`` or ``EQ`` (any case when ``ignore_case``: ``eq``) -> Op; None if unknown."""
-    if ignore_case:
-        return _OPS_LOWER.get(name.lower().removeprefix("operator_"))
-    return Op.__members__.get(name.removeprefix("OPERATOR_"))
-
-
-def literal_fits(got: ValueType, want: ValueType) -> bool:
-    """A ``got`` literal may be compared with a ``want`` field: the same type, or numbers of either kind."""
-    return got == want or (got in _NUMERIC and want in _NUMERIC)
-
-
-def coerce_literal(v: Any, got: ValueType) -> Value:
-    """A literal spelled as a ``got`` value -> its domain value; ValueError when it is not one."""
-    if got is ValueType.STRING and isinstance(v, str):
-        return v
-    if got is ValueType.INT and not isinstance(v, bool):
-        return int(v)  # int64 arrives as a JSON string
-    if got is ValueType.FLOAT and not isinstance(v, bool):
-        f = float(v)
-        if math.isnan(f):
-            raise ValueError("not a number")
-        return f
-    if got is ValueType.BOOL and isinstance(v, bool):
-        return v
-    if got is ValueType.TIMESTAMP:
-        return parse_timestamp(v)
-    raise ValueError(f"not a {got.name.lower()} value")
 
 
 # -- parsing and validation -------------------------------------------------------
@@ -391,8 +309,8 @@ class _Parser:
             if prop:
                 self.bad(f"{path}.property", "AGGREGATION_COUNT takes no property")
                 return None
-        elif props.get(prop) not in _NUMERIC:
-            numeric = ", ".join(sorted(k for k, t in props.items() if t in _NUMERIC)) or "none"
+        elif props.get(prop) not in NUMERIC:
+            numeric = ", ".join(sorted(k for k, t in props.items() if t in NUMERIC)) or "none"
             self.bad(f"{path}.property", f"AGGREGATION_{agg.name} needs a numeric property of {model!r} (numeric: {numeric})")
             return None
         cmp_name = str(body.get("comparison", "COMPARISON_UNSPECIFIED")).removeprefix("COMPARISON_")
@@ -422,27 +340,6 @@ class _Parser:
             self.bad(path, f"the {what} must be longer than 0 and at most 366 days")
             return None
         return us
-
-
-def parse_timestamp(v: Any) -> int:
-    """RFC 3339 text, a datetime or date (TOML's), or integer microseconds -> microseconds since the epoch.
-
-    Without a zone (text or datetime) the time is UTC; a date is its midnight UTC.
-    """
-    if isinstance(v, int) and not isinstance(v, bool):
-        return v
-    if isinstance(v, datetime):
-        dt = v
-    elif isinstance(v, date):
-        dt = datetime.combine(v, time(), timezone.utc)
-    elif isinstance(v, str):
-        dt = datetime.fromisoformat(v.replace("Z", "+00:00").replace("z", "+00:00"))
-    else:
-        raise ValueError("not a timestamp")
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    delta = dt - datetime(1970, 1, 1, tzinfo=timezone.utc)
-    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 def parse_condition(raw: Any, attributes: dict[str, ValueType], event_models: dict[str, dict[str, ValueType]],

@@ -1,4 +1,4 @@
-"""Audience definitions change: create, update, delete. What it costs is the program switch, not the history.
+"""Audience definitions: loaded at a restart; created, updated, deleted. A change costs the program switch, not the history.
 
 Create and update store the definition and switch the program at once; a
 backfill (backfill.py) then brings the members, beside ingest. Renaming
@@ -13,7 +13,22 @@ from . import backfill
 from .audiences import Audience, check_audience_id, check_windows
 from .changes import Cause, Direction, MembershipChange
 from .conditions import parse_condition
-from .errors import AudienceExists, AudienceNotFound, FieldViolation
+from .errors import AudienceExists, AudienceNotFound, FieldViolation, InvalidAudience
+
+
+def load(engine, txn) -> None:
+    """The stored audiences and their membership bits, as a restart finds them."""
+    engine.bits = engine.store.catalog_bits(txn)
+    for rec in engine.store.load_audiences(txn):
+        try:
+            cond = parse_condition(rec["condition"], engine.attribute_types, engine.event_model_props)
+        except InvalidAudience as exc:
+            raise InvalidAudience(f"stored audience {rec['id']!r} no longer fits the project: {exc}",
+                                  violations=exc.violations) from None
+        engine.audiences[rec["id"]] = Audience(rec["id"], rec["display_name"], rec["description"],
+                                               rec["condition"], cond, rec["create_us"], rec["update_us"])
+        if rec["id"] not in engine.bits:
+            engine.bits.append(rec["id"])
 
 
 def put(engine, txn, audience_id: str, display_name: str, description: str, definition: dict,

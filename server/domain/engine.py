@@ -33,7 +33,7 @@ from . import backfill, definitions
 from .changes import Cause, Direction, MembershipChange
 from .audiences import Audience, check_audience_id
 from .compile import Compiled, audiences_by_model, compile_audiences
-from .conditions import Condition, parse_condition
+from .conditions import Condition
 from .errors import AudienceNotFound, InvalidAudience
 from .events import ANON, Event, EventModel, EventType, MatchedEvent, compile_models
 from .identity import link
@@ -388,17 +388,7 @@ class Engine:
         another program (or none were, or they cannot be read). A walk that
         was under way resumes where it stood.
         """
-        self.bits = self.store.catalog_bits(txn)
-        for rec in self.store.load_audiences(txn):
-            try:
-                cond = parse_condition(rec["condition"], self.attribute_types, self.event_model_props)
-            except InvalidAudience as exc:
-                raise InvalidAudience(f"stored audience {rec['id']!r} no longer fits the project: {exc}",
-                                      violations=exc.violations) from None
-            self.audiences[rec["id"]] = Audience(rec["id"], rec["display_name"], rec["description"],
-                                                 rec["condition"], cond, rec["create_us"], rec["update_us"])
-            if rec["id"] not in self.bits:
-                self.bits.append(rec["id"])
+        definitions.load(self, txn)
         self.counts = self.store.counts(txn)
         epochs = self.store.epochs(txn)
         self.generation, self.epoch_keys = epochs["generation"], epochs["leaves"]

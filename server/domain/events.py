@@ -56,8 +56,9 @@ from typing import Any, Union
 
 from qualify.evaluator import FilterSet
 
-from .conditions import Predicate, parse_timestamp
+from .conditions import Predicate
 from .errors import QualifyError, Status
+from .operators import parse_timestamp
 from .schema import ValueType
 
 ANON = "anon:"  # an anonymous person's key is ANON + anonymous id, until a merge names them
