@@ -107,6 +107,8 @@ def fed(tmp_path_factory, demo_warehouse):
                     batch.append(order(user, ts, sku=sku, anon=anon))
             if not linked and t > start + HOUR:
                 batch.extend(identify(u, v, t) for v, u in visitors.items())
+                # In the same call, after the links: on one node these count for the users already.
+                batch.extend(product_view("", t, sku="sku-1", anon=v) for v in list(visitors)[:3])
                 linked = True
             cluster.apis[sent % 3].send(*batch)
             solo.send(*batch)

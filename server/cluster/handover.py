@@ -30,10 +30,9 @@ The source partition never replays a moved person's logged events again:
 the engine's ``iter_events`` and ``read_event`` there skip them (see
 ``Handovers.visible``), so an audience change cannot bring them back.
 
-Order across the two partitions: the user's own events that arrive after
-the link and before the handover are in the merged state either way; the
-merge's changes may then follow those events' changes for the user, where
-one node would have them first.
+Order across the two partitions: the user's partition holds the user from
+the link until the handover is in (cluster/holds.py), so the merge is
+evaluated at the link and the user's later events after it, as on one node.
 """
 
 from __future__ import annotations
@@ -46,7 +45,7 @@ from dataclasses import replace
 import msgpack
 
 from ..domain.changes import Cause, Direction, MembershipChange
-from ..domain.events import ANON, Event, EventType, MatchedEvent, matching_models
+from ..domain.events import ANON, Event, MatchedEvent, matching_models
 from ..storage.eventlog import decode_event, encode_event
 from ..storage.lmdb_store import delete_prefix
 from .jetstream import events_subject

@@ -100,6 +100,11 @@ def _moved(partition, deadline: float, until_us: int) -> list:
     return [[p, records] for p, records in sorted(out.items())]
 
 
+def _placed(e) -> tuple[int, int]:
+    """Where one node would have logged the event: its ingest call's received time, then its place in the call."""
+    return e.received_us, e.arrival
+
+
 class MergedHistory:
     """domain/simulate.History over a partition's log and the histories moved into it, in received order.
 
@@ -107,8 +112,9 @@ class MergedHistory:
     (a forwarded event is appended when it arrives from the visitor's
     partition, after events received later); those moved away, and the copies
     a handover appended here, are left out, and the moved-in originals merged
-    in. At one received instant a stream whose next event is an identify or
-    an alias waits for the others: on one node the visitor's events of an
+    in, each at its place in its ingest call at ties. At one received instant
+    and place (events logged before places were kept) a stream whose next
+    event is an identify or an alias waits for the others: on one node the visitor's events of an
     instant come before the link that ends it (cluster/handover.py orders them
     so in each partition's stream). Sequences are renumbered from 1.
     """
@@ -116,16 +122,16 @@ class MergedHistory:
     def __init__(self, own: list, moved_in: list[list], models, people, txn):
         copies = {e.message_id for stream in moved_in for e in stream if e.message_id}
         own = [e for e in own if not (e.message_id and e.message_id in copies)]
-        streams = [sorted(s, key=lambda e: e.received_us) for s in [own, *moved_in]]  # stable: log order at ties
-        heap = [(s[0].received_us, s[0].type in _LINKS, i, 0) for i, s in enumerate(streams) if s]
+        streams = [sorted(s, key=_placed) for s in [own, *moved_in]]  # stable: log order at ties
+        heap = [(*_placed(s[0]), s[0].type in _LINKS, i, 0) for i, s in enumerate(streams) if s]
         heapq.heapify(heap)
         self.log: list = []
         while heap:
-            _, _, i, j = heapq.heappop(heap)
+            *_, i, j = heapq.heappop(heap)
             self.log.append(replace(streams[i][j], seq=len(self.log) + 1))
             if j + 1 < len(streams[i]):
                 nxt = streams[i][j + 1]
-                heapq.heappush(heap, (nxt.received_us, nxt.type in _LINKS, i, j + 1))
+                heapq.heappush(heap, (*_placed(nxt), nxt.type in _LINKS, i, j + 1))
         self.index: dict[str, list[int]] = {}  # person key -> seqs: everyone the event names, as on one node
         self._people, self._txn = people, txn
         for e in self.log:
