@@ -96,9 +96,12 @@ def changes_stream(url: str) -> list[tuple[int, int, tuple]]:
 
 
 # Reruns once. In about one full suite run in four on the shared 2-core machine, 60 s after the NATS
-# server's restart the changes stream still lacked the last acknowledged events' changes of a few people
-# (the partitions may lag for tens of seconds then: README, "Running a cluster"). Whether that is only a
-# longer lag or a loss is not told apart yet; a rerun that fails again fails the suite.
+# server's restart the changes stream still lacked the last acknowledged events' changes of a few people.
+# _diagnose told why: every event was in its partition's stream, but a few partitions had no owner, the
+# restarted node's start of them hung in a snapshot download cut off by the NATS restart (fixed since:
+# cluster/snapshots.py bounds transfers, cluster/leases.py rereads a lost compare-and-set). 13 runs in a
+# row passed without reruns afterwards; the rerun stays as a guard against this machine's load, and a
+# rerun that fails again fails the suite with _diagnose's report.
 @pytest.mark.flaky(reruns=1)
 def test_kill9_a_node_then_a_nats_server(tmp_path, nats3, demo_warehouse):
     fresh_nats(nats3)
