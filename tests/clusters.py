@@ -135,24 +135,15 @@ def changelog_rows(lmdb_dir: Path) -> list[tuple[int, list]]:
 
 
 def nats_json(url: str, bucket: str) -> dict:
-    """Every key of a key-value bucket, decoded as JSON."""
+    """Every key of a key-value bucket, decoded as JSON (as `qualify cluster status` reads them)."""
     import nats
+
+    from qualify.server.cluster.status import bucket_entries
 
     async def read():
         nc = await nats.connect(url)
         try:
-            kv = await nc.jetstream().key_value(bucket)
-            out = {}
-            try:
-                keys = await kv.keys()
-            except Exception:  # noqa: BLE001 - nats.js.errors.NoKeysError: empty
-                return out
-            for k in keys:
-                try:
-                    out[k] = json.loads((await kv.get(k)).value)
-                except Exception:  # noqa: BLE001 - deleted meanwhile
-                    pass
-            return out
+            return await bucket_entries(nc.jetstream(), bucket)
         finally:
             await nc.close()
 

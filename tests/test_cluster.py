@@ -227,8 +227,10 @@ def _check_status(cluster: QualifyCluster) -> None:
     status = wait_for(lambda: (lambda s: s if settled(s) else None)(json.loads(run("--json").stdout)), 15.0)
     assert status, run("--json").stdout
     assert status["deliveries"]["node"] in ("n0", "n1", "n2") and "all" in status["deliveries"]["syncs"], status
-    text = run().stdout
-    assert "16 partitions, 3 of 3 nodes alive, max/mean owned" in text and "QUALIFY_EVENTS" in text, text
+    shown = run()
+    text = shown.stdout
+    assert "16 partitions, 3 of 3 nodes alive, max/mean owned" in text and "QUALIFY_EVENTS" in text, \
+        text + shown.stderr
     assert "realtime syncs delivered by n" in text, text
 
 

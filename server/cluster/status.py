@@ -20,18 +20,22 @@ from . import snapshots
 from .jetstream import CHANGES, EVENTS, LEASES_BUCKET, NODES_BUCKET, SNAPSHOTS_BUCKET, events_subject, lease_key
 
 
-async def _entries(js, bucket: str) -> dict[str, dict]:
+async def bucket_entries(js, bucket: str) -> dict[str, dict]:
+    """The bucket's entries, its keys listed from the stream's subjects. (nats-py's ``keys()`` watches the
+    bucket and can end before the first entry arrives when the server answers its consumer info first, a
+    loaded server included: the table then showed a cluster of 0 nodes.)"""
     kv = await js.key_value(bucket)
-    try:
-        keys = await kv.keys()
-    except Exception:  # noqa: BLE001 - nats.js.errors.NoKeysError: the bucket is empty
-        return {}
+    prefix = f"$KV.{bucket}."
+    info = await js.stream_info(f"KV_{bucket}", subjects_filter=prefix + ">")
     out = {}
-    for k in keys:
+    for subject in sorted(info.state.subjects or ()):
+        key = subject[len(prefix):]
         try:
-            out[k] = json.loads((await kv.get(k)).value)
-        except Exception:  # noqa: BLE001 - deleted between keys() and get()
+            entry = await kv.get(key)
+        except NotFoundError:  # deleted (a delete marker keeps its subject), or since the listing
             continue
+        if entry.value:
+            out[key] = json.loads(entry.value)
     return out
 
 
@@ -50,8 +54,8 @@ async def gather(settings: ClusterSettings, timeout: float = 5.0) -> dict:
         js = nc.jetstream(timeout=timeout)
         now = time.time()
         ttl = max(settings.lease_ttl, 3.0)  # alive as the nodes count it (cluster/node.py)
-        nodes = await _entries(js, NODES_BUCKET)
-        leases = await _entries(js, LEASES_BUCKET)
+        nodes = await bucket_entries(js, NODES_BUCKET)
+        leases = await bucket_entries(js, LEASES_BUCKET)
         store = await js.object_store(SNAPSHOTS_BUCKET)
         n = (json.loads((await (await js.key_value("qualify-cluster")).get("config")).value))["partitions"]
         snaps, lasts = await asyncio.gather(asyncio.gather(*(snapshots.latest(store, p) for p in range(n))),
@@ -70,7 +74,7 @@ async def gather(settings: ClusterSettings, timeout: float = 5.0) -> dict:
                 "snapshot_seq": snap.applied if snap else None, "snapshot_bytes": snap.size if snap else None,
                 "snapshot_age_s": round(now - snap.taken_at, 1) if snap else None})
         events, changes = await js.stream_info(EVENTS), await js.stream_info(CHANGES)
-        cluster = await _entries(js, "qualify-cluster")
+        cluster = await bucket_entries(js, "qualify-cluster")
         deliverer = leases.get("deliveries")
         return {
             "partitions_count": n, "nats": list(settings.nats_urls),
