@@ -11,7 +11,8 @@
 * state: the bytes each sequence or absence leaf takes in a person's stored
   state (its section of the dump), per person, after the run; and in memory
   (the run's events replayed into the sequence leaves alone): per leaf before
-  its first event, per value record held;
+  its first event, per value record held, and per person per leaf for the
+  leaves without ``same`` and with it (``state.in_memory.without_same``);
 * full recompute: the warehouse-only parts of every audience, and each
   audience's value for people with no realtime events, over N people,
   vectorised over the attribute columns, as after a sync.
@@ -74,20 +75,62 @@ def sequence_state(evaluator, states: list, leaves: list) -> dict:
                 sum(s.nbytes() for s in states) / len(states), 1)}
 
 
+def _replay(program, leaves: list, persons: int, log: list):
+    """The run's events replayed into a program of ``leaves`` alone: (its evaluator, one state per person)."""
+    from qualify.evaluator import CompiledEvaluator
+    from qualify.evaluator.program import Code, Program
+
+    ev = CompiledEvaluator(Program(tuple(leaves), tuple(((Code.EVENT, j),) for j in range(len(leaves))),
+                                   0, program.session_timeout_us))
+    states = [ev.new_state() for _ in range(persons)]
+    for p, model, now, props in log:
+        ev.observe(states[p], model, now, props, "")
+    return ev, states
+
+
+def _leaf_bytes(program, leaves: list, persons: int, log: list) -> dict:
+    """Bytes per person per leaf of ``leaves`` (its place in the block and what it holds beyond, capacity
+    included, as nbytes counts it), their value records, and how they are held."""
+    from qualify.evaluator import CompiledEvaluator
+    from qualify.evaluator.program import Program
+
+    if not leaves:
+        return {"leaves": 0}
+    ev, states = _replay(program, leaves, persons, log)
+    none = CompiledEvaluator(Program((), (), 0, program.session_timeout_us)).new_state().nbytes()
+    total = sum(s.nbytes() for s in states) - persons * none
+    fresh = ev.new_state().nbytes() - none
+    counts = [s.spilled(j) for s in states for j in range(len(leaves))]
+    records = sum(c[0] for c in counts)
+    out = {"leaves": len(leaves), "bytes_per_leaf_before_first_event": round(fresh / len(leaves), 1),
+           "bytes_per_leaf": round(total / (persons * len(leaves)), 1),
+           "records_per_leaf": round(records / (persons * len(leaves)), 3),
+           "bytes_per_record_held": round(total / records, 1) if records else 0,
+           "spilled_records": sum(c[1] for c in counts)}
+    if hasattr(states[0], "leaf_nbytes"):  # the inline layout: per leaf, and where each one's state is
+        per = [s.leaf_nbytes(j) for s in states for j in range(len(leaves))]
+        out["bytes_per_leaf_max"] = max(per)
+        out["bytes_per_leaf_p99"] = percentile(per, 0.99)
+        layouts: dict[str, int] = {}
+        for s in states:
+            for j in range(len(leaves)):
+                layouts[s.layout(j)] = layouts.get(s.layout(j), 0) + 1
+        out["layouts"] = layouts
+    return out
+
+
 def sequence_memory(program, seq_leaves: list, persons: int, log: list) -> dict:
     """The sequence leaves' state in memory: the run's events replayed into a program of those leaves alone.
 
     Per leaf before its first event (the state block's share), and per value record held (the bytes the
-    leaves hold beyond the block, over the records in use; capacity included, as nbytes counts it)."""
+    leaves hold beyond the block, over the records in use; capacity included, as nbytes counts it); then
+    the same per person per leaf, for the leaves without same and those with same, each replayed alone
+    (``without_same.bytes_per_leaf`` is the figure issue 15's 64-byte bound is about)."""
     from qualify.evaluator import CompiledEvaluator
-    from qualify.evaluator.program import Code, Program
+    from qualify.evaluator.program import Program
 
-    only = CompiledEvaluator(Program(tuple(seq_leaves), tuple(((Code.EVENT, j),) for j in range(len(seq_leaves))),
-                                     0, program.session_timeout_us))
+    only, states = _replay(program, seq_leaves, persons, log)
     none = CompiledEvaluator(Program((), (), 0, program.session_timeout_us))
-    states = [only.new_state() for _ in range(persons)]
-    for p, model, now, props in log:
-        only.observe(states[p], model, now, props, "")
     fresh = only.new_state().nbytes()
     held = sum(s.nbytes() for s in states) - persons * fresh
     out = {"bytes_per_leaf_before_first_event": round((fresh - none.new_state().nbytes()) / len(seq_leaves), 1),
@@ -99,6 +142,8 @@ def sequence_memory(program, seq_leaves: list, persons: int, log: list) -> dict:
                    bytes_per_record=round(held / records, 1) if records else 0,
                    mean_packed_payload_bytes=round(sum(c[2] for c in counts) / (records - spilled), 1)
                    if records > spilled else 0)
+        out["without_same"] = _leaf_bytes(program, [lf for lf in seq_leaves if not lf.same], persons, log)
+        out["with_same"] = _leaf_bytes(program, [lf for lf in seq_leaves if lf.same], persons, log)
     return out
 
 
@@ -233,6 +278,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{n['payload_max_bytes']} B (+ {n['framing_bytes']} B of section framing); "
                   f"with same max {w['max_bytes']} B for {w['max_values_held']} values (cap {w['values_cap']}), "
                   f"at most {w['max_bytes_per_value']} B per value (target {SEQUENCE_BYTES_MAX} B)")
+            m = out["state"]["in_memory"].get("without_same", {})
+            if m.get("leaves"):
+                print(f"in memory per person per sequence leaf without same: {m['bytes_per_leaf']} B mean"
+                      + (f", max {m['bytes_per_leaf_max']} B, {m['layouts']}" if "layouts" in m else "")
+                      + f"; nbytes per person {out['state']['nbytes_per_person_in_memory']} B")
     return 0
 
 

@@ -623,6 +623,7 @@ cdef struct LeafSpec:
     int32_t nsame
     int32_t nsum  # int64 summary slots per value: SEQUENCE one per step, ABSENCE npending
     Py_ssize_t gsize  # bytes of one value's record
+    bint inl  # no same: the leaf's state lives inline in Q_INLINE bytes of the block (_sequences.pxi)
 
 
 cdef struct WState:
@@ -714,26 +715,57 @@ cdef class CompiledState:
         """How many events leaf j keeps (timestamps or (ts, value) pairs; 0 for SESSION/EVER)."""
         if j < 0 or j >= self.n_leaves:
             raise IndexError("event leaf index out of range")
+        cdef QView v
         if self.specs[j].kind != KIND_EVENT:
-            return _q_stored(_qstate(self.block, &self.specs[j]), &self.specs[j])
+            return _q_stored(_qstate(self.block, &self.specs[j], &v), &self.specs[j])
         if self.specs[j].scope != SC_WITHIN:
             return 0
         return _wstate(self.block, &self.specs[j]).n
 
     def spilled(self, Py_ssize_t j):
-        """Sequence leaf j's value records: (in use, spilled out of their 64-byte slots, payload bytes of the
-        packed ones); see _sequences.pxi."""
+        """Sequence leaf j's value records: (in use, spilled out of their packed place, payload bytes of the
+        packed ones); see _sequences.pxi. A leaf without same: its one record's place is inline, its
+        payload the inline data (prefix and record, not the cache); spilled, it is on the heap."""
         cdef QState* qs
+        cdef QView v
+        cdef const uint8_t* p
         cdef Py_ssize_t g, k = 0, payload = 0
         if j < 0 or j >= self.n_leaves or self.specs[j].kind == KIND_EVENT:
             raise IndexError("sequence leaf index out of range")
-        qs = _qstate(self.block, &self.specs[j])
+        if self.specs[j].inl:
+            p = <const uint8_t*>(self.block + self.specs[j].offset)
+            if p[0] == QI_PACKED:
+                return 1, 0, p[2]
+            return (1, 1, 0) if p[0] == QI_SPILLED and _qi_heap(p).n else (0, 0, 0)
+        qs = _qstate(self.block, &self.specs[j], &v)
         for g in range(qs.n):
             if _q_slot(qs, g)[0] == Q_SPILLED:
                 k += 1
             else:
                 payload += _q_slot(qs, g)[0]
         return qs.n, k, payload
+
+    def layout(self, Py_ssize_t j):
+        """Where sequence leaf j's state is: "empty" (no record), "inline" (a leaf without same, its record
+        in its 64 bytes of the block), "spilled" (a leaf without same whose record did not fit: on the
+        heap) or "slots" (a leaf with same: its QState and slots); see _sequences.pxi."""
+        cdef const uint8_t* p
+        cdef QView v
+        if j < 0 or j >= self.n_leaves or self.specs[j].kind == KIND_EVENT:
+            raise IndexError("sequence leaf index out of range")
+        if self.specs[j].inl:
+            p = <const uint8_t*>(self.block + self.specs[j].offset)
+            return "inline" if p[0] == QI_PACKED else "spilled" if p[0] == QI_SPILLED else "empty"
+        return "slots" if _qstate(self.block, &self.specs[j], &v).n else "empty"
+
+    def leaf_nbytes(self, Py_ssize_t j):
+        """Bytes sequence leaf j holds for this person: its place in the block (64 inline, 8 a pointer) and
+        what it holds beyond (capacity included, as nbytes counts it)."""
+        cdef const LeafSpec* sp
+        if j < 0 or j >= self.n_leaves or self.specs[j].kind == KIND_EVENT:
+            raise IndexError("sequence leaf index out of range")
+        sp = &self.specs[j]
+        return (Q_INLINE if sp.inl else sizeof(QState*)) + _q_leaf_nbytes(self.block, sp)
 
     def nbytes(self):
         """Bytes this state holds in C: the block and the buffers it points to (capacity)."""
@@ -743,7 +775,7 @@ cdef class CompiledState:
         for j in range(self.n_leaves):
             sp = &self.specs[j]
             if sp.kind != KIND_EVENT:
-                total += _q_nbytes(_qstate(self.block, sp), sp)
+                total += _q_leaf_nbytes(self.block, sp)
             elif sp.scope == SC_WITHIN:
                 w = _wstate(self.block, sp)
                 total += w.cap * (sizeof(int64_t) if sp.agg == AG_COUNT else sizeof(WEntry))
@@ -1162,8 +1194,9 @@ cdef class CompiledEvaluator:
             sp = &self.specs[j]
             if isinstance(leaf, SequenceLeaf):
                 sp.offset = self.state_size
-                self.state_size += sizeof(QState*)  # NULL until the leaf's first relevant event
                 _q_spec(sp, leaf, j)
+                # without same: the leaf's 64 inline bytes; with same: its QState*, NULL until its first event
+                self.state_size += Q_INLINE if sp.inl else sizeof(QState*)
                 for model, qplan in _q_plans(j, leaf, qfilter_index, self.qfilters, qsame_index):
                     qplans.setdefault(model, []).append(qplan)
                 continue

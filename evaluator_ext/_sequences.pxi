@@ -4,9 +4,10 @@
 # are _reference_sequences.py's; this is how they are kept in C. The packed
 # slots are _sequences_slots.pxi's, a leaf's spec and plans _sequences_plans.pxi's.
 #
-# Per person and leaf, the person's block holds a pointer to the leaf's QState
-# (NULL before its first relevant event: readers then see _Q_EMPTY). The QState
-# heads one allocation: the bases packed fields are relative to, the session
+# Per person and leaf *with* ``same``, the person's block holds a pointer to the
+# leaf's QState (NULL before its first relevant event: readers then see
+# _Q_EMPTY). A leaf *without* ``same`` keeps its state *inline* instead (below).
+# The QState heads one allocation: the bases packed fields are relative to, the session
 # and the cache, then the record hashes and up to ``values`` *slots* of Q_SLOT
 # bytes, one per distinct ``same`` value (one slot when the leaf has no ``same``):
 #
@@ -43,9 +44,40 @@
 # - The value key: the canonical encoding of the ``same`` values (below), compared
 #   bytewise. The record whose buf[n-1] is the oldest is the one cap 1 evicts.
 #
-# Bound, per person and leaf: a pointer (8 bytes) before its first relevant
+# Inline leaves (no ``same``: exactly one value record, the empty key's). The
+# leaf's place in the person's block is Q_INLINE = 64 bytes, whatever its state:
+#
+#   byte 0      tag: QI_EMPTY (0, a calloc'd block: before the first relevant
+#               event, or no record), QI_PACKED, QI_SPILLED
+#   byte 1      flags: QI_CACHED (the cache below is set), QI_HOLDS (its value)
+#   byte 2      len: the record's bytes at data[0:len]
+#   bytes 4-11  QI_PACKED: tbase (int64); QI_SPILLED: bytes 8-15, the QState*
+#   bytes 12-63 data (QI_ROOM = 52 bytes):
+#     [uv session + 1, SESSION leaves] uv zz(abase) | the slot's payload, as
+#     _q_pack writes it relative to (tbase, abase), but for its first byte (the
+#     key's length, always 0) | the cache, when QI_CACHED:
+#     uv zz(c_from - tbase), uv 0 (c_until is NO_FLIP) or zz(c_until - c_from) + 1
+#
+# The bases are the record's own: _q_store rebases a leaf's only record on its
+# oldest buffered event before packing it, so they are folded into the record
+# (its first timestamp and arrival number cost a byte each) rather than kept
+# apart as 16 bytes that grow stale. Every reader and writer works on the
+# current layout: an inline leaf is opened into a QView on the stack (QState,
+# hash and one slot, the layout above with cap 1: the payload is copied, not
+# unpacked) and a writer hands it back (_q_done), packed inline when the
+# prefix and payload fit in QI_ROOM. The cache goes in the bytes left after the
+# record, and only when it fits and is exact; when it does not, the value is
+# recomputed at each query (costs time, never answers). A record whose payload
+# does not fit is *spilled* to the current layout: a heap QState with one slot
+# (QI_SPILLED, the block holding its pointer), moved back inline once it fits.
+#
+# Bound, per person and leaf without ``same``: 64 bytes, inline, while the
+# record fits (prefix + payload <= 52 bytes; the payload is at most 59 in a
+# slot); spilled: + sizeof(QState) + 4 +
+# Q_SLOT = 112 bytes (and the spilled record's, below, if it does not fit its
+# slot either). With ``same``: a pointer (8 bytes) before its first relevant
 # event; then sizeof(QState) + values * (4 + Q_SLOT) = 48 + 64 * values bytes
-# more (without ``same``: 48 + 64), each
+# more, each
 # value's record packed in its 64 bytes of hash and slot when its payload is at
 # most Q_SLOT - 1 = 59 bytes (typically: key ~8 B, 3-4 bytes per buffered event,
 # 1-4 per summary timestamp or interval, near tbase); a spilled record adds
@@ -102,6 +134,24 @@ cdef enum:
     Q_TMP_IV = 30  # a packed record has fewer intervals: each takes at least 2 payload bytes
 
 
+cdef enum:
+    Q_INLINE = 64  # bytes of an inline leaf's place in the person's block (leaves without same)
+    QI_DATA = 12  # where its data start
+    QI_ROOM = Q_INLINE - QI_DATA
+    QI_EMPTY = 0
+    QI_PACKED = 1
+    QI_SPILLED = 2
+    QI_CACHED = 1
+    QI_HOLDS = 2
+
+
+cdef struct QView:
+    # An inline leaf opened as the current layout with one slot: QState, hashes[1], slot[1] (on the stack).
+    QState h
+    uint32_t hash
+    uint8_t slot[Q_SLOT]
+
+
 cdef struct QTmp:
     # A record unpacked on the stack: the QGroup header, buf and summary laid out as sp.gsize bytes from &g
     # (buf then summary, sized for the largest caps), then room for the intervals of a packed record.
@@ -125,21 +175,48 @@ _Q_EMPTY.c_valid = True
 _Q_EMPTY.c_holds = False
 
 
-cdef inline QState* _qstate(char* block, const LeafSpec* sp) noexcept nogil:
-    """The leaf's state, to read (_Q_EMPTY before its first relevant event)."""
-    cdef QState* qs = (<QState**>(block + sp.offset))[0]
+cdef inline QState* _qstate(char* block, const LeafSpec* sp, QView* v) noexcept nogil:
+    """The leaf's state, to read (_Q_EMPTY before its first relevant event); an inline leaf's opened in v.
+
+    Valid until the leaf's state next changes (a write, or a query that caches its value)."""
+    cdef QState* qs
+    cdef const uint8_t* p
+    if sp.inl:
+        p = <const uint8_t*>(block + sp.offset)
+        if p[0] == QI_PACKED:
+            _qi_open(p, sp, v)
+            return &v.h
+        if p[0] == QI_SPILLED:
+            return _qi_heap(p)
+        return &_Q_EMPTY
+    qs = (<QState**>(block + sp.offset))[0]
     return qs if qs != NULL else &_Q_EMPTY
 
 
-cdef QState* _qstate_w(char* block, const LeafSpec* sp) except NULL:
-    """The leaf's state, to write: allocated (with no slots) at the first need."""
+cdef QState* _qstate_w(char* block, const LeafSpec* sp, QView* v) except NULL:
+    """The leaf's state, to write: allocated (with no slots) at the first need; an inline leaf's opened in
+    v (or its spilled QState), to hand back with _q_done after the change."""
     cdef QState** slot = <QState**>(block + sp.offset)
+    cdef const uint8_t* p
+    if sp.inl:
+        p = <const uint8_t*>(block + sp.offset)
+        if p[0] == QI_SPILLED:
+            return _qi_heap(p)
+        _qi_open(p, sp, v)
+        return &v.h
     if slot[0] == NULL:
         slot[0] = <QState*>calloc(1, sizeof(QState))
         if slot[0] == NULL:
             raise MemoryError()
         slot[0].session = -1
     return slot[0]
+
+
+cdef inline int _q_done(char* block, const LeafSpec* sp, QState* qs) except -1:
+    """After a change to the state _qstate_w gave: an inline leaf's back into its bytes (qs is stale then)."""
+    if sp.inl:
+        return _qi_commit(block, sp, qs)
+    return 0
 
 
 cdef inline int64_t* _q_bases(const QState* qs) noexcept nogil:
@@ -185,13 +262,15 @@ cdef inline bint _q_within(int64_t later, int64_t earlier, int64_t d) noexcept n
     return <uint64_t>later - <uint64_t>earlier <= <uint64_t>d
 
 
-cdef QState* _q_reserve(char* block, const LeafSpec* sp, int64_t tbase, int64_t abase) except NULL:
-    """Room for slot n (up to nvalues), cleared; the bases set when no record is in use. The QState may
-    move: the new one (the block points at it; earlier pointers to it and its slots are stale)."""
-    cdef QState* qs = _qstate_w(block, sp)
+cdef QState* _q_reserve(char* block, const LeafSpec* sp, QState* qs, int64_t tbase, int64_t abase) except NULL:
+    """Room in qs (_qstate_w's) for slot n (up to nvalues), cleared; the bases set when no record is in use.
+    The QState may move: the new one (the block points at it; earlier pointers to it and its slots are
+    stale). An inline leaf's has its one slot already."""
     cdef Py_ssize_t cap = qs.cap
     cdef QState* q
     if qs.n >= cap:
+        if sp.inl:
+            raise MemoryError("an inline sequence leaf holds one record")
         cap = min(cap + (cap // 4 if cap >= 4 else 1), sp.nvalues)  # one slot at a time up to 4: records are 64 bytes
         q = <QState*>malloc(sizeof(QState) + cap * (sizeof(uint32_t) + Q_SLOT))
         if q == NULL:
@@ -299,7 +378,19 @@ cdef int _q_fold(QGroup* grp, const LeafSpec* sp, int64_t ts, int64_t mask) exce
 cdef int _q_insert(CompiledState st, const LeafSpec* sp, const uint8_t* key, Py_ssize_t klen, int64_t ts,
                    int64_t mask) except -1:
     """Caps 1 and 2, then the event into its value's buffer (folding the oldest out of a full one)."""
-    cdef QState* qs = _qstate_w(st.block, sp)
+    cdef QView v
+    cdef QState* qs = _qstate_w(st.block, sp, &v)
+    if not sp.inl:
+        return _q_insert_in(st, sp, qs, key, klen, ts, mask)
+    try:
+        _q_insert_in(st, sp, qs, key, klen, ts, mask)
+    finally:
+        _qi_commit(st.block, sp, qs)  # (what the insert left, consistent on an error too)
+    return 0
+
+
+cdef int _q_insert_in(CompiledState st, const LeafSpec* sp, QState* qs, const uint8_t* key, Py_ssize_t klen,
+                      int64_t ts, int64_t mask) except -1:
     cdef QGroup* grp = NULL
     cdef QEntry* buf
     cdef QTmp t
@@ -332,7 +423,7 @@ cdef int _q_insert(CompiledState st, const LeafSpec* sp, const uint8_t* key, Py_
             _q_slot(qs, o)[0] = 0  # the newcomer takes its place
             g = o
         else:
-            qs = _q_reserve(st.block, sp, ts, st.seq)
+            qs = _q_reserve(st.block, sp, qs, ts, st.seq)
             g = qs.n
         _q_fresh(&t, sp, key, klen)
         grp = &t.g

@@ -17,7 +17,8 @@
 
 
 cdef Py_ssize_t _q_section_bound(CompiledState st, const LeafSpec* sp) noexcept:
-    cdef QState* qs = _qstate(st.block, sp)
+    cdef QView v
+    cdef QState* qs = _qstate(st.block, sp, &v)
     cdef Py_ssize_t g, total = 10
     cdef QGroup* grp
     cdef QTmp t
@@ -32,7 +33,8 @@ cdef inline Py_ssize_t _q_put_ts(uint8_t* p, int64_t v, int64_t base) noexcept n
 
 
 cdef Py_ssize_t _q_put_section(CompiledState st, const LeafSpec* sp, uint8_t* p) noexcept:
-    cdef QState* qs = _qstate(st.block, sp)
+    cdef QView v
+    cdef QState* qs = _qstate(st.block, sp, &v)
     cdef Py_ssize_t g, i, q = 0, k, n_iv
     cdef QGroup* grp
     cdef QEntry* buf
@@ -87,17 +89,19 @@ cdef inline int _q_get_ts(Reader* r, int64_t base, int64_t* out) except -1:
     return 0
 
 
-cdef int _q_get_group(CompiledState st, const LeafSpec* sp, Reader* r) except -1:
+cdef QState* _q_get_group(CompiledState st, const LeafSpec* sp, QState* qs, Reader* r) except NULL:
+    """One value's record from the section, appended to qs (_qstate_w's): qs, or where it moved."""
     cdef QTmp t
     cdef QGroup* grp = &t.g
     _q_fresh(&t, sp, NULL, 0)
     try:
-        _q_read_group(st, sp, _qstate(st.block, sp), r, &t)
-        _q_append(_q_reserve(st.block, sp, st.session_last_ts, st.seq), sp, grp)
+        _q_read_group(st, sp, qs, r, &t)
+        qs = _q_reserve(st.block, sp, qs, st.session_last_ts, st.seq)
+        _q_append(qs, sp, grp)
     except BaseException:
         _q_drop_tmp(grp)
         raise
-    return 0
+    return qs
 
 
 cdef int _q_read_group(CompiledState st, const LeafSpec* sp, QState* qs, Reader* r, QTmp* t) except -1:
@@ -183,17 +187,22 @@ cdef int _q_add_iv_raw(QGroup* grp, int64_t lo, int64_t hi) except -1:
 
 
 cdef int _q_get_section(CompiledState st, const LeafSpec* sp, Reader* r) except -1:
-    cdef QState* qs = _qstate_w(st.block, sp)
+    cdef QView v
+    cdef QState* qs
     cdef uint64_t n
     cdef Py_ssize_t g
     _get_uv(r, &n)
     if n == 0 or n > <uint64_t>sp.nvalues or n > <uint64_t>(r.end - r.pos):
         _corrupt(b"number of values out of range")
-    if sp.scope == SC_SESSION:
-        if st.session < 0:
-            _corrupt(b"a session's sequence state with no session")
-        qs.session = st.session
-    for g in range(<Py_ssize_t>n):
-        _q_get_group(st, sp, r)  # (may move the QState)
-    _qstate(st.block, sp).c_valid = False
+    if sp.scope == SC_SESSION and st.session < 0:
+        _corrupt(b"a session's sequence state with no session")
+    qs = _qstate_w(st.block, sp, &v)
+    try:
+        if sp.scope == SC_SESSION:
+            qs.session = st.session
+        for g in range(<Py_ssize_t>n):
+            qs = _q_get_group(st, sp, qs, r)  # (may move the QState)
+        qs.c_valid = False
+    finally:
+        _q_done(st.block, sp, qs)  # an inline leaf's back into its bytes
     return 0

@@ -5,8 +5,22 @@
 
 # ---------------------------------------------------------------- evaluation
 
-cdef inline bint _q_session_open(CompiledEvaluator ev, CompiledState st, const QState* qs, int64_t now) noexcept:
-    return st.session >= 0 and qs.session == st.session and now < st.session_last_ts + ev.timeout
+cdef inline bint _q_session_open(CompiledEvaluator ev, CompiledState st, int64_t session, int64_t now) noexcept:
+    """Whether the leaf's records (of session ``session``) are the current session's, and it is open."""
+    return st.session >= 0 and session == st.session and now < st.session_last_ts + ev.timeout
+
+
+cdef inline int64_t _q_session_of(char* block, const LeafSpec* sp) noexcept nogil:
+    """The session the leaf's records belong to (-1 for none), without opening an inline leaf."""
+    cdef const uint8_t* p = <const uint8_t*>(block + sp.offset)
+    cdef QState* qs
+    cdef Py_ssize_t q = QI_DATA
+    if sp.inl:
+        if p[0] == QI_PACKED:
+            return <int64_t>(_q_uv(p, &q) - 1) if sp.scope == SC_SESSION else -1
+        return _qi_heap(p).session if p[0] == QI_SPILLED else -1
+    qs = (<QState**>(block + sp.offset))[0]
+    return qs.session if qs != NULL else -1
 
 
 cdef int _q_compute_sequence(const LeafSpec* sp, QState* qs, int64_t now) except -1:
@@ -135,36 +149,65 @@ cdef int _q_compute_absence(CompiledEvaluator ev, CompiledState st, const LeafSp
     return 0
 
 
-cdef int _q_ensure(CompiledEvaluator ev, CompiledState st, const LeafSpec* sp, int64_t now) except -1:
-    cdef QState* qs = _qstate(st.block, sp)
+cdef int _q_ensure(CompiledEvaluator ev, CompiledState st, const LeafSpec* sp, int64_t now,
+                   int64_t* until) except -1:
+    """The leaf's value at now (1 or 0) through its cache, computed (and cached) when the cache does not
+    cover now; until: the instant it next flips by itself (NO_FLIP for never)."""
+    cdef QView v
+    cdef QState* qs
+    cdef const uint8_t* p = <const uint8_t*>(st.block + sp.offset)
+    cdef int64_t tb, c_from, c_until
+    cdef Py_ssize_t q
+    cdef uint64_t u
+    cdef int holds
+    if sp.inl:
+        if p[0] == QI_EMPTY:
+            until[0] = NO_FLIP
+            return 0  # never holds, never flips, at any instant
+        if p[0] == QI_PACKED and p[1] & QI_CACHED:  # the cache, read in place
+            memcpy(&tb, p + 4, sizeof(int64_t))
+            q = QI_DATA + p[2]
+            c_from = <int64_t>(<uint64_t>tb + <uint64_t>_unzz(_q_uv(p, &q)))
+            u = _q_uv(p, &q)
+            c_until = NO_FLIP if u == 0 else <int64_t>(<uint64_t>c_from + <uint64_t>_unzz(u - 1))
+            if c_from <= now and now < c_until:
+                until[0] = c_until
+                return (p[1] & QI_HOLDS) != 0
+    qs = _qstate(st.block, sp, &v)
     if qs == &_Q_EMPTY or (qs.c_valid and qs.c_from <= now and now < qs.c_until):
-        return 0  # (_Q_EMPTY: never holds, never flips, at any instant)
+        until[0] = qs.c_until  # (_Q_EMPTY: never holds, never flips, at any instant)
+        return qs.c_holds
     if sp.kind == KIND_SEQUENCE:
-        return _q_compute_sequence(sp, qs, now)
-    return _q_compute_absence(ev, st, sp, qs, now)
+        _q_compute_sequence(sp, qs, now)
+    else:
+        _q_compute_absence(ev, st, sp, qs, now)
+    until[0] = qs.c_until
+    holds = qs.c_holds
+    if sp.inl:
+        _qi_commit(st.block, sp, qs)  # the cache (and any pruned intervals) back into its bytes
+    return holds
 
 
 cdef int _q_holds(CompiledEvaluator ev, CompiledState st, const LeafSpec* sp, int64_t now) except -1:
-    cdef QState* qs = _qstate(st.block, sp)
-    if sp.scope == SC_SESSION and not _q_session_open(ev, st, qs, now):
+    cdef int64_t until
+    if sp.scope == SC_SESSION and not _q_session_open(ev, st, _q_session_of(st.block, sp), now):
         return False
-    _q_ensure(ev, st, sp, now)
-    return qs.c_holds
+    return _q_ensure(ev, st, sp, now, &until)
 
 
 cdef int64_t _q_flip(CompiledEvaluator ev, CompiledState st, const LeafSpec* sp, int64_t now) except? -1:
-    cdef QState* qs = _qstate(st.block, sp)
-    cdef int64_t end
+    cdef int64_t end, until
+    cdef int holds
     if sp.scope == SC_SESSION:
-        if not _q_session_open(ev, st, qs, now):
+        if not _q_session_open(ev, st, _q_session_of(st.block, sp), now):
             return NO_FLIP
-        _q_ensure(ev, st, sp, now)
+        holds = _q_ensure(ev, st, sp, now, &until)
         end = st.session_last_ts + ev.timeout
-        if qs.c_holds:
+        if holds:
             return end  # nothing in a session ends a match or an absence but the session's end
-        return qs.c_until if qs.c_until < end else NO_FLIP
-    _q_ensure(ev, st, sp, now)
-    return qs.c_until
+        return until if until < end else NO_FLIP
+    _q_ensure(ev, st, sp, now, &until)
+    return until
 
 
 cdef bint _q_in_scope(CompiledEvaluator ev, CompiledState st, const LeafSpec* sp, const QState* qs, int64_t ts,
@@ -172,13 +215,14 @@ cdef bint _q_in_scope(CompiledEvaluator ev, CompiledState st, const LeafSpec* sp
     if sp.scope == SC_WITHIN:
         return now < _q_add(ts, sp.window)
     if sp.scope == SC_SESSION:
-        return _q_session_open(ev, st, qs, now)
+        return _q_session_open(ev, st, qs.session, now)
     return True
 
 
 cdef object _q_progress(CompiledEvaluator ev, CompiledState st, const LeafSpec* sp, int64_t now):
     """reference._sequence_at / _absence_at from the bounded state: a SequenceProgress."""
-    cdef QState* qs = _qstate(st.block, sp)
+    cdef QView v
+    cdef QState* qs
     cdef Py_ssize_t g, i, k, found = -1
     cdef QGroup* grp
     cdef QEntry* buf
@@ -191,6 +235,7 @@ cdef object _q_progress(CompiledEvaluator ev, CompiledState st, const LeafSpec* 
     if _q_holds(ev, st, sp, now):
         if sp.kind == KIND_ABSENCE:
             return SequenceProgress(2, None, ())
+    qs = _qstate(st.block, sp, &v)  # (after _q_holds: caching the value may have moved it)
     for g in range(qs.n):
         grp = _q_open(qs, sp, g, &t)
         buf = _qbuf(grp)
@@ -253,8 +298,9 @@ cdef int _q_graft(CompiledState st, CompiledState dn, const LeafSpec* sp, const 
     kept). A SESSION leaf keeps them only when the donor's current session is
     the state's, as the other SESSION leaves do.
     """
+    cdef QView v, dv
     cdef QState* qs
-    cdef QState* ds = _qstate(dn.block, dp)
+    cdef QState* ds = _qstate(dn.block, dp, &dv)
     cdef QGroup* grp
     cdef QEntry* buf
     cdef QTmp t
@@ -268,16 +314,19 @@ cdef int _q_graft(CompiledState st, CompiledState dn, const LeafSpec* sp, const 
     _q_free(st.block, sp)  # back to a leaf before its first event, then the donor's records
     if ds.n == 0 or (sp.scope == SC_SESSION and not (same_session and ds.session == dn.session)):
         return 0
-    qs = _qstate_w(st.block, sp)
-    if sp.scope == SC_SESSION:
-        qs.session = st.session
-    for g in range(ds.n):
-        grp = _q_open_copy(ds, dp, g, &t)  # the donor's key and intervals borrowed: _q_store copies them
-        buf = _qbuf(grp)
-        for i in range(grp.n):
-            seq = (buf[i].code >> Q_MASK_BITS) + shift
-            buf[i].code = ((seq if seq >= 1 else 1) << Q_MASK_BITS) | (buf[i].code & ((1 << Q_MASK_BITS) - 1))
-        qs = _q_reserve(st.block, sp, ds.tbase, <int64_t>(<uint64_t>ds.abase + <uint64_t>shift))
-        _q_append(qs, sp, grp)
-    qs.c_valid = False
+    qs = _qstate_w(st.block, sp, &v)
+    try:
+        if sp.scope == SC_SESSION:
+            qs.session = st.session
+        for g in range(ds.n):
+            grp = _q_open_copy(ds, dp, g, &t)  # the donor's key and intervals borrowed: _q_store copies them
+            buf = _qbuf(grp)
+            for i in range(grp.n):
+                seq = (buf[i].code >> Q_MASK_BITS) + shift
+                buf[i].code = ((seq if seq >= 1 else 1) << Q_MASK_BITS) | (buf[i].code & ((1 << Q_MASK_BITS) - 1))
+            qs = _q_reserve(st.block, sp, qs, ds.tbase, <int64_t>(<uint64_t>ds.abase + <uint64_t>shift))
+            _q_append(qs, sp, grp)
+        qs.c_valid = False
+    finally:
+        _q_done(st.block, sp, qs)  # an inline leaf's back into its bytes
     return 0

@@ -29,6 +29,7 @@ cdef int _q_spec(LeafSpec* sp, leaf, Py_ssize_t j) except -1:
     sp.nsum = sp.nsteps if sp.kind == KIND_SEQUENCE else sp.npending
     sp.gsize = sizeof(QGroup) + sp.reorder * sizeof(QEntry) + sp.nsum * sizeof(int64_t)
     sp.empty_holds = False
+    sp.inl = sp.nsame == 0  # one value record: inline (_sequences.pxi)
     return 0
 
 

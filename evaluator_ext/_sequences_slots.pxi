@@ -197,7 +197,18 @@ cdef int _q_store(QState* qs, const LeafSpec* sp, Py_ssize_t g, QGroup* grp) exc
     cdef uint8_t* slot = _q_slot(qs, g)
     cdef QGroup* old = _q_spilled(slot) if slot[0] == Q_SPILLED else NULL
     cdef QGroup* rec
-    cdef Py_ssize_t n = _q_pack(_q_bases(qs), sp, grp, pk)
+    cdef int64_t nb[2]
+    cdef Py_ssize_t n
+    if sp.nsame == 0 and g == 0 and grp.n:
+        # the leaf's only record: its bases its own oldest buffered event, so its offsets stay small
+        nb[0] = _qbuf(grp)[0].ts
+        nb[1] = _qbuf(grp)[0].code >> Q_MASK_BITS
+        n = _q_pack(nb, sp, grp, pk)
+        if n >= 0:
+            qs.tbase = nb[0]
+            qs.abase = nb[1]
+    else:
+        n = _q_pack(_q_bases(qs), sp, grp, pk)
     if n >= 0:
         if old != NULL:
             _q_free_rec(old)  # grp may be old: it is packed in pk already
@@ -290,12 +301,118 @@ cdef void _q_clear(QState* qs, const LeafSpec* sp) noexcept nogil:
 
 
 cdef void _q_free(char* block, const LeafSpec* sp) noexcept nogil:
+    """Back to a leaf before its first relevant event."""
     cdef QState** slot = <QState**>(block + sp.offset)
+    cdef uint8_t* p = <uint8_t*>(block + sp.offset)
+    cdef QState* heap
+    if sp.inl:
+        if p[0] == QI_SPILLED:
+            heap = _qi_heap(p)
+            _q_clear(heap, sp)
+            free(heap)
+        memset(p, 0, Q_INLINE)
+        return
     if slot[0] == NULL:
         return
     _q_clear(slot[0], sp)
     free(slot[0])
     slot[0] = NULL
+
+
+# ---------------------------------------------------------------- inline leaves (no same)
+
+cdef uint32_t _Q_HASH0 = _q_hash(NULL, 0)  # the empty key's
+
+
+cdef inline QState* _qi_heap(const uint8_t* p) noexcept nogil:
+    """A spilled inline leaf's QState."""
+    cdef QState* qs
+    memcpy(&qs, p + 8, sizeof(QState*))
+    return qs
+
+
+cdef void _qi_open(const uint8_t* p, const LeafSpec* sp, QView* v) noexcept nogil:
+    """An inline leaf's bytes (QI_EMPTY or QI_PACKED) as the current layout with one slot, in v."""
+    cdef Py_ssize_t q = QI_DATA, end
+    cdef uint64_t u
+    memset(&v.h, 0, sizeof(QState))
+    v.h.cap = 1
+    v.h.session = -1
+    v.hash = _Q_HASH0
+    v.slot[0] = 0
+    if p[0] != QI_PACKED:
+        return
+    memcpy(&v.h.tbase, p + 4, sizeof(int64_t))
+    if sp.scope == SC_SESSION:
+        v.h.session = <int64_t>(_q_uv(p, &q) - 1)
+    v.h.abase = _unzz(_q_uv(p, &q))
+    end = QI_DATA + p[2]
+    v.slot[0] = <uint8_t>(end - q + 1)
+    v.slot[1] = 0  # the payload's key length, not kept inline (no same: always 0)
+    memcpy(v.slot + 2, p + q, end - q)
+    v.h.n = 1
+    if p[1] & QI_CACHED:
+        q = end
+        v.h.c_from = <int64_t>(<uint64_t>v.h.tbase + <uint64_t>_unzz(_q_uv(p, &q)))
+        u = _q_uv(p, &q)
+        v.h.c_until = NO_FLIP if u == 0 else <int64_t>(<uint64_t>v.h.c_from + <uint64_t>_unzz(u - 1))
+        v.h.c_valid = True
+        v.h.c_holds = (p[1] & QI_HOLDS) != 0
+
+
+cdef int _qi_commit(char* block, const LeafSpec* sp, QState* qs) except -1:
+    """An inline leaf's state back into its bytes after a change: qs is the QView header _qstate_w gave
+    or the leaf's spilled QState. Inline when its record is packed and fits with its prefix (the cache
+    too, when it fits); else the current layout on the heap. qs must not be used after this."""
+    cdef uint8_t* p = <uint8_t*>(block + sp.offset)
+    cdef QState* heap = _qi_heap(p) if p[0] == QI_SPILLED else NULL
+    cdef uint8_t pre[48]  # the prefix (at most 20 bytes), then the cache (at most 20)
+    cdef uint8_t* slot
+    cdef Py_ssize_t k = 0, total, c = 0
+    cdef uint64_t z
+    cdef uint8_t flags = 0
+    if qs.n == 0:
+        if heap != NULL:
+            _q_clear(heap, sp)
+            free(heap)
+        memset(p, 0, Q_INLINE)
+        return 0
+    slot = _q_slot(qs, 0)
+    if slot[0] != Q_SPILLED:
+        if sp.scope == SC_SESSION:
+            k = _put_uv(pre, <uint64_t>qs.session + 1)
+        k += _put_uv(pre + k, _zz(qs.abase))
+        total = k + slot[0] - 1  # (the payload's key length, always 0, is not kept)
+        if total <= QI_ROOM:
+            if qs.c_valid:
+                c = _put_uv(pre + k, _zz(<int64_t>(<uint64_t>qs.c_from - <uint64_t>qs.tbase)))
+                z = 0 if qs.c_until == NO_FLIP else _zz(<int64_t>(<uint64_t>qs.c_until - <uint64_t>qs.c_from))
+                if z != 0xFFFFFFFFFFFFFFFFULL:  # (else not cacheable: 0 is NO_FLIP's)
+                    c += _put_uv(pre + k + c, z + 1 if qs.c_until != NO_FLIP else 0)
+                    if total + c <= QI_ROOM:
+                        flags = QI_CACHED | (QI_HOLDS if qs.c_holds else 0)
+            # (qs may be the heap QState: all of it is read before p is written)
+            memcpy(p + 4, &qs.tbase, sizeof(int64_t))
+            memmove(p + QI_DATA + k, slot + 2, slot[0] - 1)
+            if flags:
+                memcpy(p + QI_DATA + total, pre + k, c)
+            memcpy(p + QI_DATA, pre, k)
+            p[1] = flags
+            p[2] = <uint8_t>total
+            p[3] = 0
+            p[0] = QI_PACKED
+            free(heap)  # (its one slot was packed: it owned nothing else)
+            return 0
+    if heap == NULL:  # qs is the view: to the heap
+        heap = <QState*>malloc(sizeof(QView))
+        if heap == NULL:
+            if slot[0] == Q_SPILLED:
+                _q_free_rec(_q_spilled(slot))
+            raise MemoryError()
+        memcpy(heap, qs, sizeof(QView))
+        p[0] = QI_SPILLED
+        memcpy(p + 8, &heap, sizeof(QState*))
+    return 0
 
 
 cdef Py_ssize_t _q_stored(const QState* qs, const LeafSpec* sp) noexcept nogil:
@@ -310,6 +427,7 @@ cdef Py_ssize_t _q_stored(const QState* qs, const LeafSpec* sp) noexcept nogil:
 
 
 cdef Py_ssize_t _q_nbytes(const QState* qs, const LeafSpec* sp) noexcept nogil:
+    """Bytes of the QState's allocation and its spilled records (not for a QView: see _q_leaf_nbytes)."""
     cdef Py_ssize_t g, total = 0
     cdef QGroup* rec
     if qs == &_Q_EMPTY:
@@ -320,3 +438,12 @@ cdef Py_ssize_t _q_nbytes(const QState* qs, const LeafSpec* sp) noexcept nogil:
             rec = _q_spilled(_q_slot(qs, g))
             total += sp.gsize + rec.klen + rec.iv_cap * 2 * sizeof(int64_t)
     return total
+
+
+cdef Py_ssize_t _q_leaf_nbytes(char* block, const LeafSpec* sp) noexcept nogil:
+    """Bytes the leaf holds beyond its place in the block (an inline leaf: 0 unless spilled)."""
+    cdef const uint8_t* p = <const uint8_t*>(block + sp.offset)
+    cdef QView v
+    if sp.inl:
+        return _q_nbytes(_qi_heap(p), sp) if p[0] == QI_SPILLED else 0
+    return _q_nbytes(_qstate(block, sp, &v), sp)
