@@ -268,22 +268,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(out, indent=2))
     else:
-        c, r = out["compiled"], out["recompute"]
-        print(f"per event, {args.audiences} audiences: p50 {c['p50_us']} µs, p99 {c['p99_us']} µs "
-              f"(floor p99 {out['floor']['p99_us']} µs; reference p99 {out['reference']['p99_us']} µs)")
-        print(f"full recompute of {r['people']:,} people: {r['seconds']} s")
-        if "state" in out:
-            w, n = out["state"]["with_same"], out["state"]["without_same"]
-            print(f"state per person per sequence leaf: without same p99 {n['payload_p99_bytes']} B, max "
-                  f"{n['payload_max_bytes']} B (+ {n['framing_bytes']} B of section framing); "
-                  f"with same max {w['max_bytes']} B for {w['max_values_held']} values (cap {w['values_cap']}), "
-                  f"at most {w['max_bytes_per_value']} B per value (target {SEQUENCE_BYTES_MAX} B)")
-            m = out["state"]["in_memory"].get("without_same", {})
-            if m.get("leaves"):
-                print(f"in memory per person per sequence leaf without same: {m['bytes_per_leaf']} B mean"
-                      + (f", max {m['bytes_per_leaf_max']} B, {m['layouts']}" if "layouts" in m else "")
-                      + f"; nbytes per person {out['state']['nbytes_per_person_in_memory']} B")
+        _print_summary(out, args.audiences)
     return 0
+
+
+
+def _print_summary(out: dict, audiences: int) -> None:
+    """The run's figures as text (without --json)."""
+    c, r = out["compiled"], out["recompute"]
+    print(f"per event, {audiences} audiences: p50 {c['p50_us']} µs, p99 {c['p99_us']} µs "
+          f"(floor p99 {out['floor']['p99_us']} µs; reference p99 {out['reference']['p99_us']} µs)")
+    print(f"full recompute of {r['people']:,} people: {r['seconds']} s")
+    if "state" in out:
+        w, n = out["state"]["with_same"], out["state"]["without_same"]
+        print(f"state per person per sequence leaf: without same p99 {n['payload_p99_bytes']} B, max "
+              f"{n['payload_max_bytes']} B (+ {n['framing_bytes']} B of section framing); "
+              f"with same max {w['max_bytes']} B for {w['max_values_held']} values (cap {w['values_cap']}), "
+              f"at most {w['max_bytes_per_value']} B per value (target {SEQUENCE_BYTES_MAX} B)")
+        m = out["state"]["in_memory"].get("without_same", {})
+        if m.get("leaves"):
+            print(f"in memory per person per sequence leaf without same: {m['bytes_per_leaf']} B mean"
+                  + (f", max {m['bytes_per_leaf_max']} B, {m['layouts']}" if "layouts" in m else "")
+                  + f"; nbytes per person {out['state']['nbytes_per_person_in_memory']} B")
 
 
 if __name__ == "__main__":
