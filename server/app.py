@@ -318,6 +318,13 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
              asyncio.create_task(compact(retention, writer, clock, 0.2 if test_clock else 1.0)),
              asyncio.create_task(backfill(engine, writer, clock))]
     await stop.wait()
+    await _shut_down(loop, health_servicer, http, gate, writing, server, tasks, deliveries, writer)
+    env.close()
+    return 1 if failed else 0
+
+
+async def _shut_down(loop, health_servicer, http, gate, writing, server, tasks, deliveries, writer) -> None:
+    """A single node's parts stop in this order, so nothing acknowledged or in flight is lost."""
     log.info("shutting down (grace %.0fs for unary calls; streams end now)", GRACE_SECONDS)
     await health_servicer.enter_graceful_shutdown()
     if http is not None:
@@ -334,8 +341,6 @@ async def serve_single(project: Project, *, ready_file: str | None = None, progr
     await loop.run_in_executor(None, writing.simulations.close)
     # After the server stopped: whatever it queued is committed, then the thread ends.
     await loop.run_in_executor(None, writer.stop)
-    env.close()
-    return 1 if failed else 0
 
 
 async def serve_reads(project: Project, port: int, writer_address: str, http_port: int | None = None) -> int:
