@@ -678,6 +678,27 @@ check_st = st.tuples(
 stream_st = st.lists(st.tuples(st.lists(event_st, max_size=4), check_st), min_size=1, max_size=14)
 
 
+def drive_agreeing(data, comp, ref, program, now: int, rounds: int, events, step, dumps: bool = False):
+    """Rounds of drawn events, each followed by drawn queries (at the reference's next change or a step
+    ``step`` later), where the compiled evaluator must agree with the reference (check_agree); with
+    ``dumps``, a dump and load at random queries must give back the same bytes. ``events`` draws lists of
+    (model, offset from now, properties, session). Returns (the compiled state, the last query's time)."""
+    cs, rs = comp.new_state(), ref.new_state()
+    for _ in range(data.draw(st.integers(1, rounds))):
+        for model, offset, props, session in data.draw(events):
+            comp.observe(cs, model, now + offset, props, session)
+            ref.observe(rs, model, now + offset, props, session)
+        for _ in range(data.draw(st.integers(1, 3))):
+            nxt = ref.next_change(rs, now)
+            now = nxt if (nxt is not None and data.draw(st.booleans())) else now + data.draw(step)
+            check_agree(comp, ref, cs, rs, program, now, ())
+            if dumps and data.draw(st.booleans()):
+                raw = comp.dump(cs)
+                cs = comp.load(raw)
+                assert comp.dump(cs) == raw
+    return cs, now
+
+
 def check_agree(comp, ref, cs, rs, program, now, static):
     """Everything the compiled evaluator says at ``now`` is what the reference says.
 

@@ -19,7 +19,7 @@ from qualify.evaluator import CompiledEvaluator
 from qualify.evaluator.program import Code, Kind, Program, Scope, SequenceLeaf
 from qualify.evaluator.reference import ReferenceEvaluator
 
-from test_evaluator import check_agree
+from test_evaluator import check_agree, drive_agreeing
 from test_sequences import S, absence, program, seq
 from test_sequences_differential import step_st
 
@@ -184,20 +184,9 @@ def test_differential_far_apart_and_long_keys(data):
     leaves = tuple(data.draw(st.lists(wide_leaf_st(), min_size=1, max_size=3)))
     prog = Program(leaves, tuple(((Code.EVENT, j),) for j in range(len(leaves))), 0, 1 << 40)
     comp, ref = CompiledEvaluator(prog), ReferenceEvaluator(prog)
-    cs, rs = comp.new_state(), ref.new_state()
     now = data.draw(st.sampled_from([0, 1_800_000_000 * S, -(1 << 50), 1 << 58]))
-    for _ in range(data.draw(st.integers(1, 5))):
-        for model, offset, props in data.draw(st.lists(far_event_st, max_size=14)):
-            comp.observe(cs, model, now + offset, props, "")
-            ref.observe(rs, model, now + offset, props, "")
-        for _ in range(data.draw(st.integers(1, 3))):
-            nxt = ref.next_change(rs, now)
-            now = nxt if (nxt is not None and data.draw(st.booleans())) else now + data.draw(far_offset.map(abs))
-            check_agree(comp, ref, cs, rs, prog, now, ())
-            if data.draw(st.booleans()):
-                raw = comp.dump(cs)
-                cs = comp.load(raw)
-                assert comp.dump(cs) == raw
+    cs, now = drive_agreeing(data, comp, ref, prog, now, 5, st.lists(far_event_st.map(lambda e: (*e, "")), max_size=14),
+                             far_offset.map(abs), dumps=True)
     gs = comp.new_state()
     comp.graft(gs, cs, [(j, j) for j in range(len(leaves))])
     for j in range(len(leaves)):

@@ -19,7 +19,7 @@ from qualify.evaluator._reference_sequences import canonical
 from qualify.evaluator.program import Code, Kind, Program, Scope, SequenceLeaf, Step, state_key
 from qualify.evaluator.reference import ReferenceEvaluator, matches_predicate
 
-from test_evaluator import check_agree, check_st, filter_st, leaf_st, stream_st
+from test_evaluator import check_agree, check_st, drive_agreeing, filter_st, leaf_st, stream_st
 from test_sequences import S, program, run
 
 # ---------------------------------------------------------------- the oracle
@@ -156,16 +156,8 @@ def test_differential_dense(data):
                    data.draw(st.integers(3, 20)) * S)
     prog = dataclasses.replace(prog, audiences=tuple(((Code.EVENT, j),) for j in range(len(prog.leaves))))
     comp, ref = CompiledEvaluator(prog), ReferenceEvaluator(prog)
-    cs, rs = comp.new_state(), ref.new_state()
-    now = 0
-    for _ in range(data.draw(st.integers(1, 6))):
-        for model, offset, props, sid in data.draw(st.lists(dense_event_st, max_size=10)):
-            comp.observe(cs, model, now + offset, props, sid)
-            ref.observe(rs, model, now + offset, props, sid)
-        for _ in range(data.draw(st.integers(1, 3))):
-            nxt = ref.next_change(rs, now)
-            now = nxt if (nxt is not None and data.draw(st.booleans())) else now + data.draw(st.integers(0, 8)) * S // 2
-            check_agree(comp, ref, cs, rs, prog, now, ())
+    drive_agreeing(data, comp, ref, prog, 0, 6, st.lists(dense_event_st, max_size=10),
+                   st.integers(0, 8).map(lambda k: k * S // 2))
 
 
 @settings(max_examples=300, derandomize=True, database=None, deadline=None,

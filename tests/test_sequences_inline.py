@@ -18,7 +18,7 @@ from qualify.evaluator import CompiledEvaluator
 from qualify.evaluator.program import Code, Kind, Program, Scope, SequenceLeaf
 from qualify.evaluator.reference import ReferenceEvaluator
 
-from test_evaluator import check_agree
+from test_evaluator import check_agree, drive_agreeing
 from test_sequences import MIN, S, TIMEOUT, absence, program, seq
 from test_sequences_differential import step_st
 
@@ -172,20 +172,8 @@ def test_differential_inline_and_spilled(data):
     prog = Program(leaves, tuple(((Code.EVENT, j),) for j in range(len(leaves))), 0,
                    data.draw(st.sampled_from([TIMEOUT, 1 << 40])))
     comp, ref = CompiledEvaluator(prog), ReferenceEvaluator(prog)
-    cs, rs = comp.new_state(), ref.new_state()
-    now = data.draw(st.sampled_from([0, T0, -(1 << 50)]))
-    for _ in range(data.draw(st.integers(1, 5))):
-        for model, offset, props, session in data.draw(st.lists(event_st, max_size=14)):
-            comp.observe(cs, model, now + offset, props, session)
-            ref.observe(rs, model, now + offset, props, session)
-        for _ in range(data.draw(st.integers(1, 3))):
-            nxt = ref.next_change(rs, now)
-            now = nxt if (nxt is not None and data.draw(st.booleans())) else now + data.draw(near_or_far.map(abs))
-            check_agree(comp, ref, cs, rs, prog, now, ())
-            if data.draw(st.booleans()):
-                raw = comp.dump(cs)
-                cs = comp.load(raw)
-                assert comp.dump(cs) == raw
+    cs, now = drive_agreeing(data, comp, ref, prog, data.draw(st.sampled_from([0, T0, -(1 << 50)])), 5,
+                             st.lists(event_st, max_size=14), near_or_far.map(abs), dumps=True)
     gs = comp.new_state()  # (no session: a SESSION leaf's records are not grafted into it)
     comp.graft(gs, cs, [(j, j) for j in range(len(leaves))])
     for j in range(len(leaves)):
