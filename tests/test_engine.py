@@ -506,6 +506,33 @@ def test_a_restart_in_the_middle_of_a_walk_resumes_it(tmp_path):
     assert b.h.memberships()["u0"] == {"two_views"}
 
 
+def test_the_warehouse_phase_moves_people_without_state_chunk_by_chunk_across_a_restart(tmp_path, monkeypatch):
+    """A definition true for everyone without events: the warehouse phase moves them, and nobody with state."""
+    from qualify.server.domain import backfill
+
+    monkeypatch.setattr(backfill, "WAREHOUSE_CHUNK", 2)  # six people: three chunks
+    not_two_views = {"not": {"condition": EVER_TWO_VIEWS}}
+    b = Backfill(tmp_path, {"aud": FREE_PLAN})
+    b.send("u1", "views", n=2)  # with realtime state: free, then two views (out of the new definition)
+    b.send("u4", "views")  # with realtime state: pro, one view (into it)
+    with b.h.env.begin(write=True) as txn:
+        b.h.engine.put_audience(txn, "aud", "aud", "", not_two_views, b.h.now, create=False)
+    b.world.audiences["aud"] = b.parse(not_two_views)
+    moved = []
+    while b.h.engine.backfilling["phase"] == "people":
+        moved += [(c.person_key, c.direction) for c in b.h.walk()]
+    assert sorted(moved) == [("u1", Direction.EXIT), ("u4", Direction.ENTER)]
+    assert [(c.person_key, c.direction) for c in b.h.walk()] == [("u0", Direction.ENTER)]  # the first chunk
+    assert b.h.engine.backfilling["after"] == 2
+    b.h.restart()  # the walk's cache is gone: it resumes from the member index
+    moved = []
+    while b.h.backfilling():
+        moved += [(c.person_key, c.direction) for c in b.h.walk()]
+    assert moved == [("u2", Direction.ENTER)]  # u3 and u5 were free: members already
+    assert b.exact()
+    assert b.h.memberships() == {p: {"aud"} for p in PEOPLE if p != "u1"}
+
+
 def test_renaming_an_audience_moves_nobody(tmp_path):
     b = Backfill(tmp_path, {"two_views": EVER_TWO_VIEWS})
     b.send("u1", "views", n=2)

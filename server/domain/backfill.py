@@ -30,9 +30,11 @@ These functions run inside the engine, on the writer thread.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -49,7 +51,45 @@ SLICE_SECONDS = 0.05  # a walk slice's work, at most (one person's replay may ex
 # ... but once other work waits for the writer, no more than this. Each slice costs a commit (an fsync):
 # at 2 ms a new window's walk over 1M events took 48.9 s, at 4 ms 20.2 s, with ack p99 2.6x and 2.0x quiet.
 YIELD_AFTER = 0.004
-WAREHOUSE_CHUNK = 65536  # person ids per slice of the warehouse phase
+WAREHOUSE_CHUNK = 65536  # person ids per chunk of the warehouse phase
+
+
+@dataclass
+class Chunk:
+    """A range of person ids of the warehouse phase: who moves in it, worked out once for all its slices."""
+    compiled: object  # the program,
+    warehouse: object  # the warehouse parts
+    audiences: list[str]  # and the walked audiences it was worked out for
+    lo: int
+    hi: int
+    walking: dict[int, str]  # program audience index -> audience id
+    new: dict[int, np.ndarray]  # program audience index -> its default membership over [lo, hi)
+    moves: list[tuple[int, int]]  # (person id, program audience index), in order
+
+    def fits(self, engine, audiences: list[str], lo: int) -> bool:
+        return (self.compiled is engine.compiled and self.warehouse is engine.warehouse
+                and self.audiences == audiences and self.lo <= lo < self.hi)
+
+
+@dataclass
+class Walk:
+    """What a walk keeps in memory between slices: a cache, rebuilt after a restart, never the only copy."""
+    baseline: dict[str, np.ndarray] = field(default_factory=dict)  # see _baseline
+    stateful: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # person id -> walked with state
+    chunk: Chunk | None = None
+
+    def mark(self, pid: int | None, size: int) -> None:
+        """The people phase walked this person id, who has realtime state: the warehouse phase skips them."""
+        if pid is None or pid >= size:
+            return
+        if len(self.stateful) < size:
+            self.stateful = np.concatenate([self.stateful, np.zeros(size - len(self.stateful), bool)])
+        self.stateful[pid] = True
+
+    def unmark(self, pid: int | None) -> None:
+        """This person id no longer has realtime state (merged away)."""
+        if pid is not None and pid < len(self.stateful):
+            self.stateful[pid] = False
 
 
 def start(engine, txn, audience_ids: list[str], now_us: int) -> None:
@@ -59,7 +99,7 @@ def start(engine, txn, audience_ids: list[str], now_us: int) -> None:
     progress.update(phase="people", after="", done=0, total=engine.store.state_count(txn), started_us=now_us)
     engine.store.put_backfill(txn, progress)
     engine.backfilling = progress
-    engine.walk_baseline = {}
+    engine.walk = Walk()
     log.info("backfill of %s: %d people with realtime state, then the warehouse's", ", ".join(progress["audiences"]),
              progress["total"])
 
@@ -177,6 +217,7 @@ def _people(engine, txn, now_us: int, progress: dict, done: Callable[[], bool], 
                 slot = engine._slot(key, txn)  # the whole way: graft, and every audience
                 engine._evaluate(slot, now_us, range(len(engine.program_bits)), Cause.AUDIENCE_CHANGE, "", changes)
                 engine._schedule(txn, slot, now_us)
+            engine.walk.mark(stored[1], len(engine.warehouse.alive))
             progress["after"] = key
             progress["done"] += 1
             n += 1
@@ -246,45 +287,68 @@ def _visit(engine, txn, key: str, stored: tuple, walked: list[tuple[int, int, st
 
 def _warehouse(engine, txn, now_us: int, progress: dict, done: Callable[[], bool],
                changes: list[MembershipChange]) -> None:
-    """People without realtime state: their memberships follow from the warehouse parts, a slice of ids at a time."""
+    """People without realtime state: their memberships follow from the warehouse parts, a chunk of ids at a time."""
     lo = progress["after"]
-    hi = min(lo + WAREHOUSE_CHUNK, len(engine.warehouse.alive))
-    skip = np.ones(len(engine.warehouse.alive), bool)  # outside [lo, hi), and people with loaded realtime state
-    skip[lo:hi] = False
-    for pid in engine.pids:
-        if pid is not None and lo <= pid < hi:
-            skip[pid] = True
-    new = engine.warehouse.defaults(engine.compiled, engine.warehouse.arrays)
-    walking = {i: engine.bits[engine.program_bits[i]] for i in range(len(new))
-               if engine.bits[engine.program_bits[i]] in progress["audiences"]}
-    moves = []  # (person id, program audience index), in id order
-    for i, aid in walking.items():
-        moves += [(pid, i) for pid in changed(new[i], _baseline(engine, txn, aid, len(new[i])), skip)]
-    moves.sort()
-    end = hi
-    for n, (pid, i) in enumerate(moves):
-        if n % 64 == 0 and n and done():
-            end = pid  # the rest of the slice next time (this person included)
+    chunk = _chunk(engine, txn, progress, lo)
+    end = chunk.hi
+    first = bisect.bisect_left(chunk.moves, (lo, -1))
+    for n in range(first, len(chunk.moves)):
+        pid, i = chunk.moves[n]
+        if n > first and (n - first) % 64 == 0 and done():
+            end = pid  # the rest of the chunk next time (this person included)
             break
-        _move(engine, txn, pid, i, bool(new[i][pid]), now_us, changes)
-    for i, aid in walking.items():
-        base = engine.walk_baseline[aid]
-        base[lo:end] = new[i][lo:end]
+        _move(engine, txn, pid, i, bool(chunk.new[i][pid - chunk.lo]), now_us, changes)
+    for i, aid in chunk.walking.items():
+        base = _baseline(engine, txn, aid, len(engine.warehouse.alive))
+        base[lo:end] = chunk.new[i][lo - chunk.lo:end - chunk.lo]
         if engine.defaults is not None:
-            engine.defaults[aid] = base.copy()
+            engine.defaults[aid] = base  # (the walk's own copy: nothing else writes into it)
     engine._persist(txn, changes)
     progress["after"] = end
     if end >= len(engine.warehouse.alive):
         progress["phase"] = "live"
 
 
+def _chunk(engine, txn, progress: dict, lo: int) -> Chunk:
+    """The chunk of person ids from ``lo``: reused while the program and the warehouse stay, else worked out.
+
+    Skipped: people with realtime state (the people phase walked them),
+    as far as the walk knows them; ``_move`` checks the others.
+    """
+    chunk = engine.walk.chunk
+    if chunk is not None and chunk.fits(engine, progress["audiences"], lo):
+        return chunk
+    size = len(engine.warehouse.alive)
+    hi = min(lo + WAREHOUSE_CHUNK, size)
+    skip = np.zeros(hi - lo, bool)
+    stateful = engine.walk.stateful[lo:hi]
+    skip[:len(stateful)] = stateful
+    for pid in engine.pids:  # (loaded people, some not stored yet)
+        if pid is not None and lo <= pid < hi:
+            skip[pid - lo] = True
+    defaults = engine.warehouse.defaults(engine.compiled, engine.warehouse.arrays)
+    walking = {i: engine.bits[engine.program_bits[i]] for i in range(len(defaults))
+               if engine.bits[engine.program_bits[i]] in progress["audiences"]}
+    new, moves = {}, []
+    for i, aid in walking.items():
+        new[i] = defaults[i][lo:hi].copy()
+        base = _baseline(engine, txn, aid, size)[lo:hi]
+        moves += [(lo + d, i) for d in changed(new[i], base, skip)]
+    moves.sort()
+    engine.walk.chunk = Chunk(engine.compiled, engine.warehouse, list(progress["audiences"]), lo, hi, walking, new,
+                              moves)
+    return engine.walk.chunk
+
+
 def _baseline(engine, txn, aid: str, n: int) -> np.ndarray:
     """Who of the people without realtime state is a member now, as stored: what the walk moves them from.
 
     Built once per walk from the engine's defaults, or else (after a
-    restart) from the audience's member index: what its members cost.
+    restart) from the audience's member index, less the members with
+    realtime state: what its members cost.
     """
-    base = engine.walk_baseline.get(aid)
+    baseline = engine.walk.baseline
+    base = baseline.get(aid)
     if base is None:
         base = np.zeros(n, bool)
         if engine.defaults is not None and aid in engine.defaults:
@@ -293,11 +357,11 @@ def _baseline(engine, txn, aid: str, n: int) -> np.ndarray:
         else:
             for key in engine.store.member_keys(txn, aid):
                 pid = engine.store.person_id(txn, key)
-                if pid is not None and pid < n:
+                if pid is not None and pid < n and not engine._has_state(txn, key):
                     base[pid] = True
-        engine.walk_baseline[aid] = base
+        baseline[aid] = base
     elif len(base) < n:  # the warehouse grew meanwhile
-        base = engine.walk_baseline[aid] = np.concatenate([base, np.zeros(n - len(base), bool)])
+        base = baseline[aid] = np.concatenate([base, np.zeros(n - len(base), bool)])
     return base
 
 

@@ -80,7 +80,7 @@ class Engine:
         self.epoch_keys: dict[str, int] = {}  # state key (hex) -> the generation it joined the program at
         self.backfilling: dict | None = None  # the walk's progress (see backfill.py), while one runs
         self.program_no = 0  # bumped by every program switch
-        self.walk_baseline: dict[str, np.ndarray] = {}  # see backfill._baseline
+        self.walk = backfill.Walk()  # what the running walk caches between slices
         self.on_backfill: Callable[[], None] | None = None  # called when a walk starts
         self._reset_people()
         self._compile()

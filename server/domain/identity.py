@@ -49,6 +49,7 @@ def _merge(engine, txn, source: str, into: str, now_us: int, changes: list[Membe
             engine.evaluator.observe(state, model, ev.timestamp_us, ev.properties, ev.session_id)
     engine.store.move_events(txn, source, into)
     engine.store.delete_state(txn, source)
+    engine.walk.unmark(engine.pids[src])
     engine.states[dst] = state
     engine.states[src] = engine.evaluator.new_state()
     engine._set_timer(txn, src, None)
