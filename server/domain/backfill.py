@@ -52,6 +52,7 @@ SLICE_SECONDS = 0.05  # a walk slice's work, at most (one person's replay may ex
 # at 2 ms a new window's walk over 1M events took 48.9 s, at 4 ms 20.2 s, with ack p99 2.6x and 2.0x quiet.
 YIELD_AFTER = 0.004
 WAREHOUSE_CHUNK = 65536  # person ids per chunk of the warehouse phase
+MEMBER_PAGE = 256  # member keys read at a time while a baseline is read from the member index
 
 
 @dataclass
@@ -75,6 +76,7 @@ class Chunk:
 class Walk:
     """What a walk keeps in memory between slices: a cache, rebuilt after a restart, never the only copy."""
     baseline: dict[str, np.ndarray] = field(default_factory=dict)  # see _baseline
+    building: dict[str, tuple[np.ndarray, str]] = field(default_factory=dict)  # a baseline half read, and where
     stateful: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # person id -> walked with state
     chunk: Chunk | None = None
 
@@ -85,6 +87,9 @@ class Walk:
         if len(self.stateful) < size:
             self.stateful = np.concatenate([self.stateful, np.zeros(size - len(self.stateful), bool)])
         self.stateful[pid] = True
+
+    def walked(self, pid: int) -> bool:
+        return pid < len(self.stateful) and bool(self.stateful[pid])
 
     def unmark(self, pid: int | None) -> None:
         """This person id no longer has realtime state (merged away)."""
@@ -289,7 +294,9 @@ def _warehouse(engine, txn, now_us: int, progress: dict, done: Callable[[], bool
                changes: list[MembershipChange]) -> None:
     """People without realtime state: their memberships follow from the warehouse parts, a chunk of ids at a time."""
     lo = progress["after"]
-    chunk = _chunk(engine, txn, progress, lo)
+    chunk = _chunk(engine, txn, progress, lo, done)
+    if chunk is None:  # a baseline is still being read: the next slice goes on with it
+        return
     end = chunk.hi
     first = bisect.bisect_left(chunk.moves, (lo, -1))
     for n in range(first, len(chunk.moves)):
@@ -299,7 +306,7 @@ def _warehouse(engine, txn, now_us: int, progress: dict, done: Callable[[], bool
             break
         _move(engine, txn, pid, i, bool(chunk.new[i][pid - chunk.lo]), now_us, changes)
     for i, aid in chunk.walking.items():
-        base = _baseline(engine, txn, aid, len(engine.warehouse.alive))
+        base = _grown(engine.walk.baseline, aid, len(engine.warehouse.alive))
         base[lo:end] = chunk.new[i][lo - chunk.lo:end - chunk.lo]
         if engine.defaults is not None:
             engine.defaults[aid] = base  # (the walk's own copy: nothing else writes into it)
@@ -309,8 +316,10 @@ def _warehouse(engine, txn, now_us: int, progress: dict, done: Callable[[], bool
         progress["phase"] = "live"
 
 
-def _chunk(engine, txn, progress: dict, lo: int) -> Chunk:
+def _chunk(engine, txn, progress: dict, lo: int, done: Callable[[], bool]) -> Chunk | None:
     """The chunk of person ids from ``lo``: reused while the program and the warehouse stay, else worked out.
+
+    None while a walked audience's baseline is still being read.
 
     Skipped: people with realtime state (the people phase walked them),
     as far as the walk knows them; ``_move`` checks the others.
@@ -319,6 +328,12 @@ def _chunk(engine, txn, progress: dict, lo: int) -> Chunk:
     if chunk is not None and chunk.fits(engine, progress["audiences"], lo):
         return chunk
     size = len(engine.warehouse.alive)
+    defaults = engine.warehouse.defaults(engine.compiled, engine.warehouse.arrays)
+    walking = {i: engine.bits[engine.program_bits[i]] for i in range(len(defaults))
+               if engine.bits[engine.program_bits[i]] in progress["audiences"]}
+    bases = {i: _baseline(engine, txn, aid, size, done) for i, aid in walking.items()}
+    if any(base is None for base in bases.values()):
+        return None
     hi = min(lo + WAREHOUSE_CHUNK, size)
     skip = np.zeros(hi - lo, bool)
     stateful = engine.walk.stateful[lo:hi]
@@ -326,42 +341,53 @@ def _chunk(engine, txn, progress: dict, lo: int) -> Chunk:
     for pid in engine.pids:  # (loaded people, some not stored yet)
         if pid is not None and lo <= pid < hi:
             skip[pid - lo] = True
-    defaults = engine.warehouse.defaults(engine.compiled, engine.warehouse.arrays)
-    walking = {i: engine.bits[engine.program_bits[i]] for i in range(len(defaults))
-               if engine.bits[engine.program_bits[i]] in progress["audiences"]}
     new, moves = {}, []
-    for i, aid in walking.items():
+    for i in walking:
         new[i] = defaults[i][lo:hi].copy()
-        base = _baseline(engine, txn, aid, size)[lo:hi]
-        moves += [(lo + d, i) for d in changed(new[i], base, skip)]
+        moves += [(lo + d, i) for d in changed(new[i], bases[i][lo:hi], skip)]
     moves.sort()
     engine.walk.chunk = Chunk(engine.compiled, engine.warehouse, list(progress["audiences"]), lo, hi, walking, new,
                               moves)
     return engine.walk.chunk
 
 
-def _baseline(engine, txn, aid: str, n: int) -> np.ndarray:
+def _baseline(engine, txn, aid: str, n: int, done: Callable[[], bool]) -> np.ndarray | None:
     """Who of the people without realtime state is a member now, as stored: what the walk moves them from.
 
-    Built once per walk from the engine's defaults, or else (after a
-    restart) from the audience's member index, less the members with
-    realtime state: what its members cost.
+    Taken from the engine's defaults; or else (a changed audience after a
+    restart) read from the audience's member index, less the members with
+    realtime state, a page at a time until ``done()``: what its members
+    cost, in slices. None until it is read whole.
     """
-    baseline = engine.walk.baseline
-    base = baseline.get(aid)
-    if base is None:
-        base = np.zeros(n, bool)
-        if engine.defaults is not None and aid in engine.defaults:
-            known = engine.defaults[aid]
-            base[:min(n, len(known))] = known[:n]
-        else:
-            for key in engine.store.member_keys(txn, aid):
-                pid = engine.store.person_id(txn, key)
-                if pid is not None and pid < n and not engine._has_state(txn, key):
-                    base[pid] = True
-        baseline[aid] = base
-    elif len(base) < n:  # the warehouse grew meanwhile
-        base = baseline[aid] = np.concatenate([base, np.zeros(n - len(base), bool)])
+    walk = engine.walk
+    if aid in walk.baseline:
+        return _grown(walk.baseline, aid, n)
+    if engine.defaults is not None and aid in engine.defaults:  # (a sync landed: it reconciled everyone)
+        walk.building.pop(aid, None)
+        known = engine.defaults[aid]
+        base = walk.baseline[aid] = np.zeros(n, bool)
+        base[:min(n, len(known))] = known[:n]
+        return base
+    base, after = walk.building.pop(aid, (np.zeros(n, bool), ""))
+    while True:
+        keys, after = engine.store.list_members(txn, aid, after, MEMBER_PAGE)
+        for key in keys:
+            pid = engine.store.person_id(txn, key)
+            if pid is not None and pid < len(base) and not walk.walked(pid) and not engine._has_state(txn, key):
+                base[pid] = True
+        if not after:
+            walk.baseline[aid] = base
+            return _grown(walk.baseline, aid, n)
+        if done():
+            walk.building[aid] = (base, after)
+            return None
+
+
+def _grown(baselines: dict[str, np.ndarray], aid: str, n: int) -> np.ndarray:
+    """An audience's baseline, padded to ``n`` person ids when the warehouse grew meanwhile."""
+    base = baselines[aid]
+    if len(base) < n:
+        base = baselines[aid] = np.concatenate([base, np.zeros(n - len(base), bool)])
     return base
 
 
