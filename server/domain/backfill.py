@@ -242,31 +242,40 @@ def _visit(engine, txn, key: str, stored: tuple, walked: list[tuple[int, int, st
 
     No slot is made, nothing else is evaluated (only walked audiences use
     leaves a graft brings), and only what moves is written: a membership,
-    or the state and timer of someone grafted. False (nothing done) for a
-    loaded person it cannot take: a graft is due, their loaded state is
-    newer than the stored one, or their next timer moves.
+    or the state and timer of someone grafted. A loaded person unchanged
+    since the program switched takes the stored copy, grafted, as their
+    loaded state. False (nothing done) for a loaded person it cannot take:
+    their loaded state is newer than the stored one.
     """
     deadline, pid, generation, raw = stored
     grafting = generation < engine.newest_epoch
     slot = engine.slots.get(key)
-    if slot is None:
+    if slot is not None and (slot in engine.dirty or grafting and engine.loaded_under[slot] == engine.program_no):
+        return False
+    if slot is not None:
+        deadline, pid = engine.deadlines[slot], engine.pids[slot]
+    if slot is not None and engine.loaded_under[slot] == engine.program_no:
+        state = engine.states[slot]
+    else:
         state = engine.evaluator.load(raw)
         if grafting:
             graft(engine, txn, key, state, engine.leaves_after(generation))
-    elif grafting or slot in engine.dirty:
-        return False
-    else:
-        deadline = engine.deadlines[slot]
-        state = engine.states[slot] if engine.loaded_under[slot] == engine.program_no else engine.evaluator.load(raw)
+            if slot is not None:  # (the stored copy is theirs: nothing changed them since it was written)
+                engine.states[slot], engine.loaded_under[slot], engine.current[slot] = state, engine.program_no, None
     timer = engine.evaluator.next_change(state, now_us)
-    if timer != deadline and slot is not None:
-        return False
     if pid is None and not key.startswith(ANON):
         pid = engine.store.person_id(txn, key)
-    if timer != deadline:
-        engine.store.move_timer(txn, key, deadline, timer)
-    if grafting or timer != deadline:
-        engine.store.put_state(txn, key, timer, pid, engine.generation, engine.evaluator.dump(state))
+    if slot is not None and grafting:
+        engine._set_timer(txn, slot, timer)
+        engine.dirty.add(slot)  # (_persist writes their state)
+    elif slot is not None:
+        if timer != deadline:  # (their loaded state may be under an earlier program)
+            return False
+    else:
+        if timer != deadline:
+            engine.store.move_timer(txn, key, deadline, timer)
+        if grafting or timer != deadline:
+            engine.store.put_state(txn, key, timer, pid, engine.generation, engine.evaluator.dump(state))
     values = engine.evaluator.evaluate_bytes(state, now_us, engine.warehouse.statics(pid))
     for i, bit, aid in walked:
         if slot is not None:
