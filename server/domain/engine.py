@@ -135,7 +135,8 @@ class Engine:
             self.aliases, self.earliest = aliases, earliest
         self.program_no += 1
         self._compile(txn)
-        self.load_warehouse(txn)
+        self.warehouse = self.warehouse.recompiled(self.compiled)  # (the columns stay: only the statics change)
+        self.statics_of = [None] * len(self.keys)
         self.store.put_program(txn, fingerprint(self))
 
     def _slot(self, key: str, txn) -> int:

@@ -27,6 +27,12 @@ class WarehouseParts:
         self.arrays, self.missing = self.evaluate(compiled)
         self.rows = np.stack(self.arrays, axis=1) if self.arrays else np.zeros((len(alive), 0), bool)
 
+    def recompiled(self, compiled: Compiled) -> "WarehouseParts":
+        """New parts for another program over the same synced columns (an audience change reads no column)."""
+        parts = WarehouseParts()
+        parts.load(self.columns, self.alive, compiled)
+        return parts
+
     def evaluate(self, compiled: Compiled) -> tuple[list[np.ndarray], list[bool]]:
         """Each static subtree of ``compiled`` per person id, and its value for someone missing."""
         missing = [evaluate_static_missing(c) for c in compiled.statics]
