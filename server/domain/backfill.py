@@ -242,40 +242,19 @@ def _visit(engine, txn, key: str, stored: tuple, walked: list[tuple[int, int, st
 
     No slot is made, nothing else is evaluated (only walked audiences use
     leaves a graft brings), and only what moves is written: a membership,
-    or the state and timer of someone grafted. A loaded person unchanged
-    since the program switched takes the stored copy, grafted, as their
-    loaded state. False (nothing done) for a loaded person it cannot take:
-    their loaded state is newer than the stored one.
+    or the state and timer of someone grafted. False (nothing done) for a
+    loaded person it cannot take (see ``_loaded``).
     """
-    deadline, pid, generation, raw = stored
-    grafting = generation < engine.newest_epoch
     slot = engine.slots.get(key)
-    if slot is not None and (slot in engine.dirty or grafting and engine.loaded_under[slot] == engine.program_no):
-        return False
-    if slot is not None:
-        deadline, pid = engine.deadlines[slot], engine.pids[slot]
-    if slot is not None and engine.loaded_under[slot] == engine.program_no:
-        state = engine.states[slot]
-    else:
-        state = engine.evaluator.load(raw)
-        if grafting:
-            graft(engine, txn, key, state, engine.leaves_after(generation))
-            if slot is not None:  # (the stored copy is theirs: nothing changed them since it was written)
-                engine.states[slot], engine.loaded_under[slot], engine.current[slot] = state, engine.program_no, None
-    timer = engine.evaluator.next_change(state, now_us)
+    pid = stored[1] if slot is None else engine.pids[slot]
     if pid is None and not key.startswith(ANON):
         pid = engine.store.person_id(txn, key)
-    if slot is not None and grafting:
-        engine._set_timer(txn, slot, timer)
-        engine.dirty.add(slot)  # (_persist writes their state)
-    elif slot is not None:
-        if timer != deadline:  # (their loaded state may be under an earlier program)
-            return False
+    if slot is None:
+        state = _unloaded(engine, txn, key, pid, stored, now_us)
     else:
-        if timer != deadline:
-            engine.store.move_timer(txn, key, deadline, timer)
-        if grafting or timer != deadline:
-            engine.store.put_state(txn, key, timer, pid, engine.generation, engine.evaluator.dump(state))
+        state = _loaded(engine, txn, slot, stored, now_us)
+        if state is None:
+            return False
     values = engine.evaluator.evaluate_bytes(state, now_us, engine.warehouse.statics(pid))
     for i, bit, aid in walked:
         if slot is not None:
@@ -297,6 +276,46 @@ def _visit(engine, txn, key: str, stored: tuple, walked: list[tuple[int, int, st
         else:
             engine.store.put_membership(txn, key, bits)
     return True
+
+
+def _unloaded(engine, txn, key: str, pid: int | None, stored: tuple, now_us: int):
+    """Someone not loaded: their stored state, grafted if due; it and their timer written where they moved."""
+    deadline, _, generation, raw = stored
+    grafting = generation < engine.newest_epoch
+    state = engine.evaluator.load(raw)
+    if grafting:
+        graft(engine, txn, key, state, engine.leaves_after(generation))
+    timer = engine.evaluator.next_change(state, now_us)
+    if timer != deadline:
+        engine.store.move_timer(txn, key, deadline, timer)
+    if grafting or timer != deadline:
+        engine.store.put_state(txn, key, timer, pid, engine.generation, engine.evaluator.dump(state))
+    return state
+
+
+def _loaded(engine, txn, slot: int, stored: tuple, now_us: int):
+    """A loaded person's state for the walk; None where the slow way must take them.
+
+    That is: their loaded state is newer than the stored one, or it is of
+    an earlier program and their timer moves. Someone loaded before the
+    program switched and unchanged since has the stored copy as their
+    state: it is grafted and takes their slot.
+    """
+    generation, raw = stored[2], stored[3]
+    current = engine.loaded_under[slot] == engine.program_no
+    if slot in engine.dirty:
+        return None
+    if generation >= engine.newest_epoch:  # no graft due
+        state = engine.states[slot] if current else engine.evaluator.load(raw)
+        return state if engine.evaluator.next_change(state, now_us) == engine.deadlines[slot] else None
+    if current:
+        return None
+    state = engine.evaluator.load(raw)
+    graft(engine, txn, engine.keys[slot], state, engine.leaves_after(generation))
+    engine.states[slot], engine.loaded_under[slot], engine.current[slot] = state, engine.program_no, None
+    engine._set_timer(txn, slot, engine.evaluator.next_change(state, now_us))
+    engine.dirty.add(slot)  # (_persist writes their state)
+    return state
 
 
 def _warehouse(engine, txn, now_us: int, progress: dict, done: Callable[[], bool],
@@ -328,10 +347,9 @@ def _warehouse(engine, txn, now_us: int, progress: dict, done: Callable[[], bool
 def _chunk(engine, txn, progress: dict, lo: int, done: Callable[[], bool]) -> Chunk | None:
     """The chunk of person ids from ``lo``: reused while the program and the warehouse stay, else worked out.
 
-    None while a walked audience's baseline is still being read.
-
-    Skipped: people with realtime state (the people phase walked them),
-    as far as the walk knows them; ``_move`` checks the others.
+    It skips the people the walk knows to have realtime state (``_move``
+    checks the others). None while a walked audience's baseline is still
+    being read.
     """
     chunk = engine.walk.chunk
     if chunk is not None and chunk.fits(engine, progress["audiences"], lo):
