@@ -50,7 +50,7 @@ from .storage.eventlog import EventLogView
 from .storage.lmdb_store import Reader, data_path, open_env
 from .storage.realtime import RealtimeStore
 from .storage.realtime_reads import AudienceReads, ChangelogView
-from .storage.replay_process import ReplayProcess
+from .storage.replay_process import DonorProcess, ReplayProcess
 from .storage.retention import Retention
 from .storage.sync_tables import SyncTables
 from .storage.warehouse_sync import Progress
@@ -98,6 +98,7 @@ class Writing:
     audiences: Audiences | None = None
     syncs: Syncs | None = None
     simulations: SimulateService | None = None  # closed at shutdown: it ends its replay process
+    donors: DonorProcess | None = None  # the backfill's donor process: closed once the writer stopped
 
 
 async def create_server(reader: Reader, host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False,
@@ -243,11 +244,12 @@ async def _writing_parts(env, writer: Writer, reader: Reader, project: Project, 
     await deliveries.start(list(project.syncs))
     watch = Watch(WatchService(feed, changelog, project.watch_buffer, project.watch_max_lag))
     simulations = SimulateService(engine, ReplayProcess(env, data_path(project.data_dir), project.map_size), clock)
+    engine.donors = DonorProcess(env, data_path(project.data_dir), project.map_size)
     writing = Writing(
         ingest=Ingest(IngestService(writer, project.event_models, clock, project.ops.limits)),
         audiences=Audiences(AudienceService(engine, writer, AudienceReads(env), clock, reader,
                                             project.preview_timeout), watch, Simulation(simulations)),
-        syncs=Syncs(SyncService(deliveries, reader)), simulations=simulations)
+        syncs=Syncs(SyncService(deliveries, reader)), simulations=simulations, donors=engine.donors)
     retention = Retention(writer.log, store, tables, int(project.event_retention * 1_000_000),
                           int(project.changelog_retention * 1_000_000))
     return engine, deliveries, writing, retention
@@ -341,6 +343,7 @@ async def _shut_down(loop, health_servicer, http, gate, writing, server, tasks, 
     await loop.run_in_executor(None, writing.simulations.close)
     # After the server stopped: whatever it queued is committed, then the thread ends.
     await loop.run_in_executor(None, writer.stop)
+    writing.donors.close()
 
 
 async def serve_reads(project: Project, port: int, writer_address: str, http_port: int | None = None) -> int:

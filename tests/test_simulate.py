@@ -186,7 +186,7 @@ def _replay_children(server_pid: int) -> list[int]:
                 cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
             except OSError:
                 continue
-            if int(stat[1]) == server_pid and b"replay_process" in cmd:
+            if int(stat[1]) == server_pid and b"replay_process\x00simulations" in cmd:
                 found.append(int(entry))
     return found
 

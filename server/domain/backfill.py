@@ -12,7 +12,8 @@ they missed, person by person:
   the walk below), those leaves are grafted from a replay of the person's own
   retained events (their event index, bounded by retention) through an
   evaluator of just those leaves; the person is then evaluated for every
-  audience. Events that arrive meanwhile go to the switched program, so
+  audience. For the walk, another process makes most of these replays
+  ahead of it (donors.py). Events that arrive meanwhile go to the switched program, so
   nothing is missed and nothing counted twice.
 - A walk visits everyone with realtime state, in key order, a bounded slice
   per writer job between ingest batches; then the people without realtime
@@ -38,11 +39,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from qualify.evaluator import make_evaluator
-from qualify.evaluator.program import Program
-
+from . import donors
 from .changes import Cause, Direction, MembershipChange
-from .events import ANON, matching_models
+from .events import ANON
 from .warehouse_parts import changed
 
 log = logging.getLogger(__name__)
@@ -79,6 +78,7 @@ class Walk:
     building: dict[str, tuple[np.ndarray, str]] = field(default_factory=dict)  # a baseline half read, and where
     stateful: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # person id -> walked with state
     chunk: Chunk | None = None
+    ahead: donors.Ahead = field(default_factory=donors.Ahead)  # grafts replayed ahead of the people phase
 
     def mark(self, pid: int | None, size: int) -> None:
         """The people phase walked this person id, who has realtime state: the warehouse phase skips them."""
@@ -134,12 +134,13 @@ def state_of(progress: dict | None, audience_id: str) -> tuple[bool, float]:
 
 
 def graft(engine, txn, key: str, state, leaves: tuple[int, ...], into: tuple | None = None,
-          grafters: dict | None = None) -> bool:
+          grafters: dict | None = None, made: bytes | None = None) -> bool:
     """Gives a person's state these leaves of the program, from a replay of their retained events.
 
     ``into``: (the evaluator that made ``state``, its program), when not the
     engine's (a read beside the writer, which shares no cache with it; it
-    may keep its own in ``grafters``).
+    may keep its own in ``grafters``). ``made``: that replay, made ahead
+    (a donor's dump, donors.py).
     """
     if into is None:
         grafters = engine.grafters
@@ -148,25 +149,15 @@ def graft(engine, txn, key: str, state, leaves: tuple[int, ...], into: tuple | N
     evaluator = grafters.get(leaves)
     if evaluator is None:
         program = engine.compiled.program if into is None else into[1]
-        evaluator = grafters[leaves] = make_evaluator(
-            Program(tuple(program.leaves[j] for j in leaves), (), 0, program.session_timeout_us),
-            reference=engine.reference)
-    donor = evaluator.new_state()
-    models, fields = engine.models, engine.read_fields
-    for seq in engine.store.person_seqs(txn, key):
-        f = fields(txn, seq) if fields is not None else None
-        route = models.by_user(f[0], f[1]) if f is not None else None
-        if route is not None:  # most events: matched here, no Event made
-            for model in route:
-                filters = models.filters[model]
-                if filters is None or filters.matches(f[3]):
-                    evaluator.observe(donor, model, f[2], f[3], f[4])
-            continue
-        ev = engine.read_event(txn, seq)
-        if ev is None:  # older than the log's retention
-            continue
-        for model, _ in matching_models(ev, models):
-            evaluator.observe(donor, model, ev.timestamp_us, ev.properties, ev.session_id)
+        evaluator = grafters[leaves] = donors.grafter(tuple(program.leaves[j] for j in leaves),
+                                                      program.session_timeout_us, engine.reference)
+    if made is not None:
+        donor = evaluator.load(made)
+    else:
+        fields = engine.read_fields
+        donor = donors.replay(evaluator, engine.models, engine.store.person_seqs(txn, key),
+                              None if fields is None else lambda seq: fields(txn, seq),
+                              lambda seq: engine.read_event(txn, seq))
     (engine.evaluator if into is None else into[0]).graft(state, donor, [(j, i) for i, j in enumerate(leaves)])
     return True
 
@@ -197,8 +188,9 @@ def step(engine, txn, now_us: int, seconds: float = SLICE_SECONDS, people: int |
     if progress["phase"] == "live":
         engine.backfilling = None
         engine.store.put_backfill(txn, None)
-        log.info("backfill of %s done: %d people with realtime state in %.2fs; live", ", ".join(progress["audiences"]),
-                 progress["done"], (now_us - progress["started_us"]) / 1e6)
+        log.info("backfill of %s done: %d people with realtime state in %.2fs (%d grafts made ahead); live",
+                 ", ".join(progress["audiences"]), progress["done"], (now_us - progress["started_us"]) / 1e6,
+                 engine.walk.ahead.used)
     else:
         engine.store.put_backfill(txn, progress)
     return changes
@@ -211,6 +203,7 @@ def _people(engine, txn, now_us: int, progress: dict, done: Callable[[], bool], 
     visited: list[str] = []
     n, stop = 0, False
     while not stop:
+        engine.walk.ahead.refill(engine, progress["after"])
         batch = engine.store.states_after(txn, progress["after"], 64 if people is None else 1)
         if not batch:
             progress.update(phase="warehouse", after=0, people=len(engine.warehouse.alive))
@@ -284,7 +277,7 @@ def _unloaded(engine, txn, key: str, pid: int | None, stored: tuple, now_us: int
     grafting = generation < engine.newest_epoch
     state = engine.evaluator.load(raw)
     if grafting:
-        graft(engine, txn, key, state, engine.leaves_after(generation))
+        graft(engine, txn, key, state, engine.leaves_after(generation), made=engine.walk.ahead.take(key, generation))
     timer = engine.evaluator.next_change(state, now_us)
     if timer != deadline:
         engine.store.move_timer(txn, key, deadline, timer)
@@ -311,7 +304,8 @@ def _loaded(engine, txn, slot: int, stored: tuple, now_us: int):
     if current:
         return None
     state = engine.evaluator.load(raw)
-    graft(engine, txn, engine.keys[slot], state, engine.leaves_after(generation))
+    key = engine.keys[slot]
+    graft(engine, txn, key, state, engine.leaves_after(generation), made=engine.walk.ahead.take(key, generation))
     engine.states[slot], engine.loaded_under[slot], engine.current[slot] = state, engine.program_no, None
     engine._set_timer(txn, slot, engine.evaluator.next_change(state, now_us))
     engine.dirty.add(slot)  # (_persist writes their state)

@@ -82,6 +82,7 @@ class Engine:
         self.program_no = 0  # bumped by every program switch
         self.walk = backfill.Walk()  # what the running walk caches between slices
         self.on_backfill: Callable[[], None] | None = None  # called when a walk starts
+        self.donors = None  # a Donors port (ports.py), set by the server: the walk's grafts made ahead (donors.py)
         self._reset_people()
         self._compile()
 

@@ -176,3 +176,18 @@ class Simulations(Protocol):
         """The plan's Timeline, blocking; gives up soon after ``cancelled`` is set. Raises the replay's errors."""
 
     def close(self) -> None: ...
+
+
+class Donors(Protocol):
+    """Makes the backfill's donor pages (domain/donors.py) away from the writer (storage/replay_process.py)."""
+
+    def ask(self, plan: Any) -> bool:
+        """Hands a DonorPlan over, without waiting; False if it cannot be (the page is then not made)."""
+
+    def answers(self) -> list[Any]:
+        """The DonorPages made since the last call; never waits."""
+
+    def idle(self) -> bool:
+        """Whether no plan asked for is still being made (each was answered, or was lost with its process)."""
+
+    def close(self) -> None: ...

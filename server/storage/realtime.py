@@ -222,16 +222,7 @@ class RealtimeStore:
 
     def states_after(self, txn, after: str, limit: int) -> list[tuple[str, tuple[int | None, int | None, int, bytes]]]:
         """Up to ``limit`` people with realtime state, in key order after ``after``, each with ``state``'s tuple."""
-        out = []
-        with txn.cursor(db=self.states) as cur:
-            k = after.encode()
-            found = cur.set_range(k)
-            if found and cur.key() == k:
-                found = cur.next()
-            while found and len(out) < limit:
-                out.append((bytes(cur.key()).decode(), _stored_state(cur.value())))
-                found = cur.next()
-        return out
+        return states_after(txn, self.states, after, limit)
 
     def stored_states(self, txn) -> Iterator[tuple[str, tuple[int | None, int | None, int, bytes]]]:
         """Everyone with realtime state, in key order, each with ``state``'s tuple."""
@@ -426,6 +417,20 @@ def stored_audiences(lmdb_dir) -> list[dict] | None:
             return [json.loads(v) for _, v in txn.cursor(db=db)]
     finally:
         env.close()
+
+
+def states_after(txn, db, after: str, limit: int) -> list[tuple[str, tuple[int | None, int | None, int, bytes]]]:
+    """Up to ``limit`` people of the state table ``db`` in key order after ``after``, each with their stored tuple."""
+    out = []
+    with txn.cursor(db=db) as cur:
+        k = after.encode()
+        found = cur.set_range(k)
+        if found and cur.key() == k:
+            found = cur.next()
+        while found and len(out) < limit:
+            out.append((bytes(cur.key()).decode(), _stored_state(cur.value())))
+            found = cur.next()
+    return out
 
 
 def person_seqs(txn, db, person_key: str, upto: int | None = None) -> list[int]:

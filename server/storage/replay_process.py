@@ -1,4 +1,9 @@
-"""Simulations in a process of their own, over the same LMDB environment opened read-only.
+"""Simulations, and the backfill's donor pages, in processes of their own over the LMDB environment opened read-only.
+
+(The donors' child, DonorProcess, is the same program: domain/donors.py
+says what it makes, and why it is exact. What follows is about the
+simulations' child; both are started lazily and named on their command
+line.)
 
 Why a process: a replay is seconds of CPU. On a thread of the server it
 shared the interpreter with the writer and the event loop: each step of an
@@ -48,12 +53,14 @@ from pathlib import Path
 
 import lmdb
 
+from ..domain import donors
+from ..domain.donors import DonorPage, DonorPlan
 from ..domain.errors import QualifyError, ShuttingDown
 from ..domain.events import Event
 from ..domain.simulate import ReplayPlan, SimulationTooSlow, Timeline, Wanted, simulate
 from .eventlog import EventLog
 from .lmdb_store import PEOPLE, U32, _handle, open_env
-from .realtime import PERSON_EVENTS, person_seqs
+from .realtime import PERSON_EVENTS, STATES, person_seqs, states_after
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +98,19 @@ class SnapshotHistory:
         return self.log.get(self.txn, seq)
 
 
+def _spawn(role: str, path: Path, map_size: int) -> tuple[subprocess.Popen, Connection, Connection]:
+    """A child (``_serve``), its jobs pipe and its results pipe. ``role`` only names it on its command line."""
+    jobs_r, jobs_w = os.pipe()
+    results_r, results_w = os.pipe()
+    args = [sys.executable, "-m", __name__, role, str(jobs_r), str(results_w), str(path), str(map_size)]
+    try:
+        proc = subprocess.Popen(args, pass_fds=(jobs_r, results_w), stdin=subprocess.DEVNULL)
+    finally:
+        os.close(jobs_r)
+        os.close(results_w)
+    return proc, Connection(jobs_w, readable=False), Connection(results_r, writable=False)
+
+
 class ReplayProcess:
     """The domain's Simulations port: one child process, one simulation at a time (callers queue on a lock)."""
 
@@ -106,15 +126,7 @@ class ReplayProcess:
     def _start(self) -> None:
         if self._closed:
             raise ShuttingDown("the server is shutting down")
-        jobs_r, jobs_w = os.pipe()
-        results_r, results_w = os.pipe()
-        args = [sys.executable, "-m", __name__, str(jobs_r), str(results_w), str(self.path), str(self.map_size)]
-        try:
-            self._proc = subprocess.Popen(args, pass_fds=(jobs_r, results_w), stdin=subprocess.DEVNULL)
-        finally:
-            os.close(jobs_r)
-            os.close(results_w)
-        self._jobs, self._results = Connection(jobs_w, readable=False), Connection(results_r, writable=False)
+        self._proc, self._jobs, self._results = _spawn("simulations", self.path, self.map_size)
         log.info("simulation process %d started", self._proc.pid)
 
     def run(self, plan: ReplayPlan, cancelled: threading.Event) -> Timeline:
@@ -186,10 +198,76 @@ class ReplayProcess:
             proc.wait()
 
 
+class DonorProcess:
+    """The domain's Donors port: a child of its own, which makes the backfill's donor pages one after the other.
+
+    Apart from the simulations' child, so that a long simulation never holds
+    up a walk (the walk then replays on the writer, as it does until this
+    child has started). The writer thread alone calls it.
+    """
+
+    def __init__(self, env, path: Path, map_size: int):
+        self.env, self.path, self.map_size = env, Path(path), map_size
+        self._proc: subprocess.Popen | None = None
+        self._jobs: Connection | None = None
+        self._results: Connection | None = None
+        self._asked = 0  # plans sent and not answered
+        self._closed = False
+
+    def ask(self, plan: DonorPlan) -> bool:
+        if self._closed:
+            return False
+        try:
+            if self._proc is None or self._proc.poll() is not None:
+                self._stop()
+                self._proc, self._jobs, self._results = _spawn("donors", self.path, self.map_size)
+                log.info("backfill donor process %d started", self._proc.pid)
+            self._jobs.send(plan)
+        except OSError as exc:
+            log.warning("backfill donor process unavailable: %s", exc)
+            self._stop()
+            return False
+        self._asked += 1
+        return True
+
+    def answers(self) -> list[DonorPage]:
+        out = []
+        try:
+            while self._results is not None and self._results.poll():
+                out.append(self._results.recv())
+                self._asked -= 1
+        except (EOFError, OSError):  # it ended: what it was making is lost
+            self._stop()
+        return out
+
+    def idle(self) -> bool:
+        return self._asked == 0
+
+    def _stop(self) -> None:
+        proc, jobs, results = self._proc, self._jobs, self._results
+        self._proc = self._jobs = self._results = None
+        self._asked = 0
+        for conn in (jobs, results):
+            if conn is not None:
+                conn.close()
+        if proc is not None:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            try:
+                self.env.reader_check()
+            except lmdb.Error:
+                pass
+
+    def close(self) -> None:
+        self._closed = True
+        self._stop()
+
+
 # -- the child ------------------------------------------------------------------------------------------------------
 def _serve(jobs: Connection, results: Connection, path: Path, map_size: int) -> None:
     env = open_env(path, map_size, readonly=True)
-    tables = None
+    tables = states = None
     while True:
         try:
             plan = jobs.recv()
@@ -197,10 +275,26 @@ def _serve(jobs: Connection, results: Connection, path: Path, map_size: int) -> 
             return
         if plan == CANCEL:  # for a replay that had already answered
             continue
-        results.send(STARTED)
-        if tables is None:  # the writer has made them by the time anyone simulates
+        if tables is None:  # the writer has made them by the time anyone simulates or backfills
             tables = EventLog(env), _handle(env, f"{PEOPLE}.keys".encode()), _handle(env, PERSON_EVENTS)
+            states = _handle(env, STATES)
+        if isinstance(plan, DonorPlan):
+            results.send(_donors(env, tables[0], states, tables[2], plan))
+            continue
+        results.send(STARTED)
         results.send(_replay(env, tables, plan, jobs))
+
+
+def _donors(env, events: EventLog, states, person_events, plan: DonorPlan) -> DonorPage:
+    try:
+        with env.begin(buffers=False) as txn:
+            people = states_after(txn, states, plan.after, plan.limit)
+            return donors.page(plan, [(key, stored[2]) for key, stored in people],
+                               lambda key: person_seqs(txn, person_events, key),
+                               lambda seq: events.fields(txn, seq), lambda seq: events.get(txn, seq))
+    except Exception:  # noqa: BLE001 - the walk replays on the writer instead
+        log.exception("backfill donor page failed")
+        return DonorPage(plan.ticket, plan.program_no, None, {}, failed=True)
 
 
 def _replay(env, tables, plan: ReplayPlan, jobs: Connection):
@@ -222,7 +316,7 @@ def _replay(env, tables, plan: ReplayPlan, jobs: Connection):
 
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    jobs_fd, results_fd, path, map_size = int(argv[0]), int(argv[1]), Path(argv[2]), int(argv[3])
+    jobs_fd, results_fd, path, map_size = int(argv[1]), int(argv[2]), Path(argv[3]), int(argv[4])  # [0]: its role
     _serve(Connection(jobs_fd, writable=False), Connection(results_fd, readable=False), path, map_size)
     return 0
 
