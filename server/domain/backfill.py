@@ -97,10 +97,16 @@ class Walk:
             self.stateful[pid] = False
 
 
-def start(engine, txn, audience_ids: list[str], now_us: int) -> None:
-    """Starts (or restarts, with more audiences) the walk: a new definition needs everyone evaluated."""
+def start(engine, txn, audience_ids: list[str], now_us: int, new: bool = False) -> None:
+    """Starts (or restarts, with more audiences) the walk: a new definition needs everyone evaluated.
+
+    ``new``: the audiences were just created, so nobody without realtime
+    state is a member yet (see _baseline).
+    """
     progress = engine.store.backfill(txn) or {"audiences": [], "started_us": now_us}
     progress["audiences"] = sorted(set(progress["audiences"]) | set(audience_ids))
+    fresh = set(progress.get("new", [])) | set(audience_ids) if new else set(progress.get("new", [])) - set(audience_ids)
+    progress["new"] = sorted(fresh)
     progress.update(phase="people", after="", done=0, total=engine.store.state_count(txn), started_us=now_us)
     engine.store.put_backfill(txn, progress)
     engine.backfilling = progress
@@ -115,6 +121,7 @@ def forget(engine, txn, audience_id: str) -> None:
     if progress is None or audience_id not in progress["audiences"]:
         return
     progress["audiences"].remove(audience_id)
+    progress["new"] = [a for a in progress.get("new", []) if a != audience_id]
     engine.backfilling = progress if progress["audiences"] else None
     engine.store.put_backfill(txn, engine.backfilling)
 
@@ -375,10 +382,12 @@ def _chunk(engine, txn, progress: dict, lo: int, done: Callable[[], bool]) -> Ch
 def _baseline(engine, txn, aid: str, n: int, done: Callable[[], bool]) -> np.ndarray | None:
     """Who of the people without realtime state is a member now, as stored: what the walk moves them from.
 
-    Taken from the engine's defaults; or else (a changed audience after a
-    restart) read from the audience's member index, less the members with
-    realtime state, a page at a time until ``done()``: what its members
-    cost, in slices. None until it is read whole.
+    Taken from the engine's defaults; none for an audience created for this
+    walk, at the start of the phase (only this phase moves people without
+    state into it); or else (a changed audience, or either after a restart)
+    read from the audience's member index, less the members with realtime
+    state, a page at a time until ``done()``: what its members cost, in
+    slices. None until it is read whole.
     """
     walk = engine.walk
     if aid in walk.baseline:
@@ -389,6 +398,9 @@ def _baseline(engine, txn, aid: str, n: int, done: Callable[[], bool]) -> np.nda
         base = walk.baseline[aid] = np.zeros(n, bool)
         base[:min(n, len(known))] = known[:n]
         return base
+    if aid in engine.backfilling.get("new", ()) and engine.backfilling["after"] == 0:
+        walk.baseline[aid] = np.zeros(n, bool)
+        return walk.baseline[aid]
     base, after = walk.building.pop(aid, (np.zeros(n, bool), ""))
     while True:
         keys, after = engine.store.list_members(txn, aid, after, MEMBER_PAGE)

@@ -60,7 +60,7 @@ def put(engine, txn, audience_id: str, display_name: str, description: str, defi
             engine.bits[free] = audience_id
         engine.store.set_catalog_bits(txn, engine.bits)
     engine._switch(txn)
-    backfill.start(engine, txn, [audience_id], now_us)
+    backfill.start(engine, txn, [audience_id], now_us, new=not exists)
     if engine.on_backfill is not None:
         engine.on_backfill()
     return audience, due

@@ -149,8 +149,8 @@ class Ahead:
             self.done = got.last is None
         if self.ticket is not None and source.idle():  # its process ended: the page is lost
             self.ticket = None
-        if len(self.donors) >= LEAD:  # (some the walk passed without a graft: they were loaded meanwhile)
-            self.donors = {k: v for k, v in self.donors.items() if k > position}
+        if self.covered <= position:  # the walk is past every page: what is left it passed (loaded since)
+            self.donors.clear()
         if self.ticket is None and not self.done and len(self.donors) < LEAD:
             asked = plan(engine, max(position, self.covered))
             if source.ask(asked):
