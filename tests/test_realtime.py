@@ -866,3 +866,23 @@ def test_server_matches_the_reference(rt, audiences, steps):
         for e, props in batch:
             ref.add(e, props)
         assert actual() == expected(), (s, clock.now)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.integers(0, 2047), st.integers(-2**63, 2**63 - 1), max_size=80))
+def test_a_stored_membership_is_its_documented_layout_and_reads_back(bits):
+    """<H: bitset bytes>, the bitset (bit b at byte b >> 3, 1 << (b & 7)), then each enter time (<q) in bit order."""
+    import struct
+
+    from qualify.server.storage.realtime import decode_membership, encode_membership
+
+    raw = encode_membership(bits)
+    if bits:
+        n = max(bits) // 8 + 1
+        bitset = bytearray(n)
+        for b in bits:
+            bitset[b >> 3] |= 1 << (b & 7)
+        assert raw == struct.pack("<H", n) + bytes(bitset) + b"".join(struct.pack("<q", bits[b]) for b in sorted(bits))
+    else:
+        assert raw == b""
+    assert decode_membership(raw) == bits

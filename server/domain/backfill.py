@@ -157,11 +157,13 @@ def graft(engine, txn, key: str, state, leaves: tuple[int, ...], into: tuple | N
         grafters = engine.grafters
     elif grafters is None:
         grafters = {}
-    evaluator = grafters.get(leaves)
-    if evaluator is None:
+    cached = grafters.get(leaves)
+    if cached is None:
         program = engine.compiled.program if into is None else into[1]
-        evaluator = grafters[leaves] = donors.grafter(tuple(program.leaves[j] for j in leaves),
-                                                      program.session_timeout_us, engine.reference)
+        cached = grafters[leaves] = (donors.grafter(tuple(program.leaves[j] for j in leaves),
+                                                    program.session_timeout_us, engine.reference),
+                                     [(j, i) for i, j in enumerate(leaves)])
+    evaluator, pairs = cached
     if made is not None:
         donor = evaluator.load(made)
     else:
@@ -169,7 +171,7 @@ def graft(engine, txn, key: str, state, leaves: tuple[int, ...], into: tuple | N
         donor = donors.replay(evaluator, engine.models, engine.store.person_seqs(txn, key),
                               None if fields is None else lambda seq: fields(txn, seq),
                               lambda seq: engine.read_event(txn, seq))
-    (engine.evaluator if into is None else into[0]).graft(state, donor, [(j, i) for i, j in enumerate(leaves)])
+    (engine.evaluator if into is None else into[0]).graft(state, donor, pairs)
     return True
 
 
