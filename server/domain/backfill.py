@@ -157,13 +157,11 @@ def graft(engine, txn, key: str, state, leaves: tuple[int, ...], into: tuple | N
         grafters = engine.grafters
     elif grafters is None:
         grafters = {}
-    cached = grafters.get(leaves)
-    if cached is None:
+    evaluator = grafters.get(leaves)
+    if evaluator is None:
         program = engine.compiled.program if into is None else into[1]
-        cached = grafters[leaves] = (donors.grafter(tuple(program.leaves[j] for j in leaves),
-                                                    program.session_timeout_us, engine.reference),
-                                     [(j, i) for i, j in enumerate(leaves)])
-    evaluator, pairs = cached
+        evaluator = grafters[leaves] = donors.grafter(tuple(program.leaves[j] for j in leaves),
+                                                      program.session_timeout_us, engine.reference)
     if made is not None:
         donor = evaluator.load(made)
     else:
@@ -171,7 +169,7 @@ def graft(engine, txn, key: str, state, leaves: tuple[int, ...], into: tuple | N
         donor = donors.replay(evaluator, engine.models, engine.store.person_seqs(txn, key),
                               None if fields is None else lambda seq: fields(txn, seq),
                               lambda seq: engine.read_event(txn, seq))
-    (engine.evaluator if into is None else into[0]).graft(state, donor, pairs)
+    (engine.evaluator if into is None else into[0]).graft(state, donor, [(j, i) for i, j in enumerate(leaves)])
     return True
 
 

@@ -123,7 +123,7 @@ class Engine:
             self.store.put_epochs(txn, {"generation": self.generation, "leaves": self.epoch_keys})
         self.leaf_epochs = [self.epoch_keys.get(k, 0) for k in keys]
         self.newest_epoch = max(self.leaf_epochs, default=0)
-        self.grafters: dict[tuple[int, ...], tuple] = {}  # leaves to graft -> (an evaluator of just those, pairs)
+        self.grafters: dict[tuple[int, ...], object] = {}  # leaves to graft -> an evaluator of just those
         self.stale_leaves: dict[int, tuple[int, ...]] = {}  # see leaves_after
 
     def _switch(self, txn) -> None:

@@ -66,13 +66,12 @@ def encode_membership(bits: dict[int, int]) -> bytes:
     """{bit: enter_us} -> stored membership."""
     if not bits:
         return b""
-    order = sorted(bits)
-    n = order[-1] // 8 + 1
-    mask = 0  # (an int's bytes, little-endian, are the bitset: 1.5-2x faster than setting a bytearray's bits)
-    for b in order:
-        mask |= 1 << b
-    return struct.pack("<H", n) + mask.to_bytes(n, "little") + struct.pack(f"<{len(order)}q",
-                                                                             *[bits[b] for b in order])
+    n = max(bits) // 8 + 1
+    bitset = bytearray(n)
+    for b in bits:
+        bitset[b >> 3] |= 1 << (b & 7)
+    times = [bits[b] for b in sorted(bits)]
+    return struct.pack("<H", n) + bytes(bitset) + struct.pack(f"<{len(times)}q", *times)
 
 
 def decode_membership(raw: bytes | None) -> dict[int, int]:
