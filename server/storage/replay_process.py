@@ -117,6 +117,23 @@ def _spawn(role: str, path: Path, map_size: int) -> tuple[subprocess.Popen, Conn
     return proc, Connection(jobs_w, readable=False), Connection(results_r, writable=False)
 
 
+def _end(env, proc: subprocess.Popen | None, jobs: Connection | None, results: Connection | None) -> int | None:
+    """Closes a child's pipes and ends it, killing it if it is still there; its exit code."""
+    for conn in (jobs, results):
+        if conn is not None:
+            conn.close()
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.kill()
+    code = proc.wait()
+    try:
+        env.reader_check()  # its read transaction's slot, if it held one, left in the lock table
+    except lmdb.Error:  # the environment is closing with the server
+        pass
+    return code
+
+
 class ReplayProcess:
     """The domain's Simulations port: one child process, one simulation at a time (callers queue on a lock)."""
 
@@ -176,19 +193,7 @@ class ReplayProcess:
         """Ends the child, killing it if it is still there; its exit code."""
         proc, jobs, results = self._proc, self._jobs, self._results
         self._proc = self._jobs = self._results = None
-        for conn in (jobs, results):
-            if conn is not None:
-                conn.close()
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.kill()
-        code = proc.wait()
-        try:
-            self.env.reader_check()  # its read transaction's slot, if it held one, left in the lock table
-        except lmdb.Error:  # the environment is closing with the server
-            pass
-        return code
+        return _end(self.env, proc, jobs, results)
 
     def close(self) -> None:
         """Ends the child: closing its pipe makes it exit, at its next look at the pipe."""
@@ -253,17 +258,7 @@ class DonorProcess:
         proc, jobs, results = self._proc, self._jobs, self._results
         self._proc = self._jobs = self._results = None
         self._asked = 0
-        for conn in (jobs, results):
-            if conn is not None:
-                conn.close()
-        if proc is not None:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-            try:
-                self.env.reader_check()
-            except lmdb.Error:
-                pass
+        _end(self.env, proc, jobs, results)
 
     def close(self) -> None:
         self._closed = True
